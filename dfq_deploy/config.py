@@ -1,0 +1,175 @@
+"""Configuration of every stage as frozen dataclasses: defaults visible in signatures, checked early.
+
+Configs are data: presets are module constants, per-layer overrides are glob patterns on module
+names (later entries win), and :func:`load_config_file` reads the same fields from YAML or TOML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from .errors import BadInputError
+
+SynthesisMethod = Literal["noise", "zeroq", "clusterq", "fdda", "folder"]
+Target = Literal["onnxruntime", "tensorrt", "tensorrt-rtx"]
+CalibratorName = Literal["max", "percentile", "mse", "entropy"]
+# How activations are written in the Q/DQ graph. onnxruntime's CPU kernels fuse uint8 activations
+# (zero point allowed) into QLinearConv; TensorRT takes only signed symmetric int8 with zero point 0.
+ActivationForm = Literal["uint8_asymmetric", "int8_symmetric"]
+
+
+def _check_choice(value: Any, literal: Any, field: str) -> None:
+    choices = get_args(literal)
+    if value not in choices:
+        raise BadInputError(f"{field} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+    """How to make a calibration set without training data.
+
+    ``iterations``/``lr`` of ``None`` take each method's published default. ``calib_images`` is a
+    folder of labelled real images (ImageFolder layout) for ``folder`` and FDDA's hybrid mode.
+    """
+
+    method: SynthesisMethod = "zeroq"
+    num_images: int = 256
+    batch_size: int = 32
+    iterations: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    calib_images: str | None = None
+    generator: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.method, SynthesisMethod, "synthesis method")
+        for name in ("num_images", "batch_size"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.iterations is not None and self.iterations < 0:
+            raise BadInputError(f"iterations must be >= 0, got {self.iterations}")
+        if self.method == "folder" and not self.calib_images:
+            raise BadInputError("the 'folder' calibration source needs a folder of images",
+                                hint="pass --calib-images DIR (ImageFolder layout or flat folder of images)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer setting: ``pattern`` is a glob on the PyTorch module name (``layer1.*.conv2``).
+
+    ``bits=None`` keeps the layer in floating point.
+    """
+
+    pattern: str
+    weight_bits: int | None = 8
+    act_bits: int | None = 8
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    """What to quantize and how.
+
+    Weights are symmetric per output channel (zero point 0). Activations are per tensor in the form
+    the target runtime fuses (see :data:`ActivationForm`). ``first_last_bits`` keeps the first conv
+    (its input, weights and output) and the last layer (its input and weights) at that width;
+    ``None`` quantizes them like every other layer.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    act_form: ActivationForm = "uint8_asymmetric"
+    calibrator: CalibratorName = "percentile"
+    percentile: float = 99.99
+    first_last_bits: int | None = 8
+    overrides: tuple[LayerOverride, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice(self.act_form, ActivationForm, "activation form")
+        _check_choice(self.calibrator, CalibratorName, "calibrator")
+        for name in ("weight_bits", "act_bits"):
+            bits = getattr(self, name)
+            if not 2 <= bits <= 8:
+                raise BadInputError(f"{name} must be between 2 and 8, got {bits}")
+        if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
+            raise BadInputError(f"first_last_bits must be between 2 and 8 (or None), got {self.first_last_bits}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise BadInputError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    def layer_bits(self, name: str, *, is_first: bool, is_last: bool) -> tuple[int | None, int | None]:
+        """(weight_bits, input_act_bits) for the layer called ``name``; ``None`` means float."""
+        w, a = self.weight_bits, self.act_bits
+        if self.first_last_bits is not None and (is_first or is_last):
+            w, a = self.first_last_bits, self.first_last_bits
+        for override in self.overrides:
+            if override.matches(name):
+                w, a = override.weight_bits, override.act_bits
+        return w, a
+
+
+INT8_ONNXRUNTIME = QuantScheme(act_form="uint8_asymmetric")
+INT8_TENSORRT = QuantScheme(act_form="int8_symmetric")
+
+
+def default_scheme(target: Target, *, bits: int = 8, **changes: Any) -> QuantScheme:
+    """The scheme a target runtime fuses best, at ``bits`` for weights and activations."""
+    form = "uint8_asymmetric" if target == "onnxruntime" else "int8_symmetric"
+    return dataclasses.replace(QuantScheme(act_form=form), weight_bits=bits, act_bits=bits, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """Latency measurement in trtexec's vocabulary: ``warmup`` runs, then ``iterations`` timed runs."""
+
+    batch_sizes: tuple[int, ...] = (1, 16)
+    warmup: int = 5
+    iterations: int = 30
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise BadInputError(f"batch sizes must be positive, got {self.batch_sizes}")
+        if self.iterations < 1 or self.warmup < 0:
+            raise BadInputError("profile needs iterations >= 1 and warmup >= 0")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML file of stage sections (``synthesis:``, ``quant:``, ``profile:``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+        data = tomllib.loads(text)
+    else:
+        import yaml
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise BadInputError(f"config file {path} must hold a mapping of stage sections")
+    unknown = set(data) - {"synthesis", "quant", "profile"}
+    if unknown:
+        raise BadInputError(f"unknown sections in {path}: {sorted(unknown)}",
+                            hint="allowed sections: synthesis, quant, profile")
+    return data
+
+
+def from_mapping(cls: type, values: dict[str, Any]) -> Any:
+    """Build a config dataclass from a mapping, naming any unknown key."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
+    if unknown:
+        raise BadInputError(f"unknown {cls.__name__} fields: {sorted(unknown)}",
+                            hint=f"known fields: {', '.join(sorted(fields))}")
+    values = dict(values)
+    if cls is QuantScheme and "overrides" in values:
+        values["overrides"] = tuple(LayerOverride(**o) for o in values["overrides"])
+    if cls is ProfileConfig and "batch_sizes" in values:
+        values["batch_sizes"] = tuple(values["batch_sizes"])
+    return cls(**values)

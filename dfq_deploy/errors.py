@@ -1,0 +1,69 @@
+"""One exception family for everything a user can cause, each with its own exit code.
+
+The CLI maps every :class:`DfqError` to one line on stderr and the class's ``exit_code``; anything
+else is a bug in dfq-deploy and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DfqError(Exception):
+    """Base class of errors caused by input, environment or a failed quality gate."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
+
+
+class BadInputError(DfqError):
+    """A model file, flag, shape, path or data folder is wrong."""
+
+    exit_code = 2
+
+
+class MissingDependencyError(DfqError):
+    """An optional package is needed for what was asked."""
+
+    exit_code = 3
+
+    def __init__(self, package: str, *, extra: str, purpose: str):
+        super().__init__(
+            f"{purpose} needs the Python package '{package}', which is not installed",
+            hint=f'pip install "dfq-deploy[{extra}]"',
+        )
+        self.package = package
+        self.extra = extra
+
+
+class ExportError(DfqError):
+    """The quantized model could not be written as a valid ONNX graph."""
+
+    exit_code = 4
+
+
+class EngineBuildError(DfqError):
+    """A runtime (TensorRT, onnxruntime) refused the graph."""
+
+    exit_code = 5
+
+
+class FidelityGateError(DfqError):
+    """The deployed model disagrees with its reference more than allowed."""
+
+    exit_code = 6
+
+
+class BudgetNotMetError(DfqError):
+    """No precision plan meets the requested accuracy budget."""
+
+    exit_code = 7
+
+
+EXIT_CODES = {
+    cls.__name__: cls.exit_code
+    for cls in (DfqError, BadInputError, MissingDependencyError, ExportError, EngineBuildError,
+                FidelityGateError, BudgetNotMetError)
+}
