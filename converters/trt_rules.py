@@ -1,0 +1,379 @@
+"""Lint of TensorRT's explicit-quantization rules, run on CPU on the ONNX graph before any build.
+
+TensorRT (and TensorRT-RTX) accept a Q/DQ graph only in one form: symmetric int8 with zero point 0,
+per-channel scales only on constant weights, activations per tensor, INT4 only as weight-only
+block-quantized DequantizeLinear on Gemm/MatMul weights, float biases. A graph outside that form either
+fails to parse with a terse message, or — worse — builds and silently runs some layers in float.
+:func:`lint` names each node that breaks a rule, so the fix is obvious before a GPU is involved.
+
+:func:`precision_summary` says, per op, whether its inputs arrive as int8 (from a DequantizeLinear of
+int8 data), int4 weights, or float: what the engine *can* run in integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter, defaultdict
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+# Rule identifiers: stable strings, so tests and users can filter on them.
+OPSET = "opset"
+SIGNED_INT8 = "signed-int8"
+SYMMETRIC = "symmetric-zero-point"
+CONSTANT_QPARAMS = "constant-qparams"
+PER_CHANNEL_WEIGHTS = "per-channel-weights"
+PER_TENSOR_ACTIVATIONS = "per-tensor-activations"
+INT4_WEIGHT_ONLY = "int4-weight-only"
+RESIDUAL_ADD_QDQ = "residual-add-qdq"
+BATCHNORM_FOLDED = "batchnorm-folded"
+FLOAT_BIAS = "float-bias"
+
+MIN_OPSET_INT8 = 19
+MIN_OPSET_INT4 = 21
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+_CONVS = ("Conv", "ConvTranspose")
+_INT4_CONSUMERS = ("Gemm", "MatMul")
+# Inputs that carry numbers the op computes with; a Conv/Gemm bias stays float and is not counted.
+_COMPUTE_INPUTS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "Gemm": (0, 1), "MatMul": (0, 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    """One broken rule: ``rule`` is one of this module's rule ids, ``node`` the ONNX node's name."""
+
+    rule: str
+    node: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.message} [{self.rule}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpPrecision:
+    """How one op's inputs arrive: ``inputs`` pairs each counted input name with its kind."""
+
+    op_type: str
+    precision: str  # "int8", "int4-weight", "float", or "mixed (int8+float)" and the like
+    inputs: tuple[tuple[str, str], ...]
+
+
+class _Index:
+    """Producers, consumers, constants and element types of a graph, computed once."""
+
+    def __init__(self, model: onnx.ModelProto):
+        try:
+            # Shape inference fills element types of intermediate tensors (used to skip int64 shape
+            # arithmetic); a graph it cannot handle is still linted, with fewer types known.
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - inference is an optional refinement here
+            pass
+        graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.nodes = list(graph.node)
+        self.names = {id(n): n.name or f"{n.op_type}#{i}" for i, n in enumerate(self.nodes)}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        for node in self.nodes:
+            for out in node.output:
+                self.producer[out] = node
+            for i, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((node, i))
+        self.initializers = {t.name: t for t in graph.initializer}
+        for node in self.nodes:
+            if node.op_type == "Constant":
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    self.initializers[node.output[0]] = value
+        self.dtype: dict[str, int] = {}
+        for vi in [*graph.input, *graph.output, *graph.value_info]:
+            self.dtype[vi.name] = vi.type.tensor_type.elem_type
+        for name, tensor in self.initializers.items():
+            self.dtype[name] = tensor.data_type
+
+    def name(self, node: onnx.NodeProto) -> str:
+        return self.names[id(node)]
+
+    def constant(self, tensor: str) -> onnx.TensorProto | None:
+        """The constant behind ``tensor``, looking through Identity (quantize_static leaves those)."""
+        while tensor not in self.initializers:
+            node = self.producer.get(tensor)
+            if node is None or node.op_type != "Identity":
+                return None
+            tensor = node.input[0]
+        return self.initializers[tensor]
+
+    def array(self, tensor: str) -> np.ndarray | None:
+        const = self.constant(tensor)
+        return None if const is None else numpy_helper.to_array(const)
+
+    def is_weight(self, qdq: onnx.NodeProto) -> bool:
+        """True when a Q/DQ node's data input is a constant, directly or through a constant Q."""
+        data = qdq.input[0]
+        if self.constant(data) is not None:
+            return True
+        src = self.producer.get(data)
+        return src is not None and src.op_type == "QuantizeLinear" and self.constant(src.input[0]) is not None
+
+    def quant_type(self, qdq: onnx.NodeProto) -> int:
+        """Element type of the integer side of a Q or DQ node (ONNX defaults to uint8)."""
+        if len(qdq.input) > 2 and qdq.input[2]:
+            zp = self.constant(qdq.input[2])
+            if zp is not None:
+                return zp.data_type
+            return self.dtype.get(qdq.input[2], TensorProto.UNDEFINED)
+        if qdq.op_type == "DequantizeLinear":
+            src = self.dtype.get(qdq.input[0])
+            if src:
+                return src
+            producer = self.producer.get(qdq.input[0])
+            return self.quant_type(producer) if producer is not None and producer.op_type in _QDQ else 0
+        out_dtype = _attr(qdq, "output_dtype", 0)
+        return out_dtype or TensorProto.UINT8
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _type_name(elem_type: int) -> str:
+    return TensorProto.DataType.Name(elem_type).lower() if elem_type else "unknown"
+
+
+def lint(model: onnx.ModelProto) -> list[Violation]:
+    """Every place where ``model`` breaks TensorRT's explicit-quantization rules (empty: it follows them).
+
+    A graph without QuantizeLinear/DequantizeLinear is a float graph and passes trivially.
+    """
+    idx = _Index(model)
+    qdq_nodes = [n for n in idx.nodes if n.op_type in _QDQ]
+    if not qdq_nodes:
+        return []
+    out: list[Violation] = []
+    int8_nodes = [n for n in qdq_nodes if idx.quant_type(n) in (TensorProto.INT8, TensorProto.UINT8)]
+    if int8_nodes and idx.opset < MIN_OPSET_INT8:
+        out.append(Violation(OPSET, "(model)", f"INT8 Q/DQ needs ONNX opset >= {MIN_OPSET_INT8}, "
+                             f"the model imports opset {idx.opset}; re-export with opset {MIN_OPSET_INT8}"))
+    for node in qdq_nodes:
+        out += _check_qparams(idx, node)
+        if idx.quant_type(node) in (TensorProto.INT4, TensorProto.UINT4):
+            out += _check_int4(idx, node)
+        else:
+            out += _check_granularity(idx, node)
+    out += _check_residual_adds(idx)
+    out += _check_batchnorm(idx)
+    return out
+
+
+def _check_qparams(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
+    name, qtype = idx.name(node), idx.quant_type(node)
+    if qtype == TensorProto.INT32:
+        consumers = ", ".join(sorted(idx.name(c) for c, _ in idx.consumers.get(node.output[0], [])))
+        return [Violation(FLOAT_BIAS, name, f"dequantizes an int32 tensor (a quantized bias, feeding "
+                          f"{consumers or 'nothing'}); TensorRT rejects int32 behind DequantizeLinear — "
+                          "keep the bias in float")]
+    out = []
+    if qtype in (TensorProto.UINT8, TensorProto.UINT4):
+        out.append(Violation(SIGNED_INT8, name, f"{node.op_type} uses {_type_name(qtype)}, the onnxruntime "
+                             "CPU form; TensorRT takes signed int8/int4 only — export with --target tensorrt"))
+    scale = idx.array(node.input[1])
+    if scale is None:
+        out.append(Violation(CONSTANT_QPARAMS, name, f"scale '{node.input[1]}' is not a constant; TensorRT "
+                             "needs scales known at build time"))
+    elif not np.all(np.asarray(scale, dtype=np.float64) > 0):
+        out.append(Violation(CONSTANT_QPARAMS, name, "scales must be positive"))
+    if len(node.input) > 2 and node.input[2]:
+        zp = idx.array(node.input[2])
+        if zp is None:
+            out.append(Violation(CONSTANT_QPARAMS, name, f"zero point '{node.input[2]}' is not a constant"))
+        elif np.any(np.asarray(zp, dtype=np.int64) != 0):
+            nonzero = np.unique(np.asarray(zp, dtype=np.int64)[np.asarray(zp) != 0])[:4].tolist()
+            out.append(Violation(SYMMETRIC, name, f"zero point is {nonzero} (asymmetric); TensorRT supports "
+                                 "symmetric quantization with zero point 0 only"))
+    return out
+
+
+def _check_granularity(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
+    name = idx.name(node)
+    scale = idx.array(node.input[1])
+    if scale is None or scale.size <= 1:
+        return []
+    if not idx.is_weight(node):
+        return [Violation(PER_TENSOR_ACTIVATIONS, name, f"activation '{node.input[0]}' has {scale.size} scales; "
+                          "TensorRT quantizes activations per tensor (one scalar scale)")]
+    if _attr(node, "block_size", 0):
+        return [Violation(INT4_WEIGHT_ONLY, name, "block quantization is supported for INT4 weights only")]
+    weight = idx.array(node.input[0])
+    if weight is None:  # fake-quant form: float constant -> Q -> DQ
+        weight = idx.array(idx.producer[node.input[0]].input[0])
+    axis = _attr(node, "axis", 1)
+    axis = axis + weight.ndim if axis < 0 else axis
+    out = []
+    if scale.ndim != 1 or not 0 <= axis < weight.ndim or scale.size != weight.shape[axis]:
+        out.append(Violation(PER_CHANNEL_WEIGHTS, name, f"{scale.size} scales for a weight of shape "
+                             f"{list(weight.shape)} on axis {axis}; per-channel needs one scale per element "
+                             "of that axis"))
+    conv_users = [idx.name(c) for c, i in _consumers_through_q(idx, node) if c.op_type == "Conv" and i == 1]
+    if conv_users and axis != 0:
+        out.append(Violation(PER_CHANNEL_WEIGHTS, name, f"conv weight of {', '.join(conv_users)} is quantized on "
+                             f"axis {axis}; TensorRT needs axis 0 (output channels)"))
+    return out
+
+
+def _consumers_through_q(idx: _Index, node: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]]:
+    """Consumers of a DQ's output, or of the DQ behind a Q (fake-quant weights: W -> Q -> DQ -> Conv)."""
+    users = idx.consumers.get(node.output[0], [])
+    if node.op_type == "QuantizeLinear":
+        return [u for dq, _ in users if dq.op_type == "DequantizeLinear" for u in idx.consumers.get(dq.output[0], [])]
+    return users
+
+
+def _check_int4(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
+    name = idx.name(node)
+    if node.op_type != "DequantizeLinear" or idx.constant(node.input[0]) is None:
+        return [Violation(INT4_WEIGHT_ONLY, name, "INT4 is weight-only in TensorRT: use DequantizeLinear on a "
+                          "constant int4 weight; activations stay int8 or float")]
+    out = []
+    bad_users = [c for c, i in idx.consumers.get(node.output[0], []) if c.op_type not in _INT4_CONSUMERS or i != 1]
+    for user in bad_users:
+        what = f"{user.op_type} {idx.name(user)}"
+        why = " — TensorRT has no 4-bit conv kernels; keep conv layers at INT8" if user.op_type in _CONVS else ""
+        out.append(Violation(INT4_WEIGHT_ONLY, name, f"INT4 weights feed {what}; INT4 is supported only as the "
+                             f"weight of Gemm/MatMul{why}"))
+    if out:  # the layout checks below are moot for a consumer that cannot take INT4 at all
+        return out
+    if idx.opset < MIN_OPSET_INT4:
+        out.append(Violation(INT4_WEIGHT_ONLY, name, f"INT4 needs ONNX opset >= {MIN_OPSET_INT4}, "
+                             f"the model imports opset {idx.opset}"))
+    weight, scale = idx.array(node.input[0]), idx.array(node.input[1])
+    block = _attr(node, "block_size", 0)
+    if not block:
+        out.append(Violation(INT4_WEIGHT_ONLY, name, "INT4 weights must be block-quantized (block_size > 0)"))
+    elif scale is not None and scale.ndim == weight.ndim:
+        blocked = [d for d in range(weight.ndim) if scale.shape[d] != weight.shape[d]]
+        if len(blocked) != 1:
+            out.append(Violation(INT4_WEIGHT_ONLY, name, f"scale shape {list(scale.shape)} vs weight "
+                                 f"{list(weight.shape)}: block quantization needs exactly one blocked axis"))
+    else:
+        out.append(Violation(INT4_WEIGHT_ONLY, name, "block-quantized scale must have the weight's rank"))
+    if weight.ndim and weight.shape[-1] % 2:
+        out.append(Violation(INT4_WEIGHT_ONLY, name, f"INT4 weight's last dimension is {weight.shape[-1]}; "
+                             "TensorRT packs two int4 values per byte and needs it even"))
+    return out
+
+
+def _is_float_activation(idx: _Index, tensor: str) -> bool:
+    return idx.constant(tensor) is None and idx.dtype.get(tensor, TensorProto.FLOAT) in _FLOATS
+
+
+def _check_residual_adds(idx: _Index) -> list[Violation]:
+    """An Add of two activations runs in INT8 only when both inputs come out of a DequantizeLinear."""
+    out = []
+    for node in idx.nodes:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        if not all(_is_float_activation(idx, t) for t in node.input):
+            continue
+        missing = [t for t in node.input
+                   if getattr(idx.producer.get(t), "op_type", None) != "DequantizeLinear"]
+        if missing:
+            out.append(Violation(RESIDUAL_ADD_QDQ, idx.name(node), "residual Add input(s) "
+                                 f"{', '.join(repr(t) for t in missing)} not behind QuantizeLinear/DequantizeLinear;"
+                                 " put Q/DQ on both inputs so the Add fuses into the INT8 conv"))
+    return out
+
+
+def _check_batchnorm(idx: _Index) -> list[Violation]:
+    out = []
+    for node in idx.nodes:
+        if node.op_type != "BatchNormalization":
+            continue
+        src = idx.producer.get(node.input[0])
+        quantized_conv = (src is not None and src.op_type in _CONVS and
+                          any(getattr(idx.producer.get(t), "op_type", None) == "DequantizeLinear" for t in src.input))
+        if quantized_conv or (src is not None and src.op_type == "DequantizeLinear"):
+            out.append(Violation(BATCHNORM_FOLDED, idx.name(node), f"BatchNormalization behind "
+                                 f"{src.op_type} {idx.name(src)} in a quantized graph; fold BN into the conv "
+                                 "before quantizing, or the int8 weights do not match what runs"))
+    return out
+
+
+def precision_summary(model: onnx.ModelProto) -> dict[str, OpPrecision]:
+    """Per op (by node name, in graph order): which of its inputs arrive quantized and which in float.
+
+    An input's kind is the integer type of the DequantizeLinear producing it (``int8``, ``int4``,
+    ``uint8``), else ``float``. Q/DQ, Constant and Identity nodes, constant float inputs (biases,
+    shapes) and non-float tensors (shape arithmetic) are left out.
+    """
+    idx = _Index(model)
+    summary: dict[str, OpPrecision] = {}
+    for node in idx.nodes:
+        if node.op_type in (*_QDQ, "Constant", "Identity"):
+            continue
+        positions = _COMPUTE_INPUTS.get(node.op_type, range(len(node.input)))
+        kinds = []
+        for i in positions:
+            if i >= len(node.input) or not node.input[i]:
+                continue
+            tensor = node.input[i]
+            src = idx.producer.get(tensor)
+            if src is not None and src.op_type == "DequantizeLinear":
+                kinds.append((tensor, _type_name(idx.quant_type(src))))
+            elif _is_float_activation(idx, tensor) or (i == 1 and node.op_type in _COMPUTE_INPUTS):
+                kinds.append((tensor, "float"))
+        summary[idx.name(node)] = OpPrecision(node.op_type, _op_precision(node, kinds), tuple(kinds))
+    return summary
+
+
+def _op_precision(node: onnx.NodeProto, kinds: list[tuple[str, str]]) -> str:
+    seen = [k for _, k in kinds]
+    if not seen:
+        return "n/a"
+    if len(set(seen)) == 1:
+        return seen[0]
+    if node.op_type in _INT4_CONSUMERS and len(seen) > 1 and seen[1] == "int4" and seen[0] == "float":
+        return "int4-weight"
+    return f"mixed ({'+'.join(sorted(set(seen)))})"
+
+
+def format_lint(violations: list[Violation]) -> str:
+    """Violations as text, one per line, grouped by rule (or a line saying the graph passes)."""
+    if not violations:
+        return "TensorRT rules: OK (no violations)"
+    by_rule = Counter(v.rule for v in violations)
+    lines = [f"TensorRT rules: {len(violations)} violation(s) "
+             f"({', '.join(f'{r}: {n}' for r, n in sorted(by_rule.items()))})"]
+    lines += [f"  {v}" for v in sorted(violations, key=lambda v: (v.rule, v.node))]
+    return "\n".join(lines)
+
+
+def format_precision_summary(summary: dict[str, OpPrecision]) -> str:
+    """A fixed-width table of :func:`precision_summary`, with a count per precision at the end."""
+    if not summary:
+        return "(no ops)"
+    width = max(len(n) for n in summary)
+    op_width = max(len(p.op_type) for p in summary.values())
+    lines = [f"{'node':<{width}}  {'op':<{op_width}}  precision"]
+    lines += [f"{n:<{width}}  {p.op_type:<{op_width}}  {p.precision}" for n, p in summary.items()]
+    counts = Counter(p.precision for p in summary.values())
+    lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def inspect_text(path: str | os.PathLike) -> str:
+    """What ``dfq-deploy inspect MODEL.onnx`` prints: opset, Q/DQ counts, the lint and the precision table."""
+    model = onnx.load(os.fspath(path))
+    ops = Counter(n.op_type for n in model.graph.node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    head = [f"{os.fspath(path)}: opset {opset}, {len(model.graph.node)} nodes, "
+            f"{ops['QuantizeLinear']} QuantizeLinear, {ops['DequantizeLinear']} DequantizeLinear"]
+    return "\n".join(head + [format_lint(lint(model)), "", format_precision_summary(precision_summary(model))])
