@@ -1,0 +1,330 @@
+"""ONNX (Q/DQ form) -> TensorRT or TensorRT-RTX engine, a thin layer over their Python API.
+
+Both targets share one code path: ``tensorrt`` and ``tensorrt_rtx`` expose the same builder, parser and
+engine-inspector API; the differences that matter here are written down where they are used. The
+module is imported lazily, so this file imports (and the CLI's ``--help`` runs) without either.
+
+Quantization is explicit: the Q/DQ nodes in the graph decide what runs in INT8/INT4, and
+:func:`dfq_deploy.converters.trt_rules.lint` checks them before the build. A graph that breaks those
+rules raises :class:`EngineBuildError` listing the violations — it is the engine build that would
+refuse (or silently de-quantize) it, whoever wrote the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal, get_args
+
+import onnx
+
+from dfq_deploy.artifacts import atomic_write_bytes
+from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
+
+from . import trt_rules
+
+log = logging.getLogger(__name__)
+
+TensorRTTarget = Literal["tensorrt", "tensorrt-rtx"]
+EnginePrecision = Literal["int8", "fp16", "int4w"]
+MODULES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+PACKAGES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt-rtx"}
+NO_GPU = "none (built on CPU)"
+INT4_CONV_NOTE = ("int4w: INT4 is weight-only on Gemm/MatMul; TensorRT has no 4-bit conv kernels, so conv "
+                  "layers run at INT8")
+RTX_TIMING_CACHE_NOTE = ("timing cache not used: TensorRT-RTX does not autotune at build time (the cache has no "
+                         "effect on its engines, is deprecated there, and would force a GPU during the CPU build)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTBuildConfig:
+    """How to build an engine.
+
+    ``precision``: ``int8`` (Q/DQ graph), ``fp16`` (float graph built in half precision), ``int4w``
+    (INT4 weight-only Gemm/MatMul, convs stay INT8). ``strongly_typed=True`` builds a strongly typed
+    network (tensor types from the graph decide precision, as TensorRT recommends for Q/DQ graphs);
+    ``False`` builds a weakly typed one with the FP16 flag so TensorRT may also run unquantized layers in
+    FP16 — only TensorRT 10 has those flags (TensorRT 11 and TensorRT-RTX are always strongly typed).
+    ``timing_cache`` is a file read before and written after each build (TensorRT only).
+    ``max_batch`` bounds the optimization profile when the graph's batch dimension is dynamic.
+    """
+
+    target: TensorRTTarget = "tensorrt"
+    precision: EnginePrecision = "int8"
+    workspace_mib: int = 1024
+    timing_cache: Path | None = None
+    strongly_typed: bool = True
+    max_batch: int = 16
+
+    def __post_init__(self) -> None:
+        for value, literal, field in ((self.target, TensorRTTarget, "target"),
+                                      (self.precision, EnginePrecision, "precision")):
+            if value not in get_args(literal):
+                raise BadInputError(f"TensorRT {field} must be one of {', '.join(get_args(literal))}; got {value!r}")
+        if self.workspace_mib < 1 or self.max_batch < 1:
+            raise BadInputError(f"workspace_mib and max_batch must be positive, got {self.workspace_mib} "
+                                f"and {self.max_batch}")
+        if self.timing_cache is not None:
+            object.__setattr__(self, "timing_cache", Path(self.timing_cache))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineArtifact:
+    """A serialized engine (``plan``) and what it was built from and with (``metadata``, JSON-ready)."""
+
+    plan: bytes
+    metadata: dict[str, Any]
+
+
+def import_tensorrt(target: TensorRTTarget, *, purpose: str) -> ModuleType:
+    """The TensorRT module for ``target``, or :class:`MissingDependencyError` naming the extra to install."""
+    try:
+        return importlib.import_module(MODULES[target])
+    except ImportError as exc:
+        raise MissingDependencyError(PACKAGES[target], extra=target, purpose=purpose) from exc
+
+
+def make_logger(trt: ModuleType, *, keep: str = "WARNING"):
+    """An ILogger that forwards to Python logging and keeps messages at ``keep`` or worse in ``.messages``."""
+    severity = trt.ILogger.Severity
+    ranks = {severity.INTERNAL_ERROR: 0, severity.ERROR: 1, severity.WARNING: 2, severity.INFO: 3, severity.VERBOSE: 4}
+    levels = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.DEBUG, 4: logging.DEBUG}
+    threshold = ranks[getattr(severity, keep)]
+
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[str] = []
+
+        def log(self, sev, msg):
+            rank = ranks.get(sev, 4)
+            if rank <= threshold:
+                self.messages.append(msg)
+            log.log(levels[rank], "[%s] %s", trt.__name__, msg)
+
+    return _Logger()
+
+
+def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: TensorRTBuildConfig) -> EngineArtifact:
+    """Lint, parse and build ``model`` into an engine for ``config.target``.
+
+    Raises :class:`EngineBuildError` with every lint violation (before TensorRT is touched), every parser
+    error (with node names) or the builder's errors; :class:`BadInputError` when the graph does not fit
+    the requested precision; :class:`MissingDependencyError` without the TensorRT package.
+    """
+    model = _load(model)
+    notes = _check_precision(model, config.precision)
+    violations = trt_rules.lint(model)
+    if violations:
+        err = EngineBuildError(f"the graph breaks TensorRT's explicit-quantization rules:\n"
+                               f"{trt_rules.format_lint(violations)}",
+                               hint="export with --target tensorrt (symmetric int8, float bias, Q/DQ on residual Add)")
+        err.violations = violations
+        raise err
+    trt = import_tensorrt(config.target, purpose=f"Building a {config.target} engine")
+    weak_flags = _weak_precision_flags(trt, config)
+    if config.precision == "fp16" and config.strongly_typed:
+        model = _to_fp16(model)
+        notes.append("fp16: float graph converted to FP16 (inputs/outputs kept FP32) for the strongly typed build")
+
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    flags = 1 << int(strongly) if config.strongly_typed and strongly is not None else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model.SerializeToString()):
+        raise EngineBuildError(f"{config.target}'s ONNX parser rejected the graph:\n" + "\n".join(
+            f"  {_parser_error(parser.get_error(i))}" for i in range(parser.num_errors)))
+
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mib << 20)
+    # DETAILED keeps per-layer precision and formats for the engine inspector.
+    builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    for flag in weak_flags:
+        builder_config.set_flag(flag)
+    _add_profile(builder, network, builder_config, config.max_batch)
+    cache = _attach_timing_cache(builder_config, config, notes)
+
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, builder_config)
+    seconds = time.perf_counter() - start
+    if plan is None:
+        raise EngineBuildError(f"{config.target} failed to build the engine:\n" +
+                               "\n".join(f"  {m}" for m in logger.messages[-20:]))
+    if cache is not None:
+        atomic_write_bytes(config.timing_cache, bytes(cache.serialize()))
+    plan = bytes(plan)
+    metadata = {
+        "target": config.target,
+        "module": trt.__name__,
+        "tensorrt_version": trt.__version__,
+        "gpu": _gpu_info(),
+        "precision_requested": config.precision,
+        "strongly_typed": config.strongly_typed,
+        "workspace_mib": config.workspace_mib,
+        "timing_cache": str(config.timing_cache) if cache is not None else None,
+        "build_seconds": round(seconds, 3),
+        "engine_bytes": len(plan),
+        "onnx_sha256": hashlib.sha256(model.SerializeToString()).hexdigest(),
+        "inputs": _io(network.get_input(i) for i in range(network.num_inputs)),
+        "outputs": _io(network.get_output(i) for i in range(network.num_outputs)),
+        "compute_capabilities": _compute_capabilities(builder_config),
+        "onnx_precision": {n: p.precision for n, p in trt_rules.precision_summary(model).items()},
+        "engine_layers": _inspect_layers(trt, plan, logger),
+        "notes": notes,
+    }
+    if metadata["engine_layers"] is None:
+        notes.append("engine_layers: the engine inspector needs a GPU to load the engine; onnx_precision is "
+                     "the per-op precision the Q/DQ graph asks for")
+    return EngineArtifact(plan=plan, metadata=metadata)
+
+
+def save_engine(artifact: EngineArtifact, path: str | os.PathLike) -> Path:
+    """Write the engine to ``path`` and its metadata to ``path`` + ``.json``, each atomically."""
+    path = Path(path)
+    atomic_write_bytes(path, artifact.plan)
+    atomic_write_bytes(metadata_path(path), json.dumps(artifact.metadata, indent=2).encode())
+    return path
+
+
+def metadata_path(engine_path: str | os.PathLike) -> Path:
+    """Where :func:`save_engine` puts the metadata of ``engine_path``."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def _load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if not Path(model).is_file():
+        raise BadInputError(f"ONNX file not found: {model}")
+    return onnx.load(os.fspath(model))
+
+
+def _check_precision(model: onnx.ModelProto, precision: EnginePrecision) -> list[str]:
+    """The graph must carry the precision asked for: Q/DQ for int8/int4w, none for fp16."""
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    int4 = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
+    if precision == "fp16" and qdq:
+        raise BadInputError("--precision fp16 expects a float graph, but this one has "
+                            f"{len(qdq)} QuantizeLinear/DequantizeLinear nodes", hint="use --precision int8")
+    if precision in ("int8", "int4w") and not qdq:
+        raise BadInputError(f"--precision {precision} needs a Q/DQ graph, but this one has no "
+                            "QuantizeLinear/DequantizeLinear", hint="quantize and export first, or use --precision fp16")
+    if precision == "int4w":
+        if not any(n.op_type == "DequantizeLinear" and n.input[0] in int4 for n in qdq):
+            raise BadInputError("--precision int4w needs INT4 weights (DequantizeLinear of an int4 initializer) "
+                                "on Gemm/MatMul; the graph has none", hint="export with 4-bit weights")
+        return [INT4_CONV_NOTE]
+    return []
+
+
+def _weak_precision_flags(trt: ModuleType, config: TensorRTBuildConfig) -> list[Any]:
+    """Builder flags for a weakly typed build; none when strongly typed (types come from the graph)."""
+    if config.strongly_typed:
+        return []
+    if not hasattr(trt.BuilderFlag, "FP16"):
+        raise BadInputError(f"{trt.__name__} {trt.__version__} builds strongly typed networks only",
+                            hint="keep strongly_typed=True (the default)")
+    names = ["FP16"] + {"int8": ["INT8"], "int4w": ["INT8", "INT4"], "fp16": []}[config.precision]
+    return [getattr(trt.BuilderFlag, n) for n in names if hasattr(trt.BuilderFlag, n)]
+
+
+def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    # A strongly typed network takes precision from tensor types, so an FP16 build needs an FP16 graph.
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+
+
+def _parser_error(error) -> str:
+    node = error.node_name() or (f"node #{error.node()}" if error.node() >= 0 else "(graph)")
+    op = f" ({error.node_operator()})" if error.node_operator() else ""
+    return f"{node}{op}: {error.desc()}"
+
+
+def _add_profile(builder, network, builder_config, max_batch: int) -> None:
+    """An optimization profile over the batch dimension when it is dynamic (1, max, max)."""
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    dynamic = [t for t in inputs if any(d < 0 for d in t.shape)]
+    if not dynamic:
+        return
+    profile = builder.create_optimization_profile()
+    for tensor in dynamic:
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape[1:]):
+            raise BadInputError(f"input '{tensor.name}' has dynamic dimensions {shape} beyond the batch",
+                                hint="export with a fixed image size")
+        profile.set_shape(tensor.name, [1, *shape[1:]], [max_batch, *shape[1:]], [max_batch, *shape[1:]])
+    builder_config.add_optimization_profile(profile)
+
+
+def _attach_timing_cache(builder_config, config: TensorRTBuildConfig, notes: list[str]):
+    """Load (or start) the timing cache file for TensorRT; TensorRT-RTX does not use one."""
+    if config.timing_cache is None:
+        return None
+    if config.target == "tensorrt-rtx":
+        notes.append(RTX_TIMING_CACHE_NOTE)
+        return None
+    data = config.timing_cache.read_bytes() if config.timing_cache.is_file() else b""
+    cache = builder_config.create_timing_cache(data)
+    # A cache from another GPU or version is rejected rather than mixed in (ignore_mismatch=False).
+    if not builder_config.set_timing_cache(cache, False):
+        notes.append(f"timing cache {config.timing_cache} did not match this GPU/version; started a new one")
+        cache = builder_config.create_timing_cache(b"")
+        builder_config.set_timing_cache(cache, False)
+    return cache
+
+
+def _io(tensors) -> list[dict[str, Any]]:
+    return [{"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).rsplit(".", 1)[-1].lower()}
+            for t in tensors]
+
+
+def _compute_capabilities(builder_config) -> list[str] | str:
+    # TensorRT-RTX compiles ahead of time for a set of GPU generations; plain TensorRT for the build GPU.
+    count = getattr(builder_config, "num_compute_capabilities", None)
+    if count is None:
+        return "the build GPU"
+    if count == 0:
+        return "default set of the TensorRT-RTX version"
+    return [str(builder_config.get_compute_capability(i)).rsplit(".", 1)[-1] for i in range(count)]
+
+
+def _gpu_info() -> dict[str, str] | str:
+    try:
+        import torch
+    except ImportError:
+        return NO_GPU
+    if not torch.cuda.is_available():
+        return NO_GPU
+    major, minor = torch.cuda.get_device_capability()
+    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def _inspect_layers(trt: ModuleType, plan: bytes, logger) -> list[dict[str, Any]] | None:
+    """Per-layer types and tensor formats from the engine inspector; ``None`` without a GPU to load on."""
+    if _gpu_info() == NO_GPU:
+        return None  # deserializing needs a CUDA device; trying only prints CUDA errors
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        return None
+    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = []
+    for layer in info.get("Layers", []):
+        if isinstance(layer, str):  # profiling verbosity too low: names only
+            layers.append({"name": layer})
+            continue
+        layers.append({"name": layer.get("Name"), "type": layer.get("LayerType"),
+                       "inputs": [t.get("Format/Datatype") for t in layer.get("Inputs", [])],
+                       "outputs": [t.get("Format/Datatype") for t in layer.get("Outputs", [])]})
+    return layers
