@@ -120,6 +120,7 @@ def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: Tens
     the requested precision; :class:`MissingDependencyError` without the TensorRT package.
     """
     model = _load(model)
+    onnx_sha256 = hashlib.sha256(model.SerializeToString()).hexdigest()
     notes = _check_precision(model, config.precision)
     violations = trt_rules.lint(model)
     if violations:
@@ -134,15 +135,8 @@ def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: Tens
         model = _to_fp16(model)
         notes.append("fp16: float graph converted to FP16 (inputs/outputs kept FP32) for the strongly typed build")
 
-    logger = make_logger(trt)
-    builder = trt.Builder(logger)
-    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    flags = 1 << int(strongly) if config.strongly_typed and strongly is not None else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(model.SerializeToString()):
-        raise EngineBuildError(f"{config.target}'s ONNX parser rejected the graph:\n" + "\n".join(
-            f"  {_parser_error(parser.get_error(i))}" for i in range(parser.num_errors)))
+    parsed = network_from_onnx(model, config=config)
+    trt, builder, network, logger = parsed.trt, parsed.builder, parsed.network, parsed.logger
 
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mib << 20)
@@ -173,7 +167,7 @@ def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: Tens
         "timing_cache": str(config.timing_cache) if cache is not None else None,
         "build_seconds": round(seconds, 3),
         "engine_bytes": len(plan),
-        "onnx_sha256": hashlib.sha256(model.SerializeToString()).hexdigest(),
+        "onnx_sha256": onnx_sha256,
         "inputs": _io(network.get_input(i) for i in range(network.num_inputs)),
         "outputs": _io(network.get_output(i) for i in range(network.num_outputs)),
         "compute_capabilities": _compute_capabilities(builder_config),
@@ -185,6 +179,37 @@ def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: Tens
         notes.append("engine_layers: the engine inspector needs a GPU to load the engine; onnx_precision is "
                      "the per-op precision the Q/DQ graph asks for")
     return EngineArtifact(plan=plan, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedNetwork:
+    """A parsed TensorRT network with the objects it depends on."""
+
+    trt: ModuleType
+    logger: Any
+    builder: Any
+    network: Any
+    parser: Any  # owns the weights the network refers to: keep it alive until the build is done
+
+    def layers(self) -> list[tuple[str, str]]:
+        """(layer name, layer type) in network order; Q/DQ layers keep their ONNX node names."""
+        return [(layer.name, str(layer.type).rsplit(".", 1)[-1])
+                for layer in (self.network.get_layer(i) for i in range(self.network.num_layers))]
+
+
+def network_from_onnx(model: onnx.ModelProto, *, config: TensorRTBuildConfig) -> ParsedNetwork:
+    """Parse ``model`` as is (no lint, no conversion) into a network; parser errors raise EngineBuildError."""
+    trt = import_tensorrt(config.target, purpose=f"Parsing ONNX for {config.target}")
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    # Without the flag (TensorRT 11) every network is strongly typed already.
+    network = builder.create_network(1 << int(strongly) if config.strongly_typed and strongly is not None else 0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model.SerializeToString()):
+        raise EngineBuildError(f"{config.target}'s ONNX parser rejected the graph:\n" + "\n".join(
+            f"  {_parser_error(parser.get_error(i))}" for i in range(parser.num_errors)))
+    return ParsedNetwork(trt, logger, builder, network, parser)
 
 
 def save_engine(artifact: EngineArtifact, path: str | os.PathLike) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from onnx import TensorProto, helper
 
 from dfq_deploy.converters import trt_rules
 from dfq_deploy.converters.tensorrt import (INT4_CONV_NOTE, NO_GPU, TensorRTBuildConfig, engine_from_onnx,
-                                            metadata_path, save_engine)
+                                            metadata_path, network_from_onnx, save_engine)
 from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
 from test_trt_rules import _int4_matmul, fp32_onnx, ort_quantized, residual_block  # noqa: F401 (fixture)
 
@@ -116,6 +117,44 @@ def test_quantize_static_graphs_build(trt_rtx, fp32_onnx, tmp_path, arch):
     meta = engine_from_onnx(model, config=RTX).metadata
     qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     assert qdq > 50 and meta["engine_bytes"] > 0
+
+
+def _assert_every_qdq_parsed(model: onnx.ModelProto) -> None:
+    """Each ONNX Q/DQ node became a TensorRT QUANTIZE/DEQUANTIZE layer of the same name."""
+    layers = network_from_onnx(model, config=RTX).layers()
+    qdq_layers = {name for name, kind in layers if kind in ("QUANTIZE", "DEQUANTIZE")}
+    qdq_nodes = {n.name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    assert qdq_nodes and qdq_nodes <= qdq_layers
+
+
+def test_every_qdq_node_of_the_block_is_parsed(trt_rtx):
+    _assert_every_qdq_parsed(residual_block())
+
+
+# Our exporter's graphs (TensorRT form). Export is slow on CPU (graph capture + calibration + ONNX
+# export, ~5-15 s a model on 2 cores), so the two ImageNet models are marked slow.
+@pytest.mark.parametrize("arch", ["cifar:resnet20", pytest.param("resnet18", marks=pytest.mark.slow),
+                                  pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
+def test_our_exported_graphs_lint_parse_and_build(trt_rtx, arch):
+    onnx_qdq = pytest.importorskip("dfq_deploy.converters.onnx_qdq")
+    import torch
+    import torchvision
+
+    from dfq_deploy.calibration_set import CalibrationSet
+    from dfq_deploy.cifar_resnet import cifar_resnet
+    from dfq_deploy.config import INT8_TENSORRT
+    from dfq_deploy.quant.quantize import quantize
+
+    model = cifar_resnet("resnet20") if arch.startswith("cifar:") else getattr(torchvision.models, arch)()
+    calib = CalibrationSet(images=torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    qmodel = quantize(model.eval(), calib, scheme=dataclasses.replace(INT8_TENSORRT, calibrator="max"),
+                      batch_size=4, progress=False)
+    graph = onnx_qdq.onnx_from_quant_model(qmodel)
+    assert trt_rules.lint(graph) == []
+    _assert_every_qdq_parsed(graph)
+    meta = engine_from_onnx(graph, config=RTX).metadata
+    convs = [p for n, p in meta["onnx_precision"].items() if "conv" in n.lower()]
+    assert meta["engine_bytes"] > 0 and convs and set(convs) == {"int8"}
 
 
 def test_fp16_float_graph_builds_half_size(trt_rtx, fp32_onnx):
