@@ -1,0 +1,125 @@
+"""Export float and fake-quantized models to ONNX; quantized ones with QuantizeLinear/DequantizeLinear.
+
+Q/DQ form per target (see DESIGN.md): onnxruntime's CPU target gets uint8 activations with zero
+points, TensorRT targets signed symmetric int8; weights are always symmetric per-channel integer
+initializers behind DequantizeLinear (axis 0) and biases stay float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from ..quant.quantize import QuantModel
+from .passes import (QuantSpec, constants_to_initializers, drop_activations_before_quantize, drop_custom_opset, inline_constant_identities,
+                     materialize_quantizers, name_unnamed_nodes)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+INT8_OPSET = 19
+INT4_OPSET = 21
+
+
+def onnx_from_float_model(model: nn.Module, *, input_shape: tuple[int, ...], opset: int = INT8_OPSET) -> onnx.ModelProto:
+    """The float model as ONNX with a dynamic batch dimension (the FP32 baseline)."""
+    model_proto = _trace_to_onnx(model, input_shape, opset)
+    onnx.checker.check_model(model_proto, full_check=True)
+    return model_proto
+
+
+def onnx_from_quant_model(qmodel: QuantModel, *, opset: int | None = None) -> onnx.ModelProto:
+    """The fake-quant model as a Q/DQ ONNX graph that runtimes execute in integer arithmetic."""
+    specs: dict[int, QuantSpec] = {}
+    needs_int4 = False
+    with _export_marks(qmodel, specs):
+        needs_int4 = any(s.dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) for s in specs.values())
+        opset = opset or (INT4_OPSET if needs_int4 else INT8_OPSET)
+        if needs_int4 and opset < INT4_OPSET:
+            raise ExportError(f"4-bit values need ONNX opset >= {INT4_OPSET}, asked for {opset}")
+        traced = _trace_to_onnx(qmodel.module, qmodel.input_shape, opset, custom_opsets={"dfq": 1})
+    graph = gs.import_onnx(traced)
+    graph = materialize_quantizers(inline_constant_identities(constants_to_initializers(graph)), specs)
+    by_q_node = {f"{spec.name}/QuantizeLinear": spec for spec in specs.values() if spec.kind == "activation"}
+    graph = name_unnamed_nodes(drop_activations_before_quantize(graph, by_q_node).toposort())
+    model_proto = drop_custom_opset(gs.export_onnx(graph))
+    model_proto.producer_name = "dfq-deploy"
+    try:
+        onnx.checker.check_model(model_proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported Q/DQ graph is not valid ONNX: {str(exc).splitlines()[0]}") from exc
+    return model_proto
+
+
+@contextlib.contextmanager
+def _export_marks(qmodel: QuantModel, specs: dict[int, QuantSpec]) -> Iterator[None]:
+    """Number every quantizer, describe it in ``specs`` and make it trace as a mark."""
+    module = qmodel.module
+    index = 0
+    touched = []
+    for name, q in qmodel.act_quantizers():
+        if q.mode != "quantize":
+            continue
+        q.export_index = index
+        specs[index] = _activation_spec(name, q)
+        touched.append(q)
+        index += 1
+    for name, layer in module.named_modules():
+        wq = getattr(layer, "weight_quantizer", None)
+        if wq is None or not wq.enabled:
+            continue
+        wq.export_index = index
+        specs[index] = _weight_spec(f"{name}.weight_quantizer", wq, layer.weight)
+        touched.append(wq)
+        index += 1
+    try:
+        yield
+    finally:
+        for q in touched:
+            q.export_index = None
+
+
+def _activation_spec(name: str, q) -> QuantSpec:
+    if q.bits not in (4, 8):
+        raise ExportError(f"{q.bits}-bit activations have no ONNX integer type; only 8- and 4-bit export",
+                          hint="use --bits 8 or 4 (other widths are simulation-only)")
+    signed = q.symmetric
+    dtype = {(8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8,
+             (4, True): onnx.TensorProto.INT4, (4, False): onnx.TensorProto.UINT4}[(q.bits, signed)]
+    return QuantSpec(name, "activation", np.float32(q.scale.item()), np.array(int(q.zero_point.item())), dtype)
+
+
+def _weight_spec(name: str, wq, weight: torch.Tensor) -> QuantSpec:
+    # Weights of any width <= 8 are exact in an int8 container; only 4-bit uses ONNX INT4, and only
+    # where a runtime can use it (TensorRT's weight-only INT4 is chosen by the TensorRT converter).
+    values = wq.integer_weight(weight).numpy()
+    channels = values.shape[0]
+    return QuantSpec(name, "weight", wq.scale.detach().numpy().astype(np.float32), np.zeros(channels, dtype=np.int8),
+                     onnx.TensorProto.INT8, axis=0, integer_values=values)
+
+
+def _trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int,
+                   custom_opsets: dict[str, int] | None = None) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    example = torch.zeros(2, *input_shape)
+    module.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            # The TorchScript-based exporter: it traces autograd.Function.symbolic marks, which the
+            # dynamo exporter does not, and keeps module paths in node names.
+            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              custom_opsets=custom_opsets, do_constant_folding=True)
+    except Exception as exc:  # the exporter raises many types for unsupported ops
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return onnx.load_from_string(buffer.getvalue())

@@ -1,0 +1,168 @@
+"""Small onnx-graphsurgeon passes, one job each, each returning the graph it changed.
+
+The exporter traces quantizers as ``dfq::FakeQuant(index)`` marks; these passes turn the marks
+into standard QuantizeLinear/DequantizeLinear nodes and integer weight initializers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import ExportError
+
+MARK_OP = "FakeQuant"
+MARK_DOMAIN = "dfq"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """What one mark stands for, as written in ONNX.
+
+    ``kind`` is ``activation`` (per tensor Q→DQ) or ``weight`` (integer initializer → DQ on
+    ``axis``). ``dtype`` is the ONNX element type of the integer values.
+    """
+
+    name: str
+    kind: str
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: int
+    axis: int | None = None
+    integer_values: np.ndarray | None = None
+
+
+_NP_FOR = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+           onnx.TensorProto.INT4: np.int8, onnx.TensorProto.UINT4: np.uint8}
+
+
+def _const(name: str, values: np.ndarray, dtype: int) -> gs.Constant:
+    if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        # graphsurgeon has no 4-bit numpy type: hand it a ready TensorProto through a LazyValues.
+        tensor = onnx.helper.make_tensor(name, dtype, values.shape, values.astype(np.int64).ravel().tolist())
+        return gs.Constant(name, gs.ir.tensor.LazyValues(tensor))
+    return gs.Constant(name, np.array(values, dtype=_NP_FOR[dtype], order="C"))  # keeps 0-d scalars 0-d
+
+
+def materialize_quantizers(graph: gs.Graph, specs: dict[int, QuantSpec]) -> gs.Graph:
+    """Replace every ``dfq::FakeQuant`` mark by Q/DQ (activations) or int initializer + DQ (weights)."""
+    for node in [n for n in graph.nodes if n.op == MARK_OP]:
+        index = node.attrs.get("index")
+        if index not in specs:
+            raise ExportError(f"quantizer mark {node.name} refers to unknown quantizer {index}")
+        spec = specs[index]
+        source, out = node.inputs[0], node.outputs[0]
+        base = spec.name
+        scale = gs.Constant(f"{base}_scale", np.asarray(spec.scale, dtype=np.float32))
+        zp = _const(f"{base}_zero_point", np.asarray(spec.zero_point), spec.dtype)
+        attrs = {} if spec.axis is None else {"axis": spec.axis}
+        if spec.kind == "weight":
+            if spec.integer_values is None:
+                raise ExportError(f"weight quantizer {index} has no integer values")
+            qweight = _const(f"{base}_quantized", spec.integer_values, spec.dtype)
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", attrs,
+                                       inputs=[qweight, scale, zp], outputs=[out]))
+        else:
+            q_out = gs.Variable(f"{base}_quantized", dtype=_NP_FOR[spec.dtype], shape=out.shape)
+            graph.nodes.append(gs.Node("QuantizeLinear", f"{base}/QuantizeLinear", attrs,
+                                       inputs=[source, scale, zp], outputs=[q_out]))
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", attrs,
+                                       inputs=[q_out, scale, zp], outputs=[out]))
+        node.outputs.clear()
+        node.inputs.clear()
+    return graph.cleanup().toposort()
+
+
+def drop_custom_opset(model: onnx.ModelProto, domain: str = MARK_DOMAIN) -> onnx.ModelProto:
+    """Remove the marks' opset import once no node of that domain is left."""
+    if any(n.domain == domain for n in model.graph.node):
+        raise ExportError(f"nodes of domain {domain!r} are left in the graph after materialisation")
+    keep = [o for o in model.opset_import if o.domain != domain]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return model
+
+
+def name_unnamed_nodes(graph: gs.Graph) -> gs.Graph:
+    """Give every node a unique name (TensorRT and onnxruntime messages refer to nodes by name)."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op}_{i}"
+        seen.add(node.name)
+    return graph
+
+
+def inline_constant_identities(graph: gs.Graph) -> gs.Graph:
+    """Replace ``Identity(initializer)`` (the exporter's de-duplicated biases) by the initializer."""
+    for node in [n for n in graph.nodes if n.op == "Identity" and isinstance(n.inputs[0], gs.Constant)]:
+        const, out = node.inputs[0], node.outputs[0]
+        for consumer in list(out.outputs):
+            consumer.inputs[consumer.inputs.index(out)] = const
+        if out in graph.outputs:
+            continue
+        node.outputs.clear()
+    return graph.cleanup()
+
+
+def _int_min(dtype: int) -> int:
+    return {onnx.TensorProto.UINT8: 0, onnx.TensorProto.INT8: -128,
+            onnx.TensorProto.UINT4: 0, onnx.TensorProto.INT4: -8}[dtype]
+
+
+def _int_max(dtype: int) -> int:
+    return {onnx.TensorProto.UINT8: 255, onnx.TensorProto.INT8: 127,
+            onnx.TensorProto.UINT4: 15, onnx.TensorProto.INT4: 7}[dtype]
+
+
+def drop_activations_before_quantize(graph: gs.Graph, specs: dict[str, QuantSpec]) -> gs.Graph:
+    """Remove a Relu/Clip whose only consumer is a QuantizeLinear that already clips the same way.
+
+    With a zero point at the grid's minimum, ``Q(relu(x)) == Q(x)`` exactly, and ``Q(clip(x, 0, M))
+    == Q(x)`` when the grid's top lies within M. onnxruntime then sees ``Conv → Q`` and fuses a
+    QLinearConv/QLinearAdd; the result is bit-identical. ``specs`` maps Q node names to their specs.
+    """
+    for node in [n for n in graph.nodes if n.op in ("Relu", "Clip")]:
+        out = node.outputs[0]
+        consumers = list(out.outputs)
+        if not consumers or out in graph.outputs or any(c.op != "QuantizeLinear" or c.name not in specs
+                                                         for c in consumers):
+            continue
+        if not all(_clip_is_redundant(node, specs[c.name]) for c in consumers):
+            continue
+        source = node.inputs[0]
+        for consumer in consumers:
+            consumer.inputs[0] = source
+        node.outputs.clear()
+    return graph.cleanup()
+
+
+def _clip_is_redundant(node: gs.Node, spec: QuantSpec) -> bool:
+    zp = int(np.asarray(spec.zero_point).reshape(-1)[0])
+    scale = float(np.asarray(spec.scale).reshape(-1)[0])
+    if zp != _int_min(spec.dtype):
+        return False
+    if node.op == "Relu":
+        return True
+    if len(node.inputs) < 3 or not all(isinstance(b, gs.Constant) for b in node.inputs[1:3]):
+        return False
+    low, high = float(node.inputs[1].values), float(node.inputs[2].values)
+    top = scale * (_int_max(spec.dtype) - zp)
+    # Values above ``high`` would land on the top code anyway when the grid ends within half a step.
+    return low == 0.0 and top - scale / 2 <= high
+
+
+def constants_to_initializers(graph: gs.Graph) -> gs.Graph:
+    """Turn ``Constant`` nodes into initializers, so later passes can read their values."""
+    for node in [n for n in graph.nodes if n.op == "Constant" and "value" in n.attrs]:
+        out = node.outputs[0]
+        if out in graph.outputs:
+            continue
+        const = gs.Constant(out.name, np.asarray(node.attrs["value"].values))
+        for consumer in list(out.outputs):
+            consumer.inputs[consumer.inputs.index(out)] = const
+        node.outputs.clear()
+    return graph.cleanup()

@@ -1,0 +1,222 @@
+"""quantize(model, calib, scheme) -> QuantModel: fold BN, place quantizers, calibrate.
+
+Quantizers sit on *tensors*, not on consumers: every input of a conv, linear, residual add, pool
+or concat is quantized once, and all quantized consumers of that tensor read the same Q/DQ. This is
+the placement onnxruntime fuses into QLinearConv/QLinearAdd and TensorRT fuses into INT8 kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Iterator
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from ..calibration_set import CalibrationSet
+from ..config import QuantScheme
+from ..errors import BadInputError
+from ..graph_capture import capture_graph, is_add
+from .fold import fold_batchnorm
+from .quantizers import QUANT_LAYER_FOR, ActQuantizer, WeightQuantizer
+
+aten = torch.ops.aten
+
+# Ops computed on integers (besides conv/linear and residual add): their inputs and outputs are
+# quantized, which is the pattern onnxruntime turns into QLinear* kernels and TensorRT fuses.
+POOL_OPS = {aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.avg_pool1d.default,
+            aten.adaptive_avg_pool1d.default, aten.mean.dim}
+CONCAT_OPS = {aten.cat.default, torch.cat}
+# Ops that only move or select values: a quantized input stays on its grid, so their output
+# quantizer shares the input's scale (onnxruntime's integer MaxPool requires exactly that).
+DATA_MOVEMENT = {aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default,
+                 aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                 aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
+# Activations a conv/add output is quantized after (Q(relu(x)) fuses into the producing kernel).
+ACTIVATIONS = {aten.relu.default, aten.hardtanh.default, aten.clamp.default, aten.relu6.default}
+# Elementwise ops through which a tensor keeps "being the first conv's output" for the 8-bit policy.
+PASS_THROUGH = ACTIVATIONS | DATA_MOVEMENT | {operator.getitem}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """One quantized layer as reported: its module path, kind and bit widths (None = float)."""
+
+    name: str
+    kind: str
+    weight_bits: int | None
+    act_bits: int | None
+
+
+class QuantModel:
+    """A BN-folded, fake-quantized model: the reference the exported graph must reproduce."""
+
+    def __init__(self, module: fx.GraphModule, scheme: QuantScheme, input_shape: tuple[int, ...],
+                 layers: list[LayerInfo]):
+        self.module = module
+        self.scheme = scheme
+        self.input_shape = tuple(input_shape)
+        self.layers = layers
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def act_quantizers(self) -> Iterator[tuple[str, ActQuantizer]]:
+        for name, m in self.module.named_modules():
+            if isinstance(m, ActQuantizer):
+                yield name, m
+
+    def weight_quantizers(self) -> Iterator[tuple[str, WeightQuantizer]]:
+        for name, m in self.module.named_modules():
+            if isinstance(m, WeightQuantizer):
+                yield name, m
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and per-layer bit widths for reports."""
+        return {
+            "scheme": dataclasses.asdict(self.scheme),
+            "quantized_layers": sum(1 for layer in self.layers if layer.weight_bits is not None),
+            "float_layers": sum(1 for layer in self.layers if layer.weight_bits is None),
+            "activation_quantizers": sum(1 for _ in self.act_quantizers()),
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+        }
+
+
+def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, batch_size: int = 32,
+             progress: bool = True) -> QuantModel:
+    """Fold BN, insert quantizers per ``scheme``, and calibrate them on ``calib``.
+
+    ``model`` may be any module that :func:`capture_graph` accepts; it is not modified.
+    """
+    if len(calib) == 0:
+        raise BadInputError("the calibration set is empty")
+    graph = fold_batchnorm(capture_graph(model, calib.input_shape))
+    layers = insert_quantizers(graph, scheme)
+    if not any(layer.weight_bits is not None for layer in layers):
+        raise BadInputError("the model has no conv or linear layer to quantize")
+    calibrate(graph, calib, scheme=scheme, batch_size=batch_size, progress=progress)
+    return QuantModel(graph, scheme, calib.input_shape, layers)
+
+
+def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerInfo]:
+    """Swap conv/linear modules for quantized ones and quantize the tensors around integer ops."""
+    modules = dict(graph.named_modules())
+    weighted = [n for n in graph.graph.nodes
+                if n.op == "call_module" and type(modules[n.target]) in QUANT_LAYER_FOR]
+    first = weighted[0] if weighted else None
+    last = weighted[-1] if weighted else None
+    placer = _QuantizerPlacer(graph, scheme, first)
+    layers: list[LayerInfo] = []
+    for node in list(graph.graph.nodes):
+        if node.op == "call_module" and node in weighted:
+            module = modules[node.target]
+            w_bits, a_bits = scheme.layer_bits(node.target, is_first=node is first, is_last=node is last)
+            layers.append(LayerInfo(node.target, type(module).__name__, w_bits, a_bits))
+            if w_bits is None:
+                continue
+            graph.set_submodule(node.target, QUANT_LAYER_FOR[type(module)].from_float(module, w_bits))
+            if a_bits is not None:
+                placer.quantize(node.args[0], a_bits)
+                out_bits = scheme.first_last_bits if node is first and scheme.first_last_bits else scheme.act_bits
+                placer.quantize_output(node, out_bits)
+        elif is_add(node):
+            for src in node.args[:2]:
+                placer.quantize(src, scheme.act_bits)
+            placer.quantize_output(node, scheme.act_bits)
+        elif node.op == "call_function" and node.target in POOL_OPS:
+            placer.quantize(node.args[0], scheme.act_bits)
+            placer.quantize_output(node, scheme.act_bits)
+        elif node.op == "call_function" and node.target in CONCAT_OPS:
+            for src in node.args[0]:
+                placer.quantize(src, scheme.act_bits)
+            placer.quantize_output(node, scheme.act_bits)
+    placer.tie_data_movement()
+    graph.graph.lint()
+    graph.recompile()
+    return layers
+
+
+class _QuantizerPlacer:
+    """Puts one ActQuantizer on a tensor; every consumer of the tensor then reads its output."""
+
+    def __init__(self, graph: fx.GraphModule, scheme: QuantScheme, first: fx.Node | None):
+        self.graph = graph
+        self.scheme = scheme
+        self.first = first
+        self.container = nn.Module()
+        graph.add_module("act_quant", self.container)
+        self.quantizer_of: dict[fx.Node, fx.Node] = {}
+
+    def quantize(self, src: Any, bits: int) -> None:
+        if not isinstance(src, fx.Node):
+            return
+        if src.op == "call_module" and src.target.startswith("act_quant."):
+            src = src.args[0]  # already quantized: only the bit width may need raising
+        if self.first is not None and self.scheme.first_last_bits and _derives_from(src, self.first):
+            bits = max(bits, self.scheme.first_last_bits)
+        if src in self.quantizer_of:
+            quantizer = self.graph.get_submodule(self.quantizer_of[src].target)
+            quantizer.bits = max(quantizer.bits, bits)
+            return
+        self.container.add_module(src.name, ActQuantizer(bits, self.scheme.act_form))
+        with self.graph.graph.inserting_after(src):
+            qnode = self.graph.graph.call_module(f"act_quant.{src.name}", (src,))
+        src.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+        self.quantizer_of[src] = qnode
+
+    def quantize_output(self, node: fx.Node, bits: int) -> None:
+        """Quantize ``node``'s output after its activation, unless it is a model output."""
+        out = node
+        while len(out.users) == 1:
+            (user,) = out.users
+            if user.op != "call_function" or user.target not in ACTIVATIONS:
+                break
+            out = user
+        if any(user.op == "output" for user in out.users):
+            return
+        self.quantize(out, bits)
+
+    def tie_data_movement(self) -> None:
+        for src, qnode in self.quantizer_of.items():
+            if src.op == "call_function" and src.target in DATA_MOVEMENT and src.args:
+                producer = src.args[0]
+                if isinstance(producer, fx.Node) and producer.op == "call_module" and producer.target.startswith("act_quant."):
+                    follower = self.graph.get_submodule(qnode.target)
+                    follower.tie_to(self.graph.get_submodule(producer.target))
+
+
+def _derives_from(node: fx.Node, producer: fx.Node | None) -> bool:
+    """True when ``node`` is ``producer``'s output seen through activations and pooling."""
+    while producer is not None and isinstance(node, fx.Node):
+        if node is producer:
+            return True
+        if node.op != "call_function" or node.target not in PASS_THROUGH or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
+@torch.no_grad()
+def calibrate(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantScheme, batch_size: int = 32,
+              progress: bool = True) -> None:
+    """Run the calibration set once through the float graph and set every activation range."""
+    quantizers = [m for m in graph.modules() if isinstance(m, ActQuantizer)]
+    for q in quantizers:
+        q.calibrator.reset()
+        q.mode = "collect"
+    graph.eval()
+    for batch in tqdm(list(calib.batches(batch_size)), desc="calibrate", unit="batch", disable=not progress,
+                      leave=False):
+        graph(batch)
+    for q in quantizers:
+        if q.tied_to is None:
+            lo, hi = q.calibrator.compute_range(scheme.calibrator, symmetric=q.symmetric, percentile=scheme.percentile)
+            q.set_range(lo, hi)
+    for q in quantizers:
+        leader = q.tied_to
+        while leader is not None and leader.tied_to is not None:
+            leader = leader.tied_to
+        if leader is not None:
+            q.copy_range(leader)
