@@ -345,14 +345,21 @@ def _op_precision(node: onnx.NodeProto, kinds: list[tuple[str, str]]) -> str:
     return f"mixed ({'+'.join(sorted(set(seen)))})"
 
 
-def format_lint(violations: list[Violation]) -> str:
-    """Violations as text, one per line, grouped by rule (or a line saying the graph passes)."""
+def format_lint(violations: list[Violation], *, max_per_rule: int | None = 8) -> str:
+    """Violations as text grouped by rule, at most ``max_per_rule`` lines each (``None``: all)."""
     if not violations:
         return "TensorRT rules: OK (no violations)"
-    by_rule = Counter(v.rule for v in violations)
+    by_rule: dict[str, list[Violation]] = defaultdict(list)
+    for v in violations:
+        by_rule[v.rule].append(v)
     lines = [f"TensorRT rules: {len(violations)} violation(s) "
-             f"({', '.join(f'{r}: {n}' for r, n in sorted(by_rule.items()))})"]
-    lines += [f"  {v}" for v in sorted(violations, key=lambda v: (v.rule, v.node))]
+             f"({', '.join(f'{r}: {len(vs)}' for r, vs in sorted(by_rule.items()))})"]
+    for rule, vs in sorted(by_rule.items()):
+        vs = sorted(vs, key=lambda v: v.node)
+        shown = vs if max_per_rule is None else vs[:max_per_rule]
+        lines += [f"  {v}" for v in shown]
+        if len(shown) < len(vs):
+            lines.append(f"  ... and {len(vs) - len(shown)} more [{rule}]")
     return "\n".join(lines)
 
 

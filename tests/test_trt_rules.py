@@ -250,3 +250,9 @@ def test_quantize_static_int32_bias_and_asymmetric_uint8_are_flagged(tmp_path, f
     model = ort_quantized(fp32_onnx("resnet18"), tmp_path / "qdq.onnx", QuantizeBias=True,
                           ActivationSymmetric=False, activation_type=QuantType.QUInt8)
     assert {trt_rules.FLOAT_BIAS, trt_rules.SIGNED_INT8, trt_rules.SYMMETRIC} <= {v.rule for v in lint(model)}
+
+
+def test_format_lint_caps_lines_per_rule():
+    violations = lint(residual_block(act_zero_point=3))
+    assert "... and 4 more [symmetric-zero-point]" in format_lint(violations, max_per_rule=2)
+    assert "more" not in format_lint(violations, max_per_rule=None)
