@@ -89,7 +89,7 @@ def host_memory() -> dict[str, float]:
     rss = psutil.Process().memory_info().rss / 2**20
     # ru_maxrss is KiB on Linux, bytes on macOS.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if platform.system() == "Darwin" else 2**10)
-    return {"rss_mib": round(rss, 1), "peak_rss_mib": round(peak, 1)}
+    return {"rss_mib": round(rss, 1), "peak_rss_mib": round(max(peak, rss), 1)}
 
 
 def cpu_description() -> dict[str, str | int]:

@@ -1,0 +1,271 @@
+"""The Python API: one function per stage and ``build`` that runs them all into one folder.
+
+Every CLI command is a thin shell over a function here, so anything the CLI does a script can do.
+
+    load -> synthesize -> quantize -> export -> (engine) -> profile -> report
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from . import __version__
+from .artifacts import atomic_write_bytes, package_versions
+from .calibration_set import CalibrationSet
+from .config import ProfileConfig, QuantScheme, SynthesisConfig, Target, default_scheme
+from .errors import BadInputError, FidelityGateError
+from .models import LoadedModel, load_model
+from .quant.quantize import QuantModel
+from .quant.quantize import quantize as _quantize
+
+FP32_ONNX = "model.fp32.onnx"
+QDQ_ONNX = "model.qdq.onnx"
+ENGINE = "model.engine"
+CALIBRATION_DIR = "calibration"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+MANIFEST = "manifest.json"
+
+
+def load(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False,
+         input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+    """Load a model file (TorchScript, .pt2, state_dict + ``arch``, or trusted pickle)."""
+    return load_model(path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
+
+
+def synthesize(model: LoadedModel, *, config: SynthesisConfig = SynthesisConfig(),
+               cache_dir: str | os.PathLike | None = None, normalize=None, progress: bool = True) -> CalibrationSet:
+    """Make a calibration set for ``model`` (cached by model hash, method, config and seed)."""
+    from . import synthesis
+    if cache_dir is not None and model.sha256:
+        return synthesis.synthesize_cached(model.module, config=config, input_shape=model.input_shape,
+                                           cache_dir=Path(cache_dir), model_hash=model.sha256, progress=progress,
+                                           normalize=normalize)
+    return synthesis.synthesize(model.module, config=config, input_shape=model.input_shape, progress=progress,
+                                normalize=normalize)
+
+
+def quantize(model: LoadedModel, calib: CalibrationSet, *, scheme: QuantScheme | None = None,
+             target: Target = "onnxruntime", progress: bool = True) -> QuantModel:
+    """Fold BN and calibrate fake quantizers; ``scheme`` defaults to the one ``target`` fuses best."""
+    scheme = scheme or default_scheme(target)
+    if tuple(calib.input_shape) != tuple(model.input_shape):
+        raise BadInputError(f"calibration images have shape {calib.input_shape}, the model takes {model.input_shape}")
+    return _quantize(model.module, calib, scheme=scheme, progress=progress)
+
+
+def export(qmodel: QuantModel) -> onnx.ModelProto:
+    """The Q/DQ ONNX graph of a quantized model (form chosen by its scheme)."""
+    from .converters.onnx_qdq import onnx_from_quant_model
+    return onnx_from_quant_model(qmodel)
+
+
+def export_float(model: LoadedModel) -> onnx.ModelProto:
+    """The float model as ONNX (the FP32 baseline runtimes are compared with)."""
+    from .converters.onnx_qdq import onnx_from_float_model
+    return onnx_from_float_model(model.module, input_shape=model.input_shape)
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write an ONNX model atomically."""
+    return atomic_write_bytes(path, model.SerializeToString())
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """What ``build`` produced: the output folder, its report and the paths of its artifacts."""
+
+    out_dir: Path
+    report: dict[str, Any]
+    artifacts: dict[str, str]
+
+
+class _Manifest:
+    """manifest.json: inputs' hashes, config, versions and stage timings, rewritten after each stage."""
+
+    def __init__(self, out_dir: Path, inputs: dict[str, Any], config: dict[str, Any]):
+        self.path = out_dir / MANIFEST
+        self.data = {"dfq_deploy": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "inputs": inputs, "config": config, "versions": package_versions(), "stages": {},
+                     "artifacts": {}}
+
+    def stage(self, name: str, seconds: float, **extra: Any) -> None:
+        self.data["stages"][name] = {"seconds": round(seconds, 3), **extra}
+        self.write()
+
+    def artifact(self, name: str, path: Path) -> None:
+        self.data["artifacts"][name] = path.name
+        self.write()
+
+    def write(self) -> None:
+        atomic_write_bytes(self.path, json.dumps(self.data, indent=2, default=str).encode())
+
+
+class _Stopwatch:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` (or check an existing one) and prove it is writable before any work."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".dfq-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BadInputError(f"cannot write to output folder {out}: {exc.strerror or exc}",
+                            hint="choose a writable folder with --out DIR") from None
+    return out
+
+
+def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: Target = "onnxruntime",
+          arch: str | None = None, trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None,
+          synthesis: SynthesisConfig = SynthesisConfig(), scheme: QuantScheme | None = None,
+          profile_config: ProfileConfig = ProfileConfig(), precision: str = "int8",
+          max_disagreement: float | None = None, normalize=None, cache_dir: str | os.PathLike | None = None,
+          use_cache: bool = True, progress: bool = True) -> BuildResult:
+    """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
+
+    Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT
+    targets), ``calibration/``, ``report.json``, ``report.md`` and ``manifest.json``. Each file is
+    written atomically, so a failed stage leaves no half-written artifact. With ``max_disagreement``
+    the build raises :class:`FidelityGateError` (after writing the report) when the deployed model's
+    top-1 disagreement with the fake-quant reference exceeds it.
+    """
+    from .report import write_reports
+    from .runtimes.profiler import host_memory
+
+    out = prepare_out_dir(out_dir)
+    if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
+        raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
+    scheme = scheme or default_scheme(target)
+    if target != "onnxruntime" and scheme.act_form != "int8_symmetric":
+        raise BadInputError(f"--target {target} takes only signed symmetric int8 activations",
+                            hint="leave the scheme's act_form at int8_symmetric for TensorRT targets")
+    timings: dict[str, float] = {}
+    with _Stopwatch() as sw:
+        model = load(model_path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
+    timings["load"] = sw.seconds
+    manifest = _Manifest(out, {"model": model.describe()},
+                         {"target": target, "synthesis": dataclasses.asdict(synthesis),
+                          "scheme": dataclasses.asdict(scheme), "profile": dataclasses.asdict(profile_config),
+                          "precision": precision, "max_disagreement": max_disagreement})
+    manifest.stage("load", sw.seconds)
+
+    with _Stopwatch() as sw:
+        calib = synthesize(model, config=synthesis, cache_dir=(cache_dir or default_cache_dir()) if use_cache else None,
+                           normalize=normalize, progress=progress)
+        calib.save(out / CALIBRATION_DIR)
+    timings["synthesize"] = sw.seconds
+    manifest.stage("synthesize", sw.seconds, method=synthesis.method, images=len(calib))
+    manifest.artifact("calibration", out / CALIBRATION_DIR)
+
+    with _Stopwatch() as sw:
+        qmodel = quantize(model, calib, scheme=scheme, progress=progress)
+    timings["quantize"] = sw.seconds
+    manifest.stage("quantize", sw.seconds)
+
+    with _Stopwatch() as sw:
+        fp32_path = save_onnx(export_float(model), out / FP32_ONNX)
+        qdq_model = export(qmodel)
+        qdq_path = save_onnx(qdq_model, out / QDQ_ONNX)
+    timings["export"] = sw.seconds
+    manifest.stage("export", sw.seconds)
+    manifest.artifact("fp32_onnx", fp32_path)
+    manifest.artifact("qdq_onnx", qdq_path)
+    artifacts = {"fp32_onnx": str(fp32_path), "qdq_onnx": str(qdq_path), "calibration": str(out / CALIBRATION_DIR)}
+
+    if target == "onnxruntime":
+        from .deployment import deploy_onnxruntime
+        with _Stopwatch() as sw:
+            deployment = deploy_onnxruntime(model, qmodel, calib, fp32_path=fp32_path, qdq_path=qdq_path,
+                                            profile_config=profile_config)
+    else:
+        from .deployment import deploy_tensorrt
+        with _Stopwatch() as sw:
+            deployment = deploy_tensorrt(model, qmodel, calib, qdq_model=qdq_model, fp32_path=fp32_path,
+                                         out_dir=out, target=target, precision=precision,
+                                         profile_config=profile_config)
+        if deployment.get("engine_path"):
+            artifacts["engine"] = deployment["engine_path"]
+            manifest.artifact("engine", Path(deployment["engine_path"]))
+    timings["deploy_and_profile"] = sw.seconds
+    manifest.stage("deploy_and_profile", sw.seconds)
+
+    report = {
+        "dfq_deploy": __version__,
+        "target": target,
+        "model": model.describe(),
+        "calibration": _calibration_summary(calib),
+        "quantization": qmodel.summary(),
+        "deployment": deployment,
+        "files": {name: {"path": Path(p).name, "bytes": _size(Path(p))} for name, p in artifacts.items()},
+        "host_memory": host_memory(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "notes": _notes(synthesis, target),
+    }
+    gate = _fidelity_gate(deployment, max_disagreement)
+    report["fidelity_gate"] = gate
+    paths = write_reports(report, out / REPORT_JSON, out / REPORT_MD)
+    for name, path in paths.items():
+        manifest.artifact(name, path)
+        artifacts[name] = str(path)
+    if gate and not gate["passed"]:
+        raise FidelityGateError(f"{gate['runner']} disagrees with the fake-quant reference on "
+                                f"{gate['disagreement']:.2%} of the calibration inputs (allowed {max_disagreement:.2%})",
+                                hint=f"see {out / REPORT_MD}; try --calibrator max, more calibration images or 8 bits")
+    return BuildResult(out, report, artifacts)
+
+
+def default_cache_dir() -> Path:
+    """Where synthetic sets are cached: ``$DFQ_DEPLOY_CACHE`` or ``~/.cache/dfq-deploy``."""
+    root = os.environ.get("DFQ_DEPLOY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dfq-deploy"
+    return Path(root) / "synthesis"
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _calibration_summary(calib: CalibrationSet) -> dict[str, Any]:
+    meta = calib.meta
+    keep = ("method", "num_images", "seed", "wall_time_s", "images_per_second", "final_loss", "bn_mismatch",
+            "mode")
+    return {k: meta[k] for k in keep if k in meta} | {"images": len(calib), "input_shape": list(calib.input_shape)}
+
+
+def _fidelity_gate(deployment: dict[str, Any], max_disagreement: float | None) -> dict[str, Any] | None:
+    fidelity = deployment.get("fidelity_vs_fake_quant")
+    if max_disagreement is None or not fidelity:
+        return None
+    disagreement = 1.0 - fidelity["top1_agreement"]
+    return {"runner": fidelity["candidate"], "disagreement": disagreement, "max_disagreement": max_disagreement,
+            "passed": disagreement <= max_disagreement}
+
+
+def _notes(synthesis: SynthesisConfig, target: Target) -> list[str]:
+    notes = []
+    if synthesis.method in ("zeroq", "clusterq", "fdda"):
+        notes.append("dfq-deploy uses the synthesis losses of the papers to make a fixed calibration set; it does "
+                     "not fine-tune the quantized model on generated samples as the papers do.")
+    if target == "onnxruntime":
+        notes.append("onnxruntime form: uint8 activations (with zero points) and int8 symmetric per-channel weights, "
+                     "the pattern onnxruntime's CPU kernels fuse into QLinearConv.")
+    else:
+        notes.append("TensorRT form: signed symmetric int8 activations and weights, zero point 0, float bias.")
+    return notes

@@ -1,0 +1,223 @@
+"""``dfq-deploy`` command line: parses flags into configs and calls :mod:`dfq_deploy.api`.
+
+Exit codes: 0 success, 1 other dfq-deploy error, 2 bad input, 3 missing optional dependency,
+4 export failure, 5 engine build failure, 6 fidelity gate failed, 7 accuracy budget not met.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .config import (ProfileConfig, QuantScheme, SynthesisConfig, default_scheme, from_mapping,
+                     load_config_file)
+from .errors import BadInputError, DfqError
+
+NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "none": None}
+
+
+def _run(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn DfqError into one line on stderr and its exit code; --verbose keeps the traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        verbose = kwargs.pop("verbose", False)
+        try:
+            return fn(*args, **kwargs)
+        except DfqError as exc:
+            if verbose:
+                raise
+            click.echo(f"error: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"  hint: {exc.hint}", err=True)
+            sys.exit(exc.exit_code)
+    return click.option("--verbose", "-v", is_flag=True, help="Show full tracebacks on errors.")(wrapper)
+
+
+def model_options(fn):
+    """MODEL argument and how to read it."""
+    fn = click.option("--input-shape", help="NxCxHxW (or CxHxW) the model takes; default per --arch, else 3x224x224.")(fn)
+    fn = click.option("--trust-pickle", is_flag=True,
+                      help="Allow a pickled nn.Module (unpickling runs code from the file).")(fn)
+    fn = click.option("--arch", help="Architecture for a state_dict: torchvision:NAME, cifar:NAME or timm:NAME.")(fn)
+    return click.argument("model", type=click.Path(dir_okay=False, path_type=Path))(fn)
+
+
+def synthesis_options(fn):
+    """How the calibration set is made."""
+    fn = click.option("--normalize", type=click.Choice(list(NORMALIZATIONS)), default="imagenet", show_default=True,
+                      help="Mean/std that real images (folder, FDDA hybrid) are normalised with.")(fn)
+    fn = click.option("--seed", type=int, default=0, show_default=True)(fn)
+    fn = click.option("--lr", type=float, help="Synthesis learning rate (default: the method's).")(fn)
+    fn = click.option("--iterations", type=int, help="Synthesis iterations per batch (default: the method's).")(fn)
+    fn = click.option("--synth-batch-size", type=int, default=32, show_default=True)(fn)
+    fn = click.option("--num-images", type=int, default=256, show_default=True, help="Calibration set size.")(fn)
+    fn = click.option("--generator", is_flag=True, help="Train a class-conditional generator instead of optimising pixels.")(fn)
+    fn = click.option("--calib-images", type=click.Path(file_okay=False, path_type=Path),
+                      help="Folder of real images (ImageFolder layout): for --calib folder and FDDA's hybrid mode.")(fn)
+    return click.option("--calib", "method", type=click.Choice(["noise", "zeroq", "clusterq", "fdda", "folder"]),
+                        default="zeroq", show_default=True, help="Calibration source.")(fn)
+
+
+def quant_options(fn):
+    """Bit widths and calibrator."""
+    fn = click.option("--first-last-bits", default="8", show_default=True,
+                      help="Bits for the first conv and last layer, or 'same' to treat them like the rest.")(fn)
+    fn = click.option("--percentile", type=float, default=99.99, show_default=True)(fn)
+    fn = click.option("--calibrator", type=click.Choice(["max", "percentile", "mse", "entropy"]),
+                      default="percentile", show_default=True)(fn)
+    return click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True,
+                        help="Weight and activation bits (4-bit activations need opset 21 runtimes).")(fn)
+
+
+def profile_options(fn):
+    fn = click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores).")(fn)
+    fn = click.option("--profile-iterations", type=int, default=30, show_default=True)(fn)
+    fn = click.option("--warmup", type=int, default=5, show_default=True)(fn)
+    return click.option("--batch-sizes", default="1,16", show_default=True, help="Batch sizes to time, comma-separated.")(fn)
+
+
+def _synthesis_config(o: dict[str, Any], file_cfg: dict[str, Any]) -> SynthesisConfig:
+    base = from_mapping(SynthesisConfig, file_cfg.get("synthesis", {}))
+    return dataclasses.replace(base, method=o["method"], num_images=o["num_images"], batch_size=o["synth_batch_size"],
+                               iterations=o["iterations"] if o["iterations"] is not None else base.iterations,
+                               lr=o["lr"] if o["lr"] is not None else base.lr, seed=o["seed"],
+                               calib_images=str(o["calib_images"]) if o["calib_images"] else base.calib_images,
+                               generator=o["generator"] or base.generator)
+
+
+def _scheme(o: dict[str, Any], target: str, file_cfg: dict[str, Any]) -> QuantScheme:
+    fl = o["first_last_bits"]
+    if fl == "same":
+        first_last = None
+    else:
+        try:
+            first_last = int(fl)
+        except ValueError:
+            raise BadInputError(f"--first-last-bits takes a number or 'same', got {fl!r}") from None
+    changes = {"calibrator": o["calibrator"], "percentile": o["percentile"], "first_last_bits": first_last}
+    scheme = default_scheme(target, bits=o["bits"], **changes)
+    if file_cfg.get("quant"):
+        scheme = dataclasses.replace(scheme, **dataclasses.asdict(from_mapping(QuantScheme, file_cfg["quant"])) | changes)
+    return scheme
+
+
+def _profile_config(o: dict[str, Any], file_cfg: dict[str, Any]) -> ProfileConfig:
+    try:
+        sizes = tuple(int(s) for s in o["batch_sizes"].split(",") if s.strip())
+    except ValueError:
+        raise BadInputError(f"--batch-sizes must be comma-separated integers, got {o['batch_sizes']!r}") from None
+    base = from_mapping(ProfileConfig, file_cfg.get("profile", {}))
+    return dataclasses.replace(base, batch_sizes=sizes, warmup=o["warmup"], iterations=o["profile_iterations"],
+                               threads=o["threads"] or base.threads)
+
+
+def _input_shape(text: str | None):
+    from .models import parse_input_shape
+    return parse_input_shape(text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dfq-deploy")
+def main() -> None:
+    """Quantize a trained PyTorch CNN without training data and deploy it to onnxruntime or TensorRT.
+
+    \b
+    dfq-deploy build model.pt --arch torchvision:resnet18 --target onnxruntime --out build/
+    dfq-deploy synthesize model.pt --calib clusterq --num-images 256 --out calib/
+    dfq-deploy profile build/model.qdq.onnx
+    dfq-deploy inspect build/model.qdq.onnx
+
+    Exit codes: 1 error, 2 bad input, 3 missing optional package, 4 export failed,
+    5 engine build failed, 6 fidelity gate failed, 7 accuracy budget not met.
+    """
+
+
+@main.command()
+@model_options
+@synthesis_options
+@quant_options
+@profile_options
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
+              show_default=True, help="Runtime to deploy to; decides the Q/DQ form.")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "int4w"]), default="int8", show_default=True,
+              help="TensorRT engine precision.")
+@click.option("--max-disagreement", type=float,
+              help="Fail (exit 6) when the deployed model's top-1 disagreement with the fake-quant reference exceeds this fraction.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML/TOML file with synthesis/quant/profile sections; flags override it.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dfq-build"),
+              show_default=True, help="Output folder.")
+@click.option("--json", "print_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@click.option("--no-cache", is_flag=True, help="Always synthesize anew instead of reusing a cached set.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_run
+def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, no_cache, no_progress,
+          **o) -> None:
+    """Load MODEL, make a calibration set, quantize, export, deploy and profile it."""
+    from . import api
+    file_cfg = load_config_file(config_file) if config_file else {}
+    result = api.build(model, out_dir=out_dir, target=target, arch=o["arch"], trust_pickle=o["trust_pickle"],
+                       input_shape=_input_shape(o["input_shape"]), synthesis=_synthesis_config(o, file_cfg),
+                       scheme=_scheme(o, target, file_cfg), profile_config=_profile_config(o, file_cfg),
+                       precision=precision, max_disagreement=max_disagreement,
+                       normalize=NORMALIZATIONS[o["normalize"]], use_cache=not no_cache, progress=not no_progress)
+    if print_json:
+        click.echo(json.dumps(result.report, indent=2, default=str))
+    else:
+        click.echo((result.out_dir / api.REPORT_MD).read_text())
+        click.echo(f"artifacts in {result.out_dir}/")
+
+
+@main.command()
+@model_options
+@synthesis_options
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--no-progress", is_flag=True)
+@_run
+def synthesize(model, out_dir, no_progress, **o) -> None:
+    """Make a data-free calibration set for MODEL and save it in --out."""
+    from . import api
+    out = api.prepare_out_dir(out_dir)
+    loaded = api.load(model, arch=o["arch"], trust_pickle=o["trust_pickle"], input_shape=_input_shape(o["input_shape"]))
+    calib = api.synthesize(loaded, config=_synthesis_config(o, {}), normalize=NORMALIZATIONS[o["normalize"]],
+                           progress=not no_progress)
+    calib.save(out)
+    mismatch = (calib.meta.get("bn_mismatch") or {}).get("mean")
+    click.echo(f"{len(calib)} images ({calib.meta.get('method')}) saved in {out}/"
+               + (f"; BN-statistics mismatch {mismatch:.4g}" if mismatch is not None else ""))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
+              show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider.")
+@profile_options
+@_run
+def profile(artifact, target, device, **o) -> None:
+    """Time an existing ONNX file or TensorRT engine on random inputs of its shape."""
+    from .profile_artifact import profile_artifact
+    result = profile_artifact(artifact, target=target, device=device, config=_profile_config(o, {}))
+    click.echo(json.dumps(result, indent=2, default=str))
+
+
+@main.command()
+@click.argument("onnx_file", type=click.Path(dir_okay=False, path_type=Path))
+@_run
+def inspect(onnx_file) -> None:
+    """Lint a Q/DQ ONNX file against TensorRT's rules and summarise each op's precision."""
+    if not onnx_file.is_file():
+        raise BadInputError(f"no such file: {onnx_file}")
+    from .converters.trt_rules import inspect_text
+    click.echo(inspect_text(onnx_file))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The deploy-and-measure stage of ``build``, one function per target family.
+
+Each returns a JSON-ready dict with the same keys: ``latency`` (per runner and batch size),
+``fidelity_vs_fake_quant``, ``int8_vs_fp32``, ``kernels`` and ``memory``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .calibration_set import CalibrationSet
+from .config import ProfileConfig
+from .errors import DfqError
+from .models import LoadedModel
+from .quant.quantize import QuantModel
+from .runtimes.onnxruntime import OnnxRuntimeRunner, optimized_op_counts
+from .runtimes.profiler import compare, cpu_description, host_memory, profile
+from .runtimes.torch import TorchRunner
+
+AGREEMENT_BATCH = 32
+INTEGER_CONV_OPS = ("QLinearConv", "ConvInteger")
+FLOAT_CONV_OPS = ("Conv", "FusedConv", "NchwcConv")
+
+
+def profile_batch(calib: CalibrationSet, batch_size: int) -> np.ndarray:
+    """A batch of calibration images (repeated if the set is smaller) for timing."""
+    images = calib.images.numpy()
+    reps = -(-batch_size // len(images))
+    return np.ascontiguousarray(np.concatenate([images] * reps)[:batch_size], dtype=np.float32)
+
+
+def conv_kernels(op_counts: dict[str, int]) -> dict[str, int]:
+    """How many convolutions onnxruntime runs on integers and how many in float."""
+    return {"integer": sum(op_counts.get(op, 0) for op in INTEGER_CONV_OPS),
+            "float": sum(op_counts.get(op, 0) for op in FLOAT_CONV_OPS)}
+
+
+def deploy_onnxruntime(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, fp32_path: Path,
+                       qdq_path: Path, profile_config: ProfileConfig, device: str = "cpu") -> dict[str, Any]:
+    """Open FP32 and INT8 sessions, check the INT8 one against the references, and time both."""
+    threads = profile_config.threads
+    fp32 = OnnxRuntimeRunner(fp32_path, device=device, threads=threads)
+    fp32.name = f"onnxruntime-{device}-fp32"
+    int8 = OnnxRuntimeRunner(qdq_path, device=device, threads=threads)
+    int8.name = f"onnxruntime-{device}-int8"
+    fake_quant = TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant")
+    memory: dict[str, Any] = {"before_sessions": host_memory()}
+    with fp32, int8, fake_quant:
+        memory["after_sessions"] = host_memory()
+        batches = list(calib.batches(AGREEMENT_BATCH))
+        fidelity = compare(fake_quant, int8, (b.numpy() for b in batches))
+        vs_fp32 = compare(fp32, int8, (b.numpy() for b in batches))
+        latency = []
+        for batch_size in profile_config.batch_sizes:
+            batch = profile_batch(calib, batch_size)
+            for runner in (fp32, int8):
+                latency.append(profile(runner, batch, warmup=profile_config.warmup,
+                                       iterations=profile_config.iterations).as_dict())
+        memory["after_profile"] = host_memory()
+        providers = int8.providers()
+    ops = optimized_op_counts(qdq_path, threads=threads)
+    return {
+        "runtime": "onnxruntime",
+        "device": device,
+        "providers": providers,
+        "machine": cpu_description(),
+        "latency": latency,
+        "speedup": _speedups(latency, "int8", "fp32"),
+        "fidelity_vs_fake_quant": fidelity.as_dict(),
+        "int8_vs_fp32": vs_fp32.as_dict(),
+        "kernels": {"conv": conv_kernels(ops), "optimized_ops": dict(sorted(ops.items()))},
+        "memory": memory,
+    }
+
+
+def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, qdq_model: onnx.ModelProto,
+                    fp32_path: Path, out_dir: Path, target: str, precision: str,
+                    profile_config: ProfileConfig) -> dict[str, Any]:
+    """Lint and build the engine; on a GPU also run it, check it and time it."""
+    from .converters import trt_rules
+    from .converters.tensorrt import TensorRTBuildConfig, engine_from_onnx, save_engine
+    from .api import ENGINE
+
+    config = TensorRTBuildConfig(target=target, precision=precision, max_batch=max(profile_config.batch_sizes),
+                                 timing_cache=out_dir / "timing.cache" if target == "tensorrt" else None)
+    source = onnx.load(str(fp32_path)) if precision == "fp16" else qdq_model
+    artifact = engine_from_onnx(source, config=config)
+    engine_path = save_engine(artifact, out_dir / ENGINE)
+    result: dict[str, Any] = {
+        "runtime": target,
+        "engine_path": str(engine_path),
+        "engine_bytes": len(artifact.plan),
+        "engine_metadata": artifact.metadata,
+        "lint": [str(v) for v in trt_rules.lint(qdq_model)],
+        "machine": cpu_description(),
+    }
+    try:
+        result.update(_run_engine(engine_path, target, model, qmodel, calib, profile_config))
+    except DfqError as exc:
+        # Building needs no GPU (TensorRT-RTX builds on CPU); running does. Say so in the report.
+        result["not_run"] = exc.message
+    return result
+
+
+def _run_engine(engine_path: Path, target: str, model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet,
+                profile_config: ProfileConfig) -> dict[str, Any]:
+    from .runtimes.tensorrt import TensorRTRunner
+
+    runner = TensorRTRunner(engine_path, target=target)
+    fake_quant = TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant")
+    with runner, fake_quant:
+        runner.name = target
+        fidelity = compare(fake_quant, _AsRunner(runner), (b.numpy() for b in calib.batches(AGREEMENT_BATCH)))
+        latency = [runner.profile({runner_input(runner): profile_batch(calib, bs)}, warmup=profile_config.warmup,
+                                  iterations=profile_config.iterations).as_dict() | {"batch_size": bs}
+                   for bs in profile_config.batch_sizes]
+    return {"fidelity_vs_fake_quant": fidelity.as_dict(), "latency": latency}
+
+
+def runner_input(runner) -> str:
+    return next(iter(runner.input_specs()))
+
+
+class _AsRunner:
+    """Adapts a runner that lacks ``input_name``/``name`` to :func:`compare`."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.name = getattr(runner, "name", type(runner).__name__)
+        self.input_name = runner_input(runner)
+
+    def infer(self, feeds):
+        return self.runner.infer(feeds)
+
+
+def _speedups(latency: list[dict[str, Any]], fast: str, slow: str) -> dict[str, float]:
+    by_key = {(row["runner"].rsplit("-", 1)[-1], row["batch_size"]): row["median_ms"] for row in latency}
+    return {f"batch_{bs}": round(by_key[(slow, bs)] / by_key[(fast, bs)], 3)
+            for (kind, bs) in by_key if kind == fast and (slow, bs) in by_key}

@@ -1,0 +1,48 @@
+"""Profile an artifact that already exists: an ONNX file in onnxruntime or a TensorRT engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ProfileConfig
+from .errors import BadInputError
+
+
+def _random_batch(shape: tuple, dtype: np.dtype, batch_size: int, seed: int = 0) -> np.ndarray:
+    dims = [batch_size if i == 0 else d for i, d in enumerate(shape)]
+    if any(not isinstance(d, int) or d < 1 for d in dims):
+        raise BadInputError(f"input shape {shape} has dynamic dimensions besides the batch; cannot make inputs")
+    return np.random.default_rng(seed).standard_normal(dims).astype(dtype)
+
+
+def profile_artifact(path: str | Path, *, target: str = "onnxruntime", device: str = "cpu",
+                     config: ProfileConfig = ProfileConfig()) -> dict[str, Any]:
+    """Latency per batch size, memory and machine for an ONNX file (onnxruntime) or an engine."""
+    from .runtimes.profiler import cpu_description, host_memory, profile
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"no such file: {path}")
+    result: dict[str, Any] = {"artifact": str(path), "bytes": path.stat().st_size, "target": target,
+                              "machine": cpu_description()}
+    if target == "onnxruntime":
+        from .runtimes.onnxruntime import OnnxRuntimeRunner
+        runner = OnnxRuntimeRunner(path, device=device, threads=config.threads)
+        with runner:
+            (name, (shape, dtype)), = runner.input_specs().items()
+            result["latency"] = [profile(runner, _random_batch(shape, dtype, bs), warmup=config.warmup,
+                                         iterations=config.iterations).as_dict() for bs in config.batch_sizes]
+            result["providers"] = runner.providers()
+    else:
+        from .runtimes.tensorrt import TensorRTRunner
+        runner = TensorRTRunner(path, target=target)
+        with runner:
+            (name, (shape, dtype)), = runner.input_specs().items()
+            result["latency"] = [runner.profile({name: _random_batch(shape, dtype, bs)}, warmup=config.warmup,
+                                                iterations=config.iterations).as_dict() | {"batch_size": bs}
+                                 for bs in config.batch_sizes]
+    result["host_memory"] = host_memory()
+    return result

@@ -1,0 +1,107 @@
+"""report.json (for pipelines) and report.md (for people) from one report dict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .artifacts import atomic_write_bytes
+
+
+def write_reports(report: dict[str, Any], json_path: Path, md_path: Path) -> dict[str, Path]:
+    """Write both forms atomically; returns ``{"report_json": ..., "report_md": ...}``."""
+    atomic_write_bytes(json_path, json.dumps(report, indent=2, default=str).encode())
+    atomic_write_bytes(md_path, render_markdown(report).encode())
+    return {"report_json": json_path, "report_md": md_path}
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human-readable summary: what was built, how close it is, how fast, and how it was made."""
+    model = report.get("model", {})
+    dep = report.get("deployment", {})
+    machine = dep.get("machine", {})
+    lines = [f"# dfq-deploy report: {Path(model.get('path') or 'model').name} → {report.get('target')}", ""]
+    lines += [f"- model: `{model.get('path')}` ({model.get('format')}, sha256 {str(model.get('sha256'))[:12]}…), "
+              f"input (N, {', '.join(map(str, model.get('input_shape', [])))})",
+              f"- machine: {machine.get('model', '?')}, {machine.get('cores', '?')} cores, ISA **{machine.get('isa', '?')}**",
+              f"- dfq-deploy {report.get('dfq_deploy')}", ""]
+
+    lines += ["## Fidelity", ""]
+    rows = []
+    for key, label in (("fidelity_vs_fake_quant", "deployed INT8 vs PyTorch fake-quant"),
+                       ("int8_vs_fp32", "deployed INT8 vs deployed FP32")):
+        fid = dep.get(key)
+        if fid:
+            rows.append([label, fid["samples"], f"{fid['top1_agreement']:.2%}", f"{fid['relative_l2']:.4f}"])
+    if rows:
+        lines += _table(["comparison (calibration inputs)", "inputs", "top-1 agreement", "relative L2"], rows) + [""]
+    gate = report.get("fidelity_gate")
+    if gate:
+        verdict = "passed" if gate["passed"] else "**FAILED**"
+        lines += [f"Fidelity gate {verdict}: disagreement {gate['disagreement']:.2%} (allowed {gate['max_disagreement']:.2%}).", ""]
+
+    if dep.get("latency"):
+        lines += [f"## Latency ({dep.get('runtime')}, {machine.get('isa', '?')})", ""]
+        rows = [[r.get("runner", dep.get("runtime")), r.get("batch_size"), r.get("median_ms"), r.get("mean_ms"),
+                 r.get("min_ms"), r.get("p90_ms"), r.get("p99_ms"), r.get("throughput_ips")] for r in dep["latency"]]
+        lines += _table(["runner", "batch", "median ms", "mean ms", "min ms", "p90 ms", "p99 ms", "images/s"], rows)
+        if dep.get("speedup"):
+            lines += ["", "INT8 speed-up over FP32 (median): " +
+                      ", ".join(f"{k.replace('_', ' ')}: {v:.2f}×" for k, v in dep["speedup"].items())]
+        lines.append("")
+    if dep.get("not_run"):
+        lines += ["## Engine not run", "", dep["not_run"], ""]
+    kernels = dep.get("kernels", {}).get("conv")
+    if kernels:
+        lines += ["## Kernels", "", f"Convolutions run as integer kernels: {kernels['integer']}; in float: {kernels['float']}.", ""]
+
+    quant = report.get("quantization", {})
+    if quant.get("layers"):
+        scheme = quant.get("scheme", {})
+        lines += ["## Quantization", "",
+                  f"Weights {scheme.get('weight_bits')}-bit per channel, activations {scheme.get('act_bits')}-bit "
+                  f"({scheme.get('act_form')}), calibrator {scheme.get('calibrator')}, first/last layer "
+                  f"{scheme.get('first_last_bits') or 'same as the rest'} bit; "
+                  f"{quant.get('quantized_layers')} quantized layers, {quant.get('float_layers')} float.", ""]
+        lines += _table(["layer", "kind", "weight bits", "input bits"],
+                        [[f"`{layer['name']}`", layer["kind"], layer["weight_bits"], layer["act_bits"]]
+                         for layer in quant["layers"]]) + [""]
+
+    calib = report.get("calibration", {})
+    lines += ["## Calibration set", "",
+              f"Method **{calib.get('method')}**, {calib.get('images')} images, seed {calib.get('seed')}, "
+              f"{_fmt(calib.get('wall_time_s'), 1)} s ({_fmt(calib.get('images_per_second'), 2)} images/s).", ""]
+    mismatch = calib.get("bn_mismatch") or {}
+    if mismatch.get("layers"):
+        lines += [f"BN-statistics mismatch (mean over layers of (‖μ̂−μ‖²+‖σ̂−σ‖²)/C): **{mismatch['mean']:.4g}**", ""]
+        lines += _table(["BN layer", "channels", "mean err", "std err", "combined"],
+                        [[f"`{r['layer']}`", r["channels"], f"{r['mean_mse']:.3g}", f"{r['std_mse']:.3g}",
+                          f"{r['combined']:.3g}"] for r in mismatch["layers"]]) + [""]
+
+    files = report.get("files", {})
+    if files:
+        lines += ["## Files", ""] + _table(["artifact", "file", "MiB"],
+                                           [[k, f"`{v['path']}`", v["bytes"] / 2**20] for k, v in files.items()]) + [""]
+    mem = report.get("host_memory")
+    if mem:
+        lines += [f"Host memory: RSS {mem['rss_mib']} MiB, peak RSS {mem['peak_rss_mib']} MiB.", ""]
+    if report.get("timings_s"):
+        lines += ["Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["timings_s"].items()), ""]
+    for note in report.get("notes", []):
+        lines.append(f"> {note}")
+    return "\n".join(lines).rstrip() + "\n"
