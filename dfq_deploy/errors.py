@@ -62,8 +62,14 @@ class BudgetNotMetError(DfqError):
     exit_code = 7
 
 
+class RegressionError(DfqError):
+    """``dfq-deploy compare``: the new report is worse than the old one beyond the given thresholds."""
+
+    exit_code = 8
+
+
 EXIT_CODES = {
     cls.__name__: cls.exit_code
     for cls in (DfqError, BadInputError, MissingDependencyError, ExportError, EngineBuildError,
-                FidelityGateError, BudgetNotMetError)
+                FidelityGateError, BudgetNotMetError, RegressionError)
 }
