@@ -1,0 +1,113 @@
+"""Each failure a pipeline can meet has its own documented exit code; most are triggered for real here."""
+
+from __future__ import annotations
+
+import inspect
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dfq_deploy.deployment
+from dfq_deploy import errors
+from dfq_deploy.cli import _run, main
+from dfq_deploy.compare_reports import check_comparison, compare_reports
+from dfq_deploy.errors import EXIT_CODES, DfqError
+from small_cnn import INPUT_SHAPE, SmallResNet
+
+FAST_BUILD = ["--trust-pickle", "--input-shape", "x".join(map(str, INPUT_SHAPE)), "--calib", "noise",
+              "--num-images", "4", "--no-cache", "--no-progress", "--batch-sizes", "1", "--warmup", "0",
+              "--profile-iterations", "1"]
+
+
+def error_classes() -> list[type[DfqError]]:
+    return [cls for _, cls in inspect.getmembers(errors, inspect.isclass) if issubclass(cls, DfqError)]
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "small.pt"
+    torch.save(SmallResNet().eval(), path)
+    return path
+
+
+def invoke(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_exit_codes_are_distinct_and_all_listed():
+    classes = error_classes()
+    assert {cls.__name__ for cls in classes} == set(EXIT_CODES)
+    assert len(set(EXIT_CODES.values())) == len(EXIT_CODES)
+    assert EXIT_CODES == {"DfqError": 1, "BadInputError": 2, "MissingDependencyError": 3, "ExportError": 4,
+                          "EngineBuildError": 5, "FidelityGateError": 6, "BudgetNotMetError": 7,
+                          "RegressionError": 8}
+
+
+@pytest.mark.parametrize("cls", error_classes(), ids=lambda cls: cls.__name__)
+def test_the_cli_exits_with_each_error_class_code(cls):
+    @click.command()
+    @_run
+    def fail():
+        if cls is errors.MissingDependencyError:
+            raise cls("pkg", extra="gpu", purpose="testing")
+        raise cls("what went wrong", hint="what to do")
+
+    result = CliRunner().invoke(fail, [])
+    assert result.exit_code == cls.exit_code
+    assert "error:" in result.output and "Traceback" not in result.output
+
+
+def test_bad_input_exits_2(tmp_path):
+    result = invoke(["build", tmp_path / "missing.pt", "--out", tmp_path / "out"])
+    assert result.exit_code == 2 and "model file not found" in result.output
+
+
+def test_missing_dependency_exits_3(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    (tmp_path / "m.onnx").write_bytes(b"")
+    result = invoke(["profile", tmp_path / "m.onnx", "--device", "cuda"])
+    assert result.exit_code == 3 and "onnxruntime-gpu" in result.output
+
+
+def test_export_failure_exits_4(model_file, tmp_path):
+    # 6-bit activations simulate fine but have no ONNX integer type.
+    result = invoke(["build", model_file, "--out", tmp_path / "out", "--bits", "6", *FAST_BUILD])
+    assert result.exit_code == 4 and "6-bit activations" in result.output
+
+
+def test_engine_build_failure_exits_5(tmp_path):
+    (tmp_path / "broken.onnx").write_bytes(b"not an onnx model")
+    result = invoke(["profile", tmp_path / "broken.onnx"])
+    assert result.exit_code == 5 and "onnxruntime could not load" in result.output
+
+
+def test_fidelity_gate_failure_exits_6(model_file, tmp_path, monkeypatch):
+    real = dfq_deploy.deployment.deploy_onnxruntime
+
+    def disagreeing(*args, **kwargs):  # the real deployment, then a disagreement no gate may pass
+        result = real(*args, **kwargs)
+        result["fidelity_vs_fake_quant"]["top1_agreement"] = 0.5
+        return result
+
+    monkeypatch.setattr(dfq_deploy.deployment, "deploy_onnxruntime", disagreeing)
+    result = invoke(["build", model_file, "--out", tmp_path / "out", "--max-disagreement", "0.01", *FAST_BUILD])
+    assert result.exit_code == 6 and "disagrees with the fake-quant reference" in result.output
+    assert (tmp_path / "out" / "report.json").is_file()  # the report is written before the gate fails
+
+
+def test_regression_exits_8():
+    base = {"deployment": {"latency": [{"runner": "int8", "batch_size": 1, "median_ms": 10.0}]}}
+    slower = {"deployment": {"latency": [{"runner": "int8", "batch_size": 1, "median_ms": 20.0}]}}
+
+    @click.command()
+    @_run
+    def compare():
+        check_comparison(compare_reports(base, slower))
+
+    result = CliRunner().invoke(compare, [])
+    assert result.exit_code == 8 and "regression" in result.output
