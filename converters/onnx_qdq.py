@@ -54,7 +54,7 @@ def onnx_from_quant_model(qmodel: QuantModel, *, opset: int | None = None) -> on
     model_proto.producer_name = "dfq-deploy"
     try:
         onnx.checker.check_model(model_proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported Q/DQ graph is not valid ONNX: {str(exc).splitlines()[0]}") from exc
     return model_proto
 
@@ -80,11 +80,21 @@ def _export_marks(qmodel: QuantModel, specs: dict[int, QuantSpec]) -> Iterator[N
         specs[index] = _weight_spec(f"{name}.weight_quantizer", wq, layer.weight)
         touched.append(wq)
         index += 1
+    biased = []
+    for name, layer in module.named_modules():
+        if getattr(layer, "bias_scale", None) is None or layer.bias_scale() is None:
+            continue
+        layer.bias_export_index = index
+        specs[index] = _bias_spec(f"{name}.bias_quantizer", layer)
+        biased.append(layer)
+        index += 1
     try:
         yield
     finally:
         for q in touched:
             q.export_index = None
+        for layer in biased:
+            layer.bias_export_index = None
 
 
 def _activation_spec(name: str, q) -> QuantSpec:
@@ -104,6 +114,12 @@ def _weight_spec(name: str, wq, weight: torch.Tensor) -> QuantSpec:
     channels = values.shape[0]
     return QuantSpec(name, "weight", wq.scale.detach().numpy().astype(np.float32), np.zeros(channels, dtype=np.int8),
                      onnx.TensorProto.INT8, axis=0, integer_values=values)
+
+
+def _bias_spec(name: str, layer) -> QuantSpec:
+    values = layer.integer_bias().numpy()
+    return QuantSpec(name, "weight", layer.bias_scale().detach().numpy().astype(np.float32),
+                     np.zeros(values.shape[0], dtype=np.int32), onnx.TensorProto.INT32, axis=0, integer_values=values)
 
 
 def _trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int,

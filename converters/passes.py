@@ -35,7 +35,7 @@ class QuantSpec:
     integer_values: np.ndarray | None = None
 
 
-_NP_FOR = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+_NP_FOR = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT32: np.int32,
            onnx.TensorProto.INT4: np.int8, onnx.TensorProto.UINT4: np.uint8}
 
 

@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def assets() -> Path:
+    """../shared/assets beside the checkout; tests that need it skip with a clear reason."""
+    if not (ASSETS / "cifar10").is_dir():
+        pytest.skip(f"real assets not found at {ASSETS} (see the project README)")
+    return ASSETS
+
+
+@pytest.fixture
+def tiny_state_dict(tmp_path):
+    """A TinyResNet saved as a pickled module file, for CLI tests that load via --trust-pickle."""
+    from tiny_models import tiny_resnet
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_resnet(), path)
+    return path

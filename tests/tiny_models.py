@@ -1,0 +1,60 @@
+"""Small real models for fast tests: a residual CNN with BatchNorm, and one without BN."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyResNet(nn.Module):
+    """conv-BN-ReLU, max-pool, one residual block, global pool, linear: every op our pipeline handles."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        y = F.relu(self.bn2(self.conv2(x)))
+        y = self.bn3(self.conv3(y))
+        x = F.relu(x + y)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class NoBatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
+
+
+@torch.no_grad()
+def settle_batchnorm(model: nn.Module, input_shape: tuple[int, ...], *, batches: int = 4, seed: int = 0) -> nn.Module:
+    """Give a randomly initialised model realistic BN running statistics (like a trained model's)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the settling batches
+            if m.affine:
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.2, 0.2, generator=gen)
+    model.train()
+    for _ in range(batches):
+        model(torch.randn(8, *input_shape, generator=gen))
+    return model.eval()
+
+
+def tiny_resnet(seed: int = 0) -> TinyResNet:
+    torch.manual_seed(seed)
+    return settle_batchnorm(TinyResNet(), (3, 16, 16), seed=seed)
