@@ -97,8 +97,10 @@ class _Manifest:
                      "artifacts": {}}
 
     def stage(self, name: str, seconds: float, **extra: Any) -> None:
+        # Written with the first artifact, so a build refused early leaves its folder empty.
         self.data["stages"][name] = {"seconds": round(seconds, 3), **extra}
-        self.write()
+        if self.data["artifacts"]:
+            self.write()
 
     def artifact(self, name: str, path: Path) -> None:
         self.data["artifacts"][name] = path.name
@@ -145,16 +147,30 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     the build raises :class:`FidelityGateError` (after writing the report) when the deployed model's
     top-1 disagreement with the fake-quant reference exceeds it.
     """
-    from .report import write_reports
-    from .runtimes.profiler import host_memory
-
-    out = prepare_out_dir(out_dir)
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
         raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
     scheme = scheme or default_scheme(target)
     if target != "onnxruntime" and scheme.act_form != "int8_symmetric":
         raise BadInputError(f"--target {target} takes only signed symmetric int8 activations",
                             hint="leave the scheme's act_form at int8_symmetric for TensorRT targets")
+    created = not Path(out_dir).exists()
+    out = prepare_out_dir(out_dir)
+    try:
+        return _build(model_path, out, target=target, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
+                      synthesis=synthesis, scheme=scheme, profile_config=profile_config, precision=precision,
+                      max_disagreement=max_disagreement, normalize=normalize, cache_dir=cache_dir,
+                      use_cache=use_cache, progress=progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before any artifact: leave nothing behind
+        raise
+
+
+def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, synthesis, scheme, profile_config,
+           precision, max_disagreement, normalize, cache_dir, use_cache, progress) -> BuildResult:
+    from .report import write_reports
+    from .runtimes.profiler import host_memory
+
     timings: dict[str, float] = {}
     with _Stopwatch() as sw:
         model = load(model_path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)

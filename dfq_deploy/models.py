@@ -221,8 +221,9 @@ def _from_state_dict(path: Path, obj: dict, arch: str | None) -> nn.Module:
 
 
 def _is_pickled_code(exc: Exception) -> bool:
-    text = str(exc)
-    return "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text
+    # weights_only refuses a pickled class by naming it ("Unsupported global: GLOBAL pkg.Class");
+    # a corrupt file fails in the same unpickler with other words ("Unsupported operand").
+    return "Unsupported global" in str(exc)
 
 
 def _first_line(exc: Exception) -> str:
