@@ -221,6 +221,12 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
     timings["deploy_and_profile"] = sw.seconds
     manifest.stage("deploy_and_profile", sw.seconds)
 
+    with _Stopwatch() as sw:
+        layer_report, precision = _where_precision_goes(qmodel, qdq_model, qdq_path, calib, target=target,
+                                                        deployment=deployment, threads=profile_config.threads)
+    timings["layer_fidelity"] = sw.seconds
+    manifest.stage("layer_fidelity", sw.seconds)
+
     report = {
         "dfq_deploy": __version__,
         "target": target,
@@ -228,6 +234,8 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
         "calibration": _calibration_summary(calib),
         "quantization": qmodel.summary(),
         "deployment": deployment,
+        "layer_fidelity": layer_report,
+        "precision_map": precision,
         "files": {name: {"path": Path(p).name, "bytes": _size(Path(p))} for name, p in artifacts.items()},
         "host_memory": host_memory(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -244,6 +252,28 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
                                 f"{gate['disagreement']:.2%} of the calibration inputs (allowed {max_disagreement:.2%})",
                                 hint=f"see {out / REPORT_MD}; try --calibrator max, more calibration images or 8 bits")
     return BuildResult(out, report, artifacts)
+
+
+FIDELITY_IMAGES = 64
+
+
+def _where_precision_goes(qmodel: QuantModel, qdq_model: onnx.ModelProto, qdq_path: Path, calib: CalibrationSet, *,
+                          target: Target, deployment: dict[str, Any], threads: int | None):
+    """Per-layer fidelity (onnxruntime CPU runs every target's graph) and the runtime's precision map."""
+    import warnings
+
+    from .fidelity import layer_fidelity
+    from .precision_map import float_fallback_warning, precision_map_onnxruntime, precision_map_tensorrt
+
+    fidelity = layer_fidelity(qmodel, qdq_model, calib, max_images=FIDELITY_IMAGES).as_dict()
+    if target == "onnxruntime":
+        pmap = precision_map_onnxruntime(qdq_path, layers=qmodel.layers, threads=threads)
+    else:
+        pmap = precision_map_tensorrt(qdq_model, deployment.get("engine_metadata") or {}, layers=qmodel.layers)
+    warning = float_fallback_warning(pmap)
+    if warning:
+        warnings.warn(warning, stacklevel=3)
+    return fidelity, pmap.as_dict()
 
 
 def default_cache_dir() -> Path:

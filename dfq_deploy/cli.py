@@ -1,7 +1,8 @@
 """``dfq-deploy`` command line: parses flags into configs and calls :mod:`dfq_deploy.api`.
 
 Exit codes: 0 success, 1 other dfq-deploy error, 2 bad input, 3 missing optional dependency,
-4 export failure, 5 engine build failure, 6 fidelity gate failed, 7 accuracy budget not met.
+4 export failure, 5 engine build failure, 6 fidelity gate failed, 7 accuracy budget not met,
+8 regression found by ``compare``.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def main() -> None:
     dfq-deploy inspect build/model.qdq.onnx
 
     Exit codes: 1 error, 2 bad input, 3 missing optional package, 4 export failed,
-    5 engine build failed, 6 fidelity gate failed, 7 accuracy budget not met.
+    5 engine build failed, 6 fidelity gate failed, 7 accuracy budget not met,
+    8 regression found by compare.
     """
 
 
@@ -217,6 +219,38 @@ def inspect(onnx_file) -> None:
         raise BadInputError(f"no such file: {onnx_file}")
     from .converters.trt_rules import inspect_text
     click.echo(inspect_text(onnx_file))
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Model file, if it moved since the build (must hash as the manifest says).")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code).")
+@click.option("--max-images", type=int, help="Calibration images to use (default: all).")
+@click.option("--json", "print_json", is_flag=True, help="Print the full result as JSON.")
+@_run
+def debug(build_dir, model_path, trust_pickle, max_images, print_json) -> None:
+    """Per-layer fidelity and precision map of an existing build folder: which layer departs first."""
+    from .debug import debug_build_folder
+    result = debug_build_folder(build_dir, model_path=model_path, trust_pickle=trust_pickle, max_images=max_images)
+    click.echo(json.dumps(result.as_dict(), indent=2, default=str) if print_json else result.summary())
+
+
+@main.command()
+@click.argument("report_a", type=click.Path(exists=True, path_type=Path))
+@click.argument("report_b", type=click.Path(exists=True, path_type=Path))
+@click.option("--max-latency-increase-pct", type=float, default=10.0, show_default=True)
+@click.option("--max-agreement-drop", type=float, default=0.01, show_default=True)
+@click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True, help="In percentage points.")
+@click.option("--allow-float-fallback", is_flag=True, help="Do not fail when B runs a layer in float that A did not.")
+@_run
+def compare(report_a, report_b, allow_float_fallback, **thresholds) -> None:
+    """Two reports (report.json or build folders) side by side; exit 8 when B regresses beyond thresholds."""
+    from .compare_reports import Thresholds, check_comparison, compare_reports, format_comparison
+    result = compare_reports(report_a, report_b,
+                             thresholds=Thresholds(allow_float_fallback=allow_float_fallback, **thresholds))
+    click.echo(format_comparison(result, names=(str(report_a), str(report_b))))
+    check_comparison(result)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     if kernels:
         lines += ["## Kernels", "", f"Convolutions run as integer kernels: {kernels['integer']}; in float: {kernels['float']}.", ""]
 
+    if report.get("precision_map"):
+        from .precision_map import render_precision_md
+        lines += render_precision_md(report["precision_map"]) + [""]
+    if report.get("layer_fidelity"):
+        from .fidelity import render_fidelity_md
+        lines += render_fidelity_md(report["layer_fidelity"]) + [""]
+
     quant = report.get("quantization", {})
     if quant.get("layers"):
         scheme = quant.get("scheme", {})

@@ -53,7 +53,8 @@ def test_build_writes_every_artifact_and_a_consistent_report(pickled_model, tmp_
     assert report["calibration"]["method"] == "zeroq" and report["calibration"]["images"] == 16
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"]["model"]["sha256"] == report["model"]["sha256"]
-    assert set(manifest["stages"]) == {"load", "synthesize", "quantize", "export", "deploy_and_profile"}
+    assert set(manifest["stages"]) == {"load", "synthesize", "quantize", "export", "deploy_and_profile", "layer_fidelity"}
+    assert report["precision_map"]["layers"] and report["layer_fidelity"]["layers"]
     assert "torch" in manifest["versions"] and "onnxruntime" in manifest["versions"]
 
 
