@@ -16,6 +16,7 @@ from .errors import BadInputError
 SynthesisMethod = Literal["noise", "zeroq", "clusterq", "fdda", "folder"]
 Target = Literal["onnxruntime", "tensorrt", "tensorrt-rtx"]
 CalibratorName = Literal["max", "percentile", "mse", "entropy"]
+WeightCalibratorName = Literal["max", "mse"]
 # How activations are written in the Q/DQ graph. onnxruntime's CPU kernels fuse uint8 activations
 # (zero point allowed) into QLinearConv; TensorRT takes only signed symmetric int8 with zero point 0.
 ActivationForm = Literal["uint8_asymmetric", "int8_symmetric"]
@@ -89,10 +90,17 @@ class QuantScheme:
     percentile: float = 99.99
     first_last_bits: int | None = 8
     overrides: tuple[LayerOverride, ...] = ()
+    # Per-channel weight scales from each channel's max, or from an Lp-norm search (``mse``), which
+    # is what keeps 4-bit weights usable.
+    weight_calibrator: WeightCalibratorName = "max"
+    # Choose each activation's calibrator among max/percentile/mse/entropy by the model output error
+    # it leaves (greedily, in graph order); ``calibrator`` is then only the starting point.
+    per_layer_calibrator: bool = False
 
     def __post_init__(self) -> None:
         _check_choice(self.act_form, ActivationForm, "activation form")
         _check_choice(self.calibrator, CalibratorName, "calibrator")
+        _check_choice(self.weight_calibrator, WeightCalibratorName, "weight calibrator")
         for name in ("weight_bits", "act_bits"):
             bits = getattr(self, name)
             if not 2 <= bits <= 8:
@@ -137,6 +145,69 @@ class ProfileConfig:
             raise BadInputError(f"batch sizes must be positive, got {self.batch_sizes}")
         if self.iterations < 1 or self.warmup < 0:
             raise BadInputError("profile needs iterations >= 1 and warmup >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructionConfig:
+    """Block reconstruction after calibration (AdaRound/BRECQ/QDrop): per block, learn each weight's
+    rounding (up or down) and the activation step sizes so that the block's output matches the FP32
+    block's output on the calibration set.
+
+    ``iterations`` per block, at most; ``time_budget_s`` caps the whole run (shared evenly by the
+    blocks still to do). ``drop_prob`` is QDrop's: the chance that an input element of a block is
+    taken from the FP32 model instead of the quantized one (0 = BRECQ). ``checkpoint_dir`` keeps
+    each finished block, so an interrupted run resumes where it stopped.
+    """
+
+    iterations: int = 2000
+    batch_size: int = 32
+    time_budget_s: float | None = None
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-5
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    drop_prob: float = 0.5
+    learn_act_scale: bool = True
+    checkpoint_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch_size < 1:
+            raise BadInputError(f"reconstruction needs iterations >= 1 and batch_size >= 1, got "
+                                f"{self.iterations} and {self.batch_size}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise BadInputError(f"time_budget_s must be positive, got {self.time_budget_s}")
+        if not 0.0 <= self.drop_prob <= 1.0 or not 0.0 <= self.warmup < 1.0:
+            raise BadInputError(f"drop_prob must be in [0, 1] and warmup in [0, 1), got {self.drop_prob}, {self.warmup}")
+
+
+MixedPrecisionBudget = Literal["size", "latency"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """Which layers stay at ``high_bits`` when the rest is at the scheme's low width.
+
+    Layers are ranked by sensitivity (model output error when only that layer is at low width);
+    the most sensitive are raised to ``high_bits`` while the model stays within ``budget`` × the
+    all-low-width cost. ``budget_kind`` ``size`` counts weight bytes; ``latency`` counts
+    multiply-accumulates weighted by bit width (a proxy: integer kernels' time scales with both).
+    """
+
+    budget: float = 1.25
+    budget_kind: MixedPrecisionBudget = "size"
+    high_bits: int = 8
+    batch_size: int = 32
+    max_images: int = 64
+
+    def __post_init__(self) -> None:
+        _check_choice(self.budget_kind, MixedPrecisionBudget, "budget kind")
+        if self.budget < 1.0:
+            raise BadInputError(f"budget is a multiple of the all-low-width cost and must be >= 1, got {self.budget}")
+        if not 2 <= self.high_bits <= 8:
+            raise BadInputError(f"high_bits must be between 2 and 8, got {self.high_bits}")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the placement onnxruntime fuses into QLinearConv/QLinearAdd and TensorRT fuses i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from typing import Any, Iterator
@@ -16,7 +17,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..calibration_set import CalibrationSet
-from ..config import QuantScheme
+from ..config import QuantScheme, ReconstructionConfig
 from ..errors import BadInputError
 from ..graph_capture import capture_graph, is_add
 from .fold import fold_batchnorm
@@ -59,6 +60,7 @@ class QuantModel:
         self.scheme = scheme
         self.input_shape = tuple(input_shape)
         self.layers = layers
+        self.reconstruction: Any = None  # a ReconstructionReport when the model was reconstructed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -85,10 +87,13 @@ class QuantModel:
 
 
 def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, batch_size: int = 32,
-             progress: bool = True) -> QuantModel:
+             progress: bool = True, reconstruct: ReconstructionConfig | None = None) -> QuantModel:
     """Fold BN, insert quantizers per ``scheme``, and calibrate them on ``calib``.
 
-    ``model`` may be any module that :func:`capture_graph` accepts; it is not modified.
+    ``model`` may be any module that :func:`capture_graph` accepts; it is not modified. With
+    ``reconstruct``, the calibrated model is then reconstructed block by block on ``calib``
+    (:func:`dfq_deploy.quant.reconstruct.reconstruct_blocks`); its statistics are in
+    ``QuantModel.reconstruction``.
     """
     if len(calib) == 0:
         raise BadInputError("the calibration set is empty")
@@ -97,7 +102,11 @@ def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, ba
     if not any(layer.weight_bits is not None for layer in layers):
         raise BadInputError("the model has no conv or linear layer to quantize")
     calibrate(graph, calib, scheme=scheme, batch_size=batch_size, progress=progress)
-    return QuantModel(graph, scheme, calib.input_shape, layers)
+    qmodel = QuantModel(graph, scheme, calib.input_shape, layers)
+    if reconstruct is not None:
+        from .reconstruct import reconstruct_blocks
+        qmodel.reconstruction = reconstruct_blocks(qmodel, calib, config=reconstruct, progress=progress)
+    return qmodel
 
 
 def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerInfo]:
@@ -133,9 +142,22 @@ def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerI
                 placer.quantize(src, scheme.act_bits)
             placer.quantize_output(node, scheme.act_bits)
     placer.tie_data_movement()
+    if scheme.act_form == "uint8_asymmetric":
+        _quantize_biases(graph, weighted)
     graph.graph.lint()
     graph.recompile()
     return layers
+
+
+def _quantize_biases(graph: fx.GraphModule, weighted: list[fx.Node]) -> None:
+    """onnxruntime form: biases become int32 on the input-scale × weight-scale grid, as its
+    integer kernels add them. (TensorRT rejects an int32 bias, so its form keeps float biases.)"""
+    for node in weighted:
+        layer = graph.get_submodule(node.target)
+        src = node.args[0]
+        if (hasattr(layer, "quantize_bias_with") and isinstance(src, fx.Node) and src.op == "call_module"
+                and str(src.target).startswith("act_quant.")):
+            layer.quantize_bias_with(graph.get_submodule(src.target))
 
 
 class _QuantizerPlacer:
@@ -201,7 +223,11 @@ def _derives_from(node: fx.Node, producer: fx.Node | None) -> bool:
 @torch.no_grad()
 def calibrate(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantScheme, batch_size: int = 32,
               progress: bool = True) -> None:
-    """Run the calibration set once through the float graph and set every activation range."""
+    """Run the calibration set once through the float graph and set every weight and activation range."""
+    for layer in graph.modules():
+        wq = getattr(layer, "weight_quantizer", None)
+        if isinstance(wq, WeightQuantizer):
+            wq.calibrate(layer.weight, scheme.weight_calibrator)
     quantizers = [m for m in graph.modules() if isinstance(m, ActQuantizer)]
     for q in quantizers:
         q.calibrator.reset()
@@ -212,11 +238,72 @@ def calibrate(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantSche
         graph(batch)
     for q in quantizers:
         if q.tied_to is None:
-            lo, hi = q.calibrator.compute_range(scheme.calibrator, symmetric=q.symmetric, percentile=scheme.percentile)
-            q.set_range(lo, hi)
+            q.set_range(*_range_of(q, scheme.calibrator, scheme))
+    _copy_tied_ranges(quantizers)
+    if scheme.per_layer_calibrator:
+        select_calibrators(graph, calib, scheme=scheme)
+
+
+CALIBRATORS = ("max", "percentile", "mse", "entropy")
+
+
+def _range_of(q: ActQuantizer, method: str, scheme: QuantScheme) -> tuple[float, float]:
+    return q.calibrator.compute_range(method, symmetric=q.symmetric, percentile=scheme.percentile, qrange=q.qrange)
+
+
+def _copy_tied_ranges(quantizers: list[ActQuantizer]) -> None:
     for q in quantizers:
         leader = q.tied_to
         while leader is not None and leader.tied_to is not None:
             leader = leader.tied_to
         if leader is not None:
             q.copy_range(leader)
+
+
+@torch.no_grad()
+def select_calibrators(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantScheme,
+                       max_images: int = 64) -> dict[str, str]:
+    """Per activation quantizer, keep the calibrator whose range gives the lowest model output error.
+
+    Greedy in graph order, each choice made with the earlier ones in place, on the first
+    ``max_images`` calibration images against the float model's outputs. Returns name -> method.
+    """
+    images = calib.images[:max_images]
+    named = [(n, m) for n, m in graph.named_modules() if isinstance(m, ActQuantizer)]
+    quantizers = [m for _, m in named]
+    with float_mode(graph):
+        reference = graph(images)
+    chosen: dict[str, str] = {}
+    for name, q in named:
+        if q.tied_to is not None:
+            continue
+        errors = {}
+        for method in CALIBRATORS:
+            q.set_range(*_range_of(q, method, scheme))
+            _copy_tied_ranges(quantizers)
+            errors[method] = float(torch.mean((graph(images) - reference) ** 2))
+        chosen[name] = min(errors, key=errors.get)
+        q.set_range(*_range_of(q, chosen[name], scheme))
+        _copy_tied_ranges(quantizers)
+    return chosen
+
+
+@contextlib.contextmanager
+def float_mode(graph: fx.GraphModule) -> Iterator[None]:
+    """Turn every quantizer off (the BN-folded float model), restoring the modes afterwards."""
+    acts = [m for m in graph.modules() if isinstance(m, ActQuantizer)]
+    weights = [m for m in graph.modules() if isinstance(m, WeightQuantizer)]
+    modes, enabled = [q.mode for q in acts], [w.enabled for w in weights]
+    for q in acts:
+        q.mode = "off"
+    for w in weights:
+        w.enabled = False
+    try:
+        yield
+    finally:
+        for q, mode in zip(acts, modes):
+            q.mode = mode
+        for w, on in zip(weights, enabled):
+            w.enabled = on
+
+
