@@ -138,14 +138,16 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           synthesis: SynthesisConfig = SynthesisConfig(), scheme: QuantScheme | None = None,
           profile_config: ProfileConfig = ProfileConfig(), precision: str = "int8",
           max_disagreement: float | None = None, normalize=None, cache_dir: str | os.PathLike | None = None,
-          use_cache: bool = True, progress: bool = True) -> BuildResult:
+          use_cache: bool = True, eval_set: str | os.PathLike | None = None, progress: bool = True) -> BuildResult:
     """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
 
     Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT
     targets), ``calibration/``, ``report.json``, ``report.md`` and ``manifest.json``. Each file is
     written atomically, so a failed stage leaves no half-written artifact. With ``max_disagreement``
     the build raises :class:`FidelityGateError` (after writing the report) when the deployed model's
-    top-1 disagreement with the fake-quant reference exceeds it.
+    top-1 disagreement with the fake-quant reference exceeds it. ``eval_set`` (an ImageFolder
+    directory or an assets-style ``.npz`` of real labelled images, normalised like ``normalize``)
+    adds top-1 accuracy of the FP32 model, the fake-quant reference and the deployed INT8 model.
     """
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
         raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
@@ -159,7 +161,7 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
         return _build(model_path, out, target=target, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
                       synthesis=synthesis, scheme=scheme, profile_config=profile_config, precision=precision,
                       max_disagreement=max_disagreement, normalize=normalize, cache_dir=cache_dir,
-                      use_cache=use_cache, progress=progress)
+                      use_cache=use_cache, eval_set=eval_set, progress=progress)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before any artifact: leave nothing behind
@@ -167,13 +169,14 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
 
 
 def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, synthesis, scheme, profile_config,
-           precision, max_disagreement, normalize, cache_dir, use_cache, progress) -> BuildResult:
+           precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, progress) -> BuildResult:
     from .report import write_reports
     from .runtimes.profiler import host_memory
 
     timings: dict[str, float] = {}
     with _Stopwatch() as sw:
         model = load(model_path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
+        labelled = _load_eval_set(eval_set, model, normalize) if eval_set is not None else None
     timings["load"] = sw.seconds
     manifest = _Manifest(out, {"model": model.describe()},
                          {"target": target, "synthesis": dataclasses.asdict(synthesis),
@@ -221,6 +224,14 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
     timings["deploy_and_profile"] = sw.seconds
     manifest.stage("deploy_and_profile", sw.seconds)
 
+    accuracy = None
+    if labelled is not None:
+        with _Stopwatch() as sw:
+            accuracy = evaluate_accuracy(model, qmodel, labelled, qdq_path=qdq_path if target == "onnxruntime" else None,
+                                         threads=profile_config.threads)
+        timings["evaluate"] = sw.seconds
+        manifest.stage("evaluate", sw.seconds)
+
     with _Stopwatch() as sw:
         layer_report, precision = _where_precision_goes(qmodel, qdq_model, qdq_path, calib, target=target,
                                                         deployment=deployment, threads=profile_config.threads)
@@ -234,6 +245,7 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
         "calibration": _calibration_summary(calib),
         "quantization": qmodel.summary(),
         "deployment": deployment,
+        "accuracy": accuracy,
         "layer_fidelity": layer_report,
         "precision_map": precision,
         "files": {name: {"path": Path(p).name, "bytes": _size(Path(p))} for name, p in artifacts.items()},
@@ -255,6 +267,32 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
 
 
 FIDELITY_IMAGES = 64
+IMAGENET_NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _load_eval_set(path, model: LoadedModel, normalize):
+    from .evaluate import load_eval_set
+    mean, std = normalize or IMAGENET_NORMALIZE
+    return load_eval_set(path, input_shape=model.input_shape, mean=mean, std=std)
+
+
+def evaluate_accuracy(model: LoadedModel, qmodel: QuantModel, labelled, *, qdq_path: Path | None = None,
+                      threads: int | None = None) -> dict[str, Any]:
+    """Top-1 (%) on real labelled images of the FP32 model, the fake-quant reference and, when given,
+    the deployed onnxruntime INT8 model; ``drop`` is FP32 minus the deployed (or reference) model."""
+    from .evaluate import evaluate_top1
+    from .runtimes.onnxruntime import OnnxRuntimeRunner
+
+    result: dict[str, Any] = {"eval_set": labelled.source, "images": len(labelled),
+                              "fp32": evaluate_top1(model.module, labelled),
+                              "fake_quant": evaluate_top1(qmodel, labelled)}
+    deployed = "fake_quant"
+    if qdq_path is not None:
+        with OnnxRuntimeRunner(qdq_path, threads=threads) as runner:
+            result["onnxruntime_int8"] = evaluate_top1(runner, labelled, batch_size=64)
+        deployed = "onnxruntime_int8"
+    result["drop"] = round(result["fp32"] - result[deployed], 4)
+    return result
 
 
 def _where_precision_goes(qmodel: QuantModel, qdq_model: onnx.ModelProto, qdq_path: Path, calib: CalibrationSet, *,

@@ -156,11 +156,13 @@ def main() -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dfq-build"),
               show_default=True, help="Output folder.")
 @click.option("--json", "print_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@click.option("--eval-set", type=click.Path(exists=True, path_type=Path),
+              help="Real labelled images (ImageFolder dir or .npz with x, y) to report top-1 on; never used to calibrate.")
 @click.option("--no-cache", is_flag=True, help="Always synthesize anew instead of reusing a cached set.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @_run
-def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, no_cache, no_progress,
-          **o) -> None:
+def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, eval_set, no_cache,
+          no_progress, **o) -> None:
     """Load MODEL, make a calibration set, quantize, export, deploy and profile it."""
     from . import api
     file_cfg = load_config_file(config_file) if config_file else {}
@@ -168,7 +170,8 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
                        input_shape=_input_shape(o["input_shape"]), synthesis=_synthesis_config(o, file_cfg),
                        scheme=_scheme(o, target, file_cfg), profile_config=_profile_config(o, file_cfg),
                        precision=precision, max_disagreement=max_disagreement,
-                       normalize=NORMALIZATIONS[o["normalize"]], use_cache=not no_cache, progress=not no_progress)
+                       normalize=NORMALIZATIONS[o["normalize"]], use_cache=not no_cache, eval_set=eval_set,
+                       progress=not no_progress)
     if print_json:
         click.echo(json.dumps(result.report, indent=2, default=str))
     else:

@@ -55,6 +55,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         verdict = "passed" if gate["passed"] else "**FAILED**"
         lines += [f"Fidelity gate {verdict}: disagreement {gate['disagreement']:.2%} (allowed {gate['max_disagreement']:.2%}).", ""]
 
+    acc = report.get("accuracy")
+    if acc:
+        lines += [f"## Accuracy on real labelled images ({acc['images']} from `{Path(acc['eval_set']).name}`)", ""]
+        rows = [[label, acc[key]] for key, label in (("fp32", "FP32 (PyTorch)"), ("fake_quant", "fake-quant reference"),
+                                                     ("onnxruntime_int8", "deployed INT8 (onnxruntime)")) if key in acc]
+        lines += _table(["model", "top-1 %"], rows) + ["", f"Top-1 drop: {acc['drop']:.2f} points.", ""]
     if dep.get("latency"):
         lines += [f"## Latency ({dep.get('runtime')}, {machine.get('isa', '?')})", ""]
         rows = [[r.get("runner", dep.get("runtime")), r.get("batch_size"), r.get("median_ms"), r.get("mean_ms"),
