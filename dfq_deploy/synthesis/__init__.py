@@ -1,0 +1,123 @@
+"""Data-free calibration sets: ``noise``, ``zeroq``, ``clusterq``, ``fdda``, and ``folder`` (real images).
+
+:func:`synthesize` makes a :class:`~dfq_deploy.calibration_set.CalibrationSet` for a model;
+:func:`synthesize_cached` does the same through an on-disk cache; :func:`bn_mismatch` grades any set
+of images by how well its BN-input statistics match the model's running statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..calibration_set import CalibrationSet
+from ..config import SynthesisConfig
+from ..errors import BadInputError
+from .bn_stats import bn_mismatch, trace_bn_layers
+from .job import IMAGENET_MEAN, IMAGENET_STD, Job, MethodResult, Normalize
+from .model_state import frozen_eval, model_on_device
+from .pixel_loop import plan_batches
+from .sharding import all_reduce_max, all_reduce_mean_scalar, gather_in_order, shard_batches
+
+__all__ = ["synthesize", "synthesize_cached", "bn_mismatch", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+
+def _method(job: Job) -> Callable[[Job], MethodResult]:
+    """The function that makes images for ``job`` (imported here so each method stays its own module)."""
+    method = job.config.method
+    if job.config.generator:
+        if method in ("noise", "folder"):
+            raise BadInputError(f"--generator trains a generator with a synthesis loss; '{method}' has none",
+                                hint="use --generator with zeroq, clusterq or fdda")
+        raise BadInputError("--generator is not implemented yet",
+                            hint="leave --generator out: images are then optimised directly")
+    if method == "noise":
+        from .noise import synthesize_noise
+        return synthesize_noise
+    if method == "zeroq":
+        from .zeroq import synthesize_zeroq
+        return synthesize_zeroq
+    if method == "clusterq":
+        from .clusterq import synthesize_clusterq
+        return synthesize_clusterq
+    if method == "fdda":
+        from .fdda import synthesize_fdda
+        return synthesize_fdda
+    from .folder import synthesize_folder
+    return synthesize_folder
+
+
+def _check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise BadInputError(f"input_shape must be (C, H, W) of one image, got {input_shape}",
+                            hint="for 32x32 RGB images pass (3, 32, 32)")
+    return shape
+
+
+def synthesize(model: nn.Module, *, config: SynthesisConfig, input_shape: tuple[int, ...],
+               progress: bool = True, normalize: Normalize | None = None) -> CalibrationSet:
+    """Make a calibration set for ``model`` with ``config.method``.
+
+    ``input_shape`` is (C, H, W) of one image; images come out in the model's input space (already
+    normalised). ``normalize`` = (mean, std) per channel turns real images (``folder``, FDDA's hybrid
+    mode) into that space; ``None`` means ImageNet's. The model is used in eval mode with frozen
+    parameters and is left exactly as it was. Under torch.distributed each rank makes its share and
+    every rank returns the whole set. ``meta`` records the method, config, seed, wall time,
+    images per second, final loss and the per-layer BN mismatch table (:func:`bn_mismatch`).
+    """
+    input_shape = _check_input_shape(input_shape)
+    if normalize is None:
+        normalize = (IMAGENET_MEAN, IMAGENET_STD)
+    if len(normalize[0]) != input_shape[0] or len(normalize[1]) != input_shape[0]:
+        raise BadInputError(f"normalize mean/std have {len(normalize[0])}/{len(normalize[1])} values for "
+                            f"{input_shape[0]}-channel images", hint="give one mean and one std per channel")
+    start = time.perf_counter()
+    device = torch.device(config.device)
+    work_model = model_on_device(model, device)
+    with frozen_eval(work_model):
+        layers, output = trace_bn_layers(work_model, input_shape, device)
+        shard = shard_batches(plan_batches(config.num_images, config.batch_size))
+        job = Job(model=work_model, config=config, input_shape=input_shape, device=device, layers=layers,
+                  output_shape=tuple(output.shape), shard=shard, normalize=normalize, progress=progress)
+        result = _method(job)(job)
+        images, labels = gather_in_order(result.images.detach().cpu(), result.labels)
+        wall = all_reduce_max(time.perf_counter() - start)
+        final_loss = None if result.final_loss is None else all_reduce_mean_scalar(result.final_loss)
+        mismatch = bn_mismatch(work_model, images.to(device), batch_size=config.batch_size)
+    meta = {
+        "method": config.method,
+        "config": dataclasses.asdict(config),
+        "seed": config.seed,
+        "num_images": len(images),
+        "input_shape": list(input_shape),
+        "normalize": {"mean": list(normalize[0]), "std": list(normalize[1])},
+        "wall_time_s": wall,
+        "images_per_second": len(images) / wall if wall > 0 else None,
+        "final_loss": final_loss,
+        "bn_mismatch": mismatch,
+        "world_size": job.shard.world_size,
+        "torch_threads": torch.get_num_threads(),
+        **result.meta,
+    }
+    return CalibrationSet(images, labels, meta)
+
+
+def synthesize_cached(model: nn.Module, *, config: SynthesisConfig, input_shape: tuple[int, ...],
+                      cache_dir: Path, model_hash: str, progress: bool = True,
+                      normalize: Normalize | None = None) -> CalibrationSet:
+    """:func:`synthesize` through a cache in ``cache_dir``.
+
+    The key is (model hash, method, config, seed, input shape, normalisation, sha256 of any real
+    images read). A hit loads the saved set; a miss synthesizes and writes it atomically.
+    """
+    from .cache import cached
+    return cached(lambda: synthesize(model, config=config, input_shape=input_shape, progress=progress,
+                                     normalize=normalize),
+                  config=config, input_shape=_check_input_shape(input_shape), cache_dir=Path(cache_dir),
+                  model_hash=model_hash, normalize=normalize or (IMAGENET_MEAN, IMAGENET_STD))

@@ -1,0 +1,80 @@
+"""What every synthesis method gets (:class:`Job`) and gives back (:class:`MethodResult`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import SynthesisConfig
+from ..errors import BadInputError
+from .bn_stats import BNLayer
+from .pixel_loop import Batch, progress_bar
+from .sharding import Shard
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Normalize = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+@dataclasses.dataclass
+class Job:
+    """A synthesis request, resolved: the frozen model, its BN layers, and this rank's batches."""
+
+    model: nn.Module
+    config: SynthesisConfig
+    input_shape: tuple[int, ...]
+    device: torch.device
+    layers: list[BNLayer]
+    output_shape: tuple[int, ...]
+    shard: Shard
+    normalize: Normalize
+    progress: bool
+
+    @property
+    def batches(self) -> list[Batch]:
+        return self.shard.batches
+
+    @property
+    def total_images(self) -> int:
+        return sum(b.size for b in self.batches)
+
+    def iterations(self, default: int) -> int:
+        return default if self.config.iterations is None else self.config.iterations
+
+    def lr(self, default: float) -> float:
+        return default if self.config.lr is None else self.config.lr
+
+    def bar(self, steps_per_batch: int):
+        """Progress over all of this rank's optimisation steps (silent on ranks other than 0)."""
+        return progress_bar(steps_per_batch * len(self.batches), enabled=self.progress and self.shard.rank == 0,
+                            desc=f"synthesis {self.config.method}")
+
+    def require_bn(self) -> None:
+        """BN-statistics methods have nothing to match in a model without BN."""
+        if not self.layers:
+            method = self.config.method
+            raise BadInputError(
+                f"the model has no BatchNorm layer, so {method} has no statistics to match",
+                hint="use --calib noise or --calib folder --calib-images DIR")
+
+    def num_classes(self) -> int:
+        """Number of classes of a classifier whose output is (N, num_classes)."""
+        if len(self.output_shape) != 2 or self.output_shape[1] < 2:
+            raise BadInputError(
+                f"{self.config.method} needs a classifier whose output is (N, num_classes); "
+                f"this model returns shape {self.output_shape} for one image",
+                hint="use --calib zeroq (label-free) for models that are not classifiers")
+        return int(self.output_shape[1])
+
+
+@dataclasses.dataclass
+class MethodResult:
+    """Images made on this rank, their target labels (or None), the final loss, method-specific meta."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    final_loss: float | None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,108 @@
+"""Optimising images directly (ZeroQ/Genie style): batches, seeds, Adam with reduce-on-plateau.
+
+Each batch of images gets its own ``torch.Generator`` derived from (seed, global batch index), so a
+batch comes out the same whether it is made alone, in a loop, or on another rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+# ZeroQ's schedule: Adam, lr divided by 10 when the loss has not improved for 100 steps, down to 1e-4.
+PLATEAU_PATIENCE = 100
+MIN_LR = 1e-4
+# Refreshing the bar's loss text costs a string format; every few steps is enough to read it.
+POSTFIX_EVERY = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One batch of the calibration set: its global index and size."""
+
+    index: int
+    size: int
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A CPU generator that depends only on (seed, batch index)."""
+        state = np.random.SeedSequence([seed, self.index]).generate_state(2, dtype=np.uint64)
+        return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def start_batch(batch: Batch, *, seed: int, input_shape: tuple[int, ...], device: torch.device,
+                num_classes: int | None = None) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
+    """(generator, N(0, 1) initial images, uniform random labels or None) for one batch.
+
+    Labels are drawn first, then the images, both from the batch's own generator, which the caller
+    keeps using for anything else random in that batch (e.g. distorted targets).
+    """
+    gen = batch.generator(seed)
+    labels = None if num_classes is None else torch.randint(num_classes, (batch.size,), generator=gen).to(device)
+    images = torch.randn(batch.size, *input_shape, generator=gen).to(device)
+    return gen, images, labels
+
+
+def plan_batches(num_images: int, batch_size: int) -> list[Batch]:
+    """Full batches of ``batch_size`` and a last, smaller one for the remainder."""
+    sizes = [batch_size] * (num_images // batch_size)
+    if num_images % batch_size:
+        sizes.append(num_images % batch_size)
+    return [Batch(i, s) for i, s in enumerate(sizes)]
+
+
+def progress_bar(total: int, *, enabled: bool, desc: str) -> tqdm:
+    """A tqdm bar over optimisation steps (a no-op object when disabled)."""
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+LossFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+Schedule = Literal["plateau", "cosine"]
+
+
+def optimise_pixels(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, lr: float, bar: tqdm,
+                    schedule: Schedule = "plateau", first_step: int = 0) -> tuple[torch.Tensor, float]:
+    """Minimise ``loss_fn(x, step)`` over the pixels of ``x0`` with Adam; returns (images, last loss).
+
+    ``plateau`` is ZeroQ's schedule (lr ÷10 after 100 steps without improvement). ``cosine`` decays
+    the lr to 0 over the run: for losses with targets redrawn every step (ClusterQ's L_ICV, FDDA's
+    L_D) the loss never plateaus, and only a vanishing lr lets the images settle at the minimum of
+    the expected loss instead of jittering around it. The last loss is the final step's (before
+    its update), ``nan`` when ``iterations`` is 0. Steps are numbered from ``first_step`` (for a
+    second phase with its own optimiser).
+    """
+    x = x0.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    if schedule == "plateau":
+        scheduler: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=PLATEAU_PATIENCE,
+                                                                    min_lr=MIN_LR)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1))
+    last = float("nan")
+    for step in range(iterations):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(x, first_step + step)
+        loss.backward()
+        optimizer.step()
+        last = loss.item()
+        scheduler.step(last) if schedule == "plateau" else scheduler.step()
+        bar.update(1)
+        if step % POSTFIX_EVERY == 0 or step == iterations - 1:
+            bar.set_postfix(loss=f"{last:.4g}", refresh=False)
+    return x.detach(), last
+
+
+def optimise_warmup_then_late(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, warmup: int, lr: float,
+                              late_lr: float, bar: tqdm) -> tuple[torch.Tensor, float]:
+    """Steps [0, warmup) with ZeroQ's schedule at ``lr``, then the rest with a fresh Adam at
+    ``late_lr`` decayed to 0 (cosine). ``loss_fn`` sees the global step and picks its terms by it."""
+    x, loss = optimise_pixels(x0, loss_fn, iterations=warmup, lr=lr, bar=bar)
+    if iterations > warmup:
+        x, loss = optimise_pixels(x, loss_fn, iterations=iterations - warmup, lr=late_lr, bar=bar,
+                                  schedule="cosine", first_step=warmup)
+    return x, loss

@@ -1,0 +1,95 @@
+"""Splitting synthesis across processes started by ``torchrun`` (torch.distributed, gloo on CPU).
+
+Each rank makes a contiguous run of the global batches; class centroids are averaged across ranks
+with an all-reduce; the images are gathered in global batch order. Batch seeds depend only on the
+global batch index, so label-free methods give the same set on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from ..errors import BadInputError
+from .pixel_loop import Batch
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's rank, the world size, and the global batches it makes."""
+
+    rank: int
+    world_size: int
+    batches: list[Batch]
+
+
+def shard_batches(batches: list[Batch]) -> Shard:
+    """This rank's contiguous share of ``batches`` (all of them without torch.distributed)."""
+    if not distributed():
+        return Shard(0, 1, batches)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if len(batches) < world:
+        raise BadInputError(
+            f"{len(batches)} batch(es) of images cannot be shared by {world} processes",
+            hint="ask for more images, a smaller --batch-size, or fewer processes (torchrun --nproc-per-node)")
+    per_rank, extra = divmod(len(batches), world)
+    start = rank * per_rank + min(rank, extra)
+    return Shard(rank, world, batches[start:start + per_rank + (rank < extra)])
+
+
+def all_reduce_weighted_mean(values: list[torch.Tensor],
+                             weight: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Average per-class tensors across ranks, weighting each rank by ``weight`` (K,) (0 = absent).
+
+    Every tensor in ``values`` has the class as its first dimension. Returns the averaged tensors and
+    the summed weights; classes no rank has keep weight 0 (and zero values).
+    """
+    if not distributed():
+        return values, weight
+    w = weight.to(torch.float64)
+    flat = torch.cat([(v.to(torch.float64) * w.view(-1, *[1] * (v.ndim - 1))).flatten() for v in values] + [w])
+    dist.all_reduce(flat)
+    total = flat[-len(w):]
+    out, offset = [], 0
+    safe = total.clamp_min(1e-12)
+    for v in values:
+        n = v.numel()
+        summed = flat[offset:offset + n].view_as(v)
+        out.append((summed / safe.view(-1, *[1] * (v.ndim - 1))).to(v.dtype))
+        offset += n
+    return out, total.to(weight.dtype)
+
+
+def gather_in_order(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate every rank's images (and labels) in rank order, on every rank."""
+    if not distributed():
+        return images, labels
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (images.cpu(), None if labels is None else labels.cpu()))
+    merged = torch.cat([p[0] for p in parts])
+    merged_labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+    return merged.to(images.device), merged_labels
+
+
+def all_reduce_max(value: float) -> float:
+    """The largest ``value`` over ranks (used for wall time)."""
+    if not distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def all_reduce_mean_scalar(value: float) -> float:
+    """The mean of ``value`` over ranks (used for the final loss)."""
+    if not distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()

@@ -1,0 +1,95 @@
+"""A tiny conv classifier with non-trivial BN statistics, shared by the synthesis tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NUM_CLASSES = 4
+INPUT_SHAPE = (3, 12, 12)
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU x3 (one strided), global pool, linear: 3 BN layers, 4 classes."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+            nn.Conv2d(12, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+        )
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def tiny_net(seed: int = 0) -> TinyNet:
+    """A TinyNet whose BN running statistics are those of shifted, scaled noise (not 0/1)."""
+    torch.manual_seed(seed)
+    model = TinyNet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration passes
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(0.5 + 1.5 * torch.randn(64, *INPUT_SHAPE))
+    return model.eval()
+
+
+class NoBNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+class FeatureMapNet(nn.Module):
+    """Has BN but returns a feature map, not (N, num_classes) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def write_image_folder(root, classes: dict[str, int], size=(16, 14), seed: int = 0):
+    """Write ``classes[name]`` random RGB PNGs into ``root/name/``; returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def sharded_worker(rank: int, world: int, init_file: str, out_dir: str, method: str) -> None:
+    """One rank of a 2-process synthesis (run by torch.multiprocessing.spawn)."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from dfq_deploy.config import SynthesisConfig
+    from dfq_deploy.synthesis import synthesize
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        calib = synthesize(tiny_net(), config=SynthesisConfig(method=method, num_images=10, batch_size=4, iterations=6),
+                           input_shape=INPUT_SHAPE, progress=False)
+        torch.save({"images": calib.images, "labels": calib.labels, "world": calib.meta["world_size"]},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
