@@ -90,8 +90,13 @@ def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSe
     source = onnx.load(str(fp32_path)) if precision == "fp16" else qdq_model
     artifact = engine_from_onnx(source, config=config)
     engine_path = save_engine(artifact, out_dir / ENGINE)
+    # onnxruntime's CPU provider runs the very same Q/DQ file: a check of the graph that needs no GPU.
+    with OnnxRuntimeRunner(qdq_model.SerializeToString(), threads=profile_config.threads) as cpu_runner, \
+            TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant") as fake_quant:
+        cpu_check = compare(fake_quant, cpu_runner, (b.numpy() for b in calib.batches(AGREEMENT_BATCH)))
     result: dict[str, Any] = {
         "runtime": target,
+        "qdq_on_onnxruntime_cpu": cpu_check.as_dict(),
         "engine_path": str(engine_path),
         "engine_bytes": len(artifact.plan),
         "engine_metadata": artifact.metadata,

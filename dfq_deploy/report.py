@@ -44,7 +44,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["## Fidelity", ""]
     rows = []
     for key, label in (("fidelity_vs_fake_quant", "deployed INT8 vs PyTorch fake-quant"),
-                       ("int8_vs_fp32", "deployed INT8 vs deployed FP32")):
+                       ("int8_vs_fp32", "deployed INT8 vs deployed FP32"),
+                       ("qdq_on_onnxruntime_cpu", "same Q/DQ graph on onnxruntime CPU vs fake-quant")):
         fid = dep.get(key)
         if fid:
             rows.append([label, fid["samples"], f"{fid['top1_agreement']:.2%}", f"{fid['relative_l2']:.4f}"])
@@ -70,6 +71,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", "INT8 speed-up over FP32 (median): " +
                       ", ".join(f"{k.replace('_', ' ')}: {v:.2f}×" for k, v in dep["speedup"].items())]
         lines.append("")
+    if dep.get("engine_bytes"):
+        meta = dep.get("engine_metadata", {})
+        lines += [f"Engine: `{Path(dep['engine_path']).name}`, {dep['engine_bytes'] / 2**20:.2f} MiB, built with "
+                  f"{meta.get('module', dep.get('runtime'))} {meta.get('tensorrt_version', '')} "
+                  f"(precision {meta.get('precision_requested', '?')}, GPU: {meta.get('gpu', '?')}, "
+                  f"build {meta.get('build_seconds', '?')} s).", ""]
+        lines += [f"> {note}" for note in meta.get("notes", [])] + [""]
     if dep.get("not_run"):
         lines += ["## Engine not run", "", dep["not_run"], ""]
     kernels = dep.get("kernels", {}).get("conv")

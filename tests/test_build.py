@@ -143,3 +143,19 @@ def test_output_folder_that_cannot_be_created(pickled_model, tmp_path):
     blocker = tmp_path / "plain-file"
     blocker.write_text("x")  # a file where a parent folder should be: mkdir fails even for root
     _assert_refused(invoke("build", pickled_model, "--trust-pickle", "--out", blocker / "sub", *FAST), "cannot write")
+
+
+def test_build_for_tensorrt_rtx_lints_and_builds_the_engine_on_cpu(pickled_model, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path / "trt"
+    result = invoke("build", pickled_model, "--trust-pickle", "--target", "tensorrt-rtx", "--calib", "noise",
+                    "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.engine").stat().st_size > 0 and (out / "model.engine.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    dep = report["deployment"]
+    assert dep["lint"] == [], "our TensorRT-form export breaks no TensorRT rule"
+    assert dep["qdq_on_onnxruntime_cpu"]["relative_l2"] < 0.05
+    if not torch.cuda.is_available():
+        assert "GPU" in dep["not_run"]
+    assert report["quantization"]["scheme"]["act_form"] == "int8_symmetric"
