@@ -99,15 +99,22 @@ class ActQuantizer(nn.Module):
         self.drop_masks: DropMasks | None = None  # QDrop: elements that skip quantization (training only)
 
     def learn_scale(self) -> nn.Parameter:
-        """Make the scale a trainable parameter (until :meth:`freeze_scale`); returns it."""
-        self.step = nn.Parameter(self.scale.detach().clone())
+        """Make the scale trainable (until :meth:`freeze_scale`); returns the parameter to optimise.
+
+        The parameter is the scale *relative* to its calibrated value (starting at 1), so one
+        learning rate suits an 8-bit step of 0.01 and a 4-bit step of 0.3 alike.
+        """
+        self.step = nn.Parameter(torch.ones(()))
         return self.step
+
+    def learned_scale(self) -> torch.Tensor:
+        return self.step.abs().clamp(min=1e-4) * self.scale
 
     @torch.no_grad()
     def freeze_scale(self) -> None:
         """Write the learned scale back into the ``scale`` buffer that export reads."""
         if self.step is not None:
-            self.scale.copy_(self.step.detach().abs().clamp(min=1e-8))
+            self.scale.copy_(self.learned_scale())
             self.step = None
         self.drop_masks = None
 
@@ -146,7 +153,7 @@ class ActQuantizer(nn.Module):
         if self.mode == "off":
             return x
         if self.step is not None:
-            y = fake_quantize_learned_scale(x, self.step.abs().clamp(min=1e-8), self.zero_point, *self.qrange)
+            y = fake_quantize_learned_scale(x, self.learned_scale(), self.zero_point, *self.qrange)
         else:
             y = fake_quantize(x, self.scale, self.zero_point, *self.qrange)
         if self.drop_masks is not None:

@@ -1,0 +1,299 @@
+"""Block reconstruction (AdaRound / BRECQ / QDrop): learn weight rounding and activation step sizes
+block by block, so each quantized block reproduces the FP32 block's output on the calibration set.
+
+Blocks are found on the graph, not by module names: a block ends wherever a single tensor is all
+that later nodes need (a residual block ends after its join; a plain chain splits at every layer).
+Blocks are done in order; block k trains on the *quantized* output of blocks 0..k-1 (mixed with the
+FP32 output, QDrop's drop) against the FP32 output of block k, both computed once per block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from ..artifacts import atomic_write
+from ..calibration_set import CalibrationSet
+from ..config import ReconstructionConfig
+from ..errors import BadInputError
+from .quantize import QuantModel, float_mode
+from .quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer
+
+CHECKPOINT_FILE = "reconstruction.pt"
+EVAL_IMAGES = 64  # images on which each block's output error is reported before and after
+TIMING_ITERATIONS = 10  # iterations timed before a block's iteration count is fitted to its budget
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A run of graph nodes with one tensor in (``input``) and one out (``nodes[-1]``)."""
+
+    name: str
+    input: fx.Node
+    nodes: tuple[fx.Node, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockResult:
+    """What reconstruction did to one block; errors are mean squared block-output errors against
+    FP32 on the first calibration images, with quantized inputs. ``reverted``: the learned block
+    was worse than the calibrated one on that measure and was put back."""
+
+    name: str
+    iterations: int
+    seconds: float
+    error_before: float
+    error_after: float
+    reverted: bool = False
+    resumed: bool = False
+
+
+@dataclasses.dataclass
+class ReconstructionReport:
+    blocks: list[BlockResult]
+    seconds: float
+    config: dict
+
+    def as_dict(self) -> dict:
+        return {"seconds": self.seconds, "config": self.config, "blocks": [dataclasses.asdict(b) for b in self.blocks]}
+
+
+def find_blocks(graph: fx.GraphModule) -> list[Block]:
+    """Split ``graph`` at single-tensor cuts into blocks that each hold at least one conv/linear.
+
+    Nodes after a block's last layer (its activation, output quantizer, pooling) stay in that block,
+    so a block learns the step size of the tensor it hands on; nodes before the first layer (the
+    input quantizer) join the first block.
+    """
+    nodes = [n for n in graph.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise BadInputError(f"reconstruction needs a model with one input, this one has {len(placeholders)}")
+    modules = dict(graph.named_modules())
+    order = {n: i for i, n in enumerate(nodes)}
+    order[placeholders[0]] = -1
+    last_use = {n: max((order.get(u, len(nodes)) for u in n.users), default=order[n])
+                for n in [placeholders[0], *nodes]}
+    segments: list[list[fx.Node]] = [[]]
+    live: set[fx.Node] = {placeholders[0]}
+    for i, node in enumerate(nodes):
+        segments[-1].append(node)
+        live = {n for n in live if last_use[n] > i}
+        if last_use[node] > i:
+            live.add(node)
+        if live == {node}:
+            segments.append([])
+    segments = [s for s in segments if s]
+
+    def weighted(segment: list[fx.Node]) -> str | None:
+        for n in segment:
+            if n.op == "call_module" and isinstance(modules[n.target], tuple(QUANT_LAYER_FOR.values())):
+                return n.target
+        return None
+
+    groups: list[list[fx.Node]] = []
+    names: list[str] = []
+    pending: list[fx.Node] = []
+    for segment in segments:
+        name = weighted(segment)
+        if name is None:
+            if groups:
+                groups[-1].extend(segment)
+            else:
+                pending.extend(segment)
+            continue
+        groups.append(pending + segment)
+        names.append(name)
+        pending = []
+    blocks, start = [], placeholders[0]
+    for name, group in zip(names, groups):
+        blocks.append(Block(name, start, tuple(group)))
+        start = group[-1]
+    return blocks
+
+
+def block_module(graph: fx.GraphModule, block: Block) -> fx.GraphModule:
+    """A GraphModule running just ``block``; it shares (not copies) the model's modules."""
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {block.input: sub.placeholder("x")}
+
+    def arg(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node.op != "get_attr":
+                raise RuntimeError(f"block {block.name} reads {node.name} from outside the block")
+            env[node] = sub.get_attr(node.target)
+        return env[node]
+
+    for node in block.nodes:
+        env[node] = sub.node_copy(node, arg)
+    sub.output(env[block.nodes[-1]])
+    return fx.GraphModule(graph, sub)
+
+
+@torch.no_grad()
+def _run(module: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([module(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def reconstruct_blocks(qmodel: QuantModel, calib: CalibrationSet, *, config: ReconstructionConfig,
+                       progress: bool = True) -> ReconstructionReport:
+    """Reconstruct ``qmodel`` in place, block by block, on ``calib``; returns per-block statistics.
+
+    Learned roundings are written into the weights (as integer × scale) and learned step sizes into
+    the quantizers' ``scale`` buffers, so export sees an ordinary calibrated model. With
+    ``config.checkpoint_dir`` the model is saved after every block and a rerun resumes after the
+    last finished block (the checkpoint names the blocks and calibration set it belongs to).
+    """
+    start_time = time.perf_counter()
+    graph = qmodel.module
+    graph.eval()
+    blocks = find_blocks(graph)
+    generator = torch.Generator().manual_seed(config.seed)
+    checkpoint = _Checkpoint(config.checkpoint_dir, blocks, calib)
+    done = checkpoint.load(graph)
+    x_fp = x_q = calib.images
+    results: list[BlockResult] = []
+    bar = tqdm(blocks, desc="reconstruct", unit="block", disable=not progress)
+    for k, block in enumerate(bar):
+        module = block_module(graph, block)
+        with float_mode(module):
+            y_fp = _run(module, x_fp, config.batch_size)
+        if k < done:
+            results.append(dataclasses.replace(checkpoint.results[k], resumed=True))
+        else:
+            budget = None
+            if config.time_budget_s is not None:
+                left = config.time_budget_s - (time.perf_counter() - start_time)
+                budget = max(left, 0.0) / (len(blocks) - k)
+            results.append(_reconstruct_block(module, block.name, x_q, x_fp, y_fp, config, budget, generator))
+            checkpoint.save(graph, k + 1, results)
+        bar.set_postfix(block=block.name, err=f"{results[-1].error_after:.3g}")
+        x_q = _run(module, x_q, config.batch_size)
+        x_fp = y_fp
+    _copy_tied_scales(graph)
+    return ReconstructionReport(results, time.perf_counter() - start_time, dataclasses.asdict(config))
+
+
+def _reconstruct_block(module: fx.GraphModule, name: str, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: torch.Tensor,
+                       config: ReconstructionConfig, budget_s: float | None, generator: torch.Generator) -> BlockResult:
+    start = time.perf_counter()
+    output_node = list(module.graph.nodes)[-2]
+    output_quantizer = module.get_submodule(output_node.target) if output_node.op == "call_module" else None
+    weight_layers = [m for m in module.modules() if isinstance(getattr(m, "weight_quantizer", None), WeightQuantizer)
+                     and m.weight_quantizer.enabled]
+    # Step sizes are learned below 8 bit only: the straight-through gradient does not see the
+    # rounding noise a larger step adds, and on a fine 8-bit grid it then widens steps that the
+    # Lp search had already set well (measured: the 8-bit first block's error went up).
+    act_quantizers = [m for m in module.modules() if isinstance(m, ActQuantizer) and m.mode == "quantize"
+                      and m.tied_to is None and m.bits < 8]
+    drop_quantizers = [m for m in module.modules() if isinstance(m, ActQuantizer) and m.mode == "quantize"
+                       and m is not output_quantizer]
+    error_before = _block_error(module, x_q, y_fp, config.batch_size)
+    calibrated = {k: v.clone() for k, v in module.state_dict().items()}
+    rounding = [layer.weight_quantizer.learn_rounding(layer.weight) for layer in weight_layers]
+    steps = [q.learn_scale() for q in act_quantizers] if config.learn_act_scale else []
+    masks = DropMasks(config.drop_prob, generator) if config.drop_prob > 0 else None
+    for q in drop_quantizers:
+        q.drop_masks = masks
+    optimizers = [torch.optim.Adam(rounding, lr=config.weight_lr)]
+    if steps:
+        optimizers.append(torch.optim.Adam(steps, lr=config.act_lr))
+    iterations = config.iterations
+    it = 0
+    try:
+        while it < iterations:
+            if it == TIMING_ITERATIONS and budget_s is not None:
+                per_iteration = (time.perf_counter() - start) / TIMING_ITERATIONS
+                iterations = max(TIMING_ITERATIONS + 1, min(iterations, int(budget_s / per_iteration)))
+            idx = torch.randint(len(x_q), (min(config.batch_size, len(x_q)),), generator=generator)
+            inputs = x_q[idx]
+            if masks is not None:
+                inputs = torch.where(masks(inputs.shape), x_fp[idx], inputs)
+            out = module(inputs)
+            loss = (out - y_fp[idx]).pow(2).flatten(1).sum(1).mean()
+            loss = loss + config.round_weight * _rounding_penalty(weight_layers, it, iterations, config)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            it += 1
+    finally:
+        for layer in weight_layers:
+            layer.weight_quantizer.bake_rounding(layer.weight)
+        for q in act_quantizers:
+            q.freeze_scale()
+        for q in drop_quantizers:
+            q.drop_masks = None
+    error_after = _block_error(module, x_q, y_fp, config.batch_size)
+    reverted = error_after > error_before
+    if reverted:  # too few iterations to beat nearest rounding: keep the calibrated block
+        module.load_state_dict(calibrated)
+        error_after = error_before
+    return BlockResult(name, it, time.perf_counter() - start, error_before, error_after, reverted=reverted)
+
+
+def _rounding_penalty(weight_layers: list[nn.Module], it: int, iterations: int,
+                      config: ReconstructionConfig) -> torch.Tensor | float:
+    """AdaRound's regulariser, off during warm-up, then with β annealed from ``beta_start`` to
+    ``beta_end`` (a high β first lets weights move, a low β at the end forces 0/1 decisions)."""
+    warm = int(config.warmup * iterations)
+    if it < warm:
+        return 0.0
+    progress = (it - warm) / max(iterations - warm, 1)
+    beta = config.beta_end + 0.5 * (config.beta_start - config.beta_end) * (1 + math.cos(progress * math.pi))
+    return sum(layer.weight_quantizer.rounding_regularizer(beta) for layer in weight_layers)
+
+
+@torch.no_grad()
+def _block_error(module: nn.Module, x_q: torch.Tensor, y_fp: torch.Tensor, batch_size: int) -> float:
+    n = min(EVAL_IMAGES, len(x_q))
+    out = _run(module, x_q[:n], batch_size)
+    return float((out - y_fp[:n]).pow(2).mean())
+
+
+def _copy_tied_scales(graph: fx.GraphModule) -> None:
+    for q in graph.modules():
+        if isinstance(q, ActQuantizer) and q.tied_to is not None:
+            leader = q.tied_to
+            while leader.tied_to is not None:
+                leader = leader.tied_to
+            q.copy_range(leader)
+
+
+class _Checkpoint:
+    """The model's state after each finished block, in one file that belongs to one run."""
+
+    def __init__(self, directory: str | None, blocks: list[Block], calib: CalibrationSet):
+        self.path = Path(directory) / CHECKPOINT_FILE if directory else None
+        digest = hashlib.sha256(calib.images.numpy().tobytes()).hexdigest()[:16]
+        self.key = json.dumps({"blocks": [b.name for b in blocks], "calib": digest})
+        self.results: list[BlockResult] = []
+
+    def load(self, graph: fx.GraphModule) -> int:
+        """Restore a matching checkpoint into ``graph``; returns how many blocks it has finished."""
+        if self.path is None or not self.path.is_file():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["key"] != self.key:
+            raise BadInputError(f"the reconstruction checkpoint {self.path} belongs to another model or calibration set",
+                                hint="delete it or choose another checkpoint directory")
+        graph.load_state_dict(state["model"])
+        self.results = [BlockResult(**r) for r in json.loads(state["results"])]
+        return int(state["done"])
+
+    def save(self, graph: fx.GraphModule, done: int, results: list[BlockResult]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"key": self.key, "done": done, "model": graph.state_dict(),
+                 "results": json.dumps([dataclasses.asdict(r) for r in results])}
+        atomic_write(self.path, lambda f: torch.save(state, f))
