@@ -98,13 +98,16 @@ def _export_marks(qmodel: QuantModel, specs: dict[int, QuantSpec]) -> Iterator[N
 
 
 def _activation_spec(name: str, q) -> QuantSpec:
-    if q.bits not in (4, 8):
-        raise ExportError(f"{q.bits}-bit activations have no ONNX integer type; only 8- and 4-bit export",
-                          hint="use --bits 8 or 4 (other widths are simulation-only)")
-    signed = q.symmetric
-    dtype = {(8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8,
-             (4, True): onnx.TensorProto.INT4, (4, False): onnx.TensorProto.UINT4}[(q.bits, signed)]
-    return QuantSpec(name, "activation", np.float32(q.scale.item()), np.array(int(q.zero_point.item())), dtype)
+    # Narrower grids are written as 8-bit Q/DQ behind a Clip to the grid's range: Q(clip(x)) lands on
+    # exactly the codes the b-bit quantizer gives, and runtimes keep their 8-bit kernels (onnxruntime
+    # 1.32 fuses uint4 Q/DQ into QLinearConv and then rejects the graph; TensorRT has no 4-bit
+    # activations at all).
+    qmin, qmax = q.qrange
+    scale, zero_point = float(q.scale.item()), int(q.zero_point.item())
+    dtype = onnx.TensorProto.INT8 if qmin < 0 else onnx.TensorProto.UINT8
+    full = (-128, 127) if qmin < 0 else (0, 255)
+    clip = None if (qmin, qmax) == full else ((qmin - zero_point) * scale, (qmax - zero_point) * scale)
+    return QuantSpec(name, "activation", np.float32(scale), np.array(zero_point), dtype, clip=clip)
 
 
 def _weight_spec(name: str, wq, weight: torch.Tensor) -> QuantSpec:

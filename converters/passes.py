@@ -33,6 +33,7 @@ class QuantSpec:
     dtype: int
     axis: int | None = None
     integer_values: np.ndarray | None = None
+    clip: tuple[float, float] | None = None
 
 
 _NP_FOR = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT32: np.int32,
@@ -66,7 +67,22 @@ def materialize_quantizers(graph: gs.Graph, specs: dict[int, QuantSpec]) -> gs.G
             graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", attrs,
                                        inputs=[qweight, scale, zp], outputs=[out]))
         else:
-            q_out = gs.Variable(f"{base}_quantized", dtype=_NP_FOR[spec.dtype], shape=out.shape)
+            # 4-bit has no numpy type: leave the tensor untyped and let shape inference type it.
+            four_bit = spec.dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+            q_out = gs.Variable(f"{base}_quantized", dtype=None if four_bit else _NP_FOR[spec.dtype],
+                                shape=None if four_bit else out.shape)
+            if spec.clip is not None:
+                low, high = spec.clip
+                if source.inputs and source.inputs[0].op == "Relu":
+                    # Same result (the input is >= 0), and onnxruntime's Relu+Clip fusion keeps a
+                    # negative lower bound as it is, dropping the Relu (relative error 0.07 on a
+                    # 4-bit symmetric graph, onnxruntime 1.32).
+                    low = max(low, 0.0)
+                clipped = gs.Variable(f"{base}_clipped", dtype=np.float32)
+                bounds = [gs.Constant(f"{base}_clip_{side}", np.array(v, dtype=np.float32))
+                          for side, v in zip(("min", "max"), (low, high))]
+                graph.nodes.append(gs.Node("Clip", f"{base}/Clip", inputs=[source, *bounds], outputs=[clipped]))
+                source = clipped
             graph.nodes.append(gs.Node("QuantizeLinear", f"{base}/QuantizeLinear", attrs,
                                        inputs=[source, scale, zp], outputs=[q_out]))
             graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", attrs,

@@ -19,7 +19,7 @@ import onnx
 from . import __version__
 from .artifacts import atomic_write_bytes, package_versions
 from .calibration_set import CalibrationSet
-from .config import ProfileConfig, QuantScheme, SynthesisConfig, Target, default_scheme
+from .config import IMAGENET_NORMALIZE, ProfileConfig, QuantScheme, ReconstructionConfig, SynthesisConfig, Target, default_scheme
 from .errors import BadInputError, FidelityGateError
 from .models import LoadedModel, load_model
 from .quant.quantize import QuantModel
@@ -53,12 +53,38 @@ def synthesize(model: LoadedModel, *, config: SynthesisConfig = SynthesisConfig(
 
 
 def quantize(model: LoadedModel, calib: CalibrationSet, *, scheme: QuantScheme | None = None,
-             target: Target = "onnxruntime", progress: bool = True) -> QuantModel:
-    """Fold BN and calibrate fake quantizers; ``scheme`` defaults to the one ``target`` fuses best."""
+             target: Target = "onnxruntime", reconstruct: ReconstructionConfig | None = None,
+             progress: bool = True) -> QuantModel:
+    """Fold BN and calibrate fake quantizers; ``scheme`` defaults to the one ``target`` fuses best.
+
+    ``reconstruct`` then learns weight rounding and activation step sizes block by block against the
+    FP32 model on ``calib`` (AdaRound/BRECQ/QDrop), which is what makes 4-bit work.
+    """
     scheme = scheme or default_scheme(target)
     if tuple(calib.input_shape) != tuple(model.input_shape):
         raise BadInputError(f"calibration images have shape {calib.input_shape}, the model takes {model.input_shape}")
-    return _quantize(model.module, calib, scheme=scheme, progress=progress)
+    return _quantize(model.module, calib, scheme=scheme, reconstruct=reconstruct, progress=progress)
+
+
+def evaluate(artifact: str | os.PathLike, *, eval_set: str | os.PathLike, arch: str | None = None,
+             trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None, normalize=None,
+             threads: int | None = None) -> dict[str, Any]:
+    """Top-1 (%) of a model file (in PyTorch) or an ONNX file (in onnxruntime CPU) on labelled images."""
+    from .evaluate import evaluate_top1, load_eval_set
+    from .runtimes.onnxruntime import OnnxRuntimeRunner
+
+    mean, std = normalize or IMAGENET_NORMALIZE
+    path = Path(artifact)
+    if path.suffix == ".onnx":
+        with OnnxRuntimeRunner(path, threads=threads) as runner:
+            (shape, _), = runner.input_specs().values()
+            labelled = load_eval_set(eval_set, input_shape=tuple(shape[1:]), mean=mean, std=std)
+            top1 = evaluate_top1(runner, labelled, batch_size=64)
+    else:
+        model = load(path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
+        labelled = load_eval_set(eval_set, input_shape=model.input_shape, mean=mean, std=std)
+        top1 = evaluate_top1(model.module, labelled)
+    return {"artifact": str(path), "eval_set": str(eval_set), "images": len(labelled), "top1": top1}
 
 
 def export(qmodel: QuantModel) -> onnx.ModelProto:
@@ -138,7 +164,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           synthesis: SynthesisConfig = SynthesisConfig(), scheme: QuantScheme | None = None,
           profile_config: ProfileConfig = ProfileConfig(), precision: str = "int8",
           max_disagreement: float | None = None, normalize=None, cache_dir: str | os.PathLike | None = None,
-          use_cache: bool = True, eval_set: str | os.PathLike | None = None, progress: bool = True) -> BuildResult:
+          use_cache: bool = True, eval_set: str | os.PathLike | None = None,
+          reconstruct: ReconstructionConfig | None = None, progress: bool = True) -> BuildResult:
     """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
 
     Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT
@@ -161,7 +188,7 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
         return _build(model_path, out, target=target, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
                       synthesis=synthesis, scheme=scheme, profile_config=profile_config, precision=precision,
                       max_disagreement=max_disagreement, normalize=normalize, cache_dir=cache_dir,
-                      use_cache=use_cache, eval_set=eval_set, progress=progress)
+                      use_cache=use_cache, eval_set=eval_set, reconstruct=reconstruct, progress=progress)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before any artifact: leave nothing behind
@@ -169,7 +196,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
 
 
 def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, synthesis, scheme, profile_config,
-           precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, progress) -> BuildResult:
+           precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, reconstruct,
+           progress) -> BuildResult:
     from .report import write_reports
     from .runtimes.profiler import host_memory
 
@@ -181,7 +209,8 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
     manifest = _Manifest(out, {"model": model.describe()},
                          {"target": target, "synthesis": dataclasses.asdict(synthesis),
                           "scheme": dataclasses.asdict(scheme), "profile": dataclasses.asdict(profile_config),
-                          "precision": precision, "max_disagreement": max_disagreement})
+                          "precision": precision, "max_disagreement": max_disagreement,
+                          "reconstruct": dataclasses.asdict(reconstruct) if reconstruct else None})
     manifest.stage("load", sw.seconds)
 
     with _Stopwatch() as sw:
@@ -193,9 +222,9 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
     manifest.artifact("calibration", out / CALIBRATION_DIR)
 
     with _Stopwatch() as sw:
-        qmodel = quantize(model, calib, scheme=scheme, progress=progress)
+        qmodel = quantize(model, calib, scheme=scheme, reconstruct=reconstruct, progress=progress)
     timings["quantize"] = sw.seconds
-    manifest.stage("quantize", sw.seconds)
+    manifest.stage("quantize", sw.seconds, reconstructed=reconstruct is not None)
 
     with _Stopwatch() as sw:
         fp32_path = save_onnx(export_float(model), out / FP32_ONNX)
@@ -243,7 +272,8 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
         "target": target,
         "model": model.describe(),
         "calibration": _calibration_summary(calib),
-        "quantization": qmodel.summary(),
+        "quantization": qmodel.summary() | ({"reconstruction": qmodel.reconstruction.as_dict()}
+                                            if qmodel.reconstruction is not None else {}),
         "deployment": deployment,
         "accuracy": accuracy,
         "layer_fidelity": layer_report,
@@ -267,7 +297,6 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
 
 
 FIDELITY_IMAGES = 64
-IMAGENET_NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def _load_eval_set(path, model: LoadedModel, normalize):

@@ -16,11 +16,12 @@ from typing import Any, Callable
 
 import click
 
-from .config import (ProfileConfig, QuantScheme, SynthesisConfig, default_scheme, from_mapping,
-                     load_config_file)
+from .config import (IMAGENET_NORMALIZE, ProfileConfig, QuantScheme, ReconstructionConfig, SynthesisConfig, default_scheme,
+                     from_mapping, load_config_file)
 from .errors import BadInputError, DfqError
 
-NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "none": None}
+# "none": images in [0, 1] as they are (for 3-channel inputs).
+NORMALIZATIONS = {"imagenet": IMAGENET_NORMALIZE, "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
 def _run(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -74,6 +75,26 @@ def quant_options(fn):
                       default="percentile", show_default=True)(fn)
     return click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True,
                         help="Weight and activation bits (4-bit activations need opset 21 runtimes).")(fn)
+
+
+def reconstruct_options(fn):
+    """Block reconstruction (AdaRound/BRECQ/QDrop) after calibration."""
+    fn = click.option("--recon-checkpoint", type=click.Path(file_okay=False, path_type=Path),
+                      help="Keep finished blocks here; an interrupted run resumes from them.")(fn)
+    fn = click.option("--recon-time-budget", type=float, help="Seconds for the whole reconstruction.")(fn)
+    fn = click.option("--recon-iterations", type=int, default=2000, show_default=True, help="Iterations per block.")(fn)
+    return click.option("--reconstruct", is_flag=True,
+                        help="Learn weight rounding and activation step sizes block by block (use at 4 bit).")(fn)
+
+
+def _reconstruction(o: dict[str, Any]) -> ReconstructionConfig | None:
+    if not o.pop("reconstruct"):
+        for key in ("recon_checkpoint", "recon_time_budget", "recon_iterations"):
+            o.pop(key)
+        return None
+    checkpoint = o.pop("recon_checkpoint")
+    return ReconstructionConfig(iterations=o.pop("recon_iterations"), time_budget_s=o.pop("recon_time_budget"),
+                                checkpoint_dir=str(checkpoint) if checkpoint else None)
 
 
 def profile_options(fn):
@@ -144,6 +165,7 @@ def main() -> None:
 @model_options
 @synthesis_options
 @quant_options
+@reconstruct_options
 @profile_options
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
               show_default=True, help="Runtime to deploy to; decides the Q/DQ form.")
@@ -166,12 +188,13 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
     """Load MODEL, make a calibration set, quantize, export, deploy and profile it."""
     from . import api
     file_cfg = load_config_file(config_file) if config_file else {}
+    reconstruct = _reconstruction(o)
     result = api.build(model, out_dir=out_dir, target=target, arch=o["arch"], trust_pickle=o["trust_pickle"],
                        input_shape=_input_shape(o["input_shape"]), synthesis=_synthesis_config(o, file_cfg),
                        scheme=_scheme(o, target, file_cfg), profile_config=_profile_config(o, file_cfg),
                        precision=precision, max_disagreement=max_disagreement,
                        normalize=NORMALIZATIONS[o["normalize"]], use_cache=not no_cache, eval_set=eval_set,
-                       progress=not no_progress)
+                       reconstruct=reconstruct, progress=not no_progress)
     if print_json:
         click.echo(json.dumps(result.report, indent=2, default=str))
     else:
@@ -196,6 +219,57 @@ def synthesize(model, out_dir, no_progress, **o) -> None:
     mismatch = (calib.meta.get("bn_mismatch") or {}).get("mean")
     click.echo(f"{len(calib)} images ({calib.meta.get('method')}) saved in {out}/"
                + (f"; BN-statistics mismatch {mismatch:.4g}" if mismatch is not None else ""))
+
+
+@main.command()
+@model_options
+@synthesis_options
+@quant_options
+@reconstruct_options
+@click.option("--calib-set", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Use a calibration set saved by `dfq-deploy synthesize` instead of making one.")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
+              show_default=True, help="Decides the Q/DQ form of the exported graph.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--no-progress", is_flag=True)
+@_run
+def quantize(model, calib_set, target, out_dir, no_progress, **o) -> None:
+    """Quantize MODEL (optionally with block reconstruction) and write model.qdq.onnx into --out."""
+    from . import api
+    from .calibration_set import CalibrationSet
+    reconstruct = _reconstruction(o)
+    out = api.prepare_out_dir(out_dir)
+    loaded = api.load(model, arch=o["arch"], trust_pickle=o["trust_pickle"], input_shape=_input_shape(o["input_shape"]))
+    if calib_set is not None:
+        calib = CalibrationSet.load(calib_set)
+    else:
+        calib = api.synthesize(loaded, config=_synthesis_config(o, {}), normalize=NORMALIZATIONS[o["normalize"]],
+                               progress=not no_progress)
+        calib.save(out / api.CALIBRATION_DIR)
+    qmodel = api.quantize(loaded, calib, scheme=_scheme(o, target, {}), reconstruct=reconstruct,
+                          progress=not no_progress)
+    path = api.save_onnx(api.export(qmodel), out / api.QDQ_ONNX)
+    summary = qmodel.summary()
+    click.echo(f"{summary['quantized_layers']} layers quantized ({summary['scheme']['weight_bits']}-bit weights, "
+               f"{summary['scheme']['act_bits']}-bit activations, {summary['scheme']['act_form']}) -> {path}")
+
+
+@main.command(name="eval")
+@click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--eval-set", type=click.Path(exists=True, path_type=Path), required=True,
+              help="ImageFolder directory or .npz (x: N,H,W,C uint8; y: labels).")
+@click.option("--arch", help="Architecture for a state_dict file.")
+@click.option("--trust-pickle", is_flag=True)
+@click.option("--input-shape")
+@click.option("--normalize", type=click.Choice(list(NORMALIZATIONS)), default="imagenet", show_default=True)
+@click.option("--threads", type=int)
+@_run
+def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, threads) -> None:
+    """Top-1 accuracy of a model file (PyTorch) or an ONNX file (onnxruntime) on real labelled images."""
+    from . import api
+    result = api.evaluate(artifact, eval_set=eval_set, arch=arch, trust_pickle=trust_pickle,
+                          input_shape=_input_shape(input_shape), normalize=NORMALIZATIONS[normalize], threads=threads)
+    click.echo(json.dumps(result, indent=2))
 
 
 @main.command()

@@ -159,3 +159,23 @@ def test_build_for_tensorrt_rtx_lints_and_builds_the_engine_on_cpu(pickled_model
     if not torch.cuda.is_available():
         assert "GPU" in dep["not_run"]
     assert report["quantization"]["scheme"]["act_form"] == "int8_symmetric"
+
+
+def test_quantize_then_eval_commands(pickled_model, tmp_path):
+    import numpy as np
+    calib_dir, out = tmp_path / "calib", tmp_path / "q"
+    assert invoke("synthesize", pickled_model, "--trust-pickle", "--input-shape", SHAPE, "--calib", "noise",
+                  "--num-images", "8", "--out", calib_dir).exit_code == 0
+    result = invoke("quantize", pickled_model, "--trust-pickle", "--input-shape", SHAPE, "--calib-set", calib_dir,
+                    "--bits", "4", "--calibrator", "mse", "--reconstruct", "--recon-iterations", "5",
+                    "--no-progress", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "4-bit weights" in result.output and (out / "model.qdq.onnx").is_file()
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "eval.npz"
+    np.savez(npz, x=rng.integers(0, 255, (20, 16, 16, 3), dtype=np.uint8), y=rng.integers(0, 10, 20))
+    for artifact in (out / "model.qdq.onnx", pickled_model):
+        result = invoke("eval", artifact, "--trust-pickle", "--input-shape", SHAPE, "--eval-set", npz)
+        assert result.exit_code == 0, result.output
+        scores = json.loads(result.output)
+        assert scores["images"] == 20 and 0.0 <= scores["top1"] <= 100.0

@@ -74,10 +74,23 @@ def test_missing_dependency_exits_3(tmp_path):
     assert result.exit_code == 3 and "onnxruntime-gpu" in result.output
 
 
-def test_export_failure_exits_4(model_file, tmp_path):
-    # 6-bit activations simulate fine but have no ONNX integer type.
-    result = invoke(["build", model_file, "--out", tmp_path / "out", "--bits", "6", *FAST_BUILD])
-    assert result.exit_code == 4 and "6-bit activations" in result.output
+class FFTNet(torch.nn.Module):
+    """Quantizes fine, but torch.onnx has no export for its FFT."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.fft.rfft2(self.conv(x)).abs().mean((2, 3)))
+
+
+def test_export_failure_exits_4(tmp_path):
+    path = tmp_path / "fft.pt"
+    torch.save(FFTNet().eval(), path)
+    result = invoke(["build", path, "--out", tmp_path / "out", *FAST_BUILD])
+    assert result.exit_code == 4 and "fft_rfft2" in result.output
 
 
 def test_engine_build_failure_exits_5(tmp_path):
