@@ -99,6 +99,10 @@ class QuantScheme:
     # Choose each activation's calibrator among max/percentile/mse/entropy by the model output error
     # it leaves (greedily, in graph order); ``calibrator`` is then only the starting point.
     per_layer_calibrator: bool = False
+    # int8_symmetric form: quantize ReLU outputs on the unsigned grid [0, 2^b − 1] (zero point 0).
+    # Simulation of Genie/BRECQ's setting; below 8 bit the codes still fit signed INT8 Q/DQ with a
+    # Clip, at 8 bit they do not (TensorRT takes signed INT8 only). The uint8 form has it already.
+    unsigned_after_relu: bool = False
 
     def __post_init__(self) -> None:
         _check_choice(self.act_form, ActivationForm, "activation form")

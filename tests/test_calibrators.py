@@ -152,3 +152,18 @@ def test_per_layer_choice_is_no_worse_than_its_start():
                                     progress=False), calib.images)
     # Greedy on the same images and metric: each step keeps the best, "max" included.
     assert chosen <= fixed + 1e-9
+
+
+def test_unsigned_grid_after_relu_halves_the_step_for_the_tensorrt_form():
+    torch.manual_seed(2)
+    model = _TwoConv().eval()
+    calib = CalibrationSet(torch.randn(32, 3, 16, 16))
+    signed = QuantScheme(weight_bits=4, act_bits=4, first_last_bits=None, act_form="int8_symmetric",
+                         calibrator="mse", weight_calibrator="mse")
+    unsigned = dataclasses.replace(signed, unsigned_after_relu=True)
+    q_signed = quantize(model, calib, scheme=signed, progress=False)
+    q_unsigned = quantize(model, calib, scheme=unsigned, progress=False)
+    grids = {name: q.qrange for name, q in q_unsigned.act_quantizers()}
+    assert (0, 15) in grids.values() and (-8, 7) in grids.values()  # the image input stays signed
+    assert all(q.qrange == (-8, 7) for _, q in q_signed.act_quantizers())
+    assert _output_error(q_unsigned, calib.images) < _output_error(q_signed, calib.images)

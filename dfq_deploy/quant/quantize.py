@@ -142,6 +142,8 @@ def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerI
                 placer.quantize(src, scheme.act_bits)
             placer.quantize_output(node, scheme.act_bits)
     placer.tie_data_movement()
+    if scheme.unsigned_after_relu:
+        _use_unsigned_grids_after_relu(graph)
     if scheme.act_form == "uint8_asymmetric":
         _quantize_biases(graph, weighted)
     graph.graph.lint()
@@ -158,6 +160,18 @@ def _quantize_biases(graph: fx.GraphModule, weighted: list[fx.Node]) -> None:
         if (hasattr(layer, "quantize_bias_with") and isinstance(src, fx.Node) and src.op == "call_module"
                 and str(src.target).startswith("act_quant.")):
             layer.quantize_bias_with(graph.get_submodule(src.target))
+
+
+NON_NEGATIVE = {aten.relu.default, aten.relu6.default}
+
+
+def _use_unsigned_grids_after_relu(graph: fx.GraphModule) -> None:
+    """Give the quantizers that read a ReLU's output the unsigned grid (placement is unchanged)."""
+    for node in graph.graph.nodes:
+        if node.op == "call_module" and node.target.startswith("act_quant."):
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_function" and src.target in NON_NEGATIVE:
+                graph.get_submodule(node.target).unsigned = True
 
 
 class _QuantizerPlacer:

@@ -96,6 +96,9 @@ class ActQuantizer(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0.0))
         self.step: nn.Parameter | None = None  # the scale while it is being learned (reconstruction)
+        # A symmetric quantizer after a ReLU may use the unsigned grid [0, 2^b − 1] (zero point 0):
+        # twice the levels for the same range. Below 8 bit it is still exact in signed INT8 Q/DQ.
+        self.unsigned = False
         self.drop_masks: DropMasks | None = None  # QDrop: elements that skip quantization (training only)
 
     def learn_scale(self) -> nn.Parameter:
@@ -124,7 +127,7 @@ class ActQuantizer(nn.Module):
         object.__setattr__(self, "tied_to", other)
 
     def copy_range(self, other: "ActQuantizer") -> None:
-        self.bits, self.form = other.bits, other.form
+        self.bits, self.form, self.unsigned = other.bits, other.form, other.unsigned
         self.scale.copy_(other.scale)
         self.zero_point.copy_(other.zero_point)
         self.mode = "quantize"
@@ -135,7 +138,7 @@ class ActQuantizer(nn.Module):
 
     @property
     def qrange(self) -> tuple[int, int]:
-        if self.symmetric:
+        if self.symmetric and not self.unsigned:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return 0, 2 ** self.bits - 1
 
@@ -163,7 +166,8 @@ class ActQuantizer(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, form={self.form}, mode={self.mode}, scale={float(self.scale):.4g}, zp={float(self.zero_point):g}"
+        grid = ", unsigned" if self.unsigned and self.symmetric else ""
+        return f"bits={self.bits}, form={self.form}{grid}, mode={self.mode}, scale={float(self.scale):.4g}, zp={float(self.zero_point):g}"
 
 
 class WeightQuantizer(nn.Module):
