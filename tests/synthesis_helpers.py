@@ -25,8 +25,14 @@ class TinyNet(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
+def smooth_images(n: int) -> torch.Tensor:
+    """Spatially correlated images, each channel standardised: "natural" inputs that white noise is not."""
+    x = torch.nn.functional.interpolate(torch.randn(n, 3, 3, 3), size=INPUT_SHAPE[1:], mode="bilinear")
+    return (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
+
+
 def tiny_net(seed: int = 0) -> TinyNet:
-    """A TinyNet whose BN running statistics are those of shifted, scaled noise (not 0/1)."""
+    """A TinyNet whose BN running statistics are those of :func:`smooth_images` (not of noise)."""
     torch.manual_seed(seed)
     model = TinyNet()
     for m in model.modules():
@@ -35,7 +41,7 @@ def tiny_net(seed: int = 0) -> TinyNet:
     model.train()
     with torch.no_grad():
         for _ in range(4):
-            model(0.5 + 1.5 * torch.randn(64, *INPUT_SHAPE))
+            model(smooth_images(64))
     return model.eval()
 
 
@@ -75,8 +81,8 @@ def write_image_folder(root, classes: dict[str, int], size=(16, 14), seed: int =
     return root
 
 
-def sharded_worker(rank: int, world: int, init_file: str, out_dir: str, method: str) -> None:
-    """One rank of a 2-process synthesis (run by torch.multiprocessing.spawn)."""
+def sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of a 2-process zeroq and clusterq synthesis (run by torch.multiprocessing.spawn)."""
     from pathlib import Path
 
     import torch.distributed as dist
@@ -87,9 +93,10 @@ def sharded_worker(rank: int, world: int, init_file: str, out_dir: str, method: 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        calib = synthesize(tiny_net(), config=SynthesisConfig(method=method, num_images=10, batch_size=4, iterations=6),
-                           input_shape=INPUT_SHAPE, progress=False)
-        torch.save({"images": calib.images, "labels": calib.labels, "world": calib.meta["world_size"]},
-                   Path(out_dir) / f"rank{rank}.pt")
+        for method in ("zeroq", "clusterq"):
+            config = SynthesisConfig(method=method, num_images=10, batch_size=4, iterations=6)
+            calib = synthesize(tiny_net(), config=config, input_shape=INPUT_SHAPE, progress=False)
+            torch.save({"images": calib.images, "labels": calib.labels, "world": calib.meta["world_size"]},
+                       Path(out_dir) / f"{method}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -54,7 +54,7 @@ def test_noise_is_standard_gaussian_and_seeded(model):
 
 def test_zeroq_cuts_bn_statistics_loss_tenfold(model):
     noise = make(model, "noise")
-    calib = make(model, "zeroq")
+    calib = make(model, "zeroq", iterations=250)
     bns0, prior0, _ = objective_terms(model, noise.images)
     bns1, prior1, _ = objective_terms(model, calib.images)
     assert bns1 * 10 <= bns0, (bns0, bns1)
@@ -94,7 +94,7 @@ def test_same_seed_gives_the_same_set_bit_for_bit(model, method):
 
 @pytest.mark.parametrize("method", ["clusterq", "fdda"])
 def test_class_conditional_images_are_classified_as_their_target(model, method):
-    calib = make(model, method, num_images=32, batch_size=32, iterations=100)
+    calib = make(model, method, num_images=32, batch_size=32, iterations=60)
     assert calib.labels is not None and set(calib.labels.tolist()) <= set(range(NUM_CLASSES))
     assert agreement(model, calib) >= 0.9
     noise = make(model, "noise", num_images=32)

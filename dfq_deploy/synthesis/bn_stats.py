@@ -142,16 +142,42 @@ class RunningStats:
         stats = [batch_mean_var(x) for x in inputs]
         return torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats])
 
+    def bns_errors(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Per-channel (μ̂ − μ)² + (σ̂ − σ)², concatenated over the layers."""
+        mean, var = self.batch_stats(inputs)
+        return (mean - self.mean).square() + ((var + self.eps).sqrt() - self.std).square()
+
     def bns_loss(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """BNS = Σ_l ‖μ̂_l − μ_l‖² + ‖σ̂_l − σ_l‖² (ZeroQ, ClusterQ)."""
-        mean, var = self.batch_stats(inputs)
-        return (mean - self.mean).square().sum() + ((var + self.eps).sqrt() - self.std).square().sum()
+        return self.bns_errors(inputs).sum()
+
+    def mismatch(self, errors: torch.Tensor) -> torch.Tensor:
+        """The :func:`bn_mismatch` score of one batch from its :meth:`bns_errors`: mean over layers of
+        ‖μ̂−μ‖²/C + ‖σ̂−σ‖²/C."""
+        return (errors * self.inv_channels).sum() / len(self.layers)
 
     def bns_mse_loss(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """BNS' = mean over layers of MSE(μ̂, μ) + MSE(var̂, var) (FDDA: variance, mean over channels)."""
         mean, var = self.batch_stats(inputs)
         per_channel = (mean - self.mean).square() + (var - self.var).square()
         return (per_channel * self.inv_channels).sum() / len(self.layers)
+
+
+class MismatchStop:
+    """Ends a batch's optimisation once its BN mismatch (see :meth:`RunningStats.mismatch`) is low enough.
+
+    ``record`` keeps the latest value as a tensor (no sync); ``done`` reads it only when asked.
+    """
+
+    def __init__(self, stats: RunningStats, threshold: float):
+        self.stats, self.threshold = stats, threshold
+        self.value: torch.Tensor | None = None
+
+    def record(self, errors: torch.Tensor) -> None:
+        self.value = self.stats.mismatch(errors.detach())
+
+    def done(self) -> bool:
+        return self.value is not None and float(self.value) <= self.threshold
 
 
 def bn_mismatch(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[str, Any]:

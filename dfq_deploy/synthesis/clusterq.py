@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bn_stats import BNInputCapture
+from .bn_stats import BNInputCapture, MismatchStop
 from .class_stats import ClassObjective
 from .job import Job, MethodResult
 from .pixel_loop import optimise_warmup_then_late, start_batch
@@ -43,14 +43,22 @@ ICV_WEIGHT = 0.6
 ICV_MEAN_SIGMA = 0.5
 ICV_STD_SIGMA = 1.0
 EMA_KEEP = 0.8
+# The warm-up ends early once a batch's BN mismatch is this low (as zeroq.STOP_MISMATCH).
+WARMUP_STOP_MISMATCH = 0.004
 
 
 class ClusterQLoss(ClassObjective):
     """The ClusterQ objective; its centroids are shared by all batches of a rank."""
 
+    def __init__(self, job: Job, num_classes: int):
+        super().__init__(job, num_classes)
+        self.stop = MismatchStop(self.stats, WARMUP_STOP_MISMATCH)
+
     def __call__(self, labels: torch.Tensor, inputs: list[torch.Tensor], logits: torch.Tensor,
                  *, with_centroids: bool, noise: torch.Generator) -> torch.Tensor:
-        loss = F.cross_entropy(logits, labels) + BNS_WEIGHT * self.stats.bns_loss(inputs)
+        errors = self.stats.bns_errors(inputs)
+        self.stop.record(errors)
+        loss = F.cross_entropy(logits, labels) + BNS_WEIGHT * errors.sum()
         if not with_centroids:
             return loss
         deep = self.deep.select(inputs)
@@ -92,7 +100,7 @@ def synthesize_clusterq(job: Job) -> MethodResult:
     iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
     warmup = int(WARMUP_FRACTION * iterations)
     objective = ClusterQLoss(job, num_classes)
-    images, all_labels, losses = [], [], []
+    images, all_labels, losses, steps = [], [], [], []
     with BNInputCapture(job.layers) as capture, job.bar(iterations) as bar:
         for batch in job.batches:
             gen, x, labels = start_batch(batch, seed=job.config.seed, input_shape=job.input_shape,
@@ -102,12 +110,15 @@ def synthesize_clusterq(job: Job) -> MethodResult:
                 logits = job.model(x)
                 return objective(labels, capture.captured(), logits, with_centroids=step >= warmup, noise=gen)
 
-            x, loss = optimise_warmup_then_late(x, loss_fn, iterations=iterations, warmup=warmup, lr=lr,
-                                                      late_lr=lr * CENTROID_LR_SCALE, bar=bar)
+            x, loss, taken = optimise_warmup_then_late(x, loss_fn, iterations=iterations, warmup=warmup, lr=lr,
+                                                       late_lr=lr * CENTROID_LR_SCALE, bar=bar,
+                                                       warmup_done=objective.stop.done)
             images.append(x)
             all_labels.append(labels)
             losses.append(loss)
+            steps.append(taken)
     return MethodResult(torch.cat(images), torch.cat(all_labels).cpu(), sum(losses) / len(losses),
                         {"iterations": iterations, "lr": lr, "warmup_iterations": warmup,
-                         "centroid_phase_lr": lr * CENTROID_LR_SCALE, "deep_layer_start": objective.deep.start,
+                         "centroid_phase_lr": lr * CENTROID_LR_SCALE, "steps_taken": steps,
+                         "deep_layer_start": objective.deep.start,
                          "classes_with_centroid": int(objective.centroids.known.sum())})

@@ -141,8 +141,8 @@ def synthesize_fdda(job: Job) -> MethodResult:
                     return objective(labels, capture.captured(), logits, step=step - warmup,
                                      with_centers=step >= warmup, noise=gen)
 
-                x, loss = optimise_warmup_then_late(x0, loss_fn, iterations=iterations, warmup=warmup, lr=lr,
-                                                          late_lr=lr * CENTER_LR_SCALE, bar=bar)
+                x, loss, _ = optimise_warmup_then_late(x0, loss_fn, iterations=iterations, warmup=warmup, lr=lr,
+                                                       late_lr=lr * CENTER_LR_SCALE, bar=bar)
                 images.append(x)
                 all_labels.append(labels)
                 losses.append(loss)

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 # ZeroQ's schedule: Adam, lr divided by 10 when the loss has not improved for 100 steps, down to 1e-4.
 PLATEAU_PATIENCE = 100
 MIN_LR = 1e-4
-# Refreshing the bar's loss text costs a string format; every few steps is enough to read it.
-POSTFIX_EVERY = 10
+# Refreshing the bar's loss text and asking whether to stop cost a sync and a format: every few steps.
+CHECK_EVERY = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,8 @@ Schedule = Literal["plateau", "cosine"]
 
 
 def optimise_pixels(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, lr: float, bar: tqdm,
-                    schedule: Schedule = "plateau", first_step: int = 0) -> tuple[torch.Tensor, float]:
+                    schedule: Schedule = "plateau", first_step: int = 0,
+                    done: Callable[[], bool] | None = None) -> tuple[torch.Tensor, float, int]:
     """Minimise ``loss_fn(x, step)`` over the pixels of ``x0`` with Adam; returns (images, last loss).
 
     ``plateau`` is ZeroQ's schedule (lr ÷10 after 100 steps without improvement). ``cosine`` decays
@@ -74,7 +75,8 @@ def optimise_pixels(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, lr: f
     L_D) the loss never plateaus, and only a vanishing lr lets the images settle at the minimum of
     the expected loss instead of jittering around it. The last loss is the final step's (before
     its update), ``nan`` when ``iterations`` is 0. Steps are numbered from ``first_step`` (for a
-    second phase with its own optimiser).
+    second phase with its own optimiser). ``done()``, asked every ``CHECK_EVERY`` steps, ends the
+    run early; the steps taken are returned third.
     """
     x = x0.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
@@ -83,7 +85,7 @@ def optimise_pixels(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, lr: f
                                                                     min_lr=MIN_LR)
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1))
-    last = float("nan")
+    last, taken = float("nan"), 0
     for step in range(iterations):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(x, first_step + step)
@@ -92,17 +94,27 @@ def optimise_pixels(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, lr: f
         last = loss.item()
         scheduler.step(last) if schedule == "plateau" else scheduler.step()
         bar.update(1)
-        if step % POSTFIX_EVERY == 0 or step == iterations - 1:
+        taken = step + 1
+        if step % CHECK_EVERY == 0 or step == iterations - 1:
             bar.set_postfix(loss=f"{last:.4g}", refresh=False)
-    return x.detach(), last
+            if done is not None and done():
+                break
+    return x.detach(), last, taken
 
 
 def optimise_warmup_then_late(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, warmup: int, lr: float,
-                              late_lr: float, bar: tqdm) -> tuple[torch.Tensor, float]:
-    """Steps [0, warmup) with ZeroQ's schedule at ``lr``, then the rest with a fresh Adam at
-    ``late_lr`` decayed to 0 (cosine). ``loss_fn`` sees the global step and picks its terms by it."""
-    x, loss = optimise_pixels(x0, loss_fn, iterations=warmup, lr=lr, bar=bar)
+                              late_lr: float, bar: tqdm,
+                              warmup_done: Callable[[], bool] | None = None) -> tuple[torch.Tensor, float, int]:
+    """Up to ``warmup`` steps with ZeroQ's schedule at ``lr`` (fewer once ``warmup_done()``), then
+    ``iterations - warmup`` steps with a fresh Adam at ``late_lr`` decayed to 0 (cosine).
+
+    ``loss_fn`` sees the step number, which jumps to ``warmup`` when the late phase starts, and
+    picks its terms by it. Returns (images, last loss, steps taken).
+    """
+    x, loss, taken = optimise_pixels(x0, loss_fn, iterations=warmup, lr=lr, bar=bar, done=warmup_done)
+    bar.update(warmup - taken)  # steps skipped by an early end of the warm-up
     if iterations > warmup:
-        x, loss = optimise_pixels(x, loss_fn, iterations=iterations - warmup, lr=late_lr, bar=bar,
-                                  schedule="cosine", first_step=warmup)
-    return x, loss
+        x, loss, late = optimise_pixels(x, loss_fn, iterations=iterations - warmup, lr=late_lr, bar=bar,
+                                        schedule="cosine", first_step=warmup)
+        taken += late
+    return x, loss, taken
