@@ -7,12 +7,13 @@ Every CLI command is a thin shell over a function here, so anything the CLI does
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import onnx
 
@@ -122,9 +123,13 @@ class _Manifest:
                      "inputs": inputs, "config": config, "versions": package_versions(), "stages": {},
                      "artifacts": {}}
 
-    def stage(self, name: str, seconds: float, **extra: Any) -> None:
+    @contextlib.contextmanager
+    def timed(self, stage: str, **extra: Any) -> Iterator[None]:
+        """Time the body as ``stage``; recorded only when it completes."""
+        start = time.perf_counter()
+        yield
+        self.data["stages"][stage] = {"seconds": round(time.perf_counter() - start, 3), **extra}
         # Written with the first artifact, so a build refused early leaves its folder empty.
-        self.data["stages"][name] = {"seconds": round(seconds, 3), **extra}
         if self.data["artifacts"]:
             self.write()
 
@@ -134,15 +139,6 @@ class _Manifest:
 
     def write(self) -> None:
         atomic_write_bytes(self.path, json.dumps(self.data, indent=2, default=str).encode())
-
-
-class _Stopwatch:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
 
 
 def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
@@ -201,71 +197,56 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
     from .report import write_reports
     from .runtimes.profiler import host_memory
 
-    timings: dict[str, float] = {}
-    with _Stopwatch() as sw:
+    manifest = _Manifest(out, {}, {"target": target, "synthesis": dataclasses.asdict(synthesis),
+                                   "scheme": dataclasses.asdict(scheme), "profile": dataclasses.asdict(profile_config),
+                                   "precision": precision, "max_disagreement": max_disagreement,
+                                   "reconstruct": dataclasses.asdict(reconstruct) if reconstruct else None})
+    with manifest.timed("load"):
         model = load(model_path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
         labelled = _load_eval_set(eval_set, model, normalize) if eval_set is not None else None
-    timings["load"] = sw.seconds
-    manifest = _Manifest(out, {"model": model.describe()},
-                         {"target": target, "synthesis": dataclasses.asdict(synthesis),
-                          "scheme": dataclasses.asdict(scheme), "profile": dataclasses.asdict(profile_config),
-                          "precision": precision, "max_disagreement": max_disagreement,
-                          "reconstruct": dataclasses.asdict(reconstruct) if reconstruct else None})
-    manifest.stage("load", sw.seconds)
+        manifest.data["inputs"]["model"] = model.describe()
 
-    with _Stopwatch() as sw:
+    with manifest.timed("synthesize", method=synthesis.method):
         calib = synthesize(model, config=synthesis, cache_dir=(cache_dir or default_cache_dir()) if use_cache else None,
                            normalize=normalize, progress=progress)
         calib.save(out / CALIBRATION_DIR)
-    timings["synthesize"] = sw.seconds
-    manifest.stage("synthesize", sw.seconds, method=synthesis.method, images=len(calib))
+    artifacts = {"calibration": str(out / CALIBRATION_DIR)}
     manifest.artifact("calibration", out / CALIBRATION_DIR)
 
-    with _Stopwatch() as sw:
+    with manifest.timed("quantize", reconstructed=reconstruct is not None):
         qmodel = quantize(model, calib, scheme=scheme, reconstruct=reconstruct, progress=progress)
-    timings["quantize"] = sw.seconds
-    manifest.stage("quantize", sw.seconds, reconstructed=reconstruct is not None)
 
-    with _Stopwatch() as sw:
+    with manifest.timed("export"):
         fp32_path = save_onnx(export_float(model), out / FP32_ONNX)
         qdq_model = export(qmodel)
         qdq_path = save_onnx(qdq_model, out / QDQ_ONNX)
-    timings["export"] = sw.seconds
-    manifest.stage("export", sw.seconds)
+    artifacts |= {"fp32_onnx": str(fp32_path), "qdq_onnx": str(qdq_path)}
     manifest.artifact("fp32_onnx", fp32_path)
     manifest.artifact("qdq_onnx", qdq_path)
-    artifacts = {"fp32_onnx": str(fp32_path), "qdq_onnx": str(qdq_path), "calibration": str(out / CALIBRATION_DIR)}
 
-    if target == "onnxruntime":
-        from .deployment import deploy_onnxruntime
-        with _Stopwatch() as sw:
+    with manifest.timed("deploy_and_profile"):
+        if target == "onnxruntime":
+            from .deployment import deploy_onnxruntime
             deployment = deploy_onnxruntime(model, qmodel, calib, fp32_path=fp32_path, qdq_path=qdq_path,
                                             profile_config=profile_config)
-    else:
-        from .deployment import deploy_tensorrt
-        with _Stopwatch() as sw:
+        else:
+            from .deployment import deploy_tensorrt
             deployment = deploy_tensorrt(model, qmodel, calib, qdq_model=qdq_model, fp32_path=fp32_path,
                                          out_dir=out, target=target, precision=precision,
                                          profile_config=profile_config)
-        if deployment.get("engine_path"):
-            artifacts["engine"] = deployment["engine_path"]
-            manifest.artifact("engine", Path(deployment["engine_path"]))
-    timings["deploy_and_profile"] = sw.seconds
-    manifest.stage("deploy_and_profile", sw.seconds)
+    if deployment.get("engine_path"):
+        artifacts["engine"] = deployment["engine_path"]
+        manifest.artifact("engine", Path(deployment["engine_path"]))
 
     accuracy = None
     if labelled is not None:
-        with _Stopwatch() as sw:
+        with manifest.timed("evaluate"):
             accuracy = evaluate_accuracy(model, qmodel, labelled, qdq_path=qdq_path if target == "onnxruntime" else None,
                                          threads=profile_config.threads)
-        timings["evaluate"] = sw.seconds
-        manifest.stage("evaluate", sw.seconds)
 
-    with _Stopwatch() as sw:
-        layer_report, precision = _where_precision_goes(qmodel, qdq_model, qdq_path, calib, target=target,
-                                                        deployment=deployment, threads=profile_config.threads)
-    timings["layer_fidelity"] = sw.seconds
-    manifest.stage("layer_fidelity", sw.seconds)
+    with manifest.timed("layer_fidelity"):
+        layer_report, precision_map = _where_precision_goes(qmodel, qdq_model, qdq_path, calib, target=target,
+                                                            deployment=deployment, threads=profile_config.threads)
 
     report = {
         "dfq_deploy": __version__,
@@ -277,10 +258,10 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
         "deployment": deployment,
         "accuracy": accuracy,
         "layer_fidelity": layer_report,
-        "precision_map": precision,
+        "precision_map": precision_map,
         "files": {name: {"path": Path(p).name, "bytes": _size(Path(p))} for name, p in artifacts.items()},
         "host_memory": host_memory(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "timings_s": {name: stage["seconds"] for name, stage in manifest.data["stages"].items()},
         "notes": _notes(synthesis, target),
     }
     gate = _fidelity_gate(deployment, max_disagreement)
