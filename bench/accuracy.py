@@ -1,0 +1,167 @@
+"""Top-1 of the CIFAR-10 ResNets after data-free quantization, per calibration source and scheme.
+
+Accuracy is measured on ``test-lossless-1017.npz`` only (never used for calibration); real-image
+calibration and FDDA's hybrid mode read ``train-sample/`` only. Runs in stages: pick models,
+sources and schemes with flags; every row is appended to ``--results`` (JSON lines) and the table
+printed at the end holds all rows collected so far. Synthetic sets are cached, so a later stage
+reuses them (their synthesis time is the one measured when they were made).
+
+    python bench/accuracy.py --models resnet20 --sources noise,zeroq --schemes fp32,w8a8,w4a4
+    python bench/accuracy.py --models resnet20 --sources fdda --schemes w4a4-rec --rec-iterations 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets" / "cifar10"
+CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
+FP32_PUBLISHED = {"resnet20": 91.64, "resnet56": 92.72}  # assets README, same 1,017 images
+SOURCES = ("noise", "zeroq", "clusterq", "fdda", "fdda-hybrid", "real")
+DATA_FREE = ("noise", "zeroq", "clusterq", "fdda")
+# scheme name -> (weight bits, activation bits, reconstruct?)
+SCHEMES = {"fp32": None, "w8a8": (8, 8, False), "w4a4": (4, 4, False), "w4a4-rec": (4, 4, True),
+           "w4a8-rec": (4, 8, True), "w3a3-rec": (3, 3, True), "w2a4-rec": (2, 4, True)}
+
+
+def load_model(name: str) -> torch.nn.Module:
+    from dfq_deploy.cifar_resnet import cifar_resnet, load_akamaster_checkpoint
+    return load_akamaster_checkpoint(cifar_resnet(name), str(ASSETS / CHECKPOINTS[name]))
+
+
+def calibration_set(model, model_name: str, source: str, args) -> "CalibrationSet":
+    from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
+    from dfq_deploy.config import SynthesisConfig
+    from dfq_deploy.synthesis import synthesize_cached
+
+    method = {"fdda-hybrid": "fdda", "real": "folder"}.get(source, source)
+    calib_images = str(ASSETS / "train-sample") if source in ("fdda-hybrid", "real") else None
+    config = SynthesisConfig(method=method, num_images=args.images, batch_size=args.synth_batch, seed=args.seed,
+                             calib_images=calib_images, iterations=args.synth_iterations)
+    return synthesize_cached(model, config=config, input_shape=(3, 32, 32), cache_dir=Path(args.cache_dir),
+                             model_hash=f"{model_name}:{CHECKPOINTS[model_name]}", progress=args.progress,
+                             normalize=(CIFAR10_MEAN, CIFAR10_STD))
+
+
+def scheme_for(name: str, args):
+    from dfq_deploy.config import QuantScheme, ReconstructionConfig
+    w_bits, a_bits, rec = SCHEMES[name]
+    if (w_bits, a_bits) == (8, 8):
+        scheme = QuantScheme(calibrator=args.w8_calibrator)
+    else:
+        # Genie/BRECQ's setting: first/last layer 8-bit, per-channel weights, Lp-norm step sizes.
+        scheme = QuantScheme(weight_bits=w_bits, act_bits=a_bits, calibrator="mse", weight_calibrator="mse")
+    recon = None
+    if rec:
+        recon = ReconstructionConfig(iterations=args.rec_iterations, time_budget_s=args.rec_budget, seed=args.seed,
+                                     checkpoint_dir=None)
+    return scheme, recon
+
+
+def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, args) -> dict:
+    from dfq_deploy.evaluate import timed_top1
+    from dfq_deploy.quant.quantize import quantize
+
+    row = {"model": model_name, "source": source, "scheme": scheme_name, "threads": torch.get_num_threads(),
+           "images": args.images}
+    if scheme_name == "fp32":
+        row["top1"], _ = timed_top1(model, eval_set)
+        row["source"] = "-"
+        return row
+    calib = calibration_set(model, model_name, source, args)
+    row["synthesis_s"] = float(calib.meta.get("wall_time_s") or 0.0)
+    row["synthesis_cached"] = bool(calib.meta.get("cache", {}).get("hit"))
+    scheme, recon = scheme_for(scheme_name, args)
+    start = time.perf_counter()
+    qmodel = quantize(model, calib, scheme=scheme, progress=args.progress, reconstruct=recon)
+    row["quantize_s"] = time.perf_counter() - start
+    if qmodel.reconstruction is not None:
+        row["reconstruction_s"] = qmodel.reconstruction.seconds
+        row["rec_iterations"] = [b.iterations for b in qmodel.reconstruction.blocks]
+    row["total_s"] = row["synthesis_s"] + row["quantize_s"]
+    row["top1"], _ = timed_top1(qmodel, eval_set)
+    return row
+
+
+def print_table(rows: list[dict], cpu: dict) -> None:
+    fp32 = {r["model"]: r["top1"] for r in rows if r["scheme"] == "fp32"}
+    print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores, {cpu['isa']}); "
+          f"eval: test-lossless-1017.npz (1,017 images)")
+    header = f"{'model':9} {'scheme':9} {'source':12} {'top-1':>7} {'Δ FP32':>7} {'synth s':>8} {'quant s':>8} {'recon s':>8} {'total s':>8} thr"
+    print(header)
+    print("-" * len(header))
+    for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"])):
+        delta = r["top1"] - fp32[r["model"]] if r["model"] in fp32 and r["scheme"] != "fp32" else None
+        cells = [f"{r['model']:9}", f"{r['scheme']:9}", f"{r['source']:12}", f"{r['top1']:7.2f}",
+                 f"{delta:+7.2f}" if delta is not None else f"{'':7}"]
+        for key in ("synthesis_s", "quantize_s", "reconstruction_s", "total_s"):
+            cells.append(f"{r[key]:8.0f}" if key in r else f"{'':8}")
+        print(" ".join(cells), r.get("threads", ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet20", help="comma list of resnet20,resnet56")
+    parser.add_argument("--sources", default="noise,zeroq,clusterq,fdda,fdda-hybrid,real", help=f"comma list of {','.join(SOURCES)}")
+    parser.add_argument("--schemes", default="fp32,w8a8,w4a4", help=f"comma list of {','.join(SCHEMES)}")
+    parser.add_argument("--images", type=int, default=256, help="calibration images per source")
+    parser.add_argument("--synth-batch", type=int, default=64)
+    parser.add_argument("--synth-iterations", type=int, default=None, help="synthesis iterations (method default if omitted)")
+    parser.add_argument("--w8-calibrator", default="percentile", choices=("max", "percentile", "mse", "entropy"))
+    parser.add_argument("--rec-iterations", type=int, default=2000, help="reconstruction iterations per block")
+    parser.add_argument("--rec-budget", type=float, default=None, help="reconstruction time budget in seconds (whole model)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                                            "dfq-deploy", "bench-calibration"))
+    parser.add_argument("--results", default="/tmp/dfq-bench-accuracy.jsonl", help="JSON lines file the rows are appended to")
+    parser.add_argument("--table-only", action="store_true", help="print the table of --results and exit")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from dfq_deploy.runtimes.profiler import cpu_description
+    cpu = cpu_description()
+    results = Path(args.results)
+    if args.table_only:
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+        print_table(rows, cpu)
+        return 0
+    if not (ASSETS / "test-lossless-1017.npz").is_file():
+        print(f"SKIPPED: the real CIFAR-10 assets are not at {ASSETS} (see shared/assets/README.md); nothing measured.")
+        return 0
+    torch.set_num_threads(args.threads)
+    from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
+    from dfq_deploy.evaluate import load_eval_set
+
+    eval_set = load_eval_set(ASSETS / "test-lossless-1017.npz", input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    for model_name in args.models.split(","):
+        model = load_model(model_name)
+        for scheme_name in args.schemes.split(","):
+            if scheme_name not in SCHEMES:
+                parser.error(f"unknown scheme {scheme_name!r}")
+            for source in (["-"] if scheme_name == "fp32" else args.sources.split(",")):
+                if source != "-" and source not in SOURCES:
+                    parser.error(f"unknown source {source!r}")
+                row = run_row(model, model_name, source, scheme_name, eval_set, args)
+                row["cpu"] = cpu
+                row["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
+                print(json.dumps({k: v for k, v in row.items() if k != "cpu"}), flush=True)
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    print_table(rows, cpu)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
