@@ -104,8 +104,15 @@ def _activation_spec(name: str, q) -> QuantSpec:
     # activations at all).
     qmin, qmax = q.qrange
     scale, zero_point = float(q.scale.item()), int(q.zero_point.item())
-    dtype = onnx.TensorProto.INT8 if qmin < 0 else onnx.TensorProto.UINT8
-    full = (-128, 127) if qmin < 0 else (0, 255)
+    # The form decides the container: TensorRT's is signed int8 even where simulation used an
+    # unsigned grid after a ReLU ([0, 2^b-1] fits in int8 below 8 bits).
+    dtype = onnx.TensorProto.INT8 if q.symmetric else onnx.TensorProto.UINT8
+    full = (-128, 127) if q.symmetric else (0, 255)
+    if not full[0] <= qmin < qmax <= full[1]:
+        raise ExportError(f"quantizer {name}: its grid [{qmin}, {qmax}] does not fit the runtime's "
+                          f"{'int8' if q.symmetric else 'uint8'} activations",
+                          hint="an unsigned 8-bit grid is simulation-only for TensorRT; turn off unsigned_after_relu "
+                               "at 8 bits")
     clip = None if (qmin, qmax) == full else ((qmin - zero_point) * scale, (qmax - zero_point) * scale)
     return QuantSpec(name, "activation", np.float32(scale), np.array(zero_point), dtype, clip=clip)
 
