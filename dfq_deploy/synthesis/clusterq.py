@@ -36,7 +36,7 @@ DEFAULT_LR = 0.5
 # to 60. So L1 runs first with ZeroQ's schedule until the BN statistics match, and L2 is a final
 # phase at a small lr decayed to 0 (cosine), where it shapes the classes without undoing that.
 WARMUP_FRACTION = 0.8
-CENTROID_LR_SCALE = 0.02
+CENTROID_LR_SCALE = 0.01
 BNS_WEIGHT = 0.1
 SFDA_WEIGHT = 0.9
 ICV_WEIGHT = 0.6
@@ -44,7 +44,7 @@ ICV_MEAN_SIGMA = 0.5
 ICV_STD_SIGMA = 1.0
 EMA_KEEP = 0.8
 # The warm-up ends early once a batch's BN mismatch is this low (as zeroq.STOP_MISMATCH).
-WARMUP_STOP_MISMATCH = 0.004
+WARMUP_STOP_MISMATCH = 0.0025
 
 
 class ClusterQLoss(ClassObjective):
