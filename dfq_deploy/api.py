@@ -20,7 +20,8 @@ import onnx
 from . import __version__
 from .artifacts import atomic_write_bytes, package_versions
 from .calibration_set import CalibrationSet
-from .config import IMAGENET_NORMALIZE, ProfileConfig, QuantScheme, ReconstructionConfig, SynthesisConfig, Target, default_scheme
+from .config import (IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme, ReconstructionConfig,
+                     SynthesisConfig, Target, default_scheme)
 from .errors import BadInputError, FidelityGateError
 from .models import LoadedModel, load_model
 from .quant.quantize import QuantModel
@@ -161,7 +162,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           profile_config: ProfileConfig = ProfileConfig(), precision: str = "int8",
           max_disagreement: float | None = None, normalize=None, cache_dir: str | os.PathLike | None = None,
           use_cache: bool = True, eval_set: str | os.PathLike | None = None,
-          reconstruct: ReconstructionConfig | None = None, progress: bool = True) -> BuildResult:
+          reconstruct: ReconstructionConfig | None = None, mixed_precision: MixedPrecisionConfig | None = None,
+          max_drop: float | None = None, progress: bool = True) -> BuildResult:
     """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
 
     Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT
@@ -171,6 +173,9 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     top-1 disagreement with the fake-quant reference exceeds it. ``eval_set`` (an ImageFolder
     directory or an assets-style ``.npz`` of real labelled images, normalised like ``normalize``)
     adds top-1 accuracy of the FP32 model, the fake-quant reference and the deployed INT8 model.
+    ``mixed_precision`` keeps the most sensitive layers at 8 bit within a size/latency budget;
+    ``max_drop`` (top-1 points) instead raises layers until the drop estimated on held-out
+    synthetic images fits, or raises :class:`BudgetNotMetError`.
     """
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
         raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
@@ -184,7 +189,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
         return _build(model_path, out, target=target, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
                       synthesis=synthesis, scheme=scheme, profile_config=profile_config, precision=precision,
                       max_disagreement=max_disagreement, normalize=normalize, cache_dir=cache_dir,
-                      use_cache=use_cache, eval_set=eval_set, reconstruct=reconstruct, progress=progress)
+                      use_cache=use_cache, eval_set=eval_set, reconstruct=reconstruct,
+                      mixed_precision=mixed_precision, max_drop=max_drop, progress=progress)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before any artifact: leave nothing behind
@@ -193,7 +199,7 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
 
 def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, synthesis, scheme, profile_config,
            precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, reconstruct,
-           progress) -> BuildResult:
+           mixed_precision, max_drop, progress) -> BuildResult:
     from .report import write_reports
     from .runtimes.profiler import host_memory
 
@@ -213,8 +219,17 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
     artifacts = {"calibration": str(out / CALIBRATION_DIR)}
     manifest.artifact("calibration", out / CALIBRATION_DIR)
 
+    precision_plan = None
+    if max_drop is not None or mixed_precision is not None:
+        with manifest.timed("precision_plan"):
+            scheme, calib_used, precision_plan = _plan_precision(model, calib, scheme, out, max_drop=max_drop,
+                                                                 mixed_precision=mixed_precision)
+            artifacts |= {k: str(v) for k, v in precision_plan.pop("files", {}).items()}
+    else:
+        calib_used = calib
+
     with manifest.timed("quantize", reconstructed=reconstruct is not None):
-        qmodel = quantize(model, calib, scheme=scheme, reconstruct=reconstruct, progress=progress)
+        qmodel = quantize(model, calib_used, scheme=scheme, reconstruct=reconstruct, progress=progress)
 
     with manifest.timed("export"):
         fp32_path = save_onnx(export_float(model), out / FP32_ONNX)
@@ -257,6 +272,7 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
                                             if qmodel.reconstruction is not None else {}),
         "deployment": deployment,
         "accuracy": accuracy,
+        "precision_plan": precision_plan,
         "layer_fidelity": layer_report,
         "precision_map": precision_map,
         "files": {name: {"path": Path(p).name, "bytes": _size(Path(p))} for name, p in artifacts.items()},
@@ -278,6 +294,25 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
 
 
 FIDELITY_IMAGES = 64
+SENSITIVITY_PLOT = "sensitivity.png"
+
+
+def _plan_precision(model: LoadedModel, calib: CalibrationSet, scheme: QuantScheme, out: Path, *,
+                    max_drop: float | None, mixed_precision: MixedPrecisionConfig | None):
+    """Per-layer widths from an accuracy budget (``max_drop``) or a size/latency budget."""
+    if max_drop is not None:
+        from .quant.budget import plan_for_max_drop
+        plan, calib_used = plan_for_max_drop(model.module, calib, scheme=scheme, max_drop=max_drop)
+        return plan.scheme(scheme), calib_used, {"kind": "max_drop", **plan.as_dict()}
+    from .quant.sensitivity import plot_sensitivity, sensitivity_plan
+    plan = sensitivity_plan(model.module, calib, scheme=scheme, config=mixed_precision)
+    plot = out / SENSITIVITY_PLOT
+    tmp = out / f".{SENSITIVITY_PLOT}.tmp.png"
+    plot_sensitivity(plan, tmp)
+    os.replace(tmp, plot)
+    return plan.scheme(scheme), calib, {"kind": "mixed_precision", **plan.as_dict(),
+                                        "markdown": plan.markdown_table(), "plot": plot.name,
+                                        "files": {"sensitivity_plot": plot}}
 
 
 def _load_eval_set(path, model: LoadedModel, normalize):

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import click
 
-from .config import (IMAGENET_NORMALIZE, ProfileConfig, QuantScheme, ReconstructionConfig, SynthesisConfig, default_scheme,
-                     from_mapping, load_config_file)
+from .config import (IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme, ReconstructionConfig,
+                     SynthesisConfig, default_scheme, from_mapping, load_config_file)
 from .errors import BadInputError, DfqError
 
 # "none": images in [0, 1] as they are (for 3-channel inputs).
@@ -178,13 +178,20 @@ def main() -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dfq-build"),
               show_default=True, help="Output folder.")
 @click.option("--json", "print_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@click.option("--max-drop", type=float,
+              help="Top-1 budget in points: raise sensitive layers until the drop estimated on held-out synthetic "
+                   "images fits (exit 7 if no plan does).")
+@click.option("--sensitivity", is_flag=True,
+              help="Keep the most sensitive layers at 8 bit within --budget x the all-low-width cost.")
+@click.option("--budget", type=float, default=1.25, show_default=True, help="Cost budget for --sensitivity.")
+@click.option("--budget-kind", type=click.Choice(["size", "latency"]), default="size", show_default=True)
 @click.option("--eval-set", type=click.Path(exists=True, path_type=Path),
               help="Real labelled images (ImageFolder dir or .npz with x, y) to report top-1 on; never used to calibrate.")
 @click.option("--no-cache", is_flag=True, help="Always synthesize anew instead of reusing a cached set.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @_run
-def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, eval_set, no_cache,
-          no_progress, **o) -> None:
+def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, max_drop, sensitivity,
+          budget, budget_kind, eval_set, no_cache, no_progress, **o) -> None:
     """Load MODEL, make a calibration set, quantize, export, deploy and profile it."""
     from . import api
     file_cfg = load_config_file(config_file) if config_file else {}
@@ -194,7 +201,9 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
                        scheme=_scheme(o, target, file_cfg), profile_config=_profile_config(o, file_cfg),
                        precision=precision, max_disagreement=max_disagreement,
                        normalize=NORMALIZATIONS[o["normalize"]], use_cache=not no_cache, eval_set=eval_set,
-                       reconstruct=reconstruct, progress=not no_progress)
+                       reconstruct=reconstruct, max_drop=max_drop,
+                       mixed_precision=MixedPrecisionConfig(budget=budget, budget_kind=budget_kind) if sensitivity else None,
+                       progress=not no_progress)
     if print_json:
         click.echo(json.dumps(result.report, indent=2, default=str))
     else:

@@ -84,6 +84,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     if kernels:
         lines += ["## Kernels", "", f"Convolutions run as integer kernels: {kernels['integer']}; in float: {kernels['float']}.", ""]
 
+    plan = report.get("precision_plan")
+    if plan and plan.get("kind") == "max_drop":
+        raised = ", ".join(f"`{o['pattern']}` → {o['weight_bits'] or 'float'}" for o in plan["overrides"]) or "none"
+        lines += ["## Accuracy budget (--max-drop)", "",
+                  f"Estimated top-1 drop {plan['estimated_drop']:.2f} points (budget {plan['max_drop']}) as disagreement "
+                  f"with FP32 on {plan['holdout_images']} held-out synthetic images (not used to calibrate). "
+                  f"Raised layers: {raised}. "
+                  f"Weight size {plan['size_bytes'] / 2**20:.2f} MiB ({plan['size_bytes'] / max(plan['size_bytes_all_low'], 1):.2f}× "
+                  f"all-low), bit-weighted MACs {plan['bit_macs'] / max(plan['bit_macs_all_low'], 1):.2f}× all-low.", ""]
+    elif plan:
+        lines += ["## Mixed precision (--sensitivity)", "", plan["markdown"], "", f"![per-layer sensitivity]({plan['plot']})", ""]
     if report.get("precision_map"):
         from .precision_map import render_precision_md
         lines += render_precision_md(report["precision_map"]) + [""]

@@ -99,7 +99,7 @@ def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, ba
         raise BadInputError("the calibration set is empty")
     graph = fold_batchnorm(capture_graph(model, calib.input_shape))
     layers = insert_quantizers(graph, scheme)
-    if not any(layer.weight_bits is not None for layer in layers):
+    if not layers:
         raise BadInputError("the model has no conv or linear layer to quantize")
     calibrate(graph, calib, scheme=scheme, batch_size=batch_size, progress=progress)
     qmodel = QuantModel(graph, scheme, calib.input_shape, layers)

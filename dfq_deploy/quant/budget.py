@@ -1,0 +1,136 @@
+"""``--max-drop``: fit an accuracy budget without labelled data.
+
+The top-1 drop is estimated as the quantized model's top-1 *disagreement* with the FP32 model on a
+held-out part of the synthetic set (images never used to calibrate). Layers are ranked by
+sensitivity (:mod:`.sensitivity`) and the most sensitive are raised — first from the scheme's width
+to 8 bit, then from 8 bit to float — until the estimate fits. Raising more layers almost always
+lowers the disagreement, so the number raised is found by bisection over the ranking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration_set import CalibrationSet
+from ..config import LayerOverride, MixedPrecisionConfig, QuantScheme
+from ..errors import BadInputError, BudgetNotMetError
+from .quantize import quantize
+from .sensitivity import _glob_literal, measure_sensitivity
+
+HOLDOUT_FRACTION = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+    """The chosen per-layer widths, the estimated drop, and what the plan costs."""
+
+    max_drop: float
+    estimated_drop: float
+    holdout_images: int
+    overrides: tuple[LayerOverride, ...]
+    act_bits: int  # for activations no layer owns (residual adds, pools)
+    steps: tuple[dict[str, Any], ...]
+    size_bytes: float
+    size_bytes_all_low: float
+    bit_macs: float
+    bit_macs_all_low: float
+
+    def scheme(self, base: QuantScheme) -> QuantScheme:
+        return dataclasses.replace(base, act_bits=self.act_bits, overrides=base.overrides + self.overrides)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"overrides": [dataclasses.asdict(o) for o in self.overrides]}
+
+
+@torch.no_grad()
+def disagreement_percent(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Percent of ``images`` whose top-1 class differs between ``model`` and ``quantized``."""
+    differ = 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        differ += int((model(batch).argmax(1) != quantized(batch).argmax(1)).sum())
+    return 100.0 * differ / max(len(images), 1)
+
+
+def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, max_drop: float,
+                      holdout_fraction: float = HOLDOUT_FRACTION) -> tuple[BudgetPlan, CalibrationSet]:
+    """The cheapest ranking prefix whose estimated drop fits ``max_drop`` (percentage points).
+
+    Returns the plan and the calibration part of ``calib`` (the held-out part only estimates).
+    Raises :class:`BudgetNotMetError` when even the most precise plan misses the budget.
+    """
+    if max_drop < 0:
+        raise BadInputError(f"--max-drop is in top-1 percentage points and must be >= 0, got {max_drop}")
+    calibrate_on, held_out = calib.split(holdout_fraction)
+    if len(held_out) < 8 or len(calibrate_on) < 1:
+        raise BadInputError(f"--max-drop needs at least 8 held-out images; {len(calib)} calibration images give "
+                            f"{len(held_out)}", hint="raise --num-images (e.g. 256)")
+    measured = measure_sensitivity(model, calibrate_on, scheme=scheme, config=MixedPrecisionConfig())
+    ranking = sorted((layer for layer in measured.layers), key=lambda layer: measured.errors[layer.name], reverse=True)
+    # Candidates in order: each layer to 8 bit (if below); then the activations no layer owns (residual
+    # adds, pools) to 8 bit; then each layer to float.
+    ladder: list[LayerOverride | None] = [LayerOverride(_glob_literal(layer.name), 8, 8) for layer in ranking
+                                          if layer.weight_bits < 8 or (layer.act_bits or 8) < 8]
+    if scheme.act_bits < 8:
+        ladder.append(None)  # marks "every other activation to 8 bit"
+    ladder += [LayerOverride(_glob_literal(layer.name), None, None) for layer in ranking]
+    steps: list[dict[str, Any]] = []
+
+    def scheme_for(k: int) -> QuantScheme:
+        raised = dataclasses.replace(scheme, act_bits=8) if None in ladder[:k] else scheme
+        return dataclasses.replace(raised, overrides=scheme.overrides + _merge(ladder[:k]))
+
+    def estimate(k: int) -> float:
+        qmodel = quantize(model, calibrate_on, scheme=scheme_for(k), progress=False)
+        drop = disagreement_percent(model, qmodel.module, held_out.images)
+        steps.append({"raised": k, "estimated_drop": drop})
+        return drop
+
+    lo, hi = 0, len(ladder)
+    if estimate(lo) <= max_drop:
+        hi = lo
+    elif estimate(hi) > max_drop:
+        raise BudgetNotMetError(
+            f"no precision plan meets --max-drop {max_drop}: even with every layer in float the estimated "
+            f"drop is {steps[-1]['estimated_drop']:.2f} points on {len(held_out)} held-out synthetic images",
+            hint="the estimate is noisy with few images: raise --num-images, or relax --max-drop")
+    while hi - lo > 1:  # invariant: estimate(lo) > max_drop >= estimate(hi)
+        mid = (lo + hi) // 2
+        if estimate(mid) <= max_drop:
+            hi = mid
+        else:
+            lo = mid
+    chosen = scheme_for(hi)
+    drop = next(s["estimated_drop"] for s in reversed(steps) if s["raised"] == hi)
+    overrides = chosen.overrides[len(scheme.overrides):]
+    size, size_low, macs, macs_low = _costs(measured, overrides)
+    plan = BudgetPlan(max_drop, drop, len(held_out), overrides, chosen.act_bits, tuple(steps), size, size_low, macs,
+                      macs_low)
+    return plan, calibrate_on
+
+
+def _merge(overrides: list[LayerOverride | None]) -> tuple[LayerOverride, ...]:
+    """One override per layer: a later (float) entry replaces an earlier (8-bit) one."""
+    by_layer: dict[str, LayerOverride] = {}
+    for override in overrides:
+        if override is not None:
+            by_layer[override.pattern] = override
+    return tuple(by_layer.values())
+
+
+def _costs(measured, overrides: tuple[LayerOverride, ...]) -> tuple[float, float, float, float]:
+    """(weight bytes, all-low weight bytes, bit-weighted MACs, all-low bit-weighted MACs); float = 32 bit."""
+    size = size_low = macs = macs_low = 0.0
+    for layer in measured.layers:
+        params, layer_macs = measured.sizes[layer.name]
+        bits = layer.weight_bits
+        for override in overrides:
+            if override.matches(layer.name):
+                bits = 32 if override.weight_bits is None else override.weight_bits
+        size, size_low = size + params * bits / 8, size_low + params * layer.weight_bits / 8
+        macs, macs_low = macs + layer_macs * bits, macs_low + layer_macs * layer.weight_bits
+    return size, size_low, macs, macs_low
