@@ -96,7 +96,7 @@ def print_table(rows: list[dict], cpu: dict) -> None:
     fp32 = {r["model"]: r["top1"] for r in rows if r["scheme"] == "fp32"}
     print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores, {cpu['isa']}); "
           f"eval: test-lossless-1017.npz (1,017 images)")
-    header = f"{'model':9} {'scheme':9} {'source':12} {'top-1':>7} {'Δ FP32':>7} {'synth s':>8} {'quant s':>8} {'recon s':>8} {'total s':>8} thr"
+    header = f"{'model':9} {'scheme':9} {'source':12} {'top-1':>7} {'Δ FP32':>7} {'synth s':>8} {'quant s':>8} {'recon s':>8} {'total s':>8} thr rec iters/block"
     print(header)
     print("-" * len(header))
     for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"])):
@@ -105,7 +105,9 @@ def print_table(rows: list[dict], cpu: dict) -> None:
                  f"{delta:+7.2f}" if delta is not None else f"{'':7}"]
         for key in ("synthesis_s", "quantize_s", "reconstruction_s", "total_s"):
             cells.append(f"{r[key]:8.0f}" if key in r else f"{'':8}")
-        print(" ".join(cells), r.get("threads", ""))
+        iters = r.get("rec_iterations")
+        spread = "" if not iters else f"{min(iters)}-{max(iters)}" if min(iters) != max(iters) else str(iters[0])
+        print(" ".join(cells), f"{r.get('threads', ''):>3}", spread)
 
 
 def main(argv: list[str] | None = None) -> int:
