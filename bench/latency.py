@@ -61,8 +61,13 @@ def time_interleaved(runners: dict[str, OnnxRuntimeRunner], batch: np.ndarray, *
     for runner in runners.values():
         for _ in range(warmup):
             runner.infer({"input": batch})
-    for _ in range(rounds):
-        for name, runner in runners.items():
+    names = list(runners)
+    for round_index in range(rounds):
+        # Rotate who goes first, and pause between runners: onnxruntime's idle pool threads keep
+        # spinning for a moment after a run and would slow whichever session runs next.
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            runner = runners[name]
+            time.sleep(0.2)
             for _ in range(iterations):
                 start = time.perf_counter()
                 runner.infer({"input": batch})
