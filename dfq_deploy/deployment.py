@@ -18,7 +18,7 @@ from .errors import DfqError
 from .models import LoadedModel
 from .quant.quantize import QuantModel
 from .runtimes.onnxruntime import OnnxRuntimeRunner, optimized_op_counts
-from .runtimes.profiler import compare, cpu_description, host_memory, profile
+from .runtimes.profiler import Agreement, compare, cpu_description, host_memory, profile
 from .runtimes.torch import TorchRunner
 
 AGREEMENT_BATCH = 32
@@ -37,6 +37,15 @@ def conv_kernels(op_counts: dict[str, int]) -> dict[str, int]:
     """How many convolutions onnxruntime runs on integers and how many in float."""
     return {"integer": sum(op_counts.get(op, 0) for op in INTEGER_CONV_OPS),
             "float": sum(op_counts.get(op, 0) for op in FLOAT_CONV_OPS)}
+
+
+def onnxruntime_agreement(qmodel: QuantModel, onnx_model: onnx.ModelProto | str | Path, images, *,
+                          batch_size: int = AGREEMENT_BATCH, threads: int | None = None) -> Agreement:
+    """How closely onnxruntime (CPU) running ``onnx_model`` reproduces the fake-quant ``qmodel`` on ``images``."""
+    source = onnx_model.SerializeToString() if isinstance(onnx_model, onnx.ModelProto) else onnx_model
+    with OnnxRuntimeRunner(source, threads=threads) as runtime, \
+            TorchRunner(qmodel.module, input_shape=qmodel.input_shape, name="torch-fake-quant") as reference:
+        return compare(reference, runtime, (b.numpy() for b in images.split(batch_size)))
 
 
 def deploy_onnxruntime(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, fp32_path: Path,
@@ -91,9 +100,7 @@ def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSe
     artifact = engine_from_onnx(source, config=config)
     engine_path = save_engine(artifact, out_dir / ENGINE)
     # onnxruntime's CPU provider runs the very same Q/DQ file: a check of the graph that needs no GPU.
-    with OnnxRuntimeRunner(qdq_model.SerializeToString(), threads=profile_config.threads) as cpu_runner, \
-            TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant") as fake_quant:
-        cpu_check = compare(fake_quant, cpu_runner, (b.numpy() for b in calib.batches(AGREEMENT_BATCH)))
+    cpu_check = onnxruntime_agreement(qmodel, qdq_model, calib.images, threads=profile_config.threads)
     result: dict[str, Any] = {
         "runtime": target,
         "qdq_on_onnxruntime_cpu": cpu_check.as_dict(),

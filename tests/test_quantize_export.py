@@ -12,9 +12,8 @@ from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from dfq_deploy.graph_capture import capture_graph
 from dfq_deploy.quant.fold import fold_batchnorm
 from dfq_deploy.quant.quantize import quantize
-from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, optimized_op_counts
-from dfq_deploy.runtimes.profiler import compare
-from dfq_deploy.runtimes.torch import TorchRunner
+from dfq_deploy.deployment import onnxruntime_agreement
+from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
 from tiny_models import settle_batchnorm, tiny_resnet
 
 IMAGENET = (3, 224, 224)
@@ -60,10 +59,7 @@ def test_onnxruntime_int8_matches_fake_quant(torchvision_model):
     proto = onnx_from_quant_model(qmodel)
     onnx.checker.check_model(proto, full_check=True)
     assert proto.opset_import[0].version >= 19
-    inputs = torch.randn(64, *IMAGENET, generator=gen)
-    with OnnxRuntimeRunner(proto.SerializeToString(), threads=2) as ort_runner, \
-            TorchRunner(qmodel.module, input_shape=IMAGENET, name="fake-quant") as reference:
-        result = compare(reference, ort_runner, (b.numpy() for b in inputs.split(16)))
+    result = onnxruntime_agreement(qmodel, proto, torch.randn(64, *IMAGENET, generator=gen), batch_size=16, threads=2)
     assert result.samples == 64
     assert result.relative_l2 <= 1e-2, result
     assert result.top1_agreement >= 0.99, result
@@ -84,9 +80,7 @@ def test_real_cifar_resnet_matches_on_real_images(assets):
     calib = CalibrationSet(torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)))  # data-free
     qmodel = quantize(model, calib, scheme=default_scheme("onnxruntime"), progress=False)
     proto = onnx_from_quant_model(qmodel)
-    with OnnxRuntimeRunner(proto.SerializeToString(), threads=2) as ort_runner, \
-            TorchRunner(qmodel.module, input_shape=(3, 32, 32), name="fake-quant") as reference:
-        result = compare(reference, ort_runner, (b.numpy() for b in x.split(64)))
+    result = onnxruntime_agreement(qmodel, proto, x, batch_size=64, threads=2)
     assert result.relative_l2 <= 1e-2, result
     assert result.top1_agreement >= 0.99, result
 
@@ -134,7 +128,5 @@ def test_narrow_activations_export_as_clipped_8bit_and_match(bits):
     proto = onnx_from_quant_model(qmodel)
     assert sum(n.op_type == "Clip" for n in proto.graph.node) >= 3
     inputs = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    with OnnxRuntimeRunner(proto.SerializeToString(), threads=2) as ort_runner, \
-            TorchRunner(qmodel.module, input_shape=(3, 16, 16), name="fake-quant") as reference:
-        result = compare(reference, ort_runner, (b.numpy() for b in inputs.split(32)))
+    result = onnxruntime_agreement(qmodel, proto, inputs, threads=2)
     assert result.relative_l2 <= 1e-2, result

@@ -98,19 +98,15 @@ def test_checkpoint_resumes_to_the_same_model(model, calib, tmp_path):
 def test_reconstructed_4bit_model_exports_and_matches_onnxruntime(model, calib):
     pytest.importorskip("onnxruntime")
     from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
-    from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
-    from dfq_deploy.runtimes.profiler import compare
-    from dfq_deploy.runtimes.torch import TorchRunner
+    from dfq_deploy.deployment import onnxruntime_agreement
 
     config = dataclasses.replace(FAST, iterations=40, drop_prob=0.5)
     qmodel = quantize(model, calib, scheme=SCHEME, progress=False, reconstruct=config)
     proto = onnx_from_quant_model(qmodel)
-    # 4-bit grids travel in 8-bit Q/DQ (onnxruntime's CPU kernels need 8-bit) or INT4/UINT4 types;
-    # either way the runtime must compute what the fake-quant reference computes.
+    # 4-bit grids travel as 8-bit Q/DQ behind a Clip to the 4-bit range (onnxruntime's CPU kernels need 8-bit);
+    # the runtime must compute what the fake-quant reference computes.
     assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) >= 4
     inputs = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    with OnnxRuntimeRunner(proto.SerializeToString(), threads=2) as ort_runner, \
-            TorchRunner(qmodel.module, input_shape=(3, 16, 16), name="fake-quant") as reference:
-        result = compare(reference, ort_runner, (b.numpy() for b in inputs.split(16)))
+    result = onnxruntime_agreement(qmodel, proto, inputs, batch_size=16, threads=2)
     assert result.relative_l2 <= 1e-2, result
     assert result.top1_agreement >= 0.97, result
