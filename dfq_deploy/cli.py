@@ -54,6 +54,8 @@ def synthesis_options(fn):
     """How the calibration set is made."""
     fn = click.option("--normalize", type=click.Choice(list(NORMALIZATIONS)), default="imagenet", show_default=True,
                       help="Mean/std that real images (folder, FDDA hybrid) are normalised with.")(fn)
+    fn = click.option("--synth-device", default="cpu", show_default=True,
+                      help="Device to synthesize on (cpu, cuda, cuda:1): image optimisation is the slow stage.")(fn)
     fn = click.option("--seed", type=int, default=0, show_default=True)(fn)
     fn = click.option("--lr", type=float, help="Synthesis learning rate (default: the method's).")(fn)
     fn = click.option("--iterations", type=int, help="Synthesis iterations per batch (default: the method's).")(fn)
@@ -110,7 +112,7 @@ def _synthesis_config(o: dict[str, Any], file_cfg: dict[str, Any]) -> SynthesisC
                                iterations=o["iterations"] if o["iterations"] is not None else base.iterations,
                                lr=o["lr"] if o["lr"] is not None else base.lr, seed=o["seed"],
                                calib_images=str(o["calib_images"]) if o["calib_images"] else base.calib_images,
-                               generator=o["generator"] or base.generator)
+                               generator=o["generator"] or base.generator, device=o["synth_device"])
 
 
 def _scheme(o: dict[str, Any], target: str, file_cfg: dict[str, Any]) -> QuantScheme:

@@ -31,6 +31,17 @@ def _check_choice(value: Any, literal: Any, field: str) -> None:
         raise BadInputError(f"{field} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
+def _check_torch_device(name: str) -> None:
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInputError(f"unknown device {name!r}", hint="use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"device {name!r} asked for, but torch finds no CUDA GPU here",
+                            hint="synthesize on cpu, or install a CUDA build of torch on a GPU machine")
+
+
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
     """How to make a calibration set without training data.
@@ -56,6 +67,8 @@ class SynthesisConfig:
                 raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.iterations is not None and self.iterations < 0:
             raise BadInputError(f"iterations must be >= 0, got {self.iterations}")
+        if self.device != "cpu":
+            _check_torch_device(self.device)
         if self.method == "folder" and not self.calib_images:
             raise BadInputError("the 'folder' calibration source needs a folder of images",
                                 hint="pass --calib-images DIR (ImageFolder layout or flat folder of images)")

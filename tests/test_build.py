@@ -179,3 +179,11 @@ def test_quantize_then_eval_commands(pickled_model, tmp_path):
         assert result.exit_code == 0, result.output
         scores = json.loads(result.output)
         assert scores["images"] == 20 and 0.0 <= scores["top1"] <= 100.0
+
+
+def test_synthesis_device_without_cuda_is_a_clear_error(pickled_model, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("synthesize", pickled_model, "--trust-pickle", "--input-shape", SHAPE, "--synth-device", "cuda",
+                    "--out", tmp_path / "calib")
+    _assert_refused(result, "no CUDA GPU")
