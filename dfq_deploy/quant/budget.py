@@ -19,7 +19,7 @@ from ..calibration_set import CalibrationSet
 from ..config import LayerOverride, MixedPrecisionConfig, QuantScheme
 from ..errors import BadInputError, BudgetNotMetError
 from .quantize import quantize
-from .sensitivity import _glob_literal, measure_sensitivity
+from .sensitivity import literal_glob, measure_sensitivity
 
 HOLDOUT_FRACTION = 0.25
 
@@ -73,11 +73,11 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
     ranking = sorted((layer for layer in measured.layers), key=lambda layer: measured.errors[layer.name], reverse=True)
     # Candidates in order: each layer to 8 bit (if below); then the activations no layer owns (residual
     # adds, pools) to 8 bit; then each layer to float.
-    ladder: list[LayerOverride | None] = [LayerOverride(_glob_literal(layer.name), 8, 8) for layer in ranking
+    ladder: list[LayerOverride | None] = [LayerOverride(literal_glob(layer.name), 8, 8) for layer in ranking
                                           if layer.weight_bits < 8 or (layer.act_bits or 8) < 8]
     if scheme.act_bits < 8:
         ladder.append(None)  # marks "every other activation to 8 bit"
-    ladder += [LayerOverride(_glob_literal(layer.name), None, None) for layer in ranking]
+    ladder += [LayerOverride(literal_glob(layer.name), None, None) for layer in ranking]
     steps: list[dict[str, Any]] = []
 
     def scheme_for(k: int) -> QuantScheme:

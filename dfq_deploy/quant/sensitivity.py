@@ -49,7 +49,7 @@ class MixedPrecisionPlan:
     @property
     def overrides(self) -> tuple[LayerOverride, ...]:
         high = self.config.high_bits
-        return tuple(LayerOverride(pattern=_glob_literal(name), weight_bits=high, act_bits=high) for name in self.raised)
+        return tuple(LayerOverride(pattern=literal_glob(name), weight_bits=high, act_bits=high) for name in self.raised)
 
     def scheme(self, base: QuantScheme) -> QuantScheme:
         """``base`` with the plan's layers raised (appended after ``base``'s own overrides)."""
@@ -210,6 +210,6 @@ def _layer_sizes(qmodel: QuantModel, input_shape: tuple[int, ...]) -> dict[str, 
     return sizes
 
 
-def _glob_literal(name: str) -> str:
+def literal_glob(name: str) -> str:
     """``name`` as a glob that matches only itself (module names may hold ``[`` in theory)."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
