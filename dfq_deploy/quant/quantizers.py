@@ -301,19 +301,23 @@ class _QuantWeightLayer:
         return y
 
 
-class QuantConv1d(_QuantWeightLayer, nn.Conv1d):
+class _QuantConv(_QuantWeightLayer):
+    """Forward shared by the 1-, 2- and 3-d quantized convolutions (``_conv_forward`` is per dimension)."""
+
     def forward(self, x):
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.quantized_bias())
 
 
-class QuantConv2d(_QuantWeightLayer, nn.Conv2d):
-    def forward(self, x):
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self.quantized_bias())
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    pass
 
 
-class QuantConv3d(_QuantWeightLayer, nn.Conv3d):
-    def forward(self, x):
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self.quantized_bias())
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    pass
+
+
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    pass
 
 
 class QuantLinear(_QuantWeightLayer, nn.Linear):
