@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import onnx
@@ -128,15 +126,11 @@ def precision_map_onnxruntime(qdq_model: onnx.ModelProto | str | os.PathLike, *,
 
     ``layers`` (``QuantModel.layers``) give the asked precision; without them it is read from the graph.
     """
-    from .runtimes.onnxruntime import OnnxRuntimeRunner
+    from .runtimes.onnxruntime import optimized_graph
 
     model = qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(os.fspath(qdq_model))
     layers = list(layers) if layers is not None else layers_from_graph(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "optimized.onnx"
-        with OnnxRuntimeRunner(model.SerializeToString(), device=device, threads=threads, save_optimized=path):
-            pass
-        optimized = list(onnx.load(str(path)).graph.node)
+    optimized = list(optimized_graph(model.SerializeToString(), device=device, threads=threads).graph.node)
     graph = QdqGraph(model)
     rows = [_onnxruntime_row(graph, optimized, layer) for layer in layers]
     return PrecisionMap(f"onnxruntime-{device}", tuple(rows))

@@ -87,10 +87,16 @@ class OnnxRuntimeRunner(Runner):
         return list(self.session.get_providers())
 
 
-def optimized_op_counts(model: str | os.PathLike | bytes, *, threads: int | None = None) -> Counter:
-    """Op types of the graph onnxruntime (CPU) really executes, after its fusions."""
+def optimized_graph(model: str | os.PathLike | bytes, *, device: str = "cpu",
+                    threads: int | None = None) -> onnx.ModelProto:
+    """The graph onnxruntime really executes on ``device``, after its fusions."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"
-        with OnnxRuntimeRunner(model, threads=threads, save_optimized=path):
+        with OnnxRuntimeRunner(model, device=device, threads=threads, save_optimized=path):
             pass
-        return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+        return onnx.load(str(path))
+
+
+def optimized_op_counts(model: str | os.PathLike | bytes, *, threads: int | None = None) -> Counter:
+    """Op types of the graph onnxruntime (CPU) really executes, after its fusions."""
+    return Counter(node.op_type for node in optimized_graph(model, threads=threads).graph.node)
