@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from .bn_stats import BNInputCapture, MismatchStop
 from .class_stats import ClassObjective
-from .job import Job, MethodResult
-from .pixel_loop import optimise_warmup_then_late, start_batch
+from .job import Job, MethodResult, Objective
+from .pixels import synthesize_pixels
 
 DEFAULT_ITERATIONS = 500
 DEFAULT_LR = 0.5
@@ -93,32 +93,26 @@ class ClusterQLoss(ClassObjective):
         self.centroids.ema(mean, std, count, EMA_KEEP)
 
 
+def clusterq_objective(job: Job, capture: BNInputCapture, warmup: int) -> Objective:
+    """L1 for the first ``warmup`` steps, then L2, with centroids shared by every batch of this rank."""
+    job.require_bn()
+    objective = ClusterQLoss(job, job.num_classes())
+
+    def loss(x: torch.Tensor, labels: torch.Tensor | None, step: int, noise: torch.Generator) -> torch.Tensor:
+        logits = job.model(x)
+        return objective(labels, capture.captured(), logits, with_centroids=step >= warmup, noise=noise)
+
+    def meta() -> dict:
+        return {"warmup_iterations": warmup, "deep_layer_start": objective.deep.start,
+                "classes_with_centroid": int(objective.centroids.known.sum())}
+
+    return Objective(loss, objective.num_classes, meta, objective.stop.done)
+
+
 def synthesize_clusterq(job: Job) -> MethodResult:
     """Labelled images by ClusterQ's losses, batch by batch, centroids carried across batches."""
-    job.require_bn()
-    num_classes = job.num_classes()
     iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
-    warmup = int(WARMUP_FRACTION * iterations)
-    objective = ClusterQLoss(job, num_classes)
-    images, all_labels, losses, steps = [], [], [], []
-    with BNInputCapture(job.layers) as capture, job.bar(iterations) as bar:
-        for batch in job.batches:
-            gen, x, labels = start_batch(batch, seed=job.config.seed, input_shape=job.input_shape,
-                                         device=job.device, num_classes=num_classes)
-
-            def loss_fn(x: torch.Tensor, step: int) -> torch.Tensor:
-                logits = job.model(x)
-                return objective(labels, capture.captured(), logits, with_centroids=step >= warmup, noise=gen)
-
-            x, loss, taken = optimise_warmup_then_late(x, loss_fn, iterations=iterations, warmup=warmup, lr=lr,
-                                                       late_lr=lr * CENTROID_LR_SCALE, bar=bar,
-                                                       warmup_done=objective.stop.done)
-            images.append(x)
-            all_labels.append(labels)
-            losses.append(loss)
-            steps.append(taken)
-    return MethodResult(torch.cat(images), torch.cat(all_labels).cpu(), sum(losses) / len(losses),
-                        {"iterations": iterations, "lr": lr, "warmup_iterations": warmup,
-                         "centroid_phase_lr": lr * CENTROID_LR_SCALE, "steps_taken": steps,
-                         "deep_layer_start": objective.deep.start,
-                         "classes_with_centroid": int(objective.centroids.known.sum())})
+    result = synthesize_pixels(job, clusterq_objective, iterations=iterations,
+                               warmup=int(WARMUP_FRACTION * iterations), lr=lr, late_lr=lr * CENTROID_LR_SCALE)
+    result.meta["centroid_phase_lr"] = lr * CENTROID_LR_SCALE
+    return result

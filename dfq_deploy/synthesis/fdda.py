@@ -29,8 +29,8 @@ from ..errors import BadInputError
 from .bn_stats import BNInputCapture
 from .class_stats import ClassObjective
 from .folder import list_images, load_images
-from .job import Job, MethodResult
-from .pixel_loop import optimise_warmup_then_late, start_batch
+from .job import Job, MethodResult, Objective
+from .pixels import synthesize_pixels
 
 DEFAULT_ITERATIONS = 500
 DEFAULT_LR = 0.5
@@ -109,44 +109,41 @@ def real_image_per_class(job: Job, num_classes: int):
     return load_images(paths, job.input_shape, job.normalize), paths
 
 
-def synthesize_fdda(job: Job) -> MethodResult:
-    """Labelled images by FDDA's losses; hybrid with ``calib_images``, data-free without."""
+def fdda_objective(job: Job, capture: BNInputCapture, warmup: int) -> Objective:
+    """The mixed-label loss for the first ``warmup`` steps, then the class loss joins; hybrid mode
+    (``calib_images``) takes the centers from real images here, data-free mode at the warm-up's end."""
     job.require_bn()
     num_classes = job.num_classes()
-    iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
     objective = FDDALoss(job, num_classes)
     hybrid = job.config.calib_images is not None
-    meta = {"fdda_mode": "hybrid" if hybrid else "data-free (dfq-deploy extension)"}
-    warmup = int(WARMUP_FRACTION * iterations)
-    with BNInputCapture(job.layers) as capture:
-        if hybrid:
-            real, paths = real_image_per_class(job, num_classes)
-            real_labels = torch.arange(num_classes, device=job.device)
-            with torch.no_grad():
-                logits = job.model(real.to(job.device))
-                objective.centers_from(objective.deep.select(capture.captured()), real_labels,
-                                       torch.ones_like(real_labels, dtype=torch.bool))
-            objective.drawable = logits.argmax(1) == real_labels
-            objective.synced = True
-            meta.update(real_images=[str(p) for p in paths],
-                        real_images_correct=int(objective.drawable.sum()))
-        images, all_labels, losses = [], [], []
-        with job.bar(iterations) as bar:
-            for batch in job.batches:
-                gen, x0, labels = start_batch(batch, seed=job.config.seed, input_shape=job.input_shape,
-                                              device=job.device, num_classes=num_classes)
+    meta = {"fdda_mode": "hybrid" if hybrid else "data-free (dfq-deploy extension)", "warmup_iterations": warmup}
+    if hybrid:
+        real, paths = real_image_per_class(job, num_classes)
+        real_labels = torch.arange(num_classes, device=job.device)
+        with torch.no_grad():
+            logits = job.model(real.to(job.device))
+            objective.centers_from(objective.deep.select(capture.captured()), real_labels,
+                                   torch.ones_like(real_labels, dtype=torch.bool))
+        objective.drawable = logits.argmax(1) == real_labels
+        objective.synced = True
+        meta.update(real_images=[str(p) for p in paths], real_images_correct=int(objective.drawable.sum()))
 
-                def loss_fn(x: torch.Tensor, step: int) -> torch.Tensor:
-                    logits = job.model(x)
-                    return objective(labels, capture.captured(), logits, step=step - warmup,
-                                     with_centers=step >= warmup, noise=gen)
+    def loss(x: torch.Tensor, labels: torch.Tensor | None, step: int, noise: torch.Generator) -> torch.Tensor:
+        logits = job.model(x)
+        return objective(labels, capture.captured(), logits, step=step - warmup, with_centers=step >= warmup,
+                         noise=noise)
 
-                x, loss, _ = optimise_warmup_then_late(x0, loss_fn, iterations=iterations, warmup=warmup, lr=lr,
-                                                       late_lr=lr * CENTER_LR_SCALE, bar=bar)
-                images.append(x)
-                all_labels.append(labels)
-                losses.append(loss)
-    meta.update(iterations=iterations, lr=lr, warmup_iterations=warmup, center_phase_lr=lr * CENTER_LR_SCALE,
-                deep_layer_start=objective.deep.start,
-                classes_with_center=int(objective.centroids.known.sum()))
-    return MethodResult(torch.cat(images), torch.cat(all_labels).cpu(), sum(losses) / len(losses), meta)
+    def final_meta() -> dict:
+        return {**meta, "deep_layer_start": objective.deep.start,
+                "classes_with_center": int(objective.centroids.known.sum())}
+
+    return Objective(loss, num_classes, final_meta)
+
+
+def synthesize_fdda(job: Job) -> MethodResult:
+    """Labelled images by FDDA's losses; hybrid with ``calib_images``, data-free without."""
+    iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
+    result = synthesize_pixels(job, fdda_objective, iterations=iterations, warmup=int(WARMUP_FRACTION * iterations),
+                               lr=lr, late_lr=lr * CENTER_LR_SCALE)
+    result.meta["center_phase_lr"] = lr * CENTER_LR_SCALE
+    return result

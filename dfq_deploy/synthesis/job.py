@@ -1,16 +1,17 @@
-"""What every synthesis method gets (:class:`Job`) and gives back (:class:`MethodResult`)."""
+"""What every synthesis method gets (:class:`Job`) and gives back (:class:`MethodResult`), and the
+:class:`Objective` a BN-statistics method minimises, whether over pixels or a generator's weights."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..config import SynthesisConfig
 from ..errors import BadInputError
-from .bn_stats import BNLayer
+from .bn_stats import BNInputCapture, BNLayer
 from .pixel_loop import Batch, progress_bar
 from .sharding import Shard
 
@@ -78,3 +79,29 @@ class MethodResult:
     labels: torch.Tensor | None
     final_loss: float | None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+ImageLoss = Callable[[torch.Tensor, "torch.Tensor | None", int, torch.Generator], torch.Tensor]
+
+
+@dataclasses.dataclass
+class Objective:
+    """A method's loss on a batch of images: the one piece of code both the pixel loop and the
+    generator loop (``--generator``) minimise.
+
+    ``loss(images, labels, step, noise)`` runs the model on ``images`` (labels are ``None`` for a
+    label-free method) and returns the loss at ``step``; ``noise`` draws whatever else is random in
+    it (distorted targets). ``num_classes`` is the range target labels are drawn from (``None``:
+    no labels). ``meta()`` is what the method records once the run ends. ``warmup_done()``, where
+    given, says the warm-up has reached its goal, so pixels may stop early (a generator keeps
+    training: its steps serve every image it will make).
+    """
+
+    loss: ImageLoss
+    num_classes: int | None
+    meta: Callable[[], dict[str, Any]]
+    warmup_done: Callable[[], bool] | None = None
+
+
+# (job, capture of the BN inputs, warm-up steps) -> objective; the warm-up length is the loop's choice.
+ObjectiveFactory = Callable[[Job, BNInputCapture, int], Objective]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .bn_stats import BNInputCapture, MismatchStop, RunningStats
-from .job import Job, MethodResult
-from .pixel_loop import optimise_pixels, start_batch
+from .job import Job, MethodResult, Objective
+from .pixels import synthesize_pixels
 
 DEFAULT_ITERATIONS = 500
 DEFAULT_LR = 0.5
@@ -30,26 +30,24 @@ def input_prior(x: torch.Tensor) -> torch.Tensor:
     return (mean.square().sum(1) + ((var + PRIOR_EPS).sqrt() - 1).square().sum(1)).mean()
 
 
+def zeroq_objective(job: Job, capture: BNInputCapture, warmup: int = 0) -> Objective:
+    """BNS over every BN layer + input prior, no labels (one phase: ``warmup`` is not used)."""
+    job.require_bn()
+    stats = RunningStats(job.layers)
+    stop = MismatchStop(stats, STOP_MISMATCH)
+
+    def loss(x: torch.Tensor, labels: torch.Tensor | None, step: int, noise: torch.Generator) -> torch.Tensor:
+        job.model(x)
+        errors = stats.bns_errors(capture.captured())
+        stop.record(errors)
+        return errors.sum() + input_prior(x)
+
+    return Objective(loss, None, dict, stop.done)
+
+
 def synthesize_zeroq(job: Job) -> MethodResult:
     """Optimise each batch of N(0, 1) images for ``iterations`` steps on BNS + input prior."""
-    job.require_bn()
     iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
-    model, stats = job.model, RunningStats(job.layers)
-    stop = MismatchStop(stats, STOP_MISMATCH)
-    images, losses, steps = [], [], []
-    with BNInputCapture(job.layers) as capture, job.bar(iterations) as bar:
-        def loss_fn(x: torch.Tensor, step: int) -> torch.Tensor:
-            model(x)
-            errors = stats.bns_errors(capture.captured())
-            stop.record(errors)
-            return errors.sum() + input_prior(x)
-
-        for batch in job.batches:
-            _, x0, _ = start_batch(batch, seed=job.config.seed, input_shape=job.input_shape, device=job.device)
-            x, loss, taken = optimise_pixels(x0, loss_fn, iterations=iterations, lr=lr, bar=bar, done=stop.done)
-            bar.update(iterations - taken)
-            images.append(x)
-            losses.append(loss)
-            steps.append(taken)
-    return MethodResult(torch.cat(images), None, sum(losses) / len(losses),
-                        {"iterations": iterations, "lr": lr, "stop_mismatch": STOP_MISMATCH, "steps_taken": steps})
+    result = synthesize_pixels(job, zeroq_objective, iterations=iterations, warmup=iterations, lr=lr, late_lr=lr)
+    result.meta["stop_mismatch"] = STOP_MISMATCH
+    return result
