@@ -220,12 +220,23 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
 @click.option("--no-progress", is_flag=True)
 @_run
 def synthesize(model, out_dir, no_progress, **o) -> None:
-    """Make a data-free calibration set for MODEL and save it in --out."""
+    """Make a data-free calibration set for MODEL and save it in --out.
+
+    Under `torchrun --nproc-per-node N -m dfq_deploy.cli synthesize ...` the N processes share the
+    work (gloo on CPU, NCCL too with --synth-device cuda) and rank 0 saves the whole set.
+    """
     from . import api
-    out = api.prepare_out_dir(out_dir)
-    loaded = api.load(model, arch=o["arch"], trust_pickle=o["trust_pickle"], input_shape=_input_shape(o["input_shape"]))
-    calib = api.synthesize(loaded, config=_synthesis_config(o, {}), normalize=NORMALIZATIONS[o["normalize"]],
-                           progress=not no_progress)
+    from .synthesis.sharding import is_main_rank, torchrun_process_group
+    with torchrun_process_group(o["synth_device"]):
+        writer = is_main_rank()
+        # One process probes and writes --out: ranks probing the same folder at once would race.
+        out = api.prepare_out_dir(out_dir) if writer else Path(out_dir)
+        loaded = api.load(model, arch=o["arch"], trust_pickle=o["trust_pickle"],
+                          input_shape=_input_shape(o["input_shape"]))
+        calib = api.synthesize(loaded, config=_synthesis_config(o, {}), normalize=NORMALIZATIONS[o["normalize"]],
+                               progress=not no_progress)
+    if not writer:
+        return
     calib.save(out)
     mismatch = (calib.meta.get("bn_mismatch") or {}).get("mean")
     click.echo(f"{len(calib)} images ({calib.meta.get('method')}) saved in {out}/"

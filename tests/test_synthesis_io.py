@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.synthesis import bn_mismatch, synthesize, synthesize_cached
@@ -134,6 +138,24 @@ def test_two_ranks_make_the_requested_count(tmp_path):
         torch.set_num_threads(threads)
     zeroq = torch.load(tmp_path / "zeroq-rank0.pt", weights_only=True)["images"]
     assert torch.allclose(alone.images, zeroq, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript: a format users still bring
+def test_cli_synthesize_under_torchrun_shares_the_work_and_rank0_saves(tmp_path):
+    model = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.trace(tiny_net(), torch.zeros(1, *INPUT_SHAPE)), model)
+    out = tmp_path / "calib"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "dfq_deploy.cli", "synthesize", str(model), "--input-shape", "3x12x12", "--calib", "zeroq",
+               "--num-images", "10", "--synth-batch-size", "4", "--iterations", "3", "--out", str(out),
+               "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    calib = CalibrationSet.load(out)
+    assert len(calib) == 10 and calib.images.shape[1:] == INPUT_SHAPE
+    assert calib.meta["world_size"] == 2
+    assert done.stdout.count("10 images (zeroq) saved") == 1  # rank 0 alone writes and reports
 
 
 @pytest.mark.skipif(not (ASSETS / "cifar10").is_dir(), reason="../shared/assets/cifar10 not present")

@@ -19,7 +19,7 @@ from typing import Callable
 from ..calibration_set import TENSORS_FILE, CalibrationSet
 from ..config import SynthesisConfig
 from .job import Normalize
-from .sharding import distributed
+from .sharding import is_main_rank
 
 CACHE_FORMAT = 1  # bump when what a key means changes
 
@@ -46,11 +46,6 @@ def cache_key(*, config: SynthesisConfig, input_shape: tuple[int, ...], model_ha
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _is_writer() -> bool:
-    import torch.distributed as dist
-    return not distributed() or dist.get_rank() == 0
-
-
 def cached(make: Callable[[], CalibrationSet], *, config: SynthesisConfig, input_shape: tuple[int, ...],
            cache_dir: Path, model_hash: str, normalize: Normalize) -> CalibrationSet:
     """Load the set for this key from ``cache_dir``, or ``make()`` it and store it (rank 0 only)."""
@@ -62,7 +57,7 @@ def cached(make: Callable[[], CalibrationSet], *, config: SynthesisConfig, input
         return found
     made = make()
     made.meta["cache"] = {"key": key, "hit": False, "path": str(entry)}
-    if _is_writer():
+    if is_main_rank():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=cache_dir))
         try:

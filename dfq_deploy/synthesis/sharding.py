@@ -2,12 +2,16 @@
 
 Each rank makes a contiguous run of the global batches; class centroids are averaged across ranks
 with an all-reduce; the images are gathered in global batch order. Batch seeds depend only on the
-global batch index, so label-free methods give the same set on any number of ranks.
+global batch index, so label-free pixel methods give the same set on any number of ranks. A
+generator (``--generator``) is trained on every rank at once, its gradients averaged each step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,6 +22,34 @@ from .pixel_loop import Batch
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def is_main_rank() -> bool:
+    """True in rank 0 and outside torch.distributed: the process that writes files and prints."""
+    return not distributed() or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def torchrun_process_group(device: str = "cpu") -> Iterator[None]:
+    """Within ``torchrun --nproc-per-node N`` (N > 1; RANK and WORLD_SIZE in the environment), join
+    the process group torchrun describes and leave it on exit; otherwise do nothing.
+
+    gloo carries the CPU tensors (centroid averages, gathered images); synthesizing on CUDA adds NCCL
+    for tensors on the GPU, and each rank takes GPU number LOCAL_RANK. A process group the caller
+    already joined is left to the caller.
+    """
+    if distributed() or "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        yield
+        return
+    backend = "gloo"
+    if torch.device(device).type == "cuda":
+        backend = "cpu:gloo,cuda:nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +96,26 @@ def all_reduce_weighted_mean(values: list[torch.Tensor],
         out.append((summed / safe.view(-1, *[1] * (v.ndim - 1))).to(v.dtype))
         offset += n
     return out, total.to(weight.dtype)
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over ranks, in one all-reduce (no-op in one process).
+
+    Ranks that start from the same weights and apply the same averaged gradients keep the same
+    weights: data-parallel training without DistributedDataParallel's wrapper.
+    """
+    if not distributed():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def gather_in_order(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
