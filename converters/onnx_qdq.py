@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_graphsurgeon as gs
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 INT8_OPSET = 19
 INT4_OPSET = 21
+# The TorchScript exporter's newest opset (torch 2.14). Asked for more, it warns and stamps the newer
+# number on opset-20 symbolics; we trace at 20 and let onnx's version converter do the upgrade.
+TRACE_MAX_OPSET = 20
 
 
 def onnx_from_float_model(model: nn.Module, *, input_shape: tuple[int, ...], opset: int = INT8_OPSET) -> onnx.ModelProto:
@@ -118,12 +122,17 @@ def _activation_spec(name: str, q) -> QuantSpec:
 
 
 def _weight_spec(name: str, wq, weight: torch.Tensor) -> QuantSpec:
-    # Weights of any width <= 8 are exact in an int8 container; only 4-bit uses ONNX INT4, and only
-    # where a runtime can use it (TensorRT's weight-only INT4 is chosen by the TensorRT converter).
+    # Per-channel weights of any width <= 8 are exact in an int8 container, which every runtime's
+    # integer kernels read. Block-quantized weights are the INT4 weight-only form (TensorRT's
+    # Gemm/MatMul): ONNX INT4 blocked along the input axis (1: a Linear's weight is [out, in] and the
+    # exporter writes Gemm with transB=1), zero point 0 of the scale's shape.
     values = wq.integer_weight(weight).numpy()
-    channels = values.shape[0]
-    return QuantSpec(name, "weight", wq.scale.detach().numpy().astype(np.float32), np.zeros(channels, dtype=np.int8),
-                     onnx.TensorProto.INT8, axis=0, integer_values=values)
+    scale = wq.scale.detach().numpy().astype(np.float32)
+    if wq.block_size is not None:
+        return QuantSpec(name, "weight", scale, np.zeros(scale.shape, dtype=np.int8), onnx.TensorProto.INT4, axis=1,
+                         integer_values=values, block_size=wq.block_size)
+    return QuantSpec(name, "weight", scale, np.zeros(values.shape[0], dtype=np.int8), onnx.TensorProto.INT8, axis=0,
+                     integer_values=values)
 
 
 def _bias_spec(name: str, layer) -> QuantSpec:
@@ -142,10 +151,17 @@ def _trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int,
             warnings.simplefilter("ignore")
             # The TorchScript-based exporter: it traces autograd.Function.symbolic marks, which the
             # dynamo exporter does not, and keeps module paths in node names.
-            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=opset,
+            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=min(opset, TRACE_MAX_OPSET),
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               custom_opsets=custom_opsets, do_constant_folding=True)
     except Exception as exc:  # the exporter raises many types for unsupported ops
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    return onnx.load_from_string(buffer.getvalue())
+    traced = onnx.load_from_string(buffer.getvalue())
+    if opset <= TRACE_MAX_OPSET:
+        return traced
+    try:
+        return onnx.version_converter.convert_version(traced, opset)
+    except Exception as exc:  # the converter raises plain RuntimeError/ValueError for ops it cannot adapt
+        raise ExportError(f"could not convert the traced graph to ONNX opset {opset}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc

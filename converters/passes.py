@@ -23,7 +23,8 @@ class QuantSpec:
     """What one mark stands for, as written in ONNX.
 
     ``kind`` is ``activation`` (per tensor Q→DQ) or ``weight`` (integer initializer → DQ on
-    ``axis``). ``dtype`` is the ONNX element type of the integer values.
+    ``axis``; with ``block_size``, blocks of that many elements along ``axis``, one scale each).
+    ``dtype`` is the ONNX element type of the integer values.
     """
 
     name: str
@@ -34,6 +35,7 @@ class QuantSpec:
     axis: int | None = None
     integer_values: np.ndarray | None = None
     clip: tuple[float, float] | None = None
+    block_size: int | None = None
 
 
 _NP_FOR = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT32: np.int32,
@@ -60,6 +62,8 @@ def materialize_quantizers(graph: gs.Graph, specs: dict[int, QuantSpec]) -> gs.G
         scale = gs.Constant(f"{base}_scale", np.asarray(spec.scale, dtype=np.float32))
         zp = _const(f"{base}_zero_point", np.asarray(spec.zero_point), spec.dtype)
         attrs = {} if spec.axis is None else {"axis": spec.axis}
+        if spec.block_size is not None:
+            attrs["block_size"] = spec.block_size
         if spec.kind == "weight":
             if spec.integer_values is None:
                 raise ExportError(f"weight quantizer {index} has no integer values")

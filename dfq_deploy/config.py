@@ -74,19 +74,56 @@ class SynthesisConfig:
                                 hint="pass --calib-images DIR (ImageFolder layout or flat folder of images)")
 
 
+# Smallest weight block: below 16 inputs per scale, the FP32 scales cost 2+ bits per 4-bit weight,
+# which is most of what INT4 saves over INT8.
+MIN_WEIGHT_BLOCK = 16
+# ModelOpt's and TensorRT-LLM's INT4-AWQ default: 128 inputs per scale costs 0.25 bit per weight.
+INT4_WEIGHT_BLOCK = 128
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerOverride:
     """Per-layer setting: ``pattern`` is a glob on the PyTorch module name (``layer1.*.conv2``).
 
-    ``bits=None`` keeps the layer in floating point.
+    ``bits=None`` keeps the layer in floating point; ``act_bits=None`` alone quantizes weights only.
+    ``kind`` limits the override to one module class (``Linear``, ``Conv2d``; ``None``: any).
+    ``weight_block_size`` block-quantizes a Linear weight along its input dimension (one scale per
+    that many consecutive inputs of an output row, stored as ONNX INT4 so ``weight_bits`` <= 4): a
+    power of two >= :data:`MIN_WEIGHT_BLOCK`, the largest block used; a layer whose input size it
+    does not divide gets the largest smaller power of two that does.
     """
 
     pattern: str
     weight_bits: int | None = 8
     act_bits: int | None = 8
+    kind: str | None = None
+    weight_block_size: int | None = None
 
-    def matches(self, name: str) -> bool:
-        return fnmatch.fnmatchcase(name, self.pattern)
+    def __post_init__(self) -> None:
+        block = self.weight_block_size
+        if block is None:
+            return
+        if block < MIN_WEIGHT_BLOCK or block & (block - 1):
+            raise BadInputError(f"override {self.pattern!r}: weight_block_size must be a power of two >= "
+                                f"{MIN_WEIGHT_BLOCK}, got {block}", hint=f"use {INT4_WEIGHT_BLOCK}")
+        if self.weight_bits is None or self.weight_bits > 4:
+            raise BadInputError(f"override {self.pattern!r}: block-quantized weights are stored as INT4, so "
+                                f"weight_bits must be 2..4, got {self.weight_bits}",
+                                hint="drop weight_block_size for 8-bit per-channel weights")
+
+    def matches(self, name: str, kind: str | None = None) -> bool:
+        """True for module ``name`` (of class ``kind``, when the override names one)."""
+        return fnmatch.fnmatchcase(name, self.pattern) and (self.kind is None or self.kind == kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+    """How one layer is quantized: widths (``None``: float) and its weight's block size (``None``:
+    one scale per output channel)."""
+
+    weight_bits: int | None
+    act_bits: int | None
+    weight_block_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,15 +167,19 @@ class QuantScheme:
         if not 50.0 < self.percentile <= 100.0:
             raise BadInputError(f"percentile must be in (50, 100], got {self.percentile}")
 
-    def layer_bits(self, name: str, *, is_first: bool, is_last: bool) -> tuple[int | None, int | None]:
-        """(weight_bits, input_act_bits) for the layer called ``name``; ``None`` means float."""
-        w, a = self.weight_bits, self.act_bits
+    def layer_quant(self, name: str, *, kind: str | None = None, is_first: bool = False, is_last: bool = False,
+                    blocked: bool = True) -> LayerQuant:
+        """How the layer called ``name`` (module class ``kind``) is quantized; later overrides win.
+
+        ``blocked=False`` skips block-quantizing overrides (for a layer whose shape cannot take them).
+        """
+        quant = LayerQuant(self.weight_bits, self.act_bits)
         if self.first_last_bits is not None and (is_first or is_last):
-            w, a = self.first_last_bits, self.first_last_bits
+            quant = LayerQuant(self.first_last_bits, self.first_last_bits)
         for override in self.overrides:
-            if override.matches(name):
-                w, a = override.weight_bits, override.act_bits
-        return w, a
+            if override.matches(name, kind) and (blocked or override.weight_block_size is None):
+                quant = LayerQuant(override.weight_bits, override.act_bits, override.weight_block_size)
+        return quant
 
 
 INT8_ONNXRUNTIME = QuantScheme(act_form="uint8_asymmetric")
@@ -149,6 +190,16 @@ def default_scheme(target: Target, *, bits: int = 8, **changes: Any) -> QuantSch
     """The scheme a target runtime fuses best, at ``bits`` for weights and activations."""
     form = "uint8_asymmetric" if target == "onnxruntime" else "int8_symmetric"
     return dataclasses.replace(QuantScheme(act_form=form), weight_bits=bits, act_bits=bits, **changes)
+
+
+def int4_weight_only(scheme: QuantScheme, *, block_size: int = INT4_WEIGHT_BLOCK) -> QuantScheme:
+    """``scheme`` with every Linear layer at INT4 weight-only, block-quantized along its inputs.
+
+    TensorRT's ``int4w``: INT4 exists there only as weight-only Gemm/MatMul (there are no 4-bit conv
+    kernels), so convolutions keep the scheme's settings and the Linear layers' inputs stay float.
+    """
+    int4 = LayerOverride("*", weight_bits=4, act_bits=None, kind="Linear", weight_block_size=block_size)
+    return dataclasses.replace(scheme, overrides=(*scheme.overrides, int4))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +311,7 @@ def from_mapping(cls: type, values: dict[str, Any]) -> Any:
                             hint=f"known fields: {', '.join(sorted(fields))}")
     values = dict(values)
     if cls is QuantScheme and "overrides" in values:
-        values["overrides"] = tuple(LayerOverride(**o) for o in values["overrides"])
+        values["overrides"] = tuple(from_mapping(LayerOverride, o) for o in values["overrides"])
     if cls is ProfileConfig and "batch_sizes" in values:
         values["batch_sizes"] = tuple(values["batch_sizes"])
     return cls(**values)

@@ -23,6 +23,12 @@ PROVIDERS = {
 # graphs (relative error 1.46 instead of 0.011, measured with onnxruntime 1.32). Where it is
 # exact (uint8, zero point 0) our exporter has already removed the Clip itself.
 DISABLED_OPTIMIZERS = ["ClipQuantRewrite"]
+# From opset 21 (our INT4 graphs), QDQPropagationTransformer inserts a QuantizeLinear with an
+# ``output_dtype`` attribute that onnxruntime's own type inference then rejects ("output_dtype INT8
+# does not match y_zero_point type UINT8", microsoft/onnxruntime#25526), so the session fails to
+# load (onnxruntime 1.32, CIFAR ResNet's strided-Slice shortcut). The pass only copies Q/DQ across
+# data movement ops, which changes no value.
+OPSET21_DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
@@ -66,9 +72,9 @@ class OnnxRuntimeRunner(Runner):
         if self.save_optimized:
             options.optimized_model_filepath = str(self.save_optimized)
         source = self.model if isinstance(self.model, bytes) else str(self.model)
+        disabled = DISABLED_OPTIMIZERS + (OPSET21_DISABLED_OPTIMIZERS if _opset(source) >= 21 else [])
         try:
-            self.session = ort.InferenceSession(source, options, providers=wanted,
-                                                disabled_optimizers=DISABLED_OPTIMIZERS)
+            self.session = ort.InferenceSession(source, options, providers=wanted, disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EngineBuildError(f"onnxruntime could not load the model: {str(exc).strip().splitlines()[0]}") from exc
 
@@ -85,6 +91,15 @@ class OnnxRuntimeRunner(Runner):
 
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
+
+
+def _opset(source: str | bytes) -> int:
+    """The default-domain opset a model imports (0 when the file cannot be read: onnxruntime says why)."""
+    try:
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+    except Exception:  # noqa: BLE001 - onnxruntime reports unreadable models with its own message
+        return 0
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def optimized_graph(model: str | os.PathLike | bytes, *, device: str = "cpu",

@@ -17,7 +17,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..calibration_set import CalibrationSet
-from ..config import QuantScheme, ReconstructionConfig
+from ..config import MIN_WEIGHT_BLOCK, LayerQuant, QuantScheme, ReconstructionConfig
 from ..errors import BadInputError
 from ..graph_capture import capture_graph, is_add
 from .fold import fold_batchnorm
@@ -35,6 +35,8 @@ CONCAT_OPS = {aten.cat.default, torch.cat}
 DATA_MOVEMENT = {aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default,
                  aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                  aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
+# Ops whose output holds the input's values (dropout is the identity in the inference graph).
+VALUE_PRESERVING = DATA_MOVEMENT | {aten.dropout.default}
 # Activations a conv/add output is quantized after (Q(relu(x)) fuses into the producing kernel).
 ACTIVATIONS = {aten.relu.default, aten.hardtanh.default, aten.clamp.default, aten.relu6.default}
 # Elementwise ops through which a tensor keeps "being the first conv's output" for the 8-bit policy.
@@ -49,6 +51,8 @@ class LayerInfo:
     kind: str
     weight_bits: int | None
     act_bits: int | None
+    weight_block_size: int | None = None  # None: one weight scale per output channel
+    note: str | None = None  # why the layer was quantized differently from what the scheme asked
 
 
 class QuantModel:
@@ -85,6 +89,10 @@ class QuantModel:
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
         }
 
+    def notes(self) -> list[str]:
+        """Per-layer notes for reports: where a layer could not be quantized as the scheme asked."""
+        return [f"{layer.name}: {layer.note}" for layer in self.layers if layer.note]
+
 
 def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, batch_size: int = 32,
              progress: bool = True, reconstruct: ReconstructionConfig | None = None) -> QuantModel:
@@ -116,16 +124,22 @@ def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerI
                 if n.op == "call_module" and type(modules[n.target]) in QUANT_LAYER_FOR]
     first = weighted[0] if weighted else None
     last = weighted[-1] if weighted else None
-    placer = _QuantizerPlacer(graph, scheme, first)
+    plans = {node: _layer_quant(scheme, node.target, modules[node.target], is_first=node is first, is_last=node is last)
+             for node in weighted}
+    weight_only = {node for node, (quant, _) in plans.items()
+                   if quant.weight_bits is not None and quant.act_bits is None}
+    placer = _QuantizerPlacer(graph, scheme, first, weight_only)
     layers: list[LayerInfo] = []
     for node in list(graph.graph.nodes):
         if node.op == "call_module" and node in weighted:
             module = modules[node.target]
-            w_bits, a_bits = scheme.layer_bits(node.target, is_first=node is first, is_last=node is last)
-            layers.append(LayerInfo(node.target, type(module).__name__, w_bits, a_bits))
+            quant, note = plans[node]
+            w_bits, a_bits = quant.weight_bits, quant.act_bits
+            layers.append(LayerInfo(node.target, type(module).__name__, w_bits, a_bits, quant.weight_block_size, note))
             if w_bits is None:
                 continue
-            graph.set_submodule(node.target, QUANT_LAYER_FOR[type(module)].from_float(module, w_bits))
+            graph.set_submodule(node.target, QUANT_LAYER_FOR[type(module)].from_float(
+                module, w_bits, block_size=quant.weight_block_size))
             if a_bits is not None:
                 placer.quantize(node.args[0], a_bits)
                 out_bits = scheme.first_last_bits if node is first and scheme.first_last_bits else scheme.act_bits
@@ -149,6 +163,40 @@ def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerI
     graph.graph.lint()
     graph.recompile()
     return layers
+
+
+def _layer_quant(scheme: QuantScheme, name: str, module: nn.Module, *, is_first: bool,
+                 is_last: bool) -> tuple[LayerQuant, str | None]:
+    """The scheme's setting for one layer with its weight block fitted to the layer's input size."""
+    kind = type(module).__name__
+    quant = scheme.layer_quant(name, kind=kind, is_first=is_first, is_last=is_last)
+    if quant.weight_block_size is None:
+        return quant, None
+    if not isinstance(module, nn.Linear):
+        raise BadInputError(f"layer {name} ({kind}): weight_block_size applies to Linear layers only",
+                            hint='limit the override to Linear layers with kind: "Linear"')
+    largest = quant.weight_block_size
+    block = fit_block_size(largest, module.in_features)
+    if block is not None:
+        return dataclasses.replace(quant, weight_block_size=block), None
+    quant = scheme.layer_quant(name, kind=kind, is_first=is_first, is_last=is_last, blocked=False)
+    return quant, (f"kept at W{quant.weight_bits}A{quant.act_bits} with per-channel weights: INT4 block quantization "
+                   f"needs a block of {MIN_WEIGHT_BLOCK}..{largest} inputs (a power of two) dividing its "
+                   f"{module.in_features} inputs")
+
+
+def fit_block_size(largest: int, in_features: int) -> int | None:
+    """The largest power of two from :data:`MIN_WEIGHT_BLOCK` to ``largest`` that divides ``in_features``.
+
+    Fitting the block rather than padding the weight keeps the exported Gemm's shape as the model's
+    (a padded weight would need a padded activation too); ``None`` when no block fits.
+    """
+    block = largest
+    while block >= MIN_WEIGHT_BLOCK:
+        if in_features % block == 0:
+            return block
+        block //= 2
+    return None
 
 
 def _quantize_biases(graph: fx.GraphModule, weighted: list[fx.Node]) -> None:
@@ -177,10 +225,12 @@ def _use_unsigned_grids_after_relu(graph: fx.GraphModule) -> None:
 class _QuantizerPlacer:
     """Puts one ActQuantizer on a tensor; every consumer of the tensor then reads its output."""
 
-    def __init__(self, graph: fx.GraphModule, scheme: QuantScheme, first: fx.Node | None):
+    def __init__(self, graph: fx.GraphModule, scheme: QuantScheme, first: fx.Node | None,
+                 weight_only: set[fx.Node] = frozenset()):
         self.graph = graph
         self.scheme = scheme
         self.first = first
+        self.weight_only = weight_only
         self.container = nn.Module()
         graph.add_module("act_quant", self.container)
         self.quantizer_of: dict[fx.Node, fx.Node] = {}
@@ -203,16 +253,30 @@ class _QuantizerPlacer:
         self.quantizer_of[src] = qnode
 
     def quantize_output(self, node: fx.Node, bits: int) -> None:
-        """Quantize ``node``'s output after its activation, unless it is a model output."""
+        """Quantize ``node``'s output after its activation, unless it is a model output or only
+        weight-only layers read it."""
         out = node
         while len(out.users) == 1:
             (user,) = out.users
             if user.op != "call_function" or user.target not in ACTIVATIONS:
                 break
             out = user
-        if any(user.op == "output" for user in out.users):
+        if any(user.op == "output" for user in out.users) or self._read_by_weight_only(out):
             return
         self.quantize(out, bits)
+
+    def _read_by_weight_only(self, node: fx.Node) -> bool:
+        """True when every reader of ``node``, seen through data movement, is a weight-only layer.
+
+        Such a tensor stays float: weight-only layers compute in float anyway, and TensorRT needs
+        it so (tensorrt_rtx 1.7 fails to build a block-quantized INT4 Gemm whose input comes from an
+        INT8 Q/DQ, even through Flatten).
+        """
+        users = list(node.users)
+        return bool(users) and all(
+            user in self.weight_only
+            or (user.op == "call_function" and user.target in VALUE_PRESERVING and self._read_by_weight_only(user))
+            for user in users)
 
     def tie_data_movement(self) -> None:
         for src, qnode in self.quantizer_of.items():

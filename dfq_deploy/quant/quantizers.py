@@ -171,14 +171,22 @@ class ActQuantizer(nn.Module):
 
 
 class WeightQuantizer(nn.Module):
-    """Symmetric per-output-channel weight quantizer (axis 0, zero point 0, grid ±(2^(b-1)-1))."""
+    """Symmetric weight quantizer (zero point 0, grid ±(2^(b-1)-1)): one scale per output channel, or
+    with ``block_size`` one per block of that many consecutive inputs of an output row (2-d weights).
 
-    def __init__(self, bits: int, channels: int):
+    The grid is narrow (-7..7 at 4 bit, not -8..7), as ModelOpt's INT4 and every per-channel INT8
+    scheme: a symmetric grid keeps ``-w`` on the same code magnitude as ``w``, and the scale is then
+    simply the block's amax / 7.
+    """
+
+    def __init__(self, bits: int, channels: int, *, block_size: int | None = None, in_features: int | None = None):
         super().__init__()
         self.bits = bits
         self.enabled = True
         self.export_index: int | None = None
-        self.register_buffer("scale", torch.ones(channels))
+        self.block_size = block_size
+        shape = (channels,) if block_size is None else (channels, in_features // block_size)
+        self.register_buffer("scale", torch.ones(shape))
         self.rounding: nn.Parameter | None = None  # AdaRound's V while rounding is learned
         self.hard_rounding = False
 
@@ -186,16 +194,25 @@ class WeightQuantizer(nn.Module):
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with one row per scale, in the order of ``scale.reshape(-1)``."""
+        if self.block_size is None:
+            return weight.reshape(weight.shape[0], -1)
+        return weight.reshape(-1, self.block_size)
+
     @torch.no_grad()
     def calibrate(self, weight: torch.Tensor, method: str = "max") -> None:
-        """Per-channel scale from the channel's max (``max``) or an Lp-norm search (``mse``)."""
+        """Per-channel (or per-block) scale from its max (``max``) or an Lp-norm search (``mse``)."""
+        rows = self._rows(weight.detach())
         if method == "mse":
-            self.scale.copy_(search_weight_scale(weight, self.qmax))
-            return
-        amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
-        self.scale.copy_(torch.clamp(amax, min=1e-8) / self.qmax)
+            scale = search_weight_scale(rows, self.qmax)
+        else:
+            scale = torch.clamp(rows.abs().amax(dim=1), min=1e-8) / self.qmax
+        self.scale.copy_(scale.reshape(self.scale.shape))
 
     def broadcast_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.block_size is not None:
+            return self.scale.repeat_interleave(self.block_size, dim=1)
         return self.scale.reshape(-1, *([1] * (weight.ndim - 1)))
 
     def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -266,13 +283,14 @@ class _QuantWeightLayer:
     bias_export_index: int | None = None
 
     @classmethod
-    def from_float(cls, layer: nn.Module, bits: int):
+    def from_float(cls, layer: nn.Module, bits: int, *, block_size: int | None = None):
         new = cls.__new__(cls)
         new.__dict__.update(layer.__dict__)
         new._modules = dict(layer._modules)
         new._parameters = dict(layer._parameters)
         new._buffers = dict(layer._buffers)
-        new.weight_quantizer = WeightQuantizer(bits, layer.weight.shape[0])
+        out_features, in_features = layer.weight.shape[:2]
+        new.weight_quantizer = WeightQuantizer(bits, out_features, block_size=block_size, in_features=in_features)
         new.weight_quantizer.calibrate(layer.weight)
         return new
 
@@ -282,10 +300,11 @@ class _QuantWeightLayer:
         object.__setattr__(self, "bias_input", input_quantizer)
 
     def bias_scale(self) -> torch.Tensor | None:
-        q = self.bias_input
-        if self.bias is None or q is None or q.mode != "quantize" or not self.weight_quantizer.enabled:
+        q, wq = self.bias_input, self.weight_quantizer
+        # A blocked weight has no single scale per output channel to put an int32 bias on.
+        if self.bias is None or q is None or q.mode != "quantize" or not wq.enabled or wq.block_size is not None:
             return None
-        return q.scale * self.weight_quantizer.scale
+        return q.scale * wq.scale
 
     def integer_bias(self) -> torch.Tensor:
         """The int32 values written to the exported bias initializer."""
