@@ -38,6 +38,7 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 _CONVS = ("Conv", "ConvTranspose")
 _INT4_CONSUMERS = ("Gemm", "MatMul")
+_DATA_MOVEMENT = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 # Inputs that carry numbers the op computes with; a Conv/Gemm bias stays float and is not counted.
 _COMPUTE_INPUTS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "Gemm": (0, 1), "MatMul": (0, 1)}
 
@@ -268,7 +269,22 @@ def _check_int4(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
     if weight.ndim and weight.shape[-1] % 2:
         out.append(Violation(INT4_WEIGHT_ONLY, name, f"INT4 weight's last dimension is {weight.shape[-1]}; "
                              "TensorRT packs two int4 values per byte and needs it even"))
+    for user, _ in idx.consumers.get(node.output[0], []):
+        source = _source_through_data_movement(idx, user.input[0])
+        if source is not None and source.op_type == "DequantizeLinear":
+            out.append(Violation(INT4_WEIGHT_ONLY, name, f"the activation of {user.op_type} {idx.name(user)} comes "
+                                 f"from {_type_name(idx.quant_type(source))} DequantizeLinear {idx.name(source)}; INT4 "
+                                 "is weight-only in TensorRT, keep that input float (tensorrt_rtx 1.7 fails to build "
+                                 "a blocked INT4 Gemm behind INT8 Q/DQ)"))
     return out
+
+
+def _source_through_data_movement(idx: _Index, tensor: str) -> onnx.NodeProto | None:
+    """The producer of ``tensor``, looking through ops that only move values (Flatten, Reshape, ...)."""
+    node = idx.producer.get(tensor)
+    while node is not None and node.op_type in _DATA_MOVEMENT:
+        node = idx.producer.get(node.input[0])
+    return node
 
 
 def _is_float_activation(idx: _Index, tensor: str) -> bool:

@@ -153,16 +153,26 @@ def test_old_opset():
     assert (trt_rules.OPSET, "(model)") in _rules(lint(residual_block(opset=17)))
 
 
-def _int4_matmul(*, k: int = 64, n: int = 32, block: int = 32, opset: int = 21) -> onnx.ModelProto:
+def _int4_matmul(*, k: int = 64, n: int = 32, block: int = 32, opset: int = 21,
+                 quantized_input: bool = False) -> onnx.ModelProto:
+    """x -> MatMul with an INT4 weight blocked along K; ``quantized_input`` puts int8 Q/DQ + Flatten on x."""
     w = helper.make_tensor("w", TensorProto.INT4, [k, n], np.zeros(k * n, np.int8).tolist())
     scale = numpy_helper.from_array(np.full((k // block if block else 1, n), 0.01, np.float32), "ws")
     attrs = {"axis": 0, "block_size": block} if block else {"axis": 1}
     if not block:
         scale = numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws")
-    nodes = [helper.make_node("DequantizeLinear", ["w", "ws"], ["wdq"], name="w_DQ", **attrs),
-             helper.make_node("MatMul", ["x", "wdq"], ["y"], name="mm")]
+    inits = [w, scale]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "ws"], ["wdq"], name="w_DQ", **attrs)]
+    x = "x"
+    if quantized_input:
+        inits += [numpy_helper.from_array(np.float32(0.05), "xs"), numpy_helper.from_array(np.int8(0), "xz")]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="x_Q"),
+                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xdq"], name="x_DQ"),
+                  helper.make_node("Flatten", ["xdq"], ["xf"], name="flatten")]
+        x = "xf"
+    nodes.append(helper.make_node("MatMul", [x, "wdq"], ["y"], name="mm"))
     graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])], [w, scale])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     return model
@@ -176,7 +186,8 @@ def test_int4_weight_only_matmul_passes():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"n": 31}, "even"), ({"block": 0}, "block_size"), ({"opset": 19}, "opset >= 21")])
+    ({"n": 31}, "even"), ({"block": 0}, "block_size"), ({"opset": 19}, "opset >= 21"),
+    ({"quantized_input": True}, "weight-only")])
 def test_int4_rules(kwargs, fragment):
     violations = lint(_int4_matmul(**kwargs))
     assert violations and all(v.node == "w_DQ" and v.rule == trt_rules.INT4_WEIGHT_ONLY for v in violations)
