@@ -248,8 +248,9 @@ def _check_precision(model: onnx.ModelProto, precision: EnginePrecision) -> list
         if not any(n.op_type == "DequantizeLinear" and n.input[0] in int4 for n in qdq):
             raise BadInputError("--precision int4w needs INT4 weights (DequantizeLinear of an int4 initializer) "
                                 "on Gemm/MatMul; the graph has none",
-                                hint="dfq-deploy stores weights in int8 containers and does not yet export "
-                                     "block-quantized INT4 Gemm/MatMul weights; use --precision int8")
+                                hint="quantize with config.int4_weight_only(scheme) (what `build --precision int4w` "
+                                     "does); a Linear layer takes INT4 blocks only when a power of two >= 16 divides "
+                                     "its input size; otherwise use --precision int8")
         return [INT4_CONV_NOTE]
     return []
 

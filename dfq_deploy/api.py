@@ -21,7 +21,7 @@ from . import __version__
 from .artifacts import atomic_write_bytes, package_versions
 from .calibration_set import CalibrationSet
 from .config import (IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme, ReconstructionConfig,
-                     SynthesisConfig, Target, default_scheme)
+                     SynthesisConfig, Target, default_scheme, int4_weight_only)
 from .errors import BadInputError, FidelityGateError
 from .models import LoadedModel, load_model
 from .quant.quantize import QuantModel
@@ -180,6 +180,11 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
         raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
     scheme = scheme or default_scheme(target)
+    if precision == "int4w":
+        if target == "onnxruntime":
+            raise BadInputError("--precision int4w is TensorRT's INT4 weight-only engine precision",
+                                hint="use --target tensorrt or tensorrt-rtx")
+        scheme = int4_weight_only(scheme)
     if target != "onnxruntime" and scheme.act_form != "int8_symmetric":
         raise BadInputError(f"--target {target} takes only signed symmetric int8 activations",
                             hint="leave the scheme's act_form at int8_symmetric for TensorRT targets")
@@ -278,7 +283,7 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
         "files": {name: {"path": Path(p).name, "bytes": _size(Path(p))} for name, p in artifacts.items()},
         "host_memory": host_memory(),
         "timings_s": {name: stage["seconds"] for name, stage in manifest.data["stages"].items()},
-        "notes": _notes(synthesis, target),
+        "notes": _notes(synthesis, target) + qmodel.notes(),
     }
     gate = _fidelity_gate(deployment, max_disagreement)
     report["fidelity_gate"] = gate

@@ -161,6 +161,27 @@ def test_build_for_tensorrt_rtx_lints_and_builds_the_engine_on_cpu(pickled_model
     assert report["quantization"]["scheme"]["act_form"] == "int8_symmetric"
 
 
+def test_build_int4w_for_tensorrt_rtx(pickled_model, tmp_path):
+    """--precision int4w: the classifier's weights as INT4 blocks with a float input; convs stay INT8."""
+    pytest.importorskip("tensorrt_rtx")
+    from dfq_deploy.converters.tensorrt import INT4_CONV_NOTE
+
+    out = tmp_path / "int4w"
+    result = invoke("build", pickled_model, "--trust-pickle", "--target", "tensorrt-rtx", "--precision", "int4w",
+                    "--calib", "noise", "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    fc = next(layer for layer in report["quantization"]["layers"] if layer["name"] == "fc")
+    assert (fc["weight_bits"], fc["act_bits"], fc["weight_block_size"]) == (4, None, 16)
+    assert all(layer["weight_bits"] == 8 for layer in report["quantization"]["layers"] if layer["kind"] == "Conv2d")
+    dep = report["deployment"]
+    assert dep["lint"] == [] and dep["qdq_on_onnxruntime_cpu"]["relative_l2"] < 0.05
+    assert dep["engine_metadata"]["precision_requested"] == "int4w" and INT4_CONV_NOTE in dep["engine_metadata"]["notes"]
+    assert INT4_CONV_NOTE in (out / "report.md").read_text()
+    _assert_refused(invoke("build", pickled_model, "--trust-pickle", "--precision", "int4w", "--out", tmp_path / "ort",
+                           *FAST), "TensorRT", "--target tensorrt", out=tmp_path / "ort")
+
+
 def test_quantize_then_eval_commands(pickled_model, tmp_path):
     import numpy as np
     calib_dir, out = tmp_path / "calib", tmp_path / "q"

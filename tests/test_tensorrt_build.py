@@ -133,28 +133,35 @@ def test_every_qdq_node_of_the_block_is_parsed(trt_rtx):
 
 # Our exporter's graphs (TensorRT form). Export is slow on CPU (graph capture + calibration + ONNX
 # export, ~5-15 s a model on 2 cores), so the two ImageNet models are marked slow.
+@pytest.mark.parametrize("precision", ["int8", "int4w"])
 @pytest.mark.parametrize("arch", ["cifar:resnet20", pytest.param("resnet18", marks=pytest.mark.slow),
                                   pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
-def test_our_exported_graphs_lint_parse_and_build(trt_rtx, arch):
+def test_our_exported_graphs_lint_parse_and_build(trt_rtx, arch, precision):
     onnx_qdq = pytest.importorskip("dfq_deploy.converters.onnx_qdq")
     import torch
     import torchvision
 
     from dfq_deploy.calibration_set import CalibrationSet
     from dfq_deploy.cifar_resnet import cifar_resnet
-    from dfq_deploy.config import INT8_TENSORRT
+    from dfq_deploy.config import INT8_TENSORRT, int4_weight_only
     from dfq_deploy.quant.quantize import quantize
 
     model = cifar_resnet("resnet20") if arch.startswith("cifar:") else getattr(torchvision.models, arch)()
     calib = CalibrationSet(images=torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
-    qmodel = quantize(model.eval(), calib, scheme=dataclasses.replace(INT8_TENSORRT, calibrator="max"),
+    scheme = dataclasses.replace(INT8_TENSORRT, calibrator="max")
+    qmodel = quantize(model.eval(), calib, scheme=int4_weight_only(scheme) if precision == "int4w" else scheme,
                       batch_size=4, progress=False)
     graph = onnx_qdq.onnx_from_quant_model(qmodel)
     assert trt_rules.lint(graph) == []
     _assert_every_qdq_parsed(graph)
-    meta = engine_from_onnx(graph, config=RTX).metadata
+    meta = engine_from_onnx(graph, config=dataclasses.replace(RTX, precision=precision)).metadata
     convs = [p for n, p in meta["onnx_precision"].items() if "conv" in n.lower()]
     assert meta["engine_bytes"] > 0 and convs and set(convs) == {"int8"}
+    gemms = {p for n, p in meta["onnx_precision"].items() if n.endswith("/Gemm")}
+    if precision == "int4w":  # the classifier's weights are INT4 blocks, its input float; convs stay INT8
+        assert graph.opset_import[0].version == 21 and gemms == {"int4-weight"} and INT4_CONV_NOTE in meta["notes"]
+    else:
+        assert gemms == {"int8"}
 
 
 def test_fp16_float_graph_builds_half_size(trt_rtx, fp32_onnx):
