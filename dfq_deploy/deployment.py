@@ -125,28 +125,11 @@ def _run_engine(engine_path: Path, target: str, model: LoadedModel, qmodel: Quan
     runner = TensorRTRunner(engine_path, target=target)
     fake_quant = TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant")
     with runner, fake_quant:
-        runner.name = target
-        fidelity = compare(fake_quant, _AsRunner(runner), (b.numpy() for b in calib.batches(AGREEMENT_BATCH)))
-        latency = [runner.profile({runner_input(runner): profile_batch(calib, bs)}, warmup=profile_config.warmup,
+        fidelity = compare(fake_quant, runner, (b.numpy() for b in calib.batches(AGREEMENT_BATCH)))
+        latency = [runner.profile({runner.input_name: profile_batch(calib, bs)}, warmup=profile_config.warmup,
                                   iterations=profile_config.iterations).as_dict() | {"batch_size": bs}
                    for bs in profile_config.batch_sizes]
     return {"fidelity_vs_fake_quant": fidelity.as_dict(), "latency": latency}
-
-
-def runner_input(runner) -> str:
-    return next(iter(runner.input_specs()))
-
-
-class _AsRunner:
-    """Adapts a runner that lacks ``input_name``/``name`` to :func:`compare`."""
-
-    def __init__(self, runner):
-        self.runner = runner
-        self.name = getattr(runner, "name", type(runner).__name__)
-        self.input_name = runner_input(runner)
-
-    def infer(self, feeds):
-        return self.runner.infer(feeds)
 
 
 def _speedups(latency: list[dict[str, Any]], fast: str, slow: str) -> dict[str, float]:

@@ -56,10 +56,14 @@ class Runner(abc.ABC):
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; ``feeds`` must name every input with matching dtype and rank."""
-        if not self.is_active:
-            raise RuntimeError(f"{self.name} is not active: use it inside a `with` block")
+        self.require_active()
         self.check_feeds(feeds)
         return self.infer_impl(feeds)
+
+    def require_active(self) -> None:
+        """Raise unless the runner is inside its ``with`` block (activated)."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name} is not active: use it inside a `with` block")
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         specs = self.input_specs()

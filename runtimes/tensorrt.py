@@ -1,8 +1,9 @@
 """Run and time a serialized TensorRT / TensorRT-RTX engine on a CUDA GPU.
 
-:class:`TensorRTRunner` follows the Runner lifecycle (context manager, ``input_specs()``,
-``infer(feeds) -> dict``) and owns its CUDA stream and device buffers. Device memory comes from torch
-(CUDA tensors whose pointers are handed to the execution context), so no CUDA Python binding is needed.
+:class:`TensorRTRunner` is a :class:`~dfq_deploy.runtimes.base.Runner` (context manager,
+``input_specs()``, ``infer(feeds) -> dict``, feeds checked by the base class) and owns its CUDA stream
+and device buffers. Device memory comes from torch (CUDA tensors whose pointers are handed to the
+execution context), so no CUDA Python binding is needed.
 TensorRT and torch's CUDA are touched only on ``activate()``: constructing a runner, or importing this
 module, works on a machine without a GPU or TensorRT.
 """
@@ -19,6 +20,8 @@ import numpy as np
 
 from dfq_deploy.converters.tensorrt import EngineArtifact, TensorRTTarget, import_tensorrt, make_logger, metadata_path
 from dfq_deploy.errors import BadInputError, DfqError
+
+from .base import InputSpecs, Runner
 
 _NO_GPU_HINT = ("TensorRT engines run on NVIDIA GPUs only; build on this machine with --target tensorrt-rtx "
                 "(no GPU needed) and run or profile the engine where a GPU is")
@@ -61,7 +64,7 @@ def latency_stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
     return {k: round(float(v), 4) for k, v in stats.items()}
 
 
-class TensorRTRunner:
+class TensorRTRunner(Runner):
     """Loads a serialized engine and runs it: ``with TensorRTRunner(path) as r: r.infer({"input": x})``.
 
     ``engine`` is an engine file, its bytes, or an :class:`EngineArtifact`. ``target`` picks the module
@@ -71,24 +74,15 @@ class TensorRTRunner:
 
     def __init__(self, engine: str | os.PathLike | bytes | EngineArtifact, *, target: TensorRTTarget | None = None,
                  device: int = 0):
+        super().__init__()
         self._source = engine
         self.target: TensorRTTarget = target or _target_from_metadata(engine) or "tensorrt"
+        self.name = self.target
         self.device_index = device
         self.engine = None
-        self._active = False
 
-    # ---- lifecycle ------------------------------------------------------------------------------------
-    def __enter__(self) -> TensorRTRunner:
-        self.activate()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.deactivate()
-
-    def activate(self) -> None:
+    def activate_impl(self) -> None:
         """Deserialize the engine, create the execution context and a CUDA stream."""
-        if self._active:
-            return
         torch = _cuda_torch()
         trt = import_tensorrt(self.target, purpose="Running a TensorRT engine")
         self._torch, self._trt = torch, trt
@@ -109,38 +103,42 @@ class TensorRTRunner:
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
         self._buffers: dict[str, tuple[Any, Any]] = {}  # name -> (pinned host tensor, device tensor)
-        self._active = True
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         """Release buffers, context and engine (in that order: the context refers to the engine)."""
-        if not self._active:
-            return
         self.stream.synchronize()
         self._buffers.clear()
         self.context = None
         self.engine = None
         self._runtime = None
-        self._active = False
 
-    # ---- Runner protocol ------------------------------------------------------------------------------
-    def input_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Input name -> (shape, dtype); a dynamic dimension is -1."""
-        self._require_active()
-        return {n: (tuple(self.engine.get_tensor_shape(n)), np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(n))))
+    def input_specs(self) -> InputSpecs:
+        """Input name -> (shape, dtype); a dynamic dimension (-1 in TensorRT) is ``None``."""
+        self.require_active()
+        return {n: (tuple(None if d < 0 else d for d in self.engine.get_tensor_shape(n)),
+                    np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(n))))
                 for n in self._inputs}
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once: copy ``feeds`` in, execute, copy every output out (synchronous)."""
         self._stage(feeds)
         self._run_async()
         self.stream.synchronize()
         return {n: self._buffers[n][0].numpy().copy() for n in self._outputs}
 
+    def memory(self) -> dict[str, float]:
+        """The engine's size and the device memory its execution context needs, in MiB."""
+        if not self.is_active:
+            return {}
+        return {"engine_mib": len(self._plan) / 2**20, "context_device_mib": _context_memory(self.engine) / 2**20}
+
     # ---- profiling ------------------------------------------------------------------------------------
     def profile(self, feeds: dict[str, np.ndarray], *, warmup: int = 5, iterations: int = 30) -> TensorRTProfile:
         """Time ``iterations`` runs after ``warmup`` with CUDA events, copies and compute separately."""
         if iterations < 1 or warmup < 0:
             raise BadInputError(f"profile needs iterations >= 1 and warmup >= 0, got {iterations}, {warmup}")
+        self.require_active()
+        self.check_feeds(feeds)
         torch = self._torch
         self._stage(feeds)
         for _ in range(warmup):
@@ -173,24 +171,11 @@ class TensorRTRunner:
             gpu_memory_used_bytes=int(total_mem - free), device=torch.cuda.get_device_name(self.device))
 
     # ---- internals ------------------------------------------------------------------------------------
-    def _require_active(self) -> None:
-        if not self._active:
-            raise DfqError("the TensorRT runner is not active", hint="use it as `with TensorRTRunner(...) as r:`")
-
     def _stage(self, feeds: dict[str, np.ndarray]) -> None:
-        """Check feeds against the engine, set input shapes, (re)allocate buffers, bind addresses."""
-        specs = self.input_specs()
-        if set(feeds) != set(specs):
-            raise BadInputError(f"engine inputs are {sorted(specs)}, got feeds for {sorted(feeds)}")
+        """Set input shapes, (re)allocate buffers and bind addresses for feeds already checked."""
         for name, array in feeds.items():
-            shape, dtype = specs[name]
-            array = np.asarray(array)
-            if array.dtype != dtype:
-                raise BadInputError(f"input '{name}' must be {dtype}, got {array.dtype}")
-            if len(shape) != array.ndim or any(s not in (-1, a) for s, a in zip(shape, array.shape)):
-                raise BadInputError(f"input '{name}' must have shape {list(shape)} (-1: any), got {list(array.shape)}")
             self.context.set_input_shape(name, array.shape)
-            host = self._buffer(name, array.shape, dtype)
+            host = self._buffer(name, array.shape, array.dtype)
             host.numpy()[...] = array
         for name in self._outputs:
             shape = tuple(self.context.get_tensor_shape(name))

@@ -179,9 +179,15 @@ def test_runner_without_gpu_fails_clearly_when_used(tmp_path):
     from dfq_deploy.errors import DfqError
     from dfq_deploy.runtimes.tensorrt import TensorRTRunner
 
+    from dfq_deploy.runtimes.base import Runner
+
     (tmp_path / "x.engine").write_bytes(b"not an engine")
     runner = TensorRTRunner(tmp_path / "x.engine", target="tensorrt-rtx")  # constructing needs nothing
+    assert isinstance(runner, Runner) and runner.name == "tensorrt-rtx"
     with pytest.raises(DfqError, match="CUDA GPU") as info:
         with runner:
             pass
     assert "tensorrt-rtx" in str(info.value)  # the hint says how to build without a GPU
+    assert not runner.is_active and runner.memory() == {}
+    with pytest.raises(RuntimeError, match="not active"):  # the base class's lifecycle check
+        runner.infer({"input": np.zeros((1, 3), np.float32)})

@@ -41,12 +41,13 @@ def engine_path(target, tmp_path_factory):
     return save_engine(artifact, tmp_path_factory.mktemp("engine") / "block.engine")
 
 
-def test_matches_onnxruntime(engine_path):
+def test_matches_onnxruntime(engine_path, target):
     x = np.random.default_rng(0).uniform(-3, 3, (2, 8, 16, 16)).astype(np.float32)
     reference = ort.InferenceSession(_dynamic_block().SerializeToString(),
                                      providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     with TensorRTRunner(engine_path) as runner:  # target read from the metadata beside the engine
-        assert runner.input_specs() == {"x": ((-1, 8, 16, 16), np.dtype(np.float32))}
+        assert runner.input_specs() == {"x": ((None, 8, 16, 16), np.dtype(np.float32))}
+        assert runner.name == target and runner.memory()["context_device_mib"] >= 0
         y = runner.infer({"x": x})["y"]
     assert y.shape == reference.shape
     # int8 rounding may differ by one step (scale 0.05) where a value sits on a rounding boundary
@@ -55,7 +56,7 @@ def test_matches_onnxruntime(engine_path):
 
 def test_bad_feeds_are_rejected(engine_path):
     with TensorRTRunner(engine_path) as runner:
-        with pytest.raises(BadInputError, match="inputs are"):
+        with pytest.raises(BadInputError, match="do not match the model inputs"):
             runner.infer({"image": np.zeros((1, 8, 16, 16), np.float32)})
         with pytest.raises(BadInputError, match="float32"):
             runner.infer({"x": np.zeros((1, 8, 16, 16), np.float64)})
