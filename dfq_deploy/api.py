@@ -244,11 +244,14 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
     manifest.artifact("fp32_onnx", fp32_path)
     manifest.artifact("qdq_onnx", qdq_path)
 
+    optimized = None  # onnxruntime's optimized Q/DQ graph: its kernel counts and the precision map read it
     with manifest.timed("deploy_and_profile"):
         if target == "onnxruntime":
             from .deployment import deploy_onnxruntime
+            from .runtimes.onnxruntime import optimized_graph
+            optimized = optimized_graph(qdq_path, threads=profile_config.threads)
             deployment = deploy_onnxruntime(model, qmodel, calib, fp32_path=fp32_path, qdq_path=qdq_path,
-                                            profile_config=profile_config)
+                                            profile_config=profile_config, optimized=optimized)
         else:
             from .deployment import deploy_tensorrt
             deployment = deploy_tensorrt(model, qmodel, calib, qdq_model=qdq_model, fp32_path=fp32_path,
@@ -265,8 +268,8 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
                                          threads=profile_config.threads)
 
     with manifest.timed("layer_fidelity"):
-        layer_report, precision_map = _where_precision_goes(qmodel, qdq_model, qdq_path, calib, target=target,
-                                                            deployment=deployment, threads=profile_config.threads)
+        layer_report, precision_map = _where_precision_goes(qmodel, qdq_model, calib, target=target,
+                                                            deployment=deployment, optimized=optimized)
 
     report = {
         "dfq_deploy": __version__,
@@ -345,9 +348,10 @@ def evaluate_accuracy(model: LoadedModel, qmodel: QuantModel, labelled, *, qdq_p
     return result
 
 
-def _where_precision_goes(qmodel: QuantModel, qdq_model: onnx.ModelProto, qdq_path: Path, calib: CalibrationSet, *,
-                          target: Target, deployment: dict[str, Any], threads: int | None):
-    """Per-layer fidelity (onnxruntime CPU runs every target's graph) and the runtime's precision map."""
+def _where_precision_goes(qmodel: QuantModel, qdq_model: onnx.ModelProto, calib: CalibrationSet, *,
+                          target: Target, deployment: dict[str, Any], optimized: onnx.ModelProto | None):
+    """Per-layer fidelity (onnxruntime CPU runs every target's graph) and the runtime's precision map
+    (for onnxruntime, read from its ``optimized`` graph)."""
     import warnings
 
     from .fidelity import layer_fidelity
@@ -355,7 +359,7 @@ def _where_precision_goes(qmodel: QuantModel, qdq_model: onnx.ModelProto, qdq_pa
 
     fidelity = layer_fidelity(qmodel, qdq_model, calib, max_images=FIDELITY_IMAGES).as_dict()
     if target == "onnxruntime":
-        pmap = precision_map_onnxruntime(qdq_path, layers=qmodel.layers, threads=threads)
+        pmap = precision_map_onnxruntime(qdq_model, layers=qmodel.layers, optimized=optimized)
     else:
         pmap = precision_map_tensorrt(qdq_model, deployment.get("engine_metadata") or {}, layers=qmodel.layers)
     warning = float_fallback_warning(pmap)

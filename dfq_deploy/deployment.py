@@ -17,7 +17,7 @@ from .config import ProfileConfig
 from .errors import DfqError
 from .models import LoadedModel
 from .quant.quantize import QuantModel
-from .runtimes.onnxruntime import OnnxRuntimeRunner, optimized_op_counts
+from .runtimes.onnxruntime import OnnxRuntimeRunner, op_counts, optimized_graph
 from .runtimes.profiler import Agreement, compare, cpu_description, host_memory, profile
 from .runtimes.torch import TorchRunner
 
@@ -49,8 +49,13 @@ def onnxruntime_agreement(qmodel: QuantModel, onnx_model: onnx.ModelProto | str 
 
 
 def deploy_onnxruntime(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, fp32_path: Path,
-                       qdq_path: Path, profile_config: ProfileConfig, device: str = "cpu") -> dict[str, Any]:
-    """Open FP32 and INT8 sessions, check the INT8 one against the references, and time both."""
+                       qdq_path: Path, profile_config: ProfileConfig, device: str = "cpu",
+                       optimized: onnx.ModelProto | None = None) -> dict[str, Any]:
+    """Open FP32 and INT8 sessions, check the INT8 one against the references, and time both.
+
+    ``optimized`` is onnxruntime's optimized graph of ``qdq_path`` on ``device`` when the caller has
+    it already (its kernels are counted); else it is computed here.
+    """
     threads = profile_config.threads
     fp32 = OnnxRuntimeRunner(fp32_path, device=device, threads=threads)
     fp32.name = f"onnxruntime-{device}-fp32"
@@ -71,7 +76,7 @@ def deploy_onnxruntime(model: LoadedModel, qmodel: QuantModel, calib: Calibratio
                                        iterations=profile_config.iterations).as_dict())
         memory["after_profile"] = host_memory()
         providers = int8.providers()
-    ops = optimized_op_counts(qdq_path, threads=threads)
+    ops = op_counts(optimized if optimized is not None else optimized_graph(qdq_path, device=device, threads=threads))
     return {
         "runtime": "onnxruntime",
         "device": device,

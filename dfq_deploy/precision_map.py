@@ -121,18 +121,21 @@ def _zero_point_type(graph: QdqGraph, qdq: onnx.NodeProto) -> int:
 
 def precision_map_onnxruntime(qdq_model: onnx.ModelProto | str | os.PathLike, *,
                               layers: Sequence[LayerInfo] | None = None, device: str = "cpu",
-                              threads: int | None = None) -> PrecisionMap:
+                              threads: int | None = None, optimized: onnx.ModelProto | None = None) -> PrecisionMap:
     """What onnxruntime (``device``) really runs each layer in, read from its optimized graph.
 
     ``layers`` (``QuantModel.layers``) give the asked precision; without them it is read from the graph.
+    ``optimized`` is onnxruntime's optimized graph of ``qdq_model`` when the caller has it already
+    (:func:`~dfq_deploy.runtimes.onnxruntime.optimized_graph` on ``device``); else it is computed here.
     """
     from .runtimes.onnxruntime import optimized_graph
 
     model = qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(os.fspath(qdq_model))
     layers = list(layers) if layers is not None else layers_from_graph(model)
-    optimized = list(optimized_graph(model.SerializeToString(), device=device, threads=threads).graph.node)
+    if optimized is None:
+        optimized = optimized_graph(model.SerializeToString(), device=device, threads=threads)
     graph = QdqGraph(model)
-    rows = [_onnxruntime_row(graph, optimized, layer) for layer in layers]
+    rows = [_onnxruntime_row(graph, list(optimized.graph.node), layer) for layer in layers]
     return PrecisionMap(f"onnxruntime-{device}", tuple(rows))
 
 

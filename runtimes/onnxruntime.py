@@ -112,6 +112,11 @@ def optimized_graph(model: str | os.PathLike | bytes, *, device: str = "cpu",
         return onnx.load(str(path))
 
 
+def op_counts(model: onnx.ModelProto) -> Counter:
+    """How many nodes of each op type ``model`` has (of an :func:`optimized_graph`: the kernels that run)."""
+    return Counter(node.op_type for node in model.graph.node)
+
+
 def optimized_op_counts(model: str | os.PathLike | bytes, *, threads: int | None = None) -> Counter:
     """Op types of the graph onnxruntime (CPU) really executes, after its fusions."""
-    return Counter(node.op_type for node in optimized_graph(model, threads=threads).graph.node)
+    return op_counts(optimized_graph(model, threads=threads))

@@ -30,11 +30,23 @@ def pickled_model(tmp_path):
     return path
 
 
-def test_build_writes_every_artifact_and_a_consistent_report(pickled_model, tmp_path):
+def test_build_writes_every_artifact_and_a_consistent_report(pickled_model, tmp_path, monkeypatch):
+    from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    optimized = []  # sessions that write their optimized graph: kernel counts and precision map share one
+    activate = OnnxRuntimeRunner.activate_impl
+
+    def counting_activate(self):
+        if self.save_optimized:
+            optimized.append(self.model)
+        activate(self)
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "activate_impl", counting_activate)
     out = tmp_path / "build"
     result = invoke("build", pickled_model, "--trust-pickle", "--calib", "zeroq", "--iterations", "20",
                     "--out", out, "--json", *FAST)
     assert result.exit_code == 0, result.output
+    assert len(optimized) == 1, "onnxruntime optimizes the Q/DQ graph once per build"
     for name in ("model.fp32.onnx", "model.qdq.onnx", "report.json", "report.md", "manifest.json",
                  "calibration/calibration.pt", "calibration/calibration.json"):
         assert (out / name).is_file(), name
