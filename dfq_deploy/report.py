@@ -88,8 +88,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if plan and plan.get("kind") == "max_drop":
         raised = ", ".join(f"`{o['pattern']}` → {o['weight_bits'] or 'float'}" for o in plan["overrides"]) or "none"
         lines += ["## Accuracy budget (--max-drop)", "",
-                  f"Estimated top-1 drop {plan['estimated_drop']:.2f} points (budget {plan['max_drop']}) as disagreement "
-                  f"with FP32 on {plan['holdout_images']} held-out synthetic images (not used to calibrate). "
+                  f"Estimated top-1 drop {plan['estimated_drop']:.2f} points (budget {plan['max_drop']}): disagreement "
+                  f"with FP32 on {plan['holdout_images']} held-out synthetic images (not used to calibrate), each flip "
+                  f"weighted by the FP32 probability it gives up (plain disagreement {plan['disagreement']:.2f}%). "
+                  f"Convolution MACs still at the lowest width: {plan['low_bit_mac_fraction']:.0%}. "
                   f"Raised layers: {raised}. "
                   f"Weight size {plan['size_bytes'] / 2**20:.2f} MiB ({plan['size_bytes'] / max(plan['size_bytes_all_low'], 1):.2f}× "
                   f"all-low), bit-weighted MACs {plan['bit_macs'] / max(plan['bit_macs_all_low'], 1):.2f}× all-low.", ""]

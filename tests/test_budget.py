@@ -6,7 +6,7 @@ import torch
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import default_scheme
 from dfq_deploy.errors import BudgetNotMetError
-from dfq_deploy.quant.budget import disagreement_percent, plan_for_max_drop
+from dfq_deploy.quant.budget import disagreement_percent, expected_drop_percent, plan_for_max_drop
 from dfq_deploy.quant.quantize import quantize
 from tiny_models import tiny_resnet
 
@@ -23,15 +23,19 @@ def test_plan_meets_the_budget_on_held_out_images(setup):
     calibrate_on, held_out = calib.split(0.25)
     all_low = quantize(model, calibrate_on, scheme=scheme, progress=False)
     low_drop = disagreement_percent(model, all_low.module, held_out.images)
-    assert low_drop > 10, "2-bit everywhere must disagree a lot, or the test shows nothing"
-    plan, used = plan_for_max_drop(model, calib, scheme=scheme, max_drop=low_drop / 4)
+    low_estimate = expected_drop_percent(model, all_low.module, held_out.images)
+    assert low_drop > 10 and low_estimate > 2, "2-bit everywhere must disagree a lot, or the test shows nothing"
+    assert low_estimate <= low_drop  # a flip costs at most the whole image
+    plan, used = plan_for_max_drop(model, calib, scheme=scheme, max_drop=low_estimate / 4)
     assert len(used) == 48 and plan.holdout_images == 16
-    assert plan.estimated_drop <= low_drop / 4
+    assert plan.estimated_drop <= low_estimate / 4
     assert plan.overrides, "layers had to be raised"
     # The plan's estimate is what re-quantizing with it gives on the held-out images.
     final = quantize(model, used, scheme=plan.scheme(scheme), progress=False)
-    assert disagreement_percent(model, final.module, held_out.images) == pytest.approx(plan.estimated_drop)
+    assert expected_drop_percent(model, final.module, held_out.images) == pytest.approx(plan.estimated_drop)
+    assert disagreement_percent(model, final.module, held_out.images) == pytest.approx(plan.disagreement)
     assert plan.size_bytes > plan.size_bytes_all_low
+    assert 0.0 <= plan.low_bit_mac_fraction < 1.0
 
 
 def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
@@ -40,7 +44,7 @@ def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
     from click.testing import CliRunner
     from dfq_deploy.cli import main
 
-    monkeypatch.setattr(budget, "disagreement_percent", lambda *a, **k: 50.0)  # an estimate no plan can fix
+    monkeypatch.setattr(budget, "expected_drop_percent", lambda *a, **k: 50.0)  # an estimate no plan can fix
     model, calib, scheme = setup
     with pytest.raises(BudgetNotMetError):
         plan_for_max_drop(model, calib, scheme=scheme, max_drop=1.0)
@@ -52,3 +56,24 @@ def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
     assert result.exit_code == 7, result.output
     assert "--max-drop" in result.output
     assert not (tmp_path / "out" / "model.qdq.onnx").exists()
+
+
+def test_expected_drop_weights_each_flip_by_the_probability_given_up():
+    """A flip between two near-tied classes costs little; a flip away from a confident class costs it all."""
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x):
+            return self.logits[: len(x)]
+
+    # FP32: image 0 is a near tie (0.5/0.5 after softmax), image 1 confident in class 0.
+    fp32 = Fixed(torch.tensor([[0.0, 0.0 - 1e-4], [10.0, 0.0]]))
+    flips_both = Fixed(torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    images = torch.zeros(2, 1)
+    assert disagreement_percent(fp32, flips_both, images) == pytest.approx(100.0)
+    confident = torch.softmax(torch.tensor([10.0, 0.0]), 0)
+    expected = 100.0 * (0.0 + float(confident[0] - confident[1])) / 2  # the near tie costs ~0
+    assert expected_drop_percent(fp32, flips_both, images) == pytest.approx(expected, abs=0.01)
+    assert expected_drop_percent(fp32, fp32, images) == 0.0
