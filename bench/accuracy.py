@@ -8,6 +8,11 @@ reuses them (their synthesis time is the one measured when they were made).
 
     python bench/accuracy.py --models resnet20 --sources noise,zeroq --schemes fp32,w8a8,w4a4
     python bench/accuracy.py --models resnet20 --sources fdda --schemes w4a4-rec --rec-iterations 2000
+    python bench/accuracy.py --models resnet20,resnet56 --sources zeroq,fdda --schemes fp32,w8a8-est,w4a4-est,w4a4-max-drop
+
+``-est`` rows calibrate on 3/4 of the set and estimate the top-1 drop on the held-out 1/4, the way
+``build --max-drop`` does, next to the real drop; ``w4a4-max-drop`` runs the ``--max-drop`` planner
+(``--max-drop`` points, default 1) and reports the real drop and the share of conv MACs left at 4 bit.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ SOURCES = ("noise", "zeroq", "clusterq", "fdda", "fdda-hybrid", "real")
 DATA_FREE = ("noise", "zeroq", "clusterq", "fdda")
 # scheme name -> (weight bits, activation bits, reconstruct?)
 SCHEMES = {"fp32": None, "w8a8": (8, 8, False), "w4a4": (4, 4, False), "w4a4-rec": (4, 4, True),
-           "w4a8-rec": (4, 8, True), "w3a3-rec": (3, 3, True), "w2a4-rec": (2, 4, True)}
+           "w4a8-rec": (4, 8, True), "w3a3-rec": (3, 3, True), "w2a4-rec": (2, 4, True),
+           "w8a8-est": (8, 8, False), "w4a4-est": (4, 4, False), "w4a4-max-drop": (4, 4, False)}
 
 
 def load_model(name: str) -> torch.nn.Module:
@@ -82,7 +88,12 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
     row["synthesis_cached"] = bool(calib.meta.get("cache", {}).get("hit"))
     scheme, recon = scheme_for(scheme_name, args)
     start = time.perf_counter()
-    qmodel = quantize(model, calib, scheme=scheme, progress=args.progress, reconstruct=recon)
+    if scheme_name.endswith("-est"):
+        qmodel = estimate_drop_row(model, calib, scheme, row)
+    elif scheme_name.endswith("-max-drop"):
+        qmodel = max_drop_row(model, calib, scheme, row, args.max_drop)
+    else:
+        qmodel = quantize(model, calib, scheme=scheme, progress=args.progress, reconstruct=recon)
     row["quantize_s"] = time.perf_counter() - start
     if qmodel.reconstruction is not None:
         row["reconstruction_s"] = qmodel.reconstruction.seconds
@@ -92,22 +103,65 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
     return row
 
 
+def estimate_drop_row(model, calib, scheme, row: dict):
+    """Calibrate on 3/4 of ``calib``; the drop estimated on the held-out 1/4 goes into ``row``."""
+    from dfq_deploy.quant.budget import HOLDOUT_FRACTION, disagreement_percent, expected_drop_percent
+    from dfq_deploy.quant.quantize import quantize
+
+    calibrate_on, held_out = calib.split(HOLDOUT_FRACTION)
+    qmodel = quantize(model, calibrate_on, scheme=scheme, progress=False)
+    row["estimated_drop"] = expected_drop_percent(model, qmodel.module, held_out.images)
+    row["disagreement"] = disagreement_percent(model, qmodel.module, held_out.images)
+    row["holdout_images"] = len(held_out)
+    return qmodel
+
+
+def max_drop_row(model, calib, scheme, row: dict, max_drop: float):
+    """``build --max-drop``'s planner, then the model it chose."""
+    from dfq_deploy.quant.budget import plan_for_max_drop
+    from dfq_deploy.quant.quantize import quantize
+
+    plan, calibrate_on = plan_for_max_drop(model, calib, scheme=scheme, max_drop=max_drop)
+    row.update(max_drop=max_drop, estimated_drop=plan.estimated_drop, disagreement=plan.disagreement,
+               holdout_images=plan.holdout_images, low_bit_mac_fraction=plan.low_bit_mac_fraction,
+               raised=[o.pattern for o in plan.overrides], plan_act_bits=plan.act_bits)
+    return quantize(model, calibrate_on, scheme=plan.scheme(scheme), progress=False)
+
+
+def print_estimates(rows: list[dict], fp32: dict) -> None:
+    """Estimated (held-out synthetic) against real (labelled test) top-1 drop."""
+    rows = [r for r in rows if "estimated_drop" in r and r["model"] in fp32]
+    if not rows:
+        return
+    print("\nTop-1 drop estimated without labels (held-out synthetic images) vs real (test-lossless-1017)")
+    header = (f"{'model':9} {'scheme':14} {'source':12} {'est. drop':>9} {'real drop':>9} {'|err|':>6} "
+              f"{'disagree%':>9} {'held-out':>8} {'4-bit conv MACs':>15}")
+    print(header)
+    print("-" * len(header))
+    for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"])):
+        real = fp32[r["model"]] - r["top1"]
+        low = f"{r['low_bit_mac_fraction']:15.0%}" if "low_bit_mac_fraction" in r else f"{'':15}"
+        print(f"{r['model']:9} {r['scheme']:14} {r['source']:12} {r['estimated_drop']:9.2f} {real:9.2f} "
+              f"{abs(r['estimated_drop'] - real):6.2f} {r['disagreement']:9.2f} {r['holdout_images']:8d} {low}")
+
+
 def print_table(rows: list[dict], cpu: dict) -> None:
     fp32 = {r["model"]: r["top1"] for r in rows if r["scheme"] == "fp32"}
     print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores, {cpu['isa']}); "
           f"eval: test-lossless-1017.npz (1,017 images)")
-    header = f"{'model':9} {'scheme':9} {'source':12} {'top-1':>7} {'Δ FP32':>7} {'synth s':>8} {'quant s':>8} {'recon s':>8} {'total s':>8} thr rec iters/block"
+    header = f"{'model':9} {'scheme':14} {'source':12} {'top-1':>7} {'Δ FP32':>7} {'synth s':>8} {'quant s':>8} {'recon s':>8} {'total s':>8} thr rec iters/block"
     print(header)
     print("-" * len(header))
     for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"])):
         delta = r["top1"] - fp32[r["model"]] if r["model"] in fp32 and r["scheme"] != "fp32" else None
-        cells = [f"{r['model']:9}", f"{r['scheme']:9}", f"{r['source']:12}", f"{r['top1']:7.2f}",
+        cells = [f"{r['model']:9}", f"{r['scheme']:14}", f"{r['source']:12}", f"{r['top1']:7.2f}",
                  f"{delta:+7.2f}" if delta is not None else f"{'':7}"]
         for key in ("synthesis_s", "quantize_s", "reconstruction_s", "total_s"):
             cells.append(f"{r[key]:8.0f}" if key in r else f"{'':8}")
         iters = r.get("rec_iterations")
         spread = "" if not iters else f"{min(iters)}-{max(iters)}" if min(iters) != max(iters) else str(iters[0])
         print(" ".join(cells), f"{r.get('threads', ''):>3}", spread)
+    print_estimates(rows, fp32)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--w8-calibrator", default="percentile", choices=("max", "percentile", "mse", "entropy"))
     parser.add_argument("--rec-iterations", type=int, default=2000, help="reconstruction iterations per block")
     parser.add_argument("--rec-budget", type=float, default=None, help="reconstruction time budget in seconds (whole model)")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="budget of the w4a4-max-drop rows, top-1 points")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
