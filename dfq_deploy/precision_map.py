@@ -35,6 +35,7 @@ _TRT_DTYPES = (("int8", "int8"), ("int4", "int4"), ("fp8", "fp8"), ("bf16", "bf1
                ("half", "fp16"), ("fp32", "float"), ("float", "float"), ("int32", "int32"))
 _FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
 _CONVS = ("Conv", "ConvTranspose")
+_FLOAT_KINDS = ("float", "fp16", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class LayerPrecision:
     @property
     def ran_in_float(self) -> bool:
         """Asked for integer arithmetic, ran in floating point."""
-        return self.asked != "float" and self.used in ("float", "fp16", "bf16")
+        return asks_integer_arithmetic(self.asked) and self.used in _FLOAT_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,11 @@ class PrecisionMap:
         """JSON-ready form for report.json."""
         return {"runtime": self.runtime, "ran_in_float": [layer.layer for layer in self.fallbacks()],
                 "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+
+
+def asks_integer_arithmetic(asked: str) -> bool:
+    """False for ``float`` and weight-only layers (``w4-only``): those compute in floating point by design."""
+    return asked != "float" and not asked.endswith("-only")
 
 
 def asked_precision(weight_bits: int | None, act_bits: int | None) -> str:
@@ -149,7 +155,7 @@ def _onnxruntime_row(graph: QdqGraph, optimized: list[onnx.NodeProto], layer: La
         return LayerPrecision(layer.name, layer.kind, op.name, asked, "unknown", "—",
                               f"no node of the optimized graph could be traced back to {op.name}")
     used = INTEGER_KERNELS.get(node.op_type, "float")
-    reason = _onnxruntime_reason(graph, op, layer) if used == "float" and asked != "float" else None
+    reason = _onnxruntime_reason(graph, op, layer) if used == "float" and asks_integer_arithmetic(asked) else None
     return LayerPrecision(layer.name, layer.kind, op.name, asked, used, node.op_type, reason)
 
 
@@ -225,7 +231,7 @@ def _tensorrt_row(layer: LayerInfo, op: onnx.NodeProto, asked: str,
     used = _trt_dtype(match.get("inputs") or [])
     kernel = str(match.get("type") or "?")
     reason = None
-    if asked != "float" and used in ("float", "fp16", "bf16"):
+    if asks_integer_arithmetic(asked) and used in _FLOAT_KINDS:
         reason = ("no 4-bit conv kernel: TensorRT runs 4-bit only as weight-only Gemm/MatMul"
                   if op.op_type in _CONVS and 4 in (layer.weight_bits, layer.act_bits)
                   else f"unfused Q/DQ: TensorRT chose a {used} kernel for engine layer {match.get('name')}")

@@ -30,6 +30,13 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
+def _weight_bits_cell(layer: dict[str, Any]) -> str:
+    if layer["weight_bits"] is None:
+        return "float"
+    block = layer.get("weight_block_size")
+    return f"{layer['weight_bits']}" + (f" (blocks of {block} inputs)" if block else "")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable summary: what was built, how close it is, how fast, and how it was made."""
     model = report.get("model", {})
@@ -113,7 +120,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{scheme.get('first_last_bits') or 'same as the rest'} bit; "
                   f"{quant.get('quantized_layers')} quantized layers, {quant.get('float_layers')} float.", ""]
         lines += _table(["layer", "kind", "weight bits", "input bits"],
-                        [[f"`{layer['name']}`", layer["kind"], layer["weight_bits"], layer["act_bits"]]
+                        [[f"`{layer['name']}`", layer["kind"], _weight_bits_cell(layer),
+                          "float" if layer["act_bits"] is None else layer["act_bits"]]
                          for layer in quant["layers"]]) + [""]
 
     calib = report.get("calibration", {})

@@ -189,7 +189,8 @@ def test_build_int4w_for_tensorrt_rtx(pickled_model, tmp_path):
     dep = report["deployment"]
     assert dep["lint"] == [] and dep["qdq_on_onnxruntime_cpu"]["relative_l2"] < 0.05
     assert dep["engine_metadata"]["precision_requested"] == "int4w" and INT4_CONV_NOTE in dep["engine_metadata"]["notes"]
-    assert INT4_CONV_NOTE in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert INT4_CONV_NOTE in markdown and "| `fc` | Linear | 4 (blocks of 16 inputs) | float |" in markdown
     _assert_refused(invoke("build", pickled_model, "--trust-pickle", "--precision", "int4w", "--out", tmp_path / "ort",
                            *FAST), "TensorRT", "--target tensorrt", out=tmp_path / "ort")
 

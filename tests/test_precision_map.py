@@ -14,8 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import default_scheme
 from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
-from dfq_deploy.precision_map import (asked_precision, float_fallback_warning, layers_from_graph,
-                                      precision_map_onnxruntime, precision_map_tensorrt, render_precision_md)
+from dfq_deploy.precision_map import (LayerPrecision, PrecisionMap, asked_precision, asks_integer_arithmetic,
+                                      float_fallback_warning, layers_from_graph, precision_map_onnxruntime,
+                                      precision_map_tensorrt, render_precision_md)
 from dfq_deploy.quant.quantize import quantize
 from small_cnn import quantized_small_resnet
 
@@ -93,6 +94,14 @@ def test_layers_are_read_from_the_graph_when_no_quant_model_is_given():
 def test_asked_precision_names():
     assert asked_precision(8, 8) == "int8" and asked_precision(4, 4) == "int4"
     assert asked_precision(4, 8) == "w4a8" and asked_precision(None, None) == "float"
+    assert asked_precision(4, None) == "w4-only"
+
+
+def test_weight_only_layers_computing_in_float_are_no_fallback():
+    row = LayerPrecision("fc", "Linear", "/fc/Gemm", asked_precision(4, None), "float", "Gemm")
+    assert not row.ran_in_float and not asks_integer_arithmetic(row.asked)
+    assert float_fallback_warning(PrecisionMap("onnxruntime-cpu", (row,))) is None
+    assert LayerPrecision("c", "Conv2d", "/c/Conv", "int8", "float", "Conv").ran_in_float
 
 
 def test_tensorrt_map_reads_the_engine_inspector_layers():
