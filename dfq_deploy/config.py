@@ -155,6 +155,9 @@ class QuantScheme:
     unsigned_after_relu: bool = False
 
     def __post_init__(self) -> None:
+        # Overrides may arrive as mappings (a config file, or dataclasses.asdict of another scheme).
+        object.__setattr__(self, "overrides", tuple(o if isinstance(o, LayerOverride) else from_mapping(LayerOverride, o)
+                                                    for o in self.overrides))
         _check_choice(self.act_form, ActivationForm, "activation form")
         _check_choice(self.calibrator, CalibratorName, "calibrator")
         _check_choice(self.weight_calibrator, WeightCalibratorName, "weight calibrator")
@@ -310,8 +313,6 @@ def from_mapping(cls: type, values: dict[str, Any]) -> Any:
         raise BadInputError(f"unknown {cls.__name__} fields: {sorted(unknown)}",
                             hint=f"known fields: {', '.join(sorted(fields))}")
     values = dict(values)
-    if cls is QuantScheme and "overrides" in values:
-        values["overrides"] = tuple(from_mapping(LayerOverride, o) for o in values["overrides"])
     if cls is ProfileConfig and "batch_sizes" in values:
         values["batch_sizes"] = tuple(values["batch_sizes"])
     return cls(**values)

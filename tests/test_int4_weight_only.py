@@ -66,6 +66,8 @@ def test_overrides_from_a_config_file_name_unknown_keys():
     scheme = from_mapping(QuantScheme, {"overrides": [{"pattern": "*", "kind": "Linear", "weight_bits": 4,
                                                        "act_bits": None, "weight_block_size": 64}]})
     assert scheme.overrides[0].weight_block_size == 64
+    # the CLI merges a config file's scheme through dataclasses.asdict: overrides come back as mappings
+    assert dataclasses.replace(INT8_TENSORRT, **dataclasses.asdict(scheme)).overrides == scheme.overrides
     with pytest.raises(BadInputError, match="block"):
         from_mapping(QuantScheme, {"overrides": [{"pattern": "*", "block": 64}]})
 
