@@ -81,22 +81,31 @@ def write_image_folder(root, classes: dict[str, int], size=(16, 14), seed: int =
     return root
 
 
+SHARDED_RUNS = {"zeroq": {}, "clusterq": {}, "clusterq-generator": {"generator": True}}
+
+
 def sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """One rank of a 2-process zeroq and clusterq synthesis (run by torch.multiprocessing.spawn)."""
+    """One rank of the 2-process syntheses in ``SHARDED_RUNS`` (run by torch.multiprocessing.spawn),
+    and of a gradient average: the rank's parameter has gradient rank + 1."""
     from pathlib import Path
 
     import torch.distributed as dist
 
     from dfq_deploy.config import SynthesisConfig
     from dfq_deploy.synthesis import synthesize
+    from dfq_deploy.synthesis.sharding import average_gradients
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for method in ("zeroq", "clusterq"):
-            config = SynthesisConfig(method=method, num_images=10, batch_size=4, iterations=6)
+        for name, options in SHARDED_RUNS.items():
+            config = SynthesisConfig(method=name.split("-")[0], num_images=10, batch_size=4, iterations=6, **options)
             calib = synthesize(tiny_net(), config=config, input_shape=INPUT_SHAPE, progress=False)
             torch.save({"images": calib.images, "labels": calib.labels, "world": calib.meta["world_size"]},
-                       Path(out_dir) / f"{method}-rank{rank}.pt")
+                       Path(out_dir) / f"{name}-rank{rank}.pt")
+        weight = nn.Parameter(torch.zeros(2, 3))
+        weight.grad = torch.full((2, 3), rank + 1.0)
+        average_gradients([weight])
+        torch.save(weight.grad, Path(out_dir) / f"grad-rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -16,8 +16,8 @@ from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.synthesis import bn_mismatch, synthesize, synthesize_cached
-from synthesis_helpers import (INPUT_SHAPE, NUM_CLASSES, FeatureMapNet, NoBNNet, sharded_worker, tiny_net,
-                               write_image_folder)
+from synthesis_helpers import (INPUT_SHAPE, NUM_CLASSES, SHARDED_RUNS, FeatureMapNet, NoBNNet, sharded_worker,
+                               tiny_net, write_image_folder)
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -74,11 +74,15 @@ def test_class_conditional_methods_need_classifier_output():
         run(FeatureMapNet(), "clusterq")
 
 
-def test_bad_shape_and_unimplemented_generator_are_user_errors():
+def test_bad_shape_and_generator_without_a_loss_are_user_errors(tmp_path):
     with pytest.raises(BadInputError, match="C, H, W"):
         run(tiny_net(), "noise", input_shape=(3, 12))
-    with pytest.raises(BadInputError, match="not implemented"):
-        run(tiny_net(), "zeroq", generator=True)
+    with pytest.raises(BadInputError, match="'noise' has none") as err:
+        run(tiny_net(), "noise", generator=True)
+    assert "zeroq, clusterq or fdda" in err.value.hint
+    root = write_image_folder(tmp_path / "imgs", {"a": 1})
+    with pytest.raises(BadInputError, match="'folder' has none"):
+        run(tiny_net(), "folder", calib_images=str(root), generator=True)
 
 
 def test_fdda_hybrid_uses_one_real_image_per_class(tmp_path):
@@ -123,12 +127,14 @@ def test_cache_hit_loads_the_same_set_and_key_follows_inputs(tmp_path):
 
 def test_two_ranks_make_the_requested_count(tmp_path):
     mp.spawn(sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for method in ("zeroq", "clusterq"):
-        ranks = [torch.load(tmp_path / f"{method}-rank{r}.pt", weights_only=True) for r in range(2)]
+    for name in SHARDED_RUNS:
+        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in range(2)]
         for out in ranks:
             assert out["world"] == 2 and out["images"].shape == (10, *INPUT_SHAPE)
-            assert (out["labels"] is None) == (method == "zeroq")
+            assert (out["labels"] is None) == (name == "zeroq")
         assert torch.equal(ranks[0]["images"], ranks[1]["images"])
+    for r in range(2):  # gradients 1 and 2 average to 1.5 on both ranks
+        assert torch.equal(torch.load(tmp_path / f"grad-rank{r}.pt", weights_only=True), torch.full((2, 3), 1.5))
     # Batch seeds depend on the global batch index only: zeroq gives the same set as one process.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

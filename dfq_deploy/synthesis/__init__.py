@@ -1,5 +1,8 @@
 """Data-free calibration sets: ``noise``, ``zeroq``, ``clusterq``, ``fdda``, and ``folder`` (real images).
 
+zeroq, clusterq and fdda optimise pixels by default; with ``SynthesisConfig.generator`` they train
+a generator on the same loss instead (:mod:`.generator`).
+
 :func:`synthesize` makes a :class:`~dfq_deploy.calibration_set.CalibrationSet` for a model;
 :func:`synthesize_cached` does the same through an on-disk cache; :func:`bn_mismatch` grades any set
 of images by how well its BN-input statistics match the model's running statistics.
@@ -8,6 +11,7 @@ of images by how well its BN-input statistics match the model's running statisti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,7 +23,7 @@ from ..calibration_set import CalibrationSet
 from ..config import SynthesisConfig
 from ..errors import BadInputError
 from .bn_stats import bn_mismatch, trace_bn_layers
-from .job import IMAGENET_MEAN, IMAGENET_STD, Job, MethodResult, Normalize
+from .job import IMAGENET_MEAN, IMAGENET_STD, Job, MethodResult, Normalize, ObjectiveFactory
 from .model_state import frozen_eval, model_on_device
 from .pixel_loop import plan_batches
 from .sharding import all_reduce_max, all_reduce_mean_scalar, gather_in_order, shard_batches
@@ -34,8 +38,8 @@ def _method(job: Job) -> Callable[[Job], MethodResult]:
         if method in ("noise", "folder"):
             raise BadInputError(f"--generator trains a generator with a synthesis loss; '{method}' has none",
                                 hint="use --generator with zeroq, clusterq or fdda")
-        raise BadInputError("--generator is not implemented yet",
-                            hint="leave --generator out: images are then optimised directly")
+        from .generator import synthesize_with_generator
+        return functools.partial(synthesize_with_generator, make_objective=_objective(method))
     if method == "noise":
         from .noise import synthesize_noise
         return synthesize_noise
@@ -50,6 +54,18 @@ def _method(job: Job) -> Callable[[Job], MethodResult]:
         return synthesize_fdda
     from .folder import synthesize_folder
     return synthesize_folder
+
+
+def _objective(method: str) -> ObjectiveFactory:
+    """The objective of a BN-statistics method, for a loop other than its own (``--generator``)."""
+    if method == "zeroq":
+        from .zeroq import zeroq_objective
+        return zeroq_objective
+    if method == "clusterq":
+        from .clusterq import clusterq_objective
+        return clusterq_objective
+    from .fdda import fdda_objective
+    return fdda_objective
 
 
 def _check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -29,15 +29,21 @@ class Batch:
 
     def generator(self, seed: int) -> torch.Generator:
         """A CPU generator that depends only on (seed, batch index)."""
-        state = np.random.SeedSequence([seed, self.index]).generate_state(2, dtype=np.uint64)
-        return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        return seeded_generator(seed, self.index)
+
+
+def seeded_generator(*entropy: int) -> torch.Generator:
+    """A CPU generator that depends only on ``entropy``; a SeedSequence keeps nearby seeds' streams apart."""
+    state = np.random.SeedSequence(list(entropy)).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
 def start_batch(batch: Batch, *, seed: int, input_shape: tuple[int, ...], device: torch.device,
                 num_classes: int | None = None) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
-    """(generator, N(0, 1) initial images, uniform random labels or None) for one batch.
+    """(generator, N(0, 1) tensor of (batch size, *input_shape), uniform random labels or None).
 
-    Labels are drawn first, then the images, both from the batch's own generator, which the caller
+    The tensor is the initial images, or a generator's latent z when ``input_shape`` is (latent size,).
+    Labels are drawn first, then that tensor, both from the batch's own generator, which the caller
     keeps using for anything else random in that batch (e.g. distorted targets).
     """
     gen = batch.generator(seed)
