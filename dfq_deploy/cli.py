@@ -61,7 +61,8 @@ def synthesis_options(fn):
     fn = click.option("--iterations", type=int, help="Synthesis iterations per batch (default: the method's).")(fn)
     fn = click.option("--synth-batch-size", type=int, default=32, show_default=True)(fn)
     fn = click.option("--num-images", type=int, default=256, show_default=True, help="Calibration set size.")(fn)
-    fn = click.option("--generator", is_flag=True, help="Train a generator on the method's loss (zeroq, clusterq, fdda), as the ClusterQ/FDDA "
+    fn = click.option("--generator", is_flag=True,
+                      help="Train a generator on the method's loss (zeroq, clusterq, fdda), as the ClusterQ/FDDA "
                            "papers do, instead of optimising pixels; --iterations/--lr then apply to it.")(fn)
     fn = click.option("--calib-images", type=click.Path(file_okay=False, path_type=Path),
                       help="Folder of real images (ImageFolder layout): for --calib folder and FDDA's hybrid mode.")(fn)
