@@ -105,14 +105,12 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
 
 def estimate_drop_row(model, calib, scheme, row: dict):
     """Calibrate on 3/4 of ``calib``; the drop estimated on the held-out 1/4 goes into ``row``."""
-    from dfq_deploy.quant.budget import HOLDOUT_FRACTION, disagreement_percent, expected_drop_percent
+    from dfq_deploy.quant.budget import HOLDOUT_FRACTION, held_out_drop
     from dfq_deploy.quant.quantize import quantize
 
     calibrate_on, held_out = calib.split(HOLDOUT_FRACTION)
     qmodel = quantize(model, calibrate_on, scheme=scheme, progress=False)
-    row["estimated_drop"] = expected_drop_percent(model, qmodel.module, held_out.images)
-    row["disagreement"] = disagreement_percent(model, qmodel.module, held_out.images)
-    row["holdout_images"] = len(held_out)
+    row.update(held_out_drop(model, qmodel.module, held_out.images), holdout_images=len(held_out))
     return qmodel
 
 

@@ -79,6 +79,12 @@ def expected_drop_percent(model: nn.Module, quantized: nn.Module, images: torch.
     return 100.0 * total / max(len(images), 1)
 
 
+def held_out_drop(model: nn.Module, quantized: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """The drop estimate ``--max-drop`` uses and the plain disagreement, both in percent, on ``images``."""
+    return {"estimated_drop": expected_drop_percent(model, quantized, images),
+            "disagreement": disagreement_percent(model, quantized, images)}
+
+
 def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, max_drop: float,
                       holdout_fraction: float = HOLDOUT_FRACTION) -> tuple[BudgetPlan, CalibrationSet]:
     """The cheapest ranking prefix whose estimated drop fits ``max_drop`` (percentage points).
@@ -109,10 +115,9 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
 
     def estimate(k: int) -> float:
         qmodel = quantize(model, calibrate_on, scheme=scheme_for(k), progress=False)
-        drop = expected_drop_percent(model, qmodel.module, held_out.images)
-        steps.append({"raised": k, "estimated_drop": drop,
-                      "disagreement": disagreement_percent(model, qmodel.module, held_out.images)})
-        return drop
+        step = {"raised": k, **held_out_drop(model, qmodel.module, held_out.images)}
+        steps.append(step)
+        return step["estimated_drop"]
 
     lo, hi = 0, len(ladder)
     if estimate(lo) <= max_drop:
