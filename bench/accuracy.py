@@ -13,6 +13,8 @@ reuses them (their synthesis time is the one measured when they were made).
 ``-est`` rows calibrate on 3/4 of the set and estimate the top-1 drop on the held-out 1/4, the way
 ``build --max-drop`` does, next to the real drop; ``w4a4-max-drop`` runs the ``--max-drop`` planner
 (``--max-drop`` points, default 1) and reports the real drop and the share of conv MACs left at 4 bit.
+``-rec-`` variants reconstruct (``--rec-iterations``) before estimating, as ``build --max-drop
+--reconstruct`` does.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ DATA_FREE = ("noise", "zeroq", "clusterq", "fdda")
 # scheme name -> (weight bits, activation bits, reconstruct?)
 SCHEMES = {"fp32": None, "w8a8": (8, 8, False), "w4a4": (4, 4, False), "w4a4-rec": (4, 4, True),
            "w4a8-rec": (4, 8, True), "w3a3-rec": (3, 3, True), "w2a4-rec": (2, 4, True),
-           "w8a8-est": (8, 8, False), "w4a4-est": (4, 4, False), "w4a4-max-drop": (4, 4, False)}
+           "w8a8-est": (8, 8, False), "w4a4-est": (4, 4, False), "w4a4-max-drop": (4, 4, False),
+           "w4a4-rec-est": (4, 4, True), "w4a4-rec-max-drop": (4, 4, True)}
 
 
 def load_model(name: str) -> torch.nn.Module:
@@ -89,9 +92,9 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
     scheme, recon = scheme_for(scheme_name, args)
     start = time.perf_counter()
     if scheme_name.endswith("-est"):
-        qmodel = estimate_drop_row(model, calib, scheme, row)
+        qmodel = estimate_drop_row(model, calib, scheme, recon, row)
     elif scheme_name.endswith("-max-drop"):
-        qmodel = max_drop_row(model, calib, scheme, row, args.max_drop)
+        qmodel = max_drop_row(model, calib, scheme, recon, row, args.max_drop)
     else:
         qmodel = quantize(model, calib, scheme=scheme, progress=args.progress, reconstruct=recon)
     row["quantize_s"] = time.perf_counter() - start
@@ -103,27 +106,29 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
     return row
 
 
-def estimate_drop_row(model, calib, scheme, row: dict):
-    """Calibrate on 3/4 of ``calib``; the drop estimated on the held-out 1/4 goes into ``row``."""
-    from dfq_deploy.quant.budget import HOLDOUT_FRACTION, held_out_drop
+def estimate_drop_row(model, calib, scheme, recon, row: dict):
+    """Calibrate (and reconstruct) on 3/4 of ``calib``; the drop estimated on the held-out 1/4 goes into ``row``."""
+    from dfq_deploy.quant.budget import HOLDOUT_FRACTION, held_out_drop, mean_confidence
     from dfq_deploy.quant.quantize import quantize
 
     calibrate_on, held_out = calib.split(HOLDOUT_FRACTION)
-    qmodel = quantize(model, calibrate_on, scheme=scheme, progress=False)
-    row.update(held_out_drop(model, qmodel.module, held_out.images), holdout_images=len(held_out))
+    qmodel = quantize(model, calibrate_on, scheme=scheme, progress=False, reconstruct=recon)
+    row.update(held_out_drop(model, qmodel.module, held_out.images), holdout_images=len(held_out),
+               holdout_confidence=mean_confidence(model, held_out.images))
     return qmodel
 
 
-def max_drop_row(model, calib, scheme, row: dict, max_drop: float):
-    """``build --max-drop``'s planner, then the model it chose."""
+def max_drop_row(model, calib, scheme, recon, row: dict, max_drop: float):
+    """``build --max-drop``'s planner (``--reconstruct`` with ``recon``), then the model it chose."""
     from dfq_deploy.quant.budget import plan_for_max_drop
-    from dfq_deploy.quant.quantize import quantize
 
-    plan, calibrate_on = plan_for_max_drop(model, calib, scheme=scheme, max_drop=max_drop)
+    plan, _, qmodel = plan_for_max_drop(model, calib, scheme=scheme, max_drop=max_drop, reconstruct=recon)
     row.update(max_drop=max_drop, estimated_drop=plan.estimated_drop, disagreement=plan.disagreement,
-               holdout_images=plan.holdout_images, low_bit_mac_fraction=plan.low_bit_mac_fraction,
-               raised=[o.pattern for o in plan.overrides], plan_act_bits=plan.act_bits)
-    return quantize(model, calibrate_on, scheme=plan.scheme(scheme), progress=False)
+               holdout_images=plan.holdout_images, holdout_confidence=plan.holdout_confidence,
+               low_bit_mac_fraction=plan.low_bit_mac_fraction,
+               raised=[o.pattern for o in plan.overrides], plan_act_bits=plan.act_bits,
+               plan_steps=len(plan.steps))
+    return qmodel
 
 
 def print_estimates(rows: list[dict], fp32: dict) -> None:
@@ -133,14 +138,15 @@ def print_estimates(rows: list[dict], fp32: dict) -> None:
         return
     print("\nTop-1 drop estimated without labels (held-out synthetic images) vs real (test-lossless-1017)")
     header = (f"{'model':9} {'scheme':14} {'source':12} {'est. drop':>9} {'real drop':>9} {'|err|':>6} "
-              f"{'disagree%':>9} {'held-out':>8} {'4-bit conv MACs':>15}")
+              f"{'disagree%':>9} {'held-out':>8} {'FP32 conf':>9} {'4-bit conv MACs':>15}")
     print(header)
     print("-" * len(header))
     for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"])):
         real = fp32[r["model"]] - r["top1"]
         low = f"{r['low_bit_mac_fraction']:15.0%}" if "low_bit_mac_fraction" in r else f"{'':15}"
         print(f"{r['model']:9} {r['scheme']:14} {r['source']:12} {r['estimated_drop']:9.2f} {real:9.2f} "
-              f"{abs(r['estimated_drop'] - real):6.2f} {r['disagreement']:9.2f} {r['holdout_images']:8d} {low}")
+              f"{abs(r['estimated_drop'] - real):6.2f} {r['disagreement']:9.2f} {r['holdout_images']:8d} "
+              f"{r.get('holdout_confidence', float('nan')):9.3f} {low}")
 
 
 def print_table(rows: list[dict], cpu: dict) -> None:

@@ -224,17 +224,18 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
     artifacts = {"calibration": str(out / CALIBRATION_DIR)}
     manifest.artifact("calibration", out / CALIBRATION_DIR)
 
-    precision_plan = None
+    precision_plan = qmodel = None
+    calib_used = calib
     if max_drop is not None or mixed_precision is not None:
-        with manifest.timed("precision_plan"):
-            scheme, calib_used, precision_plan = _plan_precision(model, calib, scheme, out, max_drop=max_drop,
-                                                                 mixed_precision=mixed_precision)
+        with manifest.timed("precision_plan", reconstructed=max_drop is not None and reconstruct is not None):
+            scheme, calib_used, precision_plan, qmodel = _plan_precision(
+                model, calib, scheme, out, max_drop=max_drop, mixed_precision=mixed_precision,
+                reconstruct=reconstruct, progress=progress)
             artifacts |= {k: str(v) for k, v in precision_plan.pop("files", {}).items()}
-    else:
-        calib_used = calib
 
-    with manifest.timed("quantize", reconstructed=reconstruct is not None):
-        qmodel = quantize(model, calib_used, scheme=scheme, reconstruct=reconstruct, progress=progress)
+    if qmodel is None:  # the --max-drop planner hands back the model it estimated
+        with manifest.timed("quantize", reconstructed=reconstruct is not None):
+            qmodel = quantize(model, calib_used, scheme=scheme, reconstruct=reconstruct, progress=progress)
 
     with manifest.timed("export"):
         fp32_path = save_onnx(export_float(model), out / FP32_ONNX)
@@ -306,12 +307,18 @@ SENSITIVITY_PLOT = "sensitivity.png"
 
 
 def _plan_precision(model: LoadedModel, calib: CalibrationSet, scheme: QuantScheme, out: Path, *,
-                    max_drop: float | None, mixed_precision: MixedPrecisionConfig | None):
-    """Per-layer widths from an accuracy budget (``max_drop``) or a size/latency budget."""
+                    max_drop: float | None, mixed_precision: MixedPrecisionConfig | None,
+                    reconstruct: ReconstructionConfig | None, progress: bool):
+    """Per-layer widths from an accuracy budget (``max_drop``) or a size/latency budget.
+
+    Returns (scheme, calibration images to quantize with, plan for the report, the quantized model
+    when the planner already made it, else None).
+    """
     if max_drop is not None:
         from .quant.budget import plan_for_max_drop
-        plan, calib_used = plan_for_max_drop(model.module, calib, scheme=scheme, max_drop=max_drop)
-        return plan.scheme(scheme), calib_used, {"kind": "max_drop", **plan.as_dict()}
+        plan, calib_used, qmodel = plan_for_max_drop(model.module, calib, scheme=scheme, max_drop=max_drop,
+                                                     reconstruct=reconstruct, progress=progress)
+        return plan.scheme(scheme), calib_used, {"kind": "max_drop", **plan.as_dict()}, qmodel
     from .quant.sensitivity import plot_sensitivity, sensitivity_plan
     plan = sensitivity_plan(model.module, calib, scheme=scheme, config=mixed_precision)
     plot = out / SENSITIVITY_PLOT
@@ -320,7 +327,7 @@ def _plan_precision(model: LoadedModel, calib: CalibrationSet, scheme: QuantSche
     os.replace(tmp, plot)
     return plan.scheme(scheme), calib, {"kind": "mixed_precision", **plan.as_dict(),
                                         "markdown": plan.markdown_table(), "plot": plot.name,
-                                        "files": {"sensitivity_plot": plot}}
+                                        "files": {"sensitivity_plot": plot}}, None
 
 
 def _load_eval_set(path, model: LoadedModel, normalize):

@@ -97,7 +97,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Accuracy budget (--max-drop)", "",
                   f"Estimated top-1 drop {plan['estimated_drop']:.2f} points (budget {plan['max_drop']}): disagreement "
                   f"with FP32 on {plan['holdout_images']} held-out synthetic images (not used to calibrate), each flip "
-                  f"weighted by the FP32 probability it gives up (plain disagreement {plan['disagreement']:.2f}%). "
+                  f"weighted by the FP32 probability it gives up (plain disagreement {plan['disagreement']:.2f}%)"
+                  f"{', each candidate plan estimated after block reconstruction' if plan.get('reconstructed') else ''}; "
+                  f"FP32's mean confidence on those images {plan.get('holdout_confidence', float('nan')):.3f} (near 1: few "
+                  f"images can flip, so the estimate reads low). "
                   f"Convolution MACs still at the lowest width: {plan['low_bit_mac_fraction']:.0%}. "
                   f"Raised layers: {raised}. "
                   f"Weight size {plan['size_bytes'] / 2**20:.2f} MiB ({plan['size_bytes'] / max(plan['size_bytes_all_low'], 1):.2f}× "

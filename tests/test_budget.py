@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dfq_deploy.calibration_set import CalibrationSet
-from dfq_deploy.config import default_scheme
+from dfq_deploy.config import ReconstructionConfig, default_scheme
 from dfq_deploy.errors import BudgetNotMetError
-from dfq_deploy.quant.budget import disagreement_percent, expected_drop_percent, plan_for_max_drop
+from dfq_deploy.quant.budget import disagreement_percent, expected_drop_percent, mean_confidence, plan_for_max_drop
 from dfq_deploy.quant.quantize import quantize
 from tiny_models import tiny_resnet
 
@@ -26,16 +26,36 @@ def test_plan_meets_the_budget_on_held_out_images(setup):
     low_estimate = expected_drop_percent(model, all_low.module, held_out.images)
     assert low_drop > 10 and low_estimate > 2, "2-bit everywhere must disagree a lot, or the test shows nothing"
     assert low_estimate <= low_drop  # a flip costs at most the whole image
-    plan, used = plan_for_max_drop(model, calib, scheme=scheme, max_drop=low_estimate / 4)
-    assert len(used) == 48 and plan.holdout_images == 16
+    plan, used, planned = plan_for_max_drop(model, calib, scheme=scheme, max_drop=low_estimate / 4)
+    assert len(used) == 48 and plan.holdout_images == 16 and not plan.reconstructed
     assert plan.estimated_drop <= low_estimate / 4
     assert plan.overrides, "layers had to be raised"
     # The plan's estimate is what re-quantizing with it gives on the held-out images.
     final = quantize(model, used, scheme=plan.scheme(scheme), progress=False)
     assert expected_drop_percent(model, final.module, held_out.images) == pytest.approx(plan.estimated_drop)
     assert disagreement_percent(model, final.module, held_out.images) == pytest.approx(plan.disagreement)
+    assert expected_drop_percent(model, planned.module, held_out.images) == pytest.approx(plan.estimated_drop)
     assert plan.size_bytes > plan.size_bytes_all_low
     assert 0.0 <= plan.low_bit_mac_fraction < 1.0
+
+
+def test_plan_with_reconstruction_estimates_the_reconstructed_model(setup):
+    """With --reconstruct each candidate is judged after reconstruction, and the model handed back is
+    the reconstructed one whose held-out estimate the plan reports."""
+    model, calib, scheme = setup
+    recon = ReconstructionConfig(iterations=30, batch_size=16, seed=0)
+    calibrate_on, held_out = calib.split(0.25)
+    plain = quantize(model, calibrate_on, scheme=scheme, progress=False)
+    plain_estimate = expected_drop_percent(model, plain.module, held_out.images)
+    plain_plan, _, _ = plan_for_max_drop(model, calib, scheme=scheme, max_drop=plain_estimate / 4)
+    plan, used, planned = plan_for_max_drop(model, calib, scheme=scheme, max_drop=plain_estimate / 4, reconstruct=recon)
+    assert plan.reconstructed and planned.reconstruction is not None
+    assert plan.estimated_drop <= plain_estimate / 4
+    # Judged after reconstruction, the 2-bit plan needs fewer layers raised than judged before it.
+    assert plain_plan.overrides and len(plan.overrides) < len(plain_plan.overrides)
+    assert plan.low_bit_mac_fraction > plain_plan.low_bit_mac_fraction
+    assert expected_drop_percent(model, planned.module, held_out.images) == pytest.approx(plan.estimated_drop)
+    assert planned.scheme == plan.scheme(scheme)
 
 
 def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
@@ -77,3 +97,4 @@ def test_expected_drop_weights_each_flip_by_the_probability_given_up():
     expected = 100.0 * (0.0 + float(confident[0] - confident[1])) / 2  # the near tie costs ~0
     assert expected_drop_percent(fp32, flips_both, images) == pytest.approx(expected, abs=0.01)
     assert expected_drop_percent(fp32, fp32, images) == 0.0
+    assert mean_confidence(fp32, images) == pytest.approx((0.5 + float(confident[0])) / 2, abs=1e-4)
