@@ -217,7 +217,7 @@ def make_with_generator(model, method, **kw):
 def test_generator_training_loss_falls(model, method):
     calib = make_with_generator(model, method)
     meta = calib.meta
-    assert meta["generator"] and meta["generator_steps"] == 40 and meta["generator_lr"] == 1e-3
+    assert meta["generator"] and meta["iterations"] == 40 and meta["lr"] == 1e-3
     assert meta["generator_parameters"] > 0
     curve = meta["generator_loss_curve"]  # mean loss over each tenth of training
     # After the warm-up clusterq/fdda add class terms with targets redrawn every step (a noise floor

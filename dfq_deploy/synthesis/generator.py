@@ -151,7 +151,7 @@ def synthesize_with_generator(job: Job, make_objective: ObjectiveFactory) -> Met
             images.append(generator(z, labels))
             all_labels.append(labels)
     curve = [float(part.mean()) for part in losses.cpu().tensor_split(LOSS_CURVE_POINTS) if len(part)]
-    meta = {"generator": True, "iterations": steps, "lr": lr, "generator_steps": steps, "generator_lr": lr,
+    meta = {"generator": True, "iterations": steps, "lr": lr,
             "generator_betas": list(BETAS), "generator_batch_size": batch_size,
             "generator_parameters": sum(p.numel() for p in generator.parameters()),
             "generator_loss_curve": curve, **objective.meta()}
