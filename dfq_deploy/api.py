@@ -179,15 +179,7 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     """
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
         raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
-    scheme = scheme or default_scheme(target)
-    if precision == "int4w":
-        if target == "onnxruntime":
-            raise BadInputError("--precision int4w is TensorRT's INT4 weight-only engine precision",
-                                hint="use --target tensorrt or tensorrt-rtx")
-        scheme = int4_weight_only(scheme)
-    if target != "onnxruntime" and scheme.act_form != "int8_symmetric":
-        raise BadInputError(f"--target {target} takes only signed symmetric int8 activations",
-                            hint="leave the scheme's act_form at int8_symmetric for TensorRT targets")
+    scheme = scheme_for_target(scheme or default_scheme(target), target=target, precision=precision)
     created = not Path(out_dir).exists()
     out = prepare_out_dir(out_dir)
     try:
@@ -200,6 +192,22 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before any artifact: leave nothing behind
         raise
+
+
+def scheme_for_target(scheme: QuantScheme, *, target: Target, precision: str = "int8") -> QuantScheme:
+    """``scheme`` as ``target`` can run it at ``precision``; a clear error where it cannot.
+
+    ``int4w`` (TensorRT's INT4 weight-only engines) turns the scheme weight-only with 4-bit block weights.
+    """
+    if precision == "int4w":
+        if target == "onnxruntime":
+            raise BadInputError("--precision int4w is TensorRT's INT4 weight-only engine precision",
+                                hint="use --target tensorrt or tensorrt-rtx")
+        scheme = int4_weight_only(scheme)
+    if target != "onnxruntime" and scheme.act_form != "int8_symmetric":
+        raise BadInputError(f"--target {target} takes only signed symmetric int8 activations",
+                            hint="leave the scheme's act_form at int8_symmetric for TensorRT targets")
+    return scheme
 
 
 def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, synthesis, scheme, profile_config,

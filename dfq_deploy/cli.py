@@ -254,14 +254,17 @@ def synthesize(model, out_dir, no_progress, **o) -> None:
               help="Use a calibration set saved by `dfq-deploy synthesize` instead of making one.")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
               show_default=True, help="Decides the Q/DQ form of the exported graph.")
+@click.option("--precision", type=click.Choice(["int8", "int4w"]), default="int8", show_default=True,
+              help="int4w: TensorRT's INT4 weight-only form (4-bit block weights, float activations).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--no-progress", is_flag=True)
 @_run
-def quantize(model, calib_set, target, out_dir, no_progress, **o) -> None:
+def quantize(model, calib_set, target, precision, out_dir, no_progress, **o) -> None:
     """Quantize MODEL (optionally with block reconstruction) and write model.qdq.onnx into --out."""
     from . import api
     from .calibration_set import CalibrationSet
     reconstruct = _reconstruction(o)
+    scheme = api.scheme_for_target(_scheme(o, target, {}), target=target, precision=precision)
     out = api.prepare_out_dir(out_dir)
     loaded = api.load(model, arch=o["arch"], trust_pickle=o["trust_pickle"], input_shape=_input_shape(o["input_shape"]))
     if calib_set is not None:
@@ -270,7 +273,7 @@ def quantize(model, calib_set, target, out_dir, no_progress, **o) -> None:
         calib = api.synthesize(loaded, config=_synthesis_config(o, {}), normalize=NORMALIZATIONS[o["normalize"]],
                                progress=not no_progress)
         calib.save(out / api.CALIBRATION_DIR)
-    qmodel = api.quantize(loaded, calib, scheme=_scheme(o, target, {}), reconstruct=reconstruct,
+    qmodel = api.quantize(loaded, calib, scheme=scheme, reconstruct=reconstruct,
                           progress=not no_progress)
     path = api.save_onnx(api.export(qmodel), out / api.QDQ_ONNX)
     summary = qmodel.summary()

@@ -162,3 +162,22 @@ def test_block_size_on_a_conv_is_refused():
     scheme = dataclasses.replace(INT8_TENSORRT, overrides=(LayerOverride("conv", 4, None, weight_block_size=16),))
     with pytest.raises(BadInputError, match="Linear layers only"):
         quantize(NoBatchNormNet(), CalibrationSet(_images(8)), scheme=scheme, progress=False)
+
+
+def test_quantize_command_writes_int4w_for_tensorrt_and_refuses_it_for_onnxruntime(tmp_path):
+    """`dfq-deploy quantize --precision int4w` writes the blocked INT4 Linear; onnxruntime is refused (exit 2)."""
+    from click.testing import CliRunner
+    from dfq_deploy.cli import main
+
+    path = tmp_path / "wide.pt"
+    torch.save(_wide_head(), path)
+    common = ["quantize", str(path), "--trust-pickle", "--input-shape", "1x3x16x16", "--calib", "noise",
+              "--num-images", "8", "--no-progress", "--precision", "int4w"]
+    refused = CliRunner().invoke(main, common + ["--out", str(tmp_path / "ort")])
+    assert refused.exit_code == 2 and "int4w" in refused.output
+    assert not (tmp_path / "ort").exists()
+    result = CliRunner().invoke(main, common + ["--target", "tensorrt", "--out", str(tmp_path / "trt")])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(tmp_path / "trt" / "model.qdq.onnx"))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert trt_rules.precision_summary(model)[gemm.name].precision == "int4-weight"
