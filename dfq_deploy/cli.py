@@ -184,7 +184,8 @@ def main() -> None:
 @click.option("--json", "print_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--max-drop", type=float,
               help="Top-1 budget in points: raise sensitive layers until the drop estimated on held-out synthetic "
-                   "images fits (exit 7 if no plan does).")
+                   "images fits (exit 7 if no plan does). With --reconstruct each candidate plan is reconstructed "
+                   "before it is estimated.")
 @click.option("--sensitivity", is_flag=True,
               help="Keep the most sensitive layers at 8 bit within --budget x the all-low-width cost.")
 @click.option("--budget", type=float, default=1.25, show_default=True, help="Cost budget for --sensitivity.")
