@@ -98,3 +98,30 @@ def test_expected_drop_weights_each_flip_by_the_probability_given_up():
     assert expected_drop_percent(fp32, flips_both, images) == pytest.approx(expected, abs=0.01)
     assert expected_drop_percent(fp32, fp32, images) == 0.0
     assert mean_confidence(fp32, images) == pytest.approx((0.5 + float(confident[0])) / 2, abs=1e-4)
+
+
+def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path):
+    """A met budget: the build deploys the model the planner reconstructed and estimated (no second
+    quantization), and report.json/report.md carry the plan."""
+    import json
+
+    from dfq_deploy import api
+    from dfq_deploy.config import ProfileConfig, SynthesisConfig
+
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_resnet(), path)
+    # onnxruntime has no 4-bit conv kernel: the precision map says so on the console.
+    with pytest.warns(UserWarning, match="no 4-bit conv kernel"):
+        result = api.build(path, out_dir=tmp_path / "out", trust_pickle=True, input_shape=(3, 16, 16),
+                           synthesis=SynthesisConfig(method="noise", num_images=32, batch_size=16),
+                           scheme=default_scheme("onnxruntime", bits=4), use_cache=False, max_drop=100.0,
+                           reconstruct=ReconstructionConfig(iterations=10, batch_size=8),
+                           profile_config=ProfileConfig(batch_sizes=(1,), warmup=1, iterations=2), progress=False)
+    plan = result.report["precision_plan"]
+    assert plan["kind"] == "max_drop" and plan["reconstructed"] and plan["estimated_drop"] <= 100.0
+    assert plan["overrides"] == [] and plan["low_bit_mac_fraction"] > 0  # a 100-point budget raises nothing
+    assert 0.0 < plan["holdout_confidence"] <= 1.0 and plan["holdout_images"] == 8
+    assert result.report["quantization"]["reconstruction"]["blocks"]
+    stages = json.loads((result.out_dir / "manifest.json").read_text())["stages"]
+    assert stages["precision_plan"]["reconstructed"] and "quantize" not in stages
+    assert "Accuracy budget (--max-drop)" in (result.out_dir / "report.md").read_text()
