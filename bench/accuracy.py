@@ -92,9 +92,9 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
     scheme, recon = scheme_for(scheme_name, args)
     start = time.perf_counter()
     if scheme_name.endswith("-est"):
-        qmodel = estimate_drop_row(model, calib, scheme, recon, row)
+        qmodel = estimate_drop_row(model, calib, scheme, recon, row, args.holdout_fraction)
     elif scheme_name.endswith("-max-drop"):
-        qmodel = max_drop_row(model, calib, scheme, recon, row, args.max_drop)
+        qmodel = max_drop_row(model, calib, scheme, recon, row, args.max_drop, args.holdout_fraction)
     else:
         qmodel = quantize(model, calib, scheme=scheme, progress=args.progress, reconstruct=recon)
     row["quantize_s"] = time.perf_counter() - start
@@ -106,24 +106,26 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
     return row
 
 
-def estimate_drop_row(model, calib, scheme, recon, row: dict):
-    """Calibrate (and reconstruct) on 3/4 of ``calib``; the drop estimated on the held-out 1/4 goes into ``row``."""
-    from dfq_deploy.quant.budget import HOLDOUT_FRACTION, held_out_drop, mean_confidence
+def estimate_drop_row(model, calib, scheme, recon, row: dict, holdout_fraction: float):
+    """Calibrate (and reconstruct) on the rest of ``calib``; the drop estimated on the held-out part goes into ``row``."""
+    from dfq_deploy.quant.budget import held_out_drop, mean_confidence
     from dfq_deploy.quant.quantize import quantize
 
-    calibrate_on, held_out = calib.split(HOLDOUT_FRACTION)
+    calibrate_on, held_out = calib.split(holdout_fraction)
     qmodel = quantize(model, calibrate_on, scheme=scheme, progress=False, reconstruct=recon)
     row.update(held_out_drop(model, qmodel.module, held_out.images), holdout_images=len(held_out),
                holdout_confidence=mean_confidence(model, held_out.images))
     return qmodel
 
 
-def max_drop_row(model, calib, scheme, recon, row: dict, max_drop: float):
+def max_drop_row(model, calib, scheme, recon, row: dict, max_drop: float, holdout_fraction: float):
     """``build --max-drop``'s planner (``--reconstruct`` with ``recon``), then the model it chose."""
     from dfq_deploy.quant.budget import plan_for_max_drop
 
-    plan, _, qmodel = plan_for_max_drop(model, calib, scheme=scheme, max_drop=max_drop, reconstruct=recon)
-    row.update(max_drop=max_drop, estimated_drop=plan.estimated_drop, disagreement=plan.disagreement,
+    plan, _, qmodel = plan_for_max_drop(model, calib, scheme=scheme, max_drop=max_drop, reconstruct=recon,
+                                        holdout_fraction=holdout_fraction)
+    row.update(max_drop=max_drop, estimated_drop=plan.estimated_drop, estimated_drop_se=plan.estimated_drop_se,
+               disagreement=plan.disagreement,
                holdout_images=plan.holdout_images, holdout_confidence=plan.holdout_confidence,
                low_bit_mac_fraction=plan.low_bit_mac_fraction,
                raised=[o.pattern for o in plan.overrides], plan_act_bits=plan.act_bits,
@@ -137,14 +139,15 @@ def print_estimates(rows: list[dict], fp32: dict) -> None:
     if not rows:
         return
     print("\nTop-1 drop estimated without labels (held-out synthetic images) vs real (test-lossless-1017)")
-    header = (f"{'model':9} {'scheme':14} {'source':12} {'est. drop':>9} {'real drop':>9} {'|err|':>6} "
+    header = (f"{'model':9} {'scheme':17} {'source':9} {'images':>6} {'est. drop ± SE':>14} {'real drop':>9} {'|err|':>6} "
               f"{'disagree%':>9} {'held-out':>8} {'FP32 conf':>9} {'4-bit conv MACs':>15}")
     print(header)
     print("-" * len(header))
     for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"])):
         real = fp32[r["model"]] - r["top1"]
         low = f"{r['low_bit_mac_fraction']:15.0%}" if "low_bit_mac_fraction" in r else f"{'':15}"
-        print(f"{r['model']:9} {r['scheme']:14} {r['source']:12} {r['estimated_drop']:9.2f} {real:9.2f} "
+        se = f"{r['estimated_drop_se']:5.2f}" if "estimated_drop_se" in r else f"{'?':>5}"
+        print(f"{r['model']:9} {r['scheme']:17} {r['source']:9} {r['images']:6d} {r['estimated_drop']:6.2f} ± {se} {real:9.2f} "
               f"{abs(r['estimated_drop'] - real):6.2f} {r['disagreement']:9.2f} {r['holdout_images']:8d} "
               f"{r.get('holdout_confidence', float('nan')):9.3f} {low}")
 
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rec-iterations", type=int, default=2000, help="reconstruction iterations per block")
     parser.add_argument("--rec-budget", type=float, default=None, help="reconstruction time budget in seconds (whole model)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="budget of the w4a4-max-drop rows, top-1 points")
+    parser.add_argument("--holdout-fraction", type=float, default=0.25,
+                        help="share of each set the -est and -max-drop rows hold out to estimate on")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),

@@ -6,7 +6,8 @@ import torch
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import ReconstructionConfig, default_scheme
 from dfq_deploy.errors import BudgetNotMetError
-from dfq_deploy.quant.budget import disagreement_percent, expected_drop_percent, mean_confidence, plan_for_max_drop
+from dfq_deploy.quant.budget import (disagreement_percent, drop_per_image, expected_drop_percent, held_out_drop,
+                                     mean_confidence, plan_for_max_drop)
 from dfq_deploy.quant.quantize import quantize
 from tiny_models import tiny_resnet
 
@@ -64,7 +65,9 @@ def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
     from click.testing import CliRunner
     from dfq_deploy.cli import main
 
-    monkeypatch.setattr(budget, "expected_drop_percent", lambda *a, **k: 50.0)  # an estimate no plan can fix
+    # an estimate no plan can fix
+    monkeypatch.setattr(budget, "held_out_drop", lambda *a, **k: {"estimated_drop": 50.0, "estimated_drop_se": 1.0,
+                                                                   "disagreement": 50.0})
     model, calib, scheme = setup
     with pytest.raises(BudgetNotMetError):
         plan_for_max_drop(model, calib, scheme=scheme, max_drop=1.0)
@@ -98,6 +101,10 @@ def test_expected_drop_weights_each_flip_by_the_probability_given_up():
     assert expected_drop_percent(fp32, flips_both, images) == pytest.approx(expected, abs=0.01)
     assert expected_drop_percent(fp32, fp32, images) == 0.0
     assert mean_confidence(fp32, images) == pytest.approx((0.5 + float(confident[0])) / 2, abs=1e-4)
+    costs = drop_per_image(fp32, flips_both, images)
+    assert held_out_drop(fp32, flips_both, images)["estimated_drop_se"] == pytest.approx(
+        100.0 * float(costs.std()) / 2 ** 0.5)
+    assert held_out_drop(fp32, fp32, images)["estimated_drop_se"] == 0.0
 
 
 def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path):

@@ -35,6 +35,7 @@ class BudgetPlan:
 
     max_drop: float
     estimated_drop: float
+    estimated_drop_se: float  # its standard error over the held-out images, points
     disagreement: float  # plain top-1 disagreement on the held-out images, percent
     holdout_images: int
     holdout_confidence: float  # FP32's mean top-1 probability on them: near 1, few flips, an optimistic estimate
@@ -66,23 +67,36 @@ def disagreement_percent(model: nn.Module, quantized: nn.Module, images: torch.T
 
 
 @torch.no_grad()
-def expected_drop_percent(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
-    """Top-1 drop (points) expected under the FP32 model's own predictive distribution.
-
-    Per image: p(FP32's class) − p(quantized model's class), both probabilities from FP32's softmax;
-    0 where the two agree. If FP32's probabilities were calibrated this is exactly the expected loss
-    of top-1 accuracy. Plain disagreement counts a flip between two near-tied classes as a whole
-    error; synthetic images have many of those (on the CIFAR ResNet-20, ZeroQ images get a mean FP32
-    confidence of 0.82 against 0.97 on real ones), so at W8A8 it read 7.8 points where the real drop
-    was 0.1; this estimate read 0.6.
-    """
-    total = 0.0
+def drop_per_image(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Per image: p(FP32's class) − p(quantized model's class), both from FP32's softmax; 0 where they agree."""
+    costs = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         probs = torch.softmax(model(batch).float(), dim=1)
         chosen = quantized(batch).argmax(1, keepdim=True)
-        total += float((probs.max(1).values - probs.gather(1, chosen)[:, 0]).sum())
-    return 100.0 * total / max(len(images), 1)
+        costs.append(probs.max(1).values - probs.gather(1, chosen)[:, 0])
+    return torch.cat(costs) if costs else torch.zeros(0)
+
+
+def expected_drop_percent(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Top-1 drop (points) expected under the FP32 model's own predictive distribution.
+
+    The mean of :func:`drop_per_image`. If FP32's probabilities were calibrated this is exactly the
+    expected loss of top-1 accuracy. Plain disagreement counts a flip between two near-tied classes
+    as a whole error; synthetic images have many of those (on the CIFAR ResNet-20, ZeroQ images get
+    a mean FP32 confidence of 0.82 against 0.97 on real ones), so at W8A8 it read 7.8 points where
+    the real drop was 0.1; this estimate read 0.6.
+    """
+    return 100.0 * float(drop_per_image(model, quantized, images, batch_size).mean()) if len(images) else 0.0
+
+
+def standard_error_percent(costs: torch.Tensor) -> float:
+    """Standard error of the mean of per-image costs, in points.
+
+    Flips are rare, so few held-out images make a coarse estimate: at a true 2% flip rate, 64
+    images give a standard error of about 1.75 points — more than a 1-point budget.
+    """
+    return 100.0 * float(costs.std(unbiased=True)) / len(costs) ** 0.5 if len(costs) > 1 else float("inf")
 
 
 @torch.no_grad()
@@ -100,8 +114,10 @@ def mean_confidence(model: nn.Module, images: torch.Tensor, batch_size: int = 64
 
 
 def held_out_drop(model: nn.Module, quantized: nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """The drop estimate ``--max-drop`` uses and the plain disagreement, both in percent, on ``images``."""
-    return {"estimated_drop": expected_drop_percent(model, quantized, images),
+    """The drop estimate ``--max-drop`` uses, its standard error and the plain disagreement, in percent."""
+    costs = drop_per_image(model, quantized, images)
+    return {"estimated_drop": 100.0 * float(costs.mean()) if len(costs) else 0.0,
+            "estimated_drop_se": standard_error_percent(costs),
             "disagreement": disagreement_percent(model, quantized, images)}
 
 
@@ -155,7 +171,8 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
     elif estimate(hi) > max_drop:
         raise BudgetNotMetError(
             f"no precision plan meets --max-drop {max_drop}: even with every layer in float the estimated "
-            f"drop is {steps[-1]['estimated_drop']:.2f} points on {len(held_out)} held-out synthetic images",
+            f"drop is {steps[-1]['estimated_drop']:.2f} ± {steps[-1]['estimated_drop_se']:.2f} points on "
+            f"{len(held_out)} held-out synthetic images",
             hint="the estimate is noisy with few images: raise --num-images, or relax --max-drop")
     while hi - lo > 1:  # invariant: estimate(lo) > max_drop >= estimate(hi)
         mid = (lo + hi) // 2
@@ -167,7 +184,7 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
     final = next(s for s in reversed(steps) if s["raised"] == hi)
     overrides = chosen.overrides[len(scheme.overrides):]
     size, size_low, macs, macs_low, low_fraction = _costs(measured, overrides)
-    plan = BudgetPlan(max_drop, final["estimated_drop"], final["disagreement"], len(held_out),
+    plan = BudgetPlan(max_drop, final["estimated_drop"], final["estimated_drop_se"], final["disagreement"], len(held_out),
                       mean_confidence(model, held_out.images), overrides,
                       chosen.act_bits, tuple(steps), size, size_low, macs, macs_low, low_fraction,
                       reconstructed=reconstruct is not None)
