@@ -94,12 +94,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     plan = report.get("precision_plan")
     if plan and plan.get("kind") == "max_drop":
         raised = ", ".join(f"`{o['pattern']}` → {o['weight_bits'] or 'float'}" for o in plan["overrides"]) or "none"
-        lines += ["## Accuracy budget (--max-drop)", "",
-                  f"Estimated top-1 drop {plan['estimated_drop']:.2f} ± {plan.get('estimated_drop_se', float('nan')):.2f} "
-                  f"points (± one standard error; budget {plan['max_drop']}"
-                  f"{'; the error exceeds the budget: more images (--num-images) narrow it' if plan.get('estimated_drop_se', 0) > plan['max_drop'] else ''}"
-                  f"): disagreement "
-                  f"with FP32 on {plan['holdout_images']} held-out synthetic images (not used to calibrate), each flip "
+        lines += ["## Accuracy budget (--max-drop)", ""]
+        if plan.get("resolution_warning"):
+            lines += [f"**Warning:** {plan['resolution_warning']}.", ""]
+        lines += [f"Estimated top-1 drop {plan['estimated_drop']:.2f} ± {plan.get('estimated_drop_se', float('nan')):.2f} "
+                  f"points (± one standard error; budget {plan['max_drop']}): disagreement with FP32 on "
+                  f"{plan['holdout_images']} held-out synthetic images (not used to calibrate), each flip "
                   f"weighted by the FP32 probability it gives up (plain disagreement {plan['disagreement']:.2f}%)"
                   f"{', each candidate plan estimated after block reconstruction' if plan.get('reconstructed') else ''}; "
                   f"FP32's mean confidence on those images {plan.get('holdout_confidence', float('nan')):.3f} (near 1: few "

@@ -7,7 +7,7 @@ from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import ReconstructionConfig, default_scheme
 from dfq_deploy.errors import BudgetNotMetError
 from dfq_deploy.quant.budget import (disagreement_percent, drop_per_image, expected_drop_percent, held_out_drop,
-                                     mean_confidence, plan_for_max_drop)
+                                     mean_confidence, plan_for_max_drop, resolution_warning, zero_flip_bound)
 from dfq_deploy.quant.quantize import quantize
 from tiny_models import tiny_resnet
 
@@ -27,7 +27,9 @@ def test_plan_meets_the_budget_on_held_out_images(setup):
     low_estimate = expected_drop_percent(model, all_low.module, held_out.images)
     assert low_drop > 10 and low_estimate > 2, "2-bit everywhere must disagree a lot, or the test shows nothing"
     assert low_estimate <= low_drop  # a flip costs at most the whole image
-    plan, used, planned = plan_for_max_drop(model, calib, scheme=scheme, max_drop=low_estimate / 4)
+    with pytest.warns(UserWarning, match="held-out images cannot tell"):
+        plan, used, planned = plan_for_max_drop(model, calib, scheme=scheme, max_drop=low_estimate / 4)
+    assert plan.resolution_warning and plan.zero_flip_bound == pytest.approx(300 / 16)
     assert len(used) == 48 and plan.holdout_images == 16 and not plan.reconstructed
     assert plan.estimated_drop <= low_estimate / 4
     assert plan.overrides, "layers had to be raised"
@@ -40,6 +42,7 @@ def test_plan_meets_the_budget_on_held_out_images(setup):
     assert 0.0 <= plan.low_bit_mac_fraction < 1.0
 
 
+@pytest.mark.filterwarnings("ignore:--max-drop .* held-out images cannot tell")
 def test_plan_with_reconstruction_estimates_the_reconstructed_model(setup):
     """With --reconstruct each candidate is judged after reconstruction, and the model handed back is
     the reconstructed one whose held-out estimate the plan reports."""
@@ -59,6 +62,7 @@ def test_plan_with_reconstruction_estimates_the_reconstructed_model(setup):
     assert planned.scheme == plan.scheme(scheme)
 
 
+@pytest.mark.filterwarnings("ignore:--max-drop .* held-out images cannot tell")
 def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
     """When even the most precise plan misses, the build stops with exit code 7 and writes no model."""
     import dfq_deploy.quant.budget as budget
@@ -131,4 +135,15 @@ def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path)
     assert result.report["quantization"]["reconstruction"]["blocks"]
     stages = json.loads((result.out_dir / "manifest.json").read_text())["stages"]
     assert stages["precision_plan"]["reconstructed"] and "quantize" not in stages
-    assert "Accuracy budget (--max-drop)" in (result.out_dir / "report.md").read_text()
+    markdown = (result.out_dir / "report.md").read_text()
+    assert "Accuracy budget (--max-drop)" in markdown
+    # 8 held-out images cannot resolve even a 100-point budget's neighbour: no warning at 100 (300/8 = 37.5)
+    assert plan["zero_flip_bound"] == pytest.approx(37.5) and plan["resolution_warning"] is None
+
+
+def test_too_few_held_out_images_for_the_budget_are_named():
+    """The rule of three: 16 held-out images cannot tell a drop below 18.75 points from none."""
+    assert zero_flip_bound(16) == pytest.approx(18.75)
+    warning = resolution_warning(1.0, 16, 0.25)
+    assert "18.8 points" in warning and "at least 1200 images" in warning
+    assert resolution_warning(1.0, 300, 0.25) is None

@@ -15,6 +15,8 @@ reconstruction leaves about 1) and raise layers the deployed model does not need
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -39,6 +41,8 @@ class BudgetPlan:
     disagreement: float  # plain top-1 disagreement on the held-out images, percent
     holdout_images: int
     holdout_confidence: float  # FP32's mean top-1 probability on them: near 1, few flips, an optimistic estimate
+    zero_flip_bound: float  # the drop held-out images with no flip still allow (95%): 300 / holdout_images
+    resolution_warning: str | None  # set when zero_flip_bound exceeds max_drop
     overrides: tuple[LayerOverride, ...]
     act_bits: int  # for activations no layer owns (residual adds, pools)
     steps: tuple[dict[str, Any], ...]
@@ -121,6 +125,26 @@ def held_out_drop(model: nn.Module, quantized: nn.Module, images: torch.Tensor) 
             "disagreement": disagreement_percent(model, quantized, images)}
 
 
+def zero_flip_bound(holdout_images: int) -> float:
+    """The drop (points) a held-out set with no flips at all still allows, at 95% confidence.
+
+    The rule of three: with no flip among n images the flip rate is below 3/n with 95% confidence,
+    and an image costs at most its whole top-1. A budget below this cannot be told from zero.
+    """
+    return 300.0 / max(holdout_images, 1)
+
+
+def resolution_warning(max_drop: float, holdout_images: int, holdout_fraction: float) -> str | None:
+    """A warning when ``holdout_images`` are too few to resolve ``max_drop``, with the set size that would."""
+    bound = zero_flip_bound(holdout_images)
+    if bound <= max_drop:
+        return None
+    needed = math.ceil(300.0 / max_drop / holdout_fraction) if max_drop > 0 else None
+    return (f"--max-drop {max_drop:g}: {holdout_images} held-out images cannot tell a drop below {bound:.1f} points "
+            f"from none (95% confidence), so the plan may keep layers low that cost more than the budget"
+            + (f"; synthesize at least {needed} images (--num-images) to resolve it" if needed else ""))
+
+
 def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, max_drop: float,
                       holdout_fraction: float = HOLDOUT_FRACTION, reconstruct: ReconstructionConfig | None = None,
                       progress: bool = False) -> tuple[BudgetPlan, CalibrationSet, QuantModel]:
@@ -139,6 +163,9 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
     if len(held_out) < 8 or len(calibrate_on) < 1:
         raise BadInputError(f"--max-drop needs at least 8 held-out images; {len(calib)} calibration images give "
                             f"{len(held_out)}", hint="raise --num-images (e.g. 256)")
+    resolution = resolution_warning(max_drop, len(held_out), holdout_fraction)
+    if resolution:
+        warnings.warn(resolution, stacklevel=2)
     measured = measure_sensitivity(model, calibrate_on, scheme=scheme, config=MixedPrecisionConfig())
     ranking = sorted((layer for layer in measured.layers), key=lambda layer: measured.errors[layer.name], reverse=True)
     # Candidates in order: each layer to 8 bit (if below); then the activations no layer owns (residual
@@ -185,7 +212,7 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
     overrides = chosen.overrides[len(scheme.overrides):]
     size, size_low, macs, macs_low, low_fraction = _costs(measured, overrides)
     plan = BudgetPlan(max_drop, final["estimated_drop"], final["estimated_drop_se"], final["disagreement"], len(held_out),
-                      mean_confidence(model, held_out.images), overrides,
+                      mean_confidence(model, held_out.images), zero_flip_bound(len(held_out)), resolution, overrides,
                       chosen.act_bits, tuple(steps), size, size_low, macs, macs_low, low_fraction,
                       reconstructed=reconstruct is not None)
     return plan, calibrate_on, fitting[hi]
