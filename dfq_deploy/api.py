@@ -163,7 +163,7 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           max_disagreement: float | None = None, normalize=None, cache_dir: str | os.PathLike | None = None,
           use_cache: bool = True, eval_set: str | os.PathLike | None = None,
           reconstruct: ReconstructionConfig | None = None, mixed_precision: MixedPrecisionConfig | None = None,
-          max_drop: float | None = None, progress: bool = True) -> BuildResult:
+          max_drop: float | None = None, holdout_fraction: float = 0.25, progress: bool = True) -> BuildResult:
     """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
 
     Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT
@@ -175,7 +175,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     adds top-1 accuracy of the FP32 model, the fake-quant reference and the deployed INT8 model.
     ``mixed_precision`` keeps the most sensitive layers at 8 bit within a size/latency budget;
     ``max_drop`` (top-1 points) instead raises layers until the drop estimated on held-out
-    synthetic images fits, or raises :class:`BudgetNotMetError`.
+    synthetic images (``holdout_fraction`` of the set, never calibrated on) fits, or raises
+    :class:`BudgetNotMetError`.
     """
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
         raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
@@ -187,7 +188,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
                       synthesis=synthesis, scheme=scheme, profile_config=profile_config, precision=precision,
                       max_disagreement=max_disagreement, normalize=normalize, cache_dir=cache_dir,
                       use_cache=use_cache, eval_set=eval_set, reconstruct=reconstruct,
-                      mixed_precision=mixed_precision, max_drop=max_drop, progress=progress)
+                      mixed_precision=mixed_precision, max_drop=max_drop, holdout_fraction=holdout_fraction,
+                      progress=progress)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before any artifact: leave nothing behind
@@ -212,7 +214,7 @@ def scheme_for_target(scheme: QuantScheme, *, target: Target, precision: str = "
 
 def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, synthesis, scheme, profile_config,
            precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, reconstruct,
-           mixed_precision, max_drop, progress) -> BuildResult:
+           mixed_precision, max_drop, holdout_fraction, progress) -> BuildResult:
     from .report import write_reports
     from .runtimes.profiler import host_memory
 
@@ -238,7 +240,7 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
         with manifest.timed("precision_plan", reconstructed=max_drop is not None and reconstruct is not None):
             scheme, calib_used, precision_plan, qmodel = _plan_precision(
                 model, calib, scheme, out, max_drop=max_drop, mixed_precision=mixed_precision,
-                reconstruct=reconstruct, progress=progress)
+                reconstruct=reconstruct, holdout_fraction=holdout_fraction, progress=progress)
             artifacts |= {k: str(v) for k, v in precision_plan.pop("files", {}).items()}
 
     if qmodel is None:  # the --max-drop planner hands back the model it estimated
@@ -316,7 +318,7 @@ SENSITIVITY_PLOT = "sensitivity.png"
 
 def _plan_precision(model: LoadedModel, calib: CalibrationSet, scheme: QuantScheme, out: Path, *,
                     max_drop: float | None, mixed_precision: MixedPrecisionConfig | None,
-                    reconstruct: ReconstructionConfig | None, progress: bool):
+                    reconstruct: ReconstructionConfig | None, holdout_fraction: float, progress: bool):
     """Per-layer widths from an accuracy budget (``max_drop``) or a size/latency budget.
 
     Returns (scheme, calibration images to quantize with, plan for the report, the quantized model
@@ -325,7 +327,8 @@ def _plan_precision(model: LoadedModel, calib: CalibrationSet, scheme: QuantSche
     if max_drop is not None:
         from .quant.budget import plan_for_max_drop
         plan, calib_used, qmodel = plan_for_max_drop(model.module, calib, scheme=scheme, max_drop=max_drop,
-                                                     reconstruct=reconstruct, progress=progress)
+                                                     holdout_fraction=holdout_fraction, reconstruct=reconstruct,
+                                                     progress=progress)
         return plan.scheme(scheme), calib_used, {"kind": "max_drop", **plan.as_dict()}, qmodel
     from .quant.sensitivity import plot_sensitivity, sensitivity_plan
     plan = sensitivity_plan(model.module, calib, scheme=scheme, config=mixed_precision)

@@ -186,6 +186,8 @@ def main() -> None:
               help="Top-1 budget in points: raise sensitive layers until the drop estimated on held-out synthetic "
                    "images fits (exit 7 if no plan does). With --reconstruct each candidate plan is reconstructed "
                    "before it is estimated.")
+@click.option("--holdout-fraction", type=float, default=0.25, show_default=True,
+              help="Share of the synthetic set --max-drop holds out to estimate on (never calibrated on).")
 @click.option("--sensitivity", is_flag=True,
               help="Keep the most sensitive layers at 8 bit within --budget x the all-low-width cost.")
 @click.option("--budget", type=float, default=1.25, show_default=True, help="Cost budget for --sensitivity.")
@@ -195,7 +197,8 @@ def main() -> None:
 @click.option("--no-cache", is_flag=True, help="Always synthesize anew instead of reusing a cached set.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @_run
-def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, max_drop, sensitivity,
+def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, max_drop, holdout_fraction,
+          sensitivity,
           budget, budget_kind, eval_set, no_cache, no_progress, **o) -> None:
     """Load MODEL, make a calibration set, quantize, export, deploy and profile it."""
     from . import api
@@ -206,7 +209,7 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
                        scheme=_scheme(o, target, file_cfg), profile_config=_profile_config(o, file_cfg),
                        precision=precision, max_disagreement=max_disagreement,
                        normalize=NORMALIZATIONS[o["normalize"]], use_cache=not no_cache, eval_set=eval_set,
-                       reconstruct=reconstruct, max_drop=max_drop,
+                       reconstruct=reconstruct, max_drop=max_drop, holdout_fraction=holdout_fraction,
                        mixed_precision=MixedPrecisionConfig(budget=budget, budget_kind=budget_kind) if sensitivity else None,
                        progress=not no_progress)
     if print_json:

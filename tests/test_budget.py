@@ -5,7 +5,7 @@ import torch
 
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import ReconstructionConfig, default_scheme
-from dfq_deploy.errors import BudgetNotMetError
+from dfq_deploy.errors import BadInputError, BudgetNotMetError
 from dfq_deploy.quant.budget import (disagreement_percent, drop_per_image, expected_drop_percent, held_out_drop,
                                      mean_confidence, plan_for_max_drop, resolution_warning, zero_flip_bound)
 from dfq_deploy.quant.quantize import quantize
@@ -147,3 +147,10 @@ def test_too_few_held_out_images_for_the_budget_are_named():
     warning = resolution_warning(1.0, 16, 0.25)
     assert "18.8 points" in warning and "at least 1200 images" in warning
     assert resolution_warning(1.0, 300, 0.25) is None
+
+
+def test_bad_budget_arguments_are_refused(setup):
+    model, calib, scheme = setup
+    for kwargs in ({"max_drop": -1.0}, {"max_drop": 1.0, "holdout_fraction": 1.0}, {"max_drop": 1.0, "holdout_fraction": 0.0}):
+        with pytest.raises(BadInputError):
+            plan_for_max_drop(model, calib, scheme=scheme, **kwargs)

@@ -142,7 +142,8 @@ def resolution_warning(max_drop: float, holdout_images: int, holdout_fraction: f
     needed = math.ceil(300.0 / max_drop / holdout_fraction) if max_drop > 0 else None
     return (f"--max-drop {max_drop:g}: {holdout_images} held-out images cannot tell a drop below {bound:.1f} points "
             f"from none (95% confidence), so the plan may keep layers low that cost more than the budget"
-            + (f"; synthesize at least {needed} images (--num-images) to resolve it" if needed else ""))
+            + (f"; synthesize at least {needed} images (--num-images), or hold out more (--holdout-fraction), "
+               f"to resolve it" if needed else ""))
 
 
 def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, max_drop: float,
@@ -159,6 +160,8 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
     """
     if max_drop < 0:
         raise BadInputError(f"--max-drop is in top-1 percentage points and must be >= 0, got {max_drop}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise BadInputError(f"--holdout-fraction must be between 0 and 1, got {holdout_fraction}")
     calibrate_on, held_out = calib.split(holdout_fraction)
     if len(held_out) < 8 or len(calibrate_on) < 1:
         raise BadInputError(f"--max-drop needs at least 8 held-out images; {len(calib)} calibration images give "
