@@ -20,8 +20,8 @@ import onnx
 from . import __version__
 from .artifacts import atomic_write_bytes, package_versions
 from .calibration_set import CalibrationSet
-from .config import (IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme, ReconstructionConfig,
-                     SynthesisConfig, Target, default_scheme, int4_weight_only)
+from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme,
+                     ReconstructionConfig, SynthesisConfig, Target, default_scheme, int4_weight_only)
 from .errors import BadInputError, FidelityGateError
 from .models import LoadedModel, load_model
 from .quant.quantize import QuantModel
@@ -163,7 +163,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           max_disagreement: float | None = None, normalize=None, cache_dir: str | os.PathLike | None = None,
           use_cache: bool = True, eval_set: str | os.PathLike | None = None,
           reconstruct: ReconstructionConfig | None = None, mixed_precision: MixedPrecisionConfig | None = None,
-          max_drop: float | None = None, holdout_fraction: float = 0.25, progress: bool = True) -> BuildResult:
+          max_drop: float | None = None, holdout_fraction: float = HOLDOUT_FRACTION,
+          progress: bool = True) -> BuildResult:
     """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
 
     Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import click
 
-from .config import (IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme, ReconstructionConfig,
-                     SynthesisConfig, default_scheme, from_mapping, load_config_file)
+from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme,
+                     ReconstructionConfig, SynthesisConfig, default_scheme, from_mapping, load_config_file)
 from .errors import BadInputError, DfqError
 
 # "none": images in [0, 1] as they are (for 3-channel inputs).
@@ -186,7 +186,7 @@ def main() -> None:
               help="Top-1 budget in points: raise sensitive layers until the drop estimated on held-out synthetic "
                    "images fits (exit 7 if no plan does). With --reconstruct each candidate plan is reconstructed "
                    "before it is estimated.")
-@click.option("--holdout-fraction", type=float, default=0.25, show_default=True,
+@click.option("--holdout-fraction", type=float, default=HOLDOUT_FRACTION, show_default=True,
               help="Share of the synthetic set --max-drop holds out to estimate on (never calibrated on).")
 @click.option("--sensitivity", is_flag=True,
               help="Keep the most sensitive layers at 8 bit within --budget x the all-low-width cost.")

@@ -79,6 +79,7 @@ class SynthesisConfig:
 MIN_WEIGHT_BLOCK = 16
 # ModelOpt's and TensorRT-LLM's INT4-AWQ default: 128 inputs per scale costs 0.25 bit per weight.
 INT4_WEIGHT_BLOCK = 128
+HOLDOUT_FRACTION = 0.25  # share of a synthetic set --max-drop estimates on and never calibrates on
 
 
 @dataclasses.dataclass(frozen=True)

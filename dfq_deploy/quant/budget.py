@@ -23,12 +23,10 @@ import torch
 from torch import nn
 
 from ..calibration_set import CalibrationSet
-from ..config import LayerOverride, MixedPrecisionConfig, QuantScheme, ReconstructionConfig
+from ..config import HOLDOUT_FRACTION, LayerOverride, MixedPrecisionConfig, QuantScheme, ReconstructionConfig
 from ..errors import BadInputError, BudgetNotMetError
 from .quantize import QuantModel, quantize
 from .sensitivity import literal_glob, measure_sensitivity
-
-HOLDOUT_FRACTION = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
