@@ -39,7 +39,6 @@ class BudgetPlan:
     disagreement: float  # plain top-1 disagreement on the held-out images, percent
     holdout_images: int
     holdout_confidence: float  # FP32's mean top-1 probability on them: near 1, few flips, an optimistic estimate
-    zero_flip_bound: float  # the drop held-out images with no flip still allow (95%): 300 / holdout_images
     resolution_warning: str | None  # set when zero_flip_bound exceeds max_drop
     overrides: tuple[LayerOverride, ...]
     act_bits: int  # for activations no layer owns (residual adds, pools)
@@ -54,30 +53,49 @@ class BudgetPlan:
     def scheme(self, base: QuantScheme) -> QuantScheme:
         return dataclasses.replace(base, act_bits=self.act_bits, overrides=base.overrides + self.overrides)
 
+    @property
+    def zero_flip_bound(self) -> float:
+        """The drop the held-out images with no flip still allow (95%): 300 / holdout_images."""
+        return zero_flip_bound(self.holdout_images)
+
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"overrides": [dataclasses.asdict(o) for o in self.overrides]}
+        return dataclasses.asdict(self) | {"overrides": [dataclasses.asdict(o) for o in self.overrides],
+                                           "zero_flip_bound": self.zero_flip_bound}
 
 
 @torch.no_grad()
-def disagreement_percent(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
-    """Percent of ``images`` whose top-1 class differs between ``model`` and ``quantized``."""
-    differ = 0
+def compare_top1(model: nn.Module, quantized: nn.Module, images: torch.Tensor,
+                 batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of both models over ``images``; per image, (drop cost, whether top-1 differs).
+
+    The cost is p(FP32's class) − p(quantized model's class), both from FP32's softmax; 0 where the
+    two agree.
+    """
+    costs, differ = [], []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        differ += int((model(batch).argmax(1) != quantized(batch).argmax(1)).sum())
-    return 100.0 * differ / max(len(images), 1)
-
-
-@torch.no_grad()
-def drop_per_image(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Per image: p(FP32's class) − p(quantized model's class), both from FP32's softmax; 0 where they agree."""
-    costs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        probs = torch.softmax(model(batch).float(), dim=1)
+        logits = model(batch)
+        probs = torch.softmax(logits.float(), dim=1)
         chosen = quantized(batch).argmax(1, keepdim=True)
         costs.append(probs.max(1).values - probs.gather(1, chosen)[:, 0])
-    return torch.cat(costs) if costs else torch.zeros(0)
+        differ.append(logits.argmax(1) != chosen[:, 0])
+    if not costs:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(costs), torch.cat(differ)
+
+
+def _percent(values: torch.Tensor) -> float:
+    return 100.0 * float(values.float().mean()) if len(values) else 0.0
+
+
+def disagreement_percent(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Percent of ``images`` whose top-1 class differs between ``model`` and ``quantized``."""
+    return _percent(compare_top1(model, quantized, images, batch_size)[1])
+
+
+def drop_per_image(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Per image: p(FP32's class) − p(quantized model's class), both from FP32's softmax; 0 where they agree."""
+    return compare_top1(model, quantized, images, batch_size)[0]
 
 
 def expected_drop_percent(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
@@ -89,7 +107,7 @@ def expected_drop_percent(model: nn.Module, quantized: nn.Module, images: torch.
     a mean FP32 confidence of 0.82 against 0.97 on real ones), so at W8A8 it read 7.8 points where
     the real drop was 0.1; this estimate read 0.6.
     """
-    return 100.0 * float(drop_per_image(model, quantized, images, batch_size).mean()) if len(images) else 0.0
+    return _percent(drop_per_image(model, quantized, images, batch_size))
 
 
 def standard_error_percent(costs: torch.Tensor) -> float:
@@ -117,10 +135,9 @@ def mean_confidence(model: nn.Module, images: torch.Tensor, batch_size: int = 64
 
 def held_out_drop(model: nn.Module, quantized: nn.Module, images: torch.Tensor) -> dict[str, float]:
     """The drop estimate ``--max-drop`` uses, its standard error and the plain disagreement, in percent."""
-    costs = drop_per_image(model, quantized, images)
-    return {"estimated_drop": 100.0 * float(costs.mean()) if len(costs) else 0.0,
-            "estimated_drop_se": standard_error_percent(costs),
-            "disagreement": disagreement_percent(model, quantized, images)}
+    costs, differ = compare_top1(model, quantized, images)
+    return {"estimated_drop": _percent(costs), "estimated_drop_se": standard_error_percent(costs),
+            "disagreement": _percent(differ)}
 
 
 def zero_flip_bound(holdout_images: int) -> float:
@@ -182,15 +199,14 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
         raised = dataclasses.replace(scheme, act_bits=8) if None in ladder[:k] else scheme
         return dataclasses.replace(raised, overrides=scheme.overrides + _merge(ladder[:k]))
 
-    fitting: dict[int, QuantModel] = {}  # the quantized model of the cheapest fitting plan seen so far
+    fitting: list[QuantModel] = []  # the model of the last plan that fit: bisection only moves to cheaper ones
 
     def estimate(k: int) -> float:
         qmodel = quantize(model, calibrate_on, scheme=scheme_for(k), progress=progress, reconstruct=reconstruct)
         step = {"raised": k, **held_out_drop(model, qmodel.module, held_out.images)}
         steps.append(step)
-        if step["estimated_drop"] <= max_drop and (not fitting or k < min(fitting)):
-            fitting.clear()
-            fitting[k] = qmodel
+        if step["estimated_drop"] <= max_drop:
+            fitting[:] = [qmodel]
         return step["estimated_drop"]
 
     lo, hi = 0, len(ladder)
@@ -213,10 +229,10 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
     overrides = chosen.overrides[len(scheme.overrides):]
     size, size_low, macs, macs_low, low_fraction = _costs(measured, overrides)
     plan = BudgetPlan(max_drop, final["estimated_drop"], final["estimated_drop_se"], final["disagreement"], len(held_out),
-                      mean_confidence(model, held_out.images), zero_flip_bound(len(held_out)), resolution, overrides,
+                      mean_confidence(model, held_out.images), resolution, overrides,
                       chosen.act_bits, tuple(steps), size, size_low, macs, macs_low, low_fraction,
                       reconstructed=reconstruct is not None)
-    return plan, calibrate_on, fitting[hi]
+    return plan, calibrate_on, fitting[0]
 
 
 def _merge(overrides: list[LayerOverride | None]) -> tuple[LayerOverride, ...]:
