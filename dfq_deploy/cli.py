@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 other dfq-deploy error, 2 bad input, 3 missing optional dependency,
 4 export failure, 5 engine build failure, 6 fidelity gate failed, 7 accuracy budget not met,
-8 regression found by ``compare``.
+8 regression found by ``compare``, 9 engine failed to run, 10 remote device failure, 11 quality gate
+failed, 12 file system refused a write, 13 output folder locked, 130/143 interrupted.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def main() -> None:
 
     Exit codes: 1 error, 2 bad input, 3 missing optional package, 4 export failed,
     5 engine build failed, 6 fidelity gate failed, 7 accuracy budget not met,
-    8 regression found by compare.
+    8 regression found by compare, 9 engine failed to run, 10 remote device failed,
+    11 quality gate failed, 12 file system error, 13 output folder locked, 130/143 interrupted.
     """
 
 

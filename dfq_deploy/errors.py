@@ -68,8 +68,45 @@ class RegressionError(DfqError):
     exit_code = 8
 
 
+class EngineRuntimeError(DfqError):
+    """A built engine failed to load or run: deserialization, execution context, input shape, execution."""
+
+    exit_code = 9
+
+
+class RemoteError(DfqError):
+    """A remote device could not be reached or used: SSH connection or authentication, a missing tool
+    on the device, a remote command that failed, a connection that dropped."""
+
+    exit_code = 10
+
+
+class QualityGateError(DfqError):
+    """A build's measured quality gate failed (``--min-top1``, ``--max-latency-ms``,
+    ``--max-drop-measured``); the report is still written."""
+
+    exit_code = 11
+
+
+class StorageError(DfqError):
+    """The file system refused a read or write: no space left, permission denied, read-only, path too long."""
+
+    exit_code = 12
+
+
+class LockedError(DfqError):
+    """Another build holds the lock on the output folder (or a cache entry)."""
+
+    exit_code = 13
+
+
+# Not DfqErrors: a build stopped by a signal exits as shells expect (128 + signal number).
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
 EXIT_CODES = {
     cls.__name__: cls.exit_code
     for cls in (DfqError, BadInputError, MissingDependencyError, ExportError, EngineBuildError,
-                FidelityGateError, BudgetNotMetError, RegressionError)
+                FidelityGateError, BudgetNotMetError, RegressionError, EngineRuntimeError, RemoteError,
+                QualityGateError, StorageError, LockedError)
 }

@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 import platform
 import resource
-import statistics
 import time
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import psutil
@@ -16,30 +15,77 @@ from .base import Runner
 
 
 @dataclasses.dataclass(frozen=True)
-class LatencyProfile:
-    """Milliseconds per batch after ``warmup`` untimed runs; throughput in images per second."""
+class StageTimes:
+    """Median and p99 (ms) of one stage of a GPU inference (enqueue, H2D copy, compute, D2H copy)."""
+
+    median_ms: float
+    p99_ms: float
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> StageTimes:
+        x = np.asarray(samples_ms, dtype=np.float64)
+        return cls(round(float(np.median(x)), 4), round(float(np.percentile(x, 99)), 4))
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyRecord:
+    """One runner's latency at one batch size, in trtexec's vocabulary; the only latency record.
+
+    Every runner (onnxruntime CPU/CUDA, TensorRT, OpenVINO, torch) and every imported source (trtexec
+    exports, a remote device) produces this record; report.md, ``--json`` and ``compare`` read it.
+    Times are milliseconds per batch; ``throughput_ips`` is images per second at the median.
+    ``timing`` holds the options the numbers were measured with (warm-up, minimum runs and duration,
+    CUDA graphs, clock), so two records say whether they are comparable. GPU runners add the stage
+    times ``enqueue``, ``h2d``, ``compute`` and ``d2h`` (median and p99 each); ``None`` elsewhere.
+    """
 
     runner: str
     batch_size: int
-    warmup: int
-    iterations: int
+    runs: int
     min_ms: float
     mean_ms: float
     median_ms: float
     p90_ms: float
     p95_ms: float
     p99_ms: float
+    max_ms: float
+    std_ms: float
     throughput_ips: float
+    timing: dict[str, Any] = dataclasses.field(default_factory=dict)
+    enqueue: StageTimes | None = None
+    h2d: StageTimes | None = None
+    compute: StageTimes | None = None
+    d2h: StageTimes | None = None
 
-    def as_dict(self) -> dict:
+    @classmethod
+    def from_samples(cls, runner: str, batch_size: int, samples_ms: Sequence[float], *,
+                     timing: dict[str, Any] | None = None, **stages: StageTimes | None) -> LatencyRecord:
+        """The record of ``samples_ms`` (one latency per timed run of a batch of ``batch_size``)."""
+        if len(samples_ms) == 0:
+            raise ValueError(f"{runner}: no timed runs to summarise")
+        x = np.asarray(samples_ms, dtype=np.float64)
+        median = float(np.median(x))
+
+        def r(v: float) -> float:
+            return round(float(v), 4)
+
+        return cls(runner=runner, batch_size=int(batch_size), runs=len(x), min_ms=r(x.min()), mean_ms=r(x.mean()),
+                   median_ms=r(median), p90_ms=r(np.percentile(x, 90)), p95_ms=r(np.percentile(x, 95)),
+                   p99_ms=r(np.percentile(x, 99)), max_ms=r(x.max()), std_ms=r(x.std()),
+                   throughput_ips=r(batch_size / (median / 1000.0)) if median > 0 else 0.0,
+                   timing=dict(timing or {}), **stages)
+
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyRecord:
+        """Read a record back from report.json."""
+        stages = {k: StageTimes(**data[k]) if data.get(k) else None for k in ("enqueue", "h2d", "compute", "d2h")}
+        return cls(**{k: v for k, v in data.items() if k not in stages}, **stages)
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
-
-def profile(runner: Runner, batch: np.ndarray, *, warmup: int = 5, iterations: int = 30) -> LatencyProfile:
+def profile(runner: Runner, batch: np.ndarray, *, warmup: int = 5, iterations: int = 30) -> LatencyRecord:
     """Time ``runner.infer`` on one batch: ``warmup`` runs, then ``iterations`` timed runs."""
     feeds = {runner.input_name: np.ascontiguousarray(batch)}
     for _ in range(warmup):
@@ -49,10 +95,8 @@ def profile(runner: Runner, batch: np.ndarray, *, warmup: int = 5, iterations: i
         start = time.perf_counter()
         runner.infer(feeds)
         times.append((time.perf_counter() - start) * 1000.0)
-    median = statistics.median(times)
-    return LatencyProfile(runner.name, int(batch.shape[0]), warmup, iterations, min(times), statistics.fmean(times),
-                          median, percentile(times, 90), percentile(times, 95), percentile(times, 99),
-                          batch.shape[0] / (median / 1000.0))
+    return LatencyRecord.from_samples(runner.name, int(batch.shape[0]), times,
+                                      timing={"warmup_runs": warmup, "clock": "perf_counter"})
 
 
 @dataclasses.dataclass(frozen=True)

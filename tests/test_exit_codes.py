@@ -43,7 +43,8 @@ def test_exit_codes_are_distinct_and_all_listed():
     assert len(set(EXIT_CODES.values())) == len(EXIT_CODES)
     assert EXIT_CODES == {"DfqError": 1, "BadInputError": 2, "MissingDependencyError": 3, "ExportError": 4,
                           "EngineBuildError": 5, "FidelityGateError": 6, "BudgetNotMetError": 7,
-                          "RegressionError": 8}
+                          "RegressionError": 8, "EngineRuntimeError": 9, "RemoteError": 10,
+                          "QualityGateError": 11, "StorageError": 12, "LockedError": 13}
 
 
 @pytest.mark.parametrize("cls", error_classes(), ids=lambda cls: cls.__name__)
