@@ -20,14 +20,19 @@ reuses them (their synthesis time is the one measured when they were made).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, get_args
 
 import torch
+
+from dfq_deploy.config import CalibratorName
+
+if TYPE_CHECKING:
+    from dfq_deploy.calibration_set import CalibrationSet
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets" / "cifar10"
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256, help="calibration images per source")
     parser.add_argument("--synth-batch", type=int, default=64)
     parser.add_argument("--synth-iterations", type=int, default=None, help="synthesis iterations (method default if omitted)")
-    parser.add_argument("--w8-calibrator", default="percentile", choices=("max", "percentile", "mse", "entropy"))
+    parser.add_argument("--w8-calibrator", default="percentile", choices=get_args(CalibratorName))
     parser.add_argument("--rec-iterations", type=int, default=2000, help="reconstruction iterations per block")
     parser.add_argument("--rec-budget", type=float, default=None, help="reconstruction time budget in seconds (whole model)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="budget of the w4a4-max-drop rows, top-1 points")

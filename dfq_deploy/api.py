@@ -27,13 +27,8 @@ from .models import LoadedModel, load_model
 from .quant.quantize import QuantModel
 from .quant.quantize import quantize as _quantize
 
-FP32_ONNX = "model.fp32.onnx"
-QDQ_ONNX = "model.qdq.onnx"
-ENGINE = "model.engine"
-CALIBRATION_DIR = "calibration"
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-MANIFEST = "manifest.json"
+# Re-exported: scripts read build folders through ``api.REPORT_MD`` and friends.
+from .layout import CALIBRATION_DIR, ENGINE, FP32_ONNX, MANIFEST, QDQ_ONNX, REPORT_JSON, REPORT_MD  # noqa: F401
 
 
 def load(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False,

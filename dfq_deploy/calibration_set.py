@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from .artifacts import atomic_write
@@ -64,11 +63,6 @@ class CalibrationSet:
         labels = self.labels
         return (CalibrationSet(self.images[:cut], None if labels is None else labels[:cut], dict(self.meta)),
                 CalibrationSet(self.images[cut:], None if labels is None else labels[cut:], dict(self.meta)))
-
-    def as_feeds(self, input_name: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Feed dicts for runtimes: ``{input_name: float32 array}`` per batch."""
-        for batch in self.batches(batch_size):
-            yield {input_name: batch.numpy()}
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write tensors and manifest into ``directory`` atomically; returns the directory."""

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CIFAR10_MEAN = (0.485, 0.456, 0.406)
-CIFAR10_STD = (0.229, 0.224, 0.225)
+from .config import IMAGENET_NORMALIZE
+
+# The akamaster checkpoints were trained on ImageNet-normalised CIFAR images.
+CIFAR10_MEAN, CIFAR10_STD = IMAGENET_NORMALIZE
 DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
 
 

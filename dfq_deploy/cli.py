@@ -13,11 +13,11 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import click
 
-from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme,
+from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, ProfileConfig, QuantScheme,
                      ReconstructionConfig, SynthesisConfig, default_scheme, from_mapping, load_config_file)
 from .errors import BadInputError, DfqError
 
@@ -76,7 +76,7 @@ def quant_options(fn):
     fn = click.option("--first-last-bits", default="8", show_default=True,
                       help="Bits for the first conv and last layer, or 'same' to treat them like the rest.")(fn)
     fn = click.option("--percentile", type=float, default=99.99, show_default=True)(fn)
-    fn = click.option("--calibrator", type=click.Choice(["max", "percentile", "mse", "entropy"]),
+    fn = click.option("--calibrator", type=click.Choice(list(get_args(CalibratorName))),
                       default="percentile", show_default=True)(fn)
     return click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True,
                         help="Weight and activation bits (4-bit activations need opset 21 runtimes).")(fn)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .api import CALIBRATION_DIR, ENGINE, MANIFEST, QDQ_ONNX
+from .layout import CALIBRATION_DIR, ENGINE, MANIFEST, QDQ_ONNX
 from .calibration_set import CalibrationSet
 from .config import QuantScheme, from_mapping
 from .errors import BadInputError

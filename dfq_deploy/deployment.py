@@ -97,7 +97,7 @@ def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSe
     """Lint and build the engine; on a GPU also run it, check it and time it."""
     from .converters import trt_rules
     from .converters.tensorrt import TensorRTBuildConfig, engine_from_onnx, save_engine
-    from .api import ENGINE
+    from .layout import ENGINE
 
     config = TensorRTBuildConfig(target=target, precision=precision, max_batch=max(profile_config.batch_sizes),
                                  timing_cache=out_dir / "timing.cache" if target == "tensorrt" else None)

@@ -37,10 +37,6 @@ class EvalSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, indices: Sequence[int] | torch.Tensor) -> "EvalSet":
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return EvalSet(self.images[idx], self.labels[idx], self.source)
-
 
 def load_eval_set(path: str | Path, *, input_shape: tuple[int, ...], mean: Sequence[float],
                   std: Sequence[float], limit: int | None = None) -> EvalSet:

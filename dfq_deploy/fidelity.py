@@ -32,7 +32,8 @@ from onnx import TensorProto, numpy_helper
 
 from .calibration_set import CalibrationSet
 from .errors import BadInputError, ExportError
-from .quant.quantize import QuantModel, float_mode
+from .quant.quantize import QuantModel
+from .quant.quantizers import float_mode
 
 # A runtime that reproduces the reference bit for bit has infinite SQNR; JSON has no infinity, so we cap.
 MAX_SQNR_DB = 200.0

@@ -12,7 +12,8 @@ from torch import nn
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import QuantScheme
 from dfq_deploy.quant.calibrators import HistogramCalibrator, grid_for_range, search_weight_scale
-from dfq_deploy.quant.quantize import float_mode, quantize
+from dfq_deploy.quant.quantize import quantize
+from dfq_deploy.quant.quantizers import float_mode
 from dfq_deploy.quant.quantizers import ActQuantizer
 
 

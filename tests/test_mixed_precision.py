@@ -11,7 +11,8 @@ import torch
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import MixedPrecisionConfig, QuantScheme
 from dfq_deploy.errors import BadInputError
-from dfq_deploy.quant.quantize import float_mode, quantize
+from dfq_deploy.quant.quantize import quantize
+from dfq_deploy.quant.quantizers import float_mode
 from dfq_deploy.graph_capture import capture_graph
 from dfq_deploy.quant.sensitivity import measure_sensitivity, plan_mixed_precision, plot_sensitivity, sensitivity_plan
 from tiny_models import tiny_resnet

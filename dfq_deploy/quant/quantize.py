@@ -7,21 +7,20 @@ the placement onnxruntime fuses into QLinearConv/QLinearAdd and TensorRT fuses i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import operator
-from typing import Any, Iterator
+from typing import Any, Iterator, get_args
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..calibration_set import CalibrationSet
-from ..config import MIN_WEIGHT_BLOCK, LayerQuant, QuantScheme, ReconstructionConfig
+from ..config import MIN_WEIGHT_BLOCK, CalibratorName, LayerQuant, QuantScheme, ReconstructionConfig
 from ..errors import BadInputError
 from ..graph_capture import capture_graph, is_add
 from .fold import fold_batchnorm
-from .quantizers import QUANT_LAYER_FOR, ActQuantizer, WeightQuantizer
+from .quantizers import QUANT_LAYER_FOR, ActQuantizer, WeightQuantizer, float_mode
 
 aten = torch.ops.aten
 
@@ -72,11 +71,6 @@ class QuantModel:
     def act_quantizers(self) -> Iterator[tuple[str, ActQuantizer]]:
         for name, m in self.module.named_modules():
             if isinstance(m, ActQuantizer):
-                yield name, m
-
-    def weight_quantizers(self) -> Iterator[tuple[str, WeightQuantizer]]:
-        for name, m in self.module.named_modules():
-            if isinstance(m, WeightQuantizer):
                 yield name, m
 
     def summary(self) -> dict[str, Any]:
@@ -322,7 +316,7 @@ def calibrate(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantSche
         select_calibrators(graph, calib, scheme=scheme)
 
 
-CALIBRATORS = ("max", "percentile", "mse", "entropy")
+CALIBRATORS: tuple[str, ...] = get_args(CalibratorName)
 
 
 def _range_of(q: ActQuantizer, method: str, scheme: QuantScheme) -> tuple[float, float]:
@@ -364,24 +358,3 @@ def select_calibrators(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: 
         q.set_range(*_range_of(q, chosen[name], scheme))
         _copy_tied_ranges(quantizers)
     return chosen
-
-
-@contextlib.contextmanager
-def float_mode(graph: fx.GraphModule) -> Iterator[None]:
-    """Turn every quantizer off (the BN-folded float model), restoring the modes afterwards."""
-    acts = [m for m in graph.modules() if isinstance(m, ActQuantizer)]
-    weights = [m for m in graph.modules() if isinstance(m, WeightQuantizer)]
-    modes, enabled = [q.mode for q in acts], [w.enabled for w in weights]
-    for q in acts:
-        q.mode = "off"
-    for w in weights:
-        w.enabled = False
-    try:
-        yield
-    finally:
-        for q, mode in zip(acts, modes):
-            q.mode = mode
-        for w, on in zip(weights, enabled):
-            w.enabled = on
-
-

@@ -6,9 +6,12 @@ The arithmetic is ONNX's: ``q = saturate(round_half_even(x / scale) + zero_point
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .calibrators import HistogramCalibrator, grid_for_range, search_weight_scale
 
@@ -345,3 +348,24 @@ class QuantLinear(_QuantWeightLayer, nn.Linear):
 
 
 QUANT_LAYER_FOR = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d, nn.Linear: QuantLinear}
+
+
+@contextlib.contextmanager
+def float_mode(graph: fx.GraphModule) -> Iterator[None]:
+    """Turn every quantizer off (the BN-folded float model), restoring the modes afterwards."""
+    acts = [m for m in graph.modules() if isinstance(m, ActQuantizer)]
+    weights = [m for m in graph.modules() if isinstance(m, WeightQuantizer)]
+    modes, enabled = [q.mode for q in acts], [w.enabled for w in weights]
+    for q in acts:
+        q.mode = "off"
+    for w in weights:
+        w.enabled = False
+    try:
+        yield
+    finally:
+        for q, mode in zip(acts, modes):
+            q.mode = mode
+        for w, on in zip(weights, enabled):
+            w.enabled = on
+
+

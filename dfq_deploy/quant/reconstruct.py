@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ from ..artifacts import atomic_write
 from ..calibration_set import CalibrationSet
 from ..config import ReconstructionConfig
 from ..errors import BadInputError
-from .quantize import QuantModel, float_mode
-from .quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer
+from .quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer, float_mode
+
+if TYPE_CHECKING:  # quantize() runs reconstruction, so this module must not import it back
+    from .quantize import QuantModel
 
 CHECKPOINT_FILE = "reconstruction.pt"
 EVAL_IMAGES = 64  # images on which each block's output error is reported before and after

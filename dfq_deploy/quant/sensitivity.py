@@ -17,7 +17,8 @@ from torch import fx, nn
 
 from ..calibration_set import CalibrationSet
 from ..config import LayerOverride, MixedPrecisionConfig, QuantScheme
-from .quantize import QuantModel, float_mode, quantize
+from .quantize import QuantModel, quantize
+from .quantizers import float_mode
 from .quantizers import ActQuantizer
 
 

@@ -9,14 +9,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import SynthesisConfig
+from ..config import IMAGENET_NORMALIZE, SynthesisConfig
 from ..errors import BadInputError
 from .bn_stats import BNInputCapture, BNLayer
 from .pixel_loop import Batch, progress_bar
 from .sharding import Shard
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_NORMALIZE
 Normalize = tuple[tuple[float, ...], tuple[float, ...]]
 
 
