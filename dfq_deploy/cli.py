@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, get_args
 
 import click
+from click.core import ParameterSource
 
-from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, ProfileConfig, QuantScheme,
-                     ReconstructionConfig, SynthesisConfig, default_scheme, from_mapping, load_config_file)
+from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, ProfileConfig,
+                     QuantScheme, ReconstructionConfig, SynthesisConfig, default_scheme, load_config_file, merge_config)
 from .errors import BadInputError, DfqError
 
 # "none": images in [0, 1] as they are (for 3-channel inputs).
@@ -55,30 +56,32 @@ def synthesis_options(fn):
     """How the calibration set is made."""
     fn = click.option("--normalize", type=click.Choice(list(NORMALIZATIONS)), default="imagenet", show_default=True,
                       help="Mean/std that real images (folder, FDDA hybrid) are normalised with.")(fn)
-    fn = click.option("--synth-device", default="cpu", show_default=True,
-                      help="Device to synthesize on (cpu, cuda, cuda:1): image optimisation is the slow stage.")(fn)
-    fn = click.option("--seed", type=int, default=0, show_default=True)(fn)
+    fn = click.option("--synth-device", default=SynthesisConfig.device, show_default=True,
+                      help="Device to synthesize on (auto: cuda when torch sees a GPU, else cpu; cpu, cuda, cuda:1): "
+                           "image optimisation is the slow stage.")(fn)
+    fn = click.option("--seed", type=int, default=SynthesisConfig.seed, show_default=True)(fn)
     fn = click.option("--lr", type=float, help="Synthesis learning rate (default: the method's).")(fn)
     fn = click.option("--iterations", type=int, help="Synthesis iterations per batch (default: the method's).")(fn)
-    fn = click.option("--synth-batch-size", type=int, default=32, show_default=True)(fn)
-    fn = click.option("--num-images", type=int, default=256, show_default=True, help="Calibration set size.")(fn)
+    fn = click.option("--synth-batch-size", type=int, default=SynthesisConfig.batch_size, show_default=True)(fn)
+    fn = click.option("--num-images", type=int, default=SynthesisConfig.num_images, show_default=True,
+                      help="Calibration set size.")(fn)
     fn = click.option("--generator", is_flag=True,
                       help="Train a generator on the method's loss (zeroq, clusterq, fdda), as the ClusterQ/FDDA "
                            "papers do, instead of optimising pixels; --iterations/--lr then apply to it.")(fn)
     fn = click.option("--calib-images", type=click.Path(file_okay=False, path_type=Path),
                       help="Folder of real images (ImageFolder layout): for --calib folder and FDDA's hybrid mode.")(fn)
     return click.option("--calib", "method", type=click.Choice(["noise", "zeroq", "clusterq", "fdda", "folder"]),
-                        default="zeroq", show_default=True, help="Calibration source.")(fn)
+                        default=SynthesisConfig.method, show_default=True, help="Calibration source.")(fn)
 
 
 def quant_options(fn):
     """Bit widths and calibrator."""
     fn = click.option("--first-last-bits", default="8", show_default=True,
                       help="Bits for the first conv and last layer, or 'same' to treat them like the rest.")(fn)
-    fn = click.option("--percentile", type=float, default=99.99, show_default=True)(fn)
+    fn = click.option("--percentile", type=float, default=QuantScheme.percentile, show_default=True)(fn)
     fn = click.option("--calibrator", type=click.Choice(list(get_args(CalibratorName))),
-                      default="percentile", show_default=True)(fn)
-    return click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True,
+                      default=QuantScheme.calibrator, show_default=True)(fn)
+    return click.option("--bits", type=click.IntRange(2, 8), default=QuantScheme.weight_bits, show_default=True,
                         help="Weight and activation bits (4-bit activations need opset 21 runtimes).")(fn)
 
 
@@ -104,44 +107,67 @@ def _reconstruction(o: dict[str, Any]) -> ReconstructionConfig | None:
 
 def profile_options(fn):
     fn = click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores).")(fn)
-    fn = click.option("--profile-iterations", type=int, default=30, show_default=True)(fn)
-    fn = click.option("--warmup", type=int, default=5, show_default=True)(fn)
-    return click.option("--batch-sizes", default="1,16", show_default=True, help="Batch sizes to time, comma-separated.")(fn)
+    fn = click.option("--profile-iterations", type=int, default=ProfileConfig.iterations, show_default=True)(fn)
+    fn = click.option("--warmup", type=int, default=ProfileConfig.warmup, show_default=True)(fn)
+    return click.option("--batch-sizes", default=",".join(map(str, ProfileConfig.batch_sizes)), show_default=True,
+                        help="Batch sizes to time, comma-separated.")(fn)
+
+
+# The config field each flag sets, per config-file section. A flag counts only when the user typed
+# it (or set it through the environment): its default must not hide the config file's value.
+SYNTHESIS_FLAGS = {"method": "method", "num_images": "num_images", "batch_size": "synth_batch_size",
+                   "iterations": "iterations", "lr": "lr", "seed": "seed", "calib_images": "calib_images",
+                   "generator": "generator", "device": "synth_device"}
+QUANT_FLAGS = {"weight_bits": "bits", "act_bits": "bits", "calibrator": "calibrator", "percentile": "percentile",
+               "first_last_bits": "first_last_bits"}
+PROFILE_FLAGS = {"batch_sizes": "batch_sizes", "warmup": "warmup", "iterations": "profile_iterations",
+                 "threads": "threads"}
+_TYPED = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _typed_flags(o: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+    """Values of the flags the user typed, keyed by the config field each sets."""
+    ctx = click.get_current_context()
+    return {field: o[flag] for field, flag in fields.items() if ctx.get_parameter_source(flag) in _TYPED}
+
+
+def config_option(fn):
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                        help="YAML/TOML file with synthesis/quant/profile sections; flags you type override it.")(fn)
 
 
 def _synthesis_config(o: dict[str, Any], file_cfg: dict[str, Any]) -> SynthesisConfig:
-    base = from_mapping(SynthesisConfig, file_cfg.get("synthesis", {}))
-    return dataclasses.replace(base, method=o["method"], num_images=o["num_images"], batch_size=o["synth_batch_size"],
-                               iterations=o["iterations"] if o["iterations"] is not None else base.iterations,
-                               lr=o["lr"] if o["lr"] is not None else base.lr, seed=o["seed"],
-                               calib_images=str(o["calib_images"]) if o["calib_images"] else base.calib_images,
-                               generator=o["generator"] or base.generator, device=o["synth_device"])
+    typed = _typed_flags(o, SYNTHESIS_FLAGS)
+    if typed.get("calib_images") is not None:
+        typed["calib_images"] = str(typed["calib_images"])
+    return merge_config(SynthesisConfig(), file_cfg.get("synthesis", {}), typed)
+
+
+def _first_last_bits(text: str) -> int | None:
+    if text == "same":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInputError(f"--first-last-bits takes a number or 'same', got {text!r}") from None
 
 
 def _scheme(o: dict[str, Any], target: str, file_cfg: dict[str, Any]) -> QuantScheme:
-    fl = o["first_last_bits"]
-    if fl == "same":
-        first_last = None
-    else:
-        try:
-            first_last = int(fl)
-        except ValueError:
-            raise BadInputError(f"--first-last-bits takes a number or 'same', got {fl!r}") from None
-    changes = {"calibrator": o["calibrator"], "percentile": o["percentile"], "first_last_bits": first_last}
-    scheme = default_scheme(target, bits=o["bits"], **changes)
-    if file_cfg.get("quant"):
-        scheme = dataclasses.replace(scheme, **dataclasses.asdict(from_mapping(QuantScheme, file_cfg["quant"])) | changes)
-    return scheme
+    typed = _typed_flags(o, QUANT_FLAGS)
+    if "first_last_bits" in typed:
+        typed["first_last_bits"] = _first_last_bits(typed["first_last_bits"])
+    # The target's form is the default; a file's quant section changes only the keys it names.
+    return merge_config(default_scheme(target), file_cfg.get("quant", {}), typed)
 
 
 def _profile_config(o: dict[str, Any], file_cfg: dict[str, Any]) -> ProfileConfig:
-    try:
-        sizes = tuple(int(s) for s in o["batch_sizes"].split(",") if s.strip())
-    except ValueError:
-        raise BadInputError(f"--batch-sizes must be comma-separated integers, got {o['batch_sizes']!r}") from None
-    base = from_mapping(ProfileConfig, file_cfg.get("profile", {}))
-    return dataclasses.replace(base, batch_sizes=sizes, warmup=o["warmup"], iterations=o["profile_iterations"],
-                               threads=o["threads"] or base.threads)
+    typed = _typed_flags(o, PROFILE_FLAGS)
+    if "batch_sizes" in typed:
+        try:
+            typed["batch_sizes"] = tuple(int(s) for s in typed["batch_sizes"].split(",") if s.strip())
+        except ValueError:
+            raise BadInputError(f"--batch-sizes must be comma-separated integers, got {o['batch_sizes']!r}") from None
+    return merge_config(ProfileConfig(), file_cfg.get("profile", {}), typed)
 
 
 def _input_shape(text: str | None):
@@ -179,8 +205,7 @@ def main() -> None:
               help="TensorRT engine precision.")
 @click.option("--max-disagreement", type=float,
               help="Fail (exit 6) when the deployed model's top-1 disagreement with the fake-quant reference exceeds this fraction.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML/TOML file with synthesis/quant/profile sections; flags override it.")
+@config_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dfq-build"),
               show_default=True, help="Output folder.")
 @click.option("--json", "print_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
@@ -224,10 +249,11 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
 @main.command()
 @model_options
 @synthesis_options
+@config_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--no-progress", is_flag=True)
 @_run
-def synthesize(model, out_dir, no_progress, **o) -> None:
+def synthesize(model, config_file, out_dir, no_progress, **o) -> None:
     """Make a data-free calibration set for MODEL and save it in --out.
 
     Under `torchrun --nproc-per-node N -m dfq_deploy.cli synthesize ...` the N processes share the
@@ -235,13 +261,14 @@ def synthesize(model, out_dir, no_progress, **o) -> None:
     """
     from . import api
     from .synthesis.sharding import is_main_rank, torchrun_process_group
-    with torchrun_process_group(o["synth_device"]):
+    config = _synthesis_config(o, load_config_file(config_file) if config_file else {})
+    with torchrun_process_group(config.device):
         writer = is_main_rank()
         # One process probes and writes --out: ranks probing the same folder at once would race.
         out = api.prepare_out_dir(out_dir) if writer else Path(out_dir)
         loaded = api.load(model, arch=o["arch"], trust_pickle=o["trust_pickle"],
                           input_shape=_input_shape(o["input_shape"]))
-        calib = api.synthesize(loaded, config=_synthesis_config(o, {}), normalize=NORMALIZATIONS[o["normalize"]],
+        calib = api.synthesize(loaded, config=config, normalize=NORMALIZATIONS[o["normalize"]],
                                progress=not no_progress)
     if not writer:
         return
@@ -262,21 +289,23 @@ def synthesize(model, out_dir, no_progress, **o) -> None:
               show_default=True, help="Decides the Q/DQ form of the exported graph.")
 @click.option("--precision", type=click.Choice(["int8", "int4w"]), default="int8", show_default=True,
               help="int4w: TensorRT's INT4 weight-only form (4-bit block weights, float activations).")
+@config_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--no-progress", is_flag=True)
 @_run
-def quantize(model, calib_set, target, precision, out_dir, no_progress, **o) -> None:
+def quantize(model, calib_set, target, precision, config_file, out_dir, no_progress, **o) -> None:
     """Quantize MODEL (optionally with block reconstruction) and write model.qdq.onnx into --out."""
     from . import api
     from .calibration_set import CalibrationSet
     reconstruct = _reconstruction(o)
-    scheme = api.scheme_for_target(_scheme(o, target, {}), target=target, precision=precision)
+    file_cfg = load_config_file(config_file) if config_file else {}
+    scheme = api.scheme_for_target(_scheme(o, target, file_cfg), target=target, precision=precision)
     out = api.prepare_out_dir(out_dir)
     loaded = api.load(model, arch=o["arch"], trust_pickle=o["trust_pickle"], input_shape=_input_shape(o["input_shape"]))
     if calib_set is not None:
         calib = CalibrationSet.load(calib_set)
     else:
-        calib = api.synthesize(loaded, config=_synthesis_config(o, {}), normalize=NORMALIZATIONS[o["normalize"]],
+        calib = api.synthesize(loaded, config=_synthesis_config(o, file_cfg), normalize=NORMALIZATIONS[o["normalize"]],
                                progress=not no_progress)
         calib.save(out / api.CALIBRATION_DIR)
     qmodel = api.quantize(loaded, calib, scheme=scheme, reconstruct=reconstruct,

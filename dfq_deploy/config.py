@@ -42,12 +42,20 @@ def _check_torch_device(name: str) -> None:
                             hint="synthesize on cpu, or install a CUDA build of torch on a GPU machine")
 
 
+def resolve_auto_device() -> str:
+    """``cuda`` when torch sees a GPU, else ``cpu``: what ``--synth-device auto`` means."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
     """How to make a calibration set without training data.
 
     ``iterations``/``lr`` of ``None`` take each method's published default. ``calib_images`` is a
     folder of labelled real images (ImageFolder layout) for ``folder`` and FDDA's hybrid mode.
+    ``device`` ``auto`` resolves here to ``cuda`` when torch sees a GPU, else ``cpu``, so the config
+    (and every manifest written from it) names the device that really ran.
     """
 
     method: SynthesisMethod = "zeroq"
@@ -58,7 +66,7 @@ class SynthesisConfig:
     seed: int = 0
     calib_images: str | None = None
     generator: bool = False
-    device: str = "cpu"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice(self.method, SynthesisMethod, "synthesis method")
@@ -67,6 +75,8 @@ class SynthesisConfig:
                 raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.iterations is not None and self.iterations < 0:
             raise BadInputError(f"iterations must be >= 0, got {self.iterations}")
+        if self.device == "auto":
+            object.__setattr__(self, "device", resolve_auto_device())
         if self.device != "cpu":
             _check_torch_device(self.device)
         if self.method == "folder" and not self.calib_images:
@@ -285,35 +295,77 @@ class MixedPrecisionConfig:
             raise BadInputError(f"high_bits must be between 2 and 8, got {self.high_bits}")
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or TOML file of stage sections (``synthesis:``, ``quant:``, ``profile:``)."""
+# The sections a config file may hold and the dataclass each one fills.
+CONFIG_SECTIONS: dict[str, type] = {"synthesis": SynthesisConfig, "quant": QuantScheme, "profile": ProfileConfig}
+
+
+def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a YAML or TOML file of stage sections (``synthesis:``, ``quant:``, ``profile:``).
+
+    Every key is checked here, before any work: an unknown section or key (a typo) is a
+    :class:`BadInputError` naming it and the valid ones.
+    """
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
-        data = tomllib.loads(text)
-    else:
-        import yaml
-        data = yaml.safe_load(text) or {}
+    data = _parse_config_text(path)
     if not isinstance(data, dict):
         raise BadInputError(f"config file {path} must hold a mapping of stage sections")
-    unknown = set(data) - {"synthesis", "quant", "profile"}
-    if unknown:
-        raise BadInputError(f"unknown sections in {path}: {sorted(unknown)}",
-                            hint="allowed sections: synthesis, quant, profile")
+    for section, values in data.items():
+        cls = CONFIG_SECTIONS.get(section)
+        if cls is None:
+            raise BadInputError(f"unknown section {section!r} in {path}",
+                                hint=f"valid sections: {', '.join(CONFIG_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise BadInputError(f"section {section!r} of {path} must be a mapping of keys to values")
+        _check_keys(values, cls, where=f"section {section!r} of {path}")
+        for i, override in enumerate(values.get("overrides") or ()):
+            if not isinstance(override, dict):
+                raise BadInputError(f"{section}.overrides[{i}] of {path} must be a mapping (pattern, weight_bits, ...)")
+            _check_keys(override, LayerOverride, where=f"{section}.overrides[{i}] of {path}")
     return data
+
+
+def _parse_config_text(path: Path) -> Any:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
+            import tomli as tomllib
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise BadInputError(f"config file {path} is not valid TOML: {exc}") from None
+    import yaml
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise BadInputError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+def _check_keys(values: dict[str, Any], cls: type, *, where: str) -> None:
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in values if key not in fields]
+    if unknown:
+        raise BadInputError(f"unknown key {unknown[0]!r} in {where}", hint=f"valid keys: {', '.join(fields)}")
 
 
 def from_mapping(cls: type, values: dict[str, Any]) -> Any:
     """Build a config dataclass from a mapping, naming any unknown key."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - fields
-    if unknown:
-        raise BadInputError(f"unknown {cls.__name__} fields: {sorted(unknown)}",
-                            hint=f"known fields: {', '.join(sorted(fields))}")
+    _check_keys(values, cls, where=cls.__name__)
     values = dict(values)
     if cls is ProfileConfig and "batch_sizes" in values:
         values["batch_sizes"] = tuple(values["batch_sizes"])
     return cls(**values)
+
+
+def merge_config(base: Any, file_values: dict[str, Any], typed_flags: dict[str, Any]) -> Any:
+    """``base`` (the defaults) overridden by a config file's section, then by the flags the user typed.
+
+    Only flags the user typed belong in ``typed_flags``: a flag's default must not hide the file's
+    value. Keys are the dataclass's field names.
+    """
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    return from_mapping(type(base), values | dict(file_values) | dict(typed_flags))
+

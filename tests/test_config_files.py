@@ -1,0 +1,90 @@
+"""Config files mean what they say: defaults < config file < flags the user typed, checked through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dfq_deploy.cli import main
+from dfq_deploy.config import load_config_file
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples" / "configs").iterdir()
+                 if p.suffix in (".yaml", ".yml", ".toml"))
+MANIFEST_SECTION = {"synthesis": "synthesis", "quant": "scheme", "profile": "profile"}
+# Flags this test types, and the config fields they must win over: noise and few images keep it fast.
+TYPED_FLAGS = ["--calib", "noise", "--num-images", "16", "--warmup", "1"]
+TYPED_VALUES = {("synthesis", "method"): "noise", ("synthesis", "num_images"): 16, ("profile", "warmup"): 1}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _as_recorded(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_value_of_an_example_config_reaches_the_manifest(config, tiny_state_dict, tmp_path):
+    target = "tensorrt-rtx" if "tensorrt" in config.name else "onnxruntime"
+    if target != "onnxruntime":
+        pytest.importorskip("tensorrt_rtx", reason="the tensorrt example builds with TensorRT-RTX (test extra)")
+    out = tmp_path / "out"
+    result = invoke("build", tiny_state_dict, "--trust-pickle", "--input-shape", "1x3x16x16", "--target", target,
+                    "--config", config, *TYPED_FLAGS, "--no-cache", "--no-progress", "--out", out)
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "manifest.json").read_text())["config"]
+    checked = 0
+    for section, values in load_config_file(config).items():
+        for key, value in values.items():
+            expected = TYPED_VALUES.get((section, key), value)
+            got = recorded[MANIFEST_SECTION[section]][key]
+            if key == "overrides":  # each override as written, plus the fields it left at their defaults
+                assert [{k: g[k] for k in e} for g, e in zip(got, expected)] == expected and len(got) == len(expected)
+            else:
+                assert _as_recorded(got) == expected, f"{section}.{key}"
+            checked += 1
+    assert checked >= 8
+    assert recorded["synthesis"]["method"] == "noise" and recorded["profile"]["warmup"] == 1
+    form = "uint8_asymmetric" if target == "onnxruntime" else "int8_symmetric"
+    assert recorded["scheme"]["act_form"] == form, "a quant: section keeps the target's activation form"
+
+
+def test_typed_flags_beat_the_file_and_defaults_do_not(tiny_state_dict, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("synthesis:\n  method: noise\n  num_images: 12\nquant:\n  weight_bits: 4\n  act_bits: 4\n"
+                      "  calibrator: mse\n")
+    common = ["quantize", tiny_state_dict, "--trust-pickle", "--input-shape", "1x3x16x16", "--config", config,
+              "--target", "tensorrt-rtx", "--no-progress"]
+    from_file = invoke(*common, "--out", tmp_path / "a")
+    assert from_file.exit_code == 0, from_file.output
+    assert "4-bit weights, 4-bit activations, int8_symmetric" in from_file.output
+    meta = json.loads((tmp_path / "a" / "calibration" / "calibration.json").read_text())
+    assert meta["num_images"] == 12, "the file's num_images, not --num-images' default"
+    typed = invoke(*common, "--bits", "8", "--num-images", "6", "--out", tmp_path / "b")
+    assert typed.exit_code == 0, typed.output
+    assert "8-bit weights, 8-bit activations, int8_symmetric" in typed.output
+    assert json.loads((tmp_path / "b" / "calibration" / "calibration.json").read_text())["num_images"] == 6
+
+
+@pytest.mark.parametrize("text, named, valid", [
+    ("synthesis:\n  num_image: 8\n", "num_image", "num_images"),
+    ("quant:\n  overrides:\n    - pattern: fc\n      bits: 8\n", "bits", "weight_bits"),
+    ("calibration:\n  method: noise\n", "calibration", "synthesis"),
+])
+def test_an_unknown_key_is_named_with_the_valid_ones(text, named, valid, tiny_state_dict, tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text(text)
+    result = invoke("synthesize", tiny_state_dict, "--trust-pickle", "--config", config, "--out", tmp_path / "o")
+    assert result.exit_code == 2, result.output
+    assert repr(named) in result.output and valid in result.output
+    assert not (tmp_path / "o").exists(), "refused before any work"
+
+
+def test_toml_and_yaml_read_alike(tmp_path):
+    (tmp_path / "a.toml").write_text('[synthesis]\nnum_images = 8\n[profile]\nbatch_sizes = [1, 2]\n')
+    (tmp_path / "a.yaml").write_text("synthesis:\n  num_images: 8\nprofile:\n  batch_sizes: [1, 2]\n")
+    assert load_config_file(tmp_path / "a.toml") == load_config_file(tmp_path / "a.yaml")
