@@ -22,7 +22,7 @@ from .artifacts import atomic_write_bytes, package_versions
 from .calibration_set import CalibrationSet
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme,
                      ReconstructionConfig, SynthesisConfig, Target, default_scheme, int4_weight_only)
-from .errors import BadInputError, FidelityGateError
+from .errors import BadInputError, FidelityGateError, StorageError
 from .models import LoadedModel, load_model
 from .quant.quantize import QuantModel
 from .quant.quantize import quantize as _quantize
@@ -145,9 +145,11 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
         probe = out / ".dfq-write-test"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as exc:
+    except (NotADirectoryError, FileExistsError) as exc:  # the path itself is wrong, not the file system
         raise BadInputError(f"cannot write to output folder {out}: {exc.strerror or exc}",
                             hint="choose a writable folder with --out DIR") from None
+    except OSError as exc:
+        raise StorageError.from_os_error(exc, path=out, action="write to output folder") from None
     return out
 
 
@@ -384,8 +386,8 @@ def _where_precision_goes(qmodel: QuantModel, qdq_model: onnx.ModelProto, calib:
 
 def default_cache_dir() -> Path:
     """Where synthetic sets are cached: ``$DFQ_DEPLOY_CACHE`` or ``~/.cache/dfq-deploy``."""
-    root = os.environ.get("DFQ_DEPLOY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dfq-deploy"
-    return Path(root) / "synthesis"
+    from .cache_store import cache_root
+    return cache_root() / "synthesis"
 
 
 def _size(path: Path) -> int:

@@ -5,28 +5,64 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, IO
+
+from .errors import StorageError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(fileobj)`` on a temp file beside ``path`` and rename it into place.
 
     A failure leaves no half-written file behind: the temp file is removed and ``path`` untouched.
+    The file system refusing (disk full, read-only, permission, name too long) is a
+    :class:`StorageError` naming ``path``.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as exc:
+        raise StorageError.from_os_error(exc, path=path, action="write") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; artifacts get the usual mode
         os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise StorageError.from_os_error(exc, path=path, action="write") from exc
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
     return path
+
+
+TEMP_SUFFIX = ".tmp"  # what atomic writes leave behind only when their process is killed
+
+
+def _discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files and folders a killed writer left in ``directory``.
+
+    Only safe while holding the directory's lock (:mod:`dfq_deploy.locks`): a live writer's temp
+    file looks the same.
+    """
+    removed = []
+    for leftover in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
 
 
 def _umask() -> int:

@@ -82,7 +82,18 @@ class CalibrationSet:
         if not path.is_file():
             raise BadInputError(f"no calibration set at {directory} (expected {TENSORS_FILE})",
                                 hint="make one with `dfq-deploy synthesize MODEL --out DIR`")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        meta_path = directory / MANIFEST_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        return cls(payload["images"], payload.get("labels"), meta)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            meta_path = directory / MANIFEST_FILE
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            images = payload["images"]
+        except (RuntimeError, OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+            # torch.load reports a truncated or overwritten archive as any of these
+            raise BadInputError(f"calibration set at {directory} is damaged: {_first_line(exc)}",
+                                hint="make it again with `dfq-deploy synthesize MODEL --out DIR`") from None
+        return cls(images, payload.get("labels"), meta)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

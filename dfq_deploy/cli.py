@@ -3,44 +3,26 @@
 Exit codes: 0 success, 1 other dfq-deploy error, 2 bad input, 3 missing optional dependency,
 4 export failure, 5 engine build failure, 6 fidelity gate failed, 7 accuracy budget not met,
 8 regression found by ``compare``, 9 engine failed to run, 10 remote device failure, 11 quality gate
-failed, 12 file system refused a write, 13 output folder locked, 130/143 interrupted.
+failed, 12 file system refused a read or write, 13 output folder locked, 130/143 interrupted.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-import sys
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, get_args
 
 import click
 from click.core import ParameterSource
 
+from .cli_cache import cache
+from .cli_errors import run_reporting_errors as _run
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, ProfileConfig,
                      QuantScheme, ReconstructionConfig, SynthesisConfig, default_scheme, load_config_file, merge_config)
-from .errors import BadInputError, DfqError
+from .errors import BadInputError
 
 # "none": images in [0, 1] as they are (for 3-channel inputs).
 NORMALIZATIONS = {"imagenet": IMAGENET_NORMALIZE, "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
-
-
-def _run(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn DfqError into one line on stderr and its exit code; --verbose keeps the traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        verbose = kwargs.pop("verbose", False)
-        try:
-            return fn(*args, **kwargs)
-        except DfqError as exc:
-            if verbose:
-                raise
-            click.echo(f"error: {exc.message}", err=True)
-            if exc.hint:
-                click.echo(f"  hint: {exc.hint}", err=True)
-            sys.exit(exc.exit_code)
-    return click.option("--verbose", "-v", is_flag=True, help="Show full tracebacks on errors.")(wrapper)
 
 
 def model_options(fn):
@@ -390,6 +372,9 @@ def compare(report_a, report_b, allow_float_fallback, **thresholds) -> None:
                              thresholds=Thresholds(allow_float_fallback=allow_float_fallback, **thresholds))
     click.echo(format_comparison(result, names=(str(report_a), str(report_b))))
     check_comparison(result)
+
+
+main.add_command(cache)
 
 
 if __name__ == "__main__":

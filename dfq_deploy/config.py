@@ -327,7 +327,11 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def _parse_config_text(path: Path) -> Any:
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"config file {path} is not UTF-8 text (byte {exc.start})",
+                            hint="save it as UTF-8 YAML or TOML") from None
     if path.suffix == ".toml":
         try:
             import tomllib
@@ -336,12 +340,18 @@ def _parse_config_text(path: Path) -> Any:
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise BadInputError(f"config file {path} is not valid TOML: {exc}") from None
+            # Python 3.11/3.12 put the position only in the message: "Invalid value (at line 2, column 5)".
+            raise BadInputError(f"config file {path} is not valid TOML: {exc}",
+                                hint="fix the file at that line and column (TOML: key = value under [section])") from None
     import yaml
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise BadInputError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BadInputError(f"config file {path} is not valid YAML{where}: {problem}",
+                            hint="fix the file there (YAML: `section:` then indented `key: value` lines)") from None
 
 
 def _check_keys(values: dict[str, Any], cls: type, *, where: str) -> None:

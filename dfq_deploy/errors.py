@@ -6,6 +6,10 @@ else is a bug in dfq-deploy and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+
 
 class DfqError(Exception):
     """Base class of errors caused by input, environment or a failed quality gate."""
@@ -93,6 +97,28 @@ class StorageError(DfqError):
 
     exit_code = 12
 
+    @classmethod
+    def from_os_error(cls, exc: OSError, *, path: str | os.PathLike | None = None,
+                      action: str = "access") -> "StorageError":
+        """One line with the path, the errno text and what to do about that errno."""
+        where = path if path is not None else (exc.filename or "a file")
+        if exc.filename2 is not None and path is None:
+            where = f"{exc.filename} -> {exc.filename2}"
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return cls(f"cannot {action} {where}: {reason}",
+                   hint=_STORAGE_HINTS.get(exc.errno, "check the path, its permissions and the disk"))
+
+
+_STORAGE_HINTS = {
+    errno.ENOSPC: "free space on that disk, or point --out (or $DFQ_DEPLOY_CACHE for the cache) elsewhere",
+    errno.EDQUOT: "your disk quota is used up: free some of it, or point --out elsewhere",
+    errno.EACCES: "you lack permission there: choose a folder you can write to (--out DIR)",
+    errno.EPERM: "the operation is not permitted there: choose a folder you own (--out DIR)",
+    errno.EROFS: "that file system is mounted read-only: choose a writable folder (--out DIR)",
+    errno.ENAMETOOLONG: "the path is longer than the file system allows: use a shorter --out or file name",
+    errno.EIO: "the disk reported an I/O error: check the device (dmesg) before retrying",
+}
+
 
 class LockedError(DfqError):
     """Another build holds the lock on the output folder (or a cache entry)."""
@@ -103,6 +129,20 @@ class LockedError(DfqError):
 # Not DfqErrors: a build stopped by a signal exits as shells expect (128 + signal number).
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwinds like Ctrl-C (``finally`` blocks remove temp files) and
+    records the pipeline stage it stopped, so the CLI can say where."""
+
+    def __init__(self, signum: int, stage: str | None = None):
+        super().__init__(signum)
+        self.signum = signum
+        self.stage = stage
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGTERM if self.signum == signal.SIGTERM else EXIT_SIGINT
 
 EXIT_CODES = {
     cls.__name__: cls.exit_code

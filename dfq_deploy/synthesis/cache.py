@@ -1,8 +1,8 @@
 """On-disk cache of calibration sets, keyed by everything that decides their content.
 
 Key: (model hash, method, config, seed, input shape, normalisation, sha256 of any real images).
-A set is written into a temporary folder beside its final place and renamed into it, so a crash or
-a concurrent writer never leaves a half-written entry behind.
+Entries are :class:`~dfq_deploy.cache_store.CacheStore` entries: written whole under a lock,
+their payload's sha256 verified on every read.
 """
 
 from __future__ import annotations
@@ -10,18 +10,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..calibration_set import TENSORS_FILE, CalibrationSet
+from ..cache_store import CacheStore
+from ..calibration_set import CalibrationSet
 from ..config import SynthesisConfig
 from .job import Normalize
-from .sharding import is_main_rank
+from .sharding import all_reduce_max, distributed, is_main_rank
 
-CACHE_FORMAT = 1  # bump when what a key means changes
+CACHE_FORMAT = 2  # bump when what a key means changes (2: entries carry a verified entry.json)
 
 
 def uses_real_images(config: SynthesisConfig) -> bool:
@@ -48,26 +46,25 @@ def cache_key(*, config: SynthesisConfig, input_shape: tuple[int, ...], model_ha
 
 def cached(make: Callable[[], CalibrationSet], *, config: SynthesisConfig, input_shape: tuple[int, ...],
            cache_dir: Path, model_hash: str, normalize: Normalize) -> CalibrationSet:
-    """Load the set for this key from ``cache_dir``, or ``make()`` it and store it (rank 0 only)."""
+    """Load the verified set for this key from ``cache_dir``, or ``make()`` it and store it (rank 0 only).
+
+    A damaged entry is moved aside with a warning and made again (:class:`~dfq_deploy.cache_store.CacheStore`).
+    """
     key = cache_key(config=config, input_shape=input_shape, model_hash=model_hash, normalize=normalize)
-    entry = cache_dir / key[:32]
-    if (entry / TENSORS_FILE).is_file():
-        found = CalibrationSet.load(entry)
-        found.meta["cache"] = {"key": key, "hit": True, "path": str(entry)}
-        return found
-    made = make()
-    made.meta["cache"] = {"key": key, "hit": False, "path": str(entry)}
-    if is_main_rank():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=cache_dir))
-        try:
-            made.save(tmp)
-            try:
-                os.replace(tmp, entry)
-            except OSError:
-                if not (entry / TENSORS_FILE).is_file():  # not a lost race with another writer
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+    store = CacheStore(cache_dir)
+    meta = {"method": config.method, "num_images": config.num_images, "model_sha256": model_hash,
+            "input_shape": list(input_shape)}
+    if distributed():
+        # Every rank takes part in making the set, so none may wait on a lock another rank holds.
+        found = store.load(key, CalibrationSet.load) if is_main_rank() else None
+        hit = all_reduce_max(float(found is not None)) > 0
+        if hit and found is None:
+            found = CalibrationSet.load(store.path_of(key))
+        made = found if hit else make()
+        if not hit and is_main_rank():
+            store.save(key, made.save, meta=meta)
+    else:
+        made, hit = store.get_or_make(key, make=make, write=lambda calib, folder: calib.save(folder),
+                                      read=CalibrationSet.load, meta=meta)
+    made.meta["cache"] = {"key": key, "hit": hit, "path": str(store.path_of(key))}
     return made

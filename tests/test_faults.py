@@ -1,0 +1,235 @@
+"""Fault injection: damaged caches, full and read-only disks, locked and killed builds, bad configs,
+mismatched evaluation sets, non-finite numbers. Each test checks the exit code, that the message is
+one line without a traceback, and what is left on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dfq_deploy import api
+from dfq_deploy.cache_store import DAMAGED_DIR, ENTRY_MANIFEST, CacheStore, CacheWarning, verify_entry
+from dfq_deploy.calibration_set import TENSORS_FILE
+from dfq_deploy.cli import _run, main
+from dfq_deploy.config import SynthesisConfig
+from dfq_deploy.errors import StorageError
+from small_cnn import INPUT_SHAPE, SmallResNet
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = "x".join(map(str, INPUT_SHAPE))
+FAST = ["--trust-pickle", "--input-shape", SHAPE, "--calib", "noise", "--num-images", "4", "--no-progress",
+        "--batch-sizes", "1", "--warmup", "0", "--profile-iterations", "1"]
+NOISE = SynthesisConfig(method="noise", num_images=4)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "small.pt"
+    torch.save(SmallResNet().eval(), path)
+    return path
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("DFQ_DEPLOY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temp files and lock files: what a clean exit never leaves."""
+    return sorted(p.name for p in folder.rglob(".*") if p.name.endswith((".tmp", ".lock")))
+
+
+# --- verified caches -------------------------------------------------------------------------------
+
+def _only_entry(cache_dir: Path) -> Path:
+    (entry,) = [p for p in (cache_dir / "synthesis").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return entry
+
+
+def test_a_truncated_cache_entry_is_moved_aside_and_made_again(model_file, cache_dir, tmp_path):
+    first = invoke("build", model_file, "--out", tmp_path / "a", *FAST)
+    assert first.exit_code == 0, first.output
+    tensors = _only_entry(cache_dir) / TENSORS_FILE
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])  # a copy that stopped half-way
+
+    second = invoke("build", model_file, "--out", tmp_path / "b", *FAST)
+    assert second.exit_code == 0, second.output
+    assert "Traceback" not in second.output
+    warning = [line for line in second.output.splitlines() if line.startswith("warning: cache entry")]
+    assert len(warning) == 1 and "truncated" in warning[0] and "making it again" in warning[0]
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["files"]["calibration"]["bytes"] > 0
+    assert verify_entry(_only_entry(cache_dir)) is None, "the entry was made again, whole"
+    assert len(list((cache_dir / "synthesis" / DAMAGED_DIR).iterdir())) == 1
+    assert leftovers(cache_dir) == [] and leftovers(tmp_path / "b") == []
+
+
+@pytest.fixture(scope="module")
+def loaded(model_file):
+    return api.load(model_file, trust_pickle=True, input_shape=INPUT_SHAPE)
+
+
+def _synthesize(cache_dir: Path, loaded, seed: int = 0):
+    config = SynthesisConfig(method="noise", num_images=4, seed=seed)
+    return api.synthesize(loaded, config=config, cache_dir=cache_dir / "synthesis", progress=False)
+
+
+def test_a_corrupted_cache_entry_of_the_same_size_fails_its_sha256(loaded, cache_dir):
+    made = _synthesize(cache_dir, loaded)
+    assert _synthesize(cache_dir, loaded).meta["cache"]["hit"]
+    tensors = _only_entry(cache_dir) / TENSORS_FILE
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.warns(CacheWarning, match="corrupted calibration.pt"):
+        again = _synthesize(cache_dir, loaded)
+    assert not again.meta["cache"]["hit"]
+    assert torch.equal(again.images, made.images)
+    assert _synthesize(cache_dir, loaded).meta["cache"]["hit"]
+
+
+def test_an_entry_without_its_manifest_is_not_trusted(loaded, cache_dir):
+    _synthesize(cache_dir, loaded)
+    (_only_entry(cache_dir) / ENTRY_MANIFEST).unlink()
+    with pytest.warns(CacheWarning, match="has no readable entry.json"):
+        assert not _synthesize(cache_dir, loaded).meta["cache"]["hit"]
+
+
+def test_an_entry_that_verifies_but_does_not_load_is_made_again(tmp_path):
+    store = CacheStore(tmp_path / "engines")
+    store.save("k" * 64, lambda folder: (folder / "plan.bin").write_bytes(b"not what read() expects"))
+
+    def read(folder: Path) -> bytes:
+        raise ValueError("unsupported engine version")
+
+    with pytest.warns(CacheWarning, match="does not load: unsupported engine version"):
+        value, hit = store.get_or_make("k" * 64, make=lambda: b"new", read=read,
+                                       write=lambda v, folder: (folder / "plan.bin").write_bytes(v))
+    assert (value, hit) == (b"new", False)
+    assert (store.path_of("k" * 64) / "plan.bin").read_bytes() == b"new"
+
+
+def test_cache_list_verify_and_clear(loaded, cache_dir):
+    _synthesize(cache_dir, loaded, seed=0)
+    _synthesize(cache_dir, loaded, seed=1)
+    listed = invoke("cache", "list")
+    assert listed.exit_code == 0 and "2 entries" in listed.output and "method=noise" in listed.output
+    assert invoke("cache", "verify").exit_code == 0
+
+    victim = sorted(p for p in (cache_dir / "synthesis").iterdir() if p.is_dir())[0] / TENSORS_FILE
+    victim.write_bytes(b"")
+    assert_one_line_error(invoke("cache", "verify"), StorageError.exit_code, "1 of 2 cache entries are damaged")
+
+    kept = invoke("cache", "clear", "--older-than", "7d")
+    assert kept.exit_code == 0 and "removed 0 entries" in kept.output
+    assert_one_line_error(invoke("cache", "clear", "--older-than", "soon"), 2, "7d")
+    cleared = invoke("cache", "clear")
+    assert cleared.exit_code == 0 and "removed 2 entries" in cleared.output
+    assert [p for p in (cache_dir / "synthesis").iterdir()] == []
+
+
+# --- the file system refuses -----------------------------------------------------------------------
+
+def test_an_os_error_no_stage_caught_is_a_storage_error(tmp_path):
+    @click.command()
+    @_run
+    def write_into_nowhere():
+        (tmp_path / "missing" / "report.json").write_text("{}")
+
+    result = CliRunner().invoke(write_into_nowhere, [])
+    assert_one_line_error(result, 12, str(tmp_path / "missing" / "report.json"), "No such file or directory",
+                          "hint:")
+
+
+def test_storage_error_names_path_errno_text_and_a_hint():
+    exc = StorageError.from_os_error(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)),
+                                     path="/out/" + "x" * 300, action="write")
+    assert exc.message.startswith("cannot write /out/xxx") and exc.message.endswith("File name too long")
+    assert "shorter" in exc.hint
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, *options: str):
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(("size=1500k", *options)), "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(scope="module")
+def big_head_model(tmp_path_factory) -> Path:
+    """~1.3 MB of FP32 weights: its artifacts do not fit in a 1.5 MB disk."""
+    from tiny_models import TinyResNet, settle_batchnorm
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("big") / "big.pt"
+    torch.save(settle_batchnorm(TinyResNet(num_classes=20000), INPUT_SHAPE), path)
+    return path
+
+
+def test_a_full_disk_is_one_line_and_leaves_only_whole_artifacts(big_head_model, tmp_path):
+    with tmpfs(tmp_path / "disk") as disk:
+        result = invoke("build", big_head_model, "--out", disk / "out", "--no-cache", *FAST)
+        assert_one_line_error(result, 12, "No space left on device", str(disk / "out"), "free space")
+        on_disk = sorted(p.name for p in (disk / "out").iterdir())
+        assert leftovers(disk) == [], "no temp file and no lock file survive"
+        assert "model.qdq.onnx" not in on_disk or "model.fp32.onnx" in on_disk
+        manifest = json.loads((disk / "out" / "manifest.json").read_text())
+        assert set(manifest["artifacts"].values()) <= set(on_disk), "the manifest lists only files that are there"
+
+
+def test_a_read_only_out_folder(model_file, tmp_path):
+    with tmpfs(tmp_path / "ro", "ro") as disk:
+        result = invoke("build", model_file, "--out", disk / "out", "--no-cache", *FAST)
+        assert_one_line_error(result, 12, "Read-only file system", "writable folder")
+        assert list(disk.iterdir()) == []
+
+
+# --- malformed configs -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text, where", [
+    ("bad.yaml", "synthesis:\n  method: [noise\nquant:\n  bits: 8\n", "is not valid YAML at line 3, column 6"),
+    ("tabs.yml", "synthesis:\n\tmethod: noise\n", "is not valid YAML at line 2, column 1"),
+    ("bad.toml", "[synthesis]\nmethod = \n", "is not valid TOML: Invalid value (at line 2, column 10)"),
+])
+def test_a_malformed_config_names_file_line_and_column(model_file, tmp_path, name, text, where):
+    config = tmp_path / name
+    config.write_text(text)
+    result = invoke("build", model_file, "--out", tmp_path / "o", "--config", config, *FAST)
+    assert_one_line_error(result, 2, str(config), where)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_config_that_is_not_text(model_file, tmp_path):
+    config = tmp_path / "binary.yaml"
+    config.write_bytes(b"\xff\xfe\x00synthesis")
+    assert_one_line_error(invoke("build", model_file, "--out", tmp_path / "o", "--config", config, *FAST), 2,
+                          "not UTF-8")
