@@ -346,13 +346,6 @@ def _inspect_layers(trt: ModuleType, plan: bytes, logger) -> list[dict[str, Any]
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         return None
+    from dfq_deploy.engine_layers import engine_layers_from_layer_info
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
-    layers = []
-    for layer in info.get("Layers", []):
-        if isinstance(layer, str):  # profiling verbosity too low: names only
-            layers.append({"name": layer})
-            continue
-        layers.append({"name": layer.get("Name"), "type": layer.get("LayerType"),
-                       "inputs": [t.get("Format/Datatype") for t in layer.get("Inputs", [])],
-                       "outputs": [t.get("Format/Datatype") for t in layer.get("Outputs", [])]})
-    return layers
+    return engine_layers_from_layer_info(info)

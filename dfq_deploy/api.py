@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import onnx
 
 from . import __version__
-from .artifacts import atomic_write_bytes, package_versions
+from .artifacts import atomic_write_bytes, package_versions, prepare_out_dir
 from .calibration_set import CalibrationSet
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme,
                      ReconstructionConfig, SynthesisConfig, Target, default_scheme, int4_weight_only)
@@ -135,22 +135,6 @@ class _Manifest:
 
     def write(self) -> None:
         atomic_write_bytes(self.path, json.dumps(self.data, indent=2, default=str).encode())
-
-
-def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` (or check an existing one) and prove it is writable before any work."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".dfq-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except (NotADirectoryError, FileExistsError) as exc:  # the path itself is wrong, not the file system
-        raise BadInputError(f"cannot write to output folder {out}: {exc.strerror or exc}",
-                            hint="choose a writable folder with --out DIR") from None
-    except OSError as exc:
-        raise StorageError.from_os_error(exc, path=out, action="write to output folder") from None
-    return out
 
 
 def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: Target = "onnxruntime",

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, IO
 
-from .errors import StorageError
+from .errors import BadInputError, StorageError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
@@ -95,4 +95,20 @@ def package_versions(names: tuple[str, ...] = ("dfq-deploy", "torch", "torchvisi
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+    return out
+
+
+def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` (or check an existing one) and prove it is writable before any work."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".dfq-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (NotADirectoryError, FileExistsError) as exc:  # the path itself is wrong, not the file system
+        raise BadInputError(f"cannot write to output folder {out}: {exc.strerror or exc}",
+                            hint="choose a writable folder with --out DIR") from None
+    except OSError as exc:
+        raise StorageError.from_os_error(exc, path=out, action="write to output folder") from None
     return out

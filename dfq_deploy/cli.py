@@ -316,19 +316,79 @@ def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, thr
     click.echo(json.dumps(result, indent=2))
 
 
+def remote_options(fn):
+    """Where and how ``profile`` runs on a device over SSH, or which trtexec exports it reads."""
+    fn = click.option("--trtexec-export", "trtexec_prefix",
+                      help="Read trtexec exports you already have (PREFIX.timing.json[.gz], PREFIX.profile.json, "
+                           "PREFIX.graph.json, PREFIX.profile.log) instead of timing; ARTIFACT, if given, is the "
+                           "Q/DQ ONNX the engine came from (adds the precision map).")(fn)
+    fn = click.option("--remote-dfq-deploy", help="Path of dfq-deploy on the device (default: the one on its PATH).")(fn)
+    fn = click.option("--duration-s", type=float, default=3.0, show_default=True, help="trtexec --duration.")(fn)
+    fn = click.option("--warmup-ms", type=int, default=200, show_default=True, help="trtexec --warmUp.")(fn)
+    fn = click.option("--precision", type=click.Choice(["int8", "fp16", "int4w"]), default="int8", show_default=True,
+                      help="trtexec: int8 and int4w build strongly typed from the Q/DQ graph, fp16 with --fp16.")(fn)
+    fn = click.option("--runner", type=click.Choice(["auto", "trtexec", "dfq-deploy"]), default="auto",
+                      show_default=True, help="What times on the device; auto: trtexec if the device has it.")(fn)
+    fn = click.option("--ssh-config", type=click.Path(dir_okay=False, path_type=Path),
+                      help="ssh config file to use instead of ~/.ssh/config (ssh -F).")(fn)
+    fn = click.option("--ssh-identity", type=click.Path(dir_okay=False, path_type=Path),
+                      help="Private key for the device (ssh -i).")(fn)
+    return click.option("--remote", "remotes", multiple=True,
+                        help="ssh://[user@]host[:port] of a device to build and time on; repeat to profile several "
+                             "devices in parallel.")(fn)
+
+
 @main.command()
-@click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("artifact", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
 @profile_options
+@remote_options
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write report.json and report.md here (needed with --remote and --trtexec-export); "
+                   "without it a local profile prints JSON.")
 @_run
-def profile(artifact, target, device, **o) -> None:
-    """Time an existing ONNX file or TensorRT engine on random inputs of its shape."""
-    from .profile_artifact import profile_artifact
-    result = profile_artifact(artifact, target=target, device=device, config=_profile_config(o, {}))
-    click.echo(json.dumps(result, indent=2, default=str))
+def profile(artifact, target, device, out_dir, remotes, trtexec_prefix, **o) -> None:
+    """Time an ONNX file or TensorRT engine here, on devices over SSH (--remote), or read trtexec exports."""
+    from .remote import profile as remote_profile
+    if (remotes or trtexec_prefix) and out_dir is None:
+        raise BadInputError("--remote and --trtexec-export write a report folder: pass --out DIR")
+    if trtexec_prefix:
+        result = remote_profile.profile_trtexec_export(trtexec_prefix, out_dir=out_dir, qdq_onnx=artifact)
+    elif artifact is None:
+        raise BadInputError("profile needs ARTIFACT (or --trtexec-export PREFIX)")
+    elif remotes:
+        result = remote_profile.profile_remote(_remote_request(artifact, target, device, o), remotes=remotes,
+                                               out_dir=out_dir, ssh=_ssh_options(o))
+    elif out_dir is not None:
+        result = remote_profile.profile_local(artifact, out_dir=out_dir, target=target, device=device,
+                                              config=_profile_config(o, {}))
+    else:
+        from .profile_artifact import profile_artifact
+        click.echo(json.dumps(profile_artifact(artifact, target=target, device=device, config=_profile_config(o, {})),
+                              indent=2, default=str))
+        return
+    click.echo((result.out_dir / "report.md").read_text())
+    click.echo(f"report in {result.out_dir}/")
+
+
+def _ssh_options(o: dict[str, Any]):
+    from .remote.ssh import SshOptions
+    return SshOptions(identity_file=o["ssh_identity"], config_file=o["ssh_config"])
+
+
+def _remote_request(artifact: Path, target: str, device: str, o: dict[str, Any]):
+    from .remote.runners import DfqDeployRunOptions, RemoteProfileRequest
+    from .remote.trtexec_command import TrtexecOptions
+    config = _profile_config(o, {})
+    return RemoteProfileRequest(
+        artifact=artifact, runner=o["runner"],
+        trtexec=TrtexecOptions(precision=o["precision"], batch_sizes=config.batch_sizes, warmup_ms=o["warmup_ms"],
+                               duration_s=o["duration_s"]),
+        dfq_deploy=DfqDeployRunOptions(executable=o["remote_dfq_deploy"], target=target, device=device,
+                                       warmup=config.warmup, iterations=config.iterations))
 
 
 @main.command()

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import onnx
 from onnx import TensorProto
 
+from .engine_layers import tensorrt_format_dtype
 from .errors import BadInputError
 from .fidelity import QdqGraph
 from .quant.quantize import LayerInfo
@@ -31,8 +32,6 @@ INTEGER_KERNELS = {"QLinearConv": "int8", "ConvInteger": "int8", "QGemm": "int8"
                    "MatMulInteger": "int8", "MatMulIntegerToFloat": "int8", "DynamicQuantizeMatMul": "int8",
                    "MatMulNBits": "int4-weight"}
 _TOKEN_SUFFIX = re.compile(r"_token_\d+$")
-_TRT_DTYPES = (("int8", "int8"), ("int4", "int4"), ("fp8", "fp8"), ("bf16", "bf16"), ("fp16", "fp16"),
-               ("half", "fp16"), ("fp32", "float"), ("float", "float"), ("int32", "int32"))
 _FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
 _CONVS = ("Conv", "ConvTranspose")
 _FLOAT_KINDS = ("float", "fp16", "bf16")
@@ -228,7 +227,7 @@ def _tensorrt_row(layer: LayerInfo, op: onnx.NodeProto, asked: str,
     if match is None:
         return LayerPrecision(layer.name, layer.kind, op.name, asked, "unknown", "—",
                               f"no engine layer names {op.name} (fused into a layer that does not list it)")
-    used = _trt_dtype(match.get("inputs") or [])
+    used = tensorrt_format_dtype(match.get("inputs") or [])
     kernel = str(match.get("type") or "?")
     reason = None
     if asks_integer_arithmetic(asked) and used in _FLOAT_KINDS:
@@ -245,15 +244,6 @@ def _engine_layer(engine_layers: Iterable[Mapping[str, Any]], node: str) -> Mapp
     if exact:
         return exact[0]
     return next((e for e in layers if node in str(e.get("name", ""))), None)
-
-
-def _trt_dtype(formats: Sequence[Any]) -> str:
-    """``int8`` / ``fp16`` / ``float`` ... from the first input's "Format/Datatype" string."""
-    text = str(formats[0]).lower() if formats else ""
-    for token, dtype in _TRT_DTYPES:
-        if re.search(rf"\b{token}\b", text):
-            return dtype
-    return "unknown"
 
 
 def float_fallback_warning(pmap: PrecisionMap, *, max_lines: int = 8) -> str | None:

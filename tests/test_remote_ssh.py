@@ -1,0 +1,180 @@
+"""``profile --remote`` through a real OpenSSH server on 127.0.0.1 standing in for an edge device.
+
+The "device" runs this checkout's own dfq-deploy (the dfq-deploy runner), reached over SSH exactly as
+a Jetson would be; the failure cases use the same server: refused port, wrong key, unknown host key,
+missing tools, a full disk and a connection cut mid-run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import platform
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from dfq_deploy.cli import main
+from dfq_deploy.errors import RemoteError
+from dfq_deploy.remote.profile import profile_remote
+from dfq_deploy.remote.runners import DfqDeployRunOptions, RemoteProfileRequest
+from dfq_deploy.remote.ssh import SshDevice, SshOptions, SshTarget
+from dfq_deploy.remote.trtexec_command import TrtexecOptions
+from dfq_deploy.runtimes.profiler import LatencyRecord
+from loopback_sshd import start_sshd, unavailable_reason
+
+DFQ_DEPLOY = str(Path(sys.executable).with_name("dfq-deploy"))
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no loopback sshd: {reason}")
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """Conv + Relu with a dynamic batch: small enough that the remote profile takes a second."""
+    from onnx import TensorProto, helper, numpy_helper, save
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], [w])
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def remote_dirs() -> set[str]:
+    return set(glob.glob("/tmp/dfq-deploy.*"))
+
+
+def request(onnx: Path, *, runner="dfq-deploy", executable=DFQ_DEPLOY, iterations=5) -> RemoteProfileRequest:
+    return RemoteProfileRequest(artifact=onnx, runner=runner, trtexec=TrtexecOptions(batch_sizes=(1, 2)),
+                                dfq_deploy=DfqDeployRunOptions(executable=executable, warmup=1, iterations=iterations))
+
+
+def ssh_options(sshd, key=None) -> SshOptions:
+    return SshOptions(identity_file=key or sshd.user_key, config_file=sshd.config)
+
+
+def test_profile_on_two_devices_with_their_dfq_deploy(sshd, tiny_onnx, tmp_path):
+    """Two --remote devices (the same server under two names) profiled in parallel through the CLI."""
+    before = remote_dirs()
+    out = tmp_path / "report"
+    second = f"ssh://127.0.0.1:{sshd.port}"
+    res = CliRunner().invoke(main, ["profile", str(tiny_onnx), "--remote", sshd.url, "--remote", second,
+                                    "--ssh-config", str(sshd.config), "--ssh-identity", str(sshd.user_key),
+                                    "--runner", "dfq-deploy", "--remote-dfq-deploy", DFQ_DEPLOY, "--batch-sizes", "1,2",
+                                    "--warmup", "1", "--profile-iterations", "5", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert [d["label"] for d in report["devices"]] == ["dfq-loopback", f"127.0.0.1:{sshd.port}"]
+    for section in report["devices"]:
+        records = [LatencyRecord.from_dict(r) for r in section["latency"]]
+        assert [(r.batch_size, r.runs) for r in records] == [(1, 5), (2, 5)]
+        assert all(0 < r.min_ms <= r.median_ms <= r.max_ms for r in records)
+        device = section["device"]
+        assert device["arch"] == platform.machine() and device["hostname"] == platform.node()
+        assert device["dfq_deploy"] == DFQ_DEPLOY and device["cpu_isa"]
+        assert section["runner"] == "dfq-deploy (onnxruntime)"
+        (command,) = section["commands"]
+        assert command.startswith(f"{DFQ_DEPLOY} profile /tmp/dfq-deploy.") and "--batch-sizes 1,2" in command
+    runners = [r["runner"] for r in report["deployment"]["latency"]]
+    assert runners == ["onnxruntime-cpu@dfq-loopback"] * 2 + [f"onnxruntime-cpu@127.0.0.1:{sshd.port}"] * 2
+    md = (out / "report.md").read_text()
+    assert "## Devices" in md and "### dfq-loopback" in md
+    assert remote_dirs() == before  # the devices' temp dirs are gone
+
+
+@pytest.mark.parametrize("case", ["refused", "wrong key", "unknown host key", "no dfq-deploy", "no trtexec", "no tool"])
+def test_failures_are_one_line_exit_10_and_leave_nothing(sshd, tiny_onnx, tmp_path, case):
+    url, key, config, runner, exe = sshd.url, sshd.user_key, sshd.config, "dfq-deploy", None
+    if case == "refused":
+        from loopback_sshd import free_port
+        url = f"ssh://dfq-loopback:{free_port()}"
+    elif case == "wrong key":
+        from loopback_sshd import make_key
+        key = make_key(tmp_path / "other_key")
+    elif case == "unknown host key":
+        config = tmp_path / "ssh_config"
+        config.write_text(sshd.config.read_text().replace(str(sshd.root / "known_hosts"), str(tmp_path / "empty")))
+    elif case == "no trtexec":
+        runner = "trtexec"
+    elif case == "no tool":
+        runner = "auto"
+    expected = {"refused": "refused the SSH connection", "wrong key": "authentication to dfq-loopback failed",
+                "unknown host key": "host key of dfq-loopback is not known", "no dfq-deploy": "has no dfq-deploy",
+                "no trtexec": "has no trtexec", "no tool": "neither trtexec nor dfq-deploy"}[case]
+    before = remote_dirs()
+    args = ["profile", str(tiny_onnx), "--remote", url, "--ssh-config", str(config), "--ssh-identity", str(key),
+            "--runner", runner, "--out", str(tmp_path / "out")] + (["--remote-dfq-deploy", exe] if exe else [])
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 10, res.output
+    first = res.output.splitlines()[0]
+    assert first.startswith("error: ") and expected in first, res.output
+    assert "hint:" in res.output
+    assert not (tmp_path / "out" / "report.json").exists() and remote_dirs() == before
+
+
+def test_full_remote_disk_and_ctrl_c_clean_up(sshd):
+    device = SshDevice(SshTarget.parse(sshd.url), ssh_options(sshd))
+    with pytest.raises(RemoteError, match="disk of dfq-loopback is full"):
+        device.write_file(b"x" * 4096, "/dev/full")  # /dev/full: every write fails with ENOSPC
+    before = remote_dirs()
+    with pytest.raises(KeyboardInterrupt):
+        with device.temp_dir() as work:
+            device.write_file(b"data", f"{work}/f")
+            assert Path(work, "f").read_bytes() == b"data"
+            raise KeyboardInterrupt
+    assert not Path(work).exists() and remote_dirs() == before
+
+
+def _remote_job(work_dirs: set[str]) -> psutil.Process | None:
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if " profile /tmp/dfq-deploy." in cmd and not any(d in cmd for d in work_dirs):
+            return p
+    return None
+
+
+def test_connection_cut_mid_run(sshd, tiny_onnx, tmp_path):
+    before = remote_dirs()
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            profile_remote(request(tiny_onnx, iterations=10_000_000), remotes=[sshd.url], out_dir=tmp_path / "cut",
+                           ssh=ssh_options(sshd))
+        except BaseException as exc:  # the thread hands its error to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while (job := _remote_job(before)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job is not None, "the remote dfq-deploy never started"
+    time.sleep(0.5)
+    assert sshd.cut_connections() > 0
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    (error,) = errors
+    assert isinstance(error, RemoteError) and "SSH connection to dfq-loopback dropped" in error.message
+    assert not (tmp_path / "cut" / "report.json").exists()
+    assert remote_dirs() == before
+    gone, alive = psutil.wait_procs([job], timeout=10)
+    assert not alive, "the job left running on the device"
+    assert shutil.which("ssh")
