@@ -22,7 +22,7 @@ from .artifacts import atomic_write_bytes, package_versions, prepare_out_dir
 from .calibration_set import CalibrationSet
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme,
                      ReconstructionConfig, SynthesisConfig, Target, default_scheme, int4_weight_only)
-from .errors import BadInputError, FidelityGateError, StorageError
+from .errors import BadInputError, FidelityGateError
 from .models import LoadedModel, load_model
 from .quant.quantize import QuantModel
 from .quant.quantize import quantize as _quantize
