@@ -323,6 +323,8 @@ def remote_options(fn):
                            "PREFIX.graph.json, PREFIX.profile.log) instead of timing; ARTIFACT, if given, is the "
                            "Q/DQ ONNX the engine came from (adds the precision map).")(fn)
     fn = click.option("--remote-dfq-deploy", help="Path of dfq-deploy on the device (default: the one on its PATH).")(fn)
+    fn = click.option("--remote-trtexec", help="Path of trtexec on the device (default: the one on its PATH, else "
+                                               "/usr/src/tensorrt/bin/trtexec).")(fn)
     fn = click.option("--duration-s", type=float, default=3.0, show_default=True, help="trtexec --duration.")(fn)
     fn = click.option("--warmup-ms", type=int, default=200, show_default=True, help="trtexec --warmUp.")(fn)
     fn = click.option("--precision", type=click.Choice(["int8", "fp16", "int4w"]), default="int8", show_default=True,
@@ -370,7 +372,8 @@ def profile(artifact, target, device, out_dir, remotes, trtexec_prefix, **o) -> 
         click.echo(json.dumps(profile_artifact(artifact, target=target, device=device, config=_profile_config(o, {})),
                               indent=2, default=str))
         return
-    click.echo((result.out_dir / "report.md").read_text())
+    from .layout import REPORT_MD
+    click.echo((result.out_dir / REPORT_MD).read_text())
     click.echo(f"report in {result.out_dir}/")
 
 
@@ -384,7 +387,7 @@ def _remote_request(artifact: Path, target: str, device: str, o: dict[str, Any])
     from .remote.trtexec_command import TrtexecOptions
     config = _profile_config(o, {})
     return RemoteProfileRequest(
-        artifact=artifact, runner=o["runner"],
+        artifact=artifact, runner=o["runner"], trtexec_path=o["remote_trtexec"],
         trtexec=TrtexecOptions(precision=o["precision"], batch_sizes=config.batch_sizes, warmup_ms=o["warmup_ms"],
                                duration_s=o["duration_s"]),
         dfq_deploy=DfqDeployRunOptions(executable=o["remote_dfq_deploy"], target=target, device=device,

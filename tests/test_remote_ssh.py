@@ -8,8 +8,10 @@ missing tools, a full disk and a connection cut mid-run.
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import platform
+import shlex
 import shutil
 import sys
 import threading
@@ -43,18 +45,39 @@ def sshd(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory) -> Path:
+def conv_relu_onnx(path: Path, *, name: str = "tiny") -> Path:
     """Conv + Relu with a dynamic batch: small enough that the remote profile takes a second."""
     from onnx import TensorProto, helper, numpy_helper, save
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
-        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], [w])
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    return conv_relu_onnx(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture
+def replay_trtexec(tmp_path, assets) -> tuple[Path, Path]:
+    """tests/replay_trtexec.py as the device's trtexec, replaying the real exports in assets/trtexec."""
+    prefix = assets / "trtexec" / "mobilenet_v2_residuals.qat.onnx.engine"
+    if not Path(f"{prefix}.timing.json.gz").is_file():
+        pytest.skip(f"trtexec exports not found at {prefix}")
+    exe = tmp_path / "bin" / "trtexec"
+    exe.parent.mkdir()
+    script = Path(__file__).with_name("replay_trtexec.py")
+    exe.write_text(f'#!/bin/sh\nREPLAY_PREFIX={shlex.quote(str(prefix))} exec {sys.executable} {script} "$@"\n')
+    exe.chmod(0o755)
+    return exe, prefix
+
+
+def ssh_args(sshd) -> list[str]:
+    return ["--ssh-config", str(sshd.config), "--ssh-identity", str(sshd.user_key)]
 
 
 def remote_dirs() -> set[str]:
@@ -126,6 +149,46 @@ def test_failures_are_one_line_exit_10_and_leave_nothing(sshd, tiny_onnx, tmp_pa
     first = res.output.splitlines()[0]
     assert first.startswith("error: ") and expected in first, res.output
     assert "hint:" in res.output
+    assert not (tmp_path / "out" / "report.json").exists() and remote_dirs() == before
+
+
+def test_trtexec_runner_over_ssh(sshd, tiny_onnx, replay_trtexec, tmp_path):
+    exe, prefix = replay_trtexec
+    before = remote_dirs()
+    out = tmp_path / "trt"
+    res = CliRunner().invoke(main, ["profile", str(tiny_onnx), "--remote", sshd.url, *ssh_args(sshd), "--runner",
+                                    "trtexec", "--remote-trtexec", str(exe), "--batch-sizes", "1,2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    with gzip.open(f"{prefix}.timing.json.gz", "rt") as f:
+        latency = np.array([r["latencyMs"] for r in json.load(f)])
+    records = [LatencyRecord.from_dict(r) for r in report["deployment"]["latency"]]
+    assert [r.batch_size for r in records] == [1, 2] and all(r.runner == "trtexec" for r in records)
+    assert records[0].median_ms == pytest.approx(np.median(latency), abs=1e-4)
+    assert records[1].throughput_ips == pytest.approx(2000 / records[1].median_ms, rel=1e-3)
+    assert records[0].timing["warmup_ms"] == 200 and records[0].timing["duration_s"] == 3.0
+    build1, run1, build2, run2 = report["commands"]
+    assert build1.startswith(f"{exe} --onnx=/tmp/dfq-deploy.") and "--stronglyTyped" in build1
+    assert "--minShapes=input:2x3x8x8" in build2 and "--shapes=input:2x3x8x8" in run2
+    assert "--separateProfileRun" in run1 and "--exportLayerInfo=" in run1
+    assert report["device"]["tensorrt_version"] == "10.3.0"
+    assert report["device"]["Selected Device"] == "NVIDIA TITAN RTX"
+    assert len(report["engine_layers"]["layers"]) == 58
+    assert {p.name for p in (out / "trtexec").iterdir()} >= {"b1.timing.json", "b2.graph.json", "b1.build.log"}
+    assert "b1.engine" not in {p.name for p in (out / "trtexec").iterdir()}  # the engine stays on the device
+    assert remote_dirs() == before
+
+
+def test_trtexec_build_failure_gives_its_error_lines(sshd, replay_trtexec, tmp_path):
+    exe, _ = replay_trtexec
+    broken = conv_relu_onnx(tmp_path / "broken.onnx", name="broken")
+    before = remote_dirs()
+    res = CliRunner().invoke(main, ["profile", str(broken), "--remote", sshd.url, *ssh_args(sshd), "--runner", "trtexec",
+                                    "--remote-trtexec", str(exe), "--batch-sizes", "1", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 10, res.output
+    first = res.output.splitlines()[0]
+    assert first.startswith("error: trtexec failed to build the engine for batch 1 on dfq-loopback: ")
+    assert "Error Code 4: API Usage Error" in first and "Engine could not be created from network" in first
     assert not (tmp_path / "out" / "report.json").exists() and remote_dirs() == before
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from .ssh import SshDevice
 from .trtexec_command import JETPACK_TRTEXEC
 
-# $1: the dfq-deploy to look for ("" = the one on PATH). Every probe tolerates a missing tool.
+# $1, $2: the dfq-deploy and trtexec to look for ("" = the one on PATH). Every probe tolerates a missing tool.
 _PROBE = f"""
 echo "arch=$(uname -m)"
 echo "kernel=$(uname -r)"
@@ -17,7 +17,8 @@ echo "hostname=$(hostname 2>/dev/null || uname -n)"
 [ -r /etc/nv_tegra_release ] && echo "nv_tegra_release=$(head -n 1 /etc/nv_tegra_release)"
 command -v nvidia-smi >/dev/null 2>&1 && \\
   echo "gpu_csv=$(nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
-t=$(command -v trtexec 2>/dev/null); [ -z "$t" ] && [ -x {JETPACK_TRTEXEC} ] && t={JETPACK_TRTEXEC}
+t=${{2:-$(command -v trtexec 2>/dev/null)}}; [ -z "$t" ] && [ -x {JETPACK_TRTEXEC} ] && t={JETPACK_TRTEXEC}
+[ -n "$t" ] && [ ! -x "$t" ] && t=""
 echo "trtexec=$t"
 v=$(dpkg-query -W -f='${{Version}}' libnvinfer-bin 2>/dev/null || dpkg-query -W -f='${{Version}}' tensorrt 2>/dev/null)
 [ -z "$v" ] && v=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null)
@@ -76,7 +77,8 @@ def parse_probe(label: str, text: str) -> DeviceDescription:
                              tmp_free_bytes=int(free) * 1024 if free and free.isdigit() else None)
 
 
-def probe_device(device: SshDevice, *, dfq_deploy: str | None = None) -> DeviceDescription:
-    """Architecture, GPU, TensorRT, JetPack release and the tools installed on ``device``."""
-    out = device.run(_PROBE, dfq_deploy or "", what="probing the device", timeout_s=120)
+def probe_device(device: SshDevice, *, dfq_deploy: str | None = None, trtexec: str | None = None) -> DeviceDescription:
+    """Architecture, GPU, TensorRT, JetPack release and the tools installed on ``device`` (``dfq_deploy``
+    and ``trtexec``: paths to check instead of looking on its PATH)."""
+    out = device.run(_PROBE, dfq_deploy or "", trtexec or "", what="probing the device", timeout_s=120)
     return parse_probe(device.target.label, out.stdout.decode(errors="replace"))

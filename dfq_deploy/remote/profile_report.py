@@ -16,12 +16,11 @@ from typing import Any, Mapping, Sequence
 
 from .. import __version__
 from ..artifacts import atomic_write_bytes, sha256_file
+from ..layout import REPORT_JSON, REPORT_MD
 from ..report import _table
 from ..runtimes.profiler import LatencyRecord
 from .trtexec_exports import EngineLayer
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
 RAW_DIR = "trtexec"
 
 

@@ -40,11 +40,13 @@ class DfqDeployRunOptions:
 
 @dataclasses.dataclass(frozen=True)
 class RemoteProfileRequest:
-    """What to profile and how: the ONNX file, the runner and each runner's options."""
+    """What to profile and how: the ONNX file, the runner and each runner's options (``trtexec_path``:
+    trtexec on the device where it is not on PATH or in JetPack's place)."""
 
     artifact: Path
     runner: RunnerName = "auto"
     trtexec: TrtexecOptions = TrtexecOptions()
+    trtexec_path: str | None = None
     dfq_deploy: DfqDeployRunOptions = DfqDeployRunOptions()
 
     def __post_init__(self) -> None:
@@ -57,7 +59,7 @@ class RemoteProfileRequest:
 def choose_runner(requested: RunnerName, device: DeviceDescription) -> str:
     """The runner to use on ``device``; a missing tool is a :class:`RemoteError` saying what to install."""
     trtexec_hint = ("install TensorRT on the device (JetPack: sudo apt install nvidia-jetpack, which puts "
-                    "trtexec in /usr/src/tensorrt/bin)")
+                    "trtexec in /usr/src/tensorrt/bin), or pass --remote-trtexec PATH")
     dfq_hint = "pip install dfq-deploy on the device, or pass --remote-dfq-deploy PATH"
     if requested == "trtexec" and not device.trtexec:
         raise RemoteError(f"{device.label} has no trtexec (on PATH or /usr/src/tensorrt/bin)", hint=trtexec_hint)
@@ -75,7 +77,7 @@ def choose_runner(requested: RunnerName, device: DeviceDescription) -> str:
 def profile_on_device(ssh: SshDevice, request: RemoteProfileRequest, *, staging: Path) -> DeviceProfile:
     """Probe ``ssh``'s device, run the chosen runner in a fresh temp dir there, and read the results
     (raw files land in ``staging``)."""
-    device = probe_device(ssh, dfq_deploy=request.dfq_deploy.executable)
+    device = probe_device(ssh, dfq_deploy=request.dfq_deploy.executable, trtexec=request.trtexec_path)
     runner = choose_runner(request.runner, device)
     data = Path(request.artifact).read_bytes()
     if device.tmp_free_bytes is not None and device.tmp_free_bytes < 3 * len(data) + (16 << 20):
