@@ -16,6 +16,7 @@ import click
 from click.core import ParameterSource
 
 from .cli_cache import cache
+from .cli_remote import remote_options, remote_request, ssh_options
 from .cli_errors import run_reporting_errors as _run
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, ProfileConfig,
                      QuantScheme, ReconstructionConfig, SynthesisConfig, default_scheme, load_config_file, merge_config)
@@ -316,30 +317,6 @@ def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, thr
     click.echo(json.dumps(result, indent=2))
 
 
-def remote_options(fn):
-    """Where and how ``profile`` runs on a device over SSH, or which trtexec exports it reads."""
-    fn = click.option("--trtexec-export", "trtexec_prefix",
-                      help="Read trtexec exports you already have (PREFIX.timing.json[.gz], PREFIX.profile.json, "
-                           "PREFIX.graph.json, PREFIX.profile.log) instead of timing; ARTIFACT, if given, is the "
-                           "Q/DQ ONNX the engine came from (adds the precision map).")(fn)
-    fn = click.option("--remote-dfq-deploy", help="Path of dfq-deploy on the device (default: the one on its PATH).")(fn)
-    fn = click.option("--remote-trtexec", help="Path of trtexec on the device (default: the one on its PATH, else "
-                                               "/usr/src/tensorrt/bin/trtexec).")(fn)
-    fn = click.option("--duration-s", type=float, default=3.0, show_default=True, help="trtexec --duration.")(fn)
-    fn = click.option("--warmup-ms", type=int, default=200, show_default=True, help="trtexec --warmUp.")(fn)
-    fn = click.option("--precision", type=click.Choice(["int8", "fp16", "int4w"]), default="int8", show_default=True,
-                      help="trtexec: int8 and int4w build strongly typed from the Q/DQ graph, fp16 with --fp16.")(fn)
-    fn = click.option("--runner", type=click.Choice(["auto", "trtexec", "dfq-deploy"]), default="auto",
-                      show_default=True, help="What times on the device; auto: trtexec if the device has it.")(fn)
-    fn = click.option("--ssh-config", type=click.Path(dir_okay=False, path_type=Path),
-                      help="ssh config file to use instead of ~/.ssh/config (ssh -F).")(fn)
-    fn = click.option("--ssh-identity", type=click.Path(dir_okay=False, path_type=Path),
-                      help="Private key for the device (ssh -i).")(fn)
-    return click.option("--remote", "remotes", multiple=True,
-                        help="ssh://[user@]host[:port] of a device to build and time on; repeat to profile several "
-                             "devices in parallel.")(fn)
-
-
 @main.command()
 @click.argument("artifact", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
@@ -362,8 +339,8 @@ def profile(artifact, target, device, out_dir, remotes, trtexec_prefix, **o) -> 
     elif artifact is None:
         raise BadInputError("profile needs ARTIFACT (or --trtexec-export PREFIX)")
     elif remotes:
-        result = remote_profile.profile_remote(_remote_request(artifact, target, device, o), remotes=remotes,
-                                               out_dir=out_dir, ssh=_ssh_options(o))
+        result = remote_profile.profile_remote(remote_request(artifact, target, device, o, _profile_config(o, {})),
+                                               remotes=remotes, out_dir=out_dir, ssh=ssh_options(o))
     elif out_dir is not None:
         result = remote_profile.profile_local(artifact, out_dir=out_dir, target=target, device=device,
                                               config=_profile_config(o, {}))
@@ -375,23 +352,6 @@ def profile(artifact, target, device, out_dir, remotes, trtexec_prefix, **o) -> 
     from .layout import REPORT_MD
     click.echo((result.out_dir / REPORT_MD).read_text())
     click.echo(f"report in {result.out_dir}/")
-
-
-def _ssh_options(o: dict[str, Any]):
-    from .remote.ssh import SshOptions
-    return SshOptions(identity_file=o["ssh_identity"], config_file=o["ssh_config"])
-
-
-def _remote_request(artifact: Path, target: str, device: str, o: dict[str, Any]):
-    from .remote.runners import DfqDeployRunOptions, RemoteProfileRequest
-    from .remote.trtexec_command import TrtexecOptions
-    config = _profile_config(o, {})
-    return RemoteProfileRequest(
-        artifact=artifact, runner=o["runner"], trtexec_path=o["remote_trtexec"],
-        trtexec=TrtexecOptions(precision=o["precision"], batch_sizes=config.batch_sizes, warmup_ms=o["warmup_ms"],
-                               duration_s=o["duration_s"]),
-        dfq_deploy=DfqDeployRunOptions(executable=o["remote_dfq_deploy"], target=target, device=device,
-                                       warmup=config.warmup, iterations=config.iterations))
 
 
 @main.command()
