@@ -192,6 +192,30 @@ def test_trtexec_build_failure_gives_its_error_lines(sshd, replay_trtexec, tmp_p
     assert not (tmp_path / "out" / "report.json").exists() and remote_dirs() == before
 
 
+@pytest.mark.parametrize("url", ["orin", "http://orin", "ssh://", "ssh://orin:port", "ssh://orin/path",
+                                 "ssh://nvidia:secret@orin"])
+def test_remote_urls_other_than_ssh_host_are_bad_input(url):
+    from dfq_deploy.errors import BadInputError
+    with pytest.raises(BadInputError, match="ssh://"):
+        SshTarget.parse(url)
+
+
+def test_remote_url_forms():
+    assert SshTarget.parse("ssh://orin") == SshTarget("orin")
+    target = SshTarget.parse("ssh://nvidia@10.0.0.7:2222")
+    assert (target.destination, target.label, target.port) == ("nvidia@10.0.0.7", "nvidia@10.0.0.7:2222", 2222)
+    argv = SshDevice(target).ssh_argv("true")
+    assert argv[:3] == ["ssh", "-o", "BatchMode=yes"]
+    assert argv[-5:] == ["-p", "2222", "nvidia@10.0.0.7", "--", "true"]
+    assert "StrictHostKeyChecking=no" not in " ".join(argv) and "UserKnownHostsFile=/dev/null" not in " ".join(argv)
+
+
+def test_dfq_deploy_runner_times_onnx_files_only():
+    from dfq_deploy.errors import BadInputError
+    with pytest.raises(BadInputError, match="onnxruntime's TensorRT provider"):
+        DfqDeployRunOptions(target="tensorrt")
+
+
 def test_full_remote_disk_and_ctrl_c_clean_up(sshd):
     device = SshDevice(SshTarget.parse(sshd.url), ssh_options(sshd))
     with pytest.raises(RemoteError, match="disk of dfq-loopback is full"):

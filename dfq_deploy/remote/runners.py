@@ -37,6 +37,13 @@ class DfqDeployRunOptions:
     warmup: int = 5
     iterations: int = 30
 
+    def __post_init__(self) -> None:
+        # `dfq-deploy profile --target tensorrt` times an engine, and an engine is never copied to a device.
+        if self.target != "onnxruntime":
+            raise BadInputError(f"the dfq-deploy runner times the ONNX file with onnxruntime, not --target {self.target}",
+                                hint="--device tensorrt uses onnxruntime's TensorRT provider on the device; "
+                                     "--runner trtexec builds an engine there")
+
 
 @dataclasses.dataclass(frozen=True)
 class RemoteProfileRequest:
