@@ -213,7 +213,8 @@ def test_remote_url_forms():
 def test_dfq_deploy_runner_times_onnx_files_only():
     from dfq_deploy.errors import BadInputError
     with pytest.raises(BadInputError, match="onnxruntime's TensorRT provider"):
-        DfqDeployRunOptions(target="tensorrt")
+        DfqDeployRunOptions(target="tensorrt").check_target()
+    DfqDeployRunOptions(target="onnxruntime", device="tensorrt").check_target()
 
 
 def test_full_remote_disk_and_ctrl_c_clean_up(sshd):

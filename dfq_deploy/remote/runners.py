@@ -37,8 +37,8 @@ class DfqDeployRunOptions:
     warmup: int = 5
     iterations: int = 30
 
-    def __post_init__(self) -> None:
-        # `dfq-deploy profile --target tensorrt` times an engine, and an engine is never copied to a device.
+    def check_target(self) -> None:
+        """`dfq-deploy profile --target tensorrt` times an engine, and an engine is never copied to a device."""
         if self.target != "onnxruntime":
             raise BadInputError(f"the dfq-deploy runner times the ONNX file with onnxruntime, not --target {self.target}",
                                 hint="--device tensorrt uses onnxruntime's TensorRT provider on the device; "
@@ -86,6 +86,8 @@ def profile_on_device(ssh: SshDevice, request: RemoteProfileRequest, *, staging:
     (raw files land in ``staging``)."""
     device = probe_device(ssh, dfq_deploy=request.dfq_deploy.executable, trtexec=request.trtexec_path)
     runner = choose_runner(request.runner, device)
+    if runner == "dfq-deploy":
+        request.dfq_deploy.check_target()
     data = Path(request.artifact).read_bytes()
     if device.tmp_free_bytes is not None and device.tmp_free_bytes < 3 * len(data) + (16 << 20):
         raise RemoteError(f"the disk of {device.label} is full: {device.tmp_free_bytes >> 20} MiB free in its temp dir",
