@@ -17,6 +17,8 @@ def remote_options(fn):
                            "PREFIX.graph.json, PREFIX.profile.log) instead of timing; ARTIFACT, if given, is the "
                            "Q/DQ ONNX the engine came from (adds the precision map).")(fn)
     fn = click.option("--remote-dfq-deploy", help="Path of dfq-deploy on the device (default: the one on its PATH).")(fn)
+    fn = click.option("--remote-path", help="Folders (colon-separated) searched on the device before its PATH for "
+                                            "trtexec, dfq-deploy and tegrastats, e.g. ~/.local/bin.")(fn)
     fn = click.option("--remote-trtexec", help="Path of trtexec on the device (default: the one on its PATH, else "
                                                "/usr/src/tensorrt/bin/trtexec).")(fn)
     fn = click.option("--duration-s", type=float, default=3.0, show_default=True, help="trtexec --duration.")(fn)
@@ -45,7 +47,7 @@ def remote_request(artifact: Path, target: str, device: str, o: dict[str, Any], 
     from .remote.runners import DfqDeployRunOptions, RemoteProfileRequest
     from .remote.trtexec_command import TrtexecOptions
     return RemoteProfileRequest(
-        artifact=artifact, runner=o["runner"], trtexec_path=o["remote_trtexec"],
+        artifact=artifact, runner=o["runner"], trtexec_path=o["remote_trtexec"], path_prefix=o["remote_path"],
         trtexec=TrtexecOptions(precision=o["precision"], batch_sizes=config.batch_sizes, warmup_ms=o["warmup_ms"],
                                duration_s=o["duration_s"]),
         dfq_deploy=DfqDeployRunOptions(executable=o["remote_dfq_deploy"], target=target, device=device,

@@ -179,6 +179,31 @@ def test_trtexec_runner_over_ssh(sshd, tiny_onnx, replay_trtexec, tmp_path):
     assert remote_dirs() == before
 
 
+# A tegrastats line in the format of NVIDIA's Jetson Linux guide; the stand-in prints it every 100 ms.
+TEGRASTATS_LINE = ("RAM 2917/7620MB (lfb 12x4MB) SWAP 0/3810MB (cached 0MB) CPU [12%@1510,3%@1510] EMC_FREQ 4%@2133 "
+                   "GR3D_FREQ 40%@[624,624] VDD_IN 5000mW/4720mW VDD_CPU_GPU_CV 1500mW/1310mW VDD_SOC 1400mW/1400mW")
+
+
+def test_tegrastats_runs_beside_the_timed_run_and_stops(sshd, tiny_onnx, replay_trtexec, tmp_path):
+    """trtexec and tegrastats found through --remote-path; tegrastats is started and stopped by the job."""
+    exe, _ = replay_trtexec
+    (exe.parent / "tegrastats").write_text(f"#!/bin/sh\nwhile :; do echo '{TEGRASTATS_LINE}'; sleep 0.1; done\n")
+    (exe.parent / "tegrastats").chmod(0o755)
+    out = tmp_path / "jetson"
+    res = CliRunner().invoke(main, ["profile", str(tiny_onnx), "--remote", sshd.url, *ssh_args(sshd), "--remote-path",
+                                    str(exe.parent), "--batch-sizes", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["runner"] == "trtexec" and report["device"]["tegrastats"] == str(exe.parent / "tegrastats")
+    stats = report["tegrastats"]["batch 4"]
+    assert stats["samples"] >= 1 and stats["ram_peak_mb"] == 2917 and stats["gpu_load_peak_pct"] == 40
+    median = report["deployment"]["latency"][0]["median_ms"]
+    assert stats["energy_per_image_mj"] == pytest.approx(5000 * median / 1000 / 4, abs=1e-4)
+    assert (out / "trtexec" / "b4.tegrastats.log").is_file()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(exe.parent / "tegrastats") in
+                " ".join(p.info["cmdline"] or [])], "tegrastats left running on the device"
+
+
 def test_trtexec_build_failure_gives_its_error_lines(sshd, replay_trtexec, tmp_path):
     exe, _ = replay_trtexec
     broken = conv_relu_onnx(tmp_path / "broken.onnx", name="broken")

@@ -8,8 +8,10 @@ from typing import Any
 from .ssh import SshDevice
 from .trtexec_command import JETPACK_TRTEXEC
 
-# $1, $2: the dfq-deploy and trtexec to look for ("" = the one on PATH). Every probe tolerates a missing tool.
+# $1, $2: the dfq-deploy and trtexec to look for ("" = the one on PATH); $3: folders to put before PATH.
+# Every probe tolerates a missing tool; the tools found are printed as absolute paths for the jobs.
 _PROBE = f"""
+[ -n "$3" ] && PATH="$(printf %s "$3" | sed "s|~|$HOME|g"):$PATH"
 echo "arch=$(uname -m)"
 echo "kernel=$(uname -r)"
 echo "hostname=$(hostname 2>/dev/null || uname -n)"
@@ -77,8 +79,11 @@ def parse_probe(label: str, text: str) -> DeviceDescription:
                              tmp_free_bytes=int(free) * 1024 if free and free.isdigit() else None)
 
 
-def probe_device(device: SshDevice, *, dfq_deploy: str | None = None, trtexec: str | None = None) -> DeviceDescription:
+def probe_device(device: SshDevice, *, dfq_deploy: str | None = None, trtexec: str | None = None,
+                 path_prefix: str | None = None) -> DeviceDescription:
     """Architecture, GPU, TensorRT, JetPack release and the tools installed on ``device`` (``dfq_deploy``
-    and ``trtexec``: paths to check instead of looking on its PATH)."""
-    out = device.run(_PROBE, dfq_deploy or "", trtexec or "", what="probing the device", timeout_s=120)
+    and ``trtexec``: paths to check instead of looking on its PATH; ``path_prefix``: folders searched
+    before its PATH, such as ``~/.local/bin`` that a non-interactive SSH session leaves out)."""
+    out = device.run(_PROBE, dfq_deploy or "", trtexec or "", path_prefix or "", what="probing the device",
+                     timeout_s=120)
     return parse_probe(device.target.label, out.stdout.decode(errors="replace"))

@@ -48,12 +48,14 @@ class DfqDeployRunOptions:
 @dataclasses.dataclass(frozen=True)
 class RemoteProfileRequest:
     """What to profile and how: the ONNX file, the runner and each runner's options (``trtexec_path``:
-    trtexec on the device where it is not on PATH or in JetPack's place)."""
+    trtexec on the device where it is not on PATH or in JetPack's place; ``path_prefix``: folders on the
+    device searched before its PATH for trtexec, dfq-deploy and tegrastats)."""
 
     artifact: Path
     runner: RunnerName = "auto"
     trtexec: TrtexecOptions = TrtexecOptions()
     trtexec_path: str | None = None
+    path_prefix: str | None = None
     dfq_deploy: DfqDeployRunOptions = DfqDeployRunOptions()
 
     def __post_init__(self) -> None:
@@ -84,7 +86,8 @@ def choose_runner(requested: RunnerName, device: DeviceDescription) -> str:
 def profile_on_device(ssh: SshDevice, request: RemoteProfileRequest, *, staging: Path) -> DeviceProfile:
     """Probe ``ssh``'s device, run the chosen runner in a fresh temp dir there, and read the results
     (raw files land in ``staging``)."""
-    device = probe_device(ssh, dfq_deploy=request.dfq_deploy.executable, trtexec=request.trtexec_path)
+    device = probe_device(ssh, dfq_deploy=request.dfq_deploy.executable, trtexec=request.trtexec_path,
+                          path_prefix=request.path_prefix)
     runner = choose_runner(request.runner, device)
     if runner == "dfq-deploy":
         request.dfq_deploy.check_target()
@@ -127,7 +130,7 @@ def _step_script(step: TrtexecStep, tegrastats: str | None) -> str:
                  + ("kill $ts 2>/dev/null; " if tegrastats else "")
                  + fail.format(what=f"trtexec failed to time batch {step.batch_size}", log=step.run_log))
     if tegrastats:
-        lines.append("kill $ts 2>/dev/null; wait $ts 2>/dev/null")
+        lines.append("kill $ts 2>/dev/null; wait $ts 2>/dev/null || true  # its status is that of the kill")
     return "\n".join(lines)
 
 
