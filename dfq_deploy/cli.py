@@ -177,6 +177,20 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--fast", is_flag=True, help="Fewer synthetic images and timing runs (seconds, for CI).")
+@click.option("--calib", "method", type=click.Choice(["zeroq", "clusterq", "fdda", "noise"]), default="zeroq",
+              show_default=True, help="Data-free calibration source.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dfq-demo"),
+              show_default=True, help="Output folder.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_run
+def demo(fast, method, out_dir, no_progress) -> None:
+    """Quantize the shipped pretrained CIFAR-10 ResNet-20 to INT8 without training data and measure it."""
+    from .demo import demo_summary, run_demo
+    click.echo(demo_summary(run_demo(out_dir=out_dir, fast=fast, method=method, progress=not no_progress)))
+
+
+@main.command()
 @model_options
 @synthesis_options
 @quant_options
