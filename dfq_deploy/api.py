@@ -22,7 +22,9 @@ from .artifacts import atomic_write_bytes, package_versions, prepare_out_dir
 from .calibration_set import CalibrationSet
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme,
                      ReconstructionConfig, SynthesisConfig, Target, default_scheme, int4_weight_only)
-from .errors import BadInputError, FidelityGateError
+from .errors import BadInputError
+from .build_key import build_key, finished_build
+from .gates import QualityGates, gate_outcomes, raise_for_failed_gates
 from .models import LoadedModel, load_model
 from .quant.quantize import QuantModel
 from .quant.quantize import quantize as _quantize
@@ -108,6 +110,8 @@ class BuildResult:
     out_dir: Path
     report: dict[str, Any]
     artifacts: dict[str, str]
+    up_to_date: bool = False  # a finished build with the same key was found in out_dir and not redone
+    build_key: str | None = None
 
 
 class _Manifest:
@@ -145,7 +149,7 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           use_cache: bool = True, eval_set: str | os.PathLike | None = None,
           reconstruct: ReconstructionConfig | None = None, mixed_precision: MixedPrecisionConfig | None = None,
           max_drop: float | None = None, holdout_fraction: float = HOLDOUT_FRACTION,
-          progress: bool = True) -> BuildResult:
+          gates: QualityGates = QualityGates(), force: bool = False, progress: bool = True) -> BuildResult:
     """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
 
     Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT
@@ -158,24 +162,47 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     ``mixed_precision`` keeps the most sensitive layers at 8 bit within a size/latency budget;
     ``max_drop`` (top-1 points) instead raises layers until the drop estimated on held-out
     synthetic images (``holdout_fraction`` of the set, never calibrated on) fits, or raises
-    :class:`BudgetNotMetError`.
+    :class:`BudgetNotMetError`. ``gates`` fail the build with :class:`QualityGateError` after the
+    report (which lists each gate's outcome) is written.
+
+    A finished build in ``out_dir`` with the same build key (model bytes, every config value, the
+    images it reads, package versions) is not redone: its result comes back with ``up_to_date``
+    set, unless ``force``.
     """
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
         raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
+    gates.check_inputs(has_eval_set=eval_set is not None, batch_sizes=profile_config.batch_sizes)
     scheme = scheme_for_target(scheme or default_scheme(target), target=target, precision=precision)
+    config = {"target": target, "arch": arch, "input_shape": input_shape, "trust_pickle": trust_pickle,
+              "synthesis": dataclasses.asdict(synthesis), "scheme": dataclasses.asdict(scheme),
+              "profile": dataclasses.asdict(profile_config), "precision": precision,
+              "max_disagreement": max_disagreement, "normalize": normalize,
+              "eval_set": str(eval_set) if eval_set is not None else None,
+              "reconstruct": dataclasses.asdict(reconstruct) if reconstruct else None,
+              "mixed_precision": dataclasses.asdict(mixed_precision) if mixed_precision else None,
+              "max_drop": max_drop, "holdout_fraction": holdout_fraction, "gates": dataclasses.asdict(gates)}
+    key = build_key(model_path, config=config, eval_set=eval_set, calib_images=synthesis.calib_images)
     created = not Path(out_dir).exists()
     out = prepare_out_dir(out_dir)
-    try:
-        return _build(model_path, out, target=target, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
-                      synthesis=synthesis, scheme=scheme, profile_config=profile_config, precision=precision,
-                      max_disagreement=max_disagreement, normalize=normalize, cache_dir=cache_dir,
-                      use_cache=use_cache, eval_set=eval_set, reconstruct=reconstruct,
-                      mixed_precision=mixed_precision, max_drop=max_drop, holdout_fraction=holdout_fraction,
-                      progress=progress)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # refused before any artifact: leave nothing behind
-        raise
+    previous = None if force else finished_build(out, key)
+    if previous is not None:
+        manifest, report = previous
+        result = BuildResult(out, report, {name: str(out / file) for name, file in manifest["artifacts"].items()},
+                             up_to_date=True, build_key=key)
+    else:
+        try:
+            result = _build(model_path, out, config=config, key=key, target=target, arch=arch,
+                            trust_pickle=trust_pickle, input_shape=input_shape, synthesis=synthesis, scheme=scheme,
+                            profile_config=profile_config, precision=precision, max_disagreement=max_disagreement,
+                            normalize=normalize, cache_dir=cache_dir, use_cache=use_cache, eval_set=eval_set,
+                            reconstruct=reconstruct, mixed_precision=mixed_precision, max_drop=max_drop,
+                            holdout_fraction=holdout_fraction, gates=gates, progress=progress)
+        except BaseException:
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # refused before any artifact: leave nothing behind
+            raise
+    raise_for_failed_gates(result.report, out / REPORT_MD, up_to_date=result.up_to_date)
+    return result
 
 
 def scheme_for_target(scheme: QuantScheme, *, target: Target, precision: str = "int8") -> QuantScheme:
@@ -194,16 +221,14 @@ def scheme_for_target(scheme: QuantScheme, *, target: Target, precision: str = "
     return scheme
 
 
-def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, synthesis, scheme, profile_config,
-           precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, reconstruct,
-           mixed_precision, max_drop, holdout_fraction, progress) -> BuildResult:
+def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, input_shape, synthesis, scheme,
+           profile_config, precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, reconstruct,
+           mixed_precision, max_drop, holdout_fraction, gates, progress) -> BuildResult:
     from .report import write_reports
     from .runtimes.profiler import host_memory
 
-    manifest = _Manifest(out, {}, {"target": target, "synthesis": dataclasses.asdict(synthesis),
-                                   "scheme": dataclasses.asdict(scheme), "profile": dataclasses.asdict(profile_config),
-                                   "precision": precision, "max_disagreement": max_disagreement,
-                                   "reconstruct": dataclasses.asdict(reconstruct) if reconstruct else None})
+    manifest = _Manifest(out, {}, config)
+    manifest.data["build_key"] = key
     with manifest.timed("load"):
         model = load(model_path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
         labelled = _load_eval_set(eval_set, model, normalize) if eval_set is not None else None
@@ -281,17 +306,16 @@ def _build(model_path, out: Path, *, target, arch, trust_pickle, input_shape, sy
         "timings_s": {name: stage["seconds"] for name, stage in manifest.data["stages"].items()},
         "notes": _notes(synthesis, target) + qmodel.notes(),
     }
-    gate = _fidelity_gate(deployment, max_disagreement)
-    report["fidelity_gate"] = gate
+    report["fidelity_gate"] = _fidelity_gate(deployment, max_disagreement)
+    report["quality_gates"] = gate_outcomes(gates, report)
     paths = write_reports(report, out / REPORT_JSON, out / REPORT_MD)
     for name, path in paths.items():
         manifest.artifact(name, path)
         artifacts[name] = str(path)
-    if gate and not gate["passed"]:
-        raise FidelityGateError(f"{gate['runner']} disagrees with the fake-quant reference on "
-                                f"{gate['disagreement']:.2%} of the calibration inputs (allowed {max_disagreement:.2%})",
-                                hint=f"see {out / REPORT_MD}; try --calibrator max, more calibration images or 8 bits")
-    return BuildResult(out, report, artifacts)
+    # Finished: a later build with the same key finds this one and does not redo it (gates included).
+    manifest.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest.write()
+    return BuildResult(out, report, artifacts, build_key=key)
 
 
 FIDELITY_IMAGES = 64

@@ -21,6 +21,7 @@ from .cli_errors import run_reporting_errors as _run
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, ProfileConfig,
                      QuantScheme, ReconstructionConfig, SynthesisConfig, default_scheme, load_config_file, merge_config)
 from .errors import BadInputError
+from .gates import QualityGates
 
 # "none": images in [0, 1] as they are (for 3-channel inputs).
 NORMALIZATIONS = {"imagenet": IMAGENET_NORMALIZE, "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
@@ -153,6 +154,18 @@ def _profile_config(o: dict[str, Any], file_cfg: dict[str, Any]) -> ProfileConfi
     return merge_config(ProfileConfig(), file_cfg.get("profile", {}), typed)
 
 
+def gate_options(fn):
+    """Quality gates: measured limits that fail the build (exit 11) after its report is written."""
+    fn = click.option("--max-drop-measured", type=float,
+                      help="Fail (exit 11) when FP32 minus deployed top-1 on --eval-set exceeds this many points.")(fn)
+    fn = click.option("--gate-batch", type=int, default=QualityGates.gate_batch, show_default=True,
+                      help="Batch size whose median latency --max-latency-ms limits (one of --batch-sizes).")(fn)
+    fn = click.option("--max-latency-ms", type=float,
+                      help="Fail (exit 11) when the deployed model's median latency at --gate-batch exceeds this.")(fn)
+    return click.option("--min-top1", type=float,
+                        help="Fail (exit 11) when the deployed model's top-1 (points) on --eval-set is below this.")(fn)
+
+
 def _input_shape(text: str | None):
     from .models import parse_input_shape
     return parse_input_shape(text)
@@ -202,6 +215,8 @@ def demo(fast, method, out_dir, no_progress) -> None:
               help="TensorRT engine precision.")
 @click.option("--max-disagreement", type=float,
               help="Fail (exit 6) when the deployed model's top-1 disagreement with the fake-quant reference exceeds this fraction.")
+@gate_options
+@click.option("--force", is_flag=True, help="Rebuild even when a finished build with the same inputs is in --out.")
 @config_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dfq-build"),
               show_default=True, help="Output folder.")
@@ -223,7 +238,8 @@ def demo(fast, method, out_dir, no_progress) -> None:
 @_run
 def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, max_drop, holdout_fraction,
           sensitivity,
-          budget, budget_kind, eval_set, no_cache, no_progress, **o) -> None:
+          budget, budget_kind, eval_set, no_cache, no_progress, force, min_top1, max_latency_ms, gate_batch,
+          max_drop_measured, **o) -> None:
     """Load MODEL, make a calibration set, quantize, export, deploy and profile it."""
     from . import api
     file_cfg = load_config_file(config_file) if config_file else {}
@@ -235,7 +251,12 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
                        normalize=NORMALIZATIONS[o["normalize"]], use_cache=not no_cache, eval_set=eval_set,
                        reconstruct=reconstruct, max_drop=max_drop, holdout_fraction=holdout_fraction,
                        mixed_precision=MixedPrecisionConfig(budget=budget, budget_kind=budget_kind) if sensitivity else None,
-                       progress=not no_progress)
+                       gates=QualityGates(min_top1=min_top1, max_latency_ms=max_latency_ms, gate_batch=gate_batch,
+                                          max_drop_measured=max_drop_measured),
+                       force=force, progress=not no_progress)
+    if result.up_to_date:
+        click.echo(f"up-to-date: {result.out_dir}/ holds a finished build of these inputs (build key "
+                   f"{result.build_key[:12]}); not rebuilt, --force rebuilds", err=print_json)
     if print_json:
         click.echo(json.dumps(result.report, indent=2, default=str))
     else:

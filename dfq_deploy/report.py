@@ -63,6 +63,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         verdict = "passed" if gate["passed"] else "**FAILED**"
         lines += [f"Fidelity gate {verdict}: disagreement {gate['disagreement']:.2%} (allowed {gate['max_disagreement']:.2%}).", ""]
 
+    quality_gates = report.get("quality_gates")
+    if quality_gates:
+        lines += ["## Quality gates", ""]
+        lines += _table(["gate", "measured", "limit", "outcome", "measured as"],
+                        [[f"`{g['flag']}`", g["measured"], g["limit"], "passed" if g["passed"] else "**FAILED**",
+                          g["what"]] for g in quality_gates]) + [""]
+
     acc = report.get("accuracy")
     if acc:
         lines += [f"## Accuracy on real labelled images ({acc['images']} from `{Path(acc['eval_set']).name}`)", ""]

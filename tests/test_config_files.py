@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from dfq_deploy.cli import main
@@ -49,6 +50,8 @@ def test_every_value_of_an_example_config_reaches_the_manifest(config, tiny_stat
             checked += 1
     assert checked >= 8
     assert recorded["synthesis"]["method"] == "noise" and recorded["profile"]["warmup"] == 1
+    # --synth-device auto (the default) is recorded as the device it resolved to.
+    assert recorded["synthesis"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     form = "uint8_asymmetric" if target == "onnxruntime" else "int8_symmetric"
     assert recorded["scheme"]["act_form"] == form, "a quant: section keeps the target's activation form"
 

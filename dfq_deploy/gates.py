@@ -1,0 +1,114 @@
+"""Quality gates on a finished build: measured top-1, latency and top-1 drop against limits a pipeline sets.
+
+Gates are checked after the report is written, so a failed build still leaves its report (which
+lists every gate and its outcome) for whoever looks at the failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInputError, FidelityGateError, QualityGateError
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityGates:
+    """Limits a build must meet, each ``None`` when not asked for.
+
+    ``min_top1`` (points) and ``max_drop_measured`` (FP32 minus deployed top-1, points) are measured
+    on the build's real labelled ``eval_set``; ``max_latency_ms`` is the deployed model's median
+    latency at batch size ``gate_batch``.
+    """
+
+    min_top1: float | None = None
+    max_latency_ms: float | None = None
+    gate_batch: int = 1
+    max_drop_measured: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_top1 is not None and not 0.0 <= self.min_top1 <= 100.0:
+            raise BadInputError(f"--min-top1 is a top-1 in points (0..100), got {self.min_top1}")
+        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
+            raise BadInputError(f"--max-latency-ms must be positive, got {self.max_latency_ms}")
+        if self.gate_batch < 1:
+            raise BadInputError(f"--gate-batch must be at least 1, got {self.gate_batch}")
+
+    @property
+    def needs_eval_set(self) -> bool:
+        return self.min_top1 is not None or self.max_drop_measured is not None
+
+    def check_inputs(self, *, has_eval_set: bool, batch_sizes: tuple[int, ...]) -> None:
+        """Refuse, before any work, gates the build could not measure."""
+        if self.needs_eval_set and not has_eval_set:
+            raise BadInputError("--min-top1 and --max-drop-measured are measured on real labelled images",
+                                hint="pass --eval-set (ImageFolder directory or .npz with x, y)")
+        if self.max_latency_ms is not None and self.gate_batch not in batch_sizes:
+            raise BadInputError(f"--gate-batch {self.gate_batch} is not among the timed batch sizes {list(batch_sizes)}",
+                                hint=f"add {self.gate_batch} to --batch-sizes")
+
+
+def gate_outcomes(gates: QualityGates, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each asked-for gate with what was measured, its limit and whether it passed.
+
+    A gate whose quantity was not measured (an engine that could not run here) fails: a pipeline
+    must not pass what nobody checked.
+    """
+    outcomes = []
+    accuracy = report.get("accuracy") or {}
+    deployed, source = _deployed_top1(accuracy)
+    if gates.min_top1 is not None:
+        outcomes.append(_outcome("min_top1", "--min-top1", deployed, gates.min_top1, deployed is not None
+                                 and deployed >= gates.min_top1, f"top-1 % of {source}"))
+    if gates.max_drop_measured is not None:
+        drop = None if deployed is None else round(accuracy["fp32"] - deployed, 4)
+        outcomes.append(_outcome("max_drop_measured", "--max-drop-measured", drop, gates.max_drop_measured,
+                                 drop is not None and drop <= gates.max_drop_measured,
+                                 f"FP32 minus {source}, top-1 points"))
+    if gates.max_latency_ms is not None:
+        median, runner = _deployed_median(report.get("deployment") or {}, gates.gate_batch)
+        outcomes.append(_outcome("max_latency_ms", "--max-latency-ms", median, gates.max_latency_ms,
+                                 median is not None and median <= gates.max_latency_ms,
+                                 f"median ms of {runner or 'the deployed model (not run here)'} at batch "
+                                 f"{gates.gate_batch}"))
+    return outcomes
+
+
+def _outcome(name: str, flag: str, measured: float | None, limit: float, passed: bool, what: str) -> dict[str, Any]:
+    return {"gate": name, "flag": flag, "measured": measured, "limit": limit, "passed": bool(passed), "what": what}
+
+
+def _deployed_top1(accuracy: dict[str, Any]) -> tuple[float | None, str]:
+    if "onnxruntime_int8" in accuracy:
+        return accuracy["onnxruntime_int8"], "the deployed INT8 model (onnxruntime)"
+    if "fake_quant" in accuracy:  # a TensorRT engine is not evaluated here: its fake-quant reference is
+        return accuracy["fake_quant"], "the fake-quant reference (the engine itself was not evaluated)"
+    return None, "the deployed model (no --eval-set)"
+
+
+def _deployed_median(deployment: dict[str, Any], batch: int) -> tuple[float | None, str | None]:
+    for row in deployment.get("latency") or []:
+        runner = str(row.get("runner") or deployment.get("runtime"))
+        if row.get("batch_size") == batch and not runner.endswith("-fp32"):
+            return row["median_ms"], runner
+    return None, None
+
+
+def raise_for_failed_gates(report: dict[str, Any], report_md: Path, *, up_to_date: bool = False) -> None:
+    """Raise the error of the first failed gate in ``report``: the fidelity gate (exit 6), then the
+    quality gates (exit 11). Called after the report is written; ``up_to_date`` says in the message
+    that the build was found finished and not redone."""
+    where = "up-to-date build, not redone: " if up_to_date else ""
+    fidelity = report.get("fidelity_gate")
+    if fidelity and not fidelity["passed"]:
+        raise FidelityGateError(f"{where}{fidelity['runner']} disagrees with the fake-quant reference on "
+                                f"{fidelity['disagreement']:.2%} of the calibration inputs (allowed "
+                                f"{fidelity['max_disagreement']:.2%})",
+                                hint=f"see {report_md}; try --calibrator max, more calibration images or 8 bits")
+    failed = [g for g in report.get("quality_gates") or [] if not g["passed"]]
+    if failed:
+        parts = [f"{g['flag']} {g['limit']}: " + ("not measured here" if g["measured"] is None else f"measured {g['measured']}")
+                 for g in failed]
+        raise QualityGateError(f"{where}quality gate failed: {'; '.join(parts)}",
+                               hint=f"every gate's outcome is in {report_md}")
