@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import onnx
 
@@ -31,6 +31,9 @@ from .quant.quantize import quantize as _quantize
 
 # Re-exported: scripts read build folders through ``api.REPORT_MD`` and friends.
 from .layout import CALIBRATION_DIR, ENGINE, FP32_ONNX, MANIFEST, QDQ_ONNX, REPORT_JSON, REPORT_MD  # noqa: F401
+
+if TYPE_CHECKING:  # the remote package is imported only when a build uses it
+    from .remote.deploy import RemoteDevices
 
 
 def load(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False,
@@ -149,7 +152,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           use_cache: bool = True, eval_set: str | os.PathLike | None = None,
           reconstruct: ReconstructionConfig | None = None, mixed_precision: MixedPrecisionConfig | None = None,
           max_drop: float | None = None, holdout_fraction: float = HOLDOUT_FRACTION,
-          gates: QualityGates = QualityGates(), force: bool = False, progress: bool = True) -> BuildResult:
+          gates: QualityGates = QualityGates(), force: bool = False, progress: bool = True,
+          remote: RemoteDevices | None = None) -> BuildResult:
     """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
 
     Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT
@@ -167,8 +171,12 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
 
     A finished build in ``out_dir`` with the same build key (model bytes, every config value, the
     images it reads, package versions) is not redone: its result comes back with ``up_to_date``
-    set, unless ``force``.
+    set, unless ``force``. ``remote`` (``--target tensorrt`` only) builds and times the engine on
+    those devices over SSH instead of here (:mod:`dfq_deploy.remote.deploy`).
     """
+    if remote is not None:
+        from .remote.deploy import check_remote_target
+        check_remote_target(target)
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
         raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
     gates.check_inputs(has_eval_set=eval_set is not None, batch_sizes=profile_config.batch_sizes)
@@ -180,7 +188,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
               "eval_set": str(eval_set) if eval_set is not None else None,
               "reconstruct": dataclasses.asdict(reconstruct) if reconstruct else None,
               "mixed_precision": dataclasses.asdict(mixed_precision) if mixed_precision else None,
-              "max_drop": max_drop, "holdout_fraction": holdout_fraction, "gates": dataclasses.asdict(gates)}
+              "max_drop": max_drop, "holdout_fraction": holdout_fraction, "gates": dataclasses.asdict(gates),
+              "remote": dataclasses.asdict(remote) if remote else None}
     key = build_key(model_path, config=config, eval_set=eval_set, calib_images=synthesis.calib_images)
     created = not Path(out_dir).exists()
     out = prepare_out_dir(out_dir)
@@ -196,7 +205,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
                             profile_config=profile_config, precision=precision, max_disagreement=max_disagreement,
                             normalize=normalize, cache_dir=cache_dir, use_cache=use_cache, eval_set=eval_set,
                             reconstruct=reconstruct, mixed_precision=mixed_precision, max_drop=max_drop,
-                            holdout_fraction=holdout_fraction, gates=gates, progress=progress)
+                            holdout_fraction=holdout_fraction, gates=gates, progress=progress,
+                            remote=remote)
         except BaseException:
             if created and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # refused before any artifact: leave nothing behind
@@ -223,7 +233,7 @@ def scheme_for_target(scheme: QuantScheme, *, target: Target, precision: str = "
 
 def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, input_shape, synthesis, scheme,
            profile_config, precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, reconstruct,
-           mixed_precision, max_drop, holdout_fraction, gates, progress) -> BuildResult:
+           mixed_precision, max_drop, holdout_fraction, gates, progress, remote) -> BuildResult:
     from .report import write_reports
     from .runtimes.profiler import host_memory
 
@@ -264,7 +274,11 @@ def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, in
 
     optimized = None  # onnxruntime's optimized Q/DQ graph: its kernel counts and the precision map read it
     with manifest.timed("deploy_and_profile"):
-        if target == "onnxruntime":
+        if remote is not None:
+            from .remote.deploy import deploy_on_devices
+            deployment = deploy_on_devices(qdq_path, devices=remote, precision=precision,
+                                           profile_config=profile_config, out_dir=out)
+        elif target == "onnxruntime":
             from .deployment import deploy_onnxruntime
             from .runtimes.onnxruntime import optimized_graph
             optimized = optimized_graph(qdq_path, threads=profile_config.threads)

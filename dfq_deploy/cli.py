@@ -16,7 +16,7 @@ import click
 from click.core import ParameterSource
 
 from .cli_cache import cache
-from .cli_remote import remote_options, remote_request, ssh_options
+from .cli_remote import device_options, remote_devices, trtexec_export_option
 from .cli_errors import run_reporting_errors as _run
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, ProfileConfig,
                      QuantScheme, ReconstructionConfig, SynthesisConfig, default_scheme, load_config_file, merge_config)
@@ -235,6 +235,7 @@ def demo(fast, method, out_dir, no_progress) -> None:
               help="Real labelled images (ImageFolder dir or .npz with x, y) to report top-1 on; never used to calibrate.")
 @click.option("--no-cache", is_flag=True, help="Always synthesize anew instead of reusing a cached set.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@device_options
 @_run
 def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, max_drop, holdout_fraction,
           sensitivity,
@@ -253,7 +254,7 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
                        mixed_precision=MixedPrecisionConfig(budget=budget, budget_kind=budget_kind) if sensitivity else None,
                        gates=QualityGates(min_top1=min_top1, max_latency_ms=max_latency_ms, gate_batch=gate_batch,
                                           max_drop_measured=max_drop_measured),
-                       force=force, progress=not no_progress)
+                       force=force, progress=not no_progress, remote=remote_devices(o))
     if result.up_to_date:
         click.echo(f"up-to-date: {result.out_dir}/ holds a finished build of these inputs (build key "
                    f"{result.build_key[:12]}); not rebuilt, --force rebuilds", err=print_json)
@@ -359,23 +360,28 @@ def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, thr
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
 @profile_options
-@remote_options
+@device_options
+@trtexec_export_option
+@click.option("--precision", type=click.Choice(["int8", "fp16", "int4w"]), default="int8", show_default=True,
+              help="trtexec: int8 and int4w build strongly typed from the Q/DQ graph, fp16 with --fp16.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.json and report.md here (needed with --remote and --trtexec-export); "
                    "without it a local profile prints JSON.")
 @_run
-def profile(artifact, target, device, out_dir, remotes, trtexec_prefix, **o) -> None:
+def profile(artifact, target, device, out_dir, trtexec_prefix, precision, **o) -> None:
     """Time an ONNX file or TensorRT engine here, on devices over SSH (--remote), or read trtexec exports."""
     from .remote import profile as remote_profile
-    if (remotes or trtexec_prefix) and out_dir is None:
+    devices = remote_devices(o)
+    if (devices or trtexec_prefix) and out_dir is None:
         raise BadInputError("--remote and --trtexec-export write a report folder: pass --out DIR")
     if trtexec_prefix:
         result = remote_profile.profile_trtexec_export(trtexec_prefix, out_dir=out_dir, qdq_onnx=artifact)
     elif artifact is None:
         raise BadInputError("profile needs ARTIFACT (or --trtexec-export PREFIX)")
-    elif remotes:
-        result = remote_profile.profile_remote(remote_request(artifact, target, device, o, _profile_config(o, {})),
-                                               remotes=remotes, out_dir=out_dir, ssh=ssh_options(o))
+    elif devices:
+        request = devices.request(artifact, precision=precision, profile_config=_profile_config(o, {}), target=target,
+                                  device=device)
+        result = remote_profile.profile_remote(request, remotes=devices.urls, out_dir=out_dir, ssh=devices.ssh)
     elif out_dir is not None:
         result = remote_profile.profile_local(artifact, out_dir=out_dir, target=target, device=device,
                                               config=_profile_config(o, {}))

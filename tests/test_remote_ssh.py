@@ -204,6 +204,36 @@ def test_tegrastats_runs_beside_the_timed_run_and_stops(sshd, tiny_onnx, replay_
                 " ".join(p.info["cmdline"] or [])], "tegrastats left running on the device"
 
 
+def test_build_tensorrt_on_the_device(sshd, replay_trtexec, tmp_path):
+    """build --target tensorrt --remote: the exported Q/DQ graph is built and timed on the device, not here."""
+    import torch
+    from small_cnn import INPUT_SHAPE, SmallResNet
+    exe, _ = replay_trtexec
+    model = tmp_path / "small.pt"
+    torch.manual_seed(0)
+    torch.save(SmallResNet().eval(), model)
+    out = tmp_path / "build"
+    res = CliRunner().invoke(main, ["build", str(model), "--trust-pickle", "--input-shape", "x".join(map(str, INPUT_SHAPE)),
+                                    "--calib", "noise", "--num-images", "4", "--no-cache", "--no-progress",
+                                    "--batch-sizes", "1", "--target", "tensorrt", "--remote", sshd.url, *ssh_args(sshd),
+                                    "--remote-trtexec", str(exe), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    dep = report["deployment"]
+    assert dep["runtime"] == "trtexec" and dep["latency"][0]["runner"] == "trtexec"
+    (device,) = dep["remote"]
+    assert device["label"] == "dfq-loopback" and "--stronglyTyped" in device["commands"][0]
+    assert not (out / "model.engine").exists() and (out / "trtexec" / "b1.timing.json").is_file()
+    assert report["precision_map"]["runtime"] == "trtexec@dfq-loopback"
+    assert "built and timed on dfq-loopback" in (out / "report.md").read_text()
+
+
+def test_build_remote_needs_the_tensorrt_target(tmp_path):
+    res = CliRunner().invoke(main, ["build", str(tmp_path / "m.pt"), "--target", "onnxruntime", "--remote", "ssh://orin",
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "builds with the device's TensorRT" in res.output
+
+
 def test_trtexec_build_failure_gives_its_error_lines(sshd, replay_trtexec, tmp_path):
     exe, _ = replay_trtexec
     broken = conv_relu_onnx(tmp_path / "broken.onnx", name="broken")

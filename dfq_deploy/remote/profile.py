@@ -34,22 +34,34 @@ class ProfileResult:
 def profile_remote(request: RemoteProfileRequest, *, remotes: Sequence[str], out_dir: str | os.PathLike,
                    ssh: SshOptions = SshOptions()) -> ProfileResult:
     """Profile ``request.artifact`` on every ``ssh://`` device in ``remotes`` (in parallel) into ``out_dir``."""
+    targets = _targets(remotes)
+    out = prepare_out_dir(out_dir)
+    with tempfile.TemporaryDirectory(prefix="dfq-remote-") as tmp:
+        profiles = profile_devices(request, targets=targets, ssh=ssh, staging=Path(tmp))
+        report = profile_report(profiles, artifact=Path(request.artifact), target="remote")
+        write_profile_report(out, report, profiles)
+    return ProfileResult(out, report)
+
+
+def _targets(remotes: Sequence[str]) -> list[SshTarget]:
     if not remotes:
         raise BadInputError("no --remote device given")
     targets = [SshTarget.parse(url) for url in remotes]
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise BadInputError(f"the same device is given twice in --remote: {labels}")
-    out = prepare_out_dir(out_dir)
-    with tempfile.TemporaryDirectory(prefix="dfq-remote-") as tmp:
-        staging = [Path(tmp) / f"device{i}" for i in range(len(targets))]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(targets)) as pool:
-            futures = [pool.submit(profile_on_device, SshDevice(t, ssh), request, staging=s)
-                       for t, s in zip(targets, staging)]
-            profiles = [_result(f, label, several=len(targets) > 1) for f, label in zip(futures, labels)]
-        report = profile_report(profiles, artifact=Path(request.artifact), target="remote")
-        write_profile_report(out, report, profiles)
-    return ProfileResult(out, report)
+    return targets
+
+
+def profile_devices(request: RemoteProfileRequest, *, targets: Sequence[SshTarget], ssh: SshOptions,
+                    staging: Path) -> list[DeviceProfile]:
+    """Profile on every device in parallel (raw files under ``staging/deviceN``); the first failure raises
+    once every device has finished and cleaned up."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        futures = [pool.submit(profile_on_device, SshDevice(t, ssh), request, staging=staging / f"device{i}")
+                   for i, t in enumerate(targets)]
+        concurrent.futures.wait(futures)
+    return [_result(f, t.label, several=len(targets) > 1) for f, t in zip(futures, targets)]
 
 
 def _result(future: concurrent.futures.Future, label: str, *, several: bool) -> DeviceProfile:

@@ -40,6 +40,7 @@ class DeviceProfile:
     tegrastats: Mapping[str, Any] | None = None
     raw_dir: Path | None = None
     notes: tuple[str, ...] = ()
+    engine_layers: tuple[Mapping[str, Any], ...] | None = None  # trtexec's layer info, for a build's precision map
 
     def section(self) -> dict[str, Any]:
         """This device's part of report.json."""
@@ -82,25 +83,32 @@ def profile_report(profiles: Sequence[DeviceProfile], *, artifact: Path | None, 
 def write_profile_report(out_dir: Path, report: Mapping[str, Any], profiles: Sequence[DeviceProfile]) -> dict[str, Path]:
     """Write report.json, report.md and the raw trtexec files (``out_dir/trtexec/[label/]``).
 
-    The raw files are staged beside ``out_dir`` and moved in before the reports are written, so an
-    error leaves neither a half-written report nor a partial ``trtexec/`` folder.
+    The raw files are moved in before the reports are written (:func:`copy_raw_files`), so an error
+    leaves neither a half-written report nor a partial ``trtexec/`` folder.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = [p for p in profiles if p.raw_dir is not None]
-    if raw:
-        staging = Path(tempfile.mkdtemp(prefix=".trtexec.", dir=out_dir))
-        try:
-            for p in raw:
-                dest = staging if len(profiles) == 1 else staging / _safe(p.label)
-                shutil.copytree(p.raw_dir, dest, dirs_exist_ok=True)
-            if (out_dir / RAW_DIR).exists():
-                shutil.rmtree(out_dir / RAW_DIR)
-            staging.rename(out_dir / RAW_DIR)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    copy_raw_files(out_dir, profiles)
     atomic_write_bytes(out_dir / REPORT_JSON, json.dumps(report, indent=2, default=str).encode())
     atomic_write_bytes(out_dir / REPORT_MD, render_profile_markdown(report).encode())
     return {"report_json": out_dir / REPORT_JSON, "report_md": out_dir / REPORT_MD}
+
+
+def copy_raw_files(out_dir: Path, profiles: Sequence[DeviceProfile]) -> Path | None:
+    """The raw trtexec files of ``profiles`` into ``out_dir/trtexec/`` (``trtexec/LABEL/`` for several
+    devices): staged beside it and renamed into place, so the folder is whole or absent."""
+    raw = [p for p in profiles if p.raw_dir is not None]
+    if not raw:
+        return None
+    staging = Path(tempfile.mkdtemp(prefix=".trtexec.", dir=out_dir))
+    try:
+        for p in raw:
+            shutil.copytree(p.raw_dir, staging if len(profiles) == 1 else staging / _safe(p.label), dirs_exist_ok=True)
+        if (out_dir / RAW_DIR).exists():
+            shutil.rmtree(out_dir / RAW_DIR)
+        staging.rename(out_dir / RAW_DIR)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / RAW_DIR
 
 
 def _safe(label: str) -> str:

@@ -165,6 +165,7 @@ def _run_trtexec(ssh: SshDevice, device: DeviceDescription, request: RemoteProfi
                          profile_runs=first.profile_runs,
                          precision_map=_precision_map(request.artifact, first.engine_layers),
                          tegrastats=stats or None, raw_dir=raw,
+                         engine_layers=tuple(first.engine_layers) if first.engine_layers else None,
                          notes=(f"per-layer table of batch {steps[0].batch_size}",) if len(steps) > 1 else ())
 
 
