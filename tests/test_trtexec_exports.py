@@ -86,6 +86,26 @@ def test_export_cli_writes_a_report_that_compare_reads(prefix, tmp_path):
     assert same.passed and any(r.name == "trtexec batch 1 median ms" for r in same.rows)
 
 
+def test_local_remote_and_imported_reports_compare(prefix, tmp_path):
+    """A local `profile --out` report and an imported trtexec one: compare lists both, flags nothing."""
+    from onnx import TensorProto, helper, save
+    model = tmp_path / "relu.onnx"
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4, 4])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    res = CliRunner().invoke(main, ["profile", str(model), "--batch-sizes", "1", "--warmup", "0",
+                                    "--profile-iterations", "3", "--out", str(tmp_path / "local")])
+    assert res.exit_code == 0, res.output
+    local = json.loads((tmp_path / "local" / "report.json").read_text())
+    (record,) = [LatencyRecord.from_dict(r) for r in local["deployment"]["latency"]]
+    assert record.runner == "onnxruntime-cpu" and record.runs == 3 and local["device"]["isa"]
+    profile_trtexec_export(prefix, out_dir=tmp_path / "imported")
+    result = compare_reports(tmp_path / "local", tmp_path / "imported")
+    assert result.passed
+    assert {r.name for r in result.rows} == {"onnxruntime-cpu batch 1 median ms", "trtexec batch 1 median ms"}
+
+
 def test_missing_export_is_bad_input(tmp_path):
     with pytest.raises(BadInputError, match="timing export"):
         profile_trtexec_export(tmp_path / "nothing", out_dir=tmp_path / "out")

@@ -151,7 +151,7 @@ def _gpu(device: Mapping[str, Any]) -> str:
 def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
     device = section.get("device", {})
     lines = [f"{heading} {section.get('label')}: {_gpu(device)}", ""]
-    lines += [f"- {k}: {v}" for k, v in device.items() if v not in (None, "")] + [""]
+    lines += [f"- {k}: {v}" for k, v in device.items() if v not in (None, "") and k != "label"] + [""]
     if section.get("commands"):
         lines += ["Commands run on the device:", "", "```"] + list(section["commands"]) + ["```", ""]
     lines += [f"{heading}# Latency ({section.get('runner')})", ""] + _latency_table(section.get("latency", [])) + [""]
