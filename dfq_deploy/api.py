@@ -25,6 +25,7 @@ from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, MixedPrecisionConfig,
 from .errors import BadInputError
 from .build_key import build_key, finished_build
 from .gates import QualityGates, gate_outcomes, raise_for_failed_gates
+from .tracking import TrackedRun, TrackingConfig, import_mlflow, log_build
 from .models import LoadedModel, load_model
 from .quant.quantize import QuantModel
 from .quant.quantize import quantize as _quantize
@@ -115,6 +116,7 @@ class BuildResult:
     artifacts: dict[str, str]
     up_to_date: bool = False  # a finished build with the same key was found in out_dir and not redone
     build_key: str | None = None
+    tracked: TrackedRun | None = None  # the MLflow run it was logged as
 
 
 class _Manifest:
@@ -152,8 +154,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           use_cache: bool = True, eval_set: str | os.PathLike | None = None,
           reconstruct: ReconstructionConfig | None = None, mixed_precision: MixedPrecisionConfig | None = None,
           max_drop: float | None = None, holdout_fraction: float = HOLDOUT_FRACTION,
-          gates: QualityGates = QualityGates(), force: bool = False, progress: bool = True,
-          remote: RemoteDevices | None = None) -> BuildResult:
+          gates: QualityGates = QualityGates(), force: bool = False, tracking: TrackingConfig | None = None,
+          progress: bool = True, remote: RemoteDevices | None = None) -> BuildResult:
     """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
 
     Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT
@@ -172,7 +174,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     A finished build in ``out_dir`` with the same build key (model bytes, every config value, the
     images it reads, package versions) is not redone: its result comes back with ``up_to_date``
     set, unless ``force``. ``remote`` (``--target tensorrt`` only) builds and times the engine on
-    those devices over SSH instead of here (:mod:`dfq_deploy.remote.deploy`).
+    those devices over SSH instead of here (:mod:`dfq_deploy.remote.deploy`). ``tracking`` logs the
+    build (up to date or not, gates passed or not) as an MLflow run before any gate fails it.
     """
     if remote is not None:
         from .remote.deploy import check_remote_target
@@ -180,6 +183,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
         raise BadInputError(f"max_disagreement is a fraction in [0, 1], got {max_disagreement}")
     gates.check_inputs(has_eval_set=eval_set is not None, batch_sizes=profile_config.batch_sizes)
+    if tracking is not None:
+        import_mlflow()  # a missing extra is said before the build, not after it
     scheme = scheme_for_target(scheme or default_scheme(target), target=target, precision=precision)
     config = {"target": target, "arch": arch, "input_shape": input_shape, "trust_pickle": trust_pickle,
               "synthesis": dataclasses.asdict(synthesis), "scheme": dataclasses.asdict(scheme),
@@ -211,7 +216,10 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
             if created and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # refused before any artifact: leave nothing behind
             raise
-    raise_for_failed_gates(result.report, out / REPORT_MD, up_to_date=result.up_to_date)
+    if tracking is not None:
+        result.tracked = log_build(result, tracking)
+    raise_for_failed_gates(result.report, out / REPORT_MD, up_to_date=result.up_to_date,
+                           logged_as=f"MLflow run {result.tracked.run_id}" if result.tracked else None)
     return result
 
 

@@ -22,6 +22,7 @@ from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, Mixed
                      QuantScheme, ReconstructionConfig, SynthesisConfig, default_scheme, load_config_file, merge_config)
 from .errors import BadInputError
 from .gates import QualityGates
+from .tracking import DEFAULT_EXPERIMENT, tracking_requested
 
 # "none": images in [0, 1] as they are (for 3-channel inputs).
 NORMALIZATIONS = {"imagenet": IMAGENET_NORMALIZE, "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
@@ -216,6 +217,10 @@ def demo(fast, method, out_dir, no_progress) -> None:
 @click.option("--max-disagreement", type=float,
               help="Fail (exit 6) when the deployed model's top-1 disagreement with the fake-quant reference exceeds this fraction.")
 @gate_options
+@click.option("--mlflow", "mlflow_log", is_flag=True,
+              help="Log the build as an MLflow run (also when MLFLOW_TRACKING_URI is set); needs the [mlflow] extra.")
+@click.option("--mlflow-register", metavar="NAME", help="Register the Q/DQ ONNX model as a new version of NAME.")
+@click.option("--mlflow-experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment.")
 @click.option("--force", is_flag=True, help="Rebuild even when a finished build with the same inputs is in --out.")
 @config_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dfq-build"),
@@ -240,7 +245,7 @@ def demo(fast, method, out_dir, no_progress) -> None:
 def build(model, target, precision, max_disagreement, config_file, out_dir, print_json, max_drop, holdout_fraction,
           sensitivity,
           budget, budget_kind, eval_set, no_cache, no_progress, force, min_top1, max_latency_ms, gate_batch,
-          max_drop_measured, **o) -> None:
+          max_drop_measured, mlflow_log, mlflow_register, mlflow_experiment, **o) -> None:
     """Load MODEL, make a calibration set, quantize, export, deploy and profile it."""
     from . import api
     file_cfg = load_config_file(config_file) if config_file else {}
@@ -254,7 +259,9 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
                        mixed_precision=MixedPrecisionConfig(budget=budget, budget_kind=budget_kind) if sensitivity else None,
                        gates=QualityGates(min_top1=min_top1, max_latency_ms=max_latency_ms, gate_batch=gate_batch,
                                           max_drop_measured=max_drop_measured),
-                       force=force, progress=not no_progress, remote=remote_devices(o))
+                       force=force, tracking=tracking_requested(flag=mlflow_log, register_as=mlflow_register,
+                                                                experiment=mlflow_experiment),
+                       progress=not no_progress, remote=remote_devices(o))
     if result.up_to_date:
         click.echo(f"up-to-date: {result.out_dir}/ holds a finished build of these inputs (build key "
                    f"{result.build_key[:12]}); not rebuilt, --force rebuilds", err=print_json)
@@ -263,6 +270,11 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
     else:
         click.echo((result.out_dir / api.REPORT_MD).read_text())
         click.echo(f"artifacts in {result.out_dir}/")
+    if result.tracked is not None:
+        run = result.tracked
+        click.echo(f"MLflow run {run.run_id} at {run.tracking_uri}; ONNX model {run.model_uri}"
+                   + (f", registered as {mlflow_register} version {run.registered_version}" if run.registered_version
+                      else ""), err=print_json)
 
 
 @main.command()

@@ -95,11 +95,13 @@ def _deployed_median(deployment: dict[str, Any], batch: int) -> tuple[float | No
     return None, None
 
 
-def raise_for_failed_gates(report: dict[str, Any], report_md: Path, *, up_to_date: bool = False) -> None:
+def raise_for_failed_gates(report: dict[str, Any], report_md: Path | str, *, up_to_date: bool = False,
+                           logged_as: str | None = None) -> None:
     """Raise the error of the first failed gate in ``report``: the fidelity gate (exit 6), then the
     quality gates (exit 11). Called after the report is written; ``up_to_date`` says in the message
-    that the build was found finished and not redone."""
+    that the build was found finished and not redone, ``logged_as`` names the tracker's run."""
     where = "up-to-date build, not redone: " if up_to_date else ""
+    report_md = f"{report_md}" + (f" (and {logged_as})" if logged_as else "")
     fidelity = report.get("fidelity_gate")
     if fidelity and not fidelity["passed"]:
         raise FidelityGateError(f"{where}{fidelity['runner']} disagrees with the fake-quant reference on "
