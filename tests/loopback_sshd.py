@@ -31,6 +31,11 @@ class LoopbackSshd:
     root: Path
 
     @property
+    def device_tmp(self) -> Path:
+        """The "device's" TMPDIR (sshd's SetEnv): its temp dirs, apart from other runs' in /tmp."""
+        return self.root / "device-tmp"
+
+    @property
     def url(self) -> str:
         return f"ssh://{HOST_ALIAS}"
 
@@ -82,7 +87,8 @@ def start_sshd(root: Path) -> LoopbackSshd:
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {root / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {root / 'authorized_keys'}\nPermitRootLogin prohibit-password\nStrictModes no\n"
         "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-        "LogLevel ERROR\n")
+        f"LogLevel ERROR\nSetEnv TMPDIR={root / 'device-tmp'}\n")
+    (root / "device-tmp").mkdir()
     host_pub = (root / "host_key.pub").read_text().split()
     (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
     config = root / "ssh_config"

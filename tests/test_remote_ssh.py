@@ -80,8 +80,9 @@ def ssh_args(sshd) -> list[str]:
     return ["--ssh-config", str(sshd.config), "--ssh-identity", str(sshd.user_key)]
 
 
-def remote_dirs() -> set[str]:
-    return set(glob.glob("/tmp/dfq-deploy.*"))
+def remote_dirs(sshd) -> set[str]:
+    """The temp dirs on the "device" (the fixture's own TMPDIR, so other test runs' do not count)."""
+    return set(glob.glob(f"{sshd.device_tmp}/dfq-deploy.*"))
 
 
 def request(onnx: Path, *, runner="dfq-deploy", executable=DFQ_DEPLOY, iterations=5) -> RemoteProfileRequest:
@@ -95,7 +96,7 @@ def ssh_options(sshd, key=None) -> SshOptions:
 
 def test_profile_on_two_devices_with_their_dfq_deploy(sshd, tiny_onnx, tmp_path):
     """Two --remote devices (the same server under two names) profiled in parallel through the CLI."""
-    before = remote_dirs()
+    before = remote_dirs(sshd)
     out = tmp_path / "report"
     second = f"ssh://127.0.0.1:{sshd.port}"
     res = CliRunner().invoke(main, ["profile", str(tiny_onnx), "--remote", sshd.url, "--remote", second,
@@ -114,12 +115,12 @@ def test_profile_on_two_devices_with_their_dfq_deploy(sshd, tiny_onnx, tmp_path)
         assert device["dfq_deploy"] == DFQ_DEPLOY and device["cpu_isa"]
         assert section["runner"] == "dfq-deploy (onnxruntime)"
         (command,) = section["commands"]
-        assert command.startswith(f"{DFQ_DEPLOY} profile /tmp/dfq-deploy.") and "--batch-sizes 1,2" in command
+        assert command.startswith(f"{DFQ_DEPLOY} profile {sshd.device_tmp}/dfq-deploy.") and "--batch-sizes 1,2" in command
     runners = [r["runner"] for r in report["deployment"]["latency"]]
     assert runners == ["onnxruntime-cpu@dfq-loopback"] * 2 + [f"onnxruntime-cpu@127.0.0.1:{sshd.port}"] * 2
     md = (out / "report.md").read_text()
     assert "## Devices" in md and "### dfq-loopback" in md
-    assert remote_dirs() == before  # the devices' temp dirs are gone
+    assert remote_dirs(sshd) == before  # the devices' temp dirs are gone
 
 
 @pytest.mark.parametrize("case", ["refused", "wrong key", "unknown host key", "no dfq-deploy", "no trtexec", "no tool"])
@@ -141,7 +142,7 @@ def test_failures_are_one_line_exit_10_and_leave_nothing(sshd, tiny_onnx, tmp_pa
     expected = {"refused": "refused the SSH connection", "wrong key": "authentication to dfq-loopback failed",
                 "unknown host key": "host key of dfq-loopback is not known", "no dfq-deploy": "has no dfq-deploy",
                 "no trtexec": "has no trtexec", "no tool": "neither trtexec nor dfq-deploy"}[case]
-    before = remote_dirs()
+    before = remote_dirs(sshd)
     args = ["profile", str(tiny_onnx), "--remote", url, "--ssh-config", str(config), "--ssh-identity", str(key),
             "--runner", runner, "--out", str(tmp_path / "out")] + (["--remote-dfq-deploy", exe] if exe else [])
     res = CliRunner().invoke(main, args)
@@ -149,12 +150,12 @@ def test_failures_are_one_line_exit_10_and_leave_nothing(sshd, tiny_onnx, tmp_pa
     first = res.output.splitlines()[0]
     assert first.startswith("error: ") and expected in first, res.output
     assert "hint:" in res.output
-    assert not (tmp_path / "out" / "report.json").exists() and remote_dirs() == before
+    assert not (tmp_path / "out" / "report.json").exists() and remote_dirs(sshd) == before
 
 
 def test_trtexec_runner_over_ssh(sshd, tiny_onnx, replay_trtexec, tmp_path):
     exe, prefix = replay_trtexec
-    before = remote_dirs()
+    before = remote_dirs(sshd)
     out = tmp_path / "trt"
     res = CliRunner().invoke(main, ["profile", str(tiny_onnx), "--remote", sshd.url, *ssh_args(sshd), "--runner",
                                     "trtexec", "--remote-trtexec", str(exe), "--batch-sizes", "1,2", "--out", str(out)])
@@ -168,7 +169,7 @@ def test_trtexec_runner_over_ssh(sshd, tiny_onnx, replay_trtexec, tmp_path):
     assert records[1].throughput_ips == pytest.approx(2000 / records[1].median_ms, rel=1e-3)
     assert records[0].timing["warmup_ms"] == 200 and records[0].timing["duration_s"] == 3.0
     build1, run1, build2, run2 = report["commands"]
-    assert build1.startswith(f"{exe} --onnx=/tmp/dfq-deploy.") and "--stronglyTyped" in build1
+    assert build1.startswith(f"{exe} --onnx={sshd.device_tmp}/dfq-deploy.") and "--stronglyTyped" in build1
     assert "--minShapes=input:2x3x8x8" in build2 and "--shapes=input:2x3x8x8" in run2
     assert "--separateProfileRun" in run1 and "--exportLayerInfo=" in run1
     assert report["device"]["tensorrt_version"] == "10.3.0"
@@ -176,7 +177,7 @@ def test_trtexec_runner_over_ssh(sshd, tiny_onnx, replay_trtexec, tmp_path):
     assert len(report["engine_layers"]["layers"]) == 58
     assert {p.name for p in (out / "trtexec").iterdir()} >= {"b1.timing.json", "b2.graph.json", "b1.build.log"}
     assert "b1.engine" not in {p.name for p in (out / "trtexec").iterdir()}  # the engine stays on the device
-    assert remote_dirs() == before
+    assert remote_dirs(sshd) == before
 
 
 # A tegrastats line in the format of NVIDIA's Jetson Linux guide; the stand-in prints it every 100 ms.
@@ -237,14 +238,14 @@ def test_build_remote_needs_the_tensorrt_target(tmp_path):
 def test_trtexec_build_failure_gives_its_error_lines(sshd, replay_trtexec, tmp_path):
     exe, _ = replay_trtexec
     broken = conv_relu_onnx(tmp_path / "broken.onnx", name="broken")
-    before = remote_dirs()
+    before = remote_dirs(sshd)
     res = CliRunner().invoke(main, ["profile", str(broken), "--remote", sshd.url, *ssh_args(sshd), "--runner", "trtexec",
                                     "--remote-trtexec", str(exe), "--batch-sizes", "1", "--out", str(tmp_path / "out")])
     assert res.exit_code == 10, res.output
     first = res.output.splitlines()[0]
     assert first.startswith("error: trtexec failed to build the engine for batch 1 on dfq-loopback: ")
     assert "Error Code 4: API Usage Error" in first and "Engine could not be created from network" in first
-    assert not (tmp_path / "out" / "report.json").exists() and remote_dirs() == before
+    assert not (tmp_path / "out" / "report.json").exists() and remote_dirs(sshd) == before
 
 
 @pytest.mark.parametrize("url", ["orin", "http://orin", "ssh://", "ssh://orin:port", "ssh://orin/path",
@@ -276,25 +277,25 @@ def test_full_remote_disk_and_ctrl_c_clean_up(sshd):
     device = SshDevice(SshTarget.parse(sshd.url), ssh_options(sshd))
     with pytest.raises(RemoteError, match="disk of dfq-loopback is full"):
         device.write_file(b"x" * 4096, "/dev/full")  # /dev/full: every write fails with ENOSPC
-    before = remote_dirs()
+    before = remote_dirs(sshd)
     with pytest.raises(KeyboardInterrupt):
         with device.temp_dir() as work:
             device.write_file(b"data", f"{work}/f")
             assert Path(work, "f").read_bytes() == b"data"
             raise KeyboardInterrupt
-    assert not Path(work).exists() and remote_dirs() == before
+    assert not Path(work).exists() and remote_dirs(sshd) == before
 
 
-def _remote_job(work_dirs: set[str]) -> psutil.Process | None:
+def _remote_job(sshd, work_dirs: set[str]) -> psutil.Process | None:
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if " profile /tmp/dfq-deploy." in cmd and not any(d in cmd for d in work_dirs):
+        if f" profile {sshd.device_tmp}/dfq-deploy." in cmd and not any(d in cmd for d in work_dirs):
             return p
     return None
 
 
 def test_connection_cut_mid_run(sshd, tiny_onnx, tmp_path):
-    before = remote_dirs()
+    before = remote_dirs(sshd)
     errors: list[BaseException] = []
 
     def run():
@@ -306,10 +307,7 @@ def test_connection_cut_mid_run(sshd, tiny_onnx, tmp_path):
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 60
-    while (job := _remote_job(before)) is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert job is not None, "the remote dfq-deploy never started"
+    job = _wait_for_remote_job(sshd, before)
     time.sleep(0.5)
     assert sshd.cut_connections() > 0
     thread.join(timeout=60)
@@ -317,7 +315,39 @@ def test_connection_cut_mid_run(sshd, tiny_onnx, tmp_path):
     (error,) = errors
     assert isinstance(error, RemoteError) and "SSH connection to dfq-loopback dropped" in error.message
     assert not (tmp_path / "cut" / "report.json").exists()
-    assert remote_dirs() == before
+    assert remote_dirs(sshd) == before
     gone, alive = psutil.wait_procs([job], timeout=10)
     assert not alive, "the job left running on the device"
     assert shutil.which("ssh")
+
+
+def _wait_for_remote_job(sshd, before: set[str]) -> psutil.Process:
+    deadline = time.monotonic() + 60
+    while (job := _remote_job(sshd, before)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job is not None, "the remote dfq-deploy never started"
+    return job
+
+
+def test_sigterm_mid_run_cleans_up_the_device(sshd, tiny_onnx, tmp_path):
+    """SIGTERM to dfq-deploy alone (its ssh clients get nothing): the run stops, exits 143, and the
+    device is cleaned up over a fresh connection."""
+    import signal
+    import subprocess
+    before = remote_dirs(sshd)
+    proc = subprocess.Popen([DFQ_DEPLOY, "profile", str(tiny_onnx), "--remote", sshd.url, *ssh_args(sshd), "--runner",
+                             "dfq-deploy", "--remote-dfq-deploy", DFQ_DEPLOY, "--batch-sizes", "1",
+                             "--profile-iterations", "10000000", "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        job = _wait_for_remote_job(sshd, before)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err.decode()
+    assert b"interrupted" in err
+    assert not (tmp_path / "out" / "report.json").exists() and remote_dirs(sshd) == before
+    _, alive = psutil.wait_procs([job], timeout=10)
+    assert not alive, "the job left running on the device"

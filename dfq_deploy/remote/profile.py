@@ -56,11 +56,19 @@ def _targets(remotes: Sequence[str]) -> list[SshTarget]:
 def profile_devices(request: RemoteProfileRequest, *, targets: Sequence[SshTarget], ssh: SshOptions,
                     staging: Path) -> list[DeviceProfile]:
     """Profile on every device in parallel (raw files under ``staging/deviceN``); the first failure raises
-    once every device has finished and cleaned up."""
+    once every device has finished and cleaned up (also when this thread is interrupted)."""
+    devices = [SshDevice(t, ssh) for t in targets]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(targets)) as pool:
-        futures = [pool.submit(profile_on_device, SshDevice(t, ssh), request, staging=staging / f"device{i}")
-                   for i, t in enumerate(targets)]
-        concurrent.futures.wait(futures)
+        futures = [pool.submit(profile_on_device, d, request, staging=staging / f"device{i}")
+                   for i, d in enumerate(devices)]
+        try:
+            concurrent.futures.wait(futures)
+        except BaseException:
+            # Interrupted (SIGINT, SIGTERM) in this thread: end the devices' ssh calls so that each worker
+            # cleans its device up and the pool can be left.
+            for device in devices:
+                device.abort()
+            raise
     return [_result(f, t.label, several=len(targets) > 1) for f, t in zip(futures, targets)]
 
 

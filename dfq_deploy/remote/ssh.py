@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -91,6 +92,9 @@ class SshDevice:
     def __init__(self, target: SshTarget, options: SshOptions = SshOptions()):
         self.target = target
         self.options = options
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._aborted = False
 
     def ssh_argv(self, *remote: str) -> list[str]:
         """The local ``ssh`` command line that runs ``remote`` (already quoted words) on the device."""
@@ -106,27 +110,55 @@ class SshDevice:
         return argv + [self.target.destination, "--", *remote]
 
     def run(self, script: str, *args: str, stdin: bytes | None = None, timeout_s: float | None = None,
-            what: str = "a command", check: bool = True) -> subprocess.CompletedProcess:
+            what: str = "a command", check: bool = True, cleanup: bool = False) -> subprocess.CompletedProcess:
         """Run POSIX ``sh`` ``script`` with ``args`` ($1, $2, ...) on the device; raise on any failure
         (with ``check=False`` only on ssh's own failures, exit 255, and return the rest).
 
         The script travels on stdin (``sh -s``) so no quoting meets the remote login shell, except for
         ``args``, which are quoted here. With ``stdin``, the script is passed with ``sh -c`` instead.
+        After :meth:`abort` only ``cleanup`` calls run.
         """
+        if self._aborted and not cleanup:
+            raise RemoteError(f"{what} on {self.target.label} not started: the run was stopped")
         if stdin is None:
             words, data = ["sh", "-s", "--", *map(shlex.quote, args)], script.encode()
         else:
             words, data = ["sh", "-c", shlex.quote(script), "sh", *map(shlex.quote, args)], stdin
         try:
-            proc = subprocess.run(self.ssh_argv(*words), input=data, capture_output=True, timeout=timeout_s)
+            proc = self._communicate(self.ssh_argv(*words), data, timeout_s)
         except FileNotFoundError:
             raise RemoteError("no ssh client on this machine",
                               hint="install OpenSSH (Debian/Ubuntu: apt-get install openssh-client)") from None
         except subprocess.TimeoutExpired:
             raise RemoteError(f"{what} on {self.target.label} ran past {timeout_s:.0f} s") from None
+        if proc.returncode < 0:
+            raise RemoteError(f"{what} on {self.target.label} was stopped (the ssh client got signal {-proc.returncode})")
         if proc.returncode == 255 or (check and proc.returncode != 0):
             raise self.error(proc, what=what)
         return proc
+
+    def _communicate(self, argv: list[str], data: bytes, timeout_s: float | None) -> subprocess.CompletedProcess:
+        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as popen:
+            with self._lock:
+                self._running.add(popen)
+            try:
+                out, err = popen.communicate(data, timeout=timeout_s)
+            except BaseException:
+                popen.kill()
+                popen.wait()
+                raise
+            finally:
+                with self._lock:
+                    self._running.discard(popen)
+        return subprocess.CompletedProcess(argv, popen.returncode, out, err)
+
+    def abort(self) -> None:
+        """Stop the ssh clients running now (from another thread, e.g. on SIGTERM): their calls raise
+        :class:`RemoteError`, and the temp dir's cleanup then runs over a fresh connection."""
+        with self._lock:
+            self._aborted = True
+            for popen in self._running:
+                popen.terminate()
 
     def error(self, proc: subprocess.CompletedProcess, *, what: str) -> RemoteError:
         """The one-line :class:`RemoteError` for a failed ssh call."""
@@ -175,9 +207,9 @@ class SshDevice:
         except BaseException:
             # The first failure is the one to report; a device gone for good cannot be cleaned up anyway.
             with contextlib.suppress(RemoteError):
-                self.run(_CLEANUP, path, what=f"removing {path}", timeout_s=60)
+                self.run(_CLEANUP, path, what=f"removing {path}", timeout_s=60, cleanup=True)
             raise
-        self.run(_CLEANUP, path, what=f"removing {path}", timeout_s=60)
+        self.run(_CLEANUP, path, what=f"removing {path}", timeout_s=60, cleanup=True)
 
 
 # Recorded at the start of a job script: the process group sshd gave the session (its shell leads it),
