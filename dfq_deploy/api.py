@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import onnx
 
 from . import __version__
-from .artifacts import atomic_write_bytes, package_versions, prepare_out_dir
+from .artifacts import atomic_write_bytes, package_versions, prepare_out_dir  # noqa: F401 (api.prepare_out_dir: the CLI uses it)
 from .calibration_set import CalibrationSet
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, MixedPrecisionConfig, ProfileConfig, QuantScheme,
                      ReconstructionConfig, SynthesisConfig, Target, default_scheme, int4_weight_only)
@@ -26,7 +26,9 @@ from .errors import BadInputError
 from .build_key import build_key, finished_build
 from .gates import QualityGates, gate_outcomes, raise_for_failed_gates
 from .tracking import TrackedRun, TrackingConfig, import_mlflow, log_build
+from .interrupts import stage as interrupted_stage
 from .models import LoadedModel, load_model
+from .locks import locked_out_dir
 from .quant.quantize import QuantModel
 from .quant.quantize import quantize as _quantize
 
@@ -71,21 +73,21 @@ def quantize(model: LoadedModel, calib: CalibrationSet, *, scheme: QuantScheme |
 
 def evaluate(artifact: str | os.PathLike, *, eval_set: str | os.PathLike, arch: str | None = None,
              trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None, normalize=None,
-             threads: int | None = None) -> dict[str, Any]:
-    """Top-1 (%) of a model file (in PyTorch) or an ONNX file (in onnxruntime CPU) on labelled images."""
-    from .evaluate import evaluate_top1, load_eval_set
+             threads: int | None = None, eval_resize: bool = False) -> dict[str, Any]:
+    """Top-1 (%) of a model file (in PyTorch) or an ONNX file (in onnxruntime CPU) on labelled images
+    (checked against the model's input and classes; resized only with ``eval_resize``)."""
+    from .evaluate import evaluate_top1
     from .runtimes.onnxruntime import OnnxRuntimeRunner
 
-    mean, std = normalize or IMAGENET_NORMALIZE
     path = Path(artifact)
     if path.suffix == ".onnx":
         with OnnxRuntimeRunner(path, threads=threads) as runner:
             (shape, _), = runner.input_specs().values()
-            labelled = load_eval_set(eval_set, input_shape=tuple(shape[1:]), mean=mean, std=std)
+            labelled = _load_eval_set(eval_set, runner, tuple(shape[1:]), normalize=normalize, resize=eval_resize)
             top1 = evaluate_top1(runner, labelled, batch_size=64)
     else:
         model = load(path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
-        labelled = load_eval_set(eval_set, input_shape=model.input_shape, mean=mean, std=std)
+        labelled = _load_eval_set(eval_set, model.module, model.input_shape, normalize=normalize, resize=eval_resize)
         top1 = evaluate_top1(model.module, labelled)
     return {"artifact": str(path), "eval_set": str(eval_set), "images": len(labelled), "top1": top1}
 
@@ -132,7 +134,8 @@ class _Manifest:
     def timed(self, stage: str, **extra: Any) -> Iterator[None]:
         """Time the body as ``stage``; recorded only when it completes."""
         start = time.perf_counter()
-        yield
+        with interrupted_stage(stage):
+            yield
         self.data["stages"][stage] = {"seconds": round(time.perf_counter() - start, 3), **extra}
         # Written with the first artifact, so a build refused early leaves its folder empty.
         if self.data["artifacts"]:
@@ -155,7 +158,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           reconstruct: ReconstructionConfig | None = None, mixed_precision: MixedPrecisionConfig | None = None,
           max_drop: float | None = None, holdout_fraction: float = HOLDOUT_FRACTION,
           gates: QualityGates = QualityGates(), force: bool = False, tracking: TrackingConfig | None = None,
-          progress: bool = True, remote: RemoteDevices | None = None) -> BuildResult:
+          progress: bool = True, remote: RemoteDevices | None = None, wait: bool = False,
+          eval_resize: bool = False) -> BuildResult:
     """Model file -> calibration set -> quantized model -> ONNX (-> engine) -> profile -> report.
 
     Writes into ``out_dir``: ``model.fp32.onnx``, ``model.qdq.onnx`` (``model.engine`` for TensorRT
@@ -164,7 +168,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     the build raises :class:`FidelityGateError` (after writing the report) when the deployed model's
     top-1 disagreement with the fake-quant reference exceeds it. ``eval_set`` (an ImageFolder
     directory or an assets-style ``.npz`` of real labelled images, normalised like ``normalize``)
-    adds top-1 accuracy of the FP32 model, the fake-quant reference and the deployed INT8 model.
+    adds top-1 accuracy of the FP32 model, the fake-quant reference and the deployed INT8 model; it
+    must match the model's input size (or be resized: ``eval_resize``) and classes.
     ``mixed_precision`` keeps the most sensitive layers at 8 bit within a size/latency budget;
     ``max_drop`` (top-1 points) instead raises layers until the drop estimated on held-out
     synthetic images (``holdout_fraction`` of the set, never calibrated on) fits, or raises
@@ -176,6 +181,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     set, unless ``force``. ``remote`` (``--target tensorrt`` only) builds and times the engine on
     those devices over SSH instead of here (:mod:`dfq_deploy.remote.deploy`). ``tracking`` logs the
     build (up to date or not, gates passed or not) as an MLflow run before any gate fails it.
+    ``out_dir`` is locked for the build: another build holding it is a :class:`LockedError`, or,
+    with ``wait``, waited for.
     """
     if remote is not None:
         from .remote.deploy import check_remote_target
@@ -194,28 +201,22 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
               "reconstruct": dataclasses.asdict(reconstruct) if reconstruct else None,
               "mixed_precision": dataclasses.asdict(mixed_precision) if mixed_precision else None,
               "max_drop": max_drop, "holdout_fraction": holdout_fraction, "gates": dataclasses.asdict(gates),
-              "remote": dataclasses.asdict(remote) if remote else None}
+              "remote": dataclasses.asdict(remote) if remote else None, "eval_resize": eval_resize}
     key = build_key(model_path, config=config, eval_set=eval_set, calib_images=synthesis.calib_images)
-    created = not Path(out_dir).exists()
-    out = prepare_out_dir(out_dir)
-    previous = None if force else finished_build(out, key)
-    if previous is not None:
-        manifest, report = previous
-        result = BuildResult(out, report, {name: str(out / file) for name, file in manifest["artifacts"].items()},
-                             up_to_date=True, build_key=key)
-    else:
-        try:
+    with locked_out_dir(out_dir, wait=wait) as out:
+        previous = None if force else finished_build(out, key)
+        if previous is not None:
+            manifest, report = previous
+            result = BuildResult(out, report, {name: str(out / file) for name, file in manifest["artifacts"].items()},
+                                 up_to_date=True, build_key=key)
+        else:
             result = _build(model_path, out, config=config, key=key, target=target, arch=arch,
                             trust_pickle=trust_pickle, input_shape=input_shape, synthesis=synthesis, scheme=scheme,
                             profile_config=profile_config, precision=precision, max_disagreement=max_disagreement,
                             normalize=normalize, cache_dir=cache_dir, use_cache=use_cache, eval_set=eval_set,
                             reconstruct=reconstruct, mixed_precision=mixed_precision, max_drop=max_drop,
                             holdout_fraction=holdout_fraction, gates=gates, progress=progress,
-                            remote=remote)
-        except BaseException:
-            if created and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # refused before any artifact: leave nothing behind
-            raise
+                            remote=remote, eval_resize=eval_resize)
     if tracking is not None:
         result.tracked = log_build(result, tracking)
     raise_for_failed_gates(result.report, out / REPORT_MD, up_to_date=result.up_to_date,
@@ -241,7 +242,7 @@ def scheme_for_target(scheme: QuantScheme, *, target: Target, precision: str = "
 
 def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, input_shape, synthesis, scheme,
            profile_config, precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, reconstruct,
-           mixed_precision, max_drop, holdout_fraction, gates, progress, remote) -> BuildResult:
+           mixed_precision, max_drop, holdout_fraction, gates, progress, remote, eval_resize) -> BuildResult:
     from .report import write_reports
     from .runtimes.profiler import host_memory
 
@@ -249,7 +250,8 @@ def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, in
     manifest.data["build_key"] = key
     with manifest.timed("load"):
         model = load(model_path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
-        labelled = _load_eval_set(eval_set, model, normalize) if eval_set is not None else None
+        labelled = (_load_eval_set(eval_set, model.module, model.input_shape, normalize=normalize,
+                                   resize=eval_resize) if eval_set is not None else None)
         manifest.data["inputs"]["model"] = model.describe()
 
     with manifest.timed("synthesize", method=synthesis.method):
@@ -369,10 +371,12 @@ def _plan_precision(model: LoadedModel, calib: CalibrationSet, scheme: QuantSche
                                         "files": {"sensitivity_plot": plot}}, None
 
 
-def _load_eval_set(path, model: LoadedModel, normalize):
-    from .evaluate import load_eval_set
+def _load_eval_set(path, model, input_shape: tuple[int, ...], *, normalize, resize: bool):
+    """The evaluation set, checked against ``model`` (a module or an active runner): its input and classes."""
+    from .evaluate import load_eval_set, output_classes
     mean, std = normalize or IMAGENET_NORMALIZE
-    return load_eval_set(path, input_shape=model.input_shape, mean=mean, std=std)
+    return load_eval_set(path, input_shape=input_shape, mean=mean, std=std, resize=resize,
+                         num_classes=output_classes(model, input_shape))
 
 
 def evaluate_accuracy(model: LoadedModel, qmodel: QuantModel, labelled, *, qdq_path: Path | None = None,

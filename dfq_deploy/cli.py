@@ -238,6 +238,8 @@ def demo(fast, method, out_dir, no_progress) -> None:
 @click.option("--budget-kind", type=click.Choice(["size", "latency"]), default="size", show_default=True)
 @click.option("--eval-set", type=click.Path(exists=True, path_type=Path),
               help="Real labelled images (ImageFolder dir or .npz with x, y) to report top-1 on; never used to calibrate.")
+@click.option("--eval-resize", is_flag=True, help="Resize --eval-set images to the model's input (else a size mismatch is refused).")
+@click.option("--wait", is_flag=True, help="If another build holds --out, wait for it instead of failing (exit 13).")
 @click.option("--no-cache", is_flag=True, help="Always synthesize anew instead of reusing a cached set.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @device_options
@@ -261,7 +263,8 @@ def build(model, target, precision, max_disagreement, config_file, out_dir, prin
                                           max_drop_measured=max_drop_measured),
                        force=force, tracking=tracking_requested(flag=mlflow_log, register_as=mlflow_register,
                                                                 experiment=mlflow_experiment),
-                       progress=not no_progress, remote=remote_devices(o))
+                       progress=not no_progress, remote=remote_devices(o),
+                       wait=o.pop("wait"), eval_resize=o.pop("eval_resize"))
     if result.up_to_date:
         click.echo(f"up-to-date: {result.out_dir}/ holds a finished build of these inputs (build key "
                    f"{result.build_key[:12]}); not rebuilt, --force rebuilds", err=print_json)
@@ -356,12 +359,14 @@ def quantize(model, calib_set, target, precision, config_file, out_dir, no_progr
 @click.option("--input-shape")
 @click.option("--normalize", type=click.Choice(list(NORMALIZATIONS)), default="imagenet", show_default=True)
 @click.option("--threads", type=int)
+@click.option("--eval-resize", is_flag=True, help="Resize the images to the model's input (else a size mismatch is refused).")
 @_run
-def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, threads) -> None:
+def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, threads, eval_resize) -> None:
     """Top-1 accuracy of a model file (PyTorch) or an ONNX file (onnxruntime) on real labelled images."""
     from . import api
     result = api.evaluate(artifact, eval_set=eval_set, arch=arch, trust_pickle=trust_pickle,
-                          input_shape=_input_shape(input_shape), normalize=NORMALIZATIONS[normalize], threads=threads)
+                          input_shape=_input_shape(input_shape), normalize=NORMALIZATIONS[normalize], threads=threads,
+                          eval_resize=eval_resize)
     click.echo(json.dumps(result, indent=2))
 
 

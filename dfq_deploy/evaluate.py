@@ -39,29 +39,70 @@ class EvalSet:
 
 
 def load_eval_set(path: str | Path, *, input_shape: tuple[int, ...], mean: Sequence[float],
-                  std: Sequence[float], limit: int | None = None) -> EvalSet:
+                  std: Sequence[float], limit: int | None = None, num_classes: int | None = None,
+                  resize: bool = False) -> EvalSet:
     """Read an ImageFolder directory or an assets-style ``.npz`` into normalised tensors.
 
-    Images are resized (bilinear) to ``input_shape`` (C, H, W) where they differ, scaled to [0, 1]
-    and normalised with ``mean``/``std``. ``limit`` keeps the first images only.
+    The set is checked against the model: images must have ``input_shape`` (C, H, W) (resized,
+    bilinear, only with ``resize``), labels must lie in ``[0, num_classes)``, and there must be at
+    least one image; ``.npz`` pixels are uint8 (0..255) or floats in [0, 1]. Each mismatch is a
+    :class:`BadInputError` naming what was expected. ``limit`` keeps the first images only.
     """
     path = Path(path)
+    channels, height, width = input_shape
     if path.is_dir():
-        pixels, labels = _read_image_folder(path, limit)
+        pixels, labels = _read_image_folder(path, limit, size=(height, width), resize=resize)
     elif path.suffix == ".npz" and path.is_file():
         pixels, labels = _read_npz(path, limit)
     else:
         raise BadInputError(f"no evaluation set at {path}",
                             hint="pass an ImageFolder directory (one folder per class) or an .npz with x (N,H,W,C uint8) and y")
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
-    channels, height, width = input_shape
+    images = _as_unit_range(pixels, path).permute(0, 3, 1, 2)
     if images.shape[1] != channels:
-        raise BadInputError(f"{path} holds {images.shape[1]}-channel images, the model takes {channels}")
+        looks_nchw = pixels.shape[1] == channels
+        raise BadInputError(f"{path} holds {images.shape[1]}-channel images (x shape {tuple(pixels.shape)}), "
+                            f"the model takes {channels}",
+                            hint="x must be N,H,W,C (channels last)" + (": this one looks N,C,H,W" if looks_nchw else ""))
     if tuple(images.shape[2:]) != (height, width):
+        if not resize:
+            raise BadInputError(f"{path} holds {images.shape[3]}x{images.shape[2]} images, the model takes "
+                                f"{width}x{height}",
+                                hint="pass --eval-resize to resize them (bilinear), or give images of the model's size")
         images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    _check_labels(labels, path, num_classes)
     mean_t = torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
     return EvalSet(((images - mean_t) / std_t).contiguous(), torch.as_tensor(labels, dtype=torch.long), str(path))
+
+
+def _as_unit_range(pixels: np.ndarray, path: Path) -> torch.Tensor:
+    """uint8 0..255, or floats already in [0, 1], as float32 in [0, 1]."""
+    if pixels.dtype == np.uint8:
+        return torch.from_numpy(pixels).float().div_(255.0)
+    if np.issubdtype(pixels.dtype, np.floating):
+        finite = np.isfinite(pixels)
+        if not finite.all():
+            raise BadInputError(f"{path}: x holds {int((~finite).sum())} NaN or infinite values",
+                                hint="x must be uint8 0..255 or floats in [0, 1]")
+        lo, hi = float(pixels.min()), float(pixels.max())
+        if lo < 0.0 or hi > 1.0:
+            raise BadInputError(f"{path}: x holds floats in [{lo:.4g}, {hi:.4g}], expected uint8 0..255 or "
+                                "floats in [0, 1]", hint="store raw pixels, not normalised ones: dfq-deploy "
+                                "normalises them itself (--normalize)")
+        return torch.from_numpy(pixels.astype(np.float32))
+    raise BadInputError(f"{path}: x has dtype {pixels.dtype}, expected uint8 (0..255) or float in [0, 1]")
+
+
+def _check_labels(labels: np.ndarray, path: Path, num_classes: int | None) -> None:
+    if len(labels) == 0:
+        raise BadInputError(f"{path} holds no images", hint="an evaluation set needs at least one labelled image")
+    if num_classes is None:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise BadInputError(f"{path} has labels {lo}..{hi}, the model has {num_classes} output classes "
+                            f"(labels 0..{num_classes - 1})",
+                            hint="the labels must index the model's outputs: is this the set for this model?")
 
 
 def _read_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -69,12 +110,15 @@ def _read_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
         if "x" not in data or "y" not in data:
             raise BadInputError(f"{path} must hold arrays 'x' (N,H,W,C uint8) and 'y' (N labels), has {sorted(data)}")
         x, y = data["x"][:limit], data["y"][:limit]
-    if x.ndim != 4 or x.dtype != np.uint8 or len(x) != len(y):
-        raise BadInputError(f"{path}: x must be uint8 (N,H,W,C) with one label per image; got {x.dtype} {x.shape}, {len(y)} labels")
+    if x.ndim != 4 or len(x) != len(y) or y.ndim != 1:
+        raise BadInputError(f"{path}: x must be N,H,W,C with one label per image in y; got x {x.shape}, y {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise BadInputError(f"{path}: y has dtype {y.dtype}, expected integer class indices")
     return x, y.astype(np.int64)
 
 
-def _read_image_folder(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_image_folder(path: Path, limit: int | None, *, size: tuple[int, int],
+                       resize: bool) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
     classes = sorted(d.name for d in path.iterdir() if d.is_dir())
@@ -85,14 +129,22 @@ def _read_image_folder(path: Path, limit: int | None) -> tuple[np.ndarray, np.nd
     files = files[:limit]
     if not files:
         raise BadInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-    first = np.asarray(Image.open(files[0][0]).convert("RGB"))
-    pixels = np.empty((len(files), *first.shape), dtype=np.uint8)
+    height, width = size
+    pixels = np.empty((len(files), height, width, 3), dtype=np.uint8)
     for i, (f, _) in enumerate(files):
         image = Image.open(f).convert("RGB")
-        if image.size != (first.shape[1], first.shape[0]):
-            image = image.resize((first.shape[1], first.shape[0]), Image.BILINEAR)
+        if image.size != (width, height):
+            if not resize:
+                raise BadInputError(f"{f} is {image.size[0]}x{image.size[1]}, the model takes {width}x{height}",
+                                    hint="pass --eval-resize to resize the images (bilinear), or resize them first")
+            image = image.resize((width, height), Image.BILINEAR)
         pixels[i] = np.asarray(image)
     return pixels, np.array([label for _, label in files], dtype=np.int64)
+
+
+def output_classes(model: Any, input_shape: tuple[int, ...]) -> int:
+    """How many classes ``model`` scores (the width of its output for one image)."""
+    return int(predict(model, torch.zeros(1, *input_shape)).shape[1])
 
 
 def predict(model: Any, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:

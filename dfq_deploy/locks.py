@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from .artifacts import prepare_out_dir, remove_stale_temp_files
 from .errors import LockedError, StorageError
 
 OUT_DIR_LOCK = ".dfq-deploy.lock"
@@ -76,6 +77,10 @@ def _acquire(path: Path, *, what: str, wait: bool) -> int:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            # The previous holder removed the folder it had created and left empty: make it again.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
         except OSError as exc:
             raise StorageError.from_os_error(exc, path=path, action="create the lock file") from exc
         try:
@@ -121,3 +126,24 @@ def _write_holder(fd: int, holder: LockHolder) -> None:
     data = json.dumps(dataclasses.asdict(holder)).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
+
+
+@contextlib.contextmanager
+def locked_out_dir(out_dir: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
+    """A build's output folder, prepared and locked for the block, so two builds never mix their
+    artifacts in one folder (:class:`LockedError` if another build holds it, unless ``wait``).
+
+    Temp files a killed build left are removed once the lock is ours; a folder this call created
+    is removed again if the block leaves it empty (refused before its first artifact).
+    """
+    created = not Path(out_dir).exists()
+    out = prepare_out_dir(out_dir)
+    try:
+        with exclusive_lock(out / OUT_DIR_LOCK, what=f"output folder {out}", wait=wait):
+            for folder in (out, *(p for p in out.iterdir() if p.is_dir())):
+                remove_stale_temp_files(folder)
+            yield out
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            with contextlib.suppress(OSError):  # a build waiting for our lock may have just written into it
+                out.rmdir()

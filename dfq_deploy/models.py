@@ -108,6 +108,7 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
         raise BadInputError(f"model path is not a file: {path}")
     digest = sha256_file(path)
     module, fmt = _load_any(path, arch=arch, trust_pickle=trust_pickle)
+    check_finite_weights(module, path)
     shape = tuple(input_shape or default_input_shape(arch))
     if fmt in ("state_dict", "pickle"):
         module.eval()
@@ -115,6 +116,17 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
     graph = capture_graph(module, shape)
     check_input_shape(graph, shape)
     return LoadedModel(graph, shape, fmt, str(path), digest, arch)
+
+
+def check_finite_weights(module: nn.Module, path: str | Path) -> None:
+    """Refuse NaN or Inf in any parameter or buffer, naming the first few tensors and their counts."""
+    bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in module.state_dict().items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(f"{name} ({count} values)" for name, count in bad[:4]) + (", ..." if len(bad) > 4 else "")
+        raise BadInputError(f"{path} holds NaN or infinite weights in {len(bad)} tensors: {shown}",
+                            hint="the file is damaged or its training diverged: export it again from a "
+                                 "checkpoint whose weights are finite")
 
 
 def check_input_shape(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:

@@ -49,7 +49,7 @@ def test_image_folder_labels_follow_sorted_class_names(tmp_path):
         folder = tmp_path / ["a_red", "b_green", "c_blue"][label]
         folder.mkdir(exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
-    data = load_eval_set(tmp_path, input_shape=(3, 16, 16), mean=MEAN, std=STD)  # resized 8 -> 16
+    data = load_eval_set(tmp_path, input_shape=(3, 16, 16), mean=MEAN, std=STD, resize=True)  # 8 -> 16
     assert data.images.shape == (12, 3, 16, 16)
     assert sorted(data.labels.tolist()) == sorted(y.tolist())
     assert evaluate_top1(MeanColour(), data) == pytest.approx(100.0)

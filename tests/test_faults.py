@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -233,3 +234,86 @@ def test_a_config_that_is_not_text(model_file, tmp_path):
     config.write_bytes(b"\xff\xfe\x00synthesis")
     assert_one_line_error(invoke("build", model_file, "--out", tmp_path / "o", "--config", config, *FAST), 2,
                           "not UTF-8")
+
+
+# --- non-finite numbers ----------------------------------------------------------------------------
+
+def test_nan_weights_are_named_at_load(tmp_path):
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    with torch.no_grad():
+        model.block["conv1"].weight[0, 0, 0, 0] = float("nan")
+        model.fc.bias[1] = float("inf")
+    path = tmp_path / "nan.pt"
+    torch.save(model, path)
+    result = invoke("build", path, "--out", tmp_path / "o", *FAST)
+    assert_one_line_error(result, 2, "NaN or infinite weights in 2 tensors", "block.conv1.weight (1 values)",
+                          "fc.bias (1 values)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_overflowing_activations_name_the_layer(loaded):
+    from dfq_deploy.calibration_set import CalibrationSet
+    from dfq_deploy.config import default_scheme
+    from dfq_deploy.errors import BadInputError
+    from dfq_deploy.quant.quantize import quantize
+
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    with torch.no_grad():
+        model.head.weight.fill_(1e38)  # finite weights whose sums overflow float32
+    calib = CalibrationSet(torch.randn(4, *INPUT_SHAPE))
+    with pytest.raises(BadInputError, match=r"infinite activation values in the output of head"):
+        quantize(model, calib, scheme=default_scheme("onnxruntime"), progress=False)
+    nan_calib = CalibrationSet(torch.randn(4, *INPUT_SHAPE))
+    nan_calib.images[2, 0, 0, 0] = float("nan")
+    with pytest.raises(BadInputError, match=r"NaN or infinite pixels in 1 of its 4 images \(first: image 2\)"):
+        api.quantize(loaded, nan_calib, progress=False)
+
+
+def test_a_synthesis_loss_that_diverges_stops_with_a_clear_error(loaded):
+    from dfq_deploy.errors import BadInputError
+    config = SynthesisConfig(method="zeroq", num_images=4, batch_size=4, iterations=20, lr=1e30)
+    with pytest.raises(BadInputError, match=r"the synthesis loss became (nan|inf) at step \d+ \(lr 1e\+30\)"):
+        api.synthesize(loaded, config=config, progress=False)
+
+
+# --- evaluation sets checked against the model -----------------------------------------------------
+
+def _npz(path: Path, x: np.ndarray, y) -> Path:
+    np.savez(path, x=x, y=np.asarray(y))
+    return path
+
+
+def test_an_eval_set_of_another_size_is_refused_unless_resized(model_file, tmp_path):
+    h, w = INPUT_SHAPE[1:]
+    big = _npz(tmp_path / "big.npz", np.zeros((3, 2 * h, 2 * w, 3), np.uint8), [0, 1, 2])
+    result = invoke("build", model_file, "--out", tmp_path / "o", "--eval-set", big, "--no-cache", *FAST)
+    assert_one_line_error(result, 2, f"holds {2 * w}x{2 * h} images, the model takes {w}x{h}", "--eval-resize")
+    assert not (tmp_path / "o").exists()
+    resized = invoke("eval", model_file, "--trust-pickle", "--input-shape", SHAPE, "--eval-set", big, "--eval-resize")
+    assert resized.exit_code == 0 and json.loads(resized.output)["images"] == 3
+
+
+@pytest.mark.parametrize("x, y, expected", [
+    (np.zeros((2, 16, 16, 3), np.uint8), [0, 5], "labels 0..5, the model has 5 output classes (labels 0..4)"),
+    (np.zeros((2, 16, 16, 3), np.uint8), [-1, 0], "labels -1..0, the model has 5 output classes"),
+    (np.zeros((0, 16, 16, 3), np.uint8), np.zeros(0, np.int64), "holds no images"),
+    (np.zeros((2, 3, 16, 16), np.uint8), [0, 1], "holds 16-channel images"),
+    (np.full((2, 16, 16, 3), 200.0, np.float32), [0, 1], "holds floats in [200, 200], expected uint8"),
+    (np.zeros((2, 16, 16, 3), np.int32), [0, 1], "x has dtype int32, expected uint8"),
+    (np.zeros((2, 16, 16, 3), np.uint8), [0.5, 1.0], "y has dtype float64, expected integer"),
+])
+def test_eval_set_mismatches_name_what_was_expected(model_file, tmp_path, x, y, expected):
+    path = _npz(tmp_path / "set.npz", x, y)
+    result = invoke("eval", model_file, "--trust-pickle", "--input-shape", SHAPE, "--eval-set", path)
+    assert_one_line_error(result, 2, expected)
+
+
+def test_channels_first_eval_set_gets_a_layout_hint(loaded, tmp_path):
+    from dfq_deploy.errors import BadInputError
+    from dfq_deploy.evaluate import load_eval_set
+    path = _npz(tmp_path / "nchw.npz", np.zeros((2, 3, 16, 16), np.uint8), [0, 1])
+    with pytest.raises(BadInputError) as info:
+        load_eval_set(path, input_shape=INPUT_SHAPE, mean=(0, 0, 0), std=(1, 1, 1), num_classes=5)
+    assert "looks N,C,H,W" in info.value.hint

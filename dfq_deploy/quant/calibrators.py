@@ -10,6 +10,8 @@ model keeps ~90 % or collapses to chance. ``entropy`` is TensorRT's KL-divergenc
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -51,6 +53,7 @@ class HistogramCalibrator:
         self.min = float("inf")
         self.max = float("-inf")
         self.count = 0
+        self.nonfinite = 0  # NaN/Inf values seen; such batches are left out of the histogram
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
@@ -59,6 +62,10 @@ class HistogramCalibrator:
             return
         bmin, bmax = torch.aminmax(x)
         bmin, bmax = float(bmin), float(bmax)
+        if not (math.isfinite(bmin) and math.isfinite(bmax)):
+            # Counted for the caller to name the layer; torch.histc would only say "range not finite".
+            self.nonfinite += int((~torch.isfinite(x)).sum())
+            return
         self.min, self.max = min(self.min, bmin), max(self.max, bmax)
         self.count += x.numel()
         if self.hist is None:

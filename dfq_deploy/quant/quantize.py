@@ -99,6 +99,7 @@ def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, ba
     """
     if len(calib) == 0:
         raise BadInputError("the calibration set is empty")
+    check_finite_images(calib)
     graph = fold_batchnorm(capture_graph(model, calib.input_shape))
     layers = insert_quantizers(graph, scheme)
     if not layers:
@@ -308,12 +309,40 @@ def calibrate(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantSche
     for batch in tqdm(list(calib.batches(batch_size)), desc="calibrate", unit="batch", disable=not progress,
                       leave=False):
         graph(batch)
+    _refuse_nonfinite_activations(graph)
     for q in quantizers:
         if q.tied_to is None:
             q.set_range(*_range_of(q, scheme.calibrator, scheme))
     _copy_tied_ranges(quantizers)
     if scheme.per_layer_calibrator:
         select_calibrators(graph, calib, scheme=scheme)
+
+
+def _refuse_nonfinite_activations(graph: fx.GraphModule) -> None:
+    """Name the first layer (in graph order) whose output held NaN or Inf on the calibration set."""
+    for node in graph.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith("act_quant."):
+            continue
+        quantizer = graph.get_submodule(node.target)
+        if isinstance(quantizer, ActQuantizer) and quantizer.calibrator.nonfinite:
+            src = node.args[0]
+            while src.op == "call_function" and src.target in ACTIVATIONS:  # name the conv, not its ReLU
+                src = src.args[0]
+            where = src.target if src.op == "call_module" else src.name
+            what = "the model input" if src.op == "placeholder" else f"the output of {where}"
+            raise BadInputError(f"{quantizer.calibrator.nonfinite} NaN or infinite activation values in {what} "
+                                "during calibration", hint="weights or BN statistics so large that activations "
+                                "overflow float32 (or a calibration set with NaN): check that layer's weights")
+
+
+def check_finite_images(calib: CalibrationSet) -> None:
+    """A calibration set with NaN or Inf pixels is refused, naming how many images and the first."""
+    bad = (~torch.isfinite(calib.images)).flatten(1).any(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise BadInputError(f"the calibration set holds NaN or infinite pixels in {int(bad.sum())} of its "
+                            f"{len(calib)} images (first: image {first})",
+                            hint="make the set again (dfq-deploy synthesize), or remove those images")
 
 
 CALIBRATORS: tuple[str, ...] = get_args(CalibratorName)

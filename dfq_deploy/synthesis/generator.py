@@ -21,7 +21,7 @@ from torch import nn
 
 from .bn_stats import BNInputCapture
 from .job import Job, MethodResult, ObjectiveFactory
-from .pixel_loop import CHECK_EVERY, progress_bar, seeded_generator, start_batch
+from .pixel_loop import CHECK_EVERY, check_finite_loss, progress_bar, seeded_generator, start_batch
 from .sharding import average_gradients
 
 # GDFQ's latent size, kept by ClusterQ and FDDA: z alone varies the images within a class, and 256
@@ -142,7 +142,8 @@ def synthesize_with_generator(job: Job, make_objective: ObjectiveFactory) -> Met
                 losses[step] = loss.detach()
                 bar.update(1)
                 if step % CHECK_EVERY == 0 or step == steps - 1:
-                    bar.set_postfix(loss=f"{float(losses[step]):.4g}", refresh=False)
+                    value = check_finite_loss(float(losses[step]), step=step, lr=lr)
+                    bar.set_postfix(loss=f"{value:.4g}", refresh=False)
     images, all_labels = [], []
     with torch.no_grad():
         for batch in job.batches:

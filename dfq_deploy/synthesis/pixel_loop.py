@@ -7,11 +7,14 @@ batch comes out the same whether it is made alone, in a loop, or on another rank
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ..errors import BadInputError
 
 # ZeroQ's schedule: Adam, lr divided by 10 when the loss has not improved for 100 steps, down to 1e-4.
 PLATEAU_PATIENCE = 100
@@ -68,6 +71,15 @@ def progress_bar(total: int, *, enabled: bool, desc: str) -> tqdm:
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
+def check_finite_loss(value: float, *, step: int, lr: float) -> float:
+    """``value``, or a clear error once the synthesis loss is NaN or infinite (the run cannot recover)."""
+    if not math.isfinite(value):
+        raise BadInputError(f"the synthesis loss became {value} at step {step} (lr {lr:g})",
+                            hint="lower --lr or --iterations, or check the model: a NaN/Inf weight or BN "
+                                 "statistic makes every loss non-finite")
+    return value
+
+
 Schedule = Literal["plateau", "cosine"]
 
 
@@ -95,9 +107,9 @@ def optimise_pixels(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, lr: f
     for step in range(iterations):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(x, first_step + step)
+        last = check_finite_loss(loss.item(), step=first_step + step, lr=lr)
         loss.backward()
         optimizer.step()
-        last = loss.item()
         scheduler.step(last) if schedule == "plateau" else scheduler.step()
         bar.update(1)
         taken = step + 1
