@@ -8,7 +8,12 @@ import contextlib
 import errno
 import json
 import os
+import re
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import click
@@ -22,14 +27,14 @@ from dfq_deploy.cache_store import DAMAGED_DIR, ENTRY_MANIFEST, CacheStore, Cach
 from dfq_deploy.calibration_set import TENSORS_FILE
 from dfq_deploy.cli import _run, main
 from dfq_deploy.config import SynthesisConfig
-from dfq_deploy.errors import StorageError
+from dfq_deploy.errors import EXIT_SIGINT, EXIT_SIGTERM, StorageError
 from small_cnn import INPUT_SHAPE, SmallResNet
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = "x".join(map(str, INPUT_SHAPE))
 FAST = ["--trust-pickle", "--input-shape", SHAPE, "--calib", "noise", "--num-images", "4", "--no-progress",
         "--batch-sizes", "1", "--warmup", "0", "--profile-iterations", "1"]
-NOISE = SynthesisConfig(method="noise", num_images=4)
+SLOW_ZEROQ = [*FAST[:3], "--calib", "zeroq", "--iterations", "100000", *FAST[5:]]  # ends only by a signal
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +322,123 @@ def test_channels_first_eval_set_gets_a_layout_hint(loaded, tmp_path):
     with pytest.raises(BadInputError) as info:
         load_eval_set(path, input_shape=INPUT_SHAPE, mean=(0, 0, 0), std=(1, 1, 1), num_classes=5)
     assert "looks N,C,H,W" in info.value.hint
+
+
+# --- locks, signals and killed builds --------------------------------------------------------------
+
+LOCK = ".dfq-deploy.lock"
+
+
+def _spawn_build(model_file: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dfq_deploy.cli", "build", str(model_file), "--out", str(out),
+                             *(extra or FAST)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")})
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the build ended before {what}: {proc.communicate()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _holds_lock(out: Path, pid: int) -> bool:
+    try:
+        return json.loads((out / LOCK).read_text())["pid"] == pid
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def test_locked_and_killed_builds(model_file, cache_dir, tmp_path):
+    """Two builds killed by SIGKILL (one mid-synthesis, one after writing artifacts), started at once
+    to share their start-up time: a second build into the first's folder is refused naming the
+    holder, ``--wait`` queues and then takes over the dead holder's lock; the other is rerun and
+    continues from the calibration set its killed run left in the cache."""
+    holder_out, killed_out = tmp_path / "held", tmp_path / "killed"
+    holder = _spawn_build(model_file, holder_out, *SLOW_ZEROQ)  # synthesizes until it is killed
+    killed = _spawn_build(model_file, killed_out, *FAST, "--profile-iterations", "10000000")  # profiles until killed
+    _wait_for(lambda: _holds_lock(holder_out, holder.pid), holder, "the first build locks its folder")
+
+    refused = invoke("build", model_file, "--out", holder_out, *FAST)
+    assert_one_line_error(refused, 13, f"output folder {holder_out} is locked by pid {holder.pid}", "--wait")
+    waiting: dict = {}
+    waiter = threading.Thread(target=lambda: waiting.update(
+        result=invoke("build", model_file, "--out", holder_out, "--wait", *FAST)))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive(), "--wait queues behind the holder"
+    holder.kill()
+    holder.wait(timeout=30)
+    waiter.join(timeout=120)
+    queued = waiting["result"]
+    assert queued.exit_code == 0, queued.output
+    assert "waiting for the lock on output folder" in queued.output
+    assert f"took over the lock on output folder {holder_out} left by pid {holder.pid}" in queued.output
+    assert (holder_out / "report.json").is_file() and leftovers(holder_out) == []
+
+    _wait_for(lambda: (killed_out / "model.qdq.onnx").is_file(), killed, "the second build exports")
+    killed.kill()
+    killed.wait(timeout=30)
+    assert json.loads((killed_out / LOCK).read_text())["pid"] == killed.pid, "SIGKILL leaves the lock file"
+    rerun = invoke("build", model_file, "--out", killed_out, "--json", *FAST)
+    assert rerun.exit_code == 0, rerun.output
+    assert "took over the lock" in rerun.output
+    report = json.loads((killed_out / "report.json").read_text())
+    assert report["calibration"]["images"] == 4
+    assert leftovers(killed_out) == [] and leftovers(cache_dir) == []
+    manifest = json.loads((killed_out / "manifest.json").read_text())
+    assert set(manifest["artifacts"].values()) <= {p.name for p in killed_out.iterdir()}
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)])
+def test_a_signal_ends_a_build_with_one_line(model_file, loaded, cache_dir, tmp_path, signum, code):
+    # ``loaded`` has made torch.export import what it imports lazily: a signal that lands in an import
+    # would leave a half-imported module behind in this (test) process.
+    out = tmp_path / "o"
+    stop = threading.Event()
+
+    def signal_once_synthesizing():  # the cache entry's lock is taken just before synthesis starts
+        while not stop.wait(0.05):
+            if list((cache_dir / "synthesis").glob("*.lock")):
+                os.kill(os.getpid(), signum)
+                return
+
+    watcher = threading.Thread(target=signal_once_synthesizing)
+    watcher.start()
+    try:
+        result = invoke("build", model_file, "--out", out, *SLOW_ZEROQ)
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.exit_code == code, result.output
+    assert re.search(r"^interrupted at stage synthesize; nothing half-written$", result.output, re.M), result.output
+    assert "Traceback" not in result.output
+    assert not out.exists(), "stopped before its first artifact: nothing left"
+    assert leftovers(cache_dir) == []
+
+
+def test_two_writers_of_one_cache_entry_make_it_once(tmp_path):
+    store = CacheStore(tmp_path / "engines")
+    made, results = [], []
+
+    def make() -> bytes:
+        made.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the other writer to arrive and wait on the entry's lock
+        return b"plan"
+
+    def get():
+        results.append(store.get_or_make("e" * 64, make=make, read=lambda folder: (folder / "p").read_bytes(),
+                                         write=lambda value, folder: (folder / "p").write_bytes(value)))
+
+    threads = [threading.Thread(target=get) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and sorted(hit for _, hit in results) == [False, True]
+    assert all(value == b"plan" for value, _ in results)
+    assert not list(store.directory.glob("*.lock"))
