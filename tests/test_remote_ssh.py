@@ -266,6 +266,14 @@ def test_remote_url_forms():
     assert "StrictHostKeyChecking=no" not in " ".join(argv) and "UserKnownHostsFile=/dev/null" not in " ".join(argv)
 
 
+def test_an_engine_is_never_sent_to_a_device(tmp_path):
+    from dfq_deploy.errors import BadInputError
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"plan")
+    with pytest.raises(BadInputError, match="takes the ONNX file"):
+        RemoteProfileRequest(artifact=engine)
+
+
 def test_dfq_deploy_runner_times_onnx_files_only():
     from dfq_deploy.errors import BadInputError
     with pytest.raises(BadInputError, match="onnxruntime's TensorRT provider"):

@@ -63,6 +63,10 @@ class RemoteProfileRequest:
             raise BadInputError(f"--runner must be auto, trtexec or dfq-deploy, got {self.runner!r}")
         if not Path(self.artifact).is_file():
             raise BadInputError(f"no such file: {self.artifact}")
+        if Path(self.artifact).suffix != ".onnx":
+            raise BadInputError(f"--remote takes the ONNX file, got {self.artifact}",
+                                hint="an engine is specific to the GPU and TensorRT it was built with; the device "
+                                     "builds its own from the Q/DQ ONNX")
 
 
 def choose_runner(requested: RunnerName, device: DeviceDescription) -> str:
