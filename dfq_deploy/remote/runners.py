@@ -114,13 +114,11 @@ def _run_job(ssh: SshDevice, script: str, work: str, *, what: str) -> None:
     if proc.returncode != _FAILED_STEP:
         raise ssh.error(proc, what=what)
     err = proc.stderr.decode(errors="replace")
-    failed = ssh.error(proc, what=what)
     if "No space left" in err:
-        raise failed
+        raise ssh.error(proc, what=what)  # says the device's disk is full
     step, _, log = err.partition("\n")
     raise RemoteError(f"{step.strip()} on {ssh.target.label}: {failure_message(log)}",
-                      hint="the full log is in the device's trtexec output above; check the graph with "
-                           "`dfq-deploy inspect`")
+                      hint="`dfq-deploy inspect MODEL.onnx` checks the graph against TensorRT's Q/DQ rules")
 
 
 def _step_script(step: TrtexecStep, tegrastats: str | None) -> str:
