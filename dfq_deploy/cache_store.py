@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from .artifacts import TEMP_SUFFIX, atomic_write_bytes, sha256_file
-from .errors import StorageError
+from .errors import StorageError, first_line
 from .locks import exclusive_lock
 
 T = TypeVar("T")
@@ -85,7 +85,7 @@ class CacheStore:
             try:
                 return read(entry)
             except Exception as exc:  # verified bytes that still do not load: a format this version cannot read
-                problem = f"does not load: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                problem = f"does not load: {first_line(exc)}"
         self._move_aside(entry, problem)
         return None
 

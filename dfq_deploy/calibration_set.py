@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from .artifacts import atomic_write
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 
 TENSORS_FILE = "calibration.pt"
 MANIFEST_FILE = "calibration.json"
@@ -89,11 +89,7 @@ class CalibrationSet:
             images = payload["images"]
         except (RuntimeError, OSError, ValueError, KeyError, TypeError, EOFError) as exc:
             # torch.load reports a truncated or overwritten archive as any of these
-            raise BadInputError(f"calibration set at {directory} is damaged: {_first_line(exc)}",
+            raise BadInputError(f"calibration set at {directory} is damaged: {first_line(exc)}",
                                 hint="make it again with `dfq-deploy synthesize MODEL --out DIR`") from None
         return cls(images, payload.get("labels"), meta)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,6 +11,13 @@ import os
 import signal
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none): what a
+    one-line error or warning quotes from a library's multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class DfqError(Exception):
     """Base class of errors caused by input, environment or a failed quality gate."""
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .artifacts import sha256_file
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 from .graph_capture import capture_graph
 
 DEFAULT_INPUT_SHAPE = (3, 224, 224)
@@ -135,7 +135,7 @@ def check_input_shape(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor
         with torch.no_grad():
             out = module(torch.zeros(2, *shape))
     except Exception as exc:  # any failure here means the shape does not fit this model
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BadInputError(f"the model rejects inputs of shape (N, {', '.join(map(str, shape))}): {first}",
                             hint="pass the shape it was trained on, e.g. --input-shape 1x3x224x224 (a .pt2 "
                             "program must be exported with a dynamic batch dimension)") from None
@@ -162,7 +162,7 @@ def _load_any(path: Path, *, arch: str | None, trust_pickle: bool) -> tuple[nn.M
                     "the file", hint="pass --trust-pickle if you trust its source, or save a state_dict and "
                     "pass --arch, or save with torch.jit.save / torch.export.save") from None
             return _load_pickle(path), "pickle"
-        raise BadInputError(f"cannot read {path} as a PyTorch model file: {_first_line(exc)}",
+        raise BadInputError(f"cannot read {path} as a PyTorch model file: {first_line(exc)}",
                             hint="expected TorchScript, torch.export .pt2, a state_dict or a pickled module") from None
     if isinstance(obj, nn.Module):
         return obj, "pickle"
@@ -189,7 +189,7 @@ def _load_exported(path: Path) -> nn.Module:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # corrupt or from an incompatible torch version
-        raise BadInputError(f"cannot load torch.export program {path}: {_first_line(exc)}") from None
+        raise BadInputError(f"cannot load torch.export program {path}: {first_line(exc)}") from None
     module = program.module()
     module._dfq_exported = True
     return module
@@ -199,14 +199,14 @@ def _load_torchscript(path: Path) -> nn.Module:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # corrupt archive or unknown ops
-        raise BadInputError(f"cannot load TorchScript file {path}: {_first_line(exc)}") from None
+        raise BadInputError(f"cannot load TorchScript file {path}: {first_line(exc)}") from None
 
 
 def _load_pickle(path: Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # the pickle names a class that is not importable here, or is corrupt
-        raise BadInputError(f"cannot unpickle {path}: {_first_line(exc)}",
+        raise BadInputError(f"cannot unpickle {path}: {first_line(exc)}",
                             hint="the classes the model was pickled with must be importable") from None
     if not isinstance(obj, nn.Module):
         raise BadInputError(f"{path} unpickles to a {type(obj).__name__}, not an nn.Module")
@@ -237,7 +237,3 @@ def _is_pickled_code(exc: Exception) -> bool:
     # a corrupt file fails in the same unpickler with other words ("Unsupported operand").
     return "Unsupported global" in str(exc)
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

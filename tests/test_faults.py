@@ -389,6 +389,8 @@ def test_locked_and_killed_builds(model_file, cache_dir, tmp_path):
     assert "took over the lock" in rerun.output
     report = json.loads((killed_out / "report.json").read_text())
     assert report["calibration"]["images"] == 4
+    calibration = json.loads((killed_out / "calibration" / "calibration.json").read_text())
+    assert calibration["cache"]["hit"], "the set the killed run finished came from the cache"
     assert leftovers(killed_out) == [] and leftovers(cache_dir) == []
     manifest = json.loads((killed_out / "manifest.json").read_text())
     assert set(manifest["artifacts"].values()) <= {p.name for p in killed_out.iterdir()}
@@ -442,3 +444,18 @@ def test_two_writers_of_one_cache_entry_make_it_once(tmp_path):
     assert len(made) == 1 and sorted(hit for _, hit in results) == [False, True]
     assert all(value == b"plan" for value, _ in results)
     assert not list(store.directory.glob("*.lock"))
+
+
+def test_a_damaged_reconstruction_checkpoint_is_started_over(loaded, tmp_path):
+    from dfq_deploy.calibration_set import CalibrationSet
+    from dfq_deploy.config import ReconstructionConfig
+    checkpoint = tmp_path / "recon"
+    checkpoint.mkdir()
+    (checkpoint / "reconstruction.pt").write_bytes(b"PK\x03\x04 cut off by a full disk")
+    calib = CalibrationSet(torch.randn(4, *INPUT_SHAPE))
+    config = ReconstructionConfig(iterations=2, batch_size=4, checkpoint_dir=str(checkpoint))
+    with pytest.warns(UserWarning, match="reconstruction checkpoint .* is damaged"):
+        first = api.quantize(loaded, calib, reconstruct=config, progress=False)
+    resumed = api.quantize(loaded, calib, reconstruct=config, progress=False)
+    assert not any(b.resumed for b in first.reconstruction.blocks)
+    assert all(b.resumed for b in resumed.reconstruction.blocks)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from typing import TYPE_CHECKING
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_write
 from ..calibration_set import CalibrationSet
 from ..config import ReconstructionConfig
-from ..errors import BadInputError
+from ..errors import BadInputError, first_line
 from .quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer, float_mode
 
 if TYPE_CHECKING:  # quantize() runs reconstruction, so this module must not import it back
@@ -285,7 +286,14 @@ class _Checkpoint:
         """Restore a matching checkpoint into ``graph``; returns how many blocks it has finished."""
         if self.path is None or not self.path.is_file():
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state["key"], state["model"], state["done"]
+        except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError) as exc:
+            # A checkpoint only saves time: a damaged one is started over, not a reason to stop.
+            warnings.warn(f"reconstruction checkpoint {self.path} is damaged ({first_line(exc)}); "
+                          "starting the reconstruction over", stacklevel=2)
+            return 0
         if state["key"] != self.key:
             raise BadInputError(f"the reconstruction checkpoint {self.path} belongs to another model or calibration set",
                                 hint="delete it or choose another checkpoint directory")
