@@ -37,6 +37,8 @@ from .layout import CALIBRATION_DIR, ENGINE, FP32_ONNX, MANIFEST, QDQ_ONNX, REPO
 
 if TYPE_CHECKING:  # the remote package is imported only when a build uses it
     from .remote.deploy import RemoteDevices
+    from .runtimes.base import Runner
+    from .targets import DeployTarget
 
 
 def load(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False,
@@ -229,15 +231,8 @@ def scheme_for_target(scheme: QuantScheme, *, target: Target, precision: str = "
 
     ``int4w`` (TensorRT's INT4 weight-only engines) turns the scheme weight-only with 4-bit block weights.
     """
-    if precision == "int4w":
-        if target == "onnxruntime":
-            raise BadInputError("--precision int4w is TensorRT's INT4 weight-only engine precision",
-                                hint="use --target tensorrt or tensorrt-rtx")
-        scheme = int4_weight_only(scheme)
-    if target != "onnxruntime" and scheme.act_form != "int8_symmetric":
-        raise BadInputError(f"--target {target} takes only signed symmetric int8 activations",
-                            hint="leave the scheme's act_form at int8_symmetric for TensorRT targets")
-    return scheme
+    from .targets import target_for
+    return target_for(target).check_scheme(scheme, precision=precision)
 
 
 def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, input_shape, synthesis, scheme,
@@ -282,23 +277,11 @@ def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, in
     manifest.artifact("fp32_onnx", fp32_path)
     manifest.artifact("qdq_onnx", qdq_path)
 
-    optimized = None  # onnxruntime's optimized Q/DQ graph: its kernel counts and the precision map read it
+    from .targets import DeployInputs, target_for
+    deploy_target = target_for(target, remote=remote)
     with manifest.timed("deploy_and_profile"):
-        if remote is not None:
-            from .remote.deploy import deploy_on_devices
-            deployment = deploy_on_devices(qdq_path, devices=remote, precision=precision,
-                                           profile_config=profile_config, out_dir=out)
-        elif target == "onnxruntime":
-            from .deployment import deploy_onnxruntime
-            from .runtimes.onnxruntime import optimized_graph
-            optimized = optimized_graph(qdq_path, threads=profile_config.threads)
-            deployment = deploy_onnxruntime(model, qmodel, calib, fp32_path=fp32_path, qdq_path=qdq_path,
-                                            profile_config=profile_config, optimized=optimized)
-        else:
-            from .deployment import deploy_tensorrt
-            deployment = deploy_tensorrt(model, qmodel, calib, qdq_model=qdq_model, fp32_path=fp32_path,
-                                         out_dir=out, target=target, precision=precision,
-                                         profile_config=profile_config)
+        deployment = deploy_target.deploy(DeployInputs(model, qmodel, calib, qdq_model, fp32_path, qdq_path, out,
+                                                       precision, profile_config))
     if deployment.get("engine_path"):
         artifacts["engine"] = deployment["engine_path"]
         manifest.artifact("engine", Path(deployment["engine_path"]))
@@ -306,12 +289,11 @@ def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, in
     accuracy = None
     if labelled is not None:
         with manifest.timed("evaluate"):
-            accuracy = evaluate_accuracy(model, qmodel, labelled, qdq_path=qdq_path if target == "onnxruntime" else None,
-                                         threads=profile_config.threads)
+            accuracy = evaluate_accuracy(model, qmodel, labelled,
+                                         deployed=deploy_target.deployed_runner(qdq_path, profile_config=profile_config))
 
     with manifest.timed("layer_fidelity"):
-        layer_report, precision_map = _where_precision_goes(qmodel, qdq_model, calib, target=target,
-                                                            deployment=deployment, optimized=optimized)
+        layer_report, precision_map = _where_precision_goes(qmodel, qdq_model, calib, deploy_target=deploy_target)
 
     report = {
         "dfq_deploy": __version__,
@@ -328,7 +310,7 @@ def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, in
         "files": {name: {"path": Path(p).name, "bytes": _size(Path(p))} for name, p in artifacts.items()},
         "host_memory": host_memory(),
         "timings_s": {name: stage["seconds"] for name, stage in manifest.data["stages"].items()},
-        "notes": _notes(synthesis, target) + qmodel.notes(),
+        "notes": _notes(synthesis) + [deploy_target.note()] + qmodel.notes(),
     }
     report["fidelity_gate"] = _fidelity_gate(deployment, max_disagreement)
     report["quality_gates"] = gate_outcomes(gates, report)
@@ -379,39 +361,37 @@ def _load_eval_set(path, model, input_shape: tuple[int, ...], *, normalize, resi
                          num_classes=output_classes(model, input_shape))
 
 
-def evaluate_accuracy(model: LoadedModel, qmodel: QuantModel, labelled, *, qdq_path: Path | None = None,
-                      threads: int | None = None) -> dict[str, Any]:
+def evaluate_accuracy(model: LoadedModel, qmodel: QuantModel, labelled, *,
+                      deployed: tuple[str, Runner] | None = None) -> dict[str, Any]:
     """Top-1 (%) on real labelled images of the FP32 model, the fake-quant reference and, when given,
-    the deployed onnxruntime INT8 model; ``drop`` is FP32 minus the deployed (or reference) model."""
+    the deployed INT8 model (``deployed``: its report key and an inactive runner, e.g.
+    ``("onnxruntime_int8", OnnxRuntimeRunner(path))``); ``drop`` is FP32 minus the deployed (or
+    reference) model."""
     from .evaluate import evaluate_top1
-    from .runtimes.onnxruntime import OnnxRuntimeRunner
 
     result: dict[str, Any] = {"eval_set": labelled.source, "images": len(labelled),
                               "fp32": evaluate_top1(model.module, labelled),
                               "fake_quant": evaluate_top1(qmodel, labelled)}
-    deployed = "fake_quant"
-    if qdq_path is not None:
-        with OnnxRuntimeRunner(qdq_path, threads=threads) as runner:
-            result["onnxruntime_int8"] = evaluate_top1(runner, labelled, batch_size=64)
-        deployed = "onnxruntime_int8"
-    result["drop"] = round(result["fp32"] - result[deployed], 4)
+    key = "fake_quant"
+    if deployed is not None:
+        key, runner = deployed
+        with runner:
+            result[key] = evaluate_top1(runner, labelled, batch_size=64)
+    result["drop"] = round(result["fp32"] - result[key], 4)
     return result
 
 
 def _where_precision_goes(qmodel: QuantModel, qdq_model: onnx.ModelProto, calib: CalibrationSet, *,
-                          target: Target, deployment: dict[str, Any], optimized: onnx.ModelProto | None):
+                          deploy_target: DeployTarget):
     """Per-layer fidelity (onnxruntime CPU runs every target's graph) and the runtime's precision map
-    (for onnxruntime, read from its ``optimized`` graph)."""
+    (what ``deploy_target``'s runtime really ran each layer in)."""
     import warnings
 
     from .fidelity import layer_fidelity
-    from .precision_map import float_fallback_warning, precision_map_onnxruntime, precision_map_tensorrt
+    from .precision_map import float_fallback_warning
 
     fidelity = layer_fidelity(qmodel, qdq_model, calib, max_images=FIDELITY_IMAGES).as_dict()
-    if target == "onnxruntime":
-        pmap = precision_map_onnxruntime(qdq_model, layers=qmodel.layers, optimized=optimized)
-    else:
-        pmap = precision_map_tensorrt(qdq_model, deployment.get("engine_metadata") or {}, layers=qmodel.layers)
+    pmap = deploy_target.precision_map(qdq_model, layers=list(qmodel.layers))
     warning = float_fallback_warning(pmap)
     if warning:
         warnings.warn(warning, stacklevel=3)
@@ -446,14 +426,8 @@ def _fidelity_gate(deployment: dict[str, Any], max_disagreement: float | None) -
             "passed": disagreement <= max_disagreement}
 
 
-def _notes(synthesis: SynthesisConfig, target: Target) -> list[str]:
-    notes = []
+def _notes(synthesis: SynthesisConfig) -> list[str]:
     if synthesis.method in ("zeroq", "clusterq", "fdda"):
-        notes.append("dfq-deploy uses the synthesis losses of the papers to make a fixed calibration set; it does "
-                     "not fine-tune the quantized model on generated samples as the papers do.")
-    if target == "onnxruntime":
-        notes.append("onnxruntime form: uint8 activations (with zero points) and int8 symmetric per-channel weights, "
-                     "the pattern onnxruntime's CPU kernels fuse into QLinearConv.")
-    else:
-        notes.append("TensorRT form: signed symmetric int8 activations and weights, zero point 0, float bias.")
-    return notes
+        return ["dfq-deploy uses the synthesis losses of the papers to make a fixed calibration set; it does "
+                "not fine-tune the quantized model on generated samples as the papers do."]
+    return []

@@ -18,12 +18,14 @@ from click.core import ParameterSource
 from .cli_cache import cache
 from .cli_remote import device_options, remote_devices, trtexec_export_option
 from .cli_errors import run_reporting_errors as _run
-from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, ProfileConfig,
-                     QuantScheme, ReconstructionConfig, SynthesisConfig, default_scheme, load_config_file, merge_config)
+from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, PerformanceHint,
+                     ProfileConfig, QuantScheme, ReconstructionConfig, SynthesisConfig, Target, default_scheme,
+                     load_config_file, merge_config)
 from .errors import BadInputError
 from .gates import QualityGates
 from .tracking import DEFAULT_EXPERIMENT, tracking_requested
 
+TARGETS = list(get_args(Target))
 # "none": images in [0, 1] as they are (for 3-channel inputs).
 NORMALIZATIONS = {"imagenet": IMAGENET_NORMALIZE, "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
@@ -91,7 +93,12 @@ def _reconstruction(o: dict[str, Any]) -> ReconstructionConfig | None:
 
 
 def profile_options(fn):
-    fn = click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores).")(fn)
+    fn = click.option("--performance-hint", type=click.Choice(list(get_args(PerformanceHint))),
+                      default=ProfileConfig.performance_hint, show_default=True,
+                      help="OpenVINO: LATENCY (one stream) or THROUGHPUT (parallel streams; adds batch-1 async "
+                           "throughput measured with an AsyncInferQueue).")(fn)
+    fn = click.option("--streams", type=int, help="OpenVINO CPU streams (default: what the hint chooses).")(fn)
+    fn = click.option("--threads", type=int, help="Runtime intra-op threads (default: all cores).")(fn)
     fn = click.option("--profile-iterations", type=int, default=ProfileConfig.iterations, show_default=True)(fn)
     fn = click.option("--warmup", type=int, default=ProfileConfig.warmup, show_default=True)(fn)
     return click.option("--batch-sizes", default=",".join(map(str, ProfileConfig.batch_sizes)), show_default=True,
@@ -106,7 +113,7 @@ SYNTHESIS_FLAGS = {"method": "method", "num_images": "num_images", "batch_size":
 QUANT_FLAGS = {"weight_bits": "bits", "act_bits": "bits", "calibrator": "calibrator", "percentile": "percentile",
                "first_last_bits": "first_last_bits"}
 PROFILE_FLAGS = {"batch_sizes": "batch_sizes", "warmup": "warmup", "iterations": "profile_iterations",
-                 "threads": "threads"}
+                 "threads": "threads", "streams": "streams", "performance_hint": "performance_hint"}
 _TYPED = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
@@ -175,7 +182,7 @@ def _input_shape(text: str | None):
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="dfq-deploy")
 def main() -> None:
-    """Quantize a trained PyTorch CNN without training data and deploy it to onnxruntime or TensorRT.
+    """Quantize a trained PyTorch CNN without training data and deploy it to onnxruntime, OpenVINO or TensorRT.
 
     \b
     dfq-deploy build model.pt --arch torchvision:resnet18 --target onnxruntime --out build/
@@ -210,7 +217,7 @@ def demo(fast, method, out_dir, no_progress) -> None:
 @quant_options
 @reconstruct_options
 @profile_options
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
+@click.option("--target", type=click.Choice(TARGETS), default="onnxruntime",
               show_default=True, help="Runtime to deploy to; decides the Q/DQ form.")
 @click.option("--precision", type=click.Choice(["int8", "fp16", "int4w"]), default="int8", show_default=True,
               help="TensorRT engine precision.")
@@ -319,7 +326,7 @@ def synthesize(model, config_file, out_dir, no_progress, **o) -> None:
 @reconstruct_options
 @click.option("--calib-set", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Use a calibration set saved by `dfq-deploy synthesize` instead of making one.")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
+@click.option("--target", type=click.Choice(TARGETS), default="onnxruntime",
               show_default=True, help="Decides the Q/DQ form of the exported graph.")
 @click.option("--precision", type=click.Choice(["int8", "int4w"]), default="int8", show_default=True,
               help="int4w: TensorRT's INT4 weight-only form (4-bit block weights, float activations).")
@@ -372,10 +379,10 @@ def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, thr
 
 @main.command()
 @click.argument("artifact", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
+@click.option("--target", type=click.Choice(TARGETS), default="onnxruntime",
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-              help="onnxruntime execution provider.")
+              help="onnxruntime execution provider (OpenVINO: cpu only).")
 @profile_options
 @device_options
 @trtexec_export_option
@@ -386,7 +393,7 @@ def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, thr
                    "without it a local profile prints JSON.")
 @_run
 def profile(artifact, target, device, out_dir, trtexec_prefix, precision, **o) -> None:
-    """Time an ONNX file or TensorRT engine here, on devices over SSH (--remote), or read trtexec exports."""
+    """Time an ONNX file (onnxruntime or OpenVINO) or TensorRT engine here, on devices over SSH (--remote), or read trtexec exports."""
     from .remote import profile as remote_profile
     devices = remote_devices(o)
     if (devices or trtexec_prefix) and out_dir is None:

@@ -17,12 +17,23 @@ from .errors import BadInputError
 IMAGENET_NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 SynthesisMethod = Literal["noise", "zeroq", "clusterq", "fdda", "folder"]
-Target = Literal["onnxruntime", "tensorrt", "tensorrt-rtx"]
+Target = Literal["onnxruntime", "openvino", "tensorrt", "tensorrt-rtx"]
 CalibratorName = Literal["max", "percentile", "mse", "entropy"]
 WeightCalibratorName = Literal["max", "mse"]
 # How activations are written in the Q/DQ graph. onnxruntime's CPU kernels fuse uint8 activations
 # (zero point allowed) into QLinearConv; TensorRT takes only signed symmetric int8 with zero point 0.
 ActivationForm = Literal["uint8_asymmetric", "int8_symmetric"]
+# OpenVINO's CPU performance hints: LATENCY (one stream, every core on one request) or THROUGHPUT
+# (several streams serving parallel requests).
+PerformanceHint = Literal["LATENCY", "THROUGHPUT"]
+# The activation form each target fuses best. OpenVINO takes the onnxruntime file unchanged: measured
+# on ResNet-18 at batch 16 (2-core AMD EPYC, AVX2 only, OpenVINO 2026.4), both forms fuse all 20
+# convs into u8-input integer primitives (jit_avx2_I8) at the same speed (1199 vs 1140 ms, within this
+# shared machine's noise), but OpenVINO re-reads a signed grid after ReLU as u8 [0, 127]: half the
+# codes are wasted, while the uint8 form spends all 256 on the non-negative tensor. Its int8 kernels
+# multiply u8 activations by s8 weights (x86 VPDPBUSD on VNNI/AMX), so u8 is also the native input.
+DEFAULT_ACT_FORM: dict[str, ActivationForm] = {"onnxruntime": "uint8_asymmetric", "openvino": "uint8_asymmetric",
+                                               "tensorrt": "int8_symmetric", "tensorrt-rtx": "int8_symmetric"}
 
 
 def _check_choice(value: Any, literal: Any, field: str) -> None:
@@ -164,6 +175,9 @@ class QuantScheme:
     # Simulation of Genie/BRECQ's setting; below 8 bit the codes still fit signed INT8 Q/DQ with a
     # Clip, at 8 bit they do not (TensorRT takes signed INT8 only). The uint8 form has it already.
     unsigned_after_relu: bool = False
+    # Weight width of the first layer alone (``None``: as ``first_last_bits`` says; overrides still win).
+    # 7 avoids the u8 x s8 saturation of CPUs without VNNI (see :data:`TARGET_SCHEME_DEFAULTS`).
+    first_layer_weight_bits: int | None = None
 
     def __post_init__(self) -> None:
         # Overrides may arrive as mappings (a config file, or dataclasses.asdict of another scheme).
@@ -176,8 +190,10 @@ class QuantScheme:
             bits = getattr(self, name)
             if not 2 <= bits <= 8:
                 raise BadInputError(f"{name} must be between 2 and 8, got {bits}")
-        if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
-            raise BadInputError(f"first_last_bits must be between 2 and 8 (or None), got {self.first_last_bits}")
+        for name in ("first_last_bits", "first_layer_weight_bits"):
+            bits = getattr(self, name)
+            if bits is not None and not 2 <= bits <= 8:
+                raise BadInputError(f"{name} must be between 2 and 8 (or None), got {bits}")
         if not 50.0 < self.percentile <= 100.0:
             raise BadInputError(f"percentile must be in (50, 100], got {self.percentile}")
 
@@ -190,11 +206,22 @@ class QuantScheme:
         quant = LayerQuant(self.weight_bits, self.act_bits)
         if self.first_last_bits is not None and (is_first or is_last):
             quant = LayerQuant(self.first_last_bits, self.first_last_bits)
+        if is_first and self.first_layer_weight_bits is not None:
+            quant = LayerQuant(min(quant.weight_bits, self.first_layer_weight_bits), quant.act_bits)
         for override in self.overrides:
             if override.matches(name, kind) and (blocked or override.weight_block_size is None):
                 quant = LayerQuant(override.weight_bits, override.act_bits, override.weight_block_size)
         return quant
 
+
+# CPUs without VNNI (SSE, AVX2, AVX-512F) multiply u8 x s8 with VPMADDUBSW, which adds two products
+# into a saturating int16: two codes near 255 times weights near 127 overflow it (OpenVINO documents
+# this as the "saturation issue", NNCF's OverflowFix). The first layer is where it bites, because its
+# input has a zero point (~128) so every code is large: measured on the CIFAR ResNet-20 (256 real test
+# images, 2-core AMD EPYC, AVX2 only) the deployed graph agreed with the fake-quant reference on 96.5%
+# of top-1 (relative L2 0.19) with 8-bit first-layer weights, and on 100% (0.020) with 7-bit ones;
+# fake-quant top-1 was 91.0% either way. 7-bit weights (|w| <= 63) keep 2 x 255 x 63 inside int16.
+TARGET_SCHEME_DEFAULTS: dict[str, dict[str, Any]] = {"openvino": {"first_layer_weight_bits": 7}}
 
 INT8_ONNXRUNTIME = QuantScheme(act_form="uint8_asymmetric")
 INT8_TENSORRT = QuantScheme(act_form="int8_symmetric")
@@ -202,8 +229,9 @@ INT8_TENSORRT = QuantScheme(act_form="int8_symmetric")
 
 def default_scheme(target: Target, *, bits: int = 8, **changes: Any) -> QuantScheme:
     """The scheme a target runtime fuses best, at ``bits`` for weights and activations."""
-    form = "uint8_asymmetric" if target == "onnxruntime" else "int8_symmetric"
-    return dataclasses.replace(QuantScheme(act_form=form), weight_bits=bits, act_bits=bits, **changes)
+    _check_choice(target, Target, "target")
+    return dataclasses.replace(QuantScheme(act_form=DEFAULT_ACT_FORM[target], **TARGET_SCHEME_DEFAULTS.get(target, {})),
+                               weight_bits=bits, act_bits=bits, **changes)
 
 
 def int4_weight_only(scheme: QuantScheme, *, block_size: int = INT4_WEIGHT_BLOCK) -> QuantScheme:
@@ -218,18 +246,29 @@ def int4_weight_only(scheme: QuantScheme, *, block_size: int = INT4_WEIGHT_BLOCK
 
 @dataclasses.dataclass(frozen=True)
 class ProfileConfig:
-    """Latency measurement in trtexec's vocabulary: ``warmup`` runs, then ``iterations`` timed runs."""
+    """Latency measurement in trtexec's vocabulary: ``warmup`` runs, then ``iterations`` timed runs.
+
+    ``threads`` is the runtime's intra-op thread count (``None``: all cores). OpenVINO also takes
+    ``streams`` (``None``: the hint decides) and ``performance_hint``; with ``THROUGHPUT`` the build
+    and ``profile`` add an async record: batch-1 requests through an AsyncInferQueue.
+    """
 
     batch_sizes: tuple[int, ...] = (1, 16)
     warmup: int = 5
     iterations: int = 30
     threads: int | None = None
+    streams: int | None = None
+    performance_hint: PerformanceHint = "LATENCY"
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BadInputError(f"batch sizes must be positive, got {self.batch_sizes}")
         if self.iterations < 1 or self.warmup < 0:
             raise BadInputError("profile needs iterations >= 1 and warmup >= 0")
+        _check_choice(self.performance_hint, PerformanceHint, "performance hint")
+        for name in ("threads", "streams"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,9 @@ from .config import ProfileConfig
 from .errors import DfqError
 from .models import LoadedModel
 from .quant.quantize import QuantModel
+from .runtimes.base import Runner
 from .runtimes.onnxruntime import OnnxRuntimeRunner, op_counts, optimized_graph
+from .runtimes.openvino import OPENVINO_INTEGER_PRECISIONS, RuntimeLayer
 from .runtimes.profiler import Agreement, compare, cpu_description, host_memory, profile
 from .runtimes.torch import TorchRunner
 
@@ -61,20 +63,10 @@ def deploy_onnxruntime(model: LoadedModel, qmodel: QuantModel, calib: Calibratio
     fp32.name = f"onnxruntime-{device}-fp32"
     int8 = OnnxRuntimeRunner(qdq_path, device=device, threads=threads)
     int8.name = f"onnxruntime-{device}-int8"
-    fake_quant = TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant")
-    memory: dict[str, Any] = {"before_sessions": host_memory()}
-    with fp32, int8, fake_quant:
-        memory["after_sessions"] = host_memory()
-        batches = list(calib.batches(AGREEMENT_BATCH))
-        fidelity = compare(fake_quant, int8, (b.numpy() for b in batches))
-        vs_fp32 = compare(fp32, int8, (b.numpy() for b in batches))
-        latency = []
-        for batch_size in profile_config.batch_sizes:
-            batch = profile_batch(calib, batch_size)
-            for runner in (fp32, int8):
-                latency.append(profile(runner, batch, warmup=profile_config.warmup,
-                                       iterations=profile_config.iterations).as_dict())
-        memory["after_profile"] = host_memory()
+    before = host_memory()
+    with fp32, int8:
+        measured = measure_int8_against_fp32(model, qmodel, calib, fp32=fp32, int8=int8, profile_config=profile_config,
+                                             memory_before=before)
         providers = int8.providers()
     ops = op_counts(optimized if optimized is not None else optimized_graph(qdq_path, device=device, threads=threads))
     return {
@@ -82,13 +74,77 @@ def deploy_onnxruntime(model: LoadedModel, qmodel: QuantModel, calib: Calibratio
         "device": device,
         "providers": providers,
         "machine": cpu_description(),
-        "latency": latency,
-        "speedup": _speedups(latency, "int8", "fp32"),
-        "fidelity_vs_fake_quant": fidelity.as_dict(),
-        "int8_vs_fp32": vs_fp32.as_dict(),
+        **measured,
         "kernels": {"conv": conv_kernels(ops), "optimized_ops": dict(sorted(ops.items()))},
-        "memory": memory,
     }
+
+
+def measure_int8_against_fp32(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, fp32: Runner,
+                              int8: Runner, profile_config: ProfileConfig,
+                              memory_before: dict[str, float]) -> dict[str, Any]:
+    """Fidelity of active runner ``int8`` to the fake-quant reference and to ``fp32``, and both runners'
+    latency at each batch size: the deployment keys every CPU target shares."""
+    fake_quant = TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant")
+    memory: dict[str, Any] = {"before_sessions": memory_before, "after_sessions": host_memory()}
+    with fake_quant:
+        batches = list(calib.batches(AGREEMENT_BATCH))
+        fidelity = compare(fake_quant, int8, (b.numpy() for b in batches))
+        vs_fp32 = compare(fp32, int8, (b.numpy() for b in batches))
+    latency = []
+    for batch_size in profile_config.batch_sizes:
+        batch = profile_batch(calib, batch_size)
+        for runner in (fp32, int8):
+            latency.append(profile(runner, batch, warmup=profile_config.warmup,
+                                   iterations=profile_config.iterations).as_dict())
+    memory["after_profile"] = host_memory()
+    return {"latency": latency, "speedup": _speedups(latency, "int8", "fp32"),
+            "fidelity_vs_fake_quant": fidelity.as_dict(), "int8_vs_fp32": vs_fp32.as_dict(), "memory": memory}
+
+
+def deploy_openvino(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, fp32_path: Path,
+                    qdq_path: Path, profile_config: ProfileConfig) -> tuple[dict[str, Any], list[RuntimeLayer]]:
+    """Compile the FP32 and Q/DQ files with OpenVINO (CPU), check the INT8 model and time both.
+
+    With the THROUGHPUT hint each model is also served batch-1 requests through an AsyncInferQueue.
+    Returns the deployment and the INT8 model's runtime graph (what the precision map reads).
+    """
+    from .runtimes.openvino import OpenVINORunner
+
+    options = {"threads": profile_config.threads, "streams": profile_config.streams,
+               "performance_hint": profile_config.performance_hint}
+    fp32 = OpenVINORunner(fp32_path, name="openvino-cpu-fp32", **options)
+    int8 = OpenVINORunner(qdq_path, name="openvino-cpu-int8", **options)
+    before = host_memory()
+    with fp32, int8:
+        measured = measure_int8_against_fp32(model, qmodel, calib, fp32=fp32, int8=int8, profile_config=profile_config,
+                                             memory_before=before)
+        if profile_config.performance_hint == "THROUGHPUT":
+            feeds = {int8.input_name: profile_batch(calib, 1)}
+            measured["latency"] += [runner.throughput(feeds, warmup=profile_config.warmup,
+                                                      iterations=profile_config.iterations).as_dict()
+                                    for runner in (fp32, int8)]
+        layers = int8.runtime_layers()
+        properties = int8.properties()
+    return {
+        "runtime": "openvino",
+        "device": "CPU",
+        "openvino": {"version": _openvino_version(), **properties},
+        "machine": cpu_description(),
+        **measured,
+        "kernels": {"conv": openvino_conv_kernels(layers)},
+    }, layers
+
+
+def openvino_conv_kernels(layers: list[RuntimeLayer]) -> dict[str, int]:
+    """How many convolutions OpenVINO's runtime graph runs on integers and how many in float."""
+    convs = [layer for layer in layers if layer.layer_type == "Convolution"]
+    integer = sum(layer.runtime_precision in OPENVINO_INTEGER_PRECISIONS for layer in convs)
+    return {"integer": integer, "float": len(convs) - integer}
+
+
+def _openvino_version() -> str:
+    from .runtimes.openvino import import_openvino
+    return import_openvino().__version__
 
 
 def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, qdq_model: onnx.ModelProto,

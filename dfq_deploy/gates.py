@@ -79,9 +79,14 @@ def _outcome(name: str, flag: str, measured: float | None, limit: float, passed:
     return {"gate": name, "flag": flag, "measured": measured, "limit": limit, "passed": bool(passed), "what": what}
 
 
+# The accuracy keys of the deployed INT8 model, per runtime that runs it on this machine.
+_DEPLOYED_TOP1 = (("onnxruntime_int8", "onnxruntime"), ("openvino_int8", "OpenVINO"))
+
+
 def _deployed_top1(accuracy: dict[str, Any]) -> tuple[float | None, str]:
-    if "onnxruntime_int8" in accuracy:
-        return accuracy["onnxruntime_int8"], "the deployed INT8 model (onnxruntime)"
+    for key, runtime in _DEPLOYED_TOP1:
+        if key in accuracy:
+            return accuracy[key], f"the deployed INT8 model ({runtime})"
     if "fake_quant" in accuracy:  # a TensorRT engine is not evaluated here: its fake-quant reference is
         return accuracy["fake_quant"], "the fake-quant reference (the engine itself was not evaluated)"
     return None, "the deployed model (no --eval-set)"

@@ -2,7 +2,8 @@
 
 A Q/DQ graph only *asks* for integer arithmetic; each runtime decides per op whether its integer
 kernels match the pattern. onnxruntime tells us through its optimized graph (QLinearConv /
-ConvInteger / QGemm are integer kernels, Conv / FusedConv / Gemm are float), TensorRT through the
+ConvInteger / QGemm are integer kernels, Conv / FusedConv / Gemm are float), OpenVINO through its
+compiled model's runtime graph (each primitive's ``runtimePrecision``), TensorRT through the
 engine inspector's per-layer JSON (``engine_layers`` in the engine metadata, GPU only). Where the two
 differ we say why, from the shape of the Q/DQ graph around the layer.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import onnx
 from onnx import TensorProto
@@ -26,6 +27,8 @@ from .engine_layers import tensorrt_format_dtype
 from .errors import BadInputError
 from .fidelity import QdqGraph
 from .quant.quantize import LayerInfo
+from .runtimes.openvino import PRECISION_NAMES as OPENVINO_PRECISION_NAMES
+from .runtimes.openvino import RuntimeLayer
 
 # onnxruntime op types that compute on integers, with the precision they really use.
 INTEGER_KERNELS = {"QLinearConv": "int8", "ConvInteger": "int8", "QGemm": "int8", "QLinearMatMul": "int8",
@@ -201,24 +204,30 @@ def precision_map_tensorrt(qdq_model: onnx.ModelProto | str | os.PathLike, engin
     Without a GPU the builder cannot inspect the engine (``engine_layers`` is ``None``): every layer
     is then ``unknown``, with the precision the Q/DQ graph asks for as the only information.
     """
-    model = qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(os.fspath(qdq_model))
-    layers = list(layers) if layers is not None else layers_from_graph(model)
-    graph = QdqGraph(model)
     engine_layers = engine_metadata.get("engine_layers")
-    runtime = str(engine_metadata.get("target", "tensorrt"))
+
+    def row(layer: LayerInfo, op: onnx.NodeProto, asked: str) -> LayerPrecision:
+        if engine_layers is None:
+            return LayerPrecision(layer.name, layer.kind, op.name, asked, "unknown", "—",
+                                  "the engine inspector needs a GPU to load the engine")
+        return _tensorrt_row(layer, op, asked, engine_layers)
+
+    return PrecisionMap(str(engine_metadata.get("target", "tensorrt")), _quantized_rows(qdq_model, layers, row))
+
+
+def _quantized_rows(qdq_model: onnx.ModelProto | str | os.PathLike, layers: Sequence[LayerInfo] | None,
+                    row: Callable[[LayerInfo, onnx.NodeProto, str], LayerPrecision]) -> tuple[LayerPrecision, ...]:
+    """One row per layer: float layers as they are, quantized ones by ``row(layer, its ONNX op, asked)``."""
+    model = qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(os.fspath(qdq_model))
+    graph = QdqGraph(model)
     rows = []
-    for layer in layers:
+    for layer in (list(layers) if layers is not None else layers_from_graph(model)):
         asked = asked_precision(layer.weight_bits, layer.act_bits)
         if layer.weight_bits is None:
             rows.append(LayerPrecision(layer.name, layer.kind, "", asked, "float", "—"))
-            continue
-        op = graph.weight_consumer(layer.name)
-        if engine_layers is None:
-            rows.append(LayerPrecision(layer.name, layer.kind, op.name, asked, "unknown", "—",
-                                       "the engine inspector needs a GPU to load the engine"))
-            continue
-        rows.append(_tensorrt_row(layer, op, asked, engine_layers))
-    return PrecisionMap(runtime, tuple(rows))
+        else:
+            rows.append(row(layer, graph.weight_consumer(layer.name), asked))
+    return tuple(rows)
 
 
 def _tensorrt_row(layer: LayerInfo, op: onnx.NodeProto, asked: str,
@@ -244,6 +253,37 @@ def _engine_layer(engine_layers: Iterable[Mapping[str, Any]], node: str) -> Mapp
     if exact:
         return exact[0]
     return next((e for e in layers if node in str(e.get("name", ""))), None)
+
+
+# Runtime-graph layer types that are data movement or bookkeeping, never a layer's computation.
+_OPENVINO_PLUMBING = ("Const", "Input", "Output", "Parameter", "Result", "Reorder", "Reshape")
+
+
+def precision_map_openvino(qdq_model: onnx.ModelProto | str | os.PathLike, runtime_layers: Sequence[RuntimeLayer], *,
+                           layers: Sequence[LayerInfo] | None = None, runtime: str = "openvino-cpu") -> PrecisionMap:
+    """What OpenVINO really runs each layer in, from the compiled model's runtime graph.
+
+    ``runtime_layers`` is :meth:`OpenVINORunner.runtime_layers` of the compiled Q/DQ model: the
+    primitive whose ``originalLayersNames`` include the layer's ONNX op (OpenVINO keeps the op's
+    name, or extends it with ``/WithoutBiases`` and the like) computes it, in its ``runtimePrecision``.
+    """
+    compute = [r for r in runtime_layers if r.layer_type not in _OPENVINO_PLUMBING]
+
+    def row(layer: LayerInfo, op: onnx.NodeProto, asked: str) -> LayerPrecision:
+        match = next((r for r in compute if any(n == op.name or n.startswith(op.name + "/") for n in r.original_layers)),
+                     None)
+        if match is None:
+            return LayerPrecision(layer.name, layer.kind, op.name, asked, "unknown", "—",
+                                  f"no primitive of OpenVINO's runtime graph lists {op.name} among its original layers")
+        used = OPENVINO_PRECISION_NAMES.get(match.runtime_precision, "unknown")
+        reason = None
+        if asks_integer_arithmetic(asked) and used in _FLOAT_KINDS:
+            reason = (f"unfused Q/DQ: OpenVINO's low-precision transformations left {match.name} "
+                      f"({match.layer_type}) in {match.runtime_precision}; its quantizers did not match an integer pattern")
+        return LayerPrecision(layer.name, layer.kind, op.name, asked, used, f"{match.layer_type} ({match.primitive})",
+                              reason)
+
+    return PrecisionMap(runtime, _quantized_rows(qdq_model, layers, row))
 
 
 def float_fallback_warning(pmap: PrecisionMap, *, max_lines: int = 8) -> str | None:

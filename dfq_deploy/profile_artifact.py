@@ -1,4 +1,4 @@
-"""Profile an artifact that already exists: an ONNX file in onnxruntime or a TensorRT engine."""
+"""Profile an artifact that already exists: an ONNX file in onnxruntime or OpenVINO, or a TensorRT engine."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def _random_batch(shape: tuple, dtype: np.dtype, batch_size: int, seed: int = 0)
 
 def profile_artifact(path: str | Path, *, target: str = "onnxruntime", device: str = "cpu",
                      config: ProfileConfig = ProfileConfig()) -> dict[str, Any]:
-    """Latency per batch size, memory and machine for an ONNX file (onnxruntime) or an engine."""
-    from .runtimes.profiler import cpu_description, host_memory, profile
+    """Latency per batch size, memory and machine for an ONNX file (onnxruntime, OpenVINO) or an engine."""
+    from .runtimes.profiler import cpu_description, host_memory
 
     path = Path(path)
     if not path.is_file():
@@ -29,13 +29,9 @@ def profile_artifact(path: str | Path, *, target: str = "onnxruntime", device: s
     result: dict[str, Any] = {"artifact": str(path), "bytes": path.stat().st_size, "target": target,
                               "machine": cpu_description()}
     if target == "onnxruntime":
-        from .runtimes.onnxruntime import OnnxRuntimeRunner
-        runner = OnnxRuntimeRunner(path, device=device, threads=config.threads)
-        with runner:
-            (name, (shape, dtype)), = runner.input_specs().items()
-            result["latency"] = [profile(runner, _random_batch(shape, dtype, bs), warmup=config.warmup,
-                                         iterations=config.iterations).as_dict() for bs in config.batch_sizes]
-            result["providers"] = runner.providers()
+        result |= _profile_onnxruntime(path, device, config)
+    elif target == "openvino":
+        result |= _profile_openvino(path, device, config)
     else:
         from .runtimes.tensorrt import TensorRTRunner
         runner = TensorRTRunner(path, target=target)
@@ -46,3 +42,31 @@ def profile_artifact(path: str | Path, *, target: str = "onnxruntime", device: s
                                  for bs in config.batch_sizes]
     result["host_memory"] = host_memory()
     return result
+
+
+def _profile_onnxruntime(path: Path, device: str, config: ProfileConfig) -> dict[str, Any]:
+    from .runtimes.onnxruntime import OnnxRuntimeRunner
+    with OnnxRuntimeRunner(path, device=device, threads=config.threads) as runner:
+        return {"latency": _latency(runner, config), "providers": runner.providers()}
+
+
+def _profile_openvino(path: Path, device: str, config: ProfileConfig) -> dict[str, Any]:
+    """Synchronous latency per batch size; with the THROUGHPUT hint also batch-1 async throughput."""
+    from .runtimes.openvino import OpenVINORunner
+    if device != "cpu":
+        raise BadInputError(f"the OpenVINO target runs on the CPU device, not {device!r}", hint="use --device cpu")
+    with OpenVINORunner(path, threads=config.threads, streams=config.streams,
+                        performance_hint=config.performance_hint) as runner:
+        latency = _latency(runner, config)
+        if config.performance_hint == "THROUGHPUT":
+            (name, (shape, dtype)), = runner.input_specs().items()
+            latency.append(runner.throughput({name: _random_batch(shape, dtype, 1)}, warmup=config.warmup,
+                                             iterations=config.iterations).as_dict())
+        return {"latency": latency, "openvino": runner.properties()}
+
+
+def _latency(runner, config: ProfileConfig) -> list[dict[str, Any]]:
+    from .runtimes.profiler import profile
+    (shape, dtype), = runner.input_specs().values()
+    return [profile(runner, _random_batch(shape, dtype, bs), warmup=config.warmup,
+                    iterations=config.iterations).as_dict() for bs in config.batch_sizes]

@@ -74,7 +74,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if acc:
         lines += [f"## Accuracy on real labelled images ({acc['images']} from `{Path(acc['eval_set']).name}`)", ""]
         rows = [[label, acc[key]] for key, label in (("fp32", "FP32 (PyTorch)"), ("fake_quant", "fake-quant reference"),
-                                                     ("onnxruntime_int8", "deployed INT8 (onnxruntime)")) if key in acc]
+                                                     ("onnxruntime_int8", "deployed INT8 (onnxruntime)"),
+                                                     ("openvino_int8", "deployed INT8 (OpenVINO)")) if key in acc]
         lines += _table(["model", "top-1 %"], rows) + ["", f"Top-1 drop: {acc['drop']:.2f} points.", ""]
     if dep.get("latency"):
         lines += [f"## Latency ({dep.get('runtime')}, {machine.get('isa', '?')})", ""]
