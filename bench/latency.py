@@ -1,11 +1,14 @@
-"""Latency on onnxruntime CPU: FP32 vs dfq-deploy INT8 vs onnxruntime's own quantize_static INT8.
+"""Latency on onnxruntime CPU and OpenVINO CPU: FP32 vs dfq-deploy INT8 vs quantize_static INT8.
 
-Both INT8 graphs are made from the same calibration set (uint8 activations, int8 per-channel
-weights, QDQ format); runs are interleaved so that machine noise hits all three alike. Prints a
-Markdown table with the CPU's ISA, and how many convolutions each graph runs as integer kernels.
+Every INT8 graph is made from the same calibration set (uint8 activations, int8 per-channel
+weights, QDQ format); dfq-deploy's graph is each target's own (``--target openvino`` adds 7-bit
+first-layer weights). Both runtimes run each graph, interleaved so that machine noise hits all
+alike. Prints a Markdown table with the CPU's ISA, and how many convolutions each runtime runs as
+integer kernels.
 
     python bench/latency.py                       # resnet18 and mobilenet_v2, batch 1 and 16
     python bench/latency.py --models resnet18 --batch-sizes 16 --rounds 5
+    python bench/latency.py --runtimes onnxruntime    # without the OpenVINO columns
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import torchvision
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import SynthesisConfig, default_scheme
 from dfq_deploy.converters.onnx_qdq import onnx_from_float_model, onnx_from_quant_model
-from dfq_deploy.deployment import conv_kernels
+from dfq_deploy.deployment import conv_kernels, openvino_conv_kernels
 from dfq_deploy.graph_capture import capture_graph
 from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, optimized_op_counts
+from dfq_deploy.runtimes.base import Runner
 from dfq_deploy.runtimes.profiler import cpu_description
 
 SHAPE = (3, 224, 224)
@@ -54,7 +58,7 @@ def quantize_static_graph(fp32_path: Path, calib: CalibrationSet, out_path: Path
     return out_path
 
 
-def time_interleaved(runners: dict[str, OnnxRuntimeRunner], batch: np.ndarray, *, rounds: int,
+def time_interleaved(runners: dict[str, Runner], batch: np.ndarray, *, rounds: int,
                      iterations: int, warmup: int) -> dict[str, float]:
     """Median ms per batch of each runner, measured in alternating rounds."""
     samples: dict[str, list[float]] = {name: [] for name in runners}
@@ -75,11 +79,37 @@ def time_interleaved(runners: dict[str, OnnxRuntimeRunner], batch: np.ndarray, *
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def int8_graphs(name: str, calib: CalibrationSet, graph, tmp: Path, runtimes: list[str]) -> dict[tuple[str, str], Path]:
+    """(runtime, graph) -> ONNX file: FP32, dfq-deploy's graph for that runtime's target, quantize_static's."""
+    fp32 = tmp / f"{name}.fp32.onnx"
+    onnx.save(onnx_from_float_model(graph, input_shape=SHAPE), fp32)
+    static = quantize_static_graph(fp32, calib, tmp / f"{name}.qs.onnx")
+    paths = {}
+    for runtime in runtimes:
+        ours = tmp / f"{name}.{runtime}.onnx"
+        onnx.save(onnx_from_quant_model(quantize(graph, calib, scheme=default_scheme(runtime), progress=False)), ours)
+        paths |= {(runtime, "fp32"): fp32, (runtime, "dfq-deploy int8"): ours, (runtime, "quantize_static int8"): static}
+    return paths
+
+
+def open_runner(runtime: str, path: Path, threads: int | None) -> tuple[Runner, dict[str, int]]:
+    """An active runner for ``path`` on ``runtime`` and its integer/float convolution counts."""
+    if runtime == "openvino":
+        from dfq_deploy.runtimes.openvino import OpenVINORunner
+        runner = OpenVINORunner(path, threads=threads)
+        runner.activate()
+        return runner, openvino_conv_kernels(runner.runtime_layers())
+    runner = OnnxRuntimeRunner(path, threads=threads)
+    runner.activate()
+    return runner, conv_kernels(optimized_op_counts(path, threads=threads))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--calib", default="noise", help="calibration source for both INT8 graphs")
+    parser.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "openvino"], default=["onnxruntime", "openvino"])
+    parser.add_argument("--calib", default="noise", help="calibration source for every INT8 graph")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=10)
@@ -88,41 +118,39 @@ def main() -> int:
     args = parser.parse_args()
 
     cpu = cpu_description()
-    print(f"machine: {cpu['model']}, {cpu['cores']} cores, ISA {cpu['isa']}; onnxruntime "
-          f"{__import__('onnxruntime').__version__}; threads {args.threads or 'all'}", flush=True)
+    versions = [f"onnxruntime {__import__('onnxruntime').__version__}"]
+    if "openvino" in args.runtimes:
+        versions.append(f"OpenVINO {__import__('openvino').__version__.split('-')[0]}")
+    print(f"machine: {cpu['model']}, {cpu['cores']} cores, ISA {cpu['isa']}; {', '.join(versions)}; "
+          f"threads {args.threads or 'all'}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
         for name in args.models:
             torch.manual_seed(0)
-            model = getattr(torchvision.models, name)(weights=None).eval()
-            graph = capture_graph(model, SHAPE)
+            graph = capture_graph(getattr(torchvision.models, name)(weights=None).eval(), SHAPE)
             from dfq_deploy.synthesis import synthesize
             calib = synthesize(graph, config=SynthesisConfig(method=args.calib, num_images=args.num_images),
                                input_shape=SHAPE, progress=False)
-            paths = {"fp32": tmp / f"{name}.fp32.onnx", "dfq-deploy int8": tmp / f"{name}.dfq.onnx"}
-            onnx.save(onnx_from_float_model(graph, input_shape=SHAPE), paths["fp32"])
-            qmodel = quantize(graph, calib, scheme=default_scheme("onnxruntime"), progress=False)
-            onnx.save(onnx_from_quant_model(qmodel), paths["dfq-deploy int8"])
-            paths["quantize_static int8"] = quantize_static_graph(paths["fp32"], calib, tmp / f"{name}.qs.onnx")
-            kernels = {k: conv_kernels(optimized_op_counts(p, threads=args.threads)) for k, p in paths.items()}
-            runners = {k: OnnxRuntimeRunner(p, threads=args.threads) for k, p in paths.items()}
-            for r in runners.values():
-                r.activate()
+            opened = {key: open_runner(key[0], path, args.threads)
+                      for key, path in int8_graphs(name, calib, graph, Path(tmp), args.runtimes).items()}
+            runners = {f"{runtime} {kind}": runner for (runtime, kind), (runner, _) in opened.items()}
             for bs in args.batch_sizes:
                 batch = np.ascontiguousarray(np.concatenate([calib.images.numpy()] * (-(-bs // len(calib))))[:bs])
                 ms = time_interleaved(runners, batch, rounds=args.rounds, iterations=args.iterations,
                                       warmup=args.warmup)
-                for k in paths:
-                    rows.append((name, bs, k, ms[k], ms["fp32"] / ms[k], kernels[k]))
+                for (runtime, kind), (_, kernels) in opened.items():
+                    rows.append((name, bs, runtime, kind, ms[f"{runtime} {kind}"], kernels,
+                                 ms[f"{runtime} fp32"], ms[f"{args.runtimes[0]} dfq-deploy int8"]))
                 print(f"  {name} batch {bs}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), flush=True)
-            for r in runners.values():
-                r.deactivate()
+            for runner, _ in opened.values():
+                runner.deactivate()
     print()
-    print(f"| model | batch | graph | median ms | speed-up vs FP32 | integer convs / float convs |  (CPU ISA: {cpu['isa']})")
-    print("|---|---|---|---|---|---|")
-    for name, bs, k, ms, speedup, kern in rows:
-        print(f"| {name} | {bs} | {k} | {ms:.1f} | {speedup:.2f}x | {kern['integer']} / {kern['float']} |")
+    print(f"| model | batch | runtime | graph | median ms | vs its FP32 | vs {args.runtimes[0]} dfq-deploy int8 "
+          f"| integer / float convs | CPU ISA |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, bs, runtime, kind, ms, kern, fp32_ms, base_ms in rows:
+        print(f"| {name} | {bs} | {runtime} | {kind} | {ms:.1f} | {fp32_ms / ms:.2f}x | {base_ms / ms:.2f}x "
+              f"| {kern['integer']} / {kern['float']} | {cpu['isa']} |")
     return 0
 
 
