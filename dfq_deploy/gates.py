@@ -80,11 +80,11 @@ def _outcome(name: str, flag: str, measured: float | None, limit: float, passed:
 
 
 # The accuracy keys of the deployed INT8 model, per runtime that runs it on this machine.
-_DEPLOYED_TOP1 = (("onnxruntime_int8", "onnxruntime"), ("openvino_int8", "OpenVINO"))
+DEPLOYED_TOP1 = (("onnxruntime_int8", "onnxruntime"), ("openvino_int8", "OpenVINO"))
 
 
 def _deployed_top1(accuracy: dict[str, Any]) -> tuple[float | None, str]:
-    for key, runtime in _DEPLOYED_TOP1:
+    for key, runtime in DEPLOYED_TOP1:
         if key in accuracy:
             return accuracy[key], f"the deployed INT8 model ({runtime})"
     if "fake_quant" in accuracy:  # a TensorRT engine is not evaluated here: its fake-quant reference is

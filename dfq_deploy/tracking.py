@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import MissingDependencyError
+from .gates import DEPLOYED_TOP1
 from .layout import ENGINE, MANIFEST, QDQ_ONNX, REPORT_JSON, REPORT_MD
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def build_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The run's metrics: top-1, agreement, latency per batch size, speed-up, sizes, BN mismatch."""
     metrics: dict[str, Any] = {}
     acc = report.get("accuracy") or {}
-    deployed = acc.get("onnxruntime_int8")
+    deployed = next((acc[key] for key, _ in DEPLOYED_TOP1 if key in acc), None)
     metrics |= {"top1_fp32": acc.get("fp32"), "top1_fake_quant": acc.get("fake_quant"), "top1_deployed": deployed,
                 "top1_drop": acc.get("drop")}
     dep = report.get("deployment") or {}
