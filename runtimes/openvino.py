@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInputError, EngineBuildError, EngineRuntimeError, MissingDependencyError
+from ..errors import BadInputError, EngineBuildError, EngineRuntimeError, MissingDependencyError, first_line
 from .base import InputSpecs, Runner
 from .profiler import LatencyRecord
 
@@ -88,7 +88,7 @@ class OpenVINORunner(Runner):
             model = core.read_model(source)
             self.compiled = core.compile_model(model, self.device, self.config)
         except RuntimeError as exc:  # OpenVINO raises RuntimeError with its own message for a refused graph
-            raise EngineBuildError(f"OpenVINO could not compile the model: {_first_line(exc)}") from exc
+            raise EngineBuildError(f"OpenVINO could not compile the model: {first_line(exc)}") from exc
         self.request = self.compiled.create_infer_request()
 
     def deactivate_impl(self) -> None:
@@ -105,7 +105,7 @@ class OpenVINORunner(Runner):
         try:
             result = self.request.infer(feeds)
         except RuntimeError as exc:
-            raise EngineRuntimeError(f"OpenVINO inference failed: {_first_line(exc)}") from exc
+            raise EngineRuntimeError(f"OpenVINO inference failed: {first_line(exc)}") from exc
         # The request reuses its output buffers on the next run: copy them out.
         return {port.get_any_name(): np.array(value, copy=True) for port, value in result.items()}
 
@@ -167,8 +167,3 @@ class OpenVINORunner(Runner):
 def _property_text(value: Any) -> str:
     """A property as text: element types as OpenVINO names them (``f32``, ``bf16``), the rest as str."""
     return value.to_string() if hasattr(value, "to_string") else str(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
