@@ -21,7 +21,7 @@ import os
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import onnx
 
@@ -29,6 +29,11 @@ from dfq_deploy.artifacts import atomic_write_bytes
 from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
 
 from . import trt_rules
+from .trt_logger import process_logger
+from .trt_profiles import ShapeProfile, onnx_input_shapes, optimization_profiles
+
+if TYPE_CHECKING:
+    from .engine_cache import EngineCache
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,9 @@ class TensorRTBuildConfig:
     ``False`` builds a weakly typed one with the FP16 flag so TensorRT may also run unquantized layers in
     FP16 — only TensorRT 10 has those flags (TensorRT 11 and TensorRT-RTX are always strongly typed).
     ``timing_cache`` is a file read before and written after each build (TensorRT only).
-    ``max_batch`` bounds the optimization profile when the graph's batch dimension is dynamic.
+    When the graph's batch dimension is dynamic the engine gets one optimization profile per entry of
+    ``batch_sizes`` (min = opt = max, as trtexec's ``--shapes``) and one for batches 1..``check_batch``
+    (the fidelity check's; ``None``: no such profile), see :mod:`dfq_deploy.converters.trt_profiles`.
     """
 
     target: TensorRTTarget = "tensorrt"
@@ -61,16 +68,19 @@ class TensorRTBuildConfig:
     workspace_mib: int = 1024
     timing_cache: Path | None = None
     strongly_typed: bool = True
-    max_batch: int = 16
+    batch_sizes: tuple[int, ...] = (1, 16)
+    check_batch: int | None = 32
 
     def __post_init__(self) -> None:
         for value, literal, field in ((self.target, TensorRTTarget, "target"),
                                       (self.precision, EnginePrecision, "precision")):
             if value not in get_args(literal):
                 raise BadInputError(f"TensorRT {field} must be one of {', '.join(get_args(literal))}; got {value!r}")
-        if self.workspace_mib < 1 or self.max_batch < 1:
-            raise BadInputError(f"workspace_mib and max_batch must be positive, got {self.workspace_mib} "
-                                f"and {self.max_batch}")
+        object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
+        sizes = (*self.batch_sizes, *(() if self.check_batch is None else (self.check_batch,)))
+        if self.workspace_mib < 1 or not self.batch_sizes or min(sizes) < 1:
+            raise BadInputError(f"workspace_mib and every batch size must be positive, got {self.workspace_mib} "
+                                f"and {sizes}")
         if self.timing_cache is not None:
             object.__setattr__(self, "timing_cache", Path(self.timing_cache))
 
@@ -91,30 +101,12 @@ def import_tensorrt(target: TensorRTTarget, *, purpose: str) -> ModuleType:
         raise MissingDependencyError(PACKAGES[target], extra=target, purpose=purpose) from exc
 
 
-def make_logger(trt: ModuleType, *, keep: str = "WARNING"):
-    """An ILogger that forwards to Python logging and keeps messages at ``keep`` or worse in ``.messages``."""
-    severity = trt.ILogger.Severity
-    ranks = {severity.INTERNAL_ERROR: 0, severity.ERROR: 1, severity.WARNING: 2, severity.INFO: 3, severity.VERBOSE: 4}
-    levels = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.DEBUG, 4: logging.DEBUG}
-    threshold = ranks[getattr(severity, keep)]
-
-    class _Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
-
-        def log(self, sev, msg):
-            rank = ranks.get(sev, 4)
-            if rank <= threshold:
-                self.messages.append(msg)
-            log.log(levels[rank], "[%s] %s", trt.__name__, msg)
-
-    return _Logger()
-
-
-def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: TensorRTBuildConfig) -> EngineArtifact:
+def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: TensorRTBuildConfig,
+                     cache: EngineCache | None = None) -> EngineArtifact:
     """Lint, parse and build ``model`` into an engine for ``config.target``.
 
+    With ``cache`` an identical earlier build (same key: see :mod:`dfq_deploy.converters.engine_cache`)
+    is returned instead, its metadata saying ``"engine_cache": "hit"``; a new build is stored there.
     Raises :class:`EngineBuildError` with every lint violation (before TensorRT is touched), every parser
     error (with node names) or the builder's errors; :class:`BadInputError` when the graph does not fit
     the requested precision; :class:`MissingDependencyError` without the TensorRT package.
@@ -131,28 +123,59 @@ def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: Tens
         raise err
     trt = import_tensorrt(config.target, purpose=f"Building a {config.target} engine")
     weak_flags = _weak_precision_flags(trt, config)
-    if config.precision == "fp16" and config.strongly_typed:
-        model = _to_fp16(model)
-        notes.append("fp16: float graph converted to FP16 (inputs/outputs kept FP32) for the strongly typed build")
+    profiles = optimization_profiles(onnx_input_shapes(model), batch_sizes=config.batch_sizes,
+                                     check_batch=config.check_batch)
 
+    def build() -> EngineArtifact:
+        graph = model
+        if config.precision == "fp16" and config.strongly_typed:
+            graph = _to_fp16(model)
+            notes.append("fp16: float graph converted to FP16 (inputs/outputs kept FP32) for the strongly typed build")
+        artifact = _build(graph, config, profiles, weak_flags, notes)
+        artifact.metadata["onnx_sha256"] = onnx_sha256
+        return artifact
+
+    if cache is None:
+        artifact = build()
+        artifact.metadata.update(engine_cache="off", engine_cache_key=None)
+        return artifact
+    key = cache.key(_cache_key_parts(trt, config, onnx_sha256, profiles, weak_flags))
+    artifact, hit = cache.get_or_build(key, build, check_loads=_load_check(trt))
+    return EngineArtifact(artifact.plan, artifact.metadata | {"engine_cache": "hit" if hit else "miss",
+                                                              "engine_cache_key": key})
+
+
+def _load_check(trt: ModuleType):
+    """On a GPU, a cached plan must deserialize (else the cache moves it aside and rebuilds); without
+    one there is nothing to load it on, and the sha256 check of the cache stands alone."""
+    if _gpu_info() == NO_GPU:
+        return None
+
+    def check(plan: bytes) -> None:
+        if trt.Runtime(process_logger(trt.__name__)).deserialize_cuda_engine(plan) is None:
+            raise EngineBuildError(f"{trt.__name__} {trt.__version__} cannot deserialize the cached engine")
+    return check
+
+
+def _build(model: onnx.ModelProto, config: TensorRTBuildConfig, profiles: list[ShapeProfile], weak_flags: list[Any],
+           notes: list[str]) -> EngineArtifact:
     parsed = network_from_onnx(model, config=config)
     trt, builder, network, logger = parsed.trt, parsed.builder, parsed.network, parsed.logger
-
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mib << 20)
-    # DETAILED keeps per-layer precision and formats for the engine inspector.
+    # DETAILED keeps per-layer precision and formats for the engine inspector and layer names for IProfiler.
     builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     for flag in weak_flags:
         builder_config.set_flag(flag)
-    _add_profile(builder, network, builder_config, config.max_batch)
+    _add_profiles(builder, network, builder_config, profiles)
     cache = _attach_timing_cache(builder_config, config, notes)
-
-    start = time.perf_counter()
-    plan = builder.build_serialized_network(network, builder_config)
-    seconds = time.perf_counter() - start
+    with logger.capture() as messages:
+        start = time.perf_counter()
+        plan = builder.build_serialized_network(network, builder_config)
+        seconds = time.perf_counter() - start
     if plan is None:
         raise EngineBuildError(f"{config.target} failed to build the engine:\n" +
-                               "\n".join(f"  {m}" for m in logger.messages[-20:]))
+                               "\n".join(f"  {m}" for m in messages[-20:]))
     if cache is not None:
         atomic_write_bytes(config.timing_cache, bytes(cache.serialize()))
     plan = bytes(plan)
@@ -167,9 +190,10 @@ def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: Tens
         "timing_cache": str(config.timing_cache) if cache is not None else None,
         "build_seconds": round(seconds, 3),
         "engine_bytes": len(plan),
-        "onnx_sha256": onnx_sha256,
+        "engine_sha256": hashlib.sha256(plan).hexdigest(),
         "inputs": _io(network.get_input(i) for i in range(network.num_inputs)),
         "outputs": _io(network.get_output(i) for i in range(network.num_outputs)),
+        "profiles": [p.as_dict() for p in profiles],
         "compute_capabilities": _compute_capabilities(builder_config),
         "onnx_precision": {n: p.precision for n, p in trt_rules.precision_summary(model).items()},
         "engine_layers": _inspect_layers(trt, plan, logger),
@@ -179,6 +203,19 @@ def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: Tens
         notes.append("engine_layers: the engine inspector needs a GPU to load the engine; onnx_precision is "
                      "the per-op precision the Q/DQ graph asks for")
     return EngineArtifact(plan=plan, metadata=metadata)
+
+
+def _cache_key_parts(trt: ModuleType, config: TensorRTBuildConfig, onnx_sha256: str, profiles: list[ShapeProfile],
+                     weak_flags: list[Any]) -> dict[str, Any]:
+    """What decides the engine's bytes: graph, module and version, build device, precision, profiles, flags."""
+    from .engine_cache import CPU_BUILD
+
+    return {"onnx_sha256": onnx_sha256, "module": trt.__name__, "version": trt.__version__,
+            # TensorRT tunes kernels on the build GPU; TensorRT-RTX compiles ahead of time without one.
+            "device": CPU_BUILD if config.target == "tensorrt-rtx" else _gpu_info(),
+            "precision": config.precision, "profiles": [p.as_dict() for p in profiles],
+            "builder": {"strongly_typed": config.strongly_typed, "workspace_mib": config.workspace_mib,
+                        "flags": sorted(str(f) for f in weak_flags), "profiling_verbosity": "DETAILED"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +237,7 @@ class ParsedNetwork:
 def network_from_onnx(model: onnx.ModelProto, *, config: TensorRTBuildConfig) -> ParsedNetwork:
     """Parse ``model`` as is (no lint, no conversion) into a network; parser errors raise EngineBuildError."""
     trt = import_tensorrt(config.target, purpose=f"Parsing ONNX for {config.target}")
-    logger = make_logger(trt)
+    logger = process_logger(trt.__name__)
     builder = trt.Builder(logger)
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     # Without the flag (TensorRT 11) every network is strongly typed already.
@@ -279,20 +316,19 @@ def _parser_error(error) -> str:
     return f"{node}{op}: {error.desc()}"
 
 
-def _add_profile(builder, network, builder_config, max_batch: int) -> None:
-    """An optimization profile over the batch dimension when it is dynamic (1, max, max)."""
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    dynamic = [t for t in inputs if any(d < 0 for d in t.shape)]
-    if not dynamic:
-        return
-    profile = builder.create_optimization_profile()
-    for tensor in dynamic:
-        shape = list(tensor.shape)
-        if any(d < 0 for d in shape[1:]):
-            raise BadInputError(f"input '{tensor.name}' has dynamic dimensions {shape} beyond the batch",
-                                hint="export with a fixed image size")
-        profile.set_shape(tensor.name, [1, *shape[1:]], [max_batch, *shape[1:]], [max_batch, *shape[1:]])
-    builder_config.add_optimization_profile(profile)
+def _add_profiles(builder, network, builder_config, profiles: list[ShapeProfile]) -> None:
+    """Add ``profiles`` (computed from the ONNX inputs) to the builder config, in index order."""
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    missing = {p.input for p in profiles} - names
+    if missing:  # the parser renamed an input: the profiles would not apply
+        raise EngineBuildError(f"network inputs {sorted(names)} do not include the profiled inputs {sorted(missing)}")
+    for index in sorted({p.index for p in profiles}):
+        profile = builder.create_optimization_profile()
+        for entry in (p for p in profiles if p.index == index):
+            profile.set_shape(entry.input, entry.min, entry.opt, entry.max)
+        if builder_config.add_optimization_profile(profile) != index:
+            raise EngineBuildError(f"TensorRT refused optimization profile {index} "
+                                   f"({', '.join(p.describe() for p in profiles if p.index == index)})")
 
 
 def _attach_timing_cache(builder_config, config: TensorRTBuildConfig, notes: list[str]):

@@ -156,7 +156,7 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
           synthesis: SynthesisConfig = SynthesisConfig(), scheme: QuantScheme | None = None,
           profile_config: ProfileConfig = ProfileConfig(), precision: str = "int8",
           max_disagreement: float | None = None, normalize=None, cache_dir: str | os.PathLike | None = None,
-          use_cache: bool = True, eval_set: str | os.PathLike | None = None,
+          engine_cache_dir: str | os.PathLike | None = None, use_cache: bool = True, eval_set: str | os.PathLike | None = None,
           reconstruct: ReconstructionConfig | None = None, mixed_precision: MixedPrecisionConfig | None = None,
           max_drop: float | None = None, holdout_fraction: float = HOLDOUT_FRACTION,
           gates: QualityGates = QualityGates(), force: bool = False, tracking: TrackingConfig | None = None,
@@ -170,8 +170,11 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
     the build raises :class:`FidelityGateError` (after writing the report) when the deployed model's
     top-1 disagreement with the fake-quant reference exceeds it. ``eval_set`` (an ImageFolder
     directory or an assets-style ``.npz`` of real labelled images, normalised like ``normalize``)
-    adds top-1 accuracy of the FP32 model, the fake-quant reference and the deployed INT8 model; it
-    must match the model's input size (or be resized: ``eval_resize``) and classes.
+    adds top-1 accuracy of the FP32 model, the fake-quant reference and the deployed model (onnxruntime's
+    session, or the engine itself when it ran on a GPU); it must match the model's input size (or be
+    resized: ``eval_resize``) and classes. TensorRT engines are kept in ``engine_cache_dir`` (default
+    :func:`default_engine_cache_dir`) and reused by an identical build; ``use_cache=False`` synthesizes
+    and builds anew.
     ``mixed_precision`` keeps the most sensitive layers at 8 bit within a size/latency budget;
     ``max_drop`` (top-1 points) instead raises layers until the drop estimated on held-out
     synthetic images (``holdout_fraction`` of the set, never calibrated on) fits, or raises
@@ -215,7 +218,8 @@ def build(model_path: str | os.PathLike, *, out_dir: str | os.PathLike, target: 
             result = _build(model_path, out, config=config, key=key, target=target, arch=arch,
                             trust_pickle=trust_pickle, input_shape=input_shape, synthesis=synthesis, scheme=scheme,
                             profile_config=profile_config, precision=precision, max_disagreement=max_disagreement,
-                            normalize=normalize, cache_dir=cache_dir, use_cache=use_cache, eval_set=eval_set,
+                            normalize=normalize, cache_dir=cache_dir, engine_cache_dir=engine_cache_dir,
+                            use_cache=use_cache, eval_set=eval_set,
                             reconstruct=reconstruct, mixed_precision=mixed_precision, max_drop=max_drop,
                             holdout_fraction=holdout_fraction, gates=gates, progress=progress,
                             remote=remote, eval_resize=eval_resize)
@@ -236,7 +240,7 @@ def scheme_for_target(scheme: QuantScheme, *, target: Target, precision: str = "
 
 
 def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, input_shape, synthesis, scheme,
-           profile_config, precision, max_disagreement, normalize, cache_dir, use_cache, eval_set, reconstruct,
+           profile_config, precision, max_disagreement, normalize, cache_dir, engine_cache_dir, use_cache, eval_set, reconstruct,
            mixed_precision, max_drop, holdout_fraction, gates, progress, remote, eval_resize) -> BuildResult:
     from .report import write_reports
     from .runtimes.profiler import host_memory
@@ -280,8 +284,9 @@ def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, in
     from .targets import DeployInputs, target_for
     deploy_target = target_for(target, remote=remote)
     with manifest.timed("deploy_and_profile"):
+        engine_cache = (Path(engine_cache_dir) if engine_cache_dir else default_engine_cache_dir()) if use_cache else None
         deployment = deploy_target.deploy(DeployInputs(model, qmodel, calib, qdq_model, fp32_path, qdq_path, out,
-                                                       precision, profile_config))
+                                                       precision, profile_config, engine_cache=engine_cache))
     if deployment.get("engine_path"):
         artifacts["engine"] = deployment["engine_path"]
         manifest.artifact("engine", Path(deployment["engine_path"]))
@@ -364,9 +369,10 @@ def _load_eval_set(path, model, input_shape: tuple[int, ...], *, normalize, resi
 def evaluate_accuracy(model: LoadedModel, qmodel: QuantModel, labelled, *,
                       deployed: tuple[str, Runner] | None = None) -> dict[str, Any]:
     """Top-1 (%) on real labelled images of the FP32 model, the fake-quant reference and, when given,
-    the deployed INT8 model (``deployed``: its report key and an inactive runner, e.g.
-    ``("onnxruntime_int8", OnnxRuntimeRunner(path))``); ``drop`` is FP32 minus the deployed (or
-    reference) model."""
+    the deployed model (``deployed``: its report key and an inactive runner, e.g.
+    ``("onnxruntime_int8", OnnxRuntimeRunner(path))`` or ``("engine_int8", TensorRTRunner(path))``);
+    ``drop`` is FP32 minus the deployed (or reference) model and ``drop_of`` names that model."""
+    from .deployment import AGREEMENT_BATCH
     from .evaluate import evaluate_top1
 
     result: dict[str, Any] = {"eval_set": labelled.source, "images": len(labelled),
@@ -376,8 +382,10 @@ def evaluate_accuracy(model: LoadedModel, qmodel: QuantModel, labelled, *,
     if deployed is not None:
         key, runner = deployed
         with runner:
-            result[key] = evaluate_top1(runner, labelled, batch_size=64)
+            # Batches of the fidelity check: a TensorRT engine has an optimization profile for them.
+            result[key] = evaluate_top1(runner, labelled, batch_size=AGREEMENT_BATCH)
     result["drop"] = round(result["fp32"] - result[key], 4)
+    result["drop_of"] = key
     return result
 
 
@@ -404,6 +412,13 @@ def default_cache_dir() -> Path:
     return cache_root() / "synthesis"
 
 
+def default_engine_cache_dir() -> Path:
+    """Where built engines (and ``tensorrt``'s shared timing cache) are kept: ``engines/`` beside
+    ``synthesis/`` under the cache root."""
+    from .cache_store import cache_root
+    return cache_root() / "engines"
+
+
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -418,11 +433,13 @@ def _calibration_summary(calib: CalibrationSet) -> dict[str, Any]:
 
 
 def _fidelity_gate(deployment: dict[str, Any], max_disagreement: float | None) -> dict[str, Any] | None:
-    fidelity = deployment.get("fidelity_vs_fake_quant")
+    # An fp16 engine is held to the FP32 model, everything else to the fake-quant reference.
+    fidelity = deployment.get("fidelity_vs_fake_quant") or deployment.get("fidelity_vs_fp32")
     if max_disagreement is None or not fidelity:
         return None
     disagreement = 1.0 - fidelity["top1_agreement"]
-    return {"runner": fidelity["candidate"], "disagreement": disagreement, "max_disagreement": max_disagreement,
+    return {"runner": fidelity["candidate"], "reference": fidelity["reference"], "disagreement": disagreement,
+            "max_disagreement": max_disagreement,
             "passed": disagreement <= max_disagreement}
 
 

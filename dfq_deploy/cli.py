@@ -93,16 +93,25 @@ def _reconstruction(o: dict[str, Any]) -> ReconstructionConfig | None:
 
 
 def profile_options(fn):
+    """Latency measurement, as trtexec's --warmUp / --iterations / --duration / --useCudaGraph."""
     fn = click.option("--performance-hint", type=click.Choice(list(get_args(PerformanceHint))),
                       default=ProfileConfig.performance_hint, show_default=True,
                       help="OpenVINO: LATENCY (one stream) or THROUGHPUT (parallel streams; adds batch-1 async "
                            "throughput measured with an AsyncInferQueue).")(fn)
     fn = click.option("--streams", type=int, help="OpenVINO CPU streams (default: what the hint chooses).")(fn)
     fn = click.option("--threads", type=int, help="Runtime intra-op threads (default: all cores).")(fn)
-    fn = click.option("--profile-iterations", type=int, default=ProfileConfig.iterations, show_default=True)(fn)
-    fn = click.option("--warmup", type=int, default=ProfileConfig.warmup, show_default=True)(fn)
+    fn = click.option("--layer-profile/--no-layer-profile", default=ProfileConfig.layer_profile, show_default=True,
+                      help="Per-layer time table of TensorRT engines (IProfiler runs on a GPU).")(fn)
+    fn = click.option("--cuda-graph", is_flag=True,
+                      help="Time TensorRT engines replayed from a captured CUDA graph (GPU only).")(fn)
+    fn = click.option("--profile-duration", type=float, default=ProfileConfig.duration_s, show_default=True,
+                      help="Time runs for at least this many seconds.")(fn)
+    fn = click.option("--profile-iterations", type=int, default=ProfileConfig.iterations, show_default=True,
+                      help="Time at least this many runs.")(fn)
+    fn = click.option("--warmup-ms", type=float, default=ProfileConfig.warmup_ms, show_default=True,
+                      help="Untimed warm-up, in milliseconds.")(fn)
     return click.option("--batch-sizes", default=",".join(map(str, ProfileConfig.batch_sizes)), show_default=True,
-                        help="Batch sizes to time, comma-separated.")(fn)
+                        help="Batch sizes to time, comma-separated (one TensorRT optimization profile each).")(fn)
 
 
 # The config field each flag sets, per config-file section. A flag counts only when the user typed
@@ -112,8 +121,9 @@ SYNTHESIS_FLAGS = {"method": "method", "num_images": "num_images", "batch_size":
                    "generator": "generator", "device": "synth_device"}
 QUANT_FLAGS = {"weight_bits": "bits", "act_bits": "bits", "calibrator": "calibrator", "percentile": "percentile",
                "first_last_bits": "first_last_bits"}
-PROFILE_FLAGS = {"batch_sizes": "batch_sizes", "warmup": "warmup", "iterations": "profile_iterations",
-                 "threads": "threads", "streams": "streams", "performance_hint": "performance_hint"}
+PROFILE_FLAGS = {"batch_sizes": "batch_sizes", "warmup_ms": "warmup_ms", "iterations": "profile_iterations",
+                 "duration_s": "profile_duration", "threads": "threads", "cuda_graph": "cuda_graph",
+                 "layer_profile": "layer_profile", "streams": "streams", "performance_hint": "performance_hint"}
 _TYPED = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
@@ -247,7 +257,8 @@ def demo(fast, method, out_dir, no_progress) -> None:
               help="Real labelled images (ImageFolder dir or .npz with x, y) to report top-1 on; never used to calibrate.")
 @click.option("--eval-resize", is_flag=True, help="Resize --eval-set images to the model's input (else a size mismatch is refused).")
 @click.option("--wait", is_flag=True, help="If another build holds --out, wait for it instead of failing (exit 13).")
-@click.option("--no-cache", is_flag=True, help="Always synthesize anew instead of reusing a cached set.")
+@click.option("--no-cache", is_flag=True,
+              help="Synthesize and build the engine anew instead of reusing a cached set or engine.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @device_options
 @_run

@@ -10,14 +10,13 @@ import click
 
 
 def device_options(fn):
-    """Which devices (``--remote``, repeatable: in parallel), how to reach them and how to time there."""
+    """Which devices (``--remote``, repeatable: in parallel) and how to reach them; how to time there comes
+    from the profile flags (``--warmup-ms``, ``--profile-duration``, ``--cuda-graph``), as here."""
     fn = click.option("--remote-dfq-deploy", help="Path of dfq-deploy on the device (default: the one on its PATH).")(fn)
     fn = click.option("--remote-trtexec", help="Path of trtexec on the device (default: the one on its PATH, else "
                                                "/usr/src/tensorrt/bin/trtexec).")(fn)
     fn = click.option("--remote-path", help="Folders (colon-separated) searched on the device before its PATH for "
                                             "trtexec, dfq-deploy and tegrastats, e.g. ~/.local/bin.")(fn)
-    fn = click.option("--duration-s", type=float, default=3.0, show_default=True, help="trtexec --duration.")(fn)
-    fn = click.option("--warmup-ms", type=int, default=200, show_default=True, help="trtexec --warmUp.")(fn)
     fn = click.option("--runner", type=click.Choice(["auto", "trtexec", "dfq-deploy"]), default="auto",
                       show_default=True, help="What times on the device; auto: trtexec if the device has it.")(fn)
     fn = click.option("--ssh-config", type=click.Path(dir_okay=False, path_type=Path),
@@ -44,6 +43,5 @@ def remote_devices(o: dict[str, Any]):
     from .remote.ssh import SshOptions
     return RemoteDevices(urls=tuple(o["remotes"]), ssh=SshOptions(identity_file=o["ssh_identity"],
                                                                  config_file=o["ssh_config"]),
-                         runner=o["runner"], warmup_ms=o["warmup_ms"], duration_s=o["duration_s"],
-                         trtexec_path=o["remote_trtexec"], dfq_deploy_path=o["remote_dfq_deploy"],
+                         runner=o["runner"], trtexec_path=o["remote_trtexec"], dfq_deploy_path=o["remote_dfq_deploy"],
                          path_prefix=o["remote_path"])

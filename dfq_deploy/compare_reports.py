@@ -126,7 +126,7 @@ def _accuracy_rows(a, b, t: Thresholds) -> list[MetricRow]:
 
 def _agreement_rows(a, b, t: Thresholds) -> list[MetricRow]:
     rows = []
-    for key in ("fidelity_vs_fake_quant", "int8_vs_fp32"):
+    for key in ("fidelity_vs_fake_quant", "fidelity_vs_fp32", "int8_vs_fp32"):
         va = ((a.get("deployment") or {}).get(key) or {}).get("top1_agreement")
         vb = ((b.get("deployment") or {}).get(key) or {}).get("top1_agreement")
         if va is None and vb is None:

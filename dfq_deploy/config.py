@@ -246,29 +246,40 @@ def int4_weight_only(scheme: QuantScheme, *, block_size: int = INT4_WEIGHT_BLOCK
 
 @dataclasses.dataclass(frozen=True)
 class ProfileConfig:
-    """Latency measurement in trtexec's vocabulary: ``warmup`` runs, then ``iterations`` timed runs.
-
-    ``threads`` is the runtime's intra-op thread count (``None``: all cores). OpenVINO also takes
-    ``streams`` (``None``: the hint decides) and ``performance_hint``; with ``THROUGHPUT`` the build
+    """Latency measurement as trtexec does it: warm up for ``warmup_ms`` milliseconds, then time runs
+    until there are at least ``iterations`` of them *and* they took at least ``duration_s`` seconds
+    (trtexec's ``--warmUp``, ``--iterations``, ``--duration``). ``cuda_graph`` replays TensorRT
+    engines from a captured CUDA graph (trtexec's ``--useCudaGraph``); ``layer_profile`` adds a
+    per-layer time table (TensorRT's IProfiler) on a GPU. ``threads`` is the runtime's intra-op thread
+    count (``None``: all cores). OpenVINO also takes ``streams`` (``None``: the hint decides) and ``performance_hint``; with ``THROUGHPUT`` the build
     and ``profile`` add an async record: batch-1 requests through an AsyncInferQueue.
     """
 
     batch_sizes: tuple[int, ...] = (1, 16)
-    warmup: int = 5
-    iterations: int = 30
+    warmup_ms: float = 200.0
+    iterations: int = 10
+    duration_s: float = 3.0
     threads: int | None = None
     streams: int | None = None
     performance_hint: PerformanceHint = "LATENCY"
+    cuda_graph: bool = False
+    layer_profile: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BadInputError(f"batch sizes must be positive, got {self.batch_sizes}")
-        if self.iterations < 1 or self.warmup < 0:
-            raise BadInputError("profile needs iterations >= 1 and warmup >= 0")
+        if self.iterations < 1 or self.warmup_ms < 0 or self.duration_s < 0:
+            raise BadInputError(f"profile needs iterations >= 1, warmup_ms >= 0 and duration_s >= 0, got "
+                                f"{self.iterations}, {self.warmup_ms}, {self.duration_s}")
         _check_choice(self.performance_hint, PerformanceHint, "performance hint")
         for name in ("threads", "streams"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def timing_options(self) -> dict[str, Any]:
+        """The options a latency was measured with, as a :class:`LatencyRecord` keeps them."""
+        return {"warmup_ms": self.warmup_ms, "min_runs": self.iterations, "min_duration_s": self.duration_s}
 
 
 @dataclasses.dataclass(frozen=True)

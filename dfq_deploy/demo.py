@@ -35,14 +35,17 @@ class DemoSettings:
     num_images: int
     iterations: int
     batch_sizes: tuple[int, ...]
-    warmup: int
+    warmup_ms: float
     profile_iterations: int
+    profile_duration_s: float
 
 
 # 64 ZeroQ images at 200 steps: within 0.3 pt of FP32 at W8A8 (README's accuracy table), about
 # half a minute of synthesis on 2 cores. FAST is for CI: the same pipeline, a few seconds of work.
-FULL = DemoSettings(num_images=64, iterations=200, batch_sizes=(1, 16), warmup=5, profile_iterations=30)
-FAST = DemoSettings(num_images=16, iterations=20, batch_sizes=(1, 16), warmup=1, profile_iterations=5)
+FULL = DemoSettings(num_images=64, iterations=200, batch_sizes=(1, 16), warmup_ms=200, profile_iterations=10,
+                    profile_duration_s=3.0)
+FAST = DemoSettings(num_images=16, iterations=20, batch_sizes=(1, 16), warmup_ms=10, profile_iterations=5,
+                    profile_duration_s=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +74,9 @@ def run_demo(*, out_dir: str | os.PathLike, fast: bool = False, method: str = "z
     result = api.build(demo_file(WEIGHTS), arch=ARCH, out_dir=out_dir, target="onnxruntime",
                        synthesis=SynthesisConfig(method=method, num_images=settings.num_images,
                                                  iterations=settings.iterations),
-                       profile_config=ProfileConfig(batch_sizes=settings.batch_sizes, warmup=settings.warmup,
-                                                    iterations=settings.profile_iterations),
+                       profile_config=ProfileConfig(batch_sizes=settings.batch_sizes, warmup_ms=settings.warmup_ms,
+                                                    iterations=settings.profile_iterations,
+                                                    duration_s=settings.profile_duration_s),
                        eval_set=demo_file(IMAGES), use_cache=use_cache, progress=progress)
     return DemoResult(result, round(time.perf_counter() - start, 1), settings, method)
 

@@ -14,7 +14,6 @@ import onnx
 
 from .calibration_set import CalibrationSet
 from .config import ProfileConfig
-from .errors import DfqError
 from .models import LoadedModel
 from .quant.quantize import QuantModel
 from .runtimes.base import Runner
@@ -94,8 +93,7 @@ def measure_int8_against_fp32(model: LoadedModel, qmodel: QuantModel, calib: Cal
     for batch_size in profile_config.batch_sizes:
         batch = profile_batch(calib, batch_size)
         for runner in (fp32, int8):
-            latency.append(profile(runner, batch, warmup=profile_config.warmup,
-                                   iterations=profile_config.iterations).as_dict())
+            latency.append(profile(runner, batch, config=profile_config).as_dict())
     memory["after_profile"] = host_memory()
     return {"latency": latency, "speedup": _speedups(latency, "int8", "fp32"),
             "fidelity_vs_fake_quant": fidelity.as_dict(), "int8_vs_fp32": vs_fp32.as_dict(), "memory": memory}
@@ -120,8 +118,7 @@ def deploy_openvino(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSe
                                              memory_before=before)
         if profile_config.performance_hint == "THROUGHPUT":
             feeds = {int8.input_name: profile_batch(calib, 1)}
-            measured["latency"] += [runner.throughput(feeds, warmup=profile_config.warmup,
-                                                      iterations=profile_config.iterations).as_dict()
+            measured["latency"] += [runner.throughput(feeds, iterations=profile_config.iterations).as_dict()
                                     for runner in (fp32, int8)]
         layers = int8.runtime_layers()
         properties = int8.properties()
@@ -147,18 +144,32 @@ def _openvino_version() -> str:
     return import_openvino().__version__
 
 
+def engine_build_config(*, target: str, precision: str, profile_config: ProfileConfig, cache=None):
+    """How ``build`` builds an engine: a profile per timed batch size and one for the fidelity check's
+    batches (up to :data:`AGREEMENT_BATCH`); ``tensorrt`` shares the timing cache of ``cache``."""
+    from .converters.tensorrt import MODULES, TensorRTBuildConfig
+
+    return TensorRTBuildConfig(target=target, precision=precision, batch_sizes=profile_config.batch_sizes,
+                               check_batch=AGREEMENT_BATCH,
+                               timing_cache=cache.timing_cache(MODULES[target]) if cache and target == "tensorrt"
+                               else None)
+
+
 def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, qdq_model: onnx.ModelProto,
                     fp32_path: Path, out_dir: Path, target: str, precision: str,
-                    profile_config: ProfileConfig) -> dict[str, Any]:
-    """Lint and build the engine; on a GPU also run it, check it and time it."""
+                    profile_config: ProfileConfig, engine_cache: Path | None = None) -> dict[str, Any]:
+    """Lint and build the engine (reused from ``engine_cache`` when an identical build is there); on a
+    GPU also run it, check it against its reference and time it. Without a CUDA device the report says
+    ``not_run``; any other failure of the engine raises :class:`EngineRuntimeError`."""
     from .converters import trt_rules
-    from .converters.tensorrt import TensorRTBuildConfig, engine_from_onnx, save_engine
+    from .converters.engine_cache import EngineCache
+    from .converters.tensorrt import engine_from_onnx, save_engine
     from .layout import ENGINE
 
-    config = TensorRTBuildConfig(target=target, precision=precision, max_batch=max(profile_config.batch_sizes),
-                                 timing_cache=out_dir / "timing.cache" if target == "tensorrt" else None)
+    cache = EngineCache(engine_cache) if engine_cache is not None else None
+    config = engine_build_config(target=target, precision=precision, profile_config=profile_config, cache=cache)
     source = onnx.load(str(fp32_path)) if precision == "fp16" else qdq_model
-    artifact = engine_from_onnx(source, config=config)
+    artifact = engine_from_onnx(source, config=config, cache=cache)
     engine_path = save_engine(artifact, out_dir / ENGINE)
     # onnxruntime's CPU provider runs the very same Q/DQ file: a check of the graph that needs no GPU.
     cpu_check = onnxruntime_agreement(qmodel, qdq_model, calib.images, threads=profile_config.threads)
@@ -167,30 +178,51 @@ def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSe
         "qdq_on_onnxruntime_cpu": cpu_check.as_dict(),
         "engine_path": str(engine_path),
         "engine_bytes": len(artifact.plan),
+        "engine_cache": artifact.metadata.get("engine_cache", "off"),
         "engine_metadata": artifact.metadata,
         "lint": [str(v) for v in trt_rules.lint(qdq_model)],
         "machine": cpu_description(),
     }
+    from .runtimes.tensorrt import NoCudaDeviceError
     try:
-        result.update(_run_engine(engine_path, target, model, qmodel, calib, profile_config))
-    except DfqError as exc:
+        result.update(run_engine(engine_path, model, qmodel, calib, precision=precision,
+                                 profile_config=profile_config))
+    except NoCudaDeviceError as exc:
         # Building needs no GPU (TensorRT-RTX builds on CPU); running does. Say so in the report.
         result["not_run"] = exc.message
     return result
 
 
-def _run_engine(engine_path: Path, target: str, model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet,
-                profile_config: ProfileConfig) -> dict[str, Any]:
+def run_engine(engine_path: Path, model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, precision: str,
+               profile_config: ProfileConfig) -> dict[str, Any]:
+    """Check the engine against its reference (FP32 for an fp16 engine, else the fake-quant model), time
+    it at every batch size and, with ``layer_profile``, time its layers. Every feed is checked against the
+    engine's optimization profiles before the GPU is touched."""
     from .runtimes.tensorrt import TensorRTRunner
 
-    runner = TensorRTRunner(engine_path, target=target)
-    fake_quant = TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant")
-    with runner, fake_quant:
-        fidelity = compare(fake_quant, runner, (b.numpy() for b in calib.batches(AGREEMENT_BATCH)))
-        latency = [runner.profile({runner.input_name: profile_batch(calib, bs)}, warmup=profile_config.warmup,
-                                  iterations=profile_config.iterations).as_dict() | {"batch_size": bs}
-                   for bs in profile_config.batch_sizes]
-    return {"fidelity_vs_fake_quant": fidelity.as_dict(), "latency": latency}
+    runner = TensorRTRunner(engine_path)
+    runner.name = f"{runner.target}-{precision}"
+    check_batches = [b.numpy() for b in calib.batches(AGREEMENT_BATCH)]
+    timed = {bs: profile_batch(calib, bs) for bs in profile_config.batch_sizes}
+    for batch in (*check_batches, *timed.values()):  # BadInputError naming the allowed shapes, before CUDA
+        runner.check_feeds({runner.input_name: batch})
+    reference, key = ((TorchRunner(model.module, input_shape=model.input_shape, name="torch-fp32"), "fidelity_vs_fp32")
+                      if precision == "fp16" else
+                      (TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant"),
+                       "fidelity_vs_fake_quant"))
+    with runner, reference:
+        fidelity = compare(reference, runner, check_batches)
+        latency = [runner.profile({runner.input_name: batch}, config=profile_config).as_dict()
+                   for batch in timed.values()]
+        memory = runner.memory()
+    result: dict[str, Any] = {key: fidelity.as_dict(), "latency": latency, "memory": memory}
+    if profile_config.layer_profile:
+        largest = max(timed)
+        # A runner of its own: the attached IProfiler would slow every later run of its context.
+        with TensorRTRunner(engine_path, name=runner.name) as layers:
+            result["layer_times"] = {"batch_size": largest,
+                                     "layers": layers.layer_times({layers.input_name: timed[largest]})}
+    return result
 
 
 def _speedups(latency: list[dict[str, Any]], fast: str, slow: str) -> dict[str, float]:

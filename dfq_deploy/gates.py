@@ -109,7 +109,9 @@ def raise_for_failed_gates(report: dict[str, Any], report_md: Path | str, *, up_
     report_md = f"{report_md}" + (f" (and {logged_as})" if logged_as else "")
     fidelity = report.get("fidelity_gate")
     if fidelity and not fidelity["passed"]:
-        raise FidelityGateError(f"{where}{fidelity['runner']} disagrees with the fake-quant reference on "
+        # An fp16 engine is held to the FP32 model, everything else to the fake-quant reference.
+        reference = "the FP32 model" if fidelity.get("reference") == "torch-fp32" else "the fake-quant reference"
+        raise FidelityGateError(f"{where}{fidelity['runner']} disagrees with {reference} on "
                                 f"{fidelity['disagreement']:.2%} of the calibration inputs (allowed "
                                 f"{fidelity['max_disagreement']:.2%})",
                                 hint=f"see {report_md}; try --calibrator max, more calibration images or 8 bits")

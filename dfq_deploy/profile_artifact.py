@@ -35,11 +35,13 @@ def profile_artifact(path: str | Path, *, target: str = "onnxruntime", device: s
     else:
         from .runtimes.tensorrt import TensorRTRunner
         runner = TensorRTRunner(path, target=target)
+        # With metadata beside the engine, feeds are checked before the GPU is touched; a bare engine's
+        # inputs are known only once it is loaded.
+        feeds = _engine_feeds(runner, config) if runner.metadata else None
         with runner:
-            (name, (shape, dtype)), = runner.input_specs().items()
-            result["latency"] = [runner.profile({name: _random_batch(shape, dtype, bs)}, warmup=config.warmup,
-                                                iterations=config.iterations).as_dict() | {"batch_size": bs}
-                                 for bs in config.batch_sizes]
+            feeds = feeds or _engine_feeds(runner, config)
+            result["latency"] = [runner.profile(feed, config=config).as_dict() for feed in feeds]
+            result["memory"] = runner.memory()
     result["host_memory"] = host_memory()
     return result
 
@@ -60,7 +62,7 @@ def _profile_openvino(path: Path, device: str, config: ProfileConfig) -> dict[st
         latency = _latency(runner, config)
         if config.performance_hint == "THROUGHPUT":
             (name, (shape, dtype)), = runner.input_specs().items()
-            latency.append(runner.throughput({name: _random_batch(shape, dtype, 1)}, warmup=config.warmup,
+            latency.append(runner.throughput({name: _random_batch(shape, dtype, 1)},
                                              iterations=config.iterations).as_dict())
         return {"latency": latency, "openvino": runner.properties()}
 
@@ -68,5 +70,13 @@ def _profile_openvino(path: Path, device: str, config: ProfileConfig) -> dict[st
 def _latency(runner, config: ProfileConfig) -> list[dict[str, Any]]:
     from .runtimes.profiler import profile
     (shape, dtype), = runner.input_specs().values()
-    return [profile(runner, _random_batch(shape, dtype, bs), warmup=config.warmup,
-                    iterations=config.iterations).as_dict() for bs in config.batch_sizes]
+    return [profile(runner, _random_batch(shape, dtype, bs), config=config).as_dict() for bs in config.batch_sizes]
+
+
+def _engine_feeds(runner, config: ProfileConfig) -> list[dict[str, np.ndarray]]:
+    """One random feed per batch size, each checked against the engine's optimization profiles."""
+    (name, (shape, dtype)), = runner.input_specs().items()
+    feeds = [{name: _random_batch(shape, dtype, bs)} for bs in config.batch_sizes]
+    for feed in feeds:
+        runner.check_feeds(feed)
+    return feeds

@@ -37,6 +37,30 @@ def _weight_bits_cell(layer: dict[str, Any]) -> str:
     return f"{layer['weight_bits']}" + (f" (blocks of {block} inputs)" if block else "")
 
 
+def latency_lines(rows: list[dict[str, Any]], *, title: str) -> list[str]:
+    """The latency section: every :class:`LatencyRecord` field per runner and batch size, then, when any
+    record has them, the GPU stage times (enqueue, H2D, compute, D2H: median / p99 ms)."""
+    from .runtimes.profiler import LatencyRecord
+
+    records = [LatencyRecord.from_dict(r) for r in rows]
+    lines = [f"## {title}", ""]
+    lines += _table(["runner", "batch", "runs", "median ms", "mean ms", "min ms", "p90 ms", "p95 ms", "p99 ms",
+                     "max ms", "std ms", "images/s"],
+                    [[r.runner, r.batch_size, r.runs, r.median_ms, r.mean_ms, r.min_ms, r.p90_ms, r.p95_ms, r.p99_ms,
+                      r.max_ms, r.std_ms, r.throughput_ips] for r in records])
+    stages = ("enqueue", "h2d", "compute", "d2h")
+    staged = [r for r in records if any(getattr(r, s) for s in stages)]
+    if staged:
+        lines += ["", *_table(["runner", "batch", *(f"{s} ms (median / p99)" for s in stages)],
+                              [[r.runner, r.batch_size, *(f"{t.median_ms:.4f} / {t.p99_ms:.4f}" if t else None
+                                                          for t in (getattr(r, s) for s in stages))]
+                               for r in staged])]
+    timing = records[0].timing if records else {}
+    if timing:
+        lines += ["", "Timing: " + ", ".join(f"{k} {v}" for k, v in timing.items()) + "."]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable summary: what was built, how close it is, how fast, and how it was made."""
     model = report.get("model", {})
@@ -50,12 +74,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     lines += ["## Fidelity", ""]
     rows = []
-    for key, label in (("fidelity_vs_fake_quant", "deployed INT8 vs PyTorch fake-quant"),
-                       ("int8_vs_fp32", "deployed INT8 vs deployed FP32"),
-                       ("qdq_on_onnxruntime_cpu", "same Q/DQ graph on onnxruntime CPU vs fake-quant")):
+    for key in ("fidelity_vs_fake_quant", "fidelity_vs_fp32", "int8_vs_fp32", "qdq_on_onnxruntime_cpu"):
         fid = dep.get(key)
-        if fid:
-            rows.append([label, fid["samples"], f"{fid['top1_agreement']:.2%}", f"{fid['relative_l2']:.4f}"])
+        if fid:  # each comparison names its two models (runner names), so every figure says what it is of
+            rows.append([f"`{fid['candidate']}` vs `{fid['reference']}`", fid["samples"], f"{fid['top1_agreement']:.2%}",
+                         f"{fid['relative_l2']:.4f}"])
     if rows:
         lines += _table(["comparison (calibration inputs)", "inputs", "top-1 agreement", "relative L2"], rows) + [""]
     gate = report.get("fidelity_gate")
@@ -73,15 +96,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     acc = report.get("accuracy")
     if acc:
         lines += [f"## Accuracy on real labelled images ({acc['images']} from `{Path(acc['eval_set']).name}`)", ""]
-        rows = [[label, acc[key]] for key, label in (("fp32", "FP32 (PyTorch)"), ("fake_quant", "fake-quant reference"),
-                                                     ("onnxruntime_int8", "deployed INT8 (onnxruntime)"),
-                                                     ("openvino_int8", "deployed INT8 (OpenVINO)")) if key in acc]
-        lines += _table(["model", "top-1 %"], rows) + ["", f"Top-1 drop: {acc['drop']:.2f} points.", ""]
+        labels = {"fp32": "FP32 (PyTorch)", "fake_quant": "fake-quant reference (PyTorch)",
+                  "onnxruntime_int8": "deployed INT8 (onnxruntime)", "openvino_int8": "deployed INT8 (OpenVINO)",
+                  "engine_int8": "deployed INT8 engine",
+                  "engine_int4w": "deployed int4w engine", "engine_fp16": "deployed FP16 engine"}
+        rows = [[label, acc[key]] for key, label in labels.items() if key in acc]
+        of = labels.get(acc.get("drop_of", ""), "the deployed model")
+        lines += _table(["model", "top-1 %"], rows) + ["", f"Top-1 drop (FP32 − {of}): {acc['drop']:.2f} points.", ""]
     if dep.get("latency"):
-        lines += [f"## Latency ({dep.get('runtime')}, {machine.get('isa', '?')})", ""]
-        rows = [[r.get("runner", dep.get("runtime")), r.get("batch_size"), r.get("median_ms"), r.get("mean_ms"),
-                 r.get("min_ms"), r.get("p90_ms"), r.get("p99_ms"), r.get("throughput_ips")] for r in dep["latency"]]
-        lines += _table(["runner", "batch", "median ms", "mean ms", "min ms", "p90 ms", "p99 ms", "images/s"], rows)
+        gpu = (dep.get("engine_metadata") or {}).get("gpu")
+        where = gpu["name"] if isinstance(gpu, dict) else machine.get("isa", "?")
+        lines += latency_lines(dep["latency"], title=f"Latency ({dep.get('runtime')}, {where})")
         if dep.get("speedup"):
             lines += ["", "INT8 speed-up over FP32 (median): " +
                       ", ".join(f"{k.replace('_', ' ')}: {v:.2f}×" for k, v in dep["speedup"].items())]
@@ -93,8 +118,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"(precision {meta.get('precision_requested', '?')}, GPU: {meta.get('gpu', '?')}, "
                   f"build {meta.get('build_seconds', '?')} s).", ""]
         lines += [f"> {note}" for note in meta.get("notes", [])] + [""]
+        if dep.get("engine_cache"):
+            lines += [f"Engine cache: {dep['engine_cache']}.", ""]
     if dep.get("not_run"):
         lines += ["## Engine not run", "", dep["not_run"], ""]
+    if dep.get("layer_times"):
+        lt = dep["layer_times"]
+        lines += [f"## Engine layers (TensorRT IProfiler, batch {lt['batch_size']})", ""]
+        lines += _table(["layer", "median ms", "share", "runs"],
+                        [[f"`{r['layer']}`", f"{r['median_ms']:.4f}", f"{r['share']:.1%}", r["runs"]]
+                         for r in lt["layers"]]) + [""]
     kernels = dep.get("kernels", {}).get("conv")
     if kernels:
         lines += ["## Kernels", "", f"Convolutions run as integer kernels: {kernels['integer']}; in float: {kernels['float']}.", ""]

@@ -43,6 +43,7 @@ class DeployInputs:
     out_dir: Path
     precision: str
     profile_config: ProfileConfig
+    engine_cache: Path | None = None  # where TensorRT engines are kept (None: build anew, keep nothing)
 
 
 class DeployTarget(Protocol):
@@ -140,6 +141,7 @@ class TensorRTTarget:
     def __init__(self, name: str = "tensorrt"):
         self.name = name
         self.engine_metadata: dict[str, Any] = {}
+        self.engine_that_ran: tuple[Path, str] | None = None  # (engine, precision) once it ran on a GPU here
 
     def check_scheme(self, scheme: QuantScheme, *, precision: str) -> QuantScheme:
         if precision == "int4w":
@@ -152,12 +154,20 @@ class TensorRTTarget:
     def deploy(self, inputs: DeployInputs) -> dict[str, Any]:
         result = deployment.deploy_tensorrt(inputs.model, inputs.qmodel, inputs.calib, qdq_model=inputs.qdq_model,
                                             fp32_path=inputs.fp32_path, out_dir=inputs.out_dir, target=self.name,
-                                            precision=inputs.precision, profile_config=inputs.profile_config)
+                                            precision=inputs.precision, profile_config=inputs.profile_config,
+                                            engine_cache=inputs.engine_cache)
         self.engine_metadata = result.get("engine_metadata") or {}
+        if result.get("engine_path") and "not_run" not in result:
+            self.engine_that_ran = Path(result["engine_path"]), inputs.precision
         return result
 
     def deployed_runner(self, qdq_path: Path, *, profile_config: ProfileConfig) -> tuple[str, Runner] | None:
-        return None  # the engine runs only on a GPU; the fake-quant reference stands for it
+        """The engine itself where it ran (a GPU is here); else ``None``: the fake-quant reference stands for it."""
+        if self.engine_that_ran is None:
+            return None
+        from .runtimes.tensorrt import TensorRTRunner
+        path, precision = self.engine_that_ran
+        return f"engine_{precision}", TensorRTRunner(path)
 
     def precision_map(self, qdq_model: onnx.ModelProto, *, layers: list[LayerInfo]) -> PrecisionMap:
         from .precision_map import precision_map_tensorrt

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--profile-duration", type=float, default=3.0, help="seconds of timed runs per batch size")
     parser.add_argument("--out", type=Path, default=Path("runs") / "torchvision")
     args = parser.parse_args()
 
@@ -42,7 +43,7 @@ def main() -> None:
                            input_shape=(3, args.input_size, args.input_size),
                            synthesis=SynthesisConfig(method=args.calib, num_images=args.num_images,
                                                      iterations=args.iterations),
-                           profile_config=ProfileConfig(batch_sizes=(1, 16), warmup=3, iterations=10))
+                           profile_config=ProfileConfig(batch_sizes=(1, 16), duration_s=args.profile_duration))
     print((result.out_dir / api.REPORT_MD).read_text())
 
 

@@ -6,12 +6,15 @@ import dataclasses
 import platform
 import resource
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import psutil
 
+from ..config import ProfileConfig
 from .base import Runner
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +88,35 @@ class LatencyRecord:
         return cls(**{k: v for k, v in data.items() if k not in stages}, **stages)
 
 
-def profile(runner: Runner, batch: np.ndarray, *, warmup: int = 5, iterations: int = 30) -> LatencyRecord:
-    """Time ``runner.infer`` on one batch: ``warmup`` runs, then ``iterations`` timed runs."""
+def timing_loop(run: Callable[[], T], *, config: ProfileConfig,
+                clock: Callable[[], float] = time.perf_counter) -> list[tuple[float, T]]:
+    """Call ``run`` as trtexec times an engine: for ``config.warmup_ms`` untimed, then until at least
+    ``config.iterations`` timed calls that together took at least ``config.duration_s``.
+
+    Returns (milliseconds by ``clock``, what ``run`` returned) per timed call; ``run`` may return its own
+    measurement (CUDA events) for the caller to use instead of the host clock.
+    """
+    start = clock()
+    while (clock() - start) * 1000.0 < config.warmup_ms:
+        run()
+    timed: list[tuple[float, T]] = []
+    begin = clock()
+    while len(timed) < config.iterations or clock() - begin < config.duration_s:
+        t0 = clock()
+        result = run()
+        timed.append(((clock() - t0) * 1000.0, result))
+    return timed
+
+
+def profile(runner: Runner, batch: np.ndarray, *, config: ProfileConfig = ProfileConfig(),
+            clock: Callable[[], float] = time.perf_counter) -> LatencyRecord:
+    """Time ``runner.infer`` on one batch with :func:`timing_loop` (host clock, one call per run).
+
+    GPU runners with their own ``profile`` (CUDA events, stage times) are timed by that instead."""
     feeds = {runner.input_name: np.ascontiguousarray(batch)}
-    for _ in range(warmup):
-        runner.infer(feeds)
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        runner.infer(feeds)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return LatencyRecord.from_samples(runner.name, int(batch.shape[0]), times,
-                                      timing={"warmup_runs": warmup, "clock": "perf_counter"})
+    runs = timing_loop(lambda: runner.infer(feeds), config=config, clock=clock)
+    return LatencyRecord.from_samples(runner.name, int(batch.shape[0]), [ms for ms, _ in runs],
+                                      timing=config.timing_options() | {"clock": getattr(clock, "__name__", "clock")})
 
 
 @dataclasses.dataclass(frozen=True)

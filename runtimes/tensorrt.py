@@ -1,187 +1,208 @@
 """Run and time a serialized TensorRT / TensorRT-RTX engine on a CUDA GPU.
 
 :class:`TensorRTRunner` is a :class:`~dfq_deploy.runtimes.base.Runner` (context manager,
-``input_specs()``, ``infer(feeds) -> dict``, feeds checked by the base class) and owns its CUDA stream
-and device buffers. Device memory comes from torch (CUDA tensors whose pointers are handed to the
-execution context), so no CUDA Python binding is needed.
-TensorRT and torch's CUDA are touched only on ``activate()``: constructing a runner, or importing this
-module, works on a machine without a GPU or TensorRT.
+``input_specs()``, ``infer(feeds) -> dict``) and owns its CUDA stream and device buffers. Device memory
+comes from torch (CUDA tensors whose pointers are handed to the execution context), so no CUDA Python
+binding is needed. Feeds are checked against the engine's metadata (``model.engine.json``: inputs and
+optimization profiles) *before* anything touches the GPU, and the profile that fits each feed is
+selected. Every TensorRT call that can fail is checked and raises :class:`EngineRuntimeError` (exit 9);
+without a CUDA device :class:`NoCudaDeviceError` (a subclass) says so.
+TensorRT and torch's CUDA are touched only on ``activate()``: constructing a runner, checking feeds or
+importing this module works on a machine without a GPU or TensorRT.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from dfq_deploy.converters.tensorrt import EngineArtifact, TensorRTTarget, import_tensorrt, make_logger, metadata_path
-from dfq_deploy.errors import BadInputError, DfqError
+from dfq_deploy.config import ProfileConfig
+from dfq_deploy.converters.tensorrt import EngineArtifact, TensorRTTarget, import_tensorrt, metadata_path
+from dfq_deploy.converters.trt_logger import process_logger
+from dfq_deploy.converters.trt_profiles import ShapeProfile, select_profile
+from dfq_deploy.errors import BadInputError, EngineRuntimeError
 
 from .base import InputSpecs, Runner
+from .profiler import LatencyRecord, StageTimes, timing_loop
+from .trt_gpu import CudaGraph, LayerTimes, context_memory, nvml_memory
 
 _NO_GPU_HINT = ("TensorRT engines run on NVIDIA GPUs only; build on this machine with --target tensorrt-rtx "
                 "(no GPU needed) and run or profile the engine where a GPU is")
+_REBUILD_HINT = ("engines load only with the TensorRT version (and, for TensorRT, the GPU) they were built "
+                 "with; rebuild the engine (dfq-deploy build --no-cache)")
+# TensorRT's DataType names as metadata writes them (str(trt.DataType.X) lower-cased, prefix dropped).
+_METADATA_DTYPES = {"float": np.float32, "half": np.float16, "int8": np.int8, "int32": np.int32,
+                    "int64": np.int64, "uint8": np.uint8, "bool": np.bool_}
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorRTProfile:
-    """Timings in milliseconds (trtexec's vocabulary); memory in bytes.
-
-    ``gpu_compute_ms`` times ``execute_async_v3`` alone with CUDA events; ``h2d_ms``/``d2h_ms`` time the
-    copies (pinned host memory) separately; ``end_to_end_ms`` is copy-in + compute + copy-out per run.
-    ``gpu_memory_used_bytes`` is device-wide (cudaMemGetInfo), so it includes the CUDA context and any
-    other process on the GPU.
-    """
-
-    batch_size: int
-    warmup: int
-    iterations: int
-    gpu_compute_ms: dict[str, float]
-    h2d_ms: dict[str, float]
-    d2h_ms: dict[str, float]
-    end_to_end_ms: dict[str, float]
-    throughput_qps: float
-    throughput_images_per_s: float
-    engine_bytes: int
-    context_device_memory_bytes: int
-    io_buffer_bytes: int
-    gpu_memory_used_bytes: int
-    device: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def latency_stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
-    """min/mean/median/p90/p95/p99/max of a list of latencies in milliseconds."""
-    x = np.asarray(samples_ms, dtype=np.float64)
-    stats = {"min": x.min(), "mean": x.mean(), "median": np.median(x), "max": x.max()}
-    stats |= {f"p{q}": np.percentile(x, q) for q in (90, 95, 99)}
-    return {k: round(float(v), 4) for k, v in stats.items()}
+class NoCudaDeviceError(EngineRuntimeError):
+    """An engine was asked to run on a machine without a CUDA device (a build reports it as not run)."""
 
 
 class TensorRTRunner(Runner):
     """Loads a serialized engine and runs it: ``with TensorRTRunner(path) as r: r.infer({"input": x})``.
 
-    ``engine`` is an engine file, its bytes, or an :class:`EngineArtifact`. ``target`` picks the module
-    (``tensorrt`` or ``tensorrt-rtx``); by default it is read from the metadata JSON written beside
-    the engine, else ``tensorrt``. Without a CUDA GPU, ``activate()`` raises :class:`DfqError`.
+    ``engine`` is an engine file (its metadata read from the ``.json`` beside it), its bytes, or an
+    :class:`EngineArtifact`. ``target`` picks the module (``tensorrt`` or ``tensorrt-rtx``); by default
+    the metadata's, else ``tensorrt``. Without a CUDA GPU, ``activate()`` raises :class:`NoCudaDeviceError`.
     """
 
     def __init__(self, engine: str | os.PathLike | bytes | EngineArtifact, *, target: TensorRTTarget | None = None,
-                 device: int = 0):
+                 device: int = 0, name: str | None = None):
         super().__init__()
         self._source = engine
-        self.target: TensorRTTarget = target or _target_from_metadata(engine) or "tensorrt"
-        self.name = self.target
+        self.metadata: dict[str, Any] = _metadata_of(engine)
+        self.target: TensorRTTarget = target or self.metadata.get("target") or "tensorrt"
+        self.name = name or self.target
         self.device_index = device
-        self.engine = None
+        self.profiles = [ShapeProfile.from_dict(p) for p in self.metadata.get("profiles", [])]
+        self._specs: InputSpecs | None = _specs_from_metadata(self.metadata)
+        self.engine = self.context = None
+        self._profile_index: int | None = None
 
+    # ---- lifecycle --------------------------------------------------------------------------------------
     def activate_impl(self) -> None:
-        """Deserialize the engine, create the execution context and a CUDA stream."""
+        """Deserialize the engine, create the execution context and a CUDA stream (each call checked)."""
         torch = _cuda_torch()
         trt = import_tensorrt(self.target, purpose="Running a TensorRT engine")
         self._torch, self._trt = torch, trt
         self.device = torch.device("cuda", self.device_index)
         torch.cuda.set_device(self.device)
         self._plan = _plan_bytes(self._source)
-        self._logger = make_logger(trt)
+        self._logger = process_logger(trt.__name__)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self._plan)
-        if self.engine is None:
-            raise DfqError(f"{trt.__name__} {trt.__version__} could not load the engine:\n  " +
-                           "\n  ".join(self._logger.messages[-10:]),
-                           hint="engines load only with the TensorRT version (and, for TensorRT, the GPU) "
-                                "they were built with; rebuild the engine")
+        self._require(self.engine is not None, f"{trt.__name__} {trt.__version__} could not load the engine",
+                      hint=_REBUILD_HINT)
         self.context = self.engine.create_execution_context()
+        self._require(self.context is not None, "could not create an execution context (out of device memory?)")
         self.stream = torch.cuda.Stream(self.device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
+        if self._specs is None:  # bare engine bytes: read what the metadata would have said from the engine
+            self._specs, self.profiles = self._specs_from_engine()
         self._buffers: dict[str, tuple[Any, Any]] = {}  # name -> (pinned host tensor, device tensor)
+        self._profile_index = None
 
     def deactivate_impl(self) -> None:
         """Release buffers, context and engine (in that order: the context refers to the engine)."""
         self.stream.synchronize()
         self._buffers.clear()
-        self.context = None
-        self.engine = None
-        self._runtime = None
+        self.context = self.engine = self._runtime = None
 
     def input_specs(self) -> InputSpecs:
-        """Input name -> (shape, dtype); a dynamic dimension (-1 in TensorRT) is ``None``."""
-        self.require_active()
-        return {n: (tuple(None if d < 0 else d for d in self.engine.get_tensor_shape(n)),
-                    np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(n))))
-                for n in self._inputs}
+        """Input name -> (shape, dtype), a dynamic dimension ``None``; from the metadata, so no GPU needed."""
+        if self._specs is None:
+            self.require_active()
+        return dict(self._specs)
 
-    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run once: copy ``feeds`` in, execute, copy every output out (synchronous)."""
-        self._stage(feeds)
-        self._run_async()
+    # ---- running ----------------------------------------------------------------------------------------
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> int | None:
+        """Names, dtypes and ranks (base class), then the optimization profile that accepts the shapes
+        (:class:`BadInputError` naming the allowed shapes when none does); returns its index."""
+        super().check_feeds(feeds)
+        return select_profile(self.profiles, {n: a.shape for n, a in feeds.items()}, who=self.name)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; feeds are checked against the metadata before the GPU is touched."""
+        self._stage(feeds, self.check_feeds(feeds))
+        self._copy_in()
+        self._execute()
+        self._copy_out()
         self.stream.synchronize()
         return {n: self._buffers[n][0].numpy().copy() for n in self._outputs}
 
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.infer(feeds)
+
     def memory(self) -> dict[str, float]:
-        """The engine's size and the device memory its execution context needs, in MiB."""
+        """Engine size, the context's device memory and (with nvidia-ml-py) NVML's reading, in MiB."""
         if not self.is_active:
             return {}
-        return {"engine_mib": len(self._plan) / 2**20, "context_device_mib": _context_memory(self.engine) / 2**20}
+        return ({"engine_mib": len(self._plan) / 2**20, "context_device_mib": context_memory(self.engine) / 2**20}
+                | nvml_memory(self.device_index))
 
-    # ---- profiling ------------------------------------------------------------------------------------
-    def profile(self, feeds: dict[str, np.ndarray], *, warmup: int = 5, iterations: int = 30) -> TensorRTProfile:
-        """Time ``iterations`` runs after ``warmup`` with CUDA events, copies and compute separately."""
-        if iterations < 1 or warmup < 0:
-            raise BadInputError(f"profile needs iterations >= 1 and warmup >= 0, got {iterations}, {warmup}")
-        self.require_active()
-        self.check_feeds(feeds)
-        torch = self._torch
-        self._stage(feeds)
-        for _ in range(warmup):
-            self._run_async()
-        self.stream.synchronize()
-        events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(iterations)]
-        for e in events:
-            e[0].record(self.stream)
+    # ---- profiling --------------------------------------------------------------------------------------
+    def profile(self, feeds: dict[str, np.ndarray], *, config: ProfileConfig = ProfileConfig(),
+                clock: Callable[[], float] = time.perf_counter) -> LatencyRecord:
+        """trtexec-style timing (see :func:`timing_loop`) with CUDA events: each run's latency is H2D +
+        compute + D2H on the GPU; enqueue is the host time of ``execute_async_v3`` (or the graph launch)."""
+        batch = int(next(iter(feeds.values())).shape[0])
+        self._stage(feeds, self.check_feeds(feeds))
+        launch = self._execute
+        graph = None
+        if config.cuda_graph:
+            graph = CudaGraph(self._torch, self.stream, self._execute, self.context)
+            launch = graph.launch
+        event = self._torch.cuda.Event
+        marks = [event(enable_timing=True) for _ in range(4)]
+
+        def run_once() -> tuple[float, float, float, float, float]:
+            marks[0].record(self.stream)
             self._copy_in()
-            e[1].record(self.stream)
-            self._execute()
-            e[2].record(self.stream)
+            marks[1].record(self.stream)
+            t0 = time.perf_counter()
+            launch()
+            enqueue = (time.perf_counter() - t0) * 1000.0
+            marks[2].record(self.stream)
             self._copy_out()
-            e[3].record(self.stream)
-        self.stream.synchronize()
-        h2d = [e[0].elapsed_time(e[1]) for e in events]
-        compute = [e[1].elapsed_time(e[2]) for e in events]
-        d2h = [e[2].elapsed_time(e[3]) for e in events]
-        total = [e[0].elapsed_time(e[3]) for e in events]
-        batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
-        qps = 1000.0 / float(np.mean(compute))
-        free, total_mem = torch.cuda.mem_get_info(self.device)
-        return TensorRTProfile(
-            batch_size=batch, warmup=warmup, iterations=iterations,
-            gpu_compute_ms=latency_stats(compute), h2d_ms=latency_stats(h2d), d2h_ms=latency_stats(d2h),
-            end_to_end_ms=latency_stats(total), throughput_qps=round(qps, 2),
-            throughput_images_per_s=round(qps * batch, 2), engine_bytes=len(self._plan),
-            context_device_memory_bytes=_context_memory(self.engine),
-            io_buffer_bytes=sum(d.numel() * d.element_size() for _, d in self._buffers.values()),
-            gpu_memory_used_bytes=int(total_mem - free), device=torch.cuda.get_device_name(self.device))
+            marks[3].record(self.stream)
+            self.stream.synchronize()
+            return (marks[0].elapsed_time(marks[3]), marks[0].elapsed_time(marks[1]),
+                    marks[1].elapsed_time(marks[2]), marks[2].elapsed_time(marks[3]), enqueue)
 
-    # ---- internals ------------------------------------------------------------------------------------
-    def _stage(self, feeds: dict[str, np.ndarray]) -> None:
-        """Set input shapes, (re)allocate buffers and bind addresses for feeds already checked."""
+        runs = [r for _, r in timing_loop(run_once, config=config, clock=clock)]
+        stage = {name: StageTimes.from_samples([r[i] for r in runs])
+                 for i, name in ((1, "h2d"), (2, "compute"), (3, "d2h"), (4, "enqueue"))}
+        return LatencyRecord.from_samples(
+            self.name, batch, [r[0] for r in runs],
+            timing=config.timing_options() | {"clock": "cuda_event", "cuda_graph": graph is not None,
+                                               "sync": "stream synchronize after each run"}, **stage)
+
+    def layer_times(self, feeds: dict[str, np.ndarray], *, runs: int = 10) -> list[dict[str, Any]]:
+        """Median time per engine layer over ``runs`` runs (TensorRT's IProfiler), slowest first.
+
+        The profiler stays attached to this runner's context and slows every later run: profile layers
+        with a runner of their own, after the timed runs (as the build does)."""
+        self._stage(feeds, self.check_feeds(feeds))
+        times = self._layer_profiler = LayerTimes(self._trt)  # kept alive as long as the context uses it
+        self.context.profiler = times
+        self._copy_in()
+        for _ in range(runs):
+            self._execute()
+            self.stream.synchronize()
+        return times.table()
+
+    # ---- internals --------------------------------------------------------------------------------------
+    def _stage(self, feeds: dict[str, np.ndarray], profile_index: int | None) -> None:
+        """Select the profile, set shapes, (re)allocate buffers and bind addresses for checked feeds."""
+        self.require_active()
         for name, array in feeds.items():
-            self.context.set_input_shape(name, array.shape)
             host = self._buffer(name, array.shape, array.dtype)
             host.numpy()[...] = array
+        self._prepare(feeds, profile_index)
+
+    def _prepare(self, feeds: dict[str, np.ndarray], profile_index: int | None) -> None:
+        context = self.context
+        if profile_index is not None and profile_index != self._profile_index:
+            ok = context.set_optimization_profile_async(profile_index, self.stream.cuda_stream)
+            self._require(ok, f"set_optimization_profile_async({profile_index}) failed")
+            self._profile_index = profile_index
+        for name, array in feeds.items():
+            self._require(context.set_input_shape(name, tuple(array.shape)),
+                          f"set_input_shape({name!r}, {tuple(array.shape)}) failed")
         for name in self._outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
+            shape = tuple(context.get_tensor_shape(name))
+            self._require(all(d >= 0 for d in shape), f"output {name!r} has unresolved shape {shape}")
             self._buffer(name, shape, np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name))))
         for name, (_, device) in self._buffers.items():
-            self.context.set_tensor_address(name, device.data_ptr())
+            self._require(context.set_tensor_address(name, device.data_ptr()), f"set_tensor_address({name!r}) failed")
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype):
         torch = self._torch
@@ -194,11 +215,6 @@ class TensorRTRunner(Runner):
             self._buffers[name] = cached
         return cached[0]
 
-    def _run_async(self) -> None:
-        self._copy_in()
-        self._execute()
-        self._copy_out()
-
     def _copy_in(self) -> None:
         with self._torch.cuda.stream(self.stream):
             for name in self._inputs:
@@ -206,8 +222,7 @@ class TensorRTRunner(Runner):
                 device.copy_(host, non_blocking=True)
 
     def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise DfqError("TensorRT execution failed:\n  " + "\n  ".join(self._logger.messages[-10:]))
+        self._require(self.context.execute_async_v3(self.stream.cuda_stream), "execute_async_v3 failed")
 
     def _copy_out(self) -> None:
         with self._torch.cuda.stream(self.stream):
@@ -215,14 +230,27 @@ class TensorRTRunner(Runner):
                 host, device = self._buffers[name]
                 host.copy_(device, non_blocking=True)
 
+    def _require(self, ok: bool, what: str, *, hint: str | None = None) -> None:
+        if not ok:
+            messages = "".join(f"\n  {m}" for m in list(self._logger.recent)[-10:])
+            raise EngineRuntimeError(f"{self.name}: {what}{messages}", hint=hint)
+
+    def _specs_from_engine(self) -> tuple[InputSpecs, list[ShapeProfile]]:
+        engine, trt = self.engine, self._trt
+        specs = {n: (tuple(None if d < 0 else d for d in engine.get_tensor_shape(n)),
+                     np.dtype(trt.nptype(engine.get_tensor_dtype(n)))) for n in self._inputs}
+        profiles = [ShapeProfile(i, n, *(tuple(s) for s in engine.get_tensor_profile_shape(n, i)))
+                    for i in range(engine.num_optimization_profiles) for n in self._inputs
+                    if any(d is None for d in specs[n][0])]
+        return specs, profiles
+
 
 def _cuda_torch():
-    try:
-        import torch
-    except ImportError as exc:  # torch is a core dependency; this only guards broken installs
-        raise DfqError("running a TensorRT engine needs torch with CUDA", hint=_NO_GPU_HINT) from exc
+    import torch  # a core dependency
+
     if not torch.cuda.is_available():
-        raise DfqError("running a TensorRT engine needs a CUDA GPU, and torch.cuda finds none", hint=_NO_GPU_HINT)
+        raise NoCudaDeviceError("running a TensorRT engine needs a CUDA GPU, and torch.cuda finds none",
+                                hint=_NO_GPU_HINT)
     return torch
 
 
@@ -237,15 +265,19 @@ def _plan_bytes(source: str | os.PathLike | bytes | EngineArtifact) -> bytes:
     return path.read_bytes()
 
 
-def _target_from_metadata(source) -> TensorRTTarget | None:
+def _metadata_of(source) -> dict[str, Any]:
     if isinstance(source, EngineArtifact):
-        return source.metadata.get("target")
+        return dict(source.metadata)
     if isinstance(source, (str, os.PathLike)) and metadata_path(source).is_file():
-        return json.loads(metadata_path(source).read_text()).get("target")
-    return None
+        try:
+            return json.loads(metadata_path(source).read_text())
+        except ValueError as exc:
+            raise BadInputError(f"engine metadata {metadata_path(source)} is not valid JSON: {exc}") from None
+    return {}
 
 
-def _context_memory(engine) -> int:
-    # device_memory_size_v2 replaced device_memory_size in TensorRT 10 (and TensorRT-RTX has only _v2).
-    size = getattr(engine, "device_memory_size_v2", None)
-    return int(size if size is not None else engine.device_memory_size)
+def _specs_from_metadata(metadata: dict[str, Any]) -> InputSpecs | None:
+    if not metadata.get("inputs"):
+        return None
+    return {i["name"]: (tuple(None if d < 0 else d for d in i["shape"]), np.dtype(_METADATA_DTYPES.get(i["dtype"], np.float32)))
+            for i in metadata["inputs"]}

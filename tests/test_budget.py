@@ -127,7 +127,7 @@ def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path)
                            synthesis=SynthesisConfig(method="noise", num_images=32, batch_size=16),
                            scheme=default_scheme("onnxruntime", bits=4), use_cache=False, max_drop=100.0,
                            reconstruct=ReconstructionConfig(iterations=10, batch_size=8),
-                           profile_config=ProfileConfig(batch_sizes=(1,), warmup=1, iterations=2), progress=False)
+                           profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=1, iterations=2, duration_s=0), progress=False)
     plan = result.report["precision_plan"]
     assert plan["kind"] == "max_drop" and plan["reconstructed"] and plan["estimated_drop"] <= 100.0
     assert plan["overrides"] == [] and plan["low_bit_mac_fraction"] > 0  # a 100-point budget raises nothing

@@ -16,7 +16,7 @@ from tiny_models import NoBatchNormNet, tiny_resnet
 
 SHAPE = "1x3x16x16"
 FAST = ["--input-shape", SHAPE, "--num-images", "16", "--synth-batch-size", "8", "--no-cache", "--no-progress",
-        "--batch-sizes", "1,4", "--warmup", "1", "--profile-iterations", "3"]
+        "--batch-sizes", "1,4", "--warmup-ms", "1", "--profile-iterations", "3", "--profile-duration", "0"]
 
 
 def invoke(*args):
@@ -77,7 +77,7 @@ def test_python_api_build_matches_cli_defaults(tmp_path):
                                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)), path)
     result = api.build(path, out_dir=tmp_path / "out", input_shape=(3, 16, 16),
                        synthesis=SynthesisConfig(method="noise", num_images=8),
-                       profile_config=ProfileConfig(batch_sizes=(2,), warmup=0, iterations=2), use_cache=False,
+                       profile_config=ProfileConfig(batch_sizes=(2,), warmup_ms=0, iterations=2, duration_s=0), use_cache=False,
                        progress=False)
     assert result.report["model"]["format"] == "torch.export"
     assert result.report["deployment"]["int8_vs_fp32"]["samples"] == 8
@@ -171,6 +171,10 @@ def test_build_for_tensorrt_rtx_lints_and_builds_the_engine_on_cpu(pickled_model
     if not torch.cuda.is_available():
         assert "GPU" in dep["not_run"]
     assert report["quantization"]["scheme"]["act_form"] == "int8_symmetric"
+    # --batch-sizes 1,4: a profile for each, and one for the fidelity check's batches (up to 32)
+    assert [(p["min"][0], p["opt"][0], p["max"][0]) for p in dep["engine_metadata"]["profiles"]] == [
+        (1, 1, 1), (4, 4, 4), (1, 32, 32)]
+    assert dep["engine_cache"] == "off"  # --no-cache
 
 
 def test_build_int4w_for_tensorrt_rtx(pickled_model, tmp_path):

@@ -16,8 +16,9 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples" / 
                  if p.suffix in (".yaml", ".yml", ".toml"))
 MANIFEST_SECTION = {"synthesis": "synthesis", "quant": "scheme", "profile": "profile"}
 # Flags this test types, and the config fields they must win over: noise and few images keep it fast.
-TYPED_FLAGS = ["--calib", "noise", "--num-images", "16", "--warmup", "1"]
-TYPED_VALUES = {("synthesis", "method"): "noise", ("synthesis", "num_images"): 16, ("profile", "warmup"): 1}
+TYPED_FLAGS = ["--calib", "noise", "--num-images", "16", "--warmup-ms", "1", "--profile-duration", "0"]
+TYPED_VALUES = {("synthesis", "method"): "noise", ("synthesis", "num_images"): 16, ("profile", "warmup_ms"): 1.0,
+                ("profile", "duration_s"): 0.0}
 
 
 def invoke(*args):
@@ -49,7 +50,7 @@ def test_every_value_of_an_example_config_reaches_the_manifest(config, tiny_stat
                 assert _as_recorded(got) == expected, f"{section}.{key}"
             checked += 1
     assert checked >= 8
-    assert recorded["synthesis"]["method"] == "noise" and recorded["profile"]["warmup"] == 1
+    assert recorded["synthesis"]["method"] == "noise" and recorded["profile"]["warmup_ms"] == 1.0
     # --synth-device auto (the default) is recorded as the device it resolved to.
     assert recorded["synthesis"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     form = "uint8_asymmetric" if target == "onnxruntime" else "int8_symmetric"

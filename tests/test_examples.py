@@ -11,7 +11,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.mark.parametrize("args", [
     ["demo.py", "--fast", "--calib", "noise"],
-    ["torchvision_build.py", "--arch", "mobilenet_v2", "--calib", "noise", "--num-images", "4", "--input-size", "64"],
+    ["torchvision_build.py", "--arch", "mobilenet_v2", "--calib", "noise", "--num-images", "4", "--input-size", "64",
+     "--profile-duration", "0"],
 ])
 def test_example_runs(args, tmp_path):
     result = subprocess.run([sys.executable, str(EXAMPLES / args[0]), *args[1:], "--out", str(tmp_path / "out")],

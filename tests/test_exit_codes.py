@@ -17,7 +17,7 @@ from dfq_deploy.errors import EXIT_CODES, DfqError
 from small_cnn import INPUT_SHAPE, SmallResNet
 
 FAST_BUILD = ["--trust-pickle", "--input-shape", "x".join(map(str, INPUT_SHAPE)), "--calib", "noise",
-              "--num-images", "4", "--no-cache", "--no-progress", "--batch-sizes", "1", "--warmup", "0",
+              "--num-images", "4", "--no-cache", "--no-progress", "--batch-sizes", "1", "--warmup-ms", "0", "--profile-duration", "0",
               "--profile-iterations", "1"]
 
 

@@ -33,7 +33,7 @@ from small_cnn import INPUT_SHAPE, SmallResNet
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = "x".join(map(str, INPUT_SHAPE))
 FAST = ["--trust-pickle", "--input-shape", SHAPE, "--calib", "noise", "--num-images", "4", "--no-progress",
-        "--batch-sizes", "1", "--warmup", "0", "--profile-iterations", "1"]
+        "--batch-sizes", "1", "--warmup-ms", "0", "--profile-iterations", "1", "--profile-duration", "0"]
 SLOW_ZEROQ = [*FAST[:3], "--calib", "zeroq", "--iterations", "100000", *FAST[5:]]  # ends only by a signal
 
 

@@ -111,7 +111,7 @@ def test_debug_on_a_build_folder_names_the_edited_layer(tmp_path):
     out = tmp_path / "build"
     api.build(tmp_path / "small.pt", out_dir=out, trust_pickle=True, input_shape=INPUT_SHAPE,
               synthesis=SynthesisConfig(method="noise", num_images=8), use_cache=False, progress=False,
-              profile_config=ProfileConfig(batch_sizes=(1,), warmup=0, iterations=1))
+              profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=0, iterations=1, duration_s=0))
     clean = debug_build_folder(out, trust_pickle=True)
     assert clean.reference_mismatches == () and clean.fidelity.first_departures() == {"onnxruntime-cpu": None}
     assert [row.used for row in clean.precision[0].layers if row.kind == "Conv2d"] == ["int8"] * 4

@@ -126,7 +126,8 @@ def test_precision_map_reads_real_execution_precisions(ov):
 
 
 FAST = ["--input-shape", "1x3x16x16", "--num-images", "16", "--synth-batch-size", "8", "--no-cache",
-        "--no-progress", "--calib", "noise", "--batch-sizes", "1,4", "--warmup", "1", "--profile-iterations", "4"]
+        "--no-progress", "--calib", "noise", "--batch-sizes", "1,4", "--warmup-ms", "1", "--profile-iterations", "4",
+        "--profile-duration", "0"]
 
 
 def test_build_profile_and_compare_on_openvino(ov, tmp_path):
@@ -154,7 +155,8 @@ def test_build_profile_and_compare_on_openvino(ov, tmp_path):
     assert "## Latency (openvino" in (out / "report.md").read_text()
 
     profiled = CliRunner().invoke(main, ["profile", str(out / "model.qdq.onnx"), "--target", "openvino",
-                                         "--batch-sizes", "2", "--warmup", "1", "--profile-iterations", "3"])
+                                         "--batch-sizes", "2", "--warmup-ms", "1", "--profile-iterations", "3",
+                                          "--profile-duration", "0"])
     assert profiled.exit_code == 0, profiled.output
     profile = json.loads(profiled.output)
     assert [(r["runner"], r["batch_size"], r["runs"]) for r in profile["latency"]] == [("openvino-cpu", 2, 3)]

@@ -87,7 +87,8 @@ def remote_dirs(sshd) -> set[str]:
 
 def request(onnx: Path, *, runner="dfq-deploy", executable=DFQ_DEPLOY, iterations=5) -> RemoteProfileRequest:
     return RemoteProfileRequest(artifact=onnx, runner=runner, trtexec=TrtexecOptions(batch_sizes=(1, 2)),
-                                dfq_deploy=DfqDeployRunOptions(executable=executable, warmup=1, iterations=iterations))
+                                dfq_deploy=DfqDeployRunOptions(executable=executable, warmup_ms=1, iterations=iterations,
+                                                               duration_s=0))
 
 
 def ssh_options(sshd, key=None) -> SshOptions:
@@ -102,7 +103,7 @@ def test_profile_on_two_devices_with_their_dfq_deploy(sshd, tiny_onnx, tmp_path)
     res = CliRunner().invoke(main, ["profile", str(tiny_onnx), "--remote", sshd.url, "--remote", second,
                                     "--ssh-config", str(sshd.config), "--ssh-identity", str(sshd.user_key),
                                     "--runner", "dfq-deploy", "--remote-dfq-deploy", DFQ_DEPLOY, "--batch-sizes", "1,2",
-                                    "--warmup", "1", "--profile-iterations", "5", "--out", str(out)])
+                                    "--warmup-ms", "1", "--profile-iterations", "5", "--profile-duration", "0", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert [d["label"] for d in report["devices"]] == ["dfq-loopback", f"127.0.0.1:{sshd.port}"]

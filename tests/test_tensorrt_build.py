@@ -54,7 +54,8 @@ def test_precision_must_match_the_graph(tmp_path):
         engine_from_onnx(tmp_path / "missing.onnx", config=RTX)
 
 
-@pytest.mark.parametrize("changes", [{"target": "trt"}, {"precision": "int4"}, {"workspace_mib": 0}])
+@pytest.mark.parametrize("changes", [{"target": "trt"}, {"precision": "int4"}, {"workspace_mib": 0},
+                                     {"batch_sizes": ()}, {"batch_sizes": (0, 4)}, {"check_batch": 0}])
 def test_config_is_validated(changes):
     with pytest.raises(BadInputError):
         TensorRTBuildConfig(**changes)
@@ -97,12 +98,17 @@ def test_rtx_is_strongly_typed_only(trt_rtx):
         engine_from_onnx(residual_block(), config=TensorRTBuildConfig(target="tensorrt-rtx", strongly_typed=False))
 
 
-def test_dynamic_batch_gets_a_profile(trt_rtx):
+def test_dynamic_batch_gets_a_profile_per_batch_size(trt_rtx):
     model = residual_block()
     for value in (*model.graph.input, *model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "N"
-    meta = engine_from_onnx(model, config=TensorRTBuildConfig(target="tensorrt-rtx", max_batch=4)).metadata
+    meta = engine_from_onnx(model, config=TensorRTBuildConfig(target="tensorrt-rtx", batch_sizes=(4,),
+                                                              check_batch=None)).metadata
     assert meta["inputs"][0]["shape"] == [-1, 8, 16, 16]
+    assert meta["profiles"] == [{"index": 0, "input": "x", "min": [4, 8, 16, 16], "opt": [4, 8, 16, 16],
+                                 "max": [4, 8, 16, 16]}]
+    static = engine_from_onnx(residual_block(), config=RTX).metadata
+    assert static["profiles"] == [] and static["engine_cache"] == "off"
 
 
 def test_int4_weight_only_matmul(trt_rtx):
@@ -176,18 +182,18 @@ def test_runner_without_gpu_fails_clearly_when_used(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; tests/test_tensorrt_gpu.py runs the engine")
-    from dfq_deploy.errors import DfqError
-    from dfq_deploy.runtimes.tensorrt import TensorRTRunner
-
+    from dfq_deploy.errors import EngineRuntimeError
     from dfq_deploy.runtimes.base import Runner
+    from dfq_deploy.runtimes.tensorrt import NoCudaDeviceError, TensorRTRunner
 
     (tmp_path / "x.engine").write_bytes(b"not an engine")
     runner = TensorRTRunner(tmp_path / "x.engine", target="tensorrt-rtx")  # constructing needs nothing
     assert isinstance(runner, Runner) and runner.name == "tensorrt-rtx"
-    with pytest.raises(DfqError, match="CUDA GPU") as info:
+    with pytest.raises(NoCudaDeviceError, match="CUDA GPU") as info:
         with runner:
             pass
+    assert isinstance(info.value, EngineRuntimeError) and info.value.exit_code == 9
     assert "tensorrt-rtx" in str(info.value)  # the hint says how to build without a GPU
     assert not runner.is_active and runner.memory() == {}
-    with pytest.raises(RuntimeError, match="not active"):  # the base class's lifecycle check
+    with pytest.raises(RuntimeError, match="not active"):  # no metadata: nothing to check feeds against
         runner.infer({"input": np.zeros((1, 3), np.float32)})

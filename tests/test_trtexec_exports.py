@@ -94,7 +94,7 @@ def test_local_remote_and_imported_reports_compare(prefix, tmp_path):
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4, 4])])
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
-    res = CliRunner().invoke(main, ["profile", str(model), "--batch-sizes", "1", "--warmup", "0",
+    res = CliRunner().invoke(main, ["profile", str(model), "--batch-sizes", "1", "--warmup-ms", "0", "--profile-duration", "0",
                                     "--profile-iterations", "3", "--out", str(tmp_path / "local")])
     assert res.exit_code == 0, res.output
     local = json.loads((tmp_path / "local" / "report.json").read_text())

@@ -24,13 +24,12 @@ from .trtexec_command import TrtexecOptions
 
 @dataclasses.dataclass(frozen=True)
 class RemoteDevices:
-    """Devices to build and time on (``ssh://`` URLs), how to reach them and how to time there."""
+    """Devices to build and time on (``ssh://`` URLs) and how to reach them; how to time there is the
+    build's :class:`~dfq_deploy.config.ProfileConfig`, as for a local engine."""
 
     urls: tuple[str, ...]
     ssh: SshOptions = SshOptions()
     runner: RunnerName = "auto"
-    warmup_ms: int = 200
-    duration_s: float = 3.0
     trtexec_path: str | None = None
     dfq_deploy_path: str | None = None
     path_prefix: str | None = None
@@ -41,9 +40,11 @@ class RemoteDevices:
         return RemoteProfileRequest(
             artifact=artifact, runner=self.runner, trtexec_path=self.trtexec_path, path_prefix=self.path_prefix,
             trtexec=TrtexecOptions(precision=precision, batch_sizes=profile_config.batch_sizes,
-                                   warmup_ms=self.warmup_ms, duration_s=self.duration_s),
+                                   warmup_ms=round(profile_config.warmup_ms), duration_s=profile_config.duration_s,
+                                   use_cuda_graph=profile_config.cuda_graph),
             dfq_deploy=DfqDeployRunOptions(executable=self.dfq_deploy_path, target=target, device=device,
-                                           warmup=profile_config.warmup, iterations=profile_config.iterations))
+                                           warmup_ms=profile_config.warmup_ms, iterations=profile_config.iterations,
+                                           duration_s=profile_config.duration_s))
 
 
 def check_remote_target(target: str) -> None:

@@ -29,13 +29,15 @@ _TEGRASTATS_INTERVAL_MS = 100
 
 @dataclasses.dataclass(frozen=True)
 class DfqDeployRunOptions:
-    """``dfq-deploy profile`` on the device: its path there, runtime, and timed runs per batch size."""
+    """``dfq-deploy profile`` on the device: its path there, runtime, and its timing options (those of
+    :class:`~dfq_deploy.config.ProfileConfig`)."""
 
     executable: str | None = None
     target: str = "onnxruntime"
     device: str = "cpu"
-    warmup: int = 5
-    iterations: int = 30
+    warmup_ms: float = 200.0
+    iterations: int = 10
+    duration_s: float = 3.0
 
     def check_target(self) -> None:
         """`dfq-deploy profile --target tensorrt` times an engine, and an engine is never copied to a device."""
@@ -189,8 +191,8 @@ def _run_dfq_deploy(ssh: SshDevice, device: DeviceDescription, request: RemotePr
     o = request.dfq_deploy
     sizes = ",".join(str(b) for b in sorted(set(request.trtexec.batch_sizes)))
     argv = [device.dfq_deploy or "dfq-deploy", "profile", f"{work}/model.onnx", "--target", o.target,
-            "--device", o.device, "--batch-sizes", sizes, "--warmup", str(o.warmup),
-            "--profile-iterations", str(o.iterations), "--out", f"{work}/out"]
+            "--device", o.device, "--batch-sizes", sizes, "--warmup-ms", f"{o.warmup_ms:g}",
+            "--profile-iterations", str(o.iterations), "--profile-duration", f"{o.duration_s:g}", "--out", f"{work}/out"]
     fail = 'echo "dfq-deploy profile failed"; tail -n 20 console.log; exit %d; } >&2' % _FAILED_STEP
     _run_job(ssh, f"{shlex.join(argv)} > console.log 2>&1 || {{ {fail}", work, what="dfq-deploy profile")
     raw = staging / "dfq-deploy"

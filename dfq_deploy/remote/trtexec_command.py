@@ -41,8 +41,8 @@ class TrtexecOptions:
             raise BadInputError(f"trtexec precision must be one of {sorted(PRECISION_FLAGS)}, got {self.precision!r}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BadInputError(f"batch sizes must be positive, got {self.batch_sizes}")
-        if self.warmup_ms < 0 or self.duration_s <= 0:
-            raise BadInputError("trtexec needs --warmup-ms >= 0 and --duration-s > 0")
+        if self.warmup_ms < 0 or self.duration_s < 0:
+            raise BadInputError("trtexec needs --warmup-ms >= 0 and --profile-duration >= 0")
 
     def timing(self) -> dict[str, object]:
         """The timing options recorded in each latency record."""
