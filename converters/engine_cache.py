@@ -20,8 +20,6 @@ from dfq_deploy.cache_store import CacheStore
 from dfq_deploy.layout import ENGINE
 
 from .tensorrt import EngineArtifact, metadata_path, save_engine
-
-CPU_BUILD = "CPU build"
 KEY_VERSION = 1  # bump when the key's recipe changes
 
 

@@ -42,6 +42,7 @@ EnginePrecision = Literal["int8", "fp16", "int4w"]
 MODULES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 PACKAGES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt-rtx"}
 NO_GPU = "none (built on CPU)"
+CPU_BUILD = "CPU build"  # the build device in an engine cache key for TensorRT-RTX (ahead-of-time, no GPU used)
 INT4_CONV_NOTE = ("int4w: INT4 is weight-only on Gemm/MatMul; TensorRT has no 4-bit conv kernels, so conv "
                   "layers run at INT8")
 RTX_TIMING_CACHE_NOTE = ("timing cache not used: TensorRT-RTX does not autotune at build time (the cache has no "
@@ -208,8 +209,6 @@ def _build(model: onnx.ModelProto, config: TensorRTBuildConfig, profiles: list[S
 def _cache_key_parts(trt: ModuleType, config: TensorRTBuildConfig, onnx_sha256: str, profiles: list[ShapeProfile],
                      weak_flags: list[Any]) -> dict[str, Any]:
     """What decides the engine's bytes: graph, module and version, build device, precision, profiles, flags."""
-    from .engine_cache import CPU_BUILD
-
     return {"onnx_sha256": onnx_sha256, "module": trt.__name__, "version": trt.__version__,
             # TensorRT tunes kernels on the build GPU; TensorRT-RTX compiles ahead of time without one.
             "device": CPU_BUILD if config.target == "tensorrt-rtx" else _gpu_info(),
