@@ -81,7 +81,8 @@ def _export_marks(qmodel: QuantModel, specs: dict[int, QuantSpec]) -> Iterator[N
         if wq is None or not wq.enabled:
             continue
         wq.export_index = index
-        specs[index] = _weight_spec(f"{name}.weight_quantizer", wq, layer.weight)
+        specs[index] = _weight_spec(f"{name}.weight_quantizer", wq, layer.weight,
+                                    container=qmodel.scheme.export_weight_container())
         touched.append(wq)
         index += 1
     biased = []
@@ -121,7 +122,7 @@ def _activation_spec(name: str, q) -> QuantSpec:
     return QuantSpec(name, "activation", np.float32(scale), np.array(zero_point), dtype, clip=clip)
 
 
-def _weight_spec(name: str, wq, weight: torch.Tensor) -> QuantSpec:
+def _weight_spec(name: str, wq, weight: torch.Tensor, *, container: str = "int8") -> QuantSpec:
     # Per-channel weights of any width <= 8 are exact in an int8 container, which every runtime's
     # integer kernels read. Block-quantized weights are the INT4 weight-only form (TensorRT's
     # Gemm/MatMul): ONNX INT4 blocked along the input axis (1: a Linear's weight is [out, in] and the
@@ -131,6 +132,9 @@ def _weight_spec(name: str, wq, weight: torch.Tensor) -> QuantSpec:
     if wq.block_size is not None:
         return QuantSpec(name, "weight", scale, np.zeros(scale.shape, dtype=np.int8), onnx.TensorProto.INT4, axis=1,
                          integer_values=values, block_size=wq.block_size)
+    if container == "uint8":  # the same values offset by 128 (see config.WeightContainer)
+        return QuantSpec(name, "weight", scale, np.full(values.shape[0], 128, dtype=np.uint8), onnx.TensorProto.UINT8,
+                         axis=0, integer_values=(values.astype(np.int16) + 128).astype(np.uint8))
     return QuantSpec(name, "weight", scale, np.zeros(values.shape[0], dtype=np.int8), onnx.TensorProto.INT8, axis=0,
                      integer_values=values)
 

@@ -34,6 +34,11 @@ PerformanceHint = Literal["LATENCY", "THROUGHPUT"]
 # multiply u8 activations by s8 weights (x86 VPDPBUSD on VNNI/AMX), so u8 is also the native input.
 DEFAULT_ACT_FORM: dict[str, ActivationForm] = {"onnxruntime": "uint8_asymmetric", "openvino": "uint8_asymmetric",
                                                "tensorrt": "int8_symmetric", "tensorrt-rtx": "int8_symmetric"}
+# How symmetric int8 weights are stored in the onnxruntime form. x86 CPUs without a VNNI unit run
+# onnxruntime's u8 x s8 kernels with vpmaddubsw, whose int16 pair sums saturate (measured on an AVX2
+# EPYC, onnxruntime 1.32: relative error 0.087 against the fake-quant model); the same values stored as
+# uint8 with zero point 128 take the u8 x u8 kernels, which widen first and match it to 1e-7.
+WeightContainer = Literal["int8", "uint8"]
 
 
 def _check_choice(value: Any, literal: Any, field: str) -> None:
@@ -178,6 +183,10 @@ class QuantScheme:
     # Weight width of the first layer alone (``None``: as ``first_last_bits`` says; overrides still win).
     # 7 avoids the u8 x s8 saturation of CPUs without VNNI (see :data:`TARGET_SCHEME_DEFAULTS`).
     first_layer_weight_bits: int | None = None
+    # Storage of the weights in the Q/DQ graph (the values are the same): see :data:`WeightContainer`.
+    # ``None`` picks for this machine's CPU: uint8 for the onnxruntime form where its int8 kernels
+    # would saturate, else int8. Set it to build a graph for another machine.
+    weight_container: WeightContainer | None = None
 
     def __post_init__(self) -> None:
         # Overrides may arrive as mappings (a config file, or dataclasses.asdict of another scheme).
@@ -186,6 +195,11 @@ class QuantScheme:
         _check_choice(self.act_form, ActivationForm, "activation form")
         _check_choice(self.calibrator, CalibratorName, "calibrator")
         _check_choice(self.weight_calibrator, WeightCalibratorName, "weight calibrator")
+        if self.weight_container is not None:
+            _check_choice(self.weight_container, WeightContainer, "weight container")
+        if self.weight_container == "uint8" and self.act_form != "uint8_asymmetric":
+            raise BadInputError("weight_container uint8 is the onnxruntime form's; TensorRT takes int8 weights only",
+                                hint="leave weight_container at int8 for TensorRT targets")
         for name in ("weight_bits", "act_bits"):
             bits = getattr(self, name)
             if not 2 <= bits <= 8:
@@ -196,6 +210,15 @@ class QuantScheme:
                 raise BadInputError(f"{name} must be between 2 and 8 (or None), got {bits}")
         if not 50.0 < self.percentile <= 100.0:
             raise BadInputError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    def export_weight_container(self) -> WeightContainer:
+        """The weights' container in the exported graph: ``weight_container``, or this machine's choice."""
+        if self.weight_container is not None:
+            return self.weight_container
+        if self.act_form != "uint8_asymmetric":
+            return "int8"
+        from .runtimes.profiler import has_int8_dot_product
+        return "int8" if has_int8_dot_product() else "uint8"
 
     def layer_quant(self, name: str, *, kind: str | None = None, is_first: bool = False, is_last: bool = False,
                     blocked: bool = True) -> LayerQuant:
@@ -221,7 +244,9 @@ class QuantScheme:
 # images, 2-core AMD EPYC, AVX2 only) the deployed graph agreed with the fake-quant reference on 96.5%
 # of top-1 (relative L2 0.19) with 8-bit first-layer weights, and on 100% (0.020) with 7-bit ones;
 # fake-quant top-1 was 91.0% either way. 7-bit weights (|w| <= 63) keep 2 x 255 x 63 inside int16.
-TARGET_SCHEME_DEFAULTS: dict[str, dict[str, Any]] = {"openvino": {"first_layer_weight_bits": 7}}
+# (onnxruntime instead stores the weights as uint8 there, see :data:`WeightContainer`; OpenVINO keeps int8.)
+TARGET_SCHEME_DEFAULTS: dict[str, dict[str, Any]] = {"openvino": {"first_layer_weight_bits": 7,
+                                                                  "weight_container": "int8"}}
 
 INT8_ONNXRUNTIME = QuantScheme(act_form="uint8_asymmetric")
 INT8_TENSORRT = QuantScheme(act_form="int8_symmetric")

@@ -17,7 +17,7 @@ from .config import ProfileConfig
 from .models import LoadedModel
 from .quant.quantize import QuantModel
 from .runtimes.base import Runner
-from .runtimes.onnxruntime import OnnxRuntimeRunner, op_counts, optimized_graph
+from .runtimes.onnxruntime import OnnxRuntimeRunner, integer_kernels_are_exact, op_counts, optimized_graph
 from .runtimes.openvino import OPENVINO_INTEGER_PRECISIONS, RuntimeLayer
 from .runtimes.profiler import Agreement, compare, cpu_description, host_memory, profile
 from .runtimes.torch import TorchRunner
@@ -44,7 +44,7 @@ def onnxruntime_agreement(qmodel: QuantModel, onnx_model: onnx.ModelProto | str 
                           batch_size: int = AGREEMENT_BATCH, threads: int | None = None) -> Agreement:
     """How closely onnxruntime (CPU) running ``onnx_model`` reproduces the fake-quant ``qmodel`` on ``images``."""
     source = onnx_model.SerializeToString() if isinstance(onnx_model, onnx.ModelProto) else onnx_model
-    with OnnxRuntimeRunner(source, threads=threads) as runtime, \
+    with OnnxRuntimeRunner(source, threads=threads, integer_kernels=integer_kernels_are_exact(onnx_model)) as runtime, \
             TorchRunner(qmodel.module, input_shape=qmodel.input_shape, name="torch-fake-quant") as reference:
         return compare(reference, runtime, (b.numpy() for b in images.split(batch_size)))
 
@@ -175,7 +175,8 @@ def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSe
     cpu_check = onnxruntime_agreement(qmodel, qdq_model, calib.images, threads=profile_config.threads)
     result: dict[str, Any] = {
         "runtime": target,
-        "qdq_on_onnxruntime_cpu": cpu_check.as_dict(),
+        # integer_kernels false: Q/DQ ran as float ops (onnxruntime's int8 kernels saturate on this CPU).
+        "qdq_on_onnxruntime_cpu": cpu_check.as_dict() | {"integer_kernels": integer_kernels_are_exact(qdq_model)},
         "engine_path": str(engine_path),
         "engine_bytes": len(artifact.plan),
         "engine_cache": artifact.metadata.get("engine_cache", "off"),

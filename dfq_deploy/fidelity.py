@@ -229,10 +229,11 @@ def onnx_with_taps(qdq_model: onnx.ModelProto, taps: Iterable[LayerTap]) -> onnx
 
 def onnxruntime_tap_runner(*, device: str = "cpu", threads: int | None = None) -> TapRunner:
     """A :data:`TapRunner` that runs the tapped model with :class:`OnnxRuntimeRunner`."""
-    from .runtimes.onnxruntime import OnnxRuntimeRunner
+    from .runtimes.onnxruntime import OnnxRuntimeRunner, integer_kernels_are_exact
 
     def run(tapped: onnx.ModelProto, batches: Iterable[np.ndarray]) -> Iterable[LayerOutputs]:
-        with OnnxRuntimeRunner(tapped.SerializeToString(), device=device, threads=threads) as runner:
+        with OnnxRuntimeRunner(tapped.SerializeToString(), device=device, threads=threads,
+                               integer_kernels=integer_kernels_are_exact(tapped)) as runner:
             for batch in batches:
                 yield runner.infer({runner.input_name: batch})
     return run

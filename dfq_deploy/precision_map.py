@@ -110,6 +110,14 @@ def layers_from_graph(qdq_model: onnx.ModelProto) -> list[LayerInfo]:
 
 def _stored_bits(graph: QdqGraph, dq: onnx.NodeProto) -> int:
     values = onnx.numpy_helper.to_array(graph.inits[dq.input[0]]).astype(int)
+    if len(dq.input) > 2 and dq.input[2] in graph.inits:  # uint8-stored weights sit around zero point 128
+        zero_point = onnx.numpy_helper.to_array(graph.inits[dq.input[2]]).astype(int)
+        if zero_point.ndim == 1:  # per channel along ``axis``
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            values = values - zero_point.reshape([-1 if d == axis else 1 for d in range(values.ndim)])
+        elif zero_point.ndim == 0:
+            values = values - zero_point
+        # (blocked INT4 zero points are 0: that form is symmetric)
     peak = int(abs(values).max()) if values.size else 0
     return max(2, peak.bit_length() + 1)
 

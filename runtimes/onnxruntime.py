@@ -43,10 +43,14 @@ def _import_ort():
 
 
 class OnnxRuntimeRunner(Runner):
-    """Runs an ONNX model (path or bytes) with onnxruntime on ``device`` (cpu, cuda or tensorrt)."""
+    """Runs an ONNX model (path or bytes) with onnxruntime on ``device`` (cpu, cuda or tensorrt).
+
+    ``integer_kernels=False`` keeps onnxruntime from fusing Q/DQ groups into integer kernels, so
+    Q/DQ run as float ops: exactly the graph's arithmetic (see :func:`integer_kernels_are_exact`).
+    """
 
     def __init__(self, model: str | os.PathLike | bytes, *, device: str = "cpu", threads: int | None = None,
-                 save_optimized: str | os.PathLike | None = None):
+                 save_optimized: str | os.PathLike | None = None, integer_kernels: bool = True):
         super().__init__()
         if device not in PROVIDERS:
             raise BadInputError(f"unknown onnxruntime device {device!r}", hint=f"choose {', '.join(PROVIDERS)}")
@@ -54,6 +58,7 @@ class OnnxRuntimeRunner(Runner):
         self.device = device
         self.threads = threads
         self.save_optimized = save_optimized
+        self.integer_kernels = integer_kernels
         self.name = f"onnxruntime-{device}"
         self.session = None
 
@@ -64,15 +69,19 @@ class OnnxRuntimeRunner(Runner):
         if wanted[0] not in available:
             raise MissingDependencyError("onnxruntime-gpu", extra="gpu",
                                          purpose=f"the {self.device} execution provider (available here: {available})")
+        source = self.model if isinstance(self.model, bytes) else str(self.model)
+        proto = _read(source)
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0) if proto else 0
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Basic level: constant folding and the like, none of the Q/DQ fusions (they are "extended").
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.integer_kernels
+                                            else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
         if self.save_optimized:
             options.optimized_model_filepath = str(self.save_optimized)
-        source = self.model if isinstance(self.model, bytes) else str(self.model)
-        disabled = DISABLED_OPTIMIZERS + (OPSET21_DISABLED_OPTIMIZERS if _opset(source) >= 21 else [])
+        disabled = DISABLED_OPTIMIZERS + (OPSET21_DISABLED_OPTIMIZERS if opset >= 21 else [])
         try:
             self.session = ort.InferenceSession(source, options, providers=wanted, disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -93,13 +102,37 @@ class OnnxRuntimeRunner(Runner):
         return list(self.session.get_providers())
 
 
-def _opset(source: str | bytes) -> int:
-    """The default-domain opset a model imports (0 when the file cannot be read: onnxruntime says why)."""
+def _read(source: str | bytes) -> onnx.ModelProto | None:
+    """The model's graph without external weights (``None`` when unreadable: onnxruntime says why)."""
     try:
-        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+        return onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
     except Exception:  # noqa: BLE001 - onnxruntime reports unreadable models with its own message
-        return 0
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        return None
+
+
+def integer_kernels_are_exact(model: str | os.PathLike | bytes | onnx.ModelProto) -> bool:
+    """Whether onnxruntime's CPU integer kernels compute ``model``'s Q/DQ arithmetic exactly here.
+
+    Not for signed-int8 activations (the TensorRT form) on an x86 CPU without VNNI: onnxruntime runs
+    those as u8 x s8 with vpmaddubsw, whose int16 sums saturate (relative error 0.03 against the
+    fake-quant model on an AVX2 EPYC, onnxruntime 1.32). Checks that stand in for TensorRT on such a
+    CPU run the graph with ``integer_kernels=False`` instead.
+    """
+    from .profiler import has_int8_dot_product
+    if has_int8_dot_product():
+        return True
+    if not isinstance(model, onnx.ModelProto):
+        model = _read(model if isinstance(model, bytes) else str(model))
+    return not _signed_activations(model)
+
+
+def _signed_activations(model: onnx.ModelProto | None) -> bool:
+    """True when some QuantizeLinear writes int8 (the TensorRT form's signed activations)."""
+    if model is None:
+        return False
+    int8_inits = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in int8_inits
+               for n in model.graph.node)
 
 
 def optimized_graph(model: str | os.PathLike | bytes, *, device: str = "cpu",

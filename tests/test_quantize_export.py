@@ -1,5 +1,7 @@
 """BN folding is exact, and the exported Q/DQ graph run by onnxruntime matches the fake-quant model."""
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -13,6 +15,7 @@ from dfq_deploy.graph_capture import capture_graph
 from dfq_deploy.quant.fold import fold_batchnorm
 from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.deployment import onnxruntime_agreement
+from dfq_deploy.errors import BadInputError
 from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
 from tiny_models import settle_batchnorm, tiny_resnet
 
@@ -89,7 +92,9 @@ def test_qdq_graph_follows_the_form_rules():
     model = tiny_resnet()
     calib = CalibrationSet(torch.randn(16, 3, 16, 16))
     for target, act_type in (("onnxruntime", onnx.TensorProto.UINT8), ("tensorrt", onnx.TensorProto.INT8)):
-        proto = onnx_from_quant_model(quantize(model, calib, scheme=default_scheme(target), progress=False))
+        scheme = default_scheme(target)
+        weight_type = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8}[scheme.export_weight_container()]
+        proto = onnx_from_quant_model(quantize(model, calib, scheme=scheme, progress=False))
         inits = {i.name: i for i in proto.graph.initializer}
         producers = {o: n for n in proto.graph.node for o in n.output}
         for node in proto.graph.node:
@@ -98,7 +103,7 @@ def test_qdq_graph_follows_the_form_rules():
             if node.op_type in ("Conv", "Gemm"):
                 weight_dq = producers[node.input[1]]
                 assert weight_dq.op_type == "DequantizeLinear"
-                assert inits[weight_dq.input[0]].data_type == onnx.TensorProto.INT8, "weights stored as int8"
+                assert inits[weight_dq.input[0]].data_type == weight_type
                 assert {a.name: a.i for a in weight_dq.attribute}.get("axis", 1) == 0
                 if len(node.input) > 2 and target == "tensorrt":  # TensorRT rejects an int32 bias
                     assert node.input[2] in inits and inits[node.input[2]].data_type == onnx.TensorProto.FLOAT
@@ -112,6 +117,42 @@ def test_qdq_graph_follows_the_form_rules():
             zero_points = [np.frombuffer(inits[n.input[2]].raw_data, np.int8) for n in proto.graph.node
                            if n.op_type == "QuantizeLinear"]
             assert all((zp == 0).all() for zp in zero_points), "TensorRT form is symmetric"
+
+
+def _weight_dequantizers(proto: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """DequantizeLinear node name -> (stored weight values, scale, zero point) of every 8-bit weight."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    return {n.name: (inits[n.input[0]], inits[n.input[1]], inits[n.input[2]]) for n in proto.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype in (np.int8, np.uint8)}
+
+
+def test_the_tensorrt_form_always_stores_int8_weights():
+    assert default_scheme("tensorrt").export_weight_container() == "int8"
+    with pytest.raises(BadInputError, match="weight_container uint8"):
+        default_scheme("tensorrt", weight_container="uint8")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_uint8_weight_container_stores_the_same_values_and_matches(bits):
+    """Weights as uint8 with zero point 128 (onnxruntime's u8 x u8 kernels, which do not saturate on
+    x86 CPUs without VNNI) dequantize to exactly the int8 container's values and run like fake-quant."""
+    model = tiny_resnet()
+    calib = CalibrationSet(torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    qmodel = quantize(model, calib, scheme=default_scheme("onnxruntime", bits=bits, weight_container="uint8"),
+                      progress=False)
+    proto = onnx_from_quant_model(qmodel)
+    uint8_form = _weight_dequantizers(proto)
+    qmodel.scheme = dataclasses.replace(qmodel.scheme, weight_container="int8")
+    int8_form = _weight_dequantizers(onnx_from_quant_model(qmodel))
+    assert uint8_form.keys() == int8_form.keys() and len(uint8_form) >= 3
+    for name, (values, scale, zero_point) in uint8_form.items():
+        int8_values, int8_scale, int8_zero_point = int8_form[name]
+        assert values.dtype == np.uint8 and (zero_point == 128).all() and (int8_zero_point == 0).all()
+        np.testing.assert_array_equal(values.astype(np.int16) - 128, int8_values)
+        np.testing.assert_array_equal(scale, int8_scale)
+    inputs = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    result = onnxruntime_agreement(qmodel, proto, inputs, threads=2)
+    assert result.relative_l2 <= 1e-4, result
 
 
 @pytest.mark.parametrize("bits", [4, 6])

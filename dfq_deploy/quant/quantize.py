@@ -84,8 +84,14 @@ class QuantModel:
         }
 
     def notes(self) -> list[str]:
-        """Per-layer notes for reports: where a layer could not be quantized as the scheme asked."""
-        return [f"{layer.name}: {layer.note}" for layer in self.layers if layer.note]
+        """Notes for reports: how the weights are stored, and where a layer could not be quantized as the
+        scheme asked."""
+        notes = [f"{layer.name}: {layer.note}" for layer in self.layers if layer.note]
+        if self.scheme.export_weight_container() == "uint8":
+            notes.insert(0, "weights stored as uint8 with zero point 128 (the same values): onnxruntime's int8 "
+                            "kernels saturate on x86 CPUs without VNNI, as this machine's is; set "
+                            "quant.weight_container to int8 for a graph that will only run on VNNI/AMX CPUs.")
+        return notes
 
 
 def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, batch_size: int = 32,
