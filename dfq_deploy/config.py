@@ -217,7 +217,7 @@ class QuantScheme:
             return self.weight_container
         if self.act_form != "uint8_asymmetric":
             return "int8"
-        from .runtimes.profiler import has_int8_dot_product
+        from .runtimes.cpu_features import has_int8_dot_product
         return "int8" if has_int8_dot_product() else "uint8"
 
     def layer_quant(self, name: str, *, kind: str | None = None, is_first: bool = False, is_last: bool = False,

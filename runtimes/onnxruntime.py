@@ -118,7 +118,7 @@ def integer_kernels_are_exact(model: str | os.PathLike | bytes | onnx.ModelProto
     fake-quant model on an AVX2 EPYC, onnxruntime 1.32). Checks that stand in for TensorRT on such a
     CPU run the graph with ``integer_kernels=False`` instead.
     """
-    from .profiler import has_int8_dot_product
+    from .cpu_features import has_int8_dot_product
     if has_int8_dot_product():
         return True
     if not isinstance(model, onnx.ModelProto):
