@@ -209,5 +209,6 @@ def test_openvino_scheme_keeps_first_layer_weights_inside_int16_pair_sums():
     assert (first.weight_bits, first.act_bits) == (7, 8)
     assert scheme.layer_quant("layer1.0.conv1").weight_bits == 8
     assert default_scheme("onnxruntime").layer_quant("conv1", is_first=True).weight_bits == 8
+    assert scheme.export_weight_container() == "int8"  # the same file on AVX2 and on VNNI/AMX machines
     with pytest.raises(BadInputError, match="first_layer_weight_bits"):
         dataclasses.replace(scheme, first_layer_weight_bits=9)
