@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import ExportError
 from ..quant.quantize import QuantModel
-from .passes import (QuantSpec, constants_to_initializers, drop_activations_before_quantize, drop_custom_opset, inline_constant_identities,
+from .passes import (QuantSpec, constants_to_initializers, drop_activations_before_quantize, drop_custom_opset, fold_weight_transposes,
+                     inline_constant_identities,
                      materialize_quantizers, name_unnamed_nodes)
 
 INPUT_NAME = "input"
@@ -52,6 +53,7 @@ def onnx_from_quant_model(qmodel: QuantModel, *, opset: int | None = None) -> on
         traced = _trace_to_onnx(qmodel.module, qmodel.input_shape, opset, custom_opsets={"dfq": 1})
     graph = gs.import_onnx(traced)
     graph = materialize_quantizers(inline_constant_identities(constants_to_initializers(graph)), specs)
+    graph = fold_weight_transposes(graph)
     by_q_node = {f"{spec.name}/QuantizeLinear": spec for spec in specs.values() if spec.kind == "activation"}
     graph = name_unnamed_nodes(drop_activations_before_quantize(graph, by_q_node).toposort())
     model_proto = drop_custom_opset(gs.export_onnx(graph))

@@ -96,6 +96,31 @@ def materialize_quantizers(graph: gs.Graph, specs: dict[int, QuantSpec]) -> gs.G
     return graph.cleanup().toposort()
 
 
+def fold_weight_transposes(graph: gs.Graph) -> gs.Graph:
+    """Write a Linear's weight pre-transposed where the exporter put a Transpose behind its DQ.
+
+    A Linear on a tensor of rank > 2 (ConvNeXt's channels-last MLP) is exported as
+    ``MatMul(x, Transpose(W))``; the integer kernels of onnxruntime and TensorRT match only
+    ``DQ(weight) -> MatMul``, so the DQ reads ``W`` transposed, with its per-channel axis moved to 1.
+    The DQ keeps its name, which is how reports find the layer's op.
+    """
+    for dq in [n for n in graph.nodes if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)]:
+        out = dq.outputs[0]
+        users = list(out.outputs)
+        if (len(users) != 1 or users[0].op != "Transpose" or out in graph.outputs
+                or "block_size" in dq.attrs or dq.attrs.get("axis", 1) != 0):
+            continue
+        transpose = users[0]
+        weight = dq.inputs[0].values
+        if not isinstance(weight, np.ndarray) or weight.ndim != 2 or list(transpose.attrs.get("perm", [1, 0])) != [1, 0]:
+            continue
+        dq.inputs[0] = gs.Constant(dq.inputs[0].name, np.ascontiguousarray(weight.T))
+        dq.attrs["axis"] = 1
+        dq.outputs = [transpose.outputs[0]]
+        transpose.outputs.clear()
+    return graph.cleanup()
+
+
 def drop_custom_opset(model: onnx.ModelProto, domain: str = MARK_DOMAIN) -> onnx.ModelProto:
     """Remove the marks' opset import once no node of that domain is left."""
     if any(n.domain == domain for n in model.graph.node):

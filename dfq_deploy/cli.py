@@ -19,8 +19,8 @@ from .cli_cache import cache
 from .cli_remote import device_options, remote_devices, trtexec_export_option
 from .cli_errors import run_reporting_errors as _run
 from .config import (HOLDOUT_FRACTION, IMAGENET_NORMALIZE, CalibratorName, MixedPrecisionConfig, PerformanceHint,
-                     ProfileConfig, QuantScheme, ReconstructionConfig, SynthesisConfig, Target, default_scheme,
-                     load_config_file, merge_config)
+                     ProfileConfig, QuantScheme, ReconstructionConfig, SynthesisConfig, SynthesisMethod, Target,
+                     default_scheme, load_config_file, merge_config)
 from .errors import BadInputError
 from .gates import QualityGates
 from .tracking import DEFAULT_EXPERIMENT, tracking_requested
@@ -57,8 +57,9 @@ def synthesis_options(fn):
                            "papers do, instead of optimising pixels; --iterations/--lr then apply to it.")(fn)
     fn = click.option("--calib-images", type=click.Path(file_okay=False, path_type=Path),
                       help="Folder of real images (ImageFolder layout): for --calib folder and FDDA's hybrid mode.")(fn)
-    return click.option("--calib", "method", type=click.Choice(["noise", "zeroq", "clusterq", "fdda", "folder"]),
-                        default=SynthesisConfig.method, show_default=True, help="Calibration source.")(fn)
+    return click.option("--calib", "method", type=click.Choice(list(get_args(SynthesisMethod))),
+                        default=SynthesisConfig.method, show_default=True,
+                        help="Calibration source; auto: zeroq for models with BatchNorm, prior for those without.")(fn)
 
 
 def quant_options(fn):

@@ -16,7 +16,7 @@ from .errors import BadInputError
 # Mean/std per RGB channel that ImageNet-style models (and the CIFAR assets' ResNets) normalise with.
 IMAGENET_NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-SynthesisMethod = Literal["noise", "zeroq", "clusterq", "fdda", "folder"]
+SynthesisMethod = Literal["noise", "zeroq", "clusterq", "fdda", "prior", "auto", "folder"]
 Target = Literal["onnxruntime", "openvino", "tensorrt", "tensorrt-rtx"]
 CalibratorName = Literal["max", "percentile", "mse", "entropy"]
 WeightCalibratorName = Literal["max", "mse"]
@@ -74,7 +74,7 @@ class SynthesisConfig:
     (and every manifest written from it) names the device that really ran.
     """
 
-    method: SynthesisMethod = "zeroq"
+    method: SynthesisMethod = "auto"  # zeroq for models with BatchNorm, prior for those without
     num_images: int = 256
     batch_size: int = 32
     iterations: int | None = None

@@ -30,6 +30,19 @@ _OUT_OF_PLACE = {
     aten.sigmoid_.default: aten.sigmoid.default,
 }
 
+# Shape arithmetic through ATen overloads is invisible to the ONNX tracer: ``aten.sym_size`` returns a
+# plain int and ``aten.view`` takes one, so a channel shuffle's Reshape would keep the export batch.
+# The Tensor methods are traced (Shape -> Gather -> Concat), which keeps the batch dimension dynamic.
+_TRACEABLE_SHAPE_OPS = {
+    aten.sym_size.int: torch.Tensor.size,
+    aten.view.default: torch.Tensor.view,
+    aten.reshape.default: torch.Tensor.reshape,
+    aten._unsafe_view.default: torch.Tensor.reshape,
+    aten.expand.default: torch.Tensor.expand,
+}
+# What the rewritten graph calls for reshapes (quantization treats them as data movement).
+RESHAPE_FUNCTIONS = (torch.Tensor.view, torch.Tensor.reshape)
+
 
 def export_graph(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export.ExportedProgram:
     """torch.export ``model`` for inputs of ``(batch, *input_shape)`` with a dynamic batch size."""
@@ -60,6 +73,9 @@ def lift_modules(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         if node.target in _OUT_OF_PLACE:
             node.target = _OUT_OF_PLACE[node.target]
+            continue
+        if node.target in _TRACEABLE_SHAPE_OPS:
+            node.target = _TRACEABLE_SHAPE_OPS[node.target]
             continue
         lifted = _lift(gm, node)
         if lifted is None:

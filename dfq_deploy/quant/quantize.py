@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..calibration_set import CalibrationSet
 from ..config import MIN_WEIGHT_BLOCK, CalibratorName, LayerQuant, QuantScheme, ReconstructionConfig
 from ..errors import BadInputError
-from ..graph_capture import capture_graph, is_add
+from ..graph_capture import RESHAPE_FUNCTIONS, capture_graph, is_add
 from .fold import fold_batchnorm
 from .quantizers import QUANT_LAYER_FOR, ActQuantizer, WeightQuantizer, float_mode
 
@@ -33,7 +33,7 @@ CONCAT_OPS = {aten.cat.default, torch.cat}
 # quantizer shares the input's scale (onnxruntime's integer MaxPool requires exactly that).
 DATA_MOVEMENT = {aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default,
                  aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                 aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
+                 aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, *RESHAPE_FUNCTIONS}
 # Ops whose output holds the input's values (dropout is the identity in the inference graph).
 VALUE_PRESERVING = DATA_MOVEMENT | {aten.dropout.default}
 # Activations a conv/add output is quantized after (Q(relu(x)) fuses into the producing kernel).

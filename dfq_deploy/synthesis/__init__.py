@@ -1,4 +1,5 @@
-"""Data-free calibration sets: ``noise``, ``zeroq``, ``clusterq``, ``fdda``, and ``folder`` (real images).
+"""Data-free calibration sets: ``noise``, ``zeroq``, ``clusterq``, ``fdda``, ``prior`` (models without
+BatchNorm), ``auto`` (zeroq with BN, else prior) and ``folder`` (real images).
 
 zeroq, clusterq and fdda optimise pixels by default; with ``SynthesisConfig.generator`` they train
 a generator on the same loss instead (:mod:`.generator`).
@@ -35,7 +36,7 @@ def _method(job: Job) -> Callable[[Job], MethodResult]:
     """The function that makes images for ``job`` (imported here so each method stays its own module)."""
     method = job.config.method
     if job.config.generator:
-        if method in ("noise", "folder"):
+        if method in ("noise", "folder", "prior"):
             raise BadInputError(f"--generator trains a generator with a synthesis loss; '{method}' has none",
                                 hint="use --generator with zeroq, clusterq or fdda")
         from .generator import synthesize_with_generator
@@ -52,6 +53,9 @@ def _method(job: Job) -> Callable[[Job], MethodResult]:
     if method == "fdda":
         from .fdda import synthesize_fdda
         return synthesize_fdda
+    if method == "prior":
+        from .prior import synthesize_prior
+        return synthesize_prior
     from .folder import synthesize_folder
     return synthesize_folder
 
@@ -66,6 +70,13 @@ def _objective(method: str) -> ObjectiveFactory:
         return clusterq_objective
     from .fdda import fdda_objective
     return fdda_objective
+
+
+def resolve_auto(config: SynthesisConfig, *, has_batchnorm: bool) -> SynthesisConfig:
+    """``auto``: zeroq where the model has BatchNorm statistics to match, ``prior`` where it has none."""
+    if config.method != "auto":
+        return config
+    return dataclasses.replace(config, method="zeroq" if has_batchnorm else "prior")
 
 
 def _check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -98,6 +109,7 @@ def synthesize(model: nn.Module, *, config: SynthesisConfig, input_shape: tuple[
     work_model = model_on_device(model, device)
     with frozen_eval(work_model):
         layers, output = trace_bn_layers(work_model, input_shape, device)
+        config = resolve_auto(config, has_batchnorm=bool(layers))
         shard = shard_batches(plan_batches(config.num_images, config.batch_size))
         job = Job(model=work_model, config=config, input_shape=input_shape, device=device, layers=layers,
                   output_shape=tuple(output.shape), shard=shard, normalize=normalize, progress=progress)

@@ -58,7 +58,7 @@ class Job:
             method = self.config.method
             raise BadInputError(
                 f"the model has no BatchNorm layer, so {method} has no statistics to match",
-                hint="use --calib noise or --calib folder --calib-images DIR")
+                hint="use --calib prior (or auto: the data-free method for models without BN), noise, or folder --calib-images DIR")
 
     def num_classes(self) -> int:
         """Number of classes of a classifier whose output is (N, num_classes)."""

@@ -11,10 +11,11 @@ from .pixel_loop import optimise_warmup_then_late, start_batch
 
 
 def synthesize_pixels(job: Job, make_objective: ObjectiveFactory, *, iterations: int, warmup: int, lr: float,
-                      late_lr: float) -> MethodResult:
+                      late_lr: float, start=start_batch) -> MethodResult:
     """Each batch: N(0, 1) images (and uniform labels when the objective has classes), then
     :func:`~dfq_deploy.synthesis.pixel_loop.optimise_warmup_then_late` on the objective.
 
+    ``start`` makes a batch's (generator, initial images, labels), :func:`start_batch` by default.
     ``warmup == iterations`` is a single phase with ZeroQ's schedule. Meta: ``iterations``, ``lr``,
     ``steps_taken`` per batch, and the objective's own.
     """
@@ -23,7 +24,7 @@ def synthesize_pixels(job: Job, make_objective: ObjectiveFactory, *, iterations:
         objective = make_objective(job, capture, warmup)
         with job.bar(iterations) as bar:
             for batch in job.batches:
-                gen, x, labels = start_batch(batch, seed=job.config.seed, input_shape=job.input_shape,
+                gen, x, labels = start(batch, seed=job.config.seed, input_shape=job.input_shape,
                                              device=job.device, num_classes=objective.num_classes)
                 x, loss, taken = optimise_warmup_then_late(
                     x, lambda x, step: objective.loss(x, labels, step, gen), iterations=iterations, warmup=warmup,

@@ -1,0 +1,165 @@
+"""Does a model survive the whole pipeline? One function that builds both Q/DQ forms and checks them.
+
+The checks a user's "any CNN" needs, in the order a build meets them: capture, noise calibration,
+the onnxruntime Q/DQ graph running at several batch sizes with finite outputs and the same top-1 as
+the fake-quant reference, its integer kernels (and why a layer ran in float), its speed against FP32,
+and the TensorRT form passing the lint and TensorRT-RTX's parser and builder. ``bench/zoo.py`` runs
+it over torchvision's and timm's classification models; the tests run it on one model per family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import SynthesisConfig, default_scheme
+from .errors import DfqError, MissingDependencyError
+from .graph_capture import capture_graph
+
+BATCH_SIZES = (1, 8, 32)
+AGREEMENT_INPUTS = 32
+MIN_AGREEMENT = 0.99
+SPEED_BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCheck:
+    """What :func:`check_model` found for one model; ``error`` names the first stage that failed."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    build_seconds: float | None = None
+    convs_integer: int | None = None
+    convs_total: int | None = None
+    float_layers: tuple[str, ...] = ()  # "layer: why" for each layer that does not run on integers
+    batches_run: tuple[int, ...] = ()
+    finite: bool | None = None
+    agreement: float | None = None
+    relative_l2: float | None = None
+    speedup: float | None = None  # onnxruntime INT8 vs FP32 median latency at SPEED_BATCH
+    tensorrt: str | None = None  # "built", or why not
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Every check of the zoo: built, ran at every batch size, finite, agreeing, TensorRT-RTX built."""
+        return (self.error is None and self.batches_run == BATCH_SIZES and bool(self.finite)
+                and (self.agreement or 0.0) >= MIN_AGREEMENT and self.tensorrt == "built")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"passed": self.passed}
+
+
+def check_model(module: nn.Module, *, name: str, input_shape: tuple[int, ...], calib_images: int = 32,
+                batch_sizes: tuple[int, ...] = BATCH_SIZES, speed_iterations: int = 5,
+                tensorrt: bool = True, threads: int | None = None) -> ModelCheck:
+    """Build ``module`` for onnxruntime from noise calibration and check it (see the module docstring).
+
+    Never raises for a model the pipeline cannot handle: the failure is the result's ``error``.
+    """
+    result: dict[str, Any] = {"name": name, "input_shape": tuple(input_shape)}
+    stage = "capture"
+    try:
+        graph = capture_graph(module, tuple(input_shape))
+        stage = "onnxruntime build"
+        start = time.perf_counter()
+        qmodel, qdq = _quantize_and_export(graph, input_shape, "onnxruntime", calib_images)
+        result["build_seconds"] = round(time.perf_counter() - start, 2)
+        stage = "onnxruntime run"
+        result |= _onnxruntime_checks(graph, qmodel, qdq, input_shape, batch_sizes, speed_iterations, threads)
+        if tensorrt:
+            stage = "tensorrt form"
+            result["tensorrt"] = _tensorrt_check(graph, input_shape, calib_images, tuple(batch_sizes))
+    except DfqError as exc:
+        result["error"] = f"{stage}: {type(exc).__name__}: {exc.message}"
+    except Exception as exc:  # a crash is a finding of this check, not the end of a zoo run
+        result["error"] = f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return ModelCheck(**result)
+
+
+def _quantize_and_export(graph: nn.Module, input_shape, target: str, calib_images: int):
+    from .converters.onnx_qdq import onnx_from_quant_model
+    from .quant.quantize import quantize
+    from .synthesis import synthesize
+
+    calib = synthesize(graph, config=SynthesisConfig(method="noise", num_images=calib_images),
+                       input_shape=tuple(input_shape), progress=False)
+    qmodel = quantize(graph, calib, scheme=default_scheme(target), progress=False)
+    return qmodel, onnx_from_quant_model(qmodel)
+
+
+def _onnxruntime_checks(graph, qmodel, qdq, input_shape, batch_sizes, speed_iterations, threads) -> dict[str, Any]:
+    from .converters.onnx_qdq import onnx_from_float_model
+    from .deployment import conv_kernels, onnxruntime_agreement
+    from .precision_map import precision_map_onnxruntime
+    from .runtimes.onnxruntime import OnnxRuntimeRunner, op_counts, optimized_graph
+
+    inputs = torch.randn(AGREEMENT_INPUTS, *input_shape, generator=torch.Generator().manual_seed(1))
+    found: dict[str, Any] = {}
+    with OnnxRuntimeRunner(qdq.SerializeToString(), threads=threads) as int8:
+        finite, ran = True, []
+        for batch_size in batch_sizes:
+            (out,) = int8.infer({int8.input_name: _batch(inputs, batch_size)}).values()
+            if out.shape[0] != batch_size:
+                raise AssertionError(f"batch {batch_size} gave {out.shape[0]} outputs")
+            finite = finite and bool(np.isfinite(out).all())
+            ran.append(batch_size)
+        found |= {"batches_run": tuple(ran), "finite": finite}
+        fp32_proto = onnx_from_float_model(graph, input_shape=tuple(input_shape))
+        with OnnxRuntimeRunner(fp32_proto.SerializeToString(), threads=threads) as fp32:
+            found["speedup"] = _speedup(fp32, int8, _batch(inputs, SPEED_BATCH), speed_iterations)
+    agreement = onnxruntime_agreement(qmodel, qdq, inputs, threads=threads)
+    found |= {"agreement": agreement.top1_agreement, "relative_l2": float(f"{agreement.relative_l2:.3g}")}
+    optimized = optimized_graph(qdq.SerializeToString(), threads=threads)
+    pmap = precision_map_onnxruntime(qdq, layers=qmodel.layers, optimized=optimized)
+    convs = [row for row in pmap.layers if row.kind.startswith("Conv")]
+    kernels = conv_kernels(op_counts(optimized))
+    found |= {"convs_integer": kernels["integer"], "convs_total": len(convs),
+              "float_layers": tuple(f"{row.layer}: {row.reason or 'ran in float'}" for row in pmap.layers
+                                    if row.ran_in_float)
+              + tuple(f"{layer.name}: {layer.note or 'kept float'}" for layer in qmodel.layers
+                      if layer.weight_bits is None)}
+    return found
+
+
+def _batch(inputs: torch.Tensor, batch_size: int) -> np.ndarray:
+    reps = -(-batch_size // len(inputs))
+    return np.ascontiguousarray(torch.cat([inputs] * reps)[:batch_size].numpy(), dtype=np.float32)
+
+
+def _speedup(fp32, int8, batch: np.ndarray, iterations: int) -> float | None:
+    """FP32 over INT8 median latency, measured in alternating runs so machine noise hits both alike."""
+    if iterations < 1:
+        return None
+    times: dict[Any, list[float]] = {fp32: [], int8: []}
+    feeds = {fp32.input_name: batch}
+    for runner in times:
+        runner.infer(feeds)  # warm-up
+    for _ in range(iterations):
+        for runner, samples in times.items():
+            start = time.perf_counter()
+            runner.infer(feeds)
+            samples.append(time.perf_counter() - start)
+    return round(statistics.median(times[fp32]) / statistics.median(times[int8]), 3)
+
+
+def _tensorrt_check(graph, input_shape, calib_images: int, batch_sizes: tuple[int, ...]) -> str:
+    """"built" when the TensorRT form passes the lint and TensorRT-RTX parses and builds it, with one
+    optimization profile per batch size."""
+    from .converters.tensorrt import TensorRTBuildConfig, engine_from_onnx
+
+    _, qdq = _quantize_and_export(graph, input_shape, "tensorrt-rtx", calib_images)
+    try:
+        engine_from_onnx(qdq, config=TensorRTBuildConfig(target="tensorrt-rtx", batch_sizes=batch_sizes,
+                                                                check_batch=None))
+    except MissingDependencyError as exc:
+        return f"not checked: {exc.message}"
+    except DfqError as exc:
+        return f"failed: {exc.message.splitlines()[0]}"
+    return "built"
