@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 from .. import __version__
 from ..artifacts import atomic_write_bytes, sha256_file
 from ..layout import REPORT_JSON, REPORT_MD
-from ..report import _table
+from ..report import _table, latency_lines
 from ..runtimes.profiler import LatencyRecord
 from .trtexec_exports import EngineLayer
 
@@ -150,11 +150,13 @@ def _gpu(device: Mapping[str, Any]) -> str:
 
 def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
     device = section.get("device", {})
-    lines = [f"{heading} {section.get('label')}: {_gpu(device)}", ""]
+    gpu = _gpu(device)
+    lines = [f"{heading} {section.get('label')}" + ("" if gpu.startswith(str(section.get("label"))) else f": {gpu}"), ""]
     lines += [f"- {k}: {v}" for k, v in device.items() if v not in (None, "") and k != "label"] + [""]
     if section.get("commands"):
         lines += ["Commands run on the device:", "", "```"] + list(section["commands"]) + ["```", ""]
-    lines += [f"{heading}# Latency ({section.get('runner')})", ""] + _latency_table(section.get("latency", [])) + [""]
+    latency = latency_lines(section.get("latency", []), title=f"Latency ({section.get('runner')})")
+    lines += [f"{heading}# {latency[0].removeprefix('## ')}", *latency[1:], ""]  # one level below the device
     stats = section.get("tegrastats")
     if stats:
         lines += [f"{heading}# tegrastats", ""] + [f"- {k}: {v}" for k, v in stats.items()] + [""]
@@ -170,14 +172,3 @@ def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
                           "yes" if la["qdq"] else ""] for la in table["layers"]]) + [""]
     lines += [f"> {note}" for note in section.get("notes", [])]
     return lines + [""]
-
-
-def _latency_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    def stage(r: Mapping[str, Any], key: str) -> float | None:
-        return (r.get(key) or {}).get("median_ms")
-
-    return _table(["runner", "batch", "runs", "median ms", "mean ms", "min ms", "p90 ms", "p95 ms", "p99 ms", "max ms",
-                   "images/s", "enqueue", "H2D", "compute", "D2H"],
-                  [[r["runner"], r["batch_size"], r["runs"]] + [_num(r[k]) for k in (
-                      "median_ms", "mean_ms", "min_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "throughput_ips")]
-                   + [_num(stage(r, k)) for k in ("enqueue", "h2d", "compute", "d2h")] for r in records])
