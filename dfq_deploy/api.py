@@ -243,6 +243,7 @@ def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, in
            profile_config, precision, max_disagreement, normalize, cache_dir, engine_cache_dir, use_cache, eval_set, reconstruct,
            mixed_precision, max_drop, holdout_fraction, gates, progress, remote, eval_resize) -> BuildResult:
     from .report import write_reports
+    from .report_schema import SCHEMA_VERSION
     from .runtimes.profiler import host_memory
 
     manifest = _Manifest(out, {}, config)
@@ -301,6 +302,8 @@ def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, in
         layer_report, precision_map = _where_precision_goes(qmodel, qdq_model, calib, deploy_target=deploy_target)
 
     report = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "build",
         "dfq_deploy": __version__,
         "target": target,
         "model": model.describe(),

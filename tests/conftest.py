@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -9,6 +10,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def reports_follow_the_schema(tmp_path):
+    """Every report.json a test makes (anywhere under its tmp_path) validates against the schema."""
+    yield
+    from dfq_deploy.report_schema import validate_report
+    for path in tmp_path.rglob("report.json"):
+        report = json.loads(path.read_text())
+        if isinstance(report, dict) and "schema_version" in report:  # hand-written fixtures carry none
+            validate_report(report)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from .. import __version__
 from ..artifacts import atomic_write_bytes, sha256_file
 from ..layout import REPORT_JSON, REPORT_MD
 from ..report import _table, latency_lines
+from ..report_schema import SCHEMA_VERSION
 from ..runtimes.profiler import LatencyRecord
 from .trtexec_exports import EngineLayer
 
@@ -59,7 +60,8 @@ class DeviceProfile:
 
 def profile_report(profiles: Sequence[DeviceProfile], *, artifact: Path | None, target: str) -> dict[str, Any]:
     """The report dict: one device's section at top level, several under ``devices`` with a summary."""
-    report: dict[str, Any] = {"kind": "profile", "dfq_deploy": __version__, "target": target}
+    report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": "profile", "dfq_deploy": __version__,
+                              "target": target}
     if artifact is not None:
         report["artifact"] = {"path": str(artifact), "bytes": artifact.stat().st_size, "sha256": sha256_file(artifact)}
     if len(profiles) == 1:
