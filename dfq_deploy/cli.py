@@ -214,12 +214,14 @@ def main() -> None:
               show_default=True, help="Data-free calibration source.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dfq-demo"),
               show_default=True, help="Output folder.")
+@click.option("--force", is_flag=True, help="Rebuild even when --out holds this demo's finished build.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @_run
-def demo(fast, method, out_dir, no_progress) -> None:
+def demo(fast, method, out_dir, force, no_progress) -> None:
     """Quantize the shipped pretrained CIFAR-10 ResNet-20 to INT8 without training data and measure it."""
     from .demo import demo_summary, run_demo
-    click.echo(demo_summary(run_demo(out_dir=out_dir, fast=fast, method=method, progress=not no_progress)))
+    click.echo(demo_summary(run_demo(out_dir=out_dir, fast=fast, method=method, force=force,
+                                     progress=not no_progress)))
 
 
 @main.command()
