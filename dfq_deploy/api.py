@@ -318,7 +318,8 @@ def _build(model_path, out: Path, *, config, key, target, arch, trust_pickle, in
         "files": {name: {"path": Path(p).name, "bytes": _size(Path(p))} for name, p in artifacts.items()},
         "host_memory": host_memory(),
         "timings_s": {name: stage["seconds"] for name, stage in manifest.data["stages"].items()},
-        "notes": _notes(synthesis) + [deploy_target.note()] + qmodel.notes(),
+        # The method that really ran: ``auto`` resolves per model.
+        "notes": _notes(calib.meta.get("method", synthesis.method)) + [deploy_target.note()] + qmodel.notes(),
     }
     report["fidelity_gate"] = _fidelity_gate(deployment, max_disagreement)
     report["quality_gates"] = gate_outcomes(gates, report)
@@ -446,8 +447,8 @@ def _fidelity_gate(deployment: dict[str, Any], max_disagreement: float | None) -
             "passed": disagreement <= max_disagreement}
 
 
-def _notes(synthesis: SynthesisConfig) -> list[str]:
-    if synthesis.method in ("zeroq", "clusterq", "fdda"):
+def _notes(method: str) -> list[str]:
+    if method in ("zeroq", "clusterq", "fdda"):
         return ["dfq-deploy uses the synthesis losses of the papers to make a fixed calibration set; it does "
                 "not fine-tune the quantized model on generated samples as the papers do."]
     return []
