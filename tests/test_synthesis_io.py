@@ -66,7 +66,8 @@ def test_bad_folders_are_user_errors(tmp_path, case):
 def test_zeroq_without_batchnorm_says_what_to_use_instead():
     with pytest.raises(BadInputError, match="no BatchNorm layer, so zeroq has no statistics") as err:
         run(NoBNNet(), "zeroq")
-    assert "--calib noise" in str(err.value)
+    # The hint names the data-free method for models without BN first, then the baselines.
+    assert "--calib prior" in str(err.value) and "noise" in str(err.value) and "--calib-images" in str(err.value)
 
 
 def test_class_conditional_methods_need_classifier_output():
