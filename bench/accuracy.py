@@ -41,33 +41,57 @@ FP32_PUBLISHED = {"resnet20": 91.64, "resnet56": 92.72}  # assets README, same 1
 SOURCES = ("noise", "zeroq", "clusterq", "fdda", "fdda-hybrid", "real")
 DATA_FREE = ("noise", "zeroq", "clusterq", "fdda")
 # scheme name -> (weight bits, activation bits, reconstruct?)
-SCHEMES = {"fp32": None, "w8a8": (8, 8, False), "w4a4": (4, 4, False), "w4a4-rec": (4, 4, True),
-           "w4a8-rec": (4, 8, True), "w3a3-rec": (3, 3, True), "w2a4-rec": (2, 4, True),
-           "w8a8-est": (8, 8, False), "w4a4-est": (4, 4, False), "w4a4-max-drop": (4, 4, False),
-           "w4a4-rec-est": (4, 4, True), "w4a4-rec-max-drop": (4, 4, True)}
+SCHEMES = {
+    "fp32": None,
+    "w8a8": (8, 8, False),
+    "w4a4": (4, 4, False),
+    "w4a4-rec": (4, 4, True),
+    "w4a8-rec": (4, 8, True),
+    "w3a3-rec": (3, 3, True),
+    "w2a4-rec": (2, 4, True),
+    "w8a8-est": (8, 8, False),
+    "w4a4-est": (4, 4, False),
+    "w4a4-max-drop": (4, 4, False),
+    "w4a4-rec-est": (4, 4, True),
+    "w4a4-rec-max-drop": (4, 4, True),
+}
 
 
 def load_model(name: str) -> torch.nn.Module:
     from dfq_deploy.cifar_resnet import cifar_resnet, load_akamaster_checkpoint
+
     return load_akamaster_checkpoint(cifar_resnet(name), str(ASSETS / CHECKPOINTS[name]))
 
 
-def calibration_set(model, model_name: str, source: str, args) -> "CalibrationSet":
+def calibration_set(model, model_name: str, source: str, args) -> CalibrationSet:
     from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
     from dfq_deploy.config import SynthesisConfig
     from dfq_deploy.synthesis import synthesize_cached
 
     method = {"fdda-hybrid": "fdda", "real": "folder"}.get(source, source)
     calib_images = str(ASSETS / "train-sample") if source in ("fdda-hybrid", "real") else None
-    config = SynthesisConfig(method=method, num_images=args.images, batch_size=args.synth_batch, seed=args.seed,
-                             calib_images=calib_images, iterations=args.synth_iterations)
-    return synthesize_cached(model, config=config, input_shape=(3, 32, 32), cache_dir=Path(args.cache_dir),
-                             model_hash=f"{model_name}:{CHECKPOINTS[model_name]}", progress=args.progress,
-                             normalize=(CIFAR10_MEAN, CIFAR10_STD))
+    config = SynthesisConfig(
+        method=method,
+        num_images=args.images,
+        batch_size=args.synth_batch,
+        seed=args.seed,
+        calib_images=calib_images,
+        iterations=args.synth_iterations,
+    )
+    return synthesize_cached(
+        model,
+        config=config,
+        input_shape=(3, 32, 32),
+        cache_dir=Path(args.cache_dir),
+        model_hash=f"{model_name}:{CHECKPOINTS[model_name]}",
+        progress=args.progress,
+        normalize=(CIFAR10_MEAN, CIFAR10_STD),
+    )
 
 
 def scheme_for(name: str, args):
     from dfq_deploy.config import QuantScheme, ReconstructionConfig
+
     w_bits, a_bits, rec = SCHEMES[name]
     if (w_bits, a_bits) == (8, 8):
         scheme = QuantScheme(calibrator=args.w8_calibrator)
@@ -76,8 +100,9 @@ def scheme_for(name: str, args):
         scheme = QuantScheme(weight_bits=w_bits, act_bits=a_bits, calibrator="mse", weight_calibrator="mse")
     recon = None
     if rec:
-        recon = ReconstructionConfig(iterations=args.rec_iterations, time_budget_s=args.rec_budget, seed=args.seed,
-                                     checkpoint_dir=None)
+        recon = ReconstructionConfig(
+            iterations=args.rec_iterations, time_budget_s=args.rec_budget, seed=args.seed, checkpoint_dir=None
+        )
     return scheme, recon
 
 
@@ -85,8 +110,13 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
     from dfq_deploy.evaluate import timed_top1
     from dfq_deploy.quant.quantize import quantize
 
-    row = {"model": model_name, "source": source, "scheme": scheme_name, "threads": torch.get_num_threads(),
-           "images": args.images}
+    row = {
+        "model": model_name,
+        "source": source,
+        "scheme": scheme_name,
+        "threads": torch.get_num_threads(),
+        "images": args.images,
+    }
     if scheme_name == "fp32":
         row["top1"], _ = timed_top1(model, eval_set)
         row["source"] = "-"
@@ -118,8 +148,11 @@ def estimate_drop_row(model, calib, scheme, recon, row: dict, holdout_fraction: 
 
     calibrate_on, held_out = calib.split(holdout_fraction)
     qmodel = quantize(model, calibrate_on, scheme=scheme, progress=False, reconstruct=recon)
-    row.update(held_out_drop(model, qmodel.module, held_out.images), holdout_images=len(held_out),
-               holdout_confidence=mean_confidence(model, held_out.images))
+    row.update(
+        held_out_drop(model, qmodel.module, held_out.images),
+        holdout_images=len(held_out),
+        holdout_confidence=mean_confidence(model, held_out.images),
+    )
     return qmodel
 
 
@@ -127,14 +160,21 @@ def max_drop_row(model, calib, scheme, recon, row: dict, max_drop: float, holdou
     """``build --max-drop``'s planner (``--reconstruct`` with ``recon``), then the model it chose."""
     from dfq_deploy.quant.budget import plan_for_max_drop
 
-    plan, _, qmodel = plan_for_max_drop(model, calib, scheme=scheme, max_drop=max_drop, reconstruct=recon,
-                                        holdout_fraction=holdout_fraction)
-    row.update(max_drop=max_drop, estimated_drop=plan.estimated_drop, estimated_drop_se=plan.estimated_drop_se,
-               disagreement=plan.disagreement,
-               holdout_images=plan.holdout_images, holdout_confidence=plan.holdout_confidence,
-               low_bit_mac_fraction=plan.low_bit_mac_fraction,
-               raised=[o.pattern for o in plan.overrides], plan_act_bits=plan.act_bits,
-               plan_steps=len(plan.steps))
+    plan, _, qmodel = plan_for_max_drop(
+        model, calib, scheme=scheme, max_drop=max_drop, reconstruct=recon, holdout_fraction=holdout_fraction
+    )
+    row.update(
+        max_drop=max_drop,
+        estimated_drop=plan.estimated_drop,
+        estimated_drop_se=plan.estimated_drop_se,
+        disagreement=plan.disagreement,
+        holdout_images=plan.holdout_images,
+        holdout_confidence=plan.holdout_confidence,
+        low_bit_mac_fraction=plan.low_bit_mac_fraction,
+        raised=[o.pattern for o in plan.overrides],
+        plan_act_bits=plan.act_bits,
+        plan_steps=len(plan.steps),
+    )
     return qmodel
 
 
@@ -144,30 +184,38 @@ def print_estimates(rows: list[dict], fp32: dict) -> None:
     if not rows:
         return
     print("\nTop-1 drop estimated without labels (held-out synthetic images) vs real (test-lossless-1017)")
-    header = (f"{'model':9} {'scheme':17} {'source':9} {'images':>6} {'est. drop ± SE':>14} {'real drop':>9} {'|err|':>6} "
-              f"{'disagree%':>9} {'held-out':>8} {'FP32 conf':>9} {'4-bit conv MACs':>15}")
+    header = (
+        f"{'model':9} {'scheme':17} {'source':9} {'images':>6} {'est. drop ± SE':>14} {'real drop':>9} {'|err|':>6} "
+        f"{'disagree%':>9} {'held-out':>8} {'FP32 conf':>9} {'4-bit conv MACs':>15}"
+    )
     print(header)
     print("-" * len(header))
     for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"])):
         real = fp32[r["model"]] - r["top1"]
         low = f"{r['low_bit_mac_fraction']:15.0%}" if "low_bit_mac_fraction" in r else f"{'':15}"
         se = f"{r['estimated_drop_se']:5.2f}" if "estimated_drop_se" in r else f"{'?':>5}"
-        print(f"{r['model']:9} {r['scheme']:17} {r['source']:9} {r['images']:6d} {r['estimated_drop']:6.2f} ± {se} {real:9.2f} "
-              f"{abs(r['estimated_drop'] - real):6.2f} {r['disagreement']:9.2f} {r['holdout_images']:8d} "
-              f"{r.get('holdout_confidence', float('nan')):9.3f} {low}")
+        print(
+            f"{r['model']:9} {r['scheme']:17} {r['source']:9} {r['images']:6d} {r['estimated_drop']:6.2f} ± {se} {real:9.2f} "
+            f"{abs(r['estimated_drop'] - real):6.2f} {r['disagreement']:9.2f} {r['holdout_images']:8d} "
+            f"{r.get('holdout_confidence', float('nan')):9.3f} {low}"
+        )
 
 
 def print_table(rows: list[dict], cpu: dict) -> None:
     fp32 = {r["model"]: r["top1"] for r in rows if r["scheme"] == "fp32"}
-    print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores, {cpu['isa']}); "
-          f"eval: test-lossless-1017.npz (1,017 images)")
+    print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores, {cpu['isa']}); eval: test-lossless-1017.npz (1,017 images)")
     header = f"{'model':9} {'scheme':14} {'source':12} {'top-1':>7} {'Δ FP32':>7} {'synth s':>8} {'quant s':>8} {'recon s':>8} {'total s':>8} thr rec iters/block"
     print(header)
     print("-" * len(header))
     for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"])):
         delta = r["top1"] - fp32[r["model"]] if r["model"] in fp32 and r["scheme"] != "fp32" else None
-        cells = [f"{r['model']:9}", f"{r['scheme']:14}", f"{r['source']:12}", f"{r['top1']:7.2f}",
-                 f"{delta:+7.2f}" if delta is not None else f"{'':7}"]
+        cells = [
+            f"{r['model']:9}",
+            f"{r['scheme']:14}",
+            f"{r['source']:12}",
+            f"{r['top1']:7.2f}",
+            f"{delta:+7.2f}" if delta is not None else f"{'':7}",
+        ]
         for key in ("synthesis_s", "quantize_s", "reconstruction_s", "total_s"):
             cells.append(f"{r[key]:8.0f}" if key in r else f"{'':8}")
         iters = r.get("rec_iterations")
@@ -179,31 +227,50 @@ def print_table(rows: list[dict], cpu: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet20", help="comma list of resnet20,resnet56")
-    parser.add_argument("--sources", default="noise,zeroq,clusterq,fdda,fdda-hybrid,real", help=f"comma list of {','.join(SOURCES)}")
+    parser.add_argument(
+        "--sources", default="noise,zeroq,clusterq,fdda,fdda-hybrid,real", help=f"comma list of {','.join(SOURCES)}"
+    )
     parser.add_argument("--schemes", default="fp32,w8a8,w4a4", help=f"comma list of {','.join(SCHEMES)}")
     parser.add_argument("--images", type=int, default=256, help="calibration images per source")
     parser.add_argument("--synth-batch", type=int, default=64)
-    parser.add_argument("--synth-iterations", type=int, default=None, help="synthesis iterations (method default if omitted)")
+    parser.add_argument(
+        "--synth-iterations", type=int, default=None, help="synthesis iterations (method default if omitted)"
+    )
     parser.add_argument("--w8-calibrator", default="percentile", choices=get_args(CalibratorName))
     parser.add_argument("--rec-iterations", type=int, default=2000, help="reconstruction iterations per block")
-    parser.add_argument("--rec-budget", type=float, default=None, help="reconstruction time budget in seconds (whole model)")
+    parser.add_argument(
+        "--rec-budget", type=float, default=None, help="reconstruction time budget in seconds (whole model)"
+    )
     parser.add_argument("--max-drop", type=float, default=1.0, help="budget of the w4a4-max-drop rows, top-1 points")
-    parser.add_argument("--holdout-fraction", type=float, default=0.25,
-                        help="share of each set the -est and -max-drop rows hold out to estimate on")
+    parser.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.25,
+        help="share of each set the -est and -max-drop rows hold out to estimate on",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                                                            "dfq-deploy", "bench-calibration"))
-    parser.add_argument("--results", default="/tmp/dfq-bench-accuracy.jsonl", help="JSON lines file the rows are appended to")
+    parser.add_argument(
+        "--cache-dir",
+        default=os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dfq-deploy", "bench-calibration"
+        ),
+    )
+    parser.add_argument(
+        "--results", default="/tmp/dfq-bench-accuracy.jsonl", help="JSON lines file the rows are appended to"
+    )
     parser.add_argument("--table-only", action="store_true", help="print the table of --results and exit")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
 
     from dfq_deploy.runtimes.profiler import cpu_description
+
     cpu = cpu_description()
     results = Path(args.results)
     if args.table_only:
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+        rows = (
+            [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+        )
         print_table(rows, cpu)
         return 0
     if not (ASSETS / "test-lossless-1017.npz").is_file():
@@ -213,13 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
     from dfq_deploy.evaluate import load_eval_set
 
-    eval_set = load_eval_set(ASSETS / "test-lossless-1017.npz", input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    eval_set = load_eval_set(
+        ASSETS / "test-lossless-1017.npz", input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD
+    )
     for model_name in args.models.split(","):
         model = load_model(model_name)
         for scheme_name in args.schemes.split(","):
             if scheme_name not in SCHEMES:
                 parser.error(f"unknown scheme {scheme_name!r}")
-            for source in (["-"] if scheme_name == "fp32" else args.sources.split(",")):
+            for source in ["-"] if scheme_name == "fp32" else args.sources.split(","):
                 if source != "-" and source not in SOURCES:
                     parser.error(f"unknown source {source!r}")
                 row = run_row(model, model_name, source, scheme_name, eval_set, args)

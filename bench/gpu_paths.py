@@ -44,21 +44,39 @@ def _weights(folder: Path) -> Path:
 
 
 def _engine_path(weights: Path, out: Path, target: str) -> dict:
-    result = api.build(weights, arch="torchvision:resnet18", out_dir=out / target, target=target,
-                       input_shape=INPUT, synthesis=SynthesisConfig(method="noise", num_images=32),
-                       profile_config=PROFILE, use_cache=False, progress=False)
+    result = api.build(
+        weights,
+        arch="torchvision:resnet18",
+        out_dir=out / target,
+        target=target,
+        input_shape=INPUT,
+        synthesis=SynthesisConfig(method="noise", num_images=32),
+        profile_config=PROFILE,
+        use_cache=False,
+        progress=False,
+    )
     dep = result.report["deployment"]
-    return {"not_run": dep.get("not_run"), "latency": dep.get("latency"), "memory": dep.get("memory"),
-            "fidelity_vs_fake_quant": dep.get("fidelity_vs_fake_quant"),
-            "build_seconds": dep["engine_metadata"].get("build_seconds"),
-            "layers_profiled": len((dep.get("layer_times") or {}).get("layers", []))}
+    return {
+        "not_run": dep.get("not_run"),
+        "latency": dep.get("latency"),
+        "memory": dep.get("memory"),
+        "fidelity_vs_fake_quant": dep.get("fidelity_vs_fake_quant"),
+        "build_seconds": dep["engine_metadata"].get("build_seconds"),
+        "layers_profiled": len((dep.get("layer_times") or {}).get("layers", [])),
+    }
 
 
 def _onnxruntime_cuda(weights: Path, out: Path) -> dict:
-    build = api.build(weights, arch="torchvision:resnet18", out_dir=out / "onnxruntime", input_shape=INPUT,
-                      synthesis=SynthesisConfig(method="noise", num_images=16),
-                      profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=0, iterations=1, duration_s=0),
-                      use_cache=False, progress=False)
+    build = api.build(
+        weights,
+        arch="torchvision:resnet18",
+        out_dir=out / "onnxruntime",
+        input_shape=INPUT,
+        synthesis=SynthesisConfig(method="noise", num_images=16),
+        profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=0, iterations=1, duration_s=0),
+        use_cache=False,
+        progress=False,
+    )
     fp32 = build.artifacts["fp32_onnx"]
     return profile_artifact(fp32, target="onnxruntime", device="cuda", config=PROFILE)
 
@@ -66,19 +84,26 @@ def _onnxruntime_cuda(weights: Path, out: Path) -> dict:
 def _synthesis_cuda(weights: Path, out: Path) -> dict:
     model = api.load(weights, arch="torchvision:resnet18", input_shape=INPUT)
     start = time.perf_counter()
-    calib = api.synthesize(model, config=SynthesisConfig(method="zeroq", num_images=32, iterations=50,
-                                                         device="cuda"), progress=False)
-    return {"images": len(calib), "iterations": 50, "seconds": round(time.perf_counter() - start, 2),
-            "bn_mismatch": (calib.meta.get("bn_mismatch") or {}).get("mean")}
+    calib = api.synthesize(
+        model, config=SynthesisConfig(method="zeroq", num_images=32, iterations=50, device="cuda"), progress=False
+    )
+    return {
+        "images": len(calib),
+        "iterations": 50,
+        "seconds": round(time.perf_counter() - start, 2),
+        "bn_mismatch": (calib.meta.get("bn_mismatch") or {}).get("mean"),
+    }
 
 
 def run(out: Path) -> None:
     paths = out / "paths"
     paths.mkdir(parents=True, exist_ok=True)
     weights = _weights(out)
-    todo = {"tensorrt-rtx": lambda: _engine_path(weights, out, "tensorrt-rtx"),
-            "onnxruntime-cuda": lambda: _onnxruntime_cuda(weights, out),
-            "synthesis-cuda": lambda: _synthesis_cuda(weights, out)}
+    todo = {
+        "tensorrt-rtx": lambda: _engine_path(weights, out, "tensorrt-rtx"),
+        "onnxruntime-cuda": lambda: _onnxruntime_cuda(weights, out),
+        "synthesis-cuda": lambda: _synthesis_cuda(weights, out),
+    }
     if importlib.util.find_spec("tensorrt") is not None:
         todo["tensorrt"] = lambda: _engine_path(weights, out, "tensorrt")
     for name, fn in todo.items():
@@ -86,25 +111,34 @@ def run(out: Path) -> None:
         try:
             record = {"path": name, "ok": True, "result": fn()}
         except Exception as exc:  # noqa: BLE001 - a path that fails is a finding, recorded, not a crash
-            record = {"path": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                      "traceback": traceback.format_exc(limit=5)}
+            record = {
+                "path": name,
+                "ok": False,
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                "traceback": traceback.format_exc(limit=5),
+            }
         record["seconds"] = round(time.perf_counter() - start, 1)
         (paths / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
         print(json.dumps({k: record[k] for k in ("path", "ok", "seconds")}), flush=True)
 
 
 def summarize(out: Path) -> dict:
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()] \
-        if (out / "steps.jsonl").is_file() else []
+    steps = (
+        [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
+        if (out / "steps.jsonl").is_file()
+        else []
+    )
     gpu_csv = (out / "gpu.csv").read_text().strip() if (out / "gpu.csv").is_file() else None
     pytest_gpu = None
     if (out / "pytest-gpu.xml").is_file():
         import xml.etree.ElementTree as ET
+
         suite = ET.parse(out / "pytest-gpu.xml").getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         pytest_gpu = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    paths = [json.loads(p.read_text()) for p in sorted((out / "paths").glob("*.json"))] \
-        if (out / "paths").is_dir() else []
+    paths = (
+        [json.loads(p.read_text()) for p in sorted((out / "paths").glob("*.json"))] if (out / "paths").is_dir() else []
+    )
     for record in paths:
         record.pop("traceback", None)
     return {"gpu": _gpu(), "nvidia_smi": gpu_csv, "steps": steps, "pytest_gpu": pytest_gpu, "paths": paths}

@@ -24,24 +24,29 @@ import numpy as np
 import onnx
 import torch
 import torchvision
+from dfq_deploy.converters.onnx_qdq import onnx_from_float_model, onnx_from_quant_model
+from dfq_deploy.runtimes.base import Runner
+from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, optimized_op_counts
+from dfq_deploy.runtimes.profiler import cpu_description
 
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import SynthesisConfig, default_scheme
-from dfq_deploy.converters.onnx_qdq import onnx_from_float_model, onnx_from_quant_model
 from dfq_deploy.deployment import conv_kernels, openvino_conv_kernels
 from dfq_deploy.graph_capture import capture_graph
 from dfq_deploy.quant.quantize import quantize
-from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, optimized_op_counts
-from dfq_deploy.runtimes.base import Runner
-from dfq_deploy.runtimes.profiler import cpu_description
 
 SHAPE = (3, 224, 224)
 
 
 def quantize_static_graph(fp32_path: Path, calib: CalibrationSet, out_path: Path) -> Path:
     """onnxruntime's own static INT8 (QDQ, uint8 activations, int8 per-channel weights)."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -53,13 +58,21 @@ def quantize_static_graph(fp32_path: Path, calib: CalibrationSet, out_path: Path
 
     pre = out_path.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32_path), str(pre))
-    quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    quantize_static(
+        str(pre),
+        str(out_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
     return out_path
 
 
-def time_interleaved(runners: dict[str, Runner], batch: np.ndarray, *, rounds: int,
-                     iterations: int, warmup: int) -> dict[str, float]:
+def time_interleaved(
+    runners: dict[str, Runner], batch: np.ndarray, *, rounds: int, iterations: int, warmup: int
+) -> dict[str, float]:
     """Median ms per batch of each runner, measured in alternating rounds."""
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for runner in runners.values():
@@ -69,7 +82,7 @@ def time_interleaved(runners: dict[str, Runner], batch: np.ndarray, *, rounds: i
     for round_index in range(rounds):
         # Rotate who goes first, and pause between runners: onnxruntime's idle pool threads keep
         # spinning for a moment after a run and would slow whichever session runs next.
-        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
             runner = runners[name]
             time.sleep(0.2)
             for _ in range(iterations):
@@ -88,7 +101,11 @@ def int8_graphs(name: str, calib: CalibrationSet, graph, tmp: Path, runtimes: li
     for runtime in runtimes:
         ours = tmp / f"{name}.{runtime}.onnx"
         onnx.save(onnx_from_quant_model(quantize(graph, calib, scheme=default_scheme(runtime), progress=False)), ours)
-        paths |= {(runtime, "fp32"): fp32, (runtime, "dfq-deploy int8"): ours, (runtime, "quantize_static int8"): static}
+        paths |= {
+            (runtime, "fp32"): fp32,
+            (runtime, "dfq-deploy int8"): ours,
+            (runtime, "quantize_static int8"): static,
+        }
     return paths
 
 
@@ -96,6 +113,7 @@ def open_runner(runtime: str, path: Path, threads: int | None) -> tuple[Runner, 
     """An active runner for ``path`` on ``runtime`` and its integer/float convolution counts."""
     if runtime == "openvino":
         from dfq_deploy.runtimes.openvino import OpenVINORunner
+
         runner = OpenVINORunner(path, threads=threads)
         runner.activate()
         return runner, openvino_conv_kernels(runner.runtime_layers())
@@ -108,7 +126,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "openvino"], default=["onnxruntime", "openvino"])
+    parser.add_argument(
+        "--runtimes", nargs="+", choices=["onnxruntime", "openvino"], default=["onnxruntime", "openvino"]
+    )
     parser.add_argument("--calib", default="noise", help="calibration source for every INT8 graph")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
@@ -121,36 +141,61 @@ def main() -> int:
     versions = [f"onnxruntime {__import__('onnxruntime').__version__}"]
     if "openvino" in args.runtimes:
         versions.append(f"OpenVINO {__import__('openvino').__version__.split('-')[0]}")
-    print(f"machine: {cpu['model']}, {cpu['cores']} cores, ISA {cpu['isa']}; {', '.join(versions)}; "
-          f"threads {args.threads or 'all'}", flush=True)
+    print(
+        f"machine: {cpu['model']}, {cpu['cores']} cores, ISA {cpu['isa']}; {', '.join(versions)}; "
+        f"threads {args.threads or 'all'}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             torch.manual_seed(0)
             graph = capture_graph(getattr(torchvision.models, name)(weights=None).eval(), SHAPE)
             from dfq_deploy.synthesis import synthesize
-            calib = synthesize(graph, config=SynthesisConfig(method=args.calib, num_images=args.num_images),
-                               input_shape=SHAPE, progress=False)
-            opened = {key: open_runner(key[0], path, args.threads)
-                      for key, path in int8_graphs(name, calib, graph, Path(tmp), args.runtimes).items()}
+
+            calib = synthesize(
+                graph,
+                config=SynthesisConfig(method=args.calib, num_images=args.num_images),
+                input_shape=SHAPE,
+                progress=False,
+            )
+            opened = {
+                key: open_runner(key[0], path, args.threads)
+                for key, path in int8_graphs(name, calib, graph, Path(tmp), args.runtimes).items()
+            }
             runners = {f"{runtime} {kind}": runner for (runtime, kind), (runner, _) in opened.items()}
             for bs in args.batch_sizes:
                 batch = np.ascontiguousarray(np.concatenate([calib.images.numpy()] * (-(-bs // len(calib))))[:bs])
-                ms = time_interleaved(runners, batch, rounds=args.rounds, iterations=args.iterations,
-                                      warmup=args.warmup)
+                ms = time_interleaved(
+                    runners, batch, rounds=args.rounds, iterations=args.iterations, warmup=args.warmup
+                )
                 for (runtime, kind), (_, kernels) in opened.items():
-                    rows.append((name, bs, runtime, kind, ms[f"{runtime} {kind}"], kernels,
-                                 ms[f"{runtime} fp32"], ms[f"{args.runtimes[0]} dfq-deploy int8"]))
+                    rows.append(
+                        (
+                            name,
+                            bs,
+                            runtime,
+                            kind,
+                            ms[f"{runtime} {kind}"],
+                            kernels,
+                            ms[f"{runtime} fp32"],
+                            ms[f"{args.runtimes[0]} dfq-deploy int8"],
+                        )
+                    )
                 print(f"  {name} batch {bs}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), flush=True)
             for runner, _ in opened.values():
                 runner.deactivate()
     print()
-    print(f"| model | batch | runtime | graph | median ms | vs its FP32 | vs {args.runtimes[0]} dfq-deploy int8 "
-          f"| integer / float convs | CPU ISA |")
+    print(
+        f"| model | batch | runtime | graph | median ms | vs its FP32 | vs {args.runtimes[0]} dfq-deploy int8 "
+        f"| integer / float convs | CPU ISA |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, bs, runtime, kind, ms, kern, fp32_ms, base_ms in rows:
-        print(f"| {name} | {bs} | {runtime} | {kind} | {ms:.1f} | {fp32_ms / ms:.2f}x | {base_ms / ms:.2f}x "
-              f"| {kern['integer']} / {kern['float']} | {cpu['isa']} |")
+        print(
+            f"| {name} | {bs} | {runtime} | {kind} | {ms:.1f} | {fp32_ms / ms:.2f}x | {base_ms / ms:.2f}x "
+            f"| {kern['integer']} / {kern['float']} | {cpu['isa']} |"
+        )
     return 0
 
 

@@ -71,26 +71,48 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(weights))
-    print(f"machine: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{platform.platform()}")
+    print(
+        f"machine: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{platform.platform()}"
+    )
     print(f"load average before: {load_average()}")
 
     rows = []
     for method in [m for m in args.methods if not (args.generator and m == "noise")]:
         # FDDA in its paper's (hybrid) setting: one real training image per class.
         calib_images = str(ASSETS / "cifar10" / "train-sample") if method == "fdda" else None
-        config = SynthesisConfig(method=method, num_images=args.images, batch_size=args.batch,
-                                 iterations=args.iterations, seed=args.seed, calib_images=calib_images,
-                                 generator=args.generator)
-        calib = synthesize(model, config=config, input_shape=(3, 32, 32), progress=not args.no_progress,
-                           normalize=(CIFAR10_MEAN, CIFAR10_STD))
+        config = SynthesisConfig(
+            method=method,
+            num_images=args.images,
+            batch_size=args.batch,
+            iterations=args.iterations,
+            seed=args.seed,
+            calib_images=calib_images,
+            generator=args.generator,
+        )
+        calib = synthesize(
+            model,
+            config=config,
+            input_shape=(3, 32, 32),
+            progress=not args.no_progress,
+            normalize=(CIFAR10_MEAN, CIFAR10_STD),
+        )
         meta = calib.meta
         # Steps actually run per batch (zeroq and ClusterQ's warm-up stop once the mismatch is met).
         steps = meta.get("steps_taken")
         its = f"{sum(steps) / len(steps):.0f}/{meta['iterations']}" if steps else meta.get("iterations", 0)
         name = f"{method} --generator" if args.generator else method
-        rows.append((name, len(calib), args.batch, its, meta["wall_time_s"],
-                     meta["images_per_second"], meta["bn_mismatch"]["mean"]))
+        rows.append(
+            (
+                name,
+                len(calib),
+                args.batch,
+                its,
+                meta["wall_time_s"],
+                meta["images_per_second"],
+                meta["bn_mismatch"]["mean"],
+            )
+        )
         print(f"  done {name}: {rows[-1][5]:.3f} images/s, mismatch {rows[-1][6]:.5f}", file=sys.stderr)
 
     header = ("method", "images", "batch", "steps/max", "wall s", "images/s", "final mismatch", "target")
@@ -103,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             met = mismatch <= TARGET_MISMATCH and ips >= TARGET_IMAGES_PER_SECOND
             target = "met" if met else "NOT met"
         print(f"| {method} | {n} | {batch} | {its} | {wall:.1f} | {ips:.3f} | {mismatch:.5f} | {target} |")
-    print(f"reference: official ZeroQ 0.32 images/s, mismatch {TARGET_MISMATCH}; target for zeroq and clusterq: "
-          f"<= {TARGET_MISMATCH} at >= {TARGET_IMAGES_PER_SECOND} images/s")
+    print(
+        f"reference: official ZeroQ 0.32 images/s, mismatch {TARGET_MISMATCH}; target for zeroq and clusterq: "
+        f"<= {TARGET_MISMATCH} at >= {TARGET_IMAGES_PER_SECOND} images/s"
+    )
     return 0
 
 

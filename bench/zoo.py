@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from dfq_deploy.runtimes.cpu_features import cpu_description
 
 from dfq_deploy.model_check import check_model
 from dfq_deploy.models import build_arch
-from dfq_deploy.runtimes.cpu_features import cpu_description
 
 TRANSFORMERS = ("vit", "swin", "maxvit")
 INPUT_SIZES = (64, 96, 128)
@@ -39,8 +39,19 @@ OWN_SIZE = {"inception_v3": 299}
 def family(name: str) -> str:
     """``resnet50`` -> ``resnet``, ``regnet_y_400mf`` -> ``regnet``, ``timm:ghostnet_100`` -> ``ghostnet``."""
     base = name.split(":", 1)[-1]
-    for prefix in ("wide_resnet", "resnext", "efficientnet_v2", "mobilenet_v2", "mobilenet_v3", "shufflenet_v2",
-                   "regnet", "inception", "swin", "vit", "maxvit"):
+    for prefix in (
+        "wide_resnet",
+        "resnext",
+        "efficientnet_v2",
+        "mobilenet_v2",
+        "mobilenet_v3",
+        "shufflenet_v2",
+        "regnet",
+        "inception",
+        "swin",
+        "vit",
+        "maxvit",
+    ):
         if base.startswith(prefix):
             return prefix
     return re.split(r"[\d_]", base, maxsplit=1)[0]
@@ -52,6 +63,7 @@ def is_transformer(name: str) -> bool:
 
 def torchvision_models() -> list[str]:
     import torchvision
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -67,8 +79,14 @@ def run_one(name: str, *, threads: int, calib_images: int, speed_iterations: int
     module = build_arch(arch).eval()
     params = sum(p.numel() for p in module.parameters())
     for size in input_sizes(name):
-        check = check_model(module, name=name, input_shape=(3, size, size), calib_images=calib_images,
-                            speed_iterations=speed_iterations, threads=threads)
+        check = check_model(
+            module,
+            name=name,
+            input_shape=(3, size, size),
+            calib_images=calib_images,
+            speed_iterations=speed_iterations,
+            threads=threads,
+        )
         too_small = check.error is not None and check.error.startswith("capture")
         if not too_small:
             break
@@ -77,11 +95,14 @@ def run_one(name: str, *, threads: int, calib_images: int, speed_iterations: int
 
 def order(names: list[str]) -> list[str]:
     """One model of each family first (the smallest), then the rest by parameter count."""
+
     def size(name: str) -> int:
         if ":" not in name:  # torchvision's weight metadata has the count: no model to build
             import torchvision
+
             return torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]
         return sum(p.numel() for p in build_arch(name).parameters())
+
     sized = sorted(names, key=size)
     firsts, seen = [], set()
     for name in sized:
@@ -92,8 +113,10 @@ def order(names: list[str]) -> list[str]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| model | family | input | build s | convs int8 / total | float layers (why) | agreement | "
-            "INT8 vs FP32 @8 | TensorRT-RTX | pass |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| model | family | input | build s | convs int8 / total | float layers (why) | agreement | "
+        "INT8 vs FP32 @8 | TensorRT-RTX | pass |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         if r.get("transformer"):
@@ -106,8 +129,10 @@ def markdown_table(rows: list[dict]) -> str:
         agree = f"{r['agreement']:.1%}" if r.get("agreement") is not None else "—"
         speed = f"{r['speedup']:.2f}×" if r.get("speedup") is not None else "—"
         verdict = "yes" if r["passed"] else f"no: {r.get('error') or _why_not(r)}"
-        lines.append(f"| {r['name']} | {r['family']} | {r['input_shape'][-1]} | {r.get('build_seconds') or '—'} | "
-                     f"{convs} | {floats} | {agree} | {speed} | {r.get('tensorrt') or '—'} | {verdict} |")
+        lines.append(
+            f"| {r['name']} | {r['family']} | {r['input_shape'][-1]} | {r.get('build_seconds') or '—'} | "
+            f"{convs} | {floats} | {agree} | {speed} | {r.get('tensorrt') or '—'} | {verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -123,8 +148,10 @@ def summary(rows: list[dict]) -> str:
     cnns = [r for r in rows if not r.get("transformer")]
     passed = sum(r["passed"] for r in cnns)
     share = passed / len(cnns) if cnns else 0.0
-    return (f"{passed} of {len(cnns)} CNNs pass ({share:.0%}); {len(rows) - len(cnns)} transformers listed "
-            f"without a target. Machine: {cpu_description()}")
+    return (
+        f"{passed} of {len(cnns)} CNNs pass ({share:.0%}); {len(rows) - len(cnns)} transformers listed "
+        f"without a target. Machine: {cpu_description()}"
+    )
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -151,13 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             if is_transformer(name):
                 row = {"name": name, "family": family(name), "transformer": True, "passed": False}
             else:
-                row = run_one(name, threads=args.threads, calib_images=args.calib_images,
-                              speed_iterations=args.speed_iterations)
+                row = run_one(
+                    name, threads=args.threads, calib_images=args.calib_images, speed_iterations=args.speed_iterations
+                )
             row["wall_seconds"] = round(time.perf_counter() - start, 1)
             with args.rows.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{name}: {'pass' if row['passed'] else row.get('error') or 'fail'} ({row['wall_seconds']} s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{name}: {'pass' if row['passed'] else row.get('error') or 'fail'} ({row['wall_seconds']} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     rows = read_rows(args.rows)
     print(markdown_table(rows))
     print()

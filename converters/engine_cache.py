@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from dfq_deploy.cache_store import CacheStore
 from dfq_deploy.layout import ENGINE
 
 from .tensorrt import EngineArtifact, metadata_path, save_engine
+
 KEY_VERSION = 1  # bump when the key's recipe changes
 
 
@@ -37,21 +39,27 @@ class EngineCache:
         text = json.dumps({"key_version": KEY_VERSION, **parts}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def get_or_build(self, key: str, build: Callable[[], EngineArtifact], *,
-                     check_loads: Callable[[bytes], None] | None = None) -> tuple[EngineArtifact, bool]:
+    def get_or_build(
+        self, key: str, build: Callable[[], EngineArtifact], *, check_loads: Callable[[bytes], None] | None = None
+    ) -> tuple[EngineArtifact, bool]:
         """(engine, hit): the verified entry for ``key``, else ``build()`` stored under it.
 
         ``check_loads(plan)`` (on a GPU: deserialize it) raises for a verified plan that still does not
         load; the entry is then moved aside and rebuilt."""
+
         def read(folder: Path) -> EngineArtifact:
             plan = (folder / ENGINE).read_bytes()
             if check_loads is not None:
                 check_loads(plan)
             return EngineArtifact(plan=plan, metadata=json.loads(metadata_path(folder / ENGINE).read_text()))
 
-        return self.store.get_or_make(key, make=build, read=read,
-                                      write=lambda artifact, folder: save_engine(artifact, folder / ENGINE),
-                                      meta={"what": "TensorRT engine"})
+        return self.store.get_or_make(
+            key,
+            make=build,
+            read=read,
+            write=lambda artifact, folder: save_engine(artifact, folder / ENGINE),
+            meta={"what": "TensorRT engine"},
+        )
 
     def entry_engine(self, key: str) -> Path:
         """Where the entry of ``key`` keeps its plan (tests damage it there)."""

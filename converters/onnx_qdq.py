@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -21,9 +21,16 @@ from torch import nn
 
 from ..errors import ExportError
 from ..quant.quantize import QuantModel
-from .passes import (QuantSpec, constants_to_initializers, drop_activations_before_quantize, drop_custom_opset, fold_weight_transposes,
-                     inline_constant_identities,
-                     materialize_quantizers, name_unnamed_nodes)
+from .passes import (
+    QuantSpec,
+    constants_to_initializers,
+    drop_activations_before_quantize,
+    drop_custom_opset,
+    fold_weight_transposes,
+    inline_constant_identities,
+    materialize_quantizers,
+    name_unnamed_nodes,
+)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -34,7 +41,9 @@ INT4_OPSET = 21
 TRACE_MAX_OPSET = 20
 
 
-def onnx_from_float_model(model: nn.Module, *, input_shape: tuple[int, ...], opset: int = INT8_OPSET) -> onnx.ModelProto:
+def onnx_from_float_model(
+    model: nn.Module, *, input_shape: tuple[int, ...], opset: int = INT8_OPSET
+) -> onnx.ModelProto:
     """The float model as ONNX with a dynamic batch dimension (the FP32 baseline)."""
     model_proto = _trace_to_onnx(model, input_shape, opset)
     onnx.checker.check_model(model_proto, full_check=True)
@@ -83,8 +92,9 @@ def _export_marks(qmodel: QuantModel, specs: dict[int, QuantSpec]) -> Iterator[N
         if wq is None or not wq.enabled:
             continue
         wq.export_index = index
-        specs[index] = _weight_spec(f"{name}.weight_quantizer", wq, layer.weight,
-                                    container=qmodel.scheme.export_weight_container())
+        specs[index] = _weight_spec(
+            f"{name}.weight_quantizer", wq, layer.weight, container=qmodel.scheme.export_weight_container()
+        )
         touched.append(wq)
         index += 1
     biased = []
@@ -116,10 +126,11 @@ def _activation_spec(name: str, q) -> QuantSpec:
     dtype = onnx.TensorProto.INT8 if q.symmetric else onnx.TensorProto.UINT8
     full = (-128, 127) if q.symmetric else (0, 255)
     if not full[0] <= qmin < qmax <= full[1]:
-        raise ExportError(f"quantizer {name}: its grid [{qmin}, {qmax}] does not fit the runtime's "
-                          f"{'int8' if q.symmetric else 'uint8'} activations",
-                          hint="an unsigned 8-bit grid is simulation-only for TensorRT; turn off unsigned_after_relu "
-                               "at 8 bits")
+        raise ExportError(
+            f"quantizer {name}: its grid [{qmin}, {qmax}] does not fit the runtime's "
+            f"{'int8' if q.symmetric else 'uint8'} activations",
+            hint="an unsigned 8-bit grid is simulation-only for TensorRT; turn off unsigned_after_relu at 8 bits",
+        )
     clip = None if (qmin, qmax) == full else ((qmin - zero_point) * scale, (qmax - zero_point) * scale)
     return QuantSpec(name, "activation", np.float32(scale), np.array(zero_point), dtype, clip=clip)
 
@@ -132,23 +143,53 @@ def _weight_spec(name: str, wq, weight: torch.Tensor, *, container: str = "int8"
     values = wq.integer_weight(weight).numpy()
     scale = wq.scale.detach().numpy().astype(np.float32)
     if wq.block_size is not None:
-        return QuantSpec(name, "weight", scale, np.zeros(scale.shape, dtype=np.int8), onnx.TensorProto.INT4, axis=1,
-                         integer_values=values, block_size=wq.block_size)
+        return QuantSpec(
+            name,
+            "weight",
+            scale,
+            np.zeros(scale.shape, dtype=np.int8),
+            onnx.TensorProto.INT4,
+            axis=1,
+            integer_values=values,
+            block_size=wq.block_size,
+        )
     if container == "uint8":  # the same values offset by 128 (see config.WeightContainer)
-        return QuantSpec(name, "weight", scale, np.full(values.shape[0], 128, dtype=np.uint8), onnx.TensorProto.UINT8,
-                         axis=0, integer_values=(values.astype(np.int16) + 128).astype(np.uint8))
-    return QuantSpec(name, "weight", scale, np.zeros(values.shape[0], dtype=np.int8), onnx.TensorProto.INT8, axis=0,
-                     integer_values=values)
+        return QuantSpec(
+            name,
+            "weight",
+            scale,
+            np.full(values.shape[0], 128, dtype=np.uint8),
+            onnx.TensorProto.UINT8,
+            axis=0,
+            integer_values=(values.astype(np.int16) + 128).astype(np.uint8),
+        )
+    return QuantSpec(
+        name,
+        "weight",
+        scale,
+        np.zeros(values.shape[0], dtype=np.int8),
+        onnx.TensorProto.INT8,
+        axis=0,
+        integer_values=values,
+    )
 
 
 def _bias_spec(name: str, layer) -> QuantSpec:
     values = layer.integer_bias().numpy()
-    return QuantSpec(name, "weight", layer.bias_scale().detach().numpy().astype(np.float32),
-                     np.zeros(values.shape[0], dtype=np.int32), onnx.TensorProto.INT32, axis=0, integer_values=values)
+    return QuantSpec(
+        name,
+        "weight",
+        layer.bias_scale().detach().numpy().astype(np.float32),
+        np.zeros(values.shape[0], dtype=np.int32),
+        onnx.TensorProto.INT32,
+        axis=0,
+        integer_values=values,
+    )
 
 
-def _trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int,
-                   custom_opsets: dict[str, int] | None = None) -> onnx.ModelProto:
+def _trace_to_onnx(
+    module: nn.Module, input_shape: tuple[int, ...], opset: int, custom_opsets: dict[str, int] | None = None
+) -> onnx.ModelProto:
     buffer = io.BytesIO()
     example = torch.zeros(2, *input_shape)
     module.eval()
@@ -157,17 +198,29 @@ def _trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int,
             warnings.simplefilter("ignore")
             # The TorchScript-based exporter: it traces autograd.Function.symbolic marks, which the
             # dynamo exporter does not, and keeps module paths in node names.
-            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=min(opset, TRACE_MAX_OPSET),
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              custom_opsets=custom_opsets, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                (example,),
+                buffer,
+                dynamo=False,
+                opset_version=min(opset, TRACE_MAX_OPSET),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                custom_opsets=custom_opsets,
+                do_constant_folding=True,
+            )
     except Exception as exc:  # the exporter raises many types for unsupported ops
-        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise ExportError(
+            f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
     traced = onnx.load_from_string(buffer.getvalue())
     if opset <= TRACE_MAX_OPSET:
         return traced
     try:
         return onnx.version_converter.convert_version(traced, opset)
     except Exception as exc:  # the converter raises plain RuntimeError/ValueError for ops it cannot adapt
-        raise ExportError(f"could not convert the traced graph to ONNX opset {opset}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise ExportError(
+            f"could not convert the traced graph to ONNX opset {opset}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc

@@ -38,8 +38,13 @@ class QuantSpec:
     block_size: int | None = None
 
 
-_NP_FOR = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT32: np.int32,
-           onnx.TensorProto.INT4: np.int8, onnx.TensorProto.UINT4: np.uint8}
+_NP_FOR = {
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT4: np.int8,
+    onnx.TensorProto.UINT4: np.uint8,
+}
 
 
 def _const(name: str, values: np.ndarray, dtype: int) -> gs.Constant:
@@ -68,13 +73,19 @@ def materialize_quantizers(graph: gs.Graph, specs: dict[int, QuantSpec]) -> gs.G
             if spec.integer_values is None:
                 raise ExportError(f"weight quantizer {index} has no integer values")
             qweight = _const(f"{base}_quantized", spec.integer_values, spec.dtype)
-            graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", attrs,
-                                       inputs=[qweight, scale, zp], outputs=[out]))
+            graph.nodes.append(
+                gs.Node(
+                    "DequantizeLinear", f"{base}/DequantizeLinear", attrs, inputs=[qweight, scale, zp], outputs=[out]
+                )
+            )
         else:
             # 4-bit has no numpy type: leave the tensor untyped and let shape inference type it.
             four_bit = spec.dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
-            q_out = gs.Variable(f"{base}_quantized", dtype=None if four_bit else _NP_FOR[spec.dtype],
-                                shape=None if four_bit else out.shape)
+            q_out = gs.Variable(
+                f"{base}_quantized",
+                dtype=None if four_bit else _NP_FOR[spec.dtype],
+                shape=None if four_bit else out.shape,
+            )
             if spec.clip is not None:
                 low, high = spec.clip
                 if source.inputs and source.inputs[0].op == "Relu":
@@ -83,14 +94,18 @@ def materialize_quantizers(graph: gs.Graph, specs: dict[int, QuantSpec]) -> gs.G
                     # 4-bit symmetric graph, onnxruntime 1.32).
                     low = max(low, 0.0)
                 clipped = gs.Variable(f"{base}_clipped", dtype=np.float32)
-                bounds = [gs.Constant(f"{base}_clip_{side}", np.array(v, dtype=np.float32))
-                          for side, v in zip(("min", "max"), (low, high))]
+                bounds = [
+                    gs.Constant(f"{base}_clip_{side}", np.array(v, dtype=np.float32))
+                    for side, v in zip(("min", "max"), (low, high), strict=False)
+                ]
                 graph.nodes.append(gs.Node("Clip", f"{base}/Clip", inputs=[source, *bounds], outputs=[clipped]))
                 source = clipped
-            graph.nodes.append(gs.Node("QuantizeLinear", f"{base}/QuantizeLinear", attrs,
-                                       inputs=[source, scale, zp], outputs=[q_out]))
-            graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", attrs,
-                                       inputs=[q_out, scale, zp], outputs=[out]))
+            graph.nodes.append(
+                gs.Node("QuantizeLinear", f"{base}/QuantizeLinear", attrs, inputs=[source, scale, zp], outputs=[q_out])
+            )
+            graph.nodes.append(
+                gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", attrs, inputs=[q_out, scale, zp], outputs=[out])
+            )
         node.outputs.clear()
         node.inputs.clear()
     return graph.cleanup().toposort()
@@ -107,12 +122,21 @@ def fold_weight_transposes(graph: gs.Graph) -> gs.Graph:
     for dq in [n for n in graph.nodes if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)]:
         out = dq.outputs[0]
         users = list(out.outputs)
-        if (len(users) != 1 or users[0].op != "Transpose" or out in graph.outputs
-                or "block_size" in dq.attrs or dq.attrs.get("axis", 1) != 0):
+        if (
+            len(users) != 1
+            or users[0].op != "Transpose"
+            or out in graph.outputs
+            or "block_size" in dq.attrs
+            or dq.attrs.get("axis", 1) != 0
+        ):
             continue
         transpose = users[0]
         weight = dq.inputs[0].values
-        if not isinstance(weight, np.ndarray) or weight.ndim != 2 or list(transpose.attrs.get("perm", [1, 0])) != [1, 0]:
+        if (
+            not isinstance(weight, np.ndarray)
+            or weight.ndim != 2
+            or list(transpose.attrs.get("perm", [1, 0])) != [1, 0]
+        ):
             continue
         dq.inputs[0] = gs.Constant(dq.inputs[0].name, np.ascontiguousarray(weight.T))
         dq.attrs["axis"] = 1
@@ -154,13 +178,21 @@ def inline_constant_identities(graph: gs.Graph) -> gs.Graph:
 
 
 def _int_min(dtype: int) -> int:
-    return {onnx.TensorProto.UINT8: 0, onnx.TensorProto.INT8: -128,
-            onnx.TensorProto.UINT4: 0, onnx.TensorProto.INT4: -8}[dtype]
+    return {
+        onnx.TensorProto.UINT8: 0,
+        onnx.TensorProto.INT8: -128,
+        onnx.TensorProto.UINT4: 0,
+        onnx.TensorProto.INT4: -8,
+    }[dtype]
 
 
 def _int_max(dtype: int) -> int:
-    return {onnx.TensorProto.UINT8: 255, onnx.TensorProto.INT8: 127,
-            onnx.TensorProto.UINT4: 15, onnx.TensorProto.INT4: 7}[dtype]
+    return {
+        onnx.TensorProto.UINT8: 255,
+        onnx.TensorProto.INT8: 127,
+        onnx.TensorProto.UINT4: 15,
+        onnx.TensorProto.INT4: 7,
+    }[dtype]
 
 
 def drop_activations_before_quantize(graph: gs.Graph, specs: dict[str, QuantSpec]) -> gs.Graph:
@@ -173,8 +205,11 @@ def drop_activations_before_quantize(graph: gs.Graph, specs: dict[str, QuantSpec
     for node in [n for n in graph.nodes if n.op in ("Relu", "Clip")]:
         out = node.outputs[0]
         consumers = list(out.outputs)
-        if not consumers or out in graph.outputs or any(c.op != "QuantizeLinear" or c.name not in specs
-                                                         for c in consumers):
+        if (
+            not consumers
+            or out in graph.outputs
+            or any(c.op != "QuantizeLinear" or c.name not in specs for c in consumers)
+        ):
             continue
         if not all(_clip_is_redundant(node, specs[c.name]) for c in consumers):
             continue

@@ -43,10 +43,13 @@ MODULES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx
 PACKAGES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt-rtx"}
 NO_GPU = "none (built on CPU)"
 CPU_BUILD = "CPU build"  # the build device in an engine cache key for TensorRT-RTX (ahead-of-time, no GPU used)
-INT4_CONV_NOTE = ("int4w: INT4 is weight-only on Gemm/MatMul; TensorRT has no 4-bit conv kernels, so conv "
-                  "layers run at INT8")
-RTX_TIMING_CACHE_NOTE = ("timing cache not used: TensorRT-RTX does not autotune at build time (the cache has no "
-                         "effect on its engines, is deprecated there, and would force a GPU during the CPU build)")
+INT4_CONV_NOTE = (
+    "int4w: INT4 is weight-only on Gemm/MatMul; TensorRT has no 4-bit conv kernels, so conv layers run at INT8"
+)
+RTX_TIMING_CACHE_NOTE = (
+    "timing cache not used: TensorRT-RTX does not autotune at build time (the cache has no "
+    "effect on its engines, is deprecated there, and would force a GPU during the CPU build)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +76,18 @@ class TensorRTBuildConfig:
     check_batch: int | None = 32
 
     def __post_init__(self) -> None:
-        for value, literal, field in ((self.target, TensorRTTarget, "target"),
-                                      (self.precision, EnginePrecision, "precision")):
+        for value, literal, field in (
+            (self.target, TensorRTTarget, "target"),
+            (self.precision, EnginePrecision, "precision"),
+        ):
             if value not in get_args(literal):
                 raise BadInputError(f"TensorRT {field} must be one of {', '.join(get_args(literal))}; got {value!r}")
         object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
         sizes = (*self.batch_sizes, *(() if self.check_batch is None else (self.check_batch,)))
         if self.workspace_mib < 1 or not self.batch_sizes or min(sizes) < 1:
-            raise BadInputError(f"workspace_mib and every batch size must be positive, got {self.workspace_mib} "
-                                f"and {sizes}")
+            raise BadInputError(
+                f"workspace_mib and every batch size must be positive, got {self.workspace_mib} and {sizes}"
+            )
         if self.timing_cache is not None:
             object.__setattr__(self, "timing_cache", Path(self.timing_cache))
 
@@ -102,8 +108,9 @@ def import_tensorrt(target: TensorRTTarget, *, purpose: str) -> ModuleType:
         raise MissingDependencyError(PACKAGES[target], extra=target, purpose=purpose) from exc
 
 
-def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: TensorRTBuildConfig,
-                     cache: EngineCache | None = None) -> EngineArtifact:
+def engine_from_onnx(
+    model: onnx.ModelProto | str | os.PathLike, *, config: TensorRTBuildConfig, cache: EngineCache | None = None
+) -> EngineArtifact:
     """Lint, parse and build ``model`` into an engine for ``config.target``.
 
     With ``cache`` an identical earlier build (same key: see :mod:`dfq_deploy.converters.engine_cache`)
@@ -117,15 +124,17 @@ def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: Tens
     notes = _check_precision(model, config.precision)
     violations = trt_rules.lint(model)
     if violations:
-        err = EngineBuildError(f"the graph breaks TensorRT's explicit-quantization rules:\n"
-                               f"{trt_rules.format_lint(violations)}",
-                               hint="export with --target tensorrt (symmetric int8, float bias, Q/DQ on residual Add)")
+        err = EngineBuildError(
+            f"the graph breaks TensorRT's explicit-quantization rules:\n{trt_rules.format_lint(violations)}",
+            hint="export with --target tensorrt (symmetric int8, float bias, Q/DQ on residual Add)",
+        )
         err.violations = violations
         raise err
     trt = import_tensorrt(config.target, purpose=f"Building a {config.target} engine")
     weak_flags = _weak_precision_flags(trt, config)
-    profiles = optimization_profiles(onnx_input_shapes(model), batch_sizes=config.batch_sizes,
-                                     check_batch=config.check_batch)
+    profiles = optimization_profiles(
+        onnx_input_shapes(model), batch_sizes=config.batch_sizes, check_batch=config.check_batch
+    )
 
     def build() -> EngineArtifact:
         graph = model
@@ -142,8 +151,9 @@ def engine_from_onnx(model: onnx.ModelProto | str | os.PathLike, *, config: Tens
         return artifact
     key = cache.key(_cache_key_parts(trt, config, onnx_sha256, profiles, weak_flags))
     artifact, hit = cache.get_or_build(key, build, check_loads=_load_check(trt))
-    return EngineArtifact(artifact.plan, artifact.metadata | {"engine_cache": "hit" if hit else "miss",
-                                                              "engine_cache_key": key})
+    return EngineArtifact(
+        artifact.plan, artifact.metadata | {"engine_cache": "hit" if hit else "miss", "engine_cache_key": key}
+    )
 
 
 def _load_check(trt: ModuleType):
@@ -155,11 +165,17 @@ def _load_check(trt: ModuleType):
     def check(plan: bytes) -> None:
         if trt.Runtime(process_logger(trt.__name__)).deserialize_cuda_engine(plan) is None:
             raise EngineBuildError(f"{trt.__name__} {trt.__version__} cannot deserialize the cached engine")
+
     return check
 
 
-def _build(model: onnx.ModelProto, config: TensorRTBuildConfig, profiles: list[ShapeProfile], weak_flags: list[Any],
-           notes: list[str]) -> EngineArtifact:
+def _build(
+    model: onnx.ModelProto,
+    config: TensorRTBuildConfig,
+    profiles: list[ShapeProfile],
+    weak_flags: list[Any],
+    notes: list[str],
+) -> EngineArtifact:
     parsed = network_from_onnx(model, config=config)
     trt, builder, network, logger = parsed.trt, parsed.builder, parsed.network, parsed.logger
     builder_config = builder.create_builder_config()
@@ -175,8 +191,9 @@ def _build(model: onnx.ModelProto, config: TensorRTBuildConfig, profiles: list[S
         plan = builder.build_serialized_network(network, builder_config)
         seconds = time.perf_counter() - start
     if plan is None:
-        raise EngineBuildError(f"{config.target} failed to build the engine:\n" +
-                               "\n".join(f"  {m}" for m in messages[-20:]))
+        raise EngineBuildError(
+            f"{config.target} failed to build the engine:\n" + "\n".join(f"  {m}" for m in messages[-20:])
+        )
     if cache is not None:
         atomic_write_bytes(config.timing_cache, bytes(cache.serialize()))
     plan = bytes(plan)
@@ -201,20 +218,32 @@ def _build(model: onnx.ModelProto, config: TensorRTBuildConfig, profiles: list[S
         "notes": notes,
     }
     if metadata["engine_layers"] is None:
-        notes.append("engine_layers: the engine inspector needs a GPU to load the engine; onnx_precision is "
-                     "the per-op precision the Q/DQ graph asks for")
+        notes.append(
+            "engine_layers: the engine inspector needs a GPU to load the engine; onnx_precision is "
+            "the per-op precision the Q/DQ graph asks for"
+        )
     return EngineArtifact(plan=plan, metadata=metadata)
 
 
-def _cache_key_parts(trt: ModuleType, config: TensorRTBuildConfig, onnx_sha256: str, profiles: list[ShapeProfile],
-                     weak_flags: list[Any]) -> dict[str, Any]:
+def _cache_key_parts(
+    trt: ModuleType, config: TensorRTBuildConfig, onnx_sha256: str, profiles: list[ShapeProfile], weak_flags: list[Any]
+) -> dict[str, Any]:
     """What decides the engine's bytes: graph, module and version, build device, precision, profiles, flags."""
-    return {"onnx_sha256": onnx_sha256, "module": trt.__name__, "version": trt.__version__,
-            # TensorRT tunes kernels on the build GPU; TensorRT-RTX compiles ahead of time without one.
-            "device": CPU_BUILD if config.target == "tensorrt-rtx" else _gpu_info(),
-            "precision": config.precision, "profiles": [p.as_dict() for p in profiles],
-            "builder": {"strongly_typed": config.strongly_typed, "workspace_mib": config.workspace_mib,
-                        "flags": sorted(str(f) for f in weak_flags), "profiling_verbosity": "DETAILED"}}
+    return {
+        "onnx_sha256": onnx_sha256,
+        "module": trt.__name__,
+        "version": trt.__version__,
+        # TensorRT tunes kernels on the build GPU; TensorRT-RTX compiles ahead of time without one.
+        "device": CPU_BUILD if config.target == "tensorrt-rtx" else _gpu_info(),
+        "precision": config.precision,
+        "profiles": [p.as_dict() for p in profiles],
+        "builder": {
+            "strongly_typed": config.strongly_typed,
+            "workspace_mib": config.workspace_mib,
+            "flags": sorted(str(f) for f in weak_flags),
+            "profiling_verbosity": "DETAILED",
+        },
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +258,10 @@ class ParsedNetwork:
 
     def layers(self) -> list[tuple[str, str]]:
         """(layer name, layer type) in network order; Q/DQ layers keep their ONNX node names."""
-        return [(layer.name, str(layer.type).rsplit(".", 1)[-1])
-                for layer in (self.network.get_layer(i) for i in range(self.network.num_layers))]
+        return [
+            (layer.name, str(layer.type).rsplit(".", 1)[-1])
+            for layer in (self.network.get_layer(i) for i in range(self.network.num_layers))
+        ]
 
 
 def network_from_onnx(model: onnx.ModelProto, *, config: TensorRTBuildConfig) -> ParsedNetwork:
@@ -243,8 +274,10 @@ def network_from_onnx(model: onnx.ModelProto, *, config: TensorRTBuildConfig) ->
     network = builder.create_network(1 << int(strongly) if config.strongly_typed and strongly is not None else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(model.SerializeToString()):
-        raise EngineBuildError(f"{config.target}'s ONNX parser rejected the graph:\n" + "\n".join(
-            f"  {_parser_error(parser.get_error(i))}" for i in range(parser.num_errors)))
+        raise EngineBuildError(
+            f"{config.target}'s ONNX parser rejected the graph:\n"
+            + "\n".join(f"  {_parser_error(parser.get_error(i))}" for i in range(parser.num_errors))
+        )
     return ParsedNetwork(trt, logger, builder, network, parser)
 
 
@@ -275,18 +308,25 @@ def _check_precision(model: onnx.ModelProto, precision: EnginePrecision) -> list
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     int4 = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
     if precision == "fp16" and qdq:
-        raise BadInputError("--precision fp16 expects a float graph, but this one has "
-                            f"{len(qdq)} QuantizeLinear/DequantizeLinear nodes", hint="use --precision int8")
+        raise BadInputError(
+            "--precision fp16 expects a float graph, but this one has "
+            f"{len(qdq)} QuantizeLinear/DequantizeLinear nodes",
+            hint="use --precision int8",
+        )
     if precision in ("int8", "int4w") and not qdq:
-        raise BadInputError(f"--precision {precision} needs a Q/DQ graph, but this one has no "
-                            "QuantizeLinear/DequantizeLinear", hint="quantize and export first, or use --precision fp16")
+        raise BadInputError(
+            f"--precision {precision} needs a Q/DQ graph, but this one has no QuantizeLinear/DequantizeLinear",
+            hint="quantize and export first, or use --precision fp16",
+        )
     if precision == "int4w":
         if not any(n.op_type == "DequantizeLinear" and n.input[0] in int4 for n in qdq):
-            raise BadInputError("--precision int4w needs INT4 weights (DequantizeLinear of an int4 initializer) "
-                                "on Gemm/MatMul; the graph has none",
-                                hint="quantize with config.int4_weight_only(scheme) (what `build --precision int4w` "
-                                     "does); a Linear layer takes INT4 blocks only when a power of two >= 16 divides "
-                                     "its input size; otherwise use --precision int8")
+            raise BadInputError(
+                "--precision int4w needs INT4 weights (DequantizeLinear of an int4 initializer) "
+                "on Gemm/MatMul; the graph has none",
+                hint="quantize with config.int4_weight_only(scheme) (what `build --precision int4w` "
+                "does); a Linear layer takes INT4 blocks only when a power of two >= 16 divides "
+                "its input size; otherwise use --precision int8",
+            )
         return [INT4_CONV_NOTE]
     return []
 
@@ -296,8 +336,10 @@ def _weak_precision_flags(trt: ModuleType, config: TensorRTBuildConfig) -> list[
     if config.strongly_typed:
         return []
     if not hasattr(trt.BuilderFlag, "FP16"):
-        raise BadInputError(f"{trt.__name__} {trt.__version__} builds strongly typed networks only",
-                            hint="keep strongly_typed=True (the default)")
+        raise BadInputError(
+            f"{trt.__name__} {trt.__version__} builds strongly typed networks only",
+            hint="keep strongly_typed=True (the default)",
+        )
     names = ["FP16"] + {"int8": ["INT8"], "int4w": ["INT8", "INT4"], "fp16": []}[config.precision]
     return [getattr(trt.BuilderFlag, n) for n in names if hasattr(trt.BuilderFlag, n)]
 
@@ -326,8 +368,10 @@ def _add_profiles(builder, network, builder_config, profiles: list[ShapeProfile]
         for entry in (p for p in profiles if p.index == index):
             profile.set_shape(entry.input, entry.min, entry.opt, entry.max)
         if builder_config.add_optimization_profile(profile) != index:
-            raise EngineBuildError(f"TensorRT refused optimization profile {index} "
-                                   f"({', '.join(p.describe() for p in profiles if p.index == index)})")
+            raise EngineBuildError(
+                f"TensorRT refused optimization profile {index} "
+                f"({', '.join(p.describe() for p in profiles if p.index == index)})"
+            )
 
 
 def _attach_timing_cache(builder_config, config: TensorRTBuildConfig, notes: list[str]):
@@ -348,8 +392,7 @@ def _attach_timing_cache(builder_config, config: TensorRTBuildConfig, notes: lis
 
 
 def _io(tensors) -> list[dict[str, Any]]:
-    return [{"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).rsplit(".", 1)[-1].lower()}
-            for t in tensors]
+    return [{"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).rsplit(".", 1)[-1].lower()} for t in tensors]
 
 
 def _compute_capabilities(builder_config) -> list[str] | str:
@@ -382,5 +425,6 @@ def _inspect_layers(trt: ModuleType, plan: bytes, logger) -> list[dict[str, Any]
     if engine is None:
         return None
     from dfq_deploy.engine_layers import engine_layers_from_layer_info
+
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     return engine_layers_from_layer_info(info)

@@ -11,8 +11,8 @@ import contextlib
 import functools
 import importlib
 import logging
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,13 @@ class _Logger:
 
     def __init__(self, trt: ModuleType):
         severity = trt.ILogger.Severity
-        self._ranks = {severity.INTERNAL_ERROR: 0, severity.ERROR: 1, severity.WARNING: 2, severity.INFO: 3,
-                       severity.VERBOSE: 4}
+        self._ranks = {
+            severity.INTERNAL_ERROR: 0,
+            severity.ERROR: 1,
+            severity.WARNING: 2,
+            severity.INFO: 3,
+            severity.VERBOSE: 4,
+        }
         self._module = trt.__name__
         self._captures: list[list[str]] = []
         self.recent: collections.deque[str] = collections.deque(maxlen=50)  # warnings and errors
@@ -34,8 +39,12 @@ class _Logger:
             self.recent.append(msg)
             for messages in self._captures:
                 messages.append(msg)
-        log.log({0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING}.get(rank, logging.DEBUG),
-                "[%s] %s", self._module, msg)
+        log.log(
+            {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING}.get(rank, logging.DEBUG),
+            "[%s] %s",
+            self._module,
+            msg,
+        )
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[str]]:

@@ -162,8 +162,14 @@ def lint(model: onnx.ModelProto) -> list[Violation]:
     out: list[Violation] = []
     int8_nodes = [n for n in qdq_nodes if idx.quant_type(n) in (TensorProto.INT8, TensorProto.UINT8)]
     if int8_nodes and idx.opset < MIN_OPSET_INT8:
-        out.append(Violation(OPSET, "(model)", f"INT8 Q/DQ needs ONNX opset >= {MIN_OPSET_INT8}, "
-                             f"the model imports opset {idx.opset}; re-export with opset {MIN_OPSET_INT8}"))
+        out.append(
+            Violation(
+                OPSET,
+                "(model)",
+                f"INT8 Q/DQ needs ONNX opset >= {MIN_OPSET_INT8}, "
+                f"the model imports opset {idx.opset}; re-export with opset {MIN_OPSET_INT8}",
+            )
+        )
     for node in qdq_nodes:
         out += _check_qparams(idx, node)
         if idx.quant_type(node) in (TensorProto.INT4, TensorProto.UINT4):
@@ -179,17 +185,34 @@ def _check_qparams(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
     name, qtype = idx.name(node), idx.quant_type(node)
     if qtype == TensorProto.INT32:
         consumers = ", ".join(sorted(idx.name(c) for c, _ in idx.consumers.get(node.output[0], [])))
-        return [Violation(FLOAT_BIAS, name, f"dequantizes an int32 tensor (a quantized bias, feeding "
-                          f"{consumers or 'nothing'}); TensorRT rejects int32 behind DequantizeLinear — "
-                          "keep the bias in float")]
+        return [
+            Violation(
+                FLOAT_BIAS,
+                name,
+                f"dequantizes an int32 tensor (a quantized bias, feeding "
+                f"{consumers or 'nothing'}); TensorRT rejects int32 behind DequantizeLinear — "
+                "keep the bias in float",
+            )
+        ]
     out = []
     if qtype in (TensorProto.UINT8, TensorProto.UINT4):
-        out.append(Violation(SIGNED_INT8, name, f"{node.op_type} uses {_type_name(qtype)}, the onnxruntime "
-                             "CPU form; TensorRT takes signed int8/int4 only — export with --target tensorrt"))
+        out.append(
+            Violation(
+                SIGNED_INT8,
+                name,
+                f"{node.op_type} uses {_type_name(qtype)}, the onnxruntime "
+                "CPU form; TensorRT takes signed int8/int4 only — export with --target tensorrt",
+            )
+        )
     scale = idx.array(node.input[1])
     if scale is None:
-        out.append(Violation(CONSTANT_QPARAMS, name, f"scale '{node.input[1]}' is not a constant; TensorRT "
-                             "needs scales known at build time"))
+        out.append(
+            Violation(
+                CONSTANT_QPARAMS,
+                name,
+                f"scale '{node.input[1]}' is not a constant; TensorRT needs scales known at build time",
+            )
+        )
     elif not np.all(np.asarray(scale, dtype=np.float64) > 0):
         out.append(Violation(CONSTANT_QPARAMS, name, "scales must be positive"))
     if len(node.input) > 2 and node.input[2]:
@@ -198,8 +221,14 @@ def _check_qparams(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
             out.append(Violation(CONSTANT_QPARAMS, name, f"zero point '{node.input[2]}' is not a constant"))
         elif np.any(np.asarray(zp, dtype=np.int64) != 0):
             nonzero = np.unique(np.asarray(zp, dtype=np.int64)[np.asarray(zp) != 0])[:4].tolist()
-            out.append(Violation(SYMMETRIC, name, f"zero point is {nonzero} (asymmetric); TensorRT supports "
-                                 "symmetric quantization with zero point 0 only"))
+            out.append(
+                Violation(
+                    SYMMETRIC,
+                    name,
+                    f"zero point is {nonzero} (asymmetric); TensorRT supports "
+                    "symmetric quantization with zero point 0 only",
+                )
+            )
     return out
 
 
@@ -209,8 +238,14 @@ def _check_granularity(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
     if scale is None or scale.size <= 1:
         return []
     if not idx.is_weight(node):
-        return [Violation(PER_TENSOR_ACTIVATIONS, name, f"activation '{node.input[0]}' has {scale.size} scales; "
-                          "TensorRT quantizes activations per tensor (one scalar scale)")]
+        return [
+            Violation(
+                PER_TENSOR_ACTIVATIONS,
+                name,
+                f"activation '{node.input[0]}' has {scale.size} scales; "
+                "TensorRT quantizes activations per tensor (one scalar scale)",
+            )
+        ]
     if _attr(node, "block_size", 0):
         return [Violation(INT4_WEIGHT_ONLY, name, "block quantization is supported for INT4 weights only")]
     weight = idx.array(node.input[0])
@@ -220,13 +255,25 @@ def _check_granularity(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
     axis = axis + weight.ndim if axis < 0 else axis
     out = []
     if scale.ndim != 1 or not 0 <= axis < weight.ndim or scale.size != weight.shape[axis]:
-        out.append(Violation(PER_CHANNEL_WEIGHTS, name, f"{scale.size} scales for a weight of shape "
-                             f"{list(weight.shape)} on axis {axis}; per-channel needs one scale per element "
-                             "of that axis"))
+        out.append(
+            Violation(
+                PER_CHANNEL_WEIGHTS,
+                name,
+                f"{scale.size} scales for a weight of shape "
+                f"{list(weight.shape)} on axis {axis}; per-channel needs one scale per element "
+                "of that axis",
+            )
+        )
     conv_users = [idx.name(c) for c, i in _consumers_through_q(idx, node) if c.op_type == "Conv" and i == 1]
     if conv_users and axis != 0:
-        out.append(Violation(PER_CHANNEL_WEIGHTS, name, f"conv weight of {', '.join(conv_users)} is quantized on "
-                             f"axis {axis}; TensorRT needs axis 0 (output channels)"))
+        out.append(
+            Violation(
+                PER_CHANNEL_WEIGHTS,
+                name,
+                f"conv weight of {', '.join(conv_users)} is quantized on "
+                f"axis {axis}; TensorRT needs axis 0 (output channels)",
+            )
+        )
     return out
 
 
@@ -241,20 +288,36 @@ def _consumers_through_q(idx: _Index, node: onnx.NodeProto) -> list[tuple[onnx.N
 def _check_int4(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
     name = idx.name(node)
     if node.op_type != "DequantizeLinear" or idx.constant(node.input[0]) is None:
-        return [Violation(INT4_WEIGHT_ONLY, name, "INT4 is weight-only in TensorRT: use DequantizeLinear on a "
-                          "constant int4 weight; activations stay int8 or float")]
+        return [
+            Violation(
+                INT4_WEIGHT_ONLY,
+                name,
+                "INT4 is weight-only in TensorRT: use DequantizeLinear on a "
+                "constant int4 weight; activations stay int8 or float",
+            )
+        ]
     out = []
     bad_users = [c for c, i in idx.consumers.get(node.output[0], []) if c.op_type not in _INT4_CONSUMERS or i != 1]
     for user in bad_users:
         what = f"{user.op_type} {idx.name(user)}"
         why = " — TensorRT has no 4-bit conv kernels; keep conv layers at INT8" if user.op_type in _CONVS else ""
-        out.append(Violation(INT4_WEIGHT_ONLY, name, f"INT4 weights feed {what}; INT4 is supported only as the "
-                             f"weight of Gemm/MatMul{why}"))
+        out.append(
+            Violation(
+                INT4_WEIGHT_ONLY,
+                name,
+                f"INT4 weights feed {what}; INT4 is supported only as the weight of Gemm/MatMul{why}",
+            )
+        )
     if out:  # the layout checks below are moot for a consumer that cannot take INT4 at all
         return out
     if idx.opset < MIN_OPSET_INT4:
-        out.append(Violation(INT4_WEIGHT_ONLY, name, f"INT4 needs ONNX opset >= {MIN_OPSET_INT4}, "
-                             f"the model imports opset {idx.opset}"))
+        out.append(
+            Violation(
+                INT4_WEIGHT_ONLY,
+                name,
+                f"INT4 needs ONNX opset >= {MIN_OPSET_INT4}, the model imports opset {idx.opset}",
+            )
+        )
     weight, scale = idx.array(node.input[0]), idx.array(node.input[1])
     block = _attr(node, "block_size", 0)
     if not block:
@@ -262,20 +325,38 @@ def _check_int4(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
     elif scale is not None and scale.ndim == weight.ndim:
         blocked = [d for d in range(weight.ndim) if scale.shape[d] != weight.shape[d]]
         if len(blocked) != 1:
-            out.append(Violation(INT4_WEIGHT_ONLY, name, f"scale shape {list(scale.shape)} vs weight "
-                                 f"{list(weight.shape)}: block quantization needs exactly one blocked axis"))
+            out.append(
+                Violation(
+                    INT4_WEIGHT_ONLY,
+                    name,
+                    f"scale shape {list(scale.shape)} vs weight "
+                    f"{list(weight.shape)}: block quantization needs exactly one blocked axis",
+                )
+            )
     else:
         out.append(Violation(INT4_WEIGHT_ONLY, name, "block-quantized scale must have the weight's rank"))
     if weight.ndim and weight.shape[-1] % 2:
-        out.append(Violation(INT4_WEIGHT_ONLY, name, f"INT4 weight's last dimension is {weight.shape[-1]}; "
-                             "TensorRT packs two int4 values per byte and needs it even"))
+        out.append(
+            Violation(
+                INT4_WEIGHT_ONLY,
+                name,
+                f"INT4 weight's last dimension is {weight.shape[-1]}; "
+                "TensorRT packs two int4 values per byte and needs it even",
+            )
+        )
     for user, _ in idx.consumers.get(node.output[0], []):
         source = _source_through_data_movement(idx, user.input[0])
         if source is not None and source.op_type == "DequantizeLinear":
-            out.append(Violation(INT4_WEIGHT_ONLY, name, f"the activation of {user.op_type} {idx.name(user)} comes "
-                                 f"from {_type_name(idx.quant_type(source))} DequantizeLinear {idx.name(source)}; INT4 "
-                                 "is weight-only in TensorRT, keep that input float (tensorrt_rtx 1.7 fails to build "
-                                 "a blocked INT4 Gemm behind INT8 Q/DQ)"))
+            out.append(
+                Violation(
+                    INT4_WEIGHT_ONLY,
+                    name,
+                    f"the activation of {user.op_type} {idx.name(user)} comes "
+                    f"from {_type_name(idx.quant_type(source))} DequantizeLinear {idx.name(source)}; INT4 "
+                    "is weight-only in TensorRT, keep that input float (tensorrt_rtx 1.7 fails to build "
+                    "a blocked INT4 Gemm behind INT8 Q/DQ)",
+                )
+            )
     return out
 
 
@@ -299,12 +380,17 @@ def _check_residual_adds(idx: _Index) -> list[Violation]:
             continue
         if not all(_is_float_activation(idx, t) for t in node.input):
             continue
-        missing = [t for t in node.input
-                   if getattr(idx.producer.get(t), "op_type", None) != "DequantizeLinear"]
+        missing = [t for t in node.input if getattr(idx.producer.get(t), "op_type", None) != "DequantizeLinear"]
         if missing:
-            out.append(Violation(RESIDUAL_ADD_QDQ, idx.name(node), "residual Add input(s) "
-                                 f"{', '.join(repr(t) for t in missing)} not behind QuantizeLinear/DequantizeLinear;"
-                                 " put Q/DQ on both inputs so the Add fuses into the INT8 conv"))
+            out.append(
+                Violation(
+                    RESIDUAL_ADD_QDQ,
+                    idx.name(node),
+                    "residual Add input(s) "
+                    f"{', '.join(repr(t) for t in missing)} not behind QuantizeLinear/DequantizeLinear;"
+                    " put Q/DQ on both inputs so the Add fuses into the INT8 conv",
+                )
+            )
     return out
 
 
@@ -314,12 +400,21 @@ def _check_batchnorm(idx: _Index) -> list[Violation]:
         if node.op_type != "BatchNormalization":
             continue
         src = idx.producer.get(node.input[0])
-        quantized_conv = (src is not None and src.op_type in _CONVS and
-                          any(getattr(idx.producer.get(t), "op_type", None) == "DequantizeLinear" for t in src.input))
+        quantized_conv = (
+            src is not None
+            and src.op_type in _CONVS
+            and any(getattr(idx.producer.get(t), "op_type", None) == "DequantizeLinear" for t in src.input)
+        )
         if quantized_conv or (src is not None and src.op_type == "DequantizeLinear"):
-            out.append(Violation(BATCHNORM_FOLDED, idx.name(node), f"BatchNormalization behind "
-                                 f"{src.op_type} {idx.name(src)} in a quantized graph; fold BN into the conv "
-                                 "before quantizing, or the int8 weights do not match what runs"))
+            out.append(
+                Violation(
+                    BATCHNORM_FOLDED,
+                    idx.name(node),
+                    f"BatchNormalization behind "
+                    f"{src.op_type} {idx.name(src)} in a quantized graph; fold BN into the conv "
+                    "before quantizing, or the int8 weights do not match what runs",
+                )
+            )
     return out
 
 
@@ -368,8 +463,10 @@ def format_lint(violations: list[Violation], *, max_per_rule: int | None = 8) ->
     by_rule: dict[str, list[Violation]] = defaultdict(list)
     for v in violations:
         by_rule[v.rule].append(v)
-    lines = [f"TensorRT rules: {len(violations)} violation(s) "
-             f"({', '.join(f'{r}: {len(vs)}' for r, vs in sorted(by_rule.items()))})"]
+    lines = [
+        f"TensorRT rules: {len(violations)} violation(s) "
+        f"({', '.join(f'{r}: {len(vs)}' for r, vs in sorted(by_rule.items()))})"
+    ]
     for rule, vs in sorted(by_rule.items()):
         vs = sorted(vs, key=lambda v: v.node)
         shown = vs if max_per_rule is None else vs[:max_per_rule]
@@ -397,6 +494,8 @@ def inspect_text(path: str | os.PathLike) -> str:
     model = onnx.load(os.fspath(path))
     ops = Counter(n.op_type for n in model.graph.node)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    head = [f"{os.fspath(path)}: opset {opset}, {len(model.graph.node)} nodes, "
-            f"{ops['QuantizeLinear']} QuantizeLinear, {ops['DequantizeLinear']} DequantizeLinear"]
+    head = [
+        f"{os.fspath(path)}: opset {opset}, {len(model.graph.node)} nodes, "
+        f"{ops['QuantizeLinear']} QuantizeLinear, {ops['DequantizeLinear']} DequantizeLinear"
+    ]
     return "\n".join(head + [format_lint(lint(model)), "", format_precision_summary(precision_summary(model))])

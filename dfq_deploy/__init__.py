@@ -1,2 +1,3 @@
 """dfq-deploy: data-free quantization and deployment of PyTorch CNNs."""
+
 __version__ = "0.1.0"

@@ -7,8 +7,9 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO
 
 from .errors import BadInputError, StorageError
 
@@ -85,9 +86,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def package_versions(names: tuple[str, ...] = ("dfq-deploy", "torch", "torchvision", "onnx", "onnxruntime",
-                                               "onnxruntime-gpu", "onnx-graphsurgeon", "tensorrt",
-                                               "tensorrt-rtx", "numpy")) -> dict[str, str]:
+def package_versions(
+    names: tuple[str, ...] = (
+        "dfq-deploy",
+        "torch",
+        "torchvision",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnx-graphsurgeon",
+        "tensorrt",
+        "tensorrt-rtx",
+        "numpy",
+    ),
+) -> dict[str, str]:
     """Installed versions of the packages that shape an artifact (missing ones are left out)."""
     out = {}
     for name in names:
@@ -107,8 +119,10 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except (NotADirectoryError, FileExistsError) as exc:  # the path itself is wrong, not the file system
-        raise BadInputError(f"cannot write to output folder {out}: {exc.strerror or exc}",
-                            hint="choose a writable folder with --out DIR") from None
+        raise BadInputError(
+            f"cannot write to output folder {out}: {exc.strerror or exc}",
+            hint="choose a writable folder with --out DIR",
+        ) from None
     except OSError as exc:
         raise StorageError.from_os_error(exc, path=out, action="write to output folder") from None
     return out

@@ -28,20 +28,31 @@ def content_digest(path: str | Path | None) -> str | None:
         return sha256_file(path)
     if path.is_dir():
         from .synthesis.folder import folder_digest
+
         return folder_digest(path)
     return None  # a missing path: the build itself refuses it
 
 
-def build_key(model_path: str | Path, *, config: dict[str, Any], eval_set: str | Path | None = None,
-              calib_images: str | Path | None = None) -> str | None:
+def build_key(
+    model_path: str | Path,
+    *,
+    config: dict[str, Any],
+    eval_set: str | Path | None = None,
+    calib_images: str | Path | None = None,
+) -> str | None:
     """Hex SHA-256 naming a build's inputs, or ``None`` when the model file cannot be read (the
     build then refuses it with its own error)."""
     path = Path(model_path)
     if not path.is_file():
         return None
-    payload = {"format": BUILD_KEY_FORMAT, "model_sha256": sha256_file(path), "config": config,
-               "eval_set_sha256": content_digest(eval_set), "calib_images_sha256": content_digest(calib_images),
-               "versions": package_versions()}
+    payload = {
+        "format": BUILD_KEY_FORMAT,
+        "model_sha256": sha256_file(path),
+        "config": config,
+        "eval_set_sha256": content_digest(eval_set),
+        "calib_images_sha256": content_digest(calib_images),
+        "versions": package_versions(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -19,8 +19,9 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from .artifacts import TEMP_SUFFIX, atomic_write_bytes, sha256_file
 from .errors import StorageError, first_line
@@ -96,10 +97,16 @@ class CacheStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=TEMP_SUFFIX, dir=self.directory))
         try:
             write(tmp)
-            manifest = {"format": ENTRY_FORMAT, "key": key, "created": time.time(),
-                        "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                                  for name in _payload_files(tmp)},
-                        "meta": meta or {}}
+            manifest = {
+                "format": ENTRY_FORMAT,
+                "key": key,
+                "created": time.time(),
+                "files": {
+                    name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                    for name in _payload_files(tmp)
+                },
+                "meta": meta or {},
+            }
             atomic_write_bytes(tmp / ENTRY_MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
             if entry.exists():  # damaged and not movable, or made by a writer that held no lock
                 shutil.rmtree(entry)
@@ -111,8 +118,15 @@ class CacheStore:
                 shutil.rmtree(tmp, ignore_errors=True)
         return entry
 
-    def get_or_make(self, key: str, *, make: Callable[[], T], write: Callable[[T, Path], None],
-                    read: Callable[[Path], T], meta: dict[str, Any] | None = None) -> tuple[T, bool]:
+    def get_or_make(
+        self,
+        key: str,
+        *,
+        make: Callable[[], T],
+        write: Callable[[T, Path], None],
+        read: Callable[[Path], T],
+        meta: dict[str, Any] | None = None,
+    ) -> tuple[T, bool]:
         """(value, hit): the verified entry for ``key``, or ``make()`` it and store it.
 
         The key is locked while it is made, so a second build wanting the same entry waits for the
@@ -123,8 +137,9 @@ class CacheStore:
         if found is not None:
             return found, True
         self.directory.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(self.directory / f"{key[:32]}{LOCK_SUFFIX}", what=f"cache entry {self.path_of(key)}",
-                            wait=True):
+        with exclusive_lock(
+            self.directory / f"{key[:32]}{LOCK_SUFFIX}", what=f"cache entry {self.path_of(key)}", wait=True
+        ):
             found = self.load(key, read)
             if found is not None:
                 return found, True
@@ -141,10 +156,16 @@ class CacheStore:
         for path in self._entry_folders():
             manifest = _read_manifest(path) or {}
             created = manifest.get("created")
-            found.append(CacheEntry(kind=self.kind, key=str(manifest.get("key", path.name)), path=path,
-                                    created=float(created) if isinstance(created, (int, float))
-                                    else path.stat().st_mtime,
-                                    size_bytes=folder_size(path), meta=manifest.get("meta") or {}))
+            found.append(
+                CacheEntry(
+                    kind=self.kind,
+                    key=str(manifest.get("key", path.name)),
+                    path=path,
+                    created=float(created) if isinstance(created, (int, float)) else path.stat().st_mtime,
+                    size_bytes=folder_size(path),
+                    meta=manifest.get("meta") or {},
+                )
+            )
         return sorted(found, key=lambda e: e.created)
 
     def leftovers(self) -> list[Path]:
@@ -214,8 +235,11 @@ def folder_size(path: Path) -> int:
 
 
 def _payload_files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.is_file() and p.name != ENTRY_MANIFEST and not p.name.endswith(TEMP_SUFFIX))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != ENTRY_MANIFEST and not p.name.endswith(TEMP_SUFFIX)
+    )
 
 
 def _read_manifest(entry: Path) -> dict[str, Any] | None:
@@ -232,14 +256,16 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 def parse_age(text: str) -> float:
     """``"7d"``, ``"12h"``, ``"30m"``, ``"90s"``, ``"2w"`` -> seconds."""
     from .errors import BadInputError
+
     number, unit = text.strip()[:-1], text.strip()[-1:].lower()
     try:
         value = float(number)
     except ValueError:
         value = -1.0
     if unit not in _AGE_UNITS or value < 0:
-        raise BadInputError(f"age {text!r} is not a number with a unit",
-                            hint="write it like 7d, 12h, 30m, 90s or 2w") from None
+        raise BadInputError(
+            f"age {text!r} is not a number with a unit", hint="write it like 7d, 12h, 30m, 90s or 2w"
+        ) from None
     return value * _AGE_UNITS[unit]
 
 
@@ -275,6 +301,7 @@ def _being_written(leftover: Path) -> bool:
     if not lock.exists():
         return False
     import fcntl
+
     with open(lock, "rb") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)

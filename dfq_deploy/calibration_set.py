@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -51,18 +52,20 @@ class CalibrationSet:
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Iterate over image batches in order; can be called any number of times."""
         for start in range(0, len(self), batch_size):
-            yield self.images[start:start + batch_size]
+            yield self.images[start : start + batch_size]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.batches(32)
 
-    def split(self, holdout_fraction: float) -> tuple["CalibrationSet", "CalibrationSet"]:
+    def split(self, holdout_fraction: float) -> tuple[CalibrationSet, CalibrationSet]:
         """Split off the last ``holdout_fraction`` of the images (e.g. to estimate accuracy)."""
         n_hold = int(round(len(self) * holdout_fraction))
         cut = len(self) - n_hold
         labels = self.labels
-        return (CalibrationSet(self.images[:cut], None if labels is None else labels[:cut], dict(self.meta)),
-                CalibrationSet(self.images[cut:], None if labels is None else labels[cut:], dict(self.meta)))
+        return (
+            CalibrationSet(self.images[:cut], None if labels is None else labels[:cut], dict(self.meta)),
+            CalibrationSet(self.images[cut:], None if labels is None else labels[cut:], dict(self.meta)),
+        )
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write tensors and manifest into ``directory`` atomically; returns the directory."""
@@ -75,13 +78,15 @@ class CalibrationSet:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "CalibrationSet":
+    def load(cls, directory: str | os.PathLike) -> CalibrationSet:
         """Read a set written by :meth:`save`."""
         directory = Path(directory)
         path = directory / TENSORS_FILE
         if not path.is_file():
-            raise BadInputError(f"no calibration set at {directory} (expected {TENSORS_FILE})",
-                                hint="make one with `dfq-deploy synthesize MODEL --out DIR`")
+            raise BadInputError(
+                f"no calibration set at {directory} (expected {TENSORS_FILE})",
+                hint="make one with `dfq-deploy synthesize MODEL --out DIR`",
+            )
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             meta_path = directory / MANIFEST_FILE
@@ -89,7 +94,8 @@ class CalibrationSet:
             images = payload["images"]
         except (RuntimeError, OSError, ValueError, KeyError, TypeError, EOFError) as exc:
             # torch.load reports a truncated or overwritten archive as any of these
-            raise BadInputError(f"calibration set at {directory} is damaged: {first_line(exc)}",
-                                hint="make it again with `dfq-deploy synthesize MODEL --out DIR`") from None
+            raise BadInputError(
+                f"calibration set at {directory} is damaged: {first_line(exc)}",
+                hint="make it again with `dfq-deploy synthesize MODEL --out DIR`",
+            ) from None
         return cls(images, payload.get("labels"), meta)
-

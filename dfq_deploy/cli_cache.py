@@ -19,15 +19,23 @@ def cache() -> None:
 def cache_list() -> None:
     """Each entry: kind, key, size, age and what it holds."""
     from .cache_store import cache_root, stores
+
     entries = [entry for store in stores() for entry in store.entries()]
     for entry in entries:
         what = ", ".join(f"{k}={v}" for k, v in entry.meta.items() if k in ("method", "num_images", "target"))
-        click.echo(f"{entry.kind:<10} {entry.key[:16]}  {_size_text(entry.size_bytes):>9}  "
-                   f"{_age_text(entry.age_s):>8} old  {what}")
+        click.echo(
+            f"{entry.kind:<10} {entry.key[:16]}  {_size_text(entry.size_bytes):>9}  "
+            f"{_age_text(entry.age_s):>8} old  {what}"
+        )
     leftovers = [p for store in stores() for p in store.leftovers()]
-    click.echo(f"{len(entries)} entries, {_size_text(sum(e.size_bytes for e in entries))} in {cache_root()}"
-               + (f"; {len(leftovers)} damaged or unfinished left over (`dfq-deploy cache clear` removes them)"
-                  if leftovers else ""))
+    click.echo(
+        f"{len(entries)} entries, {_size_text(sum(e.size_bytes for e in entries))} in {cache_root()}"
+        + (
+            f"; {len(leftovers)} damaged or unfinished left over (`dfq-deploy cache clear` removes them)"
+            if leftovers
+            else ""
+        )
+    )
 
 
 @cache.command(name="verify")
@@ -35,14 +43,16 @@ def cache_list() -> None:
 def cache_verify() -> None:
     """Check every entry's files against the sha256 in its manifest (exit 12 if any is damaged)."""
     from .cache_store import verify_all
+
     results = verify_all()
     for entry, problem in results:
         click.echo(f"{'ok' if problem is None else 'DAMAGED':<8} {entry.path}" + (f": {problem}" if problem else ""))
     damaged = sum(problem is not None for _, problem in results)
     if damaged:
-        raise StorageError(f"{damaged} of {len(results)} cache entries are damaged",
-                           hint="builds move a damaged entry aside and make it again; `dfq-deploy cache clear` "
-                                "removes all entries")
+        raise StorageError(
+            f"{damaged} of {len(results)} cache entries are damaged",
+            hint="builds move a damaged entry aside and make it again; `dfq-deploy cache clear` removes all entries",
+        )
     click.echo(f"{len(results)} entries verified")
 
 
@@ -52,6 +62,7 @@ def cache_verify() -> None:
 def cache_clear(older_than) -> None:
     """Remove all entries (and damaged or unfinished leftovers), or those older than --older-than."""
     from .cache_store import clear, parse_age
+
     removed, freed = clear(older_than_s=parse_age(older_than) if older_than else None)
     click.echo(f"removed {removed} entries, {_size_text(freed)} freed")
 

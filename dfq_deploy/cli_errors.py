@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -18,9 +19,11 @@ def run_reporting_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     The last line of defence for the environment: an OSError no stage turned into a StorageError
     is one (exit 12), and SIGINT/SIGTERM end the command with one line and exit 130/143.
     """
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .interrupts import interrupt_on_signals
+
         verbose = kwargs.pop("verbose", False)
         try:
             with interrupt_on_signals(), warnings.catch_warnings():
@@ -35,6 +38,7 @@ def run_reporting_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             stage = getattr(exc, "stage", None)
             click.echo(f"interrupted{f' at stage {stage}' if stage else ''}; nothing half-written", err=True)
             sys.exit(getattr(exc, "exit_code", EXIT_SIGINT))
+
     return click.option("--verbose", "-v", is_flag=True, help="Show full tracebacks on errors.")(wrapper)
 
 

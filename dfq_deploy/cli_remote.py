@@ -12,27 +12,50 @@ import click
 def device_options(fn):
     """Which devices (``--remote``, repeatable: in parallel) and how to reach them; how to time there comes
     from the profile flags (``--warmup-ms``, ``--profile-duration``, ``--cuda-graph``), as here."""
-    fn = click.option("--remote-dfq-deploy", help="Path of dfq-deploy on the device (default: the one on its PATH).")(fn)
-    fn = click.option("--remote-trtexec", help="Path of trtexec on the device (default: the one on its PATH, else "
-                                               "/usr/src/tensorrt/bin/trtexec).")(fn)
-    fn = click.option("--remote-path", help="Folders (colon-separated) searched on the device before its PATH for "
-                                            "trtexec, dfq-deploy and tegrastats, e.g. ~/.local/bin.")(fn)
-    fn = click.option("--runner", type=click.Choice(["auto", "trtexec", "dfq-deploy"]), default="auto",
-                      show_default=True, help="What times on the device; auto: trtexec if the device has it.")(fn)
-    fn = click.option("--ssh-config", type=click.Path(dir_okay=False, path_type=Path),
-                      help="ssh config file to use instead of ~/.ssh/config (ssh -F).")(fn)
-    fn = click.option("--ssh-identity", type=click.Path(dir_okay=False, path_type=Path),
-                      help="Private key for the device (ssh -i).")(fn)
-    return click.option("--remote", "remotes", multiple=True,
-                        help="ssh://[user@]host[:port] of a device to build and time on with its own TensorRT; "
-                             "repeat to profile several devices in parallel.")(fn)
+    fn = click.option("--remote-dfq-deploy", help="Path of dfq-deploy on the device (default: the one on its PATH).")(
+        fn
+    )
+    fn = click.option(
+        "--remote-trtexec",
+        help="Path of trtexec on the device (default: the one on its PATH, else /usr/src/tensorrt/bin/trtexec).",
+    )(fn)
+    fn = click.option(
+        "--remote-path",
+        help="Folders (colon-separated) searched on the device before its PATH for "
+        "trtexec, dfq-deploy and tegrastats, e.g. ~/.local/bin.",
+    )(fn)
+    fn = click.option(
+        "--runner",
+        type=click.Choice(["auto", "trtexec", "dfq-deploy"]),
+        default="auto",
+        show_default=True,
+        help="What times on the device; auto: trtexec if the device has it.",
+    )(fn)
+    fn = click.option(
+        "--ssh-config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="ssh config file to use instead of ~/.ssh/config (ssh -F).",
+    )(fn)
+    fn = click.option(
+        "--ssh-identity", type=click.Path(dir_okay=False, path_type=Path), help="Private key for the device (ssh -i)."
+    )(fn)
+    return click.option(
+        "--remote",
+        "remotes",
+        multiple=True,
+        help="ssh://[user@]host[:port] of a device to build and time on with its own TensorRT; "
+        "repeat to profile several devices in parallel.",
+    )(fn)
 
 
 def trtexec_export_option(fn):
-    return click.option("--trtexec-export", "trtexec_prefix",
-                        help="Read trtexec exports you already have (PREFIX.timing.json[.gz], PREFIX.profile.json, "
-                             "PREFIX.graph.json, PREFIX.profile.log) instead of timing; ARTIFACT, if given, is the "
-                             "Q/DQ ONNX the engine came from (adds the precision map).")(fn)
+    return click.option(
+        "--trtexec-export",
+        "trtexec_prefix",
+        help="Read trtexec exports you already have (PREFIX.timing.json[.gz], PREFIX.profile.json, "
+        "PREFIX.graph.json, PREFIX.profile.log) instead of timing; ARTIFACT, if given, is the "
+        "Q/DQ ONNX the engine came from (adds the precision map).",
+    )(fn)
 
 
 def remote_devices(o: dict[str, Any]):
@@ -41,7 +64,12 @@ def remote_devices(o: dict[str, Any]):
         return None
     from .remote.deploy import RemoteDevices
     from .remote.ssh import SshOptions
-    return RemoteDevices(urls=tuple(o["remotes"]), ssh=SshOptions(identity_file=o["ssh_identity"],
-                                                                 config_file=o["ssh_config"]),
-                         runner=o["runner"], trtexec_path=o["remote_trtexec"], dfq_deploy_path=o["remote_dfq_deploy"],
-                         path_prefix=o["remote_path"])
+
+    return RemoteDevices(
+        urls=tuple(o["remotes"]),
+        ssh=SshOptions(identity_file=o["ssh_identity"], config_file=o["ssh_config"]),
+        runner=o["runner"],
+        trtexec_path=o["remote_trtexec"],
+        dfq_deploy_path=o["remote_dfq_deploy"],
+        path_prefix=o["remote_path"],
+    )

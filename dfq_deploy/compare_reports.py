@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import BadInputError, RegressionError
 
@@ -65,8 +66,11 @@ class ComparisonResult:
         return not self.regressions
 
     def as_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "regressions": list(self.regressions),
-                "rows": [dataclasses.asdict(r) for r in self.rows]}
+        return {
+            "passed": self.passed,
+            "regressions": list(self.regressions),
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+        }
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -82,23 +86,37 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
         raise BadInputError(f"{path} is not valid JSON: {exc}") from None
 
 
-def compare_reports(a: Mapping[str, Any] | str | os.PathLike, b: Mapping[str, Any] | str | os.PathLike, *,
-                    thresholds: Thresholds = Thresholds()) -> ComparisonResult:
+def compare_reports(
+    a: Mapping[str, Any] | str | os.PathLike,
+    b: Mapping[str, Any] | str | os.PathLike,
+    *,
+    thresholds: Thresholds = Thresholds(),
+) -> ComparisonResult:
     """Compare baseline report ``a`` with candidate ``b`` (dicts, report.json paths or build folders)."""
     a = a if isinstance(a, Mapping) else load_report(a)
     b = b if isinstance(b, Mapping) else load_report(b)
-    rows = (_accuracy_rows(a, b, thresholds) + _agreement_rows(a, b, thresholds) + _latency_rows(a, b, thresholds)
-            + _precision_rows(a, b, thresholds) + _departure_rows(a, b))
-    regressions = tuple(f"{r.group} {r.name}: {_show(r.a)} -> {_show(r.b)}{f' ({r.note})' if r.note else ''}"
-                        for r in rows if r.regression)
+    rows = (
+        _accuracy_rows(a, b, thresholds)
+        + _agreement_rows(a, b, thresholds)
+        + _latency_rows(a, b, thresholds)
+        + _precision_rows(a, b, thresholds)
+        + _departure_rows(a, b)
+    )
+    regressions = tuple(
+        f"{r.group} {r.name}: {_show(r.a)} -> {_show(r.b)}{f' ({r.note})' if r.note else ''}"
+        for r in rows
+        if r.regression
+    )
     return ComparisonResult(tuple(rows), regressions)
 
 
 def check_comparison(result: ComparisonResult) -> None:
     """Raise :class:`RegressionError` (exit code 8) when B regressed."""
     if not result.passed:
-        raise RegressionError(f"{len(result.regressions)} regression(s): " + "; ".join(result.regressions),
-                              hint="loosen the thresholds only if the change is intended")
+        raise RegressionError(
+            f"{len(result.regressions)} regression(s): " + "; ".join(result.regressions),
+            hint="loosen the thresholds only if the change is intended",
+        )
 
 
 def _numeric_leaves(value: Any, prefix: str = "") -> dict[str, float]:
@@ -161,8 +179,11 @@ def _precision_maps(report: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """runtime -> layer -> used precision; ``precision_map`` is one map or runtime -> map."""
     raw = report.get("precision_map") or {}
     maps = [raw] if "layers" in raw else list(raw.values())
-    return {m.get("runtime", "runtime"): {row["layer"]: row["used"] for row in m.get("layers", [])}
-            for m in maps if isinstance(m, Mapping)}
+    return {
+        m.get("runtime", "runtime"): {row["layer"]: row["used"] for row in m.get("layers", [])}
+        for m in maps
+        if isinstance(m, Mapping)
+    }
 
 
 def _precision_rows(a, b, t: Thresholds) -> list[MetricRow]:
@@ -174,8 +195,16 @@ def _precision_rows(a, b, t: Thresholds) -> list[MetricRow]:
             if used_b is None or used_b == used_a:
                 continue
             fell = used_a not in _FLOATING and used_b in _FLOATING
-            rows.append(MetricRow("precision", f"{runtime} {layer}", used_a, used_b,
-                                  fell and not t.allow_float_fallback, "now runs in float" if fell else ""))
+            rows.append(
+                MetricRow(
+                    "precision",
+                    f"{runtime} {layer}",
+                    used_a,
+                    used_b,
+                    fell and not t.allow_float_fallback,
+                    "now runs in float" if fell else "",
+                )
+            )
     return rows
 
 
@@ -206,7 +235,7 @@ def format_comparison(result: ComparisonResult, *, names: tuple[str, str] = ("A"
     width = max(len(label) for label in labels)
     col = max(12, *(len(n) for n in names))
     lines = [f"{'metric':<{width}}  {names[0]:>{col}}  {names[1]:>{col}}  note"]
-    for label, row in zip(labels, result.rows):
+    for label, row in zip(labels, result.rows, strict=False):
         flag = "REGRESSION " if row.regression else ""
         lines.append(f"{label:<{width}}  {_show(row.a):>{col}}  {_show(row.b):>{col}}  {flag}{row.note}".rstrip())
     verdict = "OK: no regression" if result.passed else f"FAILED: {len(result.regressions)} regression(s)"

@@ -32,8 +32,12 @@ PerformanceHint = Literal["LATENCY", "THROUGHPUT"]
 # shared machine's noise), but OpenVINO re-reads a signed grid after ReLU as u8 [0, 127]: half the
 # codes are wasted, while the uint8 form spends all 256 on the non-negative tensor. Its int8 kernels
 # multiply u8 activations by s8 weights (x86 VPDPBUSD on VNNI/AMX), so u8 is also the native input.
-DEFAULT_ACT_FORM: dict[str, ActivationForm] = {"onnxruntime": "uint8_asymmetric", "openvino": "uint8_asymmetric",
-                                               "tensorrt": "int8_symmetric", "tensorrt-rtx": "int8_symmetric"}
+DEFAULT_ACT_FORM: dict[str, ActivationForm] = {
+    "onnxruntime": "uint8_asymmetric",
+    "openvino": "uint8_asymmetric",
+    "tensorrt": "int8_symmetric",
+    "tensorrt-rtx": "int8_symmetric",
+}
 # How symmetric int8 weights are stored in the onnxruntime form. x86 CPUs without a VNNI unit run
 # onnxruntime's u8 x s8 kernels with vpmaddubsw, whose int16 pair sums saturate (measured on an AVX2
 # EPYC, onnxruntime 1.32: relative error 0.087 against the fake-quant model); the same values stored as
@@ -49,18 +53,22 @@ def _check_choice(value: Any, literal: Any, field: str) -> None:
 
 def _check_torch_device(name: str) -> None:
     import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:
         raise BadInputError(f"unknown device {name!r}", hint="use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"device {name!r} asked for, but torch finds no CUDA GPU here",
-                            hint="synthesize on cpu, or install a CUDA build of torch on a GPU machine")
+        raise BadInputError(
+            f"device {name!r} asked for, but torch finds no CUDA GPU here",
+            hint="synthesize on cpu, or install a CUDA build of torch on a GPU machine",
+        )
 
 
 def resolve_auto_device() -> str:
     """``cuda`` when torch sees a GPU, else ``cpu``: what ``--synth-device auto`` means."""
     import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -96,8 +104,10 @@ class SynthesisConfig:
         if self.device != "cpu":
             _check_torch_device(self.device)
         if self.method == "folder" and not self.calib_images:
-            raise BadInputError("the 'folder' calibration source needs a folder of images",
-                                hint="pass --calib-images DIR (ImageFolder layout or flat folder of images)")
+            raise BadInputError(
+                "the 'folder' calibration source needs a folder of images",
+                hint="pass --calib-images DIR (ImageFolder layout or flat folder of images)",
+            )
 
 
 # Smallest weight block: below 16 inputs per scale, the FP32 scales cost 2+ bits per 4-bit weight,
@@ -131,12 +141,17 @@ class LayerOverride:
         if block is None:
             return
         if block < MIN_WEIGHT_BLOCK or block & (block - 1):
-            raise BadInputError(f"override {self.pattern!r}: weight_block_size must be a power of two >= "
-                                f"{MIN_WEIGHT_BLOCK}, got {block}", hint=f"use {INT4_WEIGHT_BLOCK}")
+            raise BadInputError(
+                f"override {self.pattern!r}: weight_block_size must be a power of two >= "
+                f"{MIN_WEIGHT_BLOCK}, got {block}",
+                hint=f"use {INT4_WEIGHT_BLOCK}",
+            )
         if self.weight_bits is None or self.weight_bits > 4:
-            raise BadInputError(f"override {self.pattern!r}: block-quantized weights are stored as INT4, so "
-                                f"weight_bits must be 2..4, got {self.weight_bits}",
-                                hint="drop weight_block_size for 8-bit per-channel weights")
+            raise BadInputError(
+                f"override {self.pattern!r}: block-quantized weights are stored as INT4, so "
+                f"weight_bits must be 2..4, got {self.weight_bits}",
+                hint="drop weight_block_size for 8-bit per-channel weights",
+            )
 
     def matches(self, name: str, kind: str | None = None) -> bool:
         """True for module ``name`` (of class ``kind``, when the override names one)."""
@@ -190,16 +205,21 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         # Overrides may arrive as mappings (a config file, or dataclasses.asdict of another scheme).
-        object.__setattr__(self, "overrides", tuple(o if isinstance(o, LayerOverride) else from_mapping(LayerOverride, o)
-                                                    for o in self.overrides))
+        object.__setattr__(
+            self,
+            "overrides",
+            tuple(o if isinstance(o, LayerOverride) else from_mapping(LayerOverride, o) for o in self.overrides),
+        )
         _check_choice(self.act_form, ActivationForm, "activation form")
         _check_choice(self.calibrator, CalibratorName, "calibrator")
         _check_choice(self.weight_calibrator, WeightCalibratorName, "weight calibrator")
         if self.weight_container is not None:
             _check_choice(self.weight_container, WeightContainer, "weight container")
         if self.weight_container == "uint8" and self.act_form != "uint8_asymmetric":
-            raise BadInputError("weight_container uint8 is the onnxruntime form's; TensorRT takes int8 weights only",
-                                hint="leave weight_container at int8 for TensorRT targets")
+            raise BadInputError(
+                "weight_container uint8 is the onnxruntime form's; TensorRT takes int8 weights only",
+                hint="leave weight_container at int8 for TensorRT targets",
+            )
         for name in ("weight_bits", "act_bits"):
             bits = getattr(self, name)
             if not 2 <= bits <= 8:
@@ -218,10 +238,12 @@ class QuantScheme:
         if self.act_form != "uint8_asymmetric":
             return "int8"
         from .runtimes.cpu_features import has_int8_dot_product
+
         return "int8" if has_int8_dot_product() else "uint8"
 
-    def layer_quant(self, name: str, *, kind: str | None = None, is_first: bool = False, is_last: bool = False,
-                    blocked: bool = True) -> LayerQuant:
+    def layer_quant(
+        self, name: str, *, kind: str | None = None, is_first: bool = False, is_last: bool = False, blocked: bool = True
+    ) -> LayerQuant:
         """How the layer called ``name`` (module class ``kind``) is quantized; later overrides win.
 
         ``blocked=False`` skips block-quantizing overrides (for a layer whose shape cannot take them).
@@ -245,8 +267,9 @@ class QuantScheme:
 # of top-1 (relative L2 0.19) with 8-bit first-layer weights, and on 100% (0.020) with 7-bit ones;
 # fake-quant top-1 was 91.0% either way. 7-bit weights (|w| <= 63) keep 2 x 255 x 63 inside int16.
 # (onnxruntime instead stores the weights as uint8 there, see :data:`WeightContainer`; OpenVINO keeps int8.)
-TARGET_SCHEME_DEFAULTS: dict[str, dict[str, Any]] = {"openvino": {"first_layer_weight_bits": 7,
-                                                                  "weight_container": "int8"}}
+TARGET_SCHEME_DEFAULTS: dict[str, dict[str, Any]] = {
+    "openvino": {"first_layer_weight_bits": 7, "weight_container": "int8"}
+}
 
 INT8_ONNXRUNTIME = QuantScheme(act_form="uint8_asymmetric")
 INT8_TENSORRT = QuantScheme(act_form="int8_symmetric")
@@ -255,8 +278,12 @@ INT8_TENSORRT = QuantScheme(act_form="int8_symmetric")
 def default_scheme(target: Target, *, bits: int = 8, **changes: Any) -> QuantScheme:
     """The scheme a target runtime fuses best, at ``bits`` for weights and activations."""
     _check_choice(target, Target, "target")
-    return dataclasses.replace(QuantScheme(act_form=DEFAULT_ACT_FORM[target], **TARGET_SCHEME_DEFAULTS.get(target, {})),
-                               weight_bits=bits, act_bits=bits, **changes)
+    return dataclasses.replace(
+        QuantScheme(act_form=DEFAULT_ACT_FORM[target], **TARGET_SCHEME_DEFAULTS.get(target, {})),
+        weight_bits=bits,
+        act_bits=bits,
+        **changes,
+    )
 
 
 def int4_weight_only(scheme: QuantScheme, *, block_size: int = INT4_WEIGHT_BLOCK) -> QuantScheme:
@@ -295,8 +322,10 @@ class ProfileConfig:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BadInputError(f"batch sizes must be positive, got {self.batch_sizes}")
         if self.iterations < 1 or self.warmup_ms < 0 or self.duration_s < 0:
-            raise BadInputError(f"profile needs iterations >= 1, warmup_ms >= 0 and duration_s >= 0, got "
-                                f"{self.iterations}, {self.warmup_ms}, {self.duration_s}")
+            raise BadInputError(
+                f"profile needs iterations >= 1, warmup_ms >= 0 and duration_s >= 0, got "
+                f"{self.iterations}, {self.warmup_ms}, {self.duration_s}"
+            )
         _check_choice(self.performance_hint, PerformanceHint, "performance hint")
         for name in ("threads", "streams"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -335,12 +364,15 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1:
-            raise BadInputError(f"reconstruction needs iterations >= 1 and batch_size >= 1, got "
-                                f"{self.iterations} and {self.batch_size}")
+            raise BadInputError(
+                f"reconstruction needs iterations >= 1 and batch_size >= 1, got {self.iterations} and {self.batch_size}"
+            )
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise BadInputError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if not 0.0 <= self.drop_prob <= 1.0 or not 0.0 <= self.warmup < 1.0:
-            raise BadInputError(f"drop_prob must be in [0, 1] and warmup in [0, 1), got {self.drop_prob}, {self.warmup}")
+            raise BadInputError(
+                f"drop_prob must be in [0, 1] and warmup in [0, 1), got {self.drop_prob}, {self.warmup}"
+            )
 
 
 MixedPrecisionBudget = Literal["size", "latency"]
@@ -389,8 +421,9 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     for section, values in data.items():
         cls = CONFIG_SECTIONS.get(section)
         if cls is None:
-            raise BadInputError(f"unknown section {section!r} in {path}",
-                                hint=f"valid sections: {', '.join(CONFIG_SECTIONS)}")
+            raise BadInputError(
+                f"unknown section {section!r} in {path}", hint=f"valid sections: {', '.join(CONFIG_SECTIONS)}"
+            )
         if not isinstance(values, dict):
             raise BadInputError(f"section {section!r} of {path} must be a mapping of keys to values")
         _check_keys(values, cls, where=f"section {section!r} of {path}")
@@ -405,8 +438,9 @@ def _parse_config_text(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise BadInputError(f"config file {path} is not UTF-8 text (byte {exc.start})",
-                            hint="save it as UTF-8 YAML or TOML") from None
+        raise BadInputError(
+            f"config file {path} is not UTF-8 text (byte {exc.start})", hint="save it as UTF-8 YAML or TOML"
+        ) from None
     if path.suffix == ".toml":
         try:
             import tomllib
@@ -416,17 +450,22 @@ def _parse_config_text(path: Path) -> Any:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             # Python 3.11/3.12 put the position only in the message: "Invalid value (at line 2, column 5)".
-            raise BadInputError(f"config file {path} is not valid TOML: {exc}",
-                                hint="fix the file at that line and column (TOML: key = value under [section])") from None
+            raise BadInputError(
+                f"config file {path} is not valid TOML: {exc}",
+                hint="fix the file at that line and column (TOML: key = value under [section])",
+            ) from None
     import yaml
+
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise BadInputError(f"config file {path} is not valid YAML{where}: {problem}",
-                            hint="fix the file there (YAML: `section:` then indented `key: value` lines)") from None
+        raise BadInputError(
+            f"config file {path} is not valid YAML{where}: {problem}",
+            hint="fix the file there (YAML: `section:` then indented `key: value` lines)",
+        ) from None
 
 
 def _check_keys(values: dict[str, Any], cls: type, *, where: str) -> None:
@@ -453,4 +492,3 @@ def merge_config(base: Any, file_values: dict[str, Any], typed_flags: dict[str, 
     """
     values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
     return from_mapping(type(base), values | dict(file_values) | dict(typed_flags))
-

@@ -19,15 +19,19 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .layout import CALIBRATION_DIR, ENGINE, MANIFEST, QDQ_ONNX
 from .calibration_set import CalibrationSet
 from .config import QuantScheme, from_mapping
 from .errors import BadInputError
 from .fidelity import FidelityReport, layer_fidelity, render_fidelity_md
-from .precision_map import (PrecisionMap, float_fallback_warning, precision_map_onnxruntime,
-                            precision_map_tensorrt, render_precision_md)
+from .layout import CALIBRATION_DIR, ENGINE, MANIFEST, QDQ_ONNX
+from .precision_map import (
+    PrecisionMap,
+    float_fallback_warning,
+    precision_map_onnxruntime,
+    precision_map_tensorrt,
+    render_precision_md,
+)
 from .quant.quantize import QuantModel, quantize
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +46,13 @@ class DebugReport:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: ``layer_fidelity``, ``precision_map`` (runtime -> map), mismatches and notes."""
-        return {"out_dir": str(self.out_dir), "layer_fidelity": self.fidelity.as_dict(),
-                "precision_map": {p.runtime: p.as_dict() for p in self.precision},
-                "reference_mismatches": list(self.reference_mismatches), "notes": list(self.notes)}
+        return {
+            "out_dir": str(self.out_dir),
+            "layer_fidelity": self.fidelity.as_dict(),
+            "precision_map": {p.runtime: p.as_dict() for p in self.precision},
+            "reference_mismatches": list(self.reference_mismatches),
+            "notes": list(self.notes),
+        }
 
     def render_md(self) -> list[str]:
         """Markdown sections: reference check, per-layer fidelity, one precision map per runtime."""
@@ -59,13 +67,21 @@ class DebugReport:
 
     def summary(self) -> str:
         """A few console lines: first departures, float fallbacks, reference mismatches."""
-        lines = [f"{runtime}: " + (f"first departs from the fake-quant reference at {layer}" if layer
-                                   else "follows the fake-quant reference at every layer")
-                 for runtime, layer in self.fidelity.first_departures().items()]
+        lines = [
+            f"{runtime}: "
+            + (
+                f"first departs from the fake-quant reference at {layer}"
+                if layer
+                else "follows the fake-quant reference at every layer"
+            )
+            for runtime, layer in self.fidelity.first_departures().items()
+        ]
         lines += [w for w in (float_fallback_warning(p) for p in self.precision) if w]
         if self.reference_mismatches:
-            lines.append(f"warning: {len(self.reference_mismatches)} quantizer(s) in {QDQ_ONNX} differ from the "
-                         f"rebuilt reference, first: {self.reference_mismatches[0]}")
+            lines.append(
+                f"warning: {len(self.reference_mismatches)} quantizer(s) in {QDQ_ONNX} differ from the "
+                f"rebuilt reference, first: {self.reference_mismatches[0]}"
+            )
         return "\n".join(lines)
 
 
@@ -73,13 +89,20 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     """manifest.json of a build folder, or :class:`BadInputError` naming what is missing."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
-        raise BadInputError(f"{out_dir} is not a dfq-deploy build folder (no {MANIFEST})",
-                            hint="pass the --out folder of `dfq-deploy build`")
+        raise BadInputError(
+            f"{out_dir} is not a dfq-deploy build folder (no {MANIFEST})",
+            hint="pass the --out folder of `dfq-deploy build`",
+        )
     return json.loads(path.read_text())
 
 
-def rebuild_reference(manifest: dict[str, Any], calib: CalibrationSet, *, model_path: str | os.PathLike | None = None,
-                      trust_pickle: bool = False) -> QuantModel:
+def rebuild_reference(
+    manifest: dict[str, Any],
+    calib: CalibrationSet,
+    *,
+    model_path: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+) -> QuantModel:
     """Load the manifest's model (checking its hash) and quantize it as the build did."""
     from .models import load_model  # torch model loading is only needed once the folder checks out
 
@@ -90,8 +113,11 @@ def rebuild_reference(manifest: dict[str, Any], calib: CalibrationSet, *, model_
     shape = tuple(described["input_shape"]) if described.get("input_shape") else None
     model = load_model(path, arch=described.get("arch"), trust_pickle=trust_pickle, input_shape=shape)
     if described.get("sha256") and model.sha256 and model.sha256 != described["sha256"]:
-        raise BadInputError(f"the model file {path} changed since the build (sha256 {model.sha256[:12]}…, "
-                            f"the build used {described['sha256'][:12]}…)", hint="debug the build with its own model")
+        raise BadInputError(
+            f"the model file {path} changed since the build (sha256 {model.sha256[:12]}…, "
+            f"the build used {described['sha256'][:12]}…)",
+            hint="debug the build with its own model",
+        )
     scheme = from_mapping(QuantScheme, manifest.get("config", {}).get("scheme", {}))
     return quantize(model.module, calib, scheme=scheme, progress=False)
 
@@ -100,9 +126,11 @@ def reference_mismatches(qmodel: QuantModel, qdq_model: onnx.ModelProto, *, rtol
     """Quantizers whose scale or zero point in ``qdq_model`` differ from ``qmodel``'s (graph order)."""
     inits = {t.name: t for t in qdq_model.graph.initializer}
     pairs = [(name, q.scale, q.zero_point) for name, q in qmodel.act_quantizers() if q.mode == "quantize"]
-    pairs += [(f"{name}.weight_quantizer", layer.weight_quantizer.scale, None)
-              for name, layer in qmodel.module.named_modules()
-              if getattr(getattr(layer, "weight_quantizer", None), "enabled", False)]
+    pairs += [
+        (f"{name}.weight_quantizer", layer.weight_quantizer.scale, None)
+        for name, layer in qmodel.module.named_modules()
+        if getattr(getattr(layer, "weight_quantizer", None), "enabled", False)
+    ]
     out = []
     for name, scale, zero_point in pairs:
         if f"{name}_scale" not in inits:
@@ -125,9 +153,14 @@ def _short(values: np.ndarray) -> str:
     return f"{values[0]:.4g}" if values.size == 1 else f"[{values[0]:.4g}, … ({values.size})]"
 
 
-def debug_build_folder(out_dir: str | os.PathLike, *, model_path: str | os.PathLike | None = None,
-                       trust_pickle: bool = False, max_images: int | None = None,
-                       batch_size: int = 16) -> DebugReport:
+def debug_build_folder(
+    out_dir: str | os.PathLike,
+    *,
+    model_path: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    max_images: int | None = None,
+    batch_size: int = 16,
+) -> DebugReport:
     """Rebuild the reference of a build folder and run per-layer fidelity and the precision map on it.
 
     ``model_path`` overrides the manifest's (for a folder moved to another machine); the file must
@@ -143,8 +176,10 @@ def debug_build_folder(out_dir: str | os.PathLike, *, model_path: str | os.PathL
     qdq = onnx.load(str(qdq_path))
     notes = []
     if manifest.get("config", {}).get("reconstruction"):
-        notes.append("the build used block reconstruction, which debug does not repeat: the reference is the "
-                     "calibrated model before reconstruction")
+        notes.append(
+            "the build used block reconstruction, which debug does not repeat: the reference is the "
+            "calibrated model before reconstruction"
+        )
     fidelity = layer_fidelity(qmodel, qdq, calib, max_images=max_images, batch_size=batch_size)
     from .converters.tensorrt import metadata_path
 

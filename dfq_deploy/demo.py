@@ -43,10 +43,12 @@ class DemoSettings:
 # One batch of 32 ZeroQ images at 100 steps: synthesis is the slow stage on a CPU, and W8A8 needs few
 # calibration images (even 64 noise images stay within 0.2 pt of FP32 here). FAST is for CI: the same
 # pipeline on 16 images at 20 steps.
-FULL = DemoSettings(num_images=32, iterations=100, batch_sizes=(1, 16), warmup_ms=200, profile_iterations=10,
-                    profile_duration_s=3.0)
-FAST = DemoSettings(num_images=16, iterations=20, batch_sizes=(1, 16), warmup_ms=10, profile_iterations=5,
-                    profile_duration_s=0.0)
+FULL = DemoSettings(
+    num_images=32, iterations=100, batch_sizes=(1, 16), warmup_ms=200, profile_iterations=10, profile_duration_s=3.0
+)
+FAST = DemoSettings(
+    num_images=16, iterations=20, batch_sizes=(1, 16), warmup_ms=10, profile_iterations=5, profile_duration_s=0.0
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +66,15 @@ def demo_file(name: str) -> Path:
     return Path(str(resources.files("dfq_deploy") / "demo_data" / name))
 
 
-def run_demo(*, out_dir: str | os.PathLike, fast: bool = False, method: str = "zeroq",
-             use_cache: bool = True, force: bool = False, progress: bool = True) -> DemoResult:
+def run_demo(
+    *,
+    out_dir: str | os.PathLike,
+    fast: bool = False,
+    method: str = "zeroq",
+    use_cache: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> DemoResult:
     """Synthesize a data-free calibration set for the shipped ResNet-20, build INT8 for onnxruntime
     (CPU), and evaluate FP32 and INT8 on the 500 shipped test images. A finished demo build in
     ``out_dir`` is reused (up to date) unless ``force``."""
@@ -73,13 +82,23 @@ def run_demo(*, out_dir: str | os.PathLike, fast: bool = False, method: str = "z
 
     settings = FAST if fast else FULL
     start = time.perf_counter()
-    result = api.build(demo_file(WEIGHTS), arch=ARCH, out_dir=out_dir, target="onnxruntime",
-                       synthesis=SynthesisConfig(method=method, num_images=settings.num_images,
-                                                 iterations=settings.iterations),
-                       profile_config=ProfileConfig(batch_sizes=settings.batch_sizes, warmup_ms=settings.warmup_ms,
-                                                    iterations=settings.profile_iterations,
-                                                    duration_s=settings.profile_duration_s),
-                       eval_set=demo_file(IMAGES), use_cache=use_cache, force=force, progress=progress)
+    result = api.build(
+        demo_file(WEIGHTS),
+        arch=ARCH,
+        out_dir=out_dir,
+        target="onnxruntime",
+        synthesis=SynthesisConfig(method=method, num_images=settings.num_images, iterations=settings.iterations),
+        profile_config=ProfileConfig(
+            batch_sizes=settings.batch_sizes,
+            warmup_ms=settings.warmup_ms,
+            iterations=settings.profile_iterations,
+            duration_s=settings.profile_duration_s,
+        ),
+        eval_set=demo_file(IMAGES),
+        use_cache=use_cache,
+        force=force,
+        progress=progress,
+    )
     return DemoResult(result, round(time.perf_counter() - start, 1), settings, method)
 
 
@@ -99,11 +118,16 @@ def demo_summary(demo: DemoResult) -> str:
         f"{fidelity['relative_l2']:.4f}; INT8 vs FP32 agreement {vs_fp32['top1_agreement']:.2%}",
     ]
     medians = {(row["runner"].rsplit("-", 1)[-1], row["batch_size"]): row["median_ms"] for row in dep["latency"]}
-    cells = [f"batch {bs}: FP32 {medians[('fp32', bs)]:.2f} ms, INT8 {medians[('int8', bs)]:.2f} ms "
-             f"({medians[('fp32', bs)] / medians[('int8', bs)]:.2f}x)"
-             for bs in demo.settings.batch_sizes if ('fp32', bs) in medians and ('int8', bs) in medians]
-    lines.append(f"latency (median, {machine.get('model')}, {machine.get('cores')} cores, {machine.get('isa')}): "
-                 + "; ".join(cells))
+    cells = [
+        f"batch {bs}: FP32 {medians[('fp32', bs)]:.2f} ms, INT8 {medians[('int8', bs)]:.2f} ms "
+        f"({medians[('fp32', bs)] / medians[('int8', bs)]:.2f}x)"
+        for bs in demo.settings.batch_sizes
+        if ("fp32", bs) in medians and ("int8", bs) in medians
+    ]
+    lines.append(
+        f"latency (median, {machine.get('model')}, {machine.get('cores')} cores, {machine.get('isa')}): "
+        + "; ".join(cells)
+    )
     done = "up to date, not rebuilt (--force rebuilds)" if demo.build.up_to_date else f"built in {demo.seconds:.0f} s"
     lines.append(f"report: {demo.build.out_dir / REPORT_MD} (and {REPORT_JSON}); {done}")
     return "\n".join(lines)

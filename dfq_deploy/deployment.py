@@ -36,22 +36,40 @@ def profile_batch(calib: CalibrationSet, batch_size: int) -> np.ndarray:
 
 def conv_kernels(op_counts: dict[str, int]) -> dict[str, int]:
     """How many convolutions onnxruntime runs on integers and how many in float."""
-    return {"integer": sum(op_counts.get(op, 0) for op in INTEGER_CONV_OPS),
-            "float": sum(op_counts.get(op, 0) for op in FLOAT_CONV_OPS)}
+    return {
+        "integer": sum(op_counts.get(op, 0) for op in INTEGER_CONV_OPS),
+        "float": sum(op_counts.get(op, 0) for op in FLOAT_CONV_OPS),
+    }
 
 
-def onnxruntime_agreement(qmodel: QuantModel, onnx_model: onnx.ModelProto | str | Path, images, *,
-                          batch_size: int = AGREEMENT_BATCH, threads: int | None = None) -> Agreement:
+def onnxruntime_agreement(
+    qmodel: QuantModel,
+    onnx_model: onnx.ModelProto | str | Path,
+    images,
+    *,
+    batch_size: int = AGREEMENT_BATCH,
+    threads: int | None = None,
+) -> Agreement:
     """How closely onnxruntime (CPU) running ``onnx_model`` reproduces the fake-quant ``qmodel`` on ``images``."""
     source = onnx_model.SerializeToString() if isinstance(onnx_model, onnx.ModelProto) else onnx_model
-    with OnnxRuntimeRunner(source, threads=threads, integer_kernels=integer_kernels_are_exact(onnx_model)) as runtime, \
-            TorchRunner(qmodel.module, input_shape=qmodel.input_shape, name="torch-fake-quant") as reference:
+    with (
+        OnnxRuntimeRunner(source, threads=threads, integer_kernels=integer_kernels_are_exact(onnx_model)) as runtime,
+        TorchRunner(qmodel.module, input_shape=qmodel.input_shape, name="torch-fake-quant") as reference,
+    ):
         return compare(reference, runtime, (b.numpy() for b in images.split(batch_size)))
 
 
-def deploy_onnxruntime(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, fp32_path: Path,
-                       qdq_path: Path, profile_config: ProfileConfig, device: str = "cpu",
-                       optimized: onnx.ModelProto | None = None) -> dict[str, Any]:
+def deploy_onnxruntime(
+    model: LoadedModel,
+    qmodel: QuantModel,
+    calib: CalibrationSet,
+    *,
+    fp32_path: Path,
+    qdq_path: Path,
+    profile_config: ProfileConfig,
+    device: str = "cpu",
+    optimized: onnx.ModelProto | None = None,
+) -> dict[str, Any]:
     """Open FP32 and INT8 sessions, check the INT8 one against the references, and time both.
 
     ``optimized`` is onnxruntime's optimized graph of ``qdq_path`` on ``device`` when the caller has
@@ -64,8 +82,9 @@ def deploy_onnxruntime(model: LoadedModel, qmodel: QuantModel, calib: Calibratio
     int8.name = f"onnxruntime-{device}-int8"
     before = host_memory()
     with fp32, int8:
-        measured = measure_int8_against_fp32(model, qmodel, calib, fp32=fp32, int8=int8, profile_config=profile_config,
-                                             memory_before=before)
+        measured = measure_int8_against_fp32(
+            model, qmodel, calib, fp32=fp32, int8=int8, profile_config=profile_config, memory_before=before
+        )
         providers = int8.providers()
     ops = op_counts(optimized if optimized is not None else optimized_graph(qdq_path, device=device, threads=threads))
     return {
@@ -78,9 +97,16 @@ def deploy_onnxruntime(model: LoadedModel, qmodel: QuantModel, calib: Calibratio
     }
 
 
-def measure_int8_against_fp32(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, fp32: Runner,
-                              int8: Runner, profile_config: ProfileConfig,
-                              memory_before: dict[str, float]) -> dict[str, Any]:
+def measure_int8_against_fp32(
+    model: LoadedModel,
+    qmodel: QuantModel,
+    calib: CalibrationSet,
+    *,
+    fp32: Runner,
+    int8: Runner,
+    profile_config: ProfileConfig,
+    memory_before: dict[str, float],
+) -> dict[str, Any]:
     """Fidelity of active runner ``int8`` to the fake-quant reference and to ``fp32``, and both runners'
     latency at each batch size: the deployment keys every CPU target shares."""
     fake_quant = TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant")
@@ -95,12 +121,24 @@ def measure_int8_against_fp32(model: LoadedModel, qmodel: QuantModel, calib: Cal
         for runner in (fp32, int8):
             latency.append(profile(runner, batch, config=profile_config).as_dict())
     memory["after_profile"] = host_memory()
-    return {"latency": latency, "speedup": _speedups(latency, "int8", "fp32"),
-            "fidelity_vs_fake_quant": fidelity.as_dict(), "int8_vs_fp32": vs_fp32.as_dict(), "memory": memory}
+    return {
+        "latency": latency,
+        "speedup": _speedups(latency, "int8", "fp32"),
+        "fidelity_vs_fake_quant": fidelity.as_dict(),
+        "int8_vs_fp32": vs_fp32.as_dict(),
+        "memory": memory,
+    }
 
 
-def deploy_openvino(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, fp32_path: Path,
-                    qdq_path: Path, profile_config: ProfileConfig) -> tuple[dict[str, Any], list[RuntimeLayer]]:
+def deploy_openvino(
+    model: LoadedModel,
+    qmodel: QuantModel,
+    calib: CalibrationSet,
+    *,
+    fp32_path: Path,
+    qdq_path: Path,
+    profile_config: ProfileConfig,
+) -> tuple[dict[str, Any], list[RuntimeLayer]]:
     """Compile the FP32 and Q/DQ files with OpenVINO (CPU), check the INT8 model and time both.
 
     With the THROUGHPUT hint each model is also served batch-1 requests through an AsyncInferQueue.
@@ -108,18 +146,23 @@ def deploy_openvino(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSe
     """
     from .runtimes.openvino import OpenVINORunner
 
-    options = {"threads": profile_config.threads, "streams": profile_config.streams,
-               "performance_hint": profile_config.performance_hint}
+    options = {
+        "threads": profile_config.threads,
+        "streams": profile_config.streams,
+        "performance_hint": profile_config.performance_hint,
+    }
     fp32 = OpenVINORunner(fp32_path, name="openvino-cpu-fp32", **options)
     int8 = OpenVINORunner(qdq_path, name="openvino-cpu-int8", **options)
     before = host_memory()
     with fp32, int8:
-        measured = measure_int8_against_fp32(model, qmodel, calib, fp32=fp32, int8=int8, profile_config=profile_config,
-                                             memory_before=before)
+        measured = measure_int8_against_fp32(
+            model, qmodel, calib, fp32=fp32, int8=int8, profile_config=profile_config, memory_before=before
+        )
         if profile_config.performance_hint == "THROUGHPUT":
             feeds = {int8.input_name: profile_batch(calib, 1)}
-            measured["latency"] += [runner.throughput(feeds, iterations=profile_config.iterations).as_dict()
-                                    for runner in (fp32, int8)]
+            measured["latency"] += [
+                runner.throughput(feeds, iterations=profile_config.iterations).as_dict() for runner in (fp32, int8)
+            ]
         layers = int8.runtime_layers()
         properties = int8.properties()
     return {
@@ -141,6 +184,7 @@ def openvino_conv_kernels(layers: list[RuntimeLayer]) -> dict[str, int]:
 
 def _openvino_version() -> str:
     from .runtimes.openvino import import_openvino
+
     return import_openvino().__version__
 
 
@@ -149,15 +193,28 @@ def engine_build_config(*, target: str, precision: str, profile_config: ProfileC
     batches (up to :data:`AGREEMENT_BATCH`); ``tensorrt`` shares the timing cache of ``cache``."""
     from .converters.tensorrt import MODULES, TensorRTBuildConfig
 
-    return TensorRTBuildConfig(target=target, precision=precision, batch_sizes=profile_config.batch_sizes,
-                               check_batch=AGREEMENT_BATCH,
-                               timing_cache=cache.timing_cache(MODULES[target]) if cache and target == "tensorrt"
-                               else None)
+    return TensorRTBuildConfig(
+        target=target,
+        precision=precision,
+        batch_sizes=profile_config.batch_sizes,
+        check_batch=AGREEMENT_BATCH,
+        timing_cache=cache.timing_cache(MODULES[target]) if cache and target == "tensorrt" else None,
+    )
 
 
-def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, qdq_model: onnx.ModelProto,
-                    fp32_path: Path, out_dir: Path, target: str, precision: str,
-                    profile_config: ProfileConfig, engine_cache: Path | None = None) -> dict[str, Any]:
+def deploy_tensorrt(
+    model: LoadedModel,
+    qmodel: QuantModel,
+    calib: CalibrationSet,
+    *,
+    qdq_model: onnx.ModelProto,
+    fp32_path: Path,
+    out_dir: Path,
+    target: str,
+    precision: str,
+    profile_config: ProfileConfig,
+    engine_cache: Path | None = None,
+) -> dict[str, Any]:
     """Lint and build the engine (reused from ``engine_cache`` when an identical build is there); on a
     GPU also run it, check it against its reference and time it. Without a CUDA device the report says
     ``not_run``; any other failure of the engine raises :class:`EngineRuntimeError`."""
@@ -185,17 +242,24 @@ def deploy_tensorrt(model: LoadedModel, qmodel: QuantModel, calib: CalibrationSe
         "machine": cpu_description(),
     }
     from .runtimes.tensorrt import NoCudaDeviceError
+
     try:
-        result.update(run_engine(engine_path, model, qmodel, calib, precision=precision,
-                                 profile_config=profile_config))
+        result.update(run_engine(engine_path, model, qmodel, calib, precision=precision, profile_config=profile_config))
     except NoCudaDeviceError as exc:
         # Building needs no GPU (TensorRT-RTX builds on CPU); running does. Say so in the report.
         result["not_run"] = exc.message
     return result
 
 
-def run_engine(engine_path: Path, model: LoadedModel, qmodel: QuantModel, calib: CalibrationSet, *, precision: str,
-               profile_config: ProfileConfig) -> dict[str, Any]:
+def run_engine(
+    engine_path: Path,
+    model: LoadedModel,
+    qmodel: QuantModel,
+    calib: CalibrationSet,
+    *,
+    precision: str,
+    profile_config: ProfileConfig,
+) -> dict[str, Any]:
     """Check the engine against its reference (FP32 for an fp16 engine, else the fake-quant model), time
     it at every batch size and, with ``layer_profile``, time its layers. Every feed is checked against the
     engine's optimization profiles before the GPU is touched."""
@@ -207,26 +271,36 @@ def run_engine(engine_path: Path, model: LoadedModel, qmodel: QuantModel, calib:
     timed = {bs: profile_batch(calib, bs) for bs in profile_config.batch_sizes}
     for batch in (*check_batches, *timed.values()):  # BadInputError naming the allowed shapes, before CUDA
         runner.check_feeds({runner.input_name: batch})
-    reference, key = ((TorchRunner(model.module, input_shape=model.input_shape, name="torch-fp32"), "fidelity_vs_fp32")
-                      if precision == "fp16" else
-                      (TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant"),
-                       "fidelity_vs_fake_quant"))
+    reference, key = (
+        (TorchRunner(model.module, input_shape=model.input_shape, name="torch-fp32"), "fidelity_vs_fp32")
+        if precision == "fp16"
+        else (
+            TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant"),
+            "fidelity_vs_fake_quant",
+        )
+    )
     with runner, reference:
         fidelity = compare(reference, runner, check_batches)
-        latency = [runner.profile({runner.input_name: batch}, config=profile_config).as_dict()
-                   for batch in timed.values()]
+        latency = [
+            runner.profile({runner.input_name: batch}, config=profile_config).as_dict() for batch in timed.values()
+        ]
         memory = runner.memory()
     result: dict[str, Any] = {key: fidelity.as_dict(), "latency": latency, "memory": memory}
     if profile_config.layer_profile:
         largest = max(timed)
         # A runner of its own: the attached IProfiler would slow every later run of its context.
         with TensorRTRunner(engine_path, name=runner.name) as layers:
-            result["layer_times"] = {"batch_size": largest,
-                                     "layers": layers.layer_times({layers.input_name: timed[largest]})}
+            result["layer_times"] = {
+                "batch_size": largest,
+                "layers": layers.layer_times({layers.input_name: timed[largest]}),
+            }
     return result
 
 
 def _speedups(latency: list[dict[str, Any]], fast: str, slow: str) -> dict[str, float]:
     by_key = {(row["runner"].rsplit("-", 1)[-1], row["batch_size"]): row["median_ms"] for row in latency}
-    return {f"batch_{bs}": round(by_key[(slow, bs)] / by_key[(fast, bs)], 3)
-            for (kind, bs) in by_key if kind == fast and (slow, bs) in by_key}
+    return {
+        f"batch_{bs}": round(by_key[(slow, bs)] / by_key[(fast, bs)], 3)
+        for (kind, bs) in by_key
+        if kind == fast and (slow, bs) in by_key
+    }

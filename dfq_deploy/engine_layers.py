@@ -8,10 +8,20 @@ input and output, which says the precision it ran in. No TensorRT import: the JS
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-_TRT_DTYPES = (("int8", "int8"), ("int4", "int4"), ("fp8", "fp8"), ("bf16", "bf16"), ("fp16", "fp16"),
-               ("half", "fp16"), ("fp32", "float"), ("float", "float"), ("int32", "int32"))
+_TRT_DTYPES = (
+    ("int8", "int8"),
+    ("int4", "int4"),
+    ("fp8", "fp8"),
+    ("bf16", "bf16"),
+    ("fp16", "fp16"),
+    ("half", "fp16"),
+    ("fp32", "float"),
+    ("float", "float"),
+    ("int32", "int32"),
+)
 
 
 def engine_layers_from_layer_info(info: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -22,9 +32,14 @@ def engine_layers_from_layer_info(info: Mapping[str, Any]) -> list[dict[str, Any
         if isinstance(layer, str):  # profiling verbosity too low: names only
             layers.append({"name": layer})
             continue
-        layers.append({"name": layer.get("Name"), "type": layer.get("LayerType"),
-                       "inputs": [t.get("Format/Datatype") for t in layer.get("Inputs", [])],
-                       "outputs": [t.get("Format/Datatype") for t in layer.get("Outputs", [])]})
+        layers.append(
+            {
+                "name": layer.get("Name"),
+                "type": layer.get("LayerType"),
+                "inputs": [t.get("Format/Datatype") for t in layer.get("Inputs", [])],
+                "outputs": [t.get("Format/Datatype") for t in layer.get("Outputs", [])],
+            }
+        )
     return layers
 
 

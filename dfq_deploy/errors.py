@@ -105,15 +105,18 @@ class StorageError(DfqError):
     exit_code = 12
 
     @classmethod
-    def from_os_error(cls, exc: OSError, *, path: str | os.PathLike | None = None,
-                      action: str = "access") -> "StorageError":
+    def from_os_error(
+        cls, exc: OSError, *, path: str | os.PathLike | None = None, action: str = "access"
+    ) -> StorageError:
         """One line with the path, the errno text and what to do about that errno."""
         where = path if path is not None else (exc.filename or "a file")
         if exc.filename2 is not None and path is None:
             where = f"{exc.filename} -> {exc.filename2}"
         reason = exc.strerror or str(exc) or type(exc).__name__
-        return cls(f"cannot {action} {where}: {reason}",
-                   hint=_STORAGE_HINTS.get(exc.errno, "check the path, its permissions and the disk"))
+        return cls(
+            f"cannot {action} {where}: {reason}",
+            hint=_STORAGE_HINTS.get(exc.errno, "check the path, its permissions and the disk"),
+        )
 
 
 _STORAGE_HINTS = {
@@ -151,9 +154,22 @@ class Interrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         return EXIT_SIGTERM if self.signum == signal.SIGTERM else EXIT_SIGINT
 
+
 EXIT_CODES = {
     cls.__name__: cls.exit_code
-    for cls in (DfqError, BadInputError, MissingDependencyError, ExportError, EngineBuildError,
-                FidelityGateError, BudgetNotMetError, RegressionError, EngineRuntimeError, RemoteError,
-                QualityGateError, StorageError, LockedError)
+    for cls in (
+        DfqError,
+        BadInputError,
+        MissingDependencyError,
+        ExportError,
+        EngineBuildError,
+        FidelityGateError,
+        BudgetNotMetError,
+        RegressionError,
+        EngineRuntimeError,
+        RemoteError,
+        QualityGateError,
+        StorageError,
+        LockedError,
+    )
 }

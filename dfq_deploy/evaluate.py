@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +39,16 @@ class EvalSet:
         return int(self.labels.shape[0])
 
 
-def load_eval_set(path: str | Path, *, input_shape: tuple[int, ...], mean: Sequence[float],
-                  std: Sequence[float], limit: int | None = None, num_classes: int | None = None,
-                  resize: bool = False) -> EvalSet:
+def load_eval_set(
+    path: str | Path,
+    *,
+    input_shape: tuple[int, ...],
+    mean: Sequence[float],
+    std: Sequence[float],
+    limit: int | None = None,
+    num_classes: int | None = None,
+    resize: bool = False,
+) -> EvalSet:
     """Read an ImageFolder directory or an assets-style ``.npz`` into normalised tensors.
 
     The set is checked against the model: images must have ``input_shape`` (C, H, W) (resized,
@@ -55,19 +63,24 @@ def load_eval_set(path: str | Path, *, input_shape: tuple[int, ...], mean: Seque
     elif path.suffix == ".npz" and path.is_file():
         pixels, labels = _read_npz(path, limit)
     else:
-        raise BadInputError(f"no evaluation set at {path}",
-                            hint="pass an ImageFolder directory (one folder per class) or an .npz with x (N,H,W,C uint8) and y")
+        raise BadInputError(
+            f"no evaluation set at {path}",
+            hint="pass an ImageFolder directory (one folder per class) or an .npz with x (N,H,W,C uint8) and y",
+        )
     images = _as_unit_range(pixels, path).permute(0, 3, 1, 2)
     if images.shape[1] != channels:
         looks_nchw = pixels.shape[1] == channels
-        raise BadInputError(f"{path} holds {images.shape[1]}-channel images (x shape {tuple(pixels.shape)}), "
-                            f"the model takes {channels}",
-                            hint="x must be N,H,W,C (channels last)" + (": this one looks N,C,H,W" if looks_nchw else ""))
+        raise BadInputError(
+            f"{path} holds {images.shape[1]}-channel images (x shape {tuple(pixels.shape)}), "
+            f"the model takes {channels}",
+            hint="x must be N,H,W,C (channels last)" + (": this one looks N,C,H,W" if looks_nchw else ""),
+        )
     if tuple(images.shape[2:]) != (height, width):
         if not resize:
-            raise BadInputError(f"{path} holds {images.shape[3]}x{images.shape[2]} images, the model takes "
-                                f"{width}x{height}",
-                                hint="pass --eval-resize to resize them (bilinear), or give images of the model's size")
+            raise BadInputError(
+                f"{path} holds {images.shape[3]}x{images.shape[2]} images, the model takes {width}x{height}",
+                hint="pass --eval-resize to resize them (bilinear), or give images of the model's size",
+            )
         images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
     _check_labels(labels, path, num_classes)
     mean_t = torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
@@ -82,13 +95,16 @@ def _as_unit_range(pixels: np.ndarray, path: Path) -> torch.Tensor:
     if np.issubdtype(pixels.dtype, np.floating):
         finite = np.isfinite(pixels)
         if not finite.all():
-            raise BadInputError(f"{path}: x holds {int((~finite).sum())} NaN or infinite values",
-                                hint="x must be uint8 0..255 or floats in [0, 1]")
+            raise BadInputError(
+                f"{path}: x holds {int((~finite).sum())} NaN or infinite values",
+                hint="x must be uint8 0..255 or floats in [0, 1]",
+            )
         lo, hi = float(pixels.min()), float(pixels.max())
         if lo < 0.0 or hi > 1.0:
-            raise BadInputError(f"{path}: x holds floats in [{lo:.4g}, {hi:.4g}], expected uint8 0..255 or "
-                                "floats in [0, 1]", hint="store raw pixels, not normalised ones: dfq-deploy "
-                                "normalises them itself (--normalize)")
+            raise BadInputError(
+                f"{path}: x holds floats in [{lo:.4g}, {hi:.4g}], expected uint8 0..255 or floats in [0, 1]",
+                hint="store raw pixels, not normalised ones: dfq-deploy normalises them itself (--normalize)",
+            )
         return torch.from_numpy(pixels.astype(np.float32))
     raise BadInputError(f"{path}: x has dtype {pixels.dtype}, expected uint8 (0..255) or float in [0, 1]")
 
@@ -100,9 +116,10 @@ def _check_labels(labels: np.ndarray, path: Path, num_classes: int | None) -> No
         return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
-        raise BadInputError(f"{path} has labels {lo}..{hi}, the model has {num_classes} output classes "
-                            f"(labels 0..{num_classes - 1})",
-                            hint="the labels must index the model's outputs: is this the set for this model?")
+        raise BadInputError(
+            f"{path} has labels {lo}..{hi}, the model has {num_classes} output classes (labels 0..{num_classes - 1})",
+            hint="the labels must index the model's outputs: is this the set for this model?",
+        )
 
 
 def _read_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -117,15 +134,20 @@ def _read_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def _read_image_folder(path: Path, limit: int | None, *, size: tuple[int, int],
-                       resize: bool) -> tuple[np.ndarray, np.ndarray]:
+def _read_image_folder(
+    path: Path, limit: int | None, *, size: tuple[int, int], resize: bool
+) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
     classes = sorted(d.name for d in path.iterdir() if d.is_dir())
     if not classes:
         raise BadInputError(f"{path} has no class sub-folders", hint="ImageFolder layout: DIR/<class>/<image>")
-    files = [(f, label) for label, name in enumerate(classes)
-             for f in sorted((path / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        (f, label)
+        for label, name in enumerate(classes)
+        for f in sorted((path / name).iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
     files = files[:limit]
     if not files:
         raise BadInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
@@ -135,8 +157,10 @@ def _read_image_folder(path: Path, limit: int | None, *, size: tuple[int, int],
         image = Image.open(f).convert("RGB")
         if image.size != (width, height):
             if not resize:
-                raise BadInputError(f"{f} is {image.size[0]}x{image.size[1]}, the model takes {width}x{height}",
-                                    hint="pass --eval-resize to resize the images (bilinear), or resize them first")
+                raise BadInputError(
+                    f"{f} is {image.size[0]}x{image.size[1]}, the model takes {width}x{height}",
+                    hint="pass --eval-resize to resize the images (bilinear), or resize them first",
+                )
             image = image.resize((width, height), Image.BILINEAR)
         pixels[i] = np.asarray(image)
     return pixels, np.array([label for _, label in files], dtype=np.int64)
@@ -150,7 +174,7 @@ def output_classes(model: Any, input_shape: tuple[int, ...]) -> int:
 def predict(model: Any, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """Outputs (logits) of ``model`` for ``images``, batch by batch, as one float tensor."""
     forward = _forward_fn(model)
-    outputs = [forward(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+    outputs = [forward(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
     return torch.cat(outputs)
 
 
@@ -196,6 +220,7 @@ def _forward_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(batch: torch.Tensor) -> torch.Tensor:
             outputs = model.infer({input_name: batch.numpy().astype(np.float32)})
             return torch.from_numpy(np.asarray(next(iter(outputs.values()))))
+
         return run
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -205,4 +230,5 @@ def _forward_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     @torch.no_grad()
     def call(batch: torch.Tensor) -> torch.Tensor:
         return model(batch).detach().float()
+
     return call

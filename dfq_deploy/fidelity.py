@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -104,11 +105,17 @@ class FidelityReport:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for report.json."""
-        return {"samples": self.samples, "runtimes": list(self.runtimes), "threshold_db": self.threshold_db,
-                "first_departure": self.first_departures(),
-                "layers": [dataclasses.asdict(layer) | {"vs_runtime": {k: dataclasses.asdict(v)
-                                                                      for k, v in layer.vs_runtime.items()}}
-                           for layer in self.layers]}
+        return {
+            "samples": self.samples,
+            "runtimes": list(self.runtimes),
+            "threshold_db": self.threshold_db,
+            "first_departure": self.first_departures(),
+            "layers": [
+                dataclasses.asdict(layer)
+                | {"vs_runtime": {k: dataclasses.asdict(v) for k, v in layer.vs_runtime.items()}}
+                for layer in self.layers
+            ],
+        }
 
 
 def first_departure(report: FidelityReport, runtime: str, *, min_sqnr_db: float | None = None) -> LayerFidelity | None:
@@ -185,9 +192,13 @@ class QdqGraph:
         """The Conv/Gemm/MatMul reading ``<layer>.weight_quantizer/DequantizeLinear``."""
         dq = self.by_name.get(f"{layer}.weight_quantizer/DequantizeLinear")
         if dq is None:
-            raise ExportError(f"layer {layer} has no weight DequantizeLinear in the Q/DQ graph",
-                              hint="was the ONNX file exported from this quantized model?")
-        users = [n for n in self.consumers.get(dq.output[0], []) if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
+            raise ExportError(
+                f"layer {layer} has no weight DequantizeLinear in the Q/DQ graph",
+                hint="was the ONNX file exported from this quantized model?",
+            )
+        users = [
+            n for n in self.consumers.get(dq.output[0], []) if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
+        ]
         if len(users) != 1:
             raise ExportError(f"layer {layer}: expected one op reading its weights, found {[n.name for n in users]}")
         return users[0]
@@ -232,10 +243,15 @@ def onnxruntime_tap_runner(*, device: str = "cpu", threads: int | None = None) -
     from .runtimes.onnxruntime import OnnxRuntimeRunner, integer_kernels_are_exact
 
     def run(tapped: onnx.ModelProto, batches: Iterable[np.ndarray]) -> Iterable[LayerOutputs]:
-        with OnnxRuntimeRunner(tapped.SerializeToString(), device=device, threads=threads,
-                               integer_kernels=integer_kernels_are_exact(tapped)) as runner:
+        with OnnxRuntimeRunner(
+            tapped.SerializeToString(),
+            device=device,
+            threads=threads,
+            integer_kernels=integer_kernels_are_exact(tapped),
+        ) as runner:
             for batch in batches:
                 yield runner.infer({runner.input_name: batch})
+
     return run
 
 
@@ -255,8 +271,10 @@ class _TorchTaps:
 
     def run(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         self.values = {}
-        handles = [self.module.get_submodule(tap.torch_module).register_forward_hook(self._hook(tap.tensor))
-                   for tap in self.taps]
+        handles = [
+            self.module.get_submodule(tap.torch_module).register_forward_hook(self._hook(tap.tensor))
+            for tap in self.taps
+        ]
         try:
             with torch.no_grad():
                 self.module(batch)
@@ -268,12 +286,20 @@ class _TorchTaps:
     def _hook(self, key: str):
         def record(_module, _inputs, output):
             self.values[key] = output.detach().float().numpy()
+
         return record
 
 
-def layer_fidelity(qmodel: QuantModel, qdq_model: onnx.ModelProto | str | os.PathLike, calib: CalibrationSet, *,
-                   runtimes: Mapping[str, TapRunner] | None = None, max_images: int | None = None,
-                   batch_size: int = 16, threshold_db: float = DEPARTURE_SQNR_DB) -> FidelityReport:
+def layer_fidelity(
+    qmodel: QuantModel,
+    qdq_model: onnx.ModelProto | str | os.PathLike,
+    calib: CalibrationSet,
+    *,
+    runtimes: Mapping[str, TapRunner] | None = None,
+    max_images: int | None = None,
+    batch_size: int = 16,
+    threshold_db: float = DEPARTURE_SQNR_DB,
+) -> FidelityReport:
     """Per-layer SQNR and cosine of FP32 vs fake-quant, and of fake-quant vs each runtime, on ``calib``.
 
     ``runtimes`` maps a name to a :data:`TapRunner`; by default onnxruntime on CPU. ``max_images``
@@ -284,7 +310,7 @@ def layer_fidelity(qmodel: QuantModel, qdq_model: onnx.ModelProto | str | os.Pat
     runtimes = dict(runtimes) if runtimes is not None else {"onnxruntime-cpu": onnxruntime_tap_runner()}
     taps = layer_taps(qmodel, qdq_model)
     images = calib.images if max_images is None else calib.images[:max_images]
-    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     torch_taps = _TorchTaps(qmodel, taps)
     sums_fp32 = {tap.tensor: _ErrorSums() for tap in taps}
     sums_rt = {name: {tap.tensor: _ErrorSums() for tap in taps} for name in runtimes}
@@ -307,9 +333,16 @@ def layer_fidelity(qmodel: QuantModel, qdq_model: onnx.ModelProto | str | os.Pat
     finally:
         for stream in streams.values():
             getattr(stream, "close", lambda: None)()  # ends a generator's `with`, closing its session
-    layers = tuple(LayerFidelity(tap.layer, tap.kind, tap.tensor, sums_fp32[tap.tensor].result(),
-                                 {name: sums_rt[name][tap.tensor].result() for name in runtimes})
-                   for tap in taps)
+    layers = tuple(
+        LayerFidelity(
+            tap.layer,
+            tap.kind,
+            tap.tensor,
+            sums_fp32[tap.tensor].result(),
+            {name: sums_rt[name][tap.tensor].result() for name in runtimes},
+        )
+        for tap in taps
+    )
     return FidelityReport(len(images), tuple(runtimes), threshold_db, layers)
 
 
@@ -317,13 +350,19 @@ def render_fidelity_md(report: FidelityReport | Mapping[str, Any]) -> list[str]:
     """The report.md section "Per-layer fidelity" (from the report or its ``as_dict()``)."""
     data = report.as_dict() if isinstance(report, FidelityReport) else report
     runtimes = list(data["runtimes"])
-    lines = ["## Per-layer fidelity", "",
-             f"Output of each quantized layer on {data['samples']} calibration images: SQNR (dB) and cosine "
-             f"of the fake-quant reference against FP32, and of each runtime against the reference "
-             f"(a runtime departs below {data['threshold_db']:g} dB; {MAX_SQNR_DB:g} dB means identical).", ""]
+    lines = [
+        "## Per-layer fidelity",
+        "",
+        f"Output of each quantized layer on {data['samples']} calibration images: SQNR (dB) and cosine "
+        f"of the fake-quant reference against FP32, and of each runtime against the reference "
+        f"(a runtime departs below {data['threshold_db']:g} dB; {MAX_SQNR_DB:g} dB means identical).",
+        "",
+    ]
     for runtime, layer in data["first_departure"].items():
-        lines.append(f"- **{runtime}**: " + (f"first departs from the reference at `{layer}`" if layer
-                                              else "follows the reference at every layer"))
+        lines.append(
+            f"- **{runtime}**: "
+            + (f"first departs from the reference at `{layer}`" if layer else "follows the reference at every layer")
+        )
     header = ["layer", "FP32→fake-quant dB", "cos"] + [h for r in runtimes for h in (f"{r} dB", "cos")]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for layer in data["layers"]:

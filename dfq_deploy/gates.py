@@ -42,11 +42,15 @@ class QualityGates:
     def check_inputs(self, *, has_eval_set: bool, batch_sizes: tuple[int, ...]) -> None:
         """Refuse, before any work, gates the build could not measure."""
         if self.needs_eval_set and not has_eval_set:
-            raise BadInputError("--min-top1 and --max-drop-measured are measured on real labelled images",
-                                hint="pass --eval-set (ImageFolder directory or .npz with x, y)")
+            raise BadInputError(
+                "--min-top1 and --max-drop-measured are measured on real labelled images",
+                hint="pass --eval-set (ImageFolder directory or .npz with x, y)",
+            )
         if self.max_latency_ms is not None and self.gate_batch not in batch_sizes:
-            raise BadInputError(f"--gate-batch {self.gate_batch} is not among the timed batch sizes {list(batch_sizes)}",
-                                hint=f"add {self.gate_batch} to --batch-sizes")
+            raise BadInputError(
+                f"--gate-batch {self.gate_batch} is not among the timed batch sizes {list(batch_sizes)}",
+                hint=f"add {self.gate_batch} to --batch-sizes",
+            )
 
 
 def gate_outcomes(gates: QualityGates, report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,19 +63,40 @@ def gate_outcomes(gates: QualityGates, report: dict[str, Any]) -> list[dict[str,
     accuracy = report.get("accuracy") or {}
     deployed, source = _deployed_top1(accuracy)
     if gates.min_top1 is not None:
-        outcomes.append(_outcome("min_top1", "--min-top1", deployed, gates.min_top1, deployed is not None
-                                 and deployed >= gates.min_top1, f"top-1 % of {source}"))
+        outcomes.append(
+            _outcome(
+                "min_top1",
+                "--min-top1",
+                deployed,
+                gates.min_top1,
+                deployed is not None and deployed >= gates.min_top1,
+                f"top-1 % of {source}",
+            )
+        )
     if gates.max_drop_measured is not None:
         drop = None if deployed is None else round(accuracy["fp32"] - deployed, 4)
-        outcomes.append(_outcome("max_drop_measured", "--max-drop-measured", drop, gates.max_drop_measured,
-                                 drop is not None and drop <= gates.max_drop_measured,
-                                 f"FP32 minus {source}, top-1 points"))
+        outcomes.append(
+            _outcome(
+                "max_drop_measured",
+                "--max-drop-measured",
+                drop,
+                gates.max_drop_measured,
+                drop is not None and drop <= gates.max_drop_measured,
+                f"FP32 minus {source}, top-1 points",
+            )
+        )
     if gates.max_latency_ms is not None:
         median, runner = _deployed_median(report.get("deployment") or {}, gates.gate_batch)
-        outcomes.append(_outcome("max_latency_ms", "--max-latency-ms", median, gates.max_latency_ms,
-                                 median is not None and median <= gates.max_latency_ms,
-                                 f"median ms of {runner or 'the deployed model (not run here)'} at batch "
-                                 f"{gates.gate_batch}"))
+        outcomes.append(
+            _outcome(
+                "max_latency_ms",
+                "--max-latency-ms",
+                median,
+                gates.max_latency_ms,
+                median is not None and median <= gates.max_latency_ms,
+                f"median ms of {runner or 'the deployed model (not run here)'} at batch {gates.gate_batch}",
+            )
+        )
     return outcomes
 
 
@@ -100,8 +125,9 @@ def _deployed_median(deployment: dict[str, Any], batch: int) -> tuple[float | No
     return None, None
 
 
-def raise_for_failed_gates(report: dict[str, Any], report_md: Path | str, *, up_to_date: bool = False,
-                           logged_as: str | None = None) -> None:
+def raise_for_failed_gates(
+    report: dict[str, Any], report_md: Path | str, *, up_to_date: bool = False, logged_as: str | None = None
+) -> None:
     """Raise the error of the first failed gate in ``report``: the fidelity gate (exit 6), then the
     quality gates (exit 11). Called after the report is written; ``up_to_date`` says in the message
     that the build was found finished and not redone, ``logged_as`` names the tracker's run."""
@@ -111,13 +137,19 @@ def raise_for_failed_gates(report: dict[str, Any], report_md: Path | str, *, up_
     if fidelity and not fidelity["passed"]:
         # An fp16 engine is held to the FP32 model, everything else to the fake-quant reference.
         reference = "the FP32 model" if fidelity.get("reference") == "torch-fp32" else "the fake-quant reference"
-        raise FidelityGateError(f"{where}{fidelity['runner']} disagrees with {reference} on "
-                                f"{fidelity['disagreement']:.2%} of the calibration inputs (allowed "
-                                f"{fidelity['max_disagreement']:.2%})",
-                                hint=f"see {report_md}; try --calibrator max, more calibration images or 8 bits")
+        raise FidelityGateError(
+            f"{where}{fidelity['runner']} disagrees with {reference} on "
+            f"{fidelity['disagreement']:.2%} of the calibration inputs (allowed "
+            f"{fidelity['max_disagreement']:.2%})",
+            hint=f"see {report_md}; try --calibrator max, more calibration images or 8 bits",
+        )
     failed = [g for g in report.get("quality_gates") or [] if not g["passed"]]
     if failed:
-        parts = [f"{g['flag']} {g['limit']}: " + ("not measured here" if g["measured"] is None else f"measured {g['measured']}")
-                 for g in failed]
-        raise QualityGateError(f"{where}quality gate failed: {'; '.join(parts)}",
-                               hint=f"every gate's outcome is in {report_md}")
+        parts = [
+            f"{g['flag']} {g['limit']}: "
+            + ("not measured here" if g["measured"] is None else f"measured {g['measured']}")
+            for g in failed
+        ]
+        raise QualityGateError(
+            f"{where}quality gate failed: {'; '.join(parts)}", hint=f"every gate's outcome is in {report_md}"
+        )

@@ -55,7 +55,8 @@ def export_graph(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export
         raise BadInputError(
             f"the model could not be traced for inputs of shape (N, {', '.join(map(str, input_shape))}): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            hint="check --input-shape; models with data-dependent control flow are not supported") from exc
+            hint="check --input-shape; models with data-dependent control flow are not supported",
+        ) from exc
 
 
 def lift_modules(gm: fx.GraphModule) -> fx.GraphModule:
@@ -113,12 +114,15 @@ def capture_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphMod
 
 def _program_from_torchscript(module: torch.jit.ScriptModule, input_shape: tuple[int, ...]):
     from torch._export.converter import TS2EPConverter
+
     try:
         return TS2EPConverter(module, (torch.randn(2, *input_shape),)).convert()
     except Exception as exc:  # the converter raises many types for unsupported TorchScript
-        raise BadInputError(f"the TorchScript model could not be converted to a graph: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                            hint="save the model with torch.export.save (a .pt2 file) or as a state_dict + --arch") from exc
+        raise BadInputError(
+            f"the TorchScript model could not be converted to a graph: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="save the model with torch.export.save (a .pt2 file) or as a state_dict + --arch",
+        ) from exc
 
 
 def _attr_path(node) -> str | None:
@@ -152,8 +156,16 @@ def _lift(gm: fx.GraphModule, node: fx.Node):
         if isinstance(padding, str):
             return None
         cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-        conv = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=tuple(stride),
-                   padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=b_path is not None)
+        conv = cls(
+            weight.shape[1] * groups,
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride=tuple(stride),
+            padding=tuple(padding),
+            dilation=tuple(dilation),
+            groups=groups,
+            bias=b_path is not None,
+        )
         conv.weight = weight
         if b_path is not None:
             conv.bias = _parameter(gm, b_path)
@@ -226,5 +238,9 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
 
 def is_add(node: fx.Node) -> bool:
     """A tensor + tensor addition (the residual joins that need Q/DQ on both inputs)."""
-    return (node.op == "call_function" and node.target in (aten.add.Tensor, operator.add, torch.add)
-            and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2]))
+    return (
+        node.op == "call_function"
+        and node.target in (aten.add.Tensor, operator.add, torch.add)
+        and len(node.args) >= 2
+        and all(isinstance(a, fx.Node) for a in node.args[:2])
+    )

@@ -17,8 +17,8 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .artifacts import prepare_out_dir, remove_stale_temp_files
 from .errors import LockedError, StorageError
@@ -36,9 +36,13 @@ class LockHolder:
     command: str
 
     @classmethod
-    def this_process(cls) -> "LockHolder":
-        return cls(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
-                   command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300])
+    def this_process(cls) -> LockHolder:
+        return cls(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started=time.strftime("%Y-%m-%d %H:%M:%S"),
+            command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+        )
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}, since {self.started} ({self.command})"
@@ -59,10 +63,15 @@ def exclusive_lock(path: str | os.PathLike, *, what: str, wait: bool = False) ->
     path = Path(path)
     fd = _acquire(path, what=what, wait=wait)
     try:
-        stale = _read_holder(fd)  # a released lock file is removed; one with a holder in it was left by a killed process
+        stale = _read_holder(
+            fd
+        )  # a released lock file is removed; one with a holder in it was left by a killed process
         if stale is not None:
-            warnings.warn(f"took over the lock on {what} left by {stale.describe()}, which is no longer running",
-                          StaleLockWarning, stacklevel=3)
+            warnings.warn(
+                f"took over the lock on {what} left by {stale.describe()}, which is no longer running",
+                StaleLockWarning,
+                stacklevel=3,
+            )
         _write_holder(fd, LockHolder.this_process())
         yield stale
     finally:
@@ -90,9 +99,10 @@ def _acquire(path: Path, *, what: str, wait: bool) -> int:
             who = holder.describe() if holder else "another process"
             if not wait:
                 os.close(fd)
-                raise LockedError(f"{what} is locked by {who}",
-                                  hint="wait for it to finish, pass --wait to queue behind it, "
-                                       "or write somewhere else") from None
+                raise LockedError(
+                    f"{what} is locked by {who}",
+                    hint="wait for it to finish, pass --wait to queue behind it, or write somewhere else",
+                ) from None
             if not told:
                 print(f"waiting for the lock on {what}, held by {who}", file=sys.stderr)
                 told = True

@@ -49,16 +49,29 @@ class ModelCheck:
     @property
     def passed(self) -> bool:
         """Every check of the zoo: built, ran at every batch size, finite, agreeing, TensorRT-RTX built."""
-        return (self.error is None and self.batches_run == BATCH_SIZES and bool(self.finite)
-                and (self.agreement or 0.0) >= MIN_AGREEMENT and self.tensorrt == "built")
+        return (
+            self.error is None
+            and self.batches_run == BATCH_SIZES
+            and bool(self.finite)
+            and (self.agreement or 0.0) >= MIN_AGREEMENT
+            and self.tensorrt == "built"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"passed": self.passed}
 
 
-def check_model(module: nn.Module, *, name: str, input_shape: tuple[int, ...], calib_images: int = 32,
-                batch_sizes: tuple[int, ...] = BATCH_SIZES, speed_iterations: int = 5,
-                tensorrt: bool = True, threads: int | None = None) -> ModelCheck:
+def check_model(
+    module: nn.Module,
+    *,
+    name: str,
+    input_shape: tuple[int, ...],
+    calib_images: int = 32,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    speed_iterations: int = 5,
+    tensorrt: bool = True,
+    threads: int | None = None,
+) -> ModelCheck:
     """Build ``module`` for onnxruntime from noise calibration and check it (see the module docstring).
 
     Never raises for a model the pipeline cannot handle: the failure is the result's ``error``.
@@ -88,8 +101,12 @@ def _quantize_and_export(graph: nn.Module, input_shape, target: str, calib_image
     from .quant.quantize import quantize
     from .synthesis import synthesize
 
-    calib = synthesize(graph, config=SynthesisConfig(method="noise", num_images=calib_images),
-                       input_shape=tuple(input_shape), progress=False)
+    calib = synthesize(
+        graph,
+        config=SynthesisConfig(method="noise", num_images=calib_images),
+        input_shape=tuple(input_shape),
+        progress=False,
+    )
     qmodel = quantize(graph, calib, scheme=default_scheme(target), progress=False)
     return qmodel, onnx_from_quant_model(qmodel)
 
@@ -120,11 +137,12 @@ def _onnxruntime_checks(graph, qmodel, qdq, input_shape, batch_sizes, speed_iter
     pmap = precision_map_onnxruntime(qdq, layers=qmodel.layers, optimized=optimized)
     convs = [row for row in pmap.layers if row.kind.startswith("Conv")]
     kernels = conv_kernels(op_counts(optimized))
-    found |= {"convs_integer": kernels["integer"], "convs_total": len(convs),
-              "float_layers": tuple(f"{row.layer}: {row.reason or 'ran in float'}" for row in pmap.layers
-                                    if row.ran_in_float)
-              + tuple(f"{layer.name}: {layer.note or 'kept float'}" for layer in qmodel.layers
-                      if layer.weight_bits is None)}
+    found |= {
+        "convs_integer": kernels["integer"],
+        "convs_total": len(convs),
+        "float_layers": tuple(f"{row.layer}: {row.reason or 'ran in float'}" for row in pmap.layers if row.ran_in_float)
+        + tuple(f"{layer.name}: {layer.note or 'kept float'}" for layer in qmodel.layers if layer.weight_bits is None),
+    }
     return found
 
 
@@ -150,14 +168,15 @@ def _speedup(fp32, int8, batch: np.ndarray, iterations: int) -> float | None:
 
 
 def _tensorrt_check(graph, input_shape, calib_images: int, batch_sizes: tuple[int, ...]) -> str:
-    """"built" when the TensorRT form passes the lint and TensorRT-RTX parses and builds it, with one
+    """ "built" when the TensorRT form passes the lint and TensorRT-RTX parses and builds it, with one
     optimization profile per batch size."""
     from .converters.tensorrt import TensorRTBuildConfig, engine_from_onnx
 
     _, qdq = _quantize_and_export(graph, input_shape, "tensorrt-rtx", calib_images)
     try:
-        engine_from_onnx(qdq, config=TensorRTBuildConfig(target="tensorrt-rtx", batch_sizes=batch_sizes,
-                                                                check_batch=None))
+        engine_from_onnx(
+            qdq, config=TensorRTBuildConfig(target="tensorrt-rtx", batch_sizes=batch_sizes, check_batch=None)
+        )
     except MissingDependencyError as exc:
         return f"not checked: {exc.message}"
     except DfqError as exc:

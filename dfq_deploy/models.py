@@ -36,8 +36,13 @@ class LoadedModel:
     arch: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "format": self.source_format, "arch": self.arch,
-                "input_shape": list(self.input_shape)}
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "format": self.source_format,
+            "arch": self.arch,
+            "input_shape": list(self.input_shape),
+        }
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -47,13 +52,16 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     try:
         dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x") if d.strip())
     except ValueError:
-        raise BadInputError(f"input shape {text!r} is not a list of integers",
-                            hint="write it like 1x3x224x224 (N x C x H x W)") from None
+        raise BadInputError(
+            f"input shape {text!r} is not a list of integers", hint="write it like 1x3x224x224 (N x C x H x W)"
+        ) from None
     if len(dims) == 4:
         dims = dims[1:]
     if len(dims) < 2 or min(dims) < 1:
-        raise BadInputError(f"input shape {text!r} must be NxCxHxW (or CxHxW) with positive sizes",
-                            hint="e.g. --input-shape 1x3x224x224")
+        raise BadInputError(
+            f"input shape {text!r} must be NxCxHxW (or CxHxW) with positive sizes",
+            hint="e.g. --input-shape 1x3x224x224",
+        )
     return dims
 
 
@@ -64,13 +72,17 @@ def build_arch(arch: str) -> nn.Module:
         family, name = "torchvision", family
     if family == "torchvision":
         import torchvision
+
         available = torchvision.models.list_models(module=torchvision.models)
         if name not in available:
-            raise BadInputError(f"unknown torchvision classification model {name!r}",
-                                hint=f"choose one of: {', '.join(sorted(available))}")
+            raise BadInputError(
+                f"unknown torchvision classification model {name!r}",
+                hint=f"choose one of: {', '.join(sorted(available))}",
+            )
         return torchvision.models.get_model(name, weights=None)
     if family == "cifar":
         from .cifar_resnet import DEPTHS, cifar_resnet
+
         if name not in DEPTHS:
             raise BadInputError(f"unknown CIFAR model {name!r}", hint=f"choose one of: {', '.join(DEPTHS)}")
         return cifar_resnet(name)
@@ -79,13 +91,15 @@ def build_arch(arch: str) -> nn.Module:
             import timm
         except ImportError:
             from .errors import MissingDependencyError
+
             raise MissingDependencyError("timm", extra="timm", purpose=f"--arch {arch}") from None
         try:
             return timm.create_model(name, pretrained=False)
         except RuntimeError as exc:
             raise BadInputError(f"unknown timm model {name!r}: {exc}") from None
-    raise BadInputError(f"unknown architecture family {family!r} in --arch {arch}",
-                        hint="use torchvision:NAME, cifar:NAME or timm:NAME")
+    raise BadInputError(
+        f"unknown architecture family {family!r} in --arch {arch}", hint="use torchvision:NAME, cifar:NAME or timm:NAME"
+    )
 
 
 def default_input_shape(arch: str | None) -> tuple[int, ...]:
@@ -98,8 +112,9 @@ def default_input_shape(arch: str | None) -> tuple[int, ...]:
     return _INPUT_SHAPES.get(key, DEFAULT_INPUT_SHAPE)
 
 
-def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False,
-               input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, *, arch: str | None = None, trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None
+) -> LoadedModel:
     """Load ``path`` into an eval-mode module and check that it accepts ``input_shape``."""
     path = Path(path)
     if not path.exists():
@@ -120,13 +135,18 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
 
 def check_finite_weights(module: nn.Module, path: str | Path) -> None:
     """Refuse NaN or Inf in any parameter or buffer, naming the first few tensors and their counts."""
-    bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in module.state_dict().items()
-           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [
+        (name, int((~torch.isfinite(t)).sum()))
+        for name, t in module.state_dict().items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if bad:
         shown = ", ".join(f"{name} ({count} values)" for name, count in bad[:4]) + (", ..." if len(bad) > 4 else "")
-        raise BadInputError(f"{path} holds NaN or infinite weights in {len(bad)} tensors: {shown}",
-                            hint="the file is damaged or its training diverged: export it again from a "
-                                 "checkpoint whose weights are finite")
+        raise BadInputError(
+            f"{path} holds NaN or infinite weights in {len(bad)} tensors: {shown}",
+            hint="the file is damaged or its training diverged: export it again from a "
+            "checkpoint whose weights are finite",
+        )
 
 
 def check_input_shape(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
@@ -136,19 +156,26 @@ def check_input_shape(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor
             out = module(torch.zeros(2, *shape))
     except Exception as exc:  # any failure here means the shape does not fit this model
         first = first_line(exc)
-        raise BadInputError(f"the model rejects inputs of shape (N, {', '.join(map(str, shape))}): {first}",
-                            hint="pass the shape it was trained on, e.g. --input-shape 1x3x224x224 (a .pt2 "
-                            "program must be exported with a dynamic batch dimension)") from None
+        raise BadInputError(
+            f"the model rejects inputs of shape (N, {', '.join(map(str, shape))}): {first}",
+            hint="pass the shape it was trained on, e.g. --input-shape 1x3x224x224 (a .pt2 "
+            "program must be exported with a dynamic batch dimension)",
+        ) from None
     if not isinstance(out, torch.Tensor):
-        raise BadInputError(f"the model returns {type(out).__name__}, not one tensor",
-                            hint="dfq-deploy handles classifiers with one output tensor (N, classes)")
+        raise BadInputError(
+            f"the model returns {type(out).__name__}, not one tensor",
+            hint="dfq-deploy handles classifiers with one output tensor (N, classes)",
+        )
     return out
 
 
 def _load_any(path: Path, *, arch: str | None, trust_pickle: bool) -> tuple[nn.Module, str]:
     names = _zip_names(path)
-    if names is not None and any(n.endswith("archive_format") or "/models/" in n and n.endswith(".json")
-                                 for n in names) and _looks_like_pt2(names):
+    if (
+        names is not None
+        and any(n.endswith("archive_format") or "/models/" in n and n.endswith(".json") for n in names)
+        and _looks_like_pt2(names)
+    ):
         return _load_exported(path), "torch.export"
     if names is not None and any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
         return _load_torchscript(path), "torchscript"
@@ -158,12 +185,15 @@ def _load_any(path: Path, *, arch: str | None, trust_pickle: bool) -> tuple[nn.M
         if _is_pickled_code(exc):
             if not trust_pickle:
                 raise BadInputError(
-                    f"{path} is a pickled Python object (a whole nn.Module), and unpickling runs code from "
-                    "the file", hint="pass --trust-pickle if you trust its source, or save a state_dict and "
-                    "pass --arch, or save with torch.jit.save / torch.export.save") from None
+                    f"{path} is a pickled Python object (a whole nn.Module), and unpickling runs code from the file",
+                    hint="pass --trust-pickle if you trust its source, or save a state_dict and "
+                    "pass --arch, or save with torch.jit.save / torch.export.save",
+                ) from None
             return _load_pickle(path), "pickle"
-        raise BadInputError(f"cannot read {path} as a PyTorch model file: {first_line(exc)}",
-                            hint="expected TorchScript, torch.export .pt2, a state_dict or a pickled module") from None
+        raise BadInputError(
+            f"cannot read {path} as a PyTorch model file: {first_line(exc)}",
+            hint="expected TorchScript, torch.export .pt2, a state_dict or a pickled module",
+        ) from None
     if isinstance(obj, nn.Module):
         return obj, "pickle"
     if isinstance(obj, dict):
@@ -206,8 +236,10 @@ def _load_pickle(path: Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # the pickle names a class that is not importable here, or is corrupt
-        raise BadInputError(f"cannot unpickle {path}: {first_line(exc)}",
-                            hint="the classes the model was pickled with must be importable") from None
+        raise BadInputError(
+            f"cannot unpickle {path}: {first_line(exc)}",
+            hint="the classes the model was pickled with must be importable",
+        ) from None
     if not isinstance(obj, nn.Module):
         raise BadInputError(f"{path} unpickles to a {type(obj).__name__}, not an nn.Module")
     return obj
@@ -218,8 +250,10 @@ def _from_state_dict(path: Path, obj: dict, arch: str | None) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BadInputError(f"{path} is a dict but not a state_dict of tensors")
     if arch is None:
-        raise BadInputError(f"{path} holds only weights (a state_dict); dfq-deploy needs the architecture",
-                            hint="pass --arch, e.g. --arch torchvision:resnet18 or --arch cifar:resnet20")
+        raise BadInputError(
+            f"{path} holds only weights (a state_dict); dfq-deploy needs the architecture",
+            hint="pass --arch, e.g. --arch torchvision:resnet18 or --arch cifar:resnet20",
+        )
     model = build_arch(arch)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -228,7 +262,8 @@ def _from_state_dict(path: Path, obj: dict, arch: str | None) -> nn.Module:
         raise BadInputError(
             f"the weights in {path} do not fit --arch {arch}: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})",
-            hint="check that --arch names the architecture these weights were trained with")
+            hint="check that --arch names the architecture these weights were trained with",
+        )
     return model
 
 
@@ -236,4 +271,3 @@ def _is_pickled_code(exc: Exception) -> bool:
     # weights_only refuses a pickled class by naming it ("Unsupported global: GLOBAL pkg.Class");
     # a corrupt file fails in the same unpickler with other words ("Unsupported operand").
     return "Unsupported global" in str(exc)
-

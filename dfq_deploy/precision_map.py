@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import onnx
 from onnx import TensorProto
@@ -31,9 +32,16 @@ from .runtimes.openvino import PRECISION_NAMES as OPENVINO_PRECISION_NAMES
 from .runtimes.openvino import RuntimeLayer
 
 # onnxruntime op types that compute on integers, with the precision they really use.
-INTEGER_KERNELS = {"QLinearConv": "int8", "ConvInteger": "int8", "QGemm": "int8", "QLinearMatMul": "int8",
-                   "MatMulInteger": "int8", "MatMulIntegerToFloat": "int8", "DynamicQuantizeMatMul": "int8",
-                   "MatMulNBits": "int4-weight"}
+INTEGER_KERNELS = {
+    "QLinearConv": "int8",
+    "ConvInteger": "int8",
+    "QGemm": "int8",
+    "QLinearMatMul": "int8",
+    "MatMulInteger": "int8",
+    "MatMulIntegerToFloat": "int8",
+    "DynamicQuantizeMatMul": "int8",
+    "MatMulNBits": "int4-weight",
+}
 _TOKEN_SUFFIX = re.compile(r"_token_\d+$")
 _FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
 _CONVS = ("Conv", "ConvTranspose")
@@ -72,8 +80,11 @@ class PrecisionMap:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for report.json."""
-        return {"runtime": self.runtime, "ran_in_float": [layer.layer for layer in self.fallbacks()],
-                "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+        return {
+            "runtime": self.runtime,
+            "ran_in_float": [layer.layer for layer in self.fallbacks()],
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+        }
 
 
 def asks_integer_arithmetic(asked: str) -> bool:
@@ -135,9 +146,14 @@ def _zero_point_type(graph: QdqGraph, qdq: onnx.NodeProto) -> int:
     return TensorProto.UINT8  # ONNX's default when the zero point is left out
 
 
-def precision_map_onnxruntime(qdq_model: onnx.ModelProto | str | os.PathLike, *,
-                              layers: Sequence[LayerInfo] | None = None, device: str = "cpu",
-                              threads: int | None = None, optimized: onnx.ModelProto | None = None) -> PrecisionMap:
+def precision_map_onnxruntime(
+    qdq_model: onnx.ModelProto | str | os.PathLike,
+    *,
+    layers: Sequence[LayerInfo] | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    optimized: onnx.ModelProto | None = None,
+) -> PrecisionMap:
     """What onnxruntime (``device``) really runs each layer in, read from its optimized graph.
 
     ``layers`` (``QuantModel.layers``) give the asked precision; without them it is read from the graph.
@@ -162,8 +178,15 @@ def _onnxruntime_row(graph: QdqGraph, optimized: list[onnx.NodeProto], layer: La
     op = graph.weight_consumer(layer.name)
     node = _optimized_node(optimized, op, layer.name)
     if node is None:
-        return LayerPrecision(layer.name, layer.kind, op.name, asked, "unknown", "—",
-                              f"no node of the optimized graph could be traced back to {op.name}")
+        return LayerPrecision(
+            layer.name,
+            layer.kind,
+            op.name,
+            asked,
+            "unknown",
+            "—",
+            f"no node of the optimized graph could be traced back to {op.name}",
+        )
     used = INTEGER_KERNELS.get(node.op_type, "float")
     reason = _onnxruntime_reason(graph, op, layer) if used == "float" and asks_integer_arithmetic(asked) else None
     return LayerPrecision(layer.name, layer.kind, op.name, asked, used, node.op_type, reason)
@@ -193,20 +216,30 @@ def _onnxruntime_reason(graph: QdqGraph, op: onnx.NodeProto, layer: LayerInfo) -
     if op.op_type in ("Gemm", "MatMul") and not quantized_out:
         bias = op.input[2] if len(op.input) > 2 else ""
         if bias and getattr(graph.producer.get(bias), "op_type", None) != "DequantizeLinear":
-            return ("unfused Q/DQ: float bias and float output; onnxruntime fuses QGemm only with an int32 bias "
-                    "behind DequantizeLinear or a QuantizeLinear on the output")
+            return (
+                "unfused Q/DQ: float bias and float output; onnxruntime fuses QGemm only with an int32 bias "
+                "behind DequantizeLinear or a QuantizeLinear on the output"
+            )
     if op.op_type in _CONVS and not quantized_out:
         between = users[0].op_type if len(users) == 1 else f"{len(users)} consumers"
-        return (f"unfused Q/DQ: {between} between the Conv and its QuantizeLinear; QLinearConv needs Conv -> "
-                "QuantizeLinear (with uint8 activations the exporter drops a ReLU the quantizer already clips)")
+        return (
+            f"unfused Q/DQ: {between} between the Conv and its QuantizeLinear; QLinearConv needs Conv -> "
+            "QuantizeLinear (with uint8 activations the exporter drops a ReLU the quantizer already clips)"
+        )
     if _zero_point_type(graph, source) == TensorProto.INT8:
-        return ("unfused Q/DQ: onnxruntime did not fuse this signed-int8 group; its CPU kernels fuse uint8 "
-                "activations reliably (export with --target onnxruntime)")
+        return (
+            "unfused Q/DQ: onnxruntime did not fuse this signed-int8 group; its CPU kernels fuse uint8 "
+            "activations reliably (export with --target onnxruntime)"
+        )
     return "unfused Q/DQ: onnxruntime matched no integer kernel to this Q/DQ group"
 
 
-def precision_map_tensorrt(qdq_model: onnx.ModelProto | str | os.PathLike, engine_metadata: Mapping[str, Any], *,
-                           layers: Sequence[LayerInfo] | None = None) -> PrecisionMap:
+def precision_map_tensorrt(
+    qdq_model: onnx.ModelProto | str | os.PathLike,
+    engine_metadata: Mapping[str, Any],
+    *,
+    layers: Sequence[LayerInfo] | None = None,
+) -> PrecisionMap:
     """Per-layer precision of a TensorRT engine from the inspector's ``engine_layers`` (its metadata).
 
     Without a GPU the builder cannot inspect the engine (``engine_layers`` is ``None``): every layer
@@ -216,20 +249,30 @@ def precision_map_tensorrt(qdq_model: onnx.ModelProto | str | os.PathLike, engin
 
     def row(layer: LayerInfo, op: onnx.NodeProto, asked: str) -> LayerPrecision:
         if engine_layers is None:
-            return LayerPrecision(layer.name, layer.kind, op.name, asked, "unknown", "—",
-                                  "the engine inspector needs a GPU to load the engine")
+            return LayerPrecision(
+                layer.name,
+                layer.kind,
+                op.name,
+                asked,
+                "unknown",
+                "—",
+                "the engine inspector needs a GPU to load the engine",
+            )
         return _tensorrt_row(layer, op, asked, engine_layers)
 
     return PrecisionMap(str(engine_metadata.get("target", "tensorrt")), _quantized_rows(qdq_model, layers, row))
 
 
-def _quantized_rows(qdq_model: onnx.ModelProto | str | os.PathLike, layers: Sequence[LayerInfo] | None,
-                    row: Callable[[LayerInfo, onnx.NodeProto, str], LayerPrecision]) -> tuple[LayerPrecision, ...]:
+def _quantized_rows(
+    qdq_model: onnx.ModelProto | str | os.PathLike,
+    layers: Sequence[LayerInfo] | None,
+    row: Callable[[LayerInfo, onnx.NodeProto, str], LayerPrecision],
+) -> tuple[LayerPrecision, ...]:
     """One row per layer: float layers as they are, quantized ones by ``row(layer, its ONNX op, asked)``."""
     model = qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(os.fspath(qdq_model))
     graph = QdqGraph(model)
     rows = []
-    for layer in (list(layers) if layers is not None else layers_from_graph(model)):
+    for layer in list(layers) if layers is not None else layers_from_graph(model):
         asked = asked_precision(layer.weight_bits, layer.act_bits)
         if layer.weight_bits is None:
             rows.append(LayerPrecision(layer.name, layer.kind, "", asked, "float", "—"))
@@ -238,19 +281,29 @@ def _quantized_rows(qdq_model: onnx.ModelProto | str | os.PathLike, layers: Sequ
     return tuple(rows)
 
 
-def _tensorrt_row(layer: LayerInfo, op: onnx.NodeProto, asked: str,
-                  engine_layers: Iterable[Mapping[str, Any]]) -> LayerPrecision:
+def _tensorrt_row(
+    layer: LayerInfo, op: onnx.NodeProto, asked: str, engine_layers: Iterable[Mapping[str, Any]]
+) -> LayerPrecision:
     match = _engine_layer(engine_layers, op.name)
     if match is None:
-        return LayerPrecision(layer.name, layer.kind, op.name, asked, "unknown", "—",
-                              f"no engine layer names {op.name} (fused into a layer that does not list it)")
+        return LayerPrecision(
+            layer.name,
+            layer.kind,
+            op.name,
+            asked,
+            "unknown",
+            "—",
+            f"no engine layer names {op.name} (fused into a layer that does not list it)",
+        )
     used = tensorrt_format_dtype(match.get("inputs") or [])
     kernel = str(match.get("type") or "?")
     reason = None
     if asks_integer_arithmetic(asked) and used in _FLOAT_KINDS:
-        reason = ("no 4-bit conv kernel: TensorRT runs 4-bit only as weight-only Gemm/MatMul"
-                  if op.op_type in _CONVS and 4 in (layer.weight_bits, layer.act_bits)
-                  else f"unfused Q/DQ: TensorRT chose a {used} kernel for engine layer {match.get('name')}")
+        reason = (
+            "no 4-bit conv kernel: TensorRT runs 4-bit only as weight-only Gemm/MatMul"
+            if op.op_type in _CONVS and 4 in (layer.weight_bits, layer.act_bits)
+            else f"unfused Q/DQ: TensorRT chose a {used} kernel for engine layer {match.get('name')}"
+        )
     return LayerPrecision(layer.name, layer.kind, op.name, asked, used, kernel, reason)
 
 
@@ -267,8 +320,13 @@ def _engine_layer(engine_layers: Iterable[Mapping[str, Any]], node: str) -> Mapp
 _OPENVINO_PLUMBING = ("Const", "Input", "Output", "Parameter", "Result", "Reorder", "Reshape")
 
 
-def precision_map_openvino(qdq_model: onnx.ModelProto | str | os.PathLike, runtime_layers: Sequence[RuntimeLayer], *,
-                           layers: Sequence[LayerInfo] | None = None, runtime: str = "openvino-cpu") -> PrecisionMap:
+def precision_map_openvino(
+    qdq_model: onnx.ModelProto | str | os.PathLike,
+    runtime_layers: Sequence[RuntimeLayer],
+    *,
+    layers: Sequence[LayerInfo] | None = None,
+    runtime: str = "openvino-cpu",
+) -> PrecisionMap:
     """What OpenVINO really runs each layer in, from the compiled model's runtime graph.
 
     ``runtime_layers`` is :meth:`OpenVINORunner.runtime_layers` of the compiled Q/DQ model: the
@@ -278,18 +336,29 @@ def precision_map_openvino(qdq_model: onnx.ModelProto | str | os.PathLike, runti
     compute = [r for r in runtime_layers if r.layer_type not in _OPENVINO_PLUMBING]
 
     def row(layer: LayerInfo, op: onnx.NodeProto, asked: str) -> LayerPrecision:
-        match = next((r for r in compute if any(n == op.name or n.startswith(op.name + "/") for n in r.original_layers)),
-                     None)
+        match = next(
+            (r for r in compute if any(n == op.name or n.startswith(op.name + "/") for n in r.original_layers)), None
+        )
         if match is None:
-            return LayerPrecision(layer.name, layer.kind, op.name, asked, "unknown", "—",
-                                  f"no primitive of OpenVINO's runtime graph lists {op.name} among its original layers")
+            return LayerPrecision(
+                layer.name,
+                layer.kind,
+                op.name,
+                asked,
+                "unknown",
+                "—",
+                f"no primitive of OpenVINO's runtime graph lists {op.name} among its original layers",
+            )
         used = OPENVINO_PRECISION_NAMES.get(match.runtime_precision, "unknown")
         reason = None
         if asks_integer_arithmetic(asked) and used in _FLOAT_KINDS:
-            reason = (f"unfused Q/DQ: OpenVINO's low-precision transformations left {match.name} "
-                      f"({match.layer_type}) in {match.runtime_precision}; its quantizers did not match an integer pattern")
-        return LayerPrecision(layer.name, layer.kind, op.name, asked, used, f"{match.layer_type} ({match.primitive})",
-                              reason)
+            reason = (
+                f"unfused Q/DQ: OpenVINO's low-precision transformations left {match.name} "
+                f"({match.layer_type}) in {match.runtime_precision}; its quantizers did not match an integer pattern"
+            )
+        return LayerPrecision(
+            layer.name, layer.kind, op.name, asked, used, f"{match.layer_type} ({match.primitive})", reason
+        )
 
     return PrecisionMap(runtime, _quantized_rows(qdq_model, layers, row))
 
@@ -312,10 +381,18 @@ def render_precision_md(pmap: PrecisionMap | Mapping[str, Any]) -> list[str]:
     if "layers" not in data:
         raise BadInputError("not a precision map: no 'layers'")
     fell = data.get("ran_in_float", [])
-    lines = [f"## Precision map ({data['runtime']})", "",
-             (f"**{len(fell)} layer(s) asked for integer arithmetic ran in float.**" if fell
-              else "Every layer runs in the precision it asked for."), "",
-             "| layer | asked | used | kernel | reason |", "|---|---|---|---|---|"]
+    lines = [
+        f"## Precision map ({data['runtime']})",
+        "",
+        (
+            f"**{len(fell)} layer(s) asked for integer arithmetic ran in float.**"
+            if fell
+            else "Every layer runs in the precision it asked for."
+        ),
+        "",
+        "| layer | asked | used | kernel | reason |",
+        "|---|---|---|---|---|",
+    ]
     for row in data["layers"]:
         used = f"**{row['used']}**" if row["layer"] in fell else row["used"]
         lines.append(f"| `{row['layer']}` | {row['asked']} | {used} | {row['kernel']} | {row['reason'] or ''} |")

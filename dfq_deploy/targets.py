@@ -69,8 +69,10 @@ class DeployTarget(Protocol):
 
 def _integer_cpu_scheme(scheme: QuantScheme, *, precision: str) -> QuantScheme:
     if precision == "int4w":
-        raise BadInputError("--precision int4w is TensorRT's INT4 weight-only engine precision",
-                            hint="use --target tensorrt or tensorrt-rtx")
+        raise BadInputError(
+            "--precision int4w is TensorRT's INT4 weight-only engine precision",
+            hint="use --target tensorrt or tensorrt-rtx",
+        )
     return scheme
 
 
@@ -86,22 +88,33 @@ class OnnxRuntimeTarget:
 
     def deploy(self, inputs: DeployInputs) -> dict[str, Any]:
         from .runtimes.onnxruntime import optimized_graph
+
         self.optimized = optimized_graph(inputs.qdq_path, threads=inputs.profile_config.threads)
-        return deployment.deploy_onnxruntime(inputs.model, inputs.qmodel, inputs.calib, fp32_path=inputs.fp32_path,
-                                             qdq_path=inputs.qdq_path, profile_config=inputs.profile_config,
-                                             optimized=self.optimized)
+        return deployment.deploy_onnxruntime(
+            inputs.model,
+            inputs.qmodel,
+            inputs.calib,
+            fp32_path=inputs.fp32_path,
+            qdq_path=inputs.qdq_path,
+            profile_config=inputs.profile_config,
+            optimized=self.optimized,
+        )
 
     def deployed_runner(self, qdq_path: Path, *, profile_config: ProfileConfig) -> tuple[str, Runner] | None:
         from .runtimes.onnxruntime import OnnxRuntimeRunner
+
         return "onnxruntime_int8", OnnxRuntimeRunner(qdq_path, threads=profile_config.threads)
 
     def precision_map(self, qdq_model: onnx.ModelProto, *, layers: list[LayerInfo]) -> PrecisionMap:
         from .precision_map import precision_map_onnxruntime
+
         return precision_map_onnxruntime(qdq_model, layers=layers, optimized=self.optimized)
 
     def note(self) -> str:
-        return ("onnxruntime form: uint8 activations (with zero points) and int8 symmetric per-channel weights, "
-                "the pattern onnxruntime's CPU kernels fuse into QLinearConv.")
+        return (
+            "onnxruntime form: uint8 activations (with zero points) and int8 symmetric per-channel weights, "
+            "the pattern onnxruntime's CPU kernels fuse into QLinearConv."
+        )
 
 
 class OpenVINOTarget:
@@ -116,23 +129,36 @@ class OpenVINOTarget:
 
     def deploy(self, inputs: DeployInputs) -> dict[str, Any]:
         result, self.runtime_layers = deployment.deploy_openvino(
-            inputs.model, inputs.qmodel, inputs.calib, fp32_path=inputs.fp32_path, qdq_path=inputs.qdq_path,
-            profile_config=inputs.profile_config)
+            inputs.model,
+            inputs.qmodel,
+            inputs.calib,
+            fp32_path=inputs.fp32_path,
+            qdq_path=inputs.qdq_path,
+            profile_config=inputs.profile_config,
+        )
         return result
 
     def deployed_runner(self, qdq_path: Path, *, profile_config: ProfileConfig) -> tuple[str, Runner] | None:
         from .runtimes.openvino import OpenVINORunner
-        return "openvino_int8", OpenVINORunner(qdq_path, threads=profile_config.threads, streams=profile_config.streams,
-                                               performance_hint=profile_config.performance_hint)
+
+        return "openvino_int8", OpenVINORunner(
+            qdq_path,
+            threads=profile_config.threads,
+            streams=profile_config.streams,
+            performance_hint=profile_config.performance_hint,
+        )
 
     def precision_map(self, qdq_model: onnx.ModelProto, *, layers: list[LayerInfo]) -> PrecisionMap:
         from .precision_map import precision_map_openvino
+
         return precision_map_openvino(qdq_model, self.runtime_layers, layers=layers)
 
     def note(self) -> str:
-        return ("OpenVINO form: the onnxruntime graph unchanged (uint8 activations with zero points, int8 symmetric "
-                "per-channel weights); OpenVINO's CPU int8 primitives take u8 activations, so the unsigned grid "
-                "keeps all 256 codes after ReLU.")
+        return (
+            "OpenVINO form: the onnxruntime graph unchanged (uint8 activations with zero points, int8 symmetric "
+            "per-channel weights); OpenVINO's CPU int8 primitives take u8 activations, so the unsigned grid "
+            "keeps all 256 codes after ReLU."
+        )
 
 
 class TensorRTTarget:
@@ -147,15 +173,25 @@ class TensorRTTarget:
         if precision == "int4w":
             scheme = int4_weight_only(scheme)
         if scheme.act_form != "int8_symmetric":
-            raise BadInputError(f"--target {self.name} takes only signed symmetric int8 activations",
-                                hint="leave the scheme's act_form at int8_symmetric for TensorRT targets")
+            raise BadInputError(
+                f"--target {self.name} takes only signed symmetric int8 activations",
+                hint="leave the scheme's act_form at int8_symmetric for TensorRT targets",
+            )
         return scheme
 
     def deploy(self, inputs: DeployInputs) -> dict[str, Any]:
-        result = deployment.deploy_tensorrt(inputs.model, inputs.qmodel, inputs.calib, qdq_model=inputs.qdq_model,
-                                            fp32_path=inputs.fp32_path, out_dir=inputs.out_dir, target=self.name,
-                                            precision=inputs.precision, profile_config=inputs.profile_config,
-                                            engine_cache=inputs.engine_cache)
+        result = deployment.deploy_tensorrt(
+            inputs.model,
+            inputs.qmodel,
+            inputs.calib,
+            qdq_model=inputs.qdq_model,
+            fp32_path=inputs.fp32_path,
+            out_dir=inputs.out_dir,
+            target=self.name,
+            precision=inputs.precision,
+            profile_config=inputs.profile_config,
+            engine_cache=inputs.engine_cache,
+        )
         self.engine_metadata = result.get("engine_metadata") or {}
         if result.get("engine_path") and "not_run" not in result:
             self.engine_that_ran = Path(result["engine_path"]), inputs.precision
@@ -166,11 +202,13 @@ class TensorRTTarget:
         if self.engine_that_ran is None:
             return None
         from .runtimes.tensorrt import TensorRTRunner
+
         path, precision = self.engine_that_ran
         return f"engine_{precision}", TensorRTRunner(path)
 
     def precision_map(self, qdq_model: onnx.ModelProto, *, layers: list[LayerInfo]) -> PrecisionMap:
         from .precision_map import precision_map_tensorrt
+
         return precision_map_tensorrt(qdq_model, self.engine_metadata, layers=layers)
 
     def note(self) -> str:
@@ -187,14 +225,24 @@ class RemoteTensorRTTarget(TensorRTTarget):
 
     def deploy(self, inputs: DeployInputs) -> dict[str, Any]:
         from .remote.deploy import deploy_on_devices
-        result = deploy_on_devices(inputs.qdq_path, devices=self.devices, precision=inputs.precision,
-                                   profile_config=inputs.profile_config, out_dir=inputs.out_dir)
+
+        result = deploy_on_devices(
+            inputs.qdq_path,
+            devices=self.devices,
+            precision=inputs.precision,
+            profile_config=inputs.profile_config,
+            out_dir=inputs.out_dir,
+        )
         self.engine_metadata = result.get("engine_metadata") or {}
         return result
 
 
-_TARGET_CLASSES: dict[str, type] = {"onnxruntime": OnnxRuntimeTarget, "openvino": OpenVINOTarget,
-                                    "tensorrt": TensorRTTarget, "tensorrt-rtx": TensorRTTarget}
+_TARGET_CLASSES: dict[str, type] = {
+    "onnxruntime": OnnxRuntimeTarget,
+    "openvino": OpenVINOTarget,
+    "tensorrt": TensorRTTarget,
+    "tensorrt-rtx": TensorRTTarget,
+}
 
 
 def target_for(name: Target, *, remote: RemoteDevices | None = None) -> DeployTarget:
@@ -204,6 +252,7 @@ def target_for(name: Target, *, remote: RemoteDevices | None = None) -> DeployTa
         raise BadInputError(f"unknown target {name!r}", hint=f"choose {', '.join(_TARGET_CLASSES)}")
     if remote is not None:
         from .remote.deploy import check_remote_target
+
         check_remote_target(name)
         return RemoteTensorRTTarget(name, remote)
     return _TARGET_CLASSES[name](name)

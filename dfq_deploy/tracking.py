@@ -10,8 +10,9 @@ import contextlib
 import dataclasses
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .errors import MissingDependencyError
 from .gates import DEPLOYED_TOP1
@@ -44,7 +45,9 @@ class TrackedRun:
     registered_version: str | None = None
 
 
-def tracking_requested(*, flag: bool, register_as: str | None, experiment: str = DEFAULT_EXPERIMENT) -> TrackingConfig | None:
+def tracking_requested(
+    *, flag: bool, register_as: str | None, experiment: str = DEFAULT_EXPERIMENT
+) -> TrackingConfig | None:
     """The tracking a build asks for: ``--mlflow``, ``--mlflow-register`` or ``MLFLOW_TRACKING_URI`` set."""
     if flag or register_as or os.environ.get("MLFLOW_TRACKING_URI"):
         return TrackingConfig(experiment=experiment, register_as=register_as)
@@ -94,9 +97,12 @@ def log_build(result: BuildResult, config: TrackingConfig) -> TrackedRun:
             for file in (ENGINE, f"{ENGINE}.json"):
                 if (out / file).is_file():
                     mlflow.log_artifact(str(out / file), artifact_path="engine")
-            info = mlflow.onnx.log_model(onnx.load(str(out / QDQ_ONNX)), name=ONNX_MODEL_NAME,
-                                         registered_model_name=config.register_as,
-                                         metadata={"target": report["target"], "build_key": result.build_key})
+            info = mlflow.onnx.log_model(
+                onnx.load(str(out / QDQ_ONNX)),
+                name=ONNX_MODEL_NAME,
+                registered_model_name=config.register_as,
+                metadata={"target": report["target"], "build_key": result.build_key},
+            )
         version = getattr(info, "registered_model_version", None)
         return TrackedRun(run.info.run_id, uri, info.model_uri, None if version is None else str(version))
 
@@ -106,13 +112,21 @@ def build_params(report: dict[str, Any], key: str | None) -> dict[str, Any]:
     scheme = report.get("quantization", {}).get("scheme", {})
     calib = report.get("calibration", {})
     meta = (report.get("deployment") or {}).get("engine_metadata") or {}
-    return {"model_sha256": report["model"].get("sha256"), "arch": report["model"].get("arch"),
-            "target": report["target"], "precision": meta.get("precision_requested", "int8"),
-            "method": calib.get("method"), "calibration_images": calib.get("images"),
-            "weight_bits": scheme.get("weight_bits"), "act_bits": scheme.get("act_bits"),
-            "act_form": scheme.get("act_form"), "calibrator": scheme.get("calibrator"),
-            "first_last_bits": scheme.get("first_last_bits"), "build_key": key,
-            "dfq_deploy": report.get("dfq_deploy")}
+    return {
+        "model_sha256": report["model"].get("sha256"),
+        "arch": report["model"].get("arch"),
+        "target": report["target"],
+        "precision": meta.get("precision_requested", "int8"),
+        "method": calib.get("method"),
+        "calibration_images": calib.get("images"),
+        "weight_bits": scheme.get("weight_bits"),
+        "act_bits": scheme.get("act_bits"),
+        "act_form": scheme.get("act_form"),
+        "calibrator": scheme.get("calibrator"),
+        "first_last_bits": scheme.get("first_last_bits"),
+        "build_key": key,
+        "dfq_deploy": report.get("dfq_deploy"),
+    }
 
 
 def build_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -120,11 +134,18 @@ def build_metrics(report: dict[str, Any]) -> dict[str, float]:
     metrics: dict[str, Any] = {}
     acc = report.get("accuracy") or {}
     deployed = next((acc[key] for key, _ in DEPLOYED_TOP1 if key in acc), None)
-    metrics |= {"top1_fp32": acc.get("fp32"), "top1_fake_quant": acc.get("fake_quant"), "top1_deployed": deployed,
-                "top1_drop": acc.get("drop")}
+    metrics |= {
+        "top1_fp32": acc.get("fp32"),
+        "top1_fake_quant": acc.get("fake_quant"),
+        "top1_deployed": deployed,
+        "top1_drop": acc.get("drop"),
+    }
     dep = report.get("deployment") or {}
-    for key, prefix in (("fidelity_vs_fake_quant", "vs_fake_quant"), ("int8_vs_fp32", "vs_fp32"),
-                        ("qdq_on_onnxruntime_cpu", "qdq_cpu_vs_fake_quant")):
+    for key, prefix in (
+        ("fidelity_vs_fake_quant", "vs_fake_quant"),
+        ("int8_vs_fp32", "vs_fp32"),
+        ("qdq_on_onnxruntime_cpu", "qdq_cpu_vs_fake_quant"),
+    ):
         if dep.get(key):
             metrics[f"agreement_{prefix}"] = dep[key]["top1_agreement"]
             metrics[f"relative_l2_{prefix}"] = dep[key]["relative_l2"]

@@ -39,11 +39,15 @@ def main() -> None:
             torch.manual_seed(0)
             weights = Path(tmp) / f"{args.arch}.pth"
             torch.save(torchvision.models.get_model(args.arch, weights=None).state_dict(), weights)
-        result = api.build(weights, arch=f"torchvision:{args.arch}", target=args.target, out_dir=args.out,
-                           input_shape=(3, args.input_size, args.input_size),
-                           synthesis=SynthesisConfig(method=args.calib, num_images=args.num_images,
-                                                     iterations=args.iterations),
-                           profile_config=ProfileConfig(batch_sizes=(1, 16), duration_s=args.profile_duration))
+        result = api.build(
+            weights,
+            arch=f"torchvision:{args.arch}",
+            target=args.target,
+            out_dir=args.out,
+            input_shape=(3, args.input_size, args.input_size),
+            synthesis=SynthesisConfig(method=args.calib, num_images=args.num_images, iterations=args.iterations),
+            profile_config=ProfileConfig(batch_sizes=(1, 16), duration_s=args.profile_duration),
+        )
     print((result.out_dir / api.REPORT_MD).read_text())
 
 

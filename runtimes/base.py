@@ -24,7 +24,7 @@ class Runner(abc.ABC):
     def __init__(self) -> None:
         self.is_active = False
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         self.activate()
         return self
 
@@ -44,7 +44,7 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def activate_impl(self) -> None: ...
 
-    def deactivate_impl(self) -> None:
+    def deactivate_impl(self) -> None:  # noqa: B027 - optional hook: most runners release nothing
         """Release the session or engine (default: nothing to release)."""
 
     @abc.abstractmethod
@@ -70,13 +70,20 @@ class Runner(abc.ABC):
         missing = set(specs) - set(feeds)
         extra = set(feeds) - set(specs)
         if missing or extra:
-            raise BadInputError(f"{self.name}: feeds do not match the model inputs: missing {sorted(missing)}, "
-                                f"unexpected {sorted(extra)}", hint=f"model inputs: {sorted(specs)}")
+            raise BadInputError(
+                f"{self.name}: feeds do not match the model inputs: missing {sorted(missing)}, "
+                f"unexpected {sorted(extra)}",
+                hint=f"model inputs: {sorted(specs)}",
+            )
         for name, (shape, dtype) in specs.items():
             array = feeds[name]
             if array.dtype != dtype:
-                raise BadInputError(f"{self.name}: input {name!r} must be {np.dtype(dtype).name}, got {array.dtype.name}")
-            if len(shape) != array.ndim or any(isinstance(d, int) and d != a for d, a in zip(shape, array.shape)):
+                raise BadInputError(
+                    f"{self.name}: input {name!r} must be {np.dtype(dtype).name}, got {array.dtype.name}"
+                )
+            if len(shape) != array.ndim or any(
+                isinstance(d, int) and d != a for d, a in zip(shape, array.shape, strict=False)
+            ):
                 raise BadInputError(f"{self.name}: input {name!r} has shape {array.shape}, the model expects {shape}")
 
     def memory(self) -> dict[str, float]:

@@ -36,6 +36,17 @@ def has_int8_dot_product() -> bool:
 def cpu_description() -> dict[str, str | int]:
     """The CPU a latency was measured on, with the int8 instruction sets that decide its speed."""
     model, flags = _cpuinfo()
-    isa = "amx_int8" if "amx_int8" in flags else "avx512_vnni" if "avx512_vnni" in flags else "avx_vnni" if "avx_vnni" in flags else \
-        "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else (platform.machine() or "unknown")
+    isa = (
+        "amx_int8"
+        if "amx_int8" in flags
+        else "avx512_vnni"
+        if "avx512_vnni" in flags
+        else "avx_vnni"
+        if "avx_vnni" in flags
+        else "avx512"
+        if "avx512f" in flags
+        else "avx2"
+        if "avx2" in flags
+        else (platform.machine() or "unknown")
+    )
     return {"model": model, "isa": isa, "cores": psutil.cpu_count(logical=True) or 0}

@@ -30,8 +30,14 @@ DISABLED_OPTIMIZERS = ["ClipQuantRewrite"]
 # data movement ops, which changes no value.
 OPSET21_DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
 
 
 def _import_ort():
@@ -49,8 +55,15 @@ class OnnxRuntimeRunner(Runner):
     Q/DQ run as float ops: exactly the graph's arithmetic (see :func:`integer_kernels_are_exact`).
     """
 
-    def __init__(self, model: str | os.PathLike | bytes, *, device: str = "cpu", threads: int | None = None,
-                 save_optimized: str | os.PathLike | None = None, integer_kernels: bool = True):
+    def __init__(
+        self,
+        model: str | os.PathLike | bytes,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        save_optimized: str | os.PathLike | None = None,
+        integer_kernels: bool = True,
+    ):
         super().__init__()
         if device not in PROVIDERS:
             raise BadInputError(f"unknown onnxruntime device {device!r}", hint=f"choose {', '.join(PROVIDERS)}")
@@ -67,15 +80,21 @@ class OnnxRuntimeRunner(Runner):
         available = ort.get_available_providers()
         wanted = PROVIDERS[self.device]
         if wanted[0] not in available:
-            raise MissingDependencyError("onnxruntime-gpu", extra="gpu",
-                                         purpose=f"the {self.device} execution provider (available here: {available})")
+            raise MissingDependencyError(
+                "onnxruntime-gpu",
+                extra="gpu",
+                purpose=f"the {self.device} execution provider (available here: {available})",
+            )
         source = self.model if isinstance(self.model, bytes) else str(self.model)
         proto = _read(source)
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0) if proto else 0
         options = ort.SessionOptions()
         # Basic level: constant folding and the like, none of the Q/DQ fusions (they are "extended").
-        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.integer_kernels
-                                            else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.integer_kernels
+            else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        )
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
@@ -91,12 +110,17 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
     def input_specs(self) -> InputSpecs:
-        return {i.name: (tuple(d if isinstance(d, int) else None for d in i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32)))
-                for i in self.session.get_inputs()}
+        return {
+            i.name: (
+                tuple(d if isinstance(d, int) else None for d in i.shape),
+                np.dtype(_ORT_TYPES.get(i.type, np.float32)),
+            )
+            for i in self.session.get_inputs()
+        }
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds)))
+        return dict(zip(names, self.session.run(names, feeds), strict=False))
 
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
@@ -105,7 +129,9 @@ class OnnxRuntimeRunner(Runner):
 def _read(source: str | bytes) -> onnx.ModelProto | None:
     """The model's graph without external weights (``None`` when unreadable: onnxruntime says why)."""
     try:
-        return onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+        return (
+            onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+        )
     except Exception:  # noqa: BLE001 - onnxruntime reports unreadable models with its own message
         return None
 
@@ -119,6 +145,7 @@ def integer_kernels_are_exact(model: str | os.PathLike | bytes | onnx.ModelProto
     CPU run the graph with ``integer_kernels=False`` instead.
     """
     from .cpu_features import has_int8_dot_product
+
     if has_int8_dot_product():
         return True
     if not isinstance(model, onnx.ModelProto):
@@ -131,12 +158,14 @@ def _signed_activations(model: onnx.ModelProto | None) -> bool:
     if model is None:
         return False
     int8_inits = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
-    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in int8_inits
-               for n in model.graph.node)
+    return any(
+        n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in int8_inits for n in model.graph.node
+    )
 
 
-def optimized_graph(model: str | os.PathLike | bytes, *, device: str = "cpu",
-                    threads: int | None = None) -> onnx.ModelProto:
+def optimized_graph(
+    model: str | os.PathLike | bytes, *, device: str = "cpu", threads: int | None = None
+) -> onnx.ModelProto:
     """The graph onnxruntime really executes on ``device``, after its fusions."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"

@@ -25,12 +25,24 @@ from .profiler import LatencyRecord
 
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 # runtimePrecision (OpenVINO element type names) -> the precision map's names.
-PRECISION_NAMES = {"u8": "int8", "i8": "int8", "u4": "int4", "i4": "int4", "f32": "float", "f16": "fp16",
-                   "bf16": "bf16"}
+PRECISION_NAMES = {
+    "u8": "int8",
+    "i8": "int8",
+    "u4": "int4",
+    "i4": "int4",
+    "f32": "float",
+    "f16": "fp16",
+    "bf16": "bf16",
+}
 OPENVINO_INTEGER_PRECISIONS = frozenset(k for k, v in PRECISION_NAMES.items() if v.startswith("int"))
 # Properties read back from the compiled model for the report: what the hints really chose.
-REPORTED_PROPERTIES = ("PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT",
-                       "OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+REPORTED_PROPERTIES = (
+    "PERFORMANCE_HINT",
+    "NUM_STREAMS",
+    "INFERENCE_NUM_THREADS",
+    "INFERENCE_PRECISION_HINT",
+    "OPTIMAL_NUMBER_OF_INFER_REQUESTS",
+)
 
 
 def import_openvino():
@@ -62,17 +74,29 @@ class OpenVINORunner(Runner):
     The batch dimension stays dynamic, so one compiled model serves every batch size.
     """
 
-    def __init__(self, model: str | os.PathLike | bytes, *, device: str = "CPU", threads: int | None = None,
-                 streams: int | None = None, performance_hint: str = "LATENCY", name: str | None = None):
+    def __init__(
+        self,
+        model: str | os.PathLike | bytes,
+        *,
+        device: str = "CPU",
+        threads: int | None = None,
+        streams: int | None = None,
+        performance_hint: str = "LATENCY",
+        name: str | None = None,
+    ):
         super().__init__()
         if performance_hint not in PERFORMANCE_HINTS:
-            raise BadInputError(f"unknown OpenVINO performance hint {performance_hint!r}",
-                                hint=f"choose {' or '.join(PERFORMANCE_HINTS)}")
+            raise BadInputError(
+                f"unknown OpenVINO performance hint {performance_hint!r}",
+                hint=f"choose {' or '.join(PERFORMANCE_HINTS)}",
+            )
         self.model = model
         self.device = device.upper()
-        self.config = {"PERFORMANCE_HINT": performance_hint} | \
-                      ({"INFERENCE_NUM_THREADS": int(threads)} if threads else {}) | \
-                      ({"NUM_STREAMS": int(streams)} if streams else {})
+        self.config = (
+            {"PERFORMANCE_HINT": performance_hint}
+            | ({"INFERENCE_NUM_THREADS": int(threads)} if threads else {})
+            | ({"NUM_STREAMS": int(streams)} if streams else {})
+        )
         self.name = name or f"openvino-{self.device.lower()}"
         self.compiled = None
         self.request = None
@@ -81,7 +105,9 @@ class OpenVINORunner(Runner):
         ov = import_openvino()
         core = ov.Core()
         if self.device not in core.available_devices:
-            raise BadInputError(f"OpenVINO has no {self.device} device here", hint=f"available: {core.available_devices}")
+            raise BadInputError(
+                f"OpenVINO has no {self.device} device here", hint=f"available: {core.available_devices}"
+            )
         try:
             # read_model takes ONNX bytes only through a file-like object; a path it reads itself.
             source = io.BytesIO(self.model) if isinstance(self.model, bytes) else os.fspath(self.model)
@@ -97,9 +123,13 @@ class OpenVINORunner(Runner):
 
     def input_specs(self) -> InputSpecs:
         self.require_active()
-        return {port.get_any_name(): (tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape()),
-                                      np.dtype(port.get_element_type().to_dtype()))
-                for port in self.compiled.inputs}
+        return {
+            port.get_any_name(): (
+                tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape()),
+                np.dtype(port.get_element_type().to_dtype()),
+            )
+            for port in self.compiled.inputs
+        }
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -121,13 +151,21 @@ class OpenVINORunner(Runner):
         for op in self.compiled.get_runtime_model().get_ordered_ops():
             info = {key: str(value.astype(str)) for key, value in op.get_rt_info().items()}
             originals = tuple(n.strip() for n in info.get("originalLayersNames", "").split(",") if n.strip())
-            layers.append(RuntimeLayer(op.get_friendly_name(), info.get("layerType", "?"),
-                                       info.get("runtimePrecision", "?"), info.get("outputPrecisions", "?"),
-                                       info.get("primitiveType", "?"), originals))
+            layers.append(
+                RuntimeLayer(
+                    op.get_friendly_name(),
+                    info.get("layerType", "?"),
+                    info.get("runtimePrecision", "?"),
+                    info.get("outputPrecisions", "?"),
+                    info.get("primitiveType", "?"),
+                    originals,
+                )
+            )
         return layers
 
-    def throughput(self, feeds: dict[str, np.ndarray], *, warmup: int = 5, iterations: int = 100,
-                   jobs: int = 0) -> LatencyRecord:
+    def throughput(
+        self, feeds: dict[str, np.ndarray], *, warmup: int = 5, iterations: int = 100, jobs: int = 0
+    ) -> LatencyRecord:
         """Throughput as a deployment serves it: ``iterations`` requests through an AsyncInferQueue.
 
         ``jobs`` parallel infer requests (0: OpenVINO's optimal number for the compiled streams).
@@ -158,9 +196,18 @@ class OpenVINORunner(Runner):
         wall = time.perf_counter() - start
         batch = int(next(iter(feeds.values())).shape[0])
         record = LatencyRecord.from_samples(
-            f"{self.name}-async", batch, samples,
-            timing={"mode": "async", "infer_requests": len(queue), "warmup_runs": warmup, "wall_s": round(wall, 4),
-                    "clock": "perf_counter"} | {k.lower(): v for k, v in self.config.items()})
+            f"{self.name}-async",
+            batch,
+            samples,
+            timing={
+                "mode": "async",
+                "infer_requests": len(queue),
+                "warmup_runs": warmup,
+                "wall_s": round(wall, 4),
+                "clock": "perf_counter",
+            }
+            | {k.lower(): v for k, v in self.config.items()},
+        )
         return dataclasses.replace(record, throughput_ips=round(iterations * batch / wall, 4))
 
 

@@ -6,7 +6,8 @@ import dataclasses
 import platform
 import resource
 import time
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import psutil
@@ -62,8 +63,15 @@ class LatencyRecord:
     d2h: StageTimes | None = None
 
     @classmethod
-    def from_samples(cls, runner: str, batch_size: int, samples_ms: Sequence[float], *,
-                     timing: dict[str, Any] | None = None, **stages: StageTimes | None) -> LatencyRecord:
+    def from_samples(
+        cls,
+        runner: str,
+        batch_size: int,
+        samples_ms: Sequence[float],
+        *,
+        timing: dict[str, Any] | None = None,
+        **stages: StageTimes | None,
+    ) -> LatencyRecord:
         """The record of ``samples_ms`` (one latency per timed run of a batch of ``batch_size``)."""
         if len(samples_ms) == 0:
             raise ValueError(f"{runner}: no timed runs to summarise")
@@ -73,11 +81,22 @@ class LatencyRecord:
         def r(v: float) -> float:
             return round(float(v), 4)
 
-        return cls(runner=runner, batch_size=int(batch_size), runs=len(x), min_ms=r(x.min()), mean_ms=r(x.mean()),
-                   median_ms=r(median), p90_ms=r(np.percentile(x, 90)), p95_ms=r(np.percentile(x, 95)),
-                   p99_ms=r(np.percentile(x, 99)), max_ms=r(x.max()), std_ms=r(x.std()),
-                   throughput_ips=r(batch_size / (median / 1000.0)) if median > 0 else 0.0,
-                   timing=dict(timing or {}), **stages)
+        return cls(
+            runner=runner,
+            batch_size=int(batch_size),
+            runs=len(x),
+            min_ms=r(x.min()),
+            mean_ms=r(x.mean()),
+            median_ms=r(median),
+            p90_ms=r(np.percentile(x, 90)),
+            p95_ms=r(np.percentile(x, 95)),
+            p99_ms=r(np.percentile(x, 99)),
+            max_ms=r(x.max()),
+            std_ms=r(x.std()),
+            throughput_ips=r(batch_size / (median / 1000.0)) if median > 0 else 0.0,
+            timing=dict(timing or {}),
+            **stages,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,8 +108,9 @@ class LatencyRecord:
         return cls(**{k: v for k, v in data.items() if k not in stages}, **stages)
 
 
-def timing_loop(run: Callable[[], T], *, config: ProfileConfig,
-                clock: Callable[[], float] = time.perf_counter) -> list[tuple[float, T]]:
+def timing_loop(
+    run: Callable[[], T], *, config: ProfileConfig, clock: Callable[[], float] = time.perf_counter
+) -> list[tuple[float, T]]:
     """Call ``run`` as trtexec times an engine: for ``config.warmup_ms`` untimed, then until at least
     ``config.iterations`` timed calls that together took at least ``config.duration_s``.
 
@@ -109,15 +129,24 @@ def timing_loop(run: Callable[[], T], *, config: ProfileConfig,
     return timed
 
 
-def profile(runner: Runner, batch: np.ndarray, *, config: ProfileConfig = ProfileConfig(),
-            clock: Callable[[], float] = time.perf_counter) -> LatencyRecord:
+def profile(
+    runner: Runner,
+    batch: np.ndarray,
+    *,
+    config: ProfileConfig = ProfileConfig(),
+    clock: Callable[[], float] = time.perf_counter,
+) -> LatencyRecord:
     """Time ``runner.infer`` on one batch with :func:`timing_loop` (host clock, one call per run).
 
     GPU runners with their own ``profile`` (CUDA events, stage times) are timed by that instead."""
     feeds = {runner.input_name: np.ascontiguousarray(batch)}
     runs = timing_loop(lambda: runner.infer(feeds), config=config, clock=clock)
-    return LatencyRecord.from_samples(runner.name, int(batch.shape[0]), [ms for ms, _ in runs],
-                                      timing=config.timing_options() | {"clock": getattr(clock, "__name__", "clock")})
+    return LatencyRecord.from_samples(
+        runner.name,
+        int(batch.shape[0]),
+        [ms for ms, _ in runs],
+        timing=config.timing_options() | {"clock": getattr(clock, "__name__", "clock")},
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,5 +184,3 @@ def host_memory() -> dict[str, float]:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if platform.system() == "Darwin" else 2**10)
     return {"rss_mib": round(rss, 1), "peak_rss_mib": round(max(peak, rss), 1)}
-
-

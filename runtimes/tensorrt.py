@@ -16,28 +16,40 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
-from dfq_deploy.config import ProfileConfig
 from dfq_deploy.converters.tensorrt import EngineArtifact, TensorRTTarget, import_tensorrt, metadata_path
 from dfq_deploy.converters.trt_logger import process_logger
 from dfq_deploy.converters.trt_profiles import ShapeProfile, select_profile
+
+from dfq_deploy.config import ProfileConfig
 from dfq_deploy.errors import BadInputError, EngineRuntimeError
 
 from .base import InputSpecs, Runner
 from .profiler import LatencyRecord, StageTimes, timing_loop
 from .trt_gpu import CudaGraph, LayerTimes, context_memory, nvml_memory
 
-_NO_GPU_HINT = ("TensorRT engines run on NVIDIA GPUs only; build on this machine with --target tensorrt-rtx "
-                "(no GPU needed) and run or profile the engine where a GPU is")
-_REBUILD_HINT = ("engines load only with the TensorRT version (and, for TensorRT, the GPU) they were built "
-                 "with; rebuild the engine (dfq-deploy build --no-cache)")
+_NO_GPU_HINT = (
+    "TensorRT engines run on NVIDIA GPUs only; build on this machine with --target tensorrt-rtx "
+    "(no GPU needed) and run or profile the engine where a GPU is"
+)
+_REBUILD_HINT = (
+    "engines load only with the TensorRT version (and, for TensorRT, the GPU) they were built "
+    "with; rebuild the engine (dfq-deploy build --no-cache)"
+)
 # TensorRT's DataType names as metadata writes them (str(trt.DataType.X) lower-cased, prefix dropped).
-_METADATA_DTYPES = {"float": np.float32, "half": np.float16, "int8": np.int8, "int32": np.int32,
-                    "int64": np.int64, "uint8": np.uint8, "bool": np.bool_}
+_METADATA_DTYPES = {
+    "float": np.float32,
+    "half": np.float16,
+    "int8": np.int8,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
 
 
 class NoCudaDeviceError(EngineRuntimeError):
@@ -52,8 +64,14 @@ class TensorRTRunner(Runner):
     the metadata's, else ``tensorrt``. Without a CUDA GPU, ``activate()`` raises :class:`NoCudaDeviceError`.
     """
 
-    def __init__(self, engine: str | os.PathLike | bytes | EngineArtifact, *, target: TensorRTTarget | None = None,
-                 device: int = 0, name: str | None = None):
+    def __init__(
+        self,
+        engine: str | os.PathLike | bytes | EngineArtifact,
+        *,
+        target: TensorRTTarget | None = None,
+        device: int = 0,
+        name: str | None = None,
+    ):
         super().__init__()
         self._source = engine
         self.metadata: dict[str, Any] = _metadata_of(engine)
@@ -77,8 +95,9 @@ class TensorRTRunner(Runner):
         self._logger = process_logger(trt.__name__)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self._plan)
-        self._require(self.engine is not None, f"{trt.__name__} {trt.__version__} could not load the engine",
-                      hint=_REBUILD_HINT)
+        self._require(
+            self.engine is not None, f"{trt.__name__} {trt.__version__} could not load the engine", hint=_REBUILD_HINT
+        )
         self.context = self.engine.create_execution_context()
         self._require(self.context is not None, "could not create an execution context (out of device memory?)")
         self.stream = torch.cuda.Stream(self.device)
@@ -125,12 +144,19 @@ class TensorRTRunner(Runner):
         """Engine size, the context's device memory and (with nvidia-ml-py) NVML's reading, in MiB."""
         if not self.is_active:
             return {}
-        return ({"engine_mib": len(self._plan) / 2**20, "context_device_mib": context_memory(self.engine) / 2**20}
-                | nvml_memory(self.device_index))
+        return {
+            "engine_mib": len(self._plan) / 2**20,
+            "context_device_mib": context_memory(self.engine) / 2**20,
+        } | nvml_memory(self.device_index)
 
     # ---- profiling --------------------------------------------------------------------------------------
-    def profile(self, feeds: dict[str, np.ndarray], *, config: ProfileConfig = ProfileConfig(),
-                clock: Callable[[], float] = time.perf_counter) -> LatencyRecord:
+    def profile(
+        self,
+        feeds: dict[str, np.ndarray],
+        *,
+        config: ProfileConfig = ProfileConfig(),
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> LatencyRecord:
         """trtexec-style timing (see :func:`timing_loop`) with CUDA events: each run's latency is H2D +
         compute + D2H on the GPU; enqueue is the host time of ``execute_async_v3`` (or the graph launch)."""
         batch = int(next(iter(feeds.values())).shape[0])
@@ -154,16 +180,27 @@ class TensorRTRunner(Runner):
             self._copy_out()
             marks[3].record(self.stream)
             self.stream.synchronize()
-            return (marks[0].elapsed_time(marks[3]), marks[0].elapsed_time(marks[1]),
-                    marks[1].elapsed_time(marks[2]), marks[2].elapsed_time(marks[3]), enqueue)
+            return (
+                marks[0].elapsed_time(marks[3]),
+                marks[0].elapsed_time(marks[1]),
+                marks[1].elapsed_time(marks[2]),
+                marks[2].elapsed_time(marks[3]),
+                enqueue,
+            )
 
         runs = [r for _, r in timing_loop(run_once, config=config, clock=clock)]
-        stage = {name: StageTimes.from_samples([r[i] for r in runs])
-                 for i, name in ((1, "h2d"), (2, "compute"), (3, "d2h"), (4, "enqueue"))}
+        stage = {
+            name: StageTimes.from_samples([r[i] for r in runs])
+            for i, name in ((1, "h2d"), (2, "compute"), (3, "d2h"), (4, "enqueue"))
+        }
         return LatencyRecord.from_samples(
-            self.name, batch, [r[0] for r in runs],
-            timing=config.timing_options() | {"clock": "cuda_event", "cuda_graph": graph is not None,
-                                               "sync": "stream synchronize after each run"}, **stage)
+            self.name,
+            batch,
+            [r[0] for r in runs],
+            timing=config.timing_options()
+            | {"clock": "cuda_event", "cuda_graph": graph is not None, "sync": "stream synchronize after each run"},
+            **stage,
+        )
 
     def layer_times(self, feeds: dict[str, np.ndarray], *, runs: int = 10) -> list[dict[str, Any]]:
         """Median time per engine layer over ``runs`` runs (TensorRT's IProfiler), slowest first.
@@ -195,8 +232,10 @@ class TensorRTRunner(Runner):
             self._require(ok, f"set_optimization_profile_async({profile_index}) failed")
             self._profile_index = profile_index
         for name, array in feeds.items():
-            self._require(context.set_input_shape(name, tuple(array.shape)),
-                          f"set_input_shape({name!r}, {tuple(array.shape)}) failed")
+            self._require(
+                context.set_input_shape(name, tuple(array.shape)),
+                f"set_input_shape({name!r}, {tuple(array.shape)}) failed",
+            )
         for name in self._outputs:
             shape = tuple(context.get_tensor_shape(name))
             self._require(all(d >= 0 for d in shape), f"output {name!r} has unresolved shape {shape}")
@@ -237,11 +276,19 @@ class TensorRTRunner(Runner):
 
     def _specs_from_engine(self) -> tuple[InputSpecs, list[ShapeProfile]]:
         engine, trt = self.engine, self._trt
-        specs = {n: (tuple(None if d < 0 else d for d in engine.get_tensor_shape(n)),
-                     np.dtype(trt.nptype(engine.get_tensor_dtype(n)))) for n in self._inputs}
-        profiles = [ShapeProfile(i, n, *(tuple(s) for s in engine.get_tensor_profile_shape(n, i)))
-                    for i in range(engine.num_optimization_profiles) for n in self._inputs
-                    if any(d is None for d in specs[n][0])]
+        specs = {
+            n: (
+                tuple(None if d < 0 else d for d in engine.get_tensor_shape(n)),
+                np.dtype(trt.nptype(engine.get_tensor_dtype(n))),
+            )
+            for n in self._inputs
+        }
+        profiles = [
+            ShapeProfile(i, n, *(tuple(s) for s in engine.get_tensor_profile_shape(n, i)))
+            for i in range(engine.num_optimization_profiles)
+            for n in self._inputs
+            if any(d is None for d in specs[n][0])
+        ]
         return specs, profiles
 
 
@@ -249,8 +296,9 @@ def _cuda_torch():
     import torch  # a core dependency
 
     if not torch.cuda.is_available():
-        raise NoCudaDeviceError("running a TensorRT engine needs a CUDA GPU, and torch.cuda finds none",
-                                hint=_NO_GPU_HINT)
+        raise NoCudaDeviceError(
+            "running a TensorRT engine needs a CUDA GPU, and torch.cuda finds none", hint=_NO_GPU_HINT
+        )
     return torch
 
 
@@ -279,5 +327,10 @@ def _metadata_of(source) -> dict[str, Any]:
 def _specs_from_metadata(metadata: dict[str, Any]) -> InputSpecs | None:
     if not metadata.get("inputs"):
         return None
-    return {i["name"]: (tuple(None if d < 0 else d for d in i["shape"]), np.dtype(_METADATA_DTYPES.get(i["dtype"], np.float32)))
-            for i in metadata["inputs"]}
+    return {
+        i["name"]: (
+            tuple(None if d < 0 else d for d in i["shape"]),
+            np.dtype(_METADATA_DTYPES.get(i["dtype"], np.float32)),
+        )
+        for i in metadata["inputs"]
+    }

@@ -12,8 +12,15 @@ from .base import InputSpecs, Runner
 class TorchRunner(Runner):
     """Runs an nn.Module (or a QuantModel) on CPU tensors; ``name`` labels it in comparisons."""
 
-    def __init__(self, module: nn.Module, *, input_shape: tuple[int, ...], name: str = "torch",
-                 input_name: str = "input", output_name: str = "logits"):
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        input_shape: tuple[int, ...],
+        name: str = "torch",
+        input_name: str = "input",
+        output_name: str = "logits",
+    ):
         super().__init__()
         self.module = module
         self.input_shape = tuple(input_shape)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +25,9 @@ class CudaGraph:
     def __init__(self, torch, stream, execute: Callable[[], None], context):
         capturable = getattr(context, "is_stream_capturable", None)
         if capturable is not None and not capturable(stream.cuda_stream):
-            raise EngineRuntimeError("this engine cannot be captured in a CUDA graph on its stream",
-                                     hint="profile without --cuda-graph")
+            raise EngineRuntimeError(
+                "this engine cannot be captured in a CUDA graph on its stream", hint="profile without --cuda-graph"
+            )
         self._torch, self._stream = torch, stream
         execute()
         stream.synchronize()
@@ -34,8 +36,9 @@ class CudaGraph:
             with torch.cuda.graph(self._graph, stream=stream):
                 execute()
         except RuntimeError as exc:  # torch reports a failed capture (cudaStreamEndCapture) as RuntimeError
-            raise EngineRuntimeError(f"capturing the engine in a CUDA graph failed: {exc}",
-                                     hint="profile without --cuda-graph") from exc
+            raise EngineRuntimeError(
+                f"capturing the engine in a CUDA graph failed: {exc}", hint="profile without --cuda-graph"
+            ) from exc
 
     def launch(self) -> None:
         with self._torch.cuda.stream(self._stream):
@@ -63,8 +66,10 @@ def layer_table(samples: dict[str, list[float]]) -> list[dict[str, Any]]:
     """Per layer: median ms, share of the summed medians and the number of reports, slowest first."""
     medians = {name: float(np.median(ms)) for name, ms in samples.items() if ms}
     total = sum(medians.values()) or 1.0
-    return [{"layer": name, "median_ms": round(ms, 4), "share": round(ms / total, 4), "runs": len(samples[name])}
-            for name, ms in sorted(medians.items(), key=lambda kv: -kv[1])]
+    return [
+        {"layer": name, "median_ms": round(ms, 4), "share": round(ms / total, 4), "runs": len(samples[name])}
+        for name, ms in sorted(medians.items(), key=lambda kv: -kv[1])
+    ]
 
 
 def context_memory(engine) -> int:
@@ -92,8 +97,9 @@ def nvml_memory(cuda_index: int) -> dict[str, float]:
     try:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        mine = sum(p.usedGpuMemory or 0 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                   if p.pid == os.getpid())
+        mine = sum(
+            p.usedGpuMemory or 0 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()
+        )
         return {"nvml_process_mib": round(mine / 2**20, 1), "nvml_device_used_mib": round(info.used / 2**20, 1)}
     except pynvml.NVMLError:
         return {}

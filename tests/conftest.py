@@ -17,6 +17,7 @@ def reports_follow_the_schema(tmp_path):
     """Every report.json a test makes (anywhere under its tmp_path) validates against the schema."""
     yield
     from dfq_deploy.report_schema import validate_report
+
     for path in tmp_path.rglob("report.json"):
         report = json.loads(path.read_text())
         if isinstance(report, dict) and "schema_version" in report:  # hand-written fixtures carry none
@@ -35,6 +36,7 @@ def assets() -> Path:
 def tiny_state_dict(tmp_path):
     """A TinyResNet saved as a pickled module file, for CLI tests that load via --trust-pickle."""
     from tiny_models import tiny_resnet
+
     path = tmp_path / "tiny.pt"
     torch.save(tiny_resnet(), path)
     return path

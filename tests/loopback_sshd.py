@@ -43,6 +43,7 @@ class LoopbackSshd:
         """SIGKILL the per-connection sshd processes (the listener's descendants named sshd), as a dropped
         network would end them, leaving the commands they started running; returns how many."""
         import psutil
+
         sessions = [p for p in psutil.Process(self.process.pid).children(recursive=True) if p.name() == "sshd"]
         for p in sessions:
             p.kill()
@@ -87,14 +88,17 @@ def start_sshd(root: Path) -> LoopbackSshd:
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {root / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {root / 'authorized_keys'}\nPermitRootLogin prohibit-password\nStrictModes no\n"
         "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-        f"LogLevel ERROR\nSetEnv TMPDIR={root / 'device-tmp'}\n")
+        f"LogLevel ERROR\nSetEnv TMPDIR={root / 'device-tmp'}\n"
+    )
     (root / "device-tmp").mkdir()
     host_pub = (root / "host_key.pub").read_text().split()
     (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
     config = root / "ssh_config"
-    config.write_text(f"Host {HOST_ALIAS} 127.0.0.1\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
-                      f"  UserKnownHostsFile {root / 'known_hosts'}\n  GlobalKnownHostsFile /dev/null\n"
-                      "  StrictHostKeyChecking yes\n  IdentityAgent none\n  IdentitiesOnly yes\n")
+    config.write_text(
+        f"Host {HOST_ALIAS} 127.0.0.1\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
+        f"  UserKnownHostsFile {root / 'known_hosts'}\n  GlobalKnownHostsFile /dev/null\n"
+        "  StrictHostKeyChecking yes\n  IdentityAgent none\n  IdentitiesOnly yes\n"
+    )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation dir, made by its service normally
     log = open(root / "sshd.log", "wb")

@@ -28,8 +28,10 @@ def main(args):
         with open(onnx, "rb") as f:
             broken = b"broken" in f.read()
         if broken:
-            print("[12/01/2026-22:00:01] [E] Error[4]: IBuilder::buildSerializedNetwork: Error Code 4: "
-                  "API Usage Error (replayed: the graph is named broken)")
+            print(
+                "[12/01/2026-22:00:01] [E] Error[4]: IBuilder::buildSerializedNetwork: Error Code 4: "
+                "API Usage Error (replayed: the graph is named broken)"
+            )
             print("[12/01/2026-22:00:01] [E] Engine could not be created from network")
             print(f"&&&& FAILED TensorRT.trtexec {VERSION} # {command}")
             return 1

@@ -7,11 +7,11 @@ import dataclasses
 import onnx
 import torch
 import torch.nn.functional as F
+from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from torch import nn
 
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import default_scheme
-from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from dfq_deploy.quant.quantize import QuantModel, quantize
 
 INPUT_SHAPE = (3, 16, 16)
@@ -23,8 +23,9 @@ class SmallResNet(nn.Module):
     def __init__(self, width: int = 8):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.block = nn.ModuleDict({"conv1": nn.Conv2d(width, width, 3, padding=1),
-                                    "conv2": nn.Conv2d(width, width, 3, padding=1)})
+        self.block = nn.ModuleDict(
+            {"conv1": nn.Conv2d(width, width, 3, padding=1), "conv2": nn.Conv2d(width, width, 3, padding=1)}
+        )
         self.head = nn.Conv2d(width, 2 * width, 1)
         self.fc = nn.Linear(2 * width, 5)
 

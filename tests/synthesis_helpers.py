@@ -15,9 +15,15 @@ class TinyNet(nn.Module):
     def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
-            nn.Conv2d(12, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
+            nn.Conv2d(12, 12, 3, padding=1, bias=False),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
         )
         self.head = nn.Linear(12, num_classes)
 
@@ -101,8 +107,10 @@ def sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for name, options in SHARDED_RUNS.items():
             config = SynthesisConfig(method=name.split("-")[0], num_images=10, batch_size=4, iterations=6, **options)
             calib = synthesize(tiny_net(), config=config, input_shape=INPUT_SHAPE, progress=False)
-            torch.save({"images": calib.images, "labels": calib.labels, "world": calib.meta["world_size"]},
-                       Path(out_dir) / f"{name}-rank{rank}.pt")
+            torch.save(
+                {"images": calib.images, "labels": calib.labels, "world": calib.meta["world_size"]},
+                Path(out_dir) / f"{name}-rank{rank}.pt",
+            )
         weight = nn.Parameter(torch.zeros(2, 3))
         weight.grad = torch.full((2, 3), rank + 1.0)
         average_gradients([weight])

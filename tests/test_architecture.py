@@ -7,8 +7,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # setuptools' package-dir: converters/ and runtimes/ install as subpackages of dfq_deploy.
-PACKAGE_DIRS = {"dfq_deploy": ROOT / "dfq_deploy", "dfq_deploy.converters": ROOT / "converters",
-                "dfq_deploy.runtimes": ROOT / "runtimes"}
+PACKAGE_DIRS = {
+    "dfq_deploy": ROOT / "dfq_deploy",
+    "dfq_deploy.converters": ROOT / "converters",
+    "dfq_deploy.runtimes": ROOT / "runtimes",
+}
 
 
 def package_modules() -> dict[str, Path]:
@@ -95,7 +98,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_sees_the_package():
     graph = import_graph()
-    assert "dfq_deploy.api" in graph and "dfq_deploy.runtimes.base" in graph and "dfq_deploy.converters.tensorrt" in graph
+    assert (
+        "dfq_deploy.api" in graph and "dfq_deploy.runtimes.base" in graph and "dfq_deploy.converters.tensorrt" in graph
+    )
     assert "dfq_deploy.config" in graph["dfq_deploy.api"]
 
 

@@ -2,14 +2,22 @@
 
 import pytest
 import torch
+from tiny_models import tiny_resnet
 
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import ReconstructionConfig, default_scheme
 from dfq_deploy.errors import BadInputError, BudgetNotMetError
-from dfq_deploy.quant.budget import (disagreement_percent, drop_per_image, expected_drop_percent, held_out_drop,
-                                     mean_confidence, plan_for_max_drop, resolution_warning, zero_flip_bound)
+from dfq_deploy.quant.budget import (
+    disagreement_percent,
+    drop_per_image,
+    expected_drop_percent,
+    held_out_drop,
+    mean_confidence,
+    plan_for_max_drop,
+    resolution_warning,
+    zero_flip_bound,
+)
 from dfq_deploy.quant.quantize import quantize
-from tiny_models import tiny_resnet
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +73,44 @@ def test_plan_with_reconstruction_estimates_the_reconstructed_model(setup):
 @pytest.mark.filterwarnings("ignore:--max-drop .* held-out images cannot tell")
 def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
     """When even the most precise plan misses, the build stops with exit code 7 and writes no model."""
-    import dfq_deploy.quant.budget as budget
     from click.testing import CliRunner
+
+    import dfq_deploy.quant.budget as budget
     from dfq_deploy.cli import main
 
     # an estimate no plan can fix
-    monkeypatch.setattr(budget, "held_out_drop", lambda *a, **k: {"estimated_drop": 50.0, "estimated_drop_se": 1.0,
-                                                                   "disagreement": 50.0})
+    monkeypatch.setattr(
+        budget,
+        "held_out_drop",
+        lambda *a, **k: {"estimated_drop": 50.0, "estimated_drop_se": 1.0, "disagreement": 50.0},
+    )
     model, calib, scheme = setup
     with pytest.raises(BudgetNotMetError):
         plan_for_max_drop(model, calib, scheme=scheme, max_drop=1.0)
     path = tmp_path / "tiny.pt"
     torch.save(model, path)
-    result = CliRunner().invoke(main, ["build", str(path), "--trust-pickle", "--input-shape", "1x3x16x16",
-                                       "--calib", "noise", "--num-images", "32", "--no-cache", "--no-progress",
-                                       "--bits", "4", "--max-drop", "1", "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(path),
+            "--trust-pickle",
+            "--input-shape",
+            "1x3x16x16",
+            "--calib",
+            "noise",
+            "--num-images",
+            "32",
+            "--no-cache",
+            "--no-progress",
+            "--bits",
+            "4",
+            "--max-drop",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 7, result.output
     assert "--max-drop" in result.output
     assert not (tmp_path / "out" / "model.qdq.onnx").exists()
@@ -87,6 +118,7 @@ def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
 
 def test_expected_drop_weights_each_flip_by_the_probability_given_up():
     """A flip between two near-tied classes costs little; a flip away from a confident class costs it all."""
+
     class Fixed(torch.nn.Module):
         def __init__(self, logits):
             super().__init__()
@@ -107,7 +139,8 @@ def test_expected_drop_weights_each_flip_by_the_probability_given_up():
     assert mean_confidence(fp32, images) == pytest.approx((0.5 + float(confident[0])) / 2, abs=1e-4)
     costs = drop_per_image(fp32, flips_both, images)
     assert held_out_drop(fp32, flips_both, images)["estimated_drop_se"] == pytest.approx(
-        100.0 * float(costs.std()) / 2 ** 0.5)
+        100.0 * float(costs.std()) / 2**0.5
+    )
     assert held_out_drop(fp32, fp32, images)["estimated_drop_se"] == 0.0
 
 
@@ -123,11 +156,19 @@ def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path)
     torch.save(tiny_resnet(), path)
     # onnxruntime has no 4-bit conv kernel: the precision map says so on the console.
     with pytest.warns(UserWarning, match="no 4-bit conv kernel"):
-        result = api.build(path, out_dir=tmp_path / "out", trust_pickle=True, input_shape=(3, 16, 16),
-                           synthesis=SynthesisConfig(method="noise", num_images=32, batch_size=16),
-                           scheme=default_scheme("onnxruntime", bits=4), use_cache=False, max_drop=100.0,
-                           reconstruct=ReconstructionConfig(iterations=10, batch_size=8),
-                           profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=1, iterations=2, duration_s=0), progress=False)
+        result = api.build(
+            path,
+            out_dir=tmp_path / "out",
+            trust_pickle=True,
+            input_shape=(3, 16, 16),
+            synthesis=SynthesisConfig(method="noise", num_images=32, batch_size=16),
+            scheme=default_scheme("onnxruntime", bits=4),
+            use_cache=False,
+            max_drop=100.0,
+            reconstruct=ReconstructionConfig(iterations=10, batch_size=8),
+            profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=1, iterations=2, duration_s=0),
+            progress=False,
+        )
     plan = result.report["precision_plan"]
     assert plan["kind"] == "max_drop" and plan["reconstructed"] and plan["estimated_drop"] <= 100.0
     assert plan["overrides"] == [] and plan["low_bit_mac_fraction"] > 0  # a 100-point budget raises nothing
@@ -151,6 +192,10 @@ def test_too_few_held_out_images_for_the_budget_are_named():
 
 def test_bad_budget_arguments_are_refused(setup):
     model, calib, scheme = setup
-    for kwargs in ({"max_drop": -1.0}, {"max_drop": 1.0, "holdout_fraction": 1.0}, {"max_drop": 1.0, "holdout_fraction": 0.0}):
+    for kwargs in (
+        {"max_drop": -1.0},
+        {"max_drop": 1.0, "holdout_fraction": 1.0},
+        {"max_drop": 1.0, "holdout_fraction": 0.0},
+    ):
         with pytest.raises(BadInputError):
             plan_for_max_drop(model, calib, scheme=scheme, **kwargs)

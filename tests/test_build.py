@@ -8,15 +8,31 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import NoBatchNormNet, tiny_resnet
 
 from dfq_deploy import api
 from dfq_deploy.cli import main
 from dfq_deploy.config import ProfileConfig, SynthesisConfig
-from tiny_models import NoBatchNormNet, tiny_resnet
 
 SHAPE = "1x3x16x16"
-FAST = ["--input-shape", SHAPE, "--num-images", "16", "--synth-batch-size", "8", "--no-cache", "--no-progress",
-        "--batch-sizes", "1,4", "--warmup-ms", "1", "--profile-iterations", "3", "--profile-duration", "0"]
+FAST = [
+    "--input-shape",
+    SHAPE,
+    "--num-images",
+    "16",
+    "--synth-batch-size",
+    "8",
+    "--no-cache",
+    "--no-progress",
+    "--batch-sizes",
+    "1,4",
+    "--warmup-ms",
+    "1",
+    "--profile-iterations",
+    "3",
+    "--profile-duration",
+    "0",
+]
 
 
 def invoke(*args):
@@ -43,16 +59,34 @@ def test_build_writes_every_artifact_and_a_consistent_report(pickled_model, tmp_
 
     monkeypatch.setattr(OnnxRuntimeRunner, "activate_impl", counting_activate)
     out = tmp_path / "build"
-    result = invoke("build", pickled_model, "--trust-pickle", "--calib", "zeroq", "--iterations", "20",
-                    "--out", out, "--json", *FAST)
+    result = invoke(
+        "build",
+        pickled_model,
+        "--trust-pickle",
+        "--calib",
+        "zeroq",
+        "--iterations",
+        "20",
+        "--out",
+        out,
+        "--json",
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     assert len(optimized) == 1, "onnxruntime optimizes the Q/DQ graph once per build"
-    for name in ("model.fp32.onnx", "model.qdq.onnx", "report.json", "report.md", "manifest.json",
-                 "calibration/calibration.pt", "calibration/calibration.json"):
+    for name in (
+        "model.fp32.onnx",
+        "model.qdq.onnx",
+        "report.json",
+        "report.md",
+        "manifest.json",
+        "calibration/calibration.pt",
+        "calibration/calibration.json",
+    ):
         assert (out / name).is_file(), name
     assert not [p for p in out.rglob("*.tmp")], "no temp files left behind"
     report = json.loads((out / "report.json").read_text())
-    assert json.loads(result.output[result.output.index("{"):]) == report
+    assert json.loads(result.output[result.output.index("{") :]) == report
     dep = report["deployment"]
     assert dep["kernels"]["conv"] == {"integer": 3, "float": 0}
     assert dep["fidelity_vs_fake_quant"]["samples"] == 16
@@ -65,7 +99,14 @@ def test_build_writes_every_artifact_and_a_consistent_report(pickled_model, tmp_
     assert report["calibration"]["method"] == "zeroq" and report["calibration"]["images"] == 16
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"]["model"]["sha256"] == report["model"]["sha256"]
-    assert set(manifest["stages"]) == {"load", "synthesize", "quantize", "export", "deploy_and_profile", "layer_fidelity"}
+    assert set(manifest["stages"]) == {
+        "load",
+        "synthesize",
+        "quantize",
+        "export",
+        "deploy_and_profile",
+        "layer_fidelity",
+    }
     assert report["precision_map"]["layers"] and report["layer_fidelity"]["layers"]
     assert "torch" in manifest["versions"] and "onnxruntime" in manifest["versions"]
 
@@ -73,12 +114,21 @@ def test_build_writes_every_artifact_and_a_consistent_report(pickled_model, tmp_
 def test_python_api_build_matches_cli_defaults(tmp_path):
     path = tmp_path / "tiny.pt2"
     model = tiny_resnet()
-    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 16, 16),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)), path)
-    result = api.build(path, out_dir=tmp_path / "out", input_shape=(3, 16, 16),
-                       synthesis=SynthesisConfig(method="noise", num_images=8),
-                       profile_config=ProfileConfig(batch_sizes=(2,), warmup_ms=0, iterations=2, duration_s=0), use_cache=False,
-                       progress=False)
+    torch.export.save(
+        torch.export.export(
+            model, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)
+        ),
+        path,
+    )
+    result = api.build(
+        path,
+        out_dir=tmp_path / "out",
+        input_shape=(3, 16, 16),
+        synthesis=SynthesisConfig(method="noise", num_images=8),
+        profile_config=ProfileConfig(batch_sizes=(2,), warmup_ms=0, iterations=2, duration_s=0),
+        use_cache=False,
+        progress=False,
+    )
     assert result.report["model"]["format"] == "torch.export"
     assert result.report["deployment"]["int8_vs_fp32"]["samples"] == 8
 
@@ -103,15 +153,19 @@ def test_corrupt_model_file(tmp_path):
 
 
 def test_pickle_needs_trust_pickle(pickled_model, tmp_path):
-    _assert_refused(invoke("build", pickled_model, "--out", tmp_path / "o", *FAST), "--trust-pickle",
-                    out=tmp_path / "o")
+    _assert_refused(
+        invoke("build", pickled_model, "--out", tmp_path / "o", *FAST), "--trust-pickle", out=tmp_path / "o"
+    )
 
 
 def test_unknown_arch(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save(tiny_resnet().state_dict(), path)
-    _assert_refused(invoke("build", path, "--arch", "torchvision:resnet1000", "--out", tmp_path / "o"),
-                    "unknown torchvision", out=tmp_path / "o")
+    _assert_refused(
+        invoke("build", path, "--arch", "torchvision:resnet1000", "--out", tmp_path / "o"),
+        "unknown torchvision",
+        out=tmp_path / "o",
+    )
 
 
 def test_input_shape_the_model_rejects(pickled_model, tmp_path):
@@ -160,8 +214,9 @@ def test_output_folder_that_cannot_be_created(pickled_model, tmp_path):
 def test_build_for_tensorrt_rtx_lints_and_builds_the_engine_on_cpu(pickled_model, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     out = tmp_path / "trt"
-    result = invoke("build", pickled_model, "--trust-pickle", "--target", "tensorrt-rtx", "--calib", "noise",
-                    "--out", out, *FAST)
+    result = invoke(
+        "build", pickled_model, "--trust-pickle", "--target", "tensorrt-rtx", "--calib", "noise", "--out", out, *FAST
+    )
     assert result.exit_code == 0, result.output
     assert (out / "model.engine").stat().st_size > 0 and (out / "model.engine.json").is_file()
     report = json.loads((out / "report.json").read_text())
@@ -173,7 +228,10 @@ def test_build_for_tensorrt_rtx_lints_and_builds_the_engine_on_cpu(pickled_model
     assert report["quantization"]["scheme"]["act_form"] == "int8_symmetric"
     # --batch-sizes 1,4: a profile for each, and one for the fidelity check's batches (up to 32)
     assert [(p["min"][0], p["opt"][0], p["max"][0]) for p in dep["engine_metadata"]["profiles"]] == [
-        (1, 1, 1), (4, 4, 4), (1, 32, 32)]
+        (1, 1, 1),
+        (4, 4, 4),
+        (1, 32, 32),
+    ]
     assert dep["engine_cache"] == "off"  # --no-cache
 
 
@@ -183,8 +241,20 @@ def test_build_int4w_for_tensorrt_rtx(pickled_model, tmp_path):
     from dfq_deploy.converters.tensorrt import INT4_CONV_NOTE
 
     out = tmp_path / "int4w"
-    result = invoke("build", pickled_model, "--trust-pickle", "--target", "tensorrt-rtx", "--precision", "int4w",
-                    "--calib", "noise", "--out", out, *FAST)
+    result = invoke(
+        "build",
+        pickled_model,
+        "--trust-pickle",
+        "--target",
+        "tensorrt-rtx",
+        "--precision",
+        "int4w",
+        "--calib",
+        "noise",
+        "--out",
+        out,
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     fc = next(layer for layer in report["quantization"]["layers"] if layer["name"] == "fc")
@@ -192,21 +262,58 @@ def test_build_int4w_for_tensorrt_rtx(pickled_model, tmp_path):
     assert all(layer["weight_bits"] == 8 for layer in report["quantization"]["layers"] if layer["kind"] == "Conv2d")
     dep = report["deployment"]
     assert dep["lint"] == [] and dep["qdq_on_onnxruntime_cpu"]["relative_l2"] < 0.05
-    assert dep["engine_metadata"]["precision_requested"] == "int4w" and INT4_CONV_NOTE in dep["engine_metadata"]["notes"]
+    assert (
+        dep["engine_metadata"]["precision_requested"] == "int4w" and INT4_CONV_NOTE in dep["engine_metadata"]["notes"]
+    )
     markdown = (out / "report.md").read_text()
     assert INT4_CONV_NOTE in markdown and "| `fc` | Linear | 4 (blocks of 16 inputs) | float |" in markdown
-    _assert_refused(invoke("build", pickled_model, "--trust-pickle", "--precision", "int4w", "--out", tmp_path / "ort",
-                           *FAST), "TensorRT", "--target tensorrt", out=tmp_path / "ort")
+    _assert_refused(
+        invoke("build", pickled_model, "--trust-pickle", "--precision", "int4w", "--out", tmp_path / "ort", *FAST),
+        "TensorRT",
+        "--target tensorrt",
+        out=tmp_path / "ort",
+    )
 
 
 def test_quantize_then_eval_commands(pickled_model, tmp_path):
     import numpy as np
+
     calib_dir, out = tmp_path / "calib", tmp_path / "q"
-    assert invoke("synthesize", pickled_model, "--trust-pickle", "--input-shape", SHAPE, "--calib", "noise",
-                  "--num-images", "8", "--out", calib_dir).exit_code == 0
-    result = invoke("quantize", pickled_model, "--trust-pickle", "--input-shape", SHAPE, "--calib-set", calib_dir,
-                    "--bits", "4", "--calibrator", "mse", "--reconstruct", "--recon-iterations", "5",
-                    "--no-progress", "--out", out)
+    assert (
+        invoke(
+            "synthesize",
+            pickled_model,
+            "--trust-pickle",
+            "--input-shape",
+            SHAPE,
+            "--calib",
+            "noise",
+            "--num-images",
+            "8",
+            "--out",
+            calib_dir,
+        ).exit_code
+        == 0
+    )
+    result = invoke(
+        "quantize",
+        pickled_model,
+        "--trust-pickle",
+        "--input-shape",
+        SHAPE,
+        "--calib-set",
+        calib_dir,
+        "--bits",
+        "4",
+        "--calibrator",
+        "mse",
+        "--reconstruct",
+        "--recon-iterations",
+        "5",
+        "--no-progress",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert "4-bit weights" in result.output and (out / "model.qdq.onnx").is_file()
     rng = np.random.default_rng(0)
@@ -222,6 +329,15 @@ def test_quantize_then_eval_commands(pickled_model, tmp_path):
 def test_synthesis_device_without_cuda_is_a_clear_error(pickled_model, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = invoke("synthesize", pickled_model, "--trust-pickle", "--input-shape", SHAPE, "--synth-device", "cuda",
-                    "--out", tmp_path / "calib")
+    result = invoke(
+        "synthesize",
+        pickled_model,
+        "--trust-pickle",
+        "--input-shape",
+        SHAPE,
+        "--synth-device",
+        "cuda",
+        "--out",
+        tmp_path / "calib",
+    )
     _assert_refused(result, "no CUDA GPU")

@@ -13,8 +13,7 @@ from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import QuantScheme
 from dfq_deploy.quant.calibrators import HistogramCalibrator, grid_for_range, search_weight_scale
 from dfq_deploy.quant.quantize import quantize
-from dfq_deploy.quant.quantizers import float_mode
-from dfq_deploy.quant.quantizers import ActQuantizer
+from dfq_deploy.quant.quantizers import ActQuantizer, float_mode
 
 
 def _calibrator(x: torch.Tensor) -> HistogramCalibrator:
@@ -31,8 +30,9 @@ def _grid_error(x: torch.Tensor, lo: float, hi: float, qrange: tuple[int, int], 
 
 
 # At 4 bit the max range wastes most of the 16 levels; at 8 bit the gain is real but small.
-@pytest.mark.parametrize("symmetric,qrange,factor", [(True, (-8, 7), 0.5), (False, (0, 15), 0.5),
-                                                     (True, (-128, 127), 0.95)])
+@pytest.mark.parametrize(
+    "symmetric,qrange,factor", [(True, (-8, 7), 0.5), (False, (0, 15), 0.5), (True, (-128, 127), 0.95)]
+)
 def test_mse_range_beats_max_on_long_tails(symmetric, qrange, factor):
     # Laplace samples: rare large values make the max range waste most grid levels.
     torch.manual_seed(0)
@@ -137,8 +137,9 @@ def test_lp_search_gives_lower_output_error_than_max_at_4_bit():
     base = QuantScheme(weight_bits=4, act_bits=4, first_last_bits=None)
     errors = {}
     for name, act, weight in (("max", "max", "max"), ("mse", "mse", "mse")):
-        qmodel = quantize(model, calib, scheme=dataclasses.replace(base, calibrator=act, weight_calibrator=weight),
-                          progress=False)
+        qmodel = quantize(
+            model, calib, scheme=dataclasses.replace(base, calibrator=act, weight_calibrator=weight), progress=False
+        )
         errors[name] = _output_error(qmodel, calib.images)
     assert errors["mse"] < 0.7 * errors["max"]
 
@@ -149,8 +150,10 @@ def test_per_layer_choice_is_no_worse_than_its_start():
     calib = CalibrationSet(torch.randn(32, 3, 16, 16))
     base = QuantScheme(weight_bits=4, act_bits=4, first_last_bits=None, calibrator="max", weight_calibrator="mse")
     fixed = _output_error(quantize(model, calib, scheme=base, progress=False), calib.images)
-    chosen = _output_error(quantize(model, calib, scheme=dataclasses.replace(base, per_layer_calibrator=True),
-                                    progress=False), calib.images)
+    chosen = _output_error(
+        quantize(model, calib, scheme=dataclasses.replace(base, per_layer_calibrator=True), progress=False),
+        calib.images,
+    )
     # Greedy on the same images and metric: each step keeps the best, "max" included.
     assert chosen <= fixed + 1e-9
 
@@ -159,8 +162,14 @@ def test_unsigned_grid_after_relu_halves_the_step_for_the_tensorrt_form():
     torch.manual_seed(2)
     model = _TwoConv().eval()
     calib = CalibrationSet(torch.randn(32, 3, 16, 16))
-    signed = QuantScheme(weight_bits=4, act_bits=4, first_last_bits=None, act_form="int8_symmetric",
-                         calibrator="mse", weight_calibrator="mse")
+    signed = QuantScheme(
+        weight_bits=4,
+        act_bits=4,
+        first_last_bits=None,
+        act_form="int8_symmetric",
+        calibrator="mse",
+        weight_calibrator="mse",
+    )
     unsigned = dataclasses.replace(signed, unsigned_after_relu=True)
     q_signed = quantize(model, calib, scheme=signed, progress=False)
     q_unsigned = quantize(model, calib, scheme=unsigned, progress=False)

@@ -12,13 +12,20 @@ from click.testing import CliRunner
 from dfq_deploy.cli import main
 from dfq_deploy.config import load_config_file
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples" / "configs").iterdir()
-                 if p.suffix in (".yaml", ".yml", ".toml"))
+CONFIGS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[1] / "examples" / "configs").iterdir()
+    if p.suffix in (".yaml", ".yml", ".toml")
+)
 MANIFEST_SECTION = {"synthesis": "synthesis", "quant": "scheme", "profile": "profile"}
 # Flags this test types, and the config fields they must win over: noise and few images keep it fast.
 TYPED_FLAGS = ["--calib", "noise", "--num-images", "16", "--warmup-ms", "1", "--profile-duration", "0"]
-TYPED_VALUES = {("synthesis", "method"): "noise", ("synthesis", "num_images"): 16, ("profile", "warmup_ms"): 1.0,
-                ("profile", "duration_s"): 0.0}
+TYPED_VALUES = {
+    ("synthesis", "method"): "noise",
+    ("synthesis", "num_images"): 16,
+    ("profile", "warmup_ms"): 1.0,
+    ("profile", "duration_s"): 0.0,
+}
 
 
 def invoke(*args):
@@ -35,8 +42,22 @@ def test_every_value_of_an_example_config_reaches_the_manifest(config, tiny_stat
     if target != "onnxruntime":
         pytest.importorskip("tensorrt_rtx", reason="the tensorrt example builds with TensorRT-RTX (test extra)")
     out = tmp_path / "out"
-    result = invoke("build", tiny_state_dict, "--trust-pickle", "--input-shape", "1x3x16x16", "--target", target,
-                    "--config", config, *TYPED_FLAGS, "--no-cache", "--no-progress", "--out", out)
+    result = invoke(
+        "build",
+        tiny_state_dict,
+        "--trust-pickle",
+        "--input-shape",
+        "1x3x16x16",
+        "--target",
+        target,
+        "--config",
+        config,
+        *TYPED_FLAGS,
+        "--no-cache",
+        "--no-progress",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     recorded = json.loads((out / "manifest.json").read_text())["config"]
     checked = 0
@@ -45,7 +66,9 @@ def test_every_value_of_an_example_config_reaches_the_manifest(config, tiny_stat
             expected = TYPED_VALUES.get((section, key), value)
             got = recorded[MANIFEST_SECTION[section]][key]
             if key == "overrides":  # each override as written, plus the fields it left at their defaults
-                assert [{k: g[k] for k in e} for g, e in zip(got, expected)] == expected and len(got) == len(expected)
+                assert [{k: g[k] for k in e} for g, e in zip(got, expected, strict=False)] == expected and len(
+                    got
+                ) == len(expected)
             else:
                 assert _as_recorded(got) == expected, f"{section}.{key}"
             checked += 1
@@ -59,10 +82,21 @@ def test_every_value_of_an_example_config_reaches_the_manifest(config, tiny_stat
 
 def test_typed_flags_beat_the_file_and_defaults_do_not(tiny_state_dict, tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("synthesis:\n  method: noise\n  num_images: 12\nquant:\n  weight_bits: 4\n  act_bits: 4\n"
-                      "  calibrator: mse\n")
-    common = ["quantize", tiny_state_dict, "--trust-pickle", "--input-shape", "1x3x16x16", "--config", config,
-              "--target", "tensorrt-rtx", "--no-progress"]
+    config.write_text(
+        "synthesis:\n  method: noise\n  num_images: 12\nquant:\n  weight_bits: 4\n  act_bits: 4\n  calibrator: mse\n"
+    )
+    common = [
+        "quantize",
+        tiny_state_dict,
+        "--trust-pickle",
+        "--input-shape",
+        "1x3x16x16",
+        "--config",
+        config,
+        "--target",
+        "tensorrt-rtx",
+        "--no-progress",
+    ]
     from_file = invoke(*common, "--out", tmp_path / "a")
     assert from_file.exit_code == 0, from_file.output
     assert "4-bit weights, 4-bit activations, int8_symmetric" in from_file.output
@@ -74,11 +108,14 @@ def test_typed_flags_beat_the_file_and_defaults_do_not(tiny_state_dict, tmp_path
     assert json.loads((tmp_path / "b" / "calibration" / "calibration.json").read_text())["num_images"] == 6
 
 
-@pytest.mark.parametrize("text, named, valid", [
-    ("synthesis:\n  num_image: 8\n", "num_image", "num_images"),
-    ("quant:\n  overrides:\n    - pattern: fc\n      bits: 8\n", "bits", "weight_bits"),
-    ("calibration:\n  method: noise\n", "calibration", "synthesis"),
-])
+@pytest.mark.parametrize(
+    "text, named, valid",
+    [
+        ("synthesis:\n  num_image: 8\n", "num_image", "num_images"),
+        ("quant:\n  overrides:\n    - pattern: fc\n      bits: 8\n", "bits", "weight_bits"),
+        ("calibration:\n  method: noise\n", "calibration", "synthesis"),
+    ],
+)
 def test_an_unknown_key_is_named_with_the_valid_ones(text, named, valid, tiny_state_dict, tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text(text)
@@ -89,6 +126,6 @@ def test_an_unknown_key_is_named_with_the_valid_ones(text, named, valid, tiny_st
 
 
 def test_toml_and_yaml_read_alike(tmp_path):
-    (tmp_path / "a.toml").write_text('[synthesis]\nnum_images = 8\n[profile]\nbatch_sizes = [1, 2]\n')
+    (tmp_path / "a.toml").write_text("[synthesis]\nnum_images = 8\n[profile]\nbatch_sizes = [1, 2]\n")
     (tmp_path / "a.yaml").write_text("synthesis:\n  num_images: 8\nprofile:\n  batch_sizes: [1, 2]\n")
     assert load_config_file(tmp_path / "a.toml") == load_config_file(tmp_path / "a.yaml")

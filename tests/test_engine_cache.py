@@ -6,11 +6,11 @@ import dataclasses
 import time
 
 import pytest
-
-from dfq_deploy.cache_store import CacheWarning
 from dfq_deploy.converters.engine_cache import EngineCache
 from dfq_deploy.converters.tensorrt import TensorRTBuildConfig, engine_from_onnx
 from test_trt_rules import _int4_matmul, residual_block
+
+from dfq_deploy.cache_store import CacheWarning
 
 CONFIG = TensorRTBuildConfig(target="tensorrt-rtx", batch_sizes=(1, 4))
 
@@ -55,11 +55,13 @@ def test_second_identical_build_is_a_hit(tmp_path):
 def test_changing_the_graph_precision_or_batch_sizes_misses(tmp_path):
     cache = EngineCache(tmp_path / "engines")
     keys = set()
-    for model, config in ((dynamic_block(), CONFIG),
-                          (dynamic_block(scale=1.5), CONFIG),  # another ONNX graph
-                          (dynamic_block(), dataclasses.replace(CONFIG, batch_sizes=(1, 8))),
-                          (_int4_matmul(), dataclasses.replace(CONFIG, precision="int8")),
-                          (_int4_matmul(), dataclasses.replace(CONFIG, precision="int4w"))):  # same graph, precision
+    for model, config in (
+        (dynamic_block(), CONFIG),
+        (dynamic_block(scale=1.5), CONFIG),  # another ONNX graph
+        (dynamic_block(), dataclasses.replace(CONFIG, batch_sizes=(1, 8))),
+        (_int4_matmul(), dataclasses.replace(CONFIG, precision="int8")),
+        (_int4_matmul(), dataclasses.replace(CONFIG, precision="int4w")),
+    ):  # same graph, precision
         artifact = engine_from_onnx(model, config=config, cache=cache)
         assert artifact.metadata["engine_cache"] == "miss"
         keys.add(artifact.metadata["engine_cache_key"])
@@ -84,19 +86,38 @@ def test_build_reports_the_cache(tmp_path, monkeypatch):
 
     import torch
     from click.testing import CliRunner
+    from tiny_models import tiny_resnet
 
     from dfq_deploy import api
     from dfq_deploy.cli import main
-    from tiny_models import tiny_resnet
 
     monkeypatch.setenv("DFQ_DEPLOY_CACHE", str(tmp_path / "cache"))
     assert api.default_engine_cache_dir() == tmp_path / "cache" / "engines"
     assert api.default_cache_dir().parent == api.default_engine_cache_dir().parent
     model = tmp_path / "tiny.pt"
     torch.save(tiny_resnet(), model)
-    args = ["build", str(model), "--trust-pickle", "--target", "tensorrt-rtx", "--calib", "noise", "--input-shape",
-            "1x3x16x16", "--num-images", "8", "--no-progress", "--batch-sizes", "1", "--warmup-ms", "0",
-            "--profile-iterations", "1", "--profile-duration", "0"]
+    args = [
+        "build",
+        str(model),
+        "--trust-pickle",
+        "--target",
+        "tensorrt-rtx",
+        "--calib",
+        "noise",
+        "--input-shape",
+        "1x3x16x16",
+        "--num-images",
+        "8",
+        "--no-progress",
+        "--batch-sizes",
+        "1",
+        "--warmup-ms",
+        "0",
+        "--profile-iterations",
+        "1",
+        "--profile-duration",
+        "0",
+    ]
     seen = []
     for folder in ("a", "b"):
         result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / folder)])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dfq_deploy.runtimes.torch import TorchRunner
 from PIL import Image
 from torch import nn
 
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.evaluate import agreement, evaluate_top1, load_eval_set
-from dfq_deploy.runtimes.torch import TorchRunner
 
 MEAN, STD = (0.5, 0.25, 0.125), (0.5, 0.5, 0.25)
 
@@ -45,7 +45,7 @@ def test_npz_top1_and_normalisation(tmp_path):
 
 def test_image_folder_labels_follow_sorted_class_names(tmp_path):
     x, y = _coloured_images(12, seed=1)
-    for i, (image, label) in enumerate(zip(x, y)):
+    for i, (image, label) in enumerate(zip(x, y, strict=False)):
         folder = tmp_path / ["a_red", "b_green", "c_blue"][label]
         folder.mkdir(exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
@@ -89,8 +89,10 @@ def test_bad_sets_are_refused(tmp_path):
 
 def test_real_resnet20_reaches_its_published_accuracy(assets):
     from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
+
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(assets / "cifar10" / "resnet20-12fca82f.th"))
-    data = load_eval_set(assets / "cifar10" / "test-lossless-1017.npz", input_shape=(3, 32, 32),
-                         mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    data = load_eval_set(
+        assets / "cifar10" / "test-lossless-1017.npz", input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD
+    )
     assert len(data) == 1017
     assert evaluate_top1(model, data) == pytest.approx(91.64, abs=0.01)  # the assets README's number

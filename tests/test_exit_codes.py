@@ -8,17 +8,33 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
+from small_cnn import INPUT_SHAPE, SmallResNet
 
 import dfq_deploy.deployment
 from dfq_deploy import errors
 from dfq_deploy.cli import _run, main
 from dfq_deploy.compare_reports import check_comparison, compare_reports
 from dfq_deploy.errors import EXIT_CODES, DfqError
-from small_cnn import INPUT_SHAPE, SmallResNet
 
-FAST_BUILD = ["--trust-pickle", "--input-shape", "x".join(map(str, INPUT_SHAPE)), "--calib", "noise",
-              "--num-images", "4", "--no-cache", "--no-progress", "--batch-sizes", "1", "--warmup-ms", "0", "--profile-duration", "0",
-              "--profile-iterations", "1"]
+FAST_BUILD = [
+    "--trust-pickle",
+    "--input-shape",
+    "x".join(map(str, INPUT_SHAPE)),
+    "--calib",
+    "noise",
+    "--num-images",
+    "4",
+    "--no-cache",
+    "--no-progress",
+    "--batch-sizes",
+    "1",
+    "--warmup-ms",
+    "0",
+    "--profile-duration",
+    "0",
+    "--profile-iterations",
+    "1",
+]
 
 
 def error_classes() -> list[type[DfqError]]:
@@ -41,10 +57,21 @@ def test_exit_codes_are_distinct_and_all_listed():
     classes = error_classes()
     assert {cls.__name__ for cls in classes} == set(EXIT_CODES)
     assert len(set(EXIT_CODES.values())) == len(EXIT_CODES)
-    assert EXIT_CODES == {"DfqError": 1, "BadInputError": 2, "MissingDependencyError": 3, "ExportError": 4,
-                          "EngineBuildError": 5, "FidelityGateError": 6, "BudgetNotMetError": 7,
-                          "RegressionError": 8, "EngineRuntimeError": 9, "RemoteError": 10,
-                          "QualityGateError": 11, "StorageError": 12, "LockedError": 13}
+    assert EXIT_CODES == {
+        "DfqError": 1,
+        "BadInputError": 2,
+        "MissingDependencyError": 3,
+        "ExportError": 4,
+        "EngineBuildError": 5,
+        "FidelityGateError": 6,
+        "BudgetNotMetError": 7,
+        "RegressionError": 8,
+        "EngineRuntimeError": 9,
+        "RemoteError": 10,
+        "QualityGateError": 11,
+        "StorageError": 12,
+        "LockedError": 13,
+    }
 
 
 @pytest.mark.parametrize("cls", error_classes(), ids=lambda cls: cls.__name__)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from small_cnn import INPUT_SHAPE, SmallResNet
 
 from dfq_deploy import api
 from dfq_deploy.cache_store import DAMAGED_DIR, ENTRY_MANIFEST, CacheStore, CacheWarning, verify_entry
@@ -28,12 +29,27 @@ from dfq_deploy.calibration_set import TENSORS_FILE
 from dfq_deploy.cli import _run, main
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import EXIT_SIGINT, EXIT_SIGTERM, StorageError
-from small_cnn import INPUT_SHAPE, SmallResNet
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = "x".join(map(str, INPUT_SHAPE))
-FAST = ["--trust-pickle", "--input-shape", SHAPE, "--calib", "noise", "--num-images", "4", "--no-progress",
-        "--batch-sizes", "1", "--warmup-ms", "0", "--profile-iterations", "1", "--profile-duration", "0"]
+FAST = [
+    "--trust-pickle",
+    "--input-shape",
+    SHAPE,
+    "--calib",
+    "noise",
+    "--num-images",
+    "4",
+    "--no-progress",
+    "--batch-sizes",
+    "1",
+    "--warmup-ms",
+    "0",
+    "--profile-iterations",
+    "1",
+    "--profile-duration",
+    "0",
+]
 SLOW_ZEROQ = [*FAST[:3], "--calib", "zeroq", "--iterations", "100000", *FAST[5:]]  # ends only by a signal
 
 
@@ -70,6 +86,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 # --- verified caches -------------------------------------------------------------------------------
+
 
 def _only_entry(cache_dir: Path) -> Path:
     (entry,) = [p for p in (cache_dir / "synthesis").iterdir() if p.is_dir() and not p.name.startswith(".")]
@@ -133,8 +150,9 @@ def test_an_entry_that_verifies_but_does_not_load_is_made_again(tmp_path):
         raise ValueError("unsupported engine version")
 
     with pytest.warns(CacheWarning, match="does not load: unsupported engine version"):
-        value, hit = store.get_or_make("k" * 64, make=lambda: b"new", read=read,
-                                       write=lambda v, folder: (folder / "plan.bin").write_bytes(v))
+        value, hit = store.get_or_make(
+            "k" * 64, make=lambda: b"new", read=read, write=lambda v, folder: (folder / "plan.bin").write_bytes(v)
+        )
     assert (value, hit) == (b"new", False)
     assert (store.path_of("k" * 64) / "plan.bin").read_bytes() == b"new"
 
@@ -160,6 +178,7 @@ def test_cache_list_verify_and_clear(loaded, cache_dir):
 
 # --- the file system refuses -----------------------------------------------------------------------
 
+
 def test_an_os_error_no_stage_caught_is_a_storage_error(tmp_path):
     @click.command()
     @_run
@@ -167,13 +186,13 @@ def test_an_os_error_no_stage_caught_is_a_storage_error(tmp_path):
         (tmp_path / "missing" / "report.json").write_text("{}")
 
     result = CliRunner().invoke(write_into_nowhere, [])
-    assert_one_line_error(result, 12, str(tmp_path / "missing" / "report.json"), "No such file or directory",
-                          "hint:")
+    assert_one_line_error(result, 12, str(tmp_path / "missing" / "report.json"), "No such file or directory", "hint:")
 
 
 def test_storage_error_names_path_errno_text_and_a_hint():
-    exc = StorageError.from_os_error(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)),
-                                     path="/out/" + "x" * 300, action="write")
+    exc = StorageError.from_os_error(
+        OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)), path="/out/" + "x" * 300, action="write"
+    )
     assert exc.message.startswith("cannot write /out/xxx") and exc.message.endswith("File name too long")
     assert "shorter" in exc.hint
 
@@ -181,8 +200,11 @@ def test_storage_error_names_path_errno_text_and_a_hint():
 @contextlib.contextmanager
 def tmpfs(path: Path, *options: str):
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(("size=1500k", *options)), "tmpfs", str(path)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(("size=1500k", *options)), "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'})")
     try:
@@ -195,6 +217,7 @@ def tmpfs(path: Path, *options: str):
 def big_head_model(tmp_path_factory) -> Path:
     """~1.3 MB of FP32 weights: its artifacts do not fit in a 1.5 MB disk."""
     from tiny_models import TinyResNet, settle_batchnorm
+
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("big") / "big.pt"
     torch.save(settle_batchnorm(TinyResNet(num_classes=20000), INPUT_SHAPE), path)
@@ -221,11 +244,15 @@ def test_a_read_only_out_folder(model_file, tmp_path):
 
 # --- malformed configs -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, text, where", [
-    ("bad.yaml", "synthesis:\n  method: [noise\nquant:\n  bits: 8\n", "is not valid YAML at line 3, column 6"),
-    ("tabs.yml", "synthesis:\n\tmethod: noise\n", "is not valid YAML at line 2, column 1"),
-    ("bad.toml", "[synthesis]\nmethod = \n", "is not valid TOML: Invalid value (at line 2, column 10)"),
-])
+
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("bad.yaml", "synthesis:\n  method: [noise\nquant:\n  bits: 8\n", "is not valid YAML at line 3, column 6"),
+        ("tabs.yml", "synthesis:\n\tmethod: noise\n", "is not valid YAML at line 2, column 1"),
+        ("bad.toml", "[synthesis]\nmethod = \n", "is not valid TOML: Invalid value (at line 2, column 10)"),
+    ],
+)
 def test_a_malformed_config_names_file_line_and_column(model_file, tmp_path, name, text, where):
     config = tmp_path / name
     config.write_text(text)
@@ -237,11 +264,13 @@ def test_a_malformed_config_names_file_line_and_column(model_file, tmp_path, nam
 def test_a_config_that_is_not_text(model_file, tmp_path):
     config = tmp_path / "binary.yaml"
     config.write_bytes(b"\xff\xfe\x00synthesis")
-    assert_one_line_error(invoke("build", model_file, "--out", tmp_path / "o", "--config", config, *FAST), 2,
-                          "not UTF-8")
+    assert_one_line_error(
+        invoke("build", model_file, "--out", tmp_path / "o", "--config", config, *FAST), 2, "not UTF-8"
+    )
 
 
 # --- non-finite numbers ----------------------------------------------------------------------------
+
 
 def test_nan_weights_are_named_at_load(tmp_path):
     torch.manual_seed(0)
@@ -252,8 +281,9 @@ def test_nan_weights_are_named_at_load(tmp_path):
     path = tmp_path / "nan.pt"
     torch.save(model, path)
     result = invoke("build", path, "--out", tmp_path / "o", *FAST)
-    assert_one_line_error(result, 2, "NaN or infinite weights in 2 tensors", "block.conv1.weight (1 values)",
-                          "fc.bias (1 values)")
+    assert_one_line_error(
+        result, 2, "NaN or infinite weights in 2 tensors", "block.conv1.weight (1 values)", "fc.bias (1 values)"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -278,12 +308,14 @@ def test_overflowing_activations_name_the_layer(loaded):
 
 def test_a_synthesis_loss_that_diverges_stops_with_a_clear_error(loaded):
     from dfq_deploy.errors import BadInputError
+
     config = SynthesisConfig(method="zeroq", num_images=4, batch_size=4, iterations=20, lr=1e30)
     with pytest.raises(BadInputError, match=r"the synthesis loss became (nan|inf) at step \d+ \(lr 1e\+30\)"):
         api.synthesize(loaded, config=config, progress=False)
 
 
 # --- evaluation sets checked against the model -----------------------------------------------------
+
 
 def _npz(path: Path, x: np.ndarray, y) -> Path:
     np.savez(path, x=x, y=np.asarray(y))
@@ -300,15 +332,18 @@ def test_an_eval_set_of_another_size_is_refused_unless_resized(model_file, tmp_p
     assert resized.exit_code == 0 and json.loads(resized.output)["images"] == 3
 
 
-@pytest.mark.parametrize("x, y, expected", [
-    (np.zeros((2, 16, 16, 3), np.uint8), [0, 5], "labels 0..5, the model has 5 output classes (labels 0..4)"),
-    (np.zeros((2, 16, 16, 3), np.uint8), [-1, 0], "labels -1..0, the model has 5 output classes"),
-    (np.zeros((0, 16, 16, 3), np.uint8), np.zeros(0, np.int64), "holds no images"),
-    (np.zeros((2, 3, 16, 16), np.uint8), [0, 1], "holds 16-channel images"),
-    (np.full((2, 16, 16, 3), 200.0, np.float32), [0, 1], "holds floats in [200, 200], expected uint8"),
-    (np.zeros((2, 16, 16, 3), np.int32), [0, 1], "x has dtype int32, expected uint8"),
-    (np.zeros((2, 16, 16, 3), np.uint8), [0.5, 1.0], "y has dtype float64, expected integer"),
-])
+@pytest.mark.parametrize(
+    "x, y, expected",
+    [
+        (np.zeros((2, 16, 16, 3), np.uint8), [0, 5], "labels 0..5, the model has 5 output classes (labels 0..4)"),
+        (np.zeros((2, 16, 16, 3), np.uint8), [-1, 0], "labels -1..0, the model has 5 output classes"),
+        (np.zeros((0, 16, 16, 3), np.uint8), np.zeros(0, np.int64), "holds no images"),
+        (np.zeros((2, 3, 16, 16), np.uint8), [0, 1], "holds 16-channel images"),
+        (np.full((2, 16, 16, 3), 200.0, np.float32), [0, 1], "holds floats in [200, 200], expected uint8"),
+        (np.zeros((2, 16, 16, 3), np.int32), [0, 1], "x has dtype int32, expected uint8"),
+        (np.zeros((2, 16, 16, 3), np.uint8), [0.5, 1.0], "y has dtype float64, expected integer"),
+    ],
+)
 def test_eval_set_mismatches_name_what_was_expected(model_file, tmp_path, x, y, expected):
     path = _npz(tmp_path / "set.npz", x, y)
     result = invoke("eval", model_file, "--trust-pickle", "--input-shape", SHAPE, "--eval-set", path)
@@ -318,6 +353,7 @@ def test_eval_set_mismatches_name_what_was_expected(model_file, tmp_path, x, y, 
 def test_channels_first_eval_set_gets_a_layout_hint(loaded, tmp_path):
     from dfq_deploy.errors import BadInputError
     from dfq_deploy.evaluate import load_eval_set
+
     path = _npz(tmp_path / "nchw.npz", np.zeros((2, 3, 16, 16), np.uint8), [0, 1])
     with pytest.raises(BadInputError) as info:
         load_eval_set(path, input_shape=INPUT_SHAPE, mean=(0, 0, 0), std=(1, 1, 1), num_classes=5)
@@ -330,9 +366,14 @@ LOCK = ".dfq-deploy.lock"
 
 
 def _spawn_build(model_file: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dfq_deploy.cli", "build", str(model_file), "--out", str(out),
-                             *(extra or FAST)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")})
+    return subprocess.Popen(
+        [sys.executable, "-m", "dfq_deploy.cli", "build", str(model_file), "--out", str(out), *(extra or FAST)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")},
+    )
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
@@ -366,8 +407,9 @@ def test_locked_and_killed_builds(model_file, cache_dir, tmp_path):
     refused = invoke("build", model_file, "--out", holder_out, *FAST)
     assert_one_line_error(refused, 13, f"output folder {holder_out} is locked by pid {holder.pid}", "--wait")
     waiting: dict = {}
-    waiter = threading.Thread(target=lambda: waiting.update(
-        result=invoke("build", model_file, "--out", holder_out, "--wait", *FAST)))
+    waiter = threading.Thread(
+        target=lambda: waiting.update(result=invoke("build", model_file, "--out", holder_out, "--wait", *FAST))
+    )
     waiter.start()
     time.sleep(0.5)
     assert waiter.is_alive(), "--wait queues behind the holder"
@@ -433,8 +475,14 @@ def test_two_writers_of_one_cache_entry_make_it_once(tmp_path):
         return b"plan"
 
     def get():
-        results.append(store.get_or_make("e" * 64, make=make, read=lambda folder: (folder / "p").read_bytes(),
-                                         write=lambda value, folder: (folder / "p").write_bytes(value)))
+        results.append(
+            store.get_or_make(
+                "e" * 64,
+                make=make,
+                read=lambda folder: (folder / "p").read_bytes(),
+                write=lambda value, folder: (folder / "p").write_bytes(value),
+            )
+        )
 
     threads = [threading.Thread(target=get) for _ in range(2)]
     for t in threads:
@@ -449,6 +497,7 @@ def test_two_writers_of_one_cache_entry_make_it_once(tmp_path):
 def test_a_damaged_reconstruction_checkpoint_is_started_over(loaded, tmp_path):
     from dfq_deploy.calibration_set import CalibrationSet
     from dfq_deploy.config import ReconstructionConfig
+
     checkpoint = tmp_path / "recon"
     checkpoint.mkdir()
     (checkpoint / "reconstruction.pt").write_bytes(b"PK\x03\x04 cut off by a full disk")

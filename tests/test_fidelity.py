@@ -9,17 +9,25 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
 from onnx import numpy_helper
+from small_cnn import INPUT_SHAPE, SmallResNet, quantized_small_resnet
 
 from dfq_deploy import api
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import ProfileConfig, SynthesisConfig
 from dfq_deploy.debug import debug_build_folder, read_manifest, rebuild_reference
 from dfq_deploy.errors import BadInputError
-from dfq_deploy.fidelity import (DEPARTURE_SQNR_DB, MAX_SQNR_DB, _ErrorSums, first_departure, layer_fidelity,
-                                 layer_taps, onnx_with_taps, render_fidelity_md)
-from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
-from small_cnn import INPUT_SHAPE, SmallResNet, quantized_small_resnet
+from dfq_deploy.fidelity import (
+    DEPARTURE_SQNR_DB,
+    MAX_SQNR_DB,
+    _ErrorSums,
+    first_departure,
+    layer_fidelity,
+    layer_taps,
+    onnx_with_taps,
+    render_fidelity_md,
+)
 
 LAYERS = ["stem.0", "block.conv1", "block.conv2", "head", "fc"]
 
@@ -77,9 +85,12 @@ def test_a_layer_with_its_activation_scale_times_100_is_named_first(small, broke
     first = first_departure(report, "onnxruntime-cpu")
     assert first is not None and first.layer == broken
     assert report.first_departures() == {"onnxruntime-cpu": broken}
-    before = LAYERS[:LAYERS.index(broken)]
-    assert all(layer.vs_runtime["onnxruntime-cpu"].sqnr_db > DEPARTURE_SQNR_DB
-               for layer in report.layers if layer.layer in before)
+    before = LAYERS[: LAYERS.index(broken)]
+    assert all(
+        layer.vs_runtime["onnxruntime-cpu"].sqnr_db > DEPARTURE_SQNR_DB
+        for layer in report.layers
+        if layer.layer in before
+    )
     assert f"first departs from the reference at `{broken}`" in "\n".join(render_fidelity_md(report))
 
 
@@ -109,9 +120,16 @@ def test_debug_on_a_build_folder_names_the_edited_layer(tmp_path):
     torch.manual_seed(0)
     torch.save(SmallResNet().eval(), tmp_path / "small.pt")
     out = tmp_path / "build"
-    api.build(tmp_path / "small.pt", out_dir=out, trust_pickle=True, input_shape=INPUT_SHAPE,
-              synthesis=SynthesisConfig(method="noise", num_images=8), use_cache=False, progress=False,
-              profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=0, iterations=1, duration_s=0))
+    api.build(
+        tmp_path / "small.pt",
+        out_dir=out,
+        trust_pickle=True,
+        input_shape=INPUT_SHAPE,
+        synthesis=SynthesisConfig(method="noise", num_images=8),
+        use_cache=False,
+        progress=False,
+        profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=0, iterations=1, duration_s=0),
+    )
     clean = debug_build_folder(out, trust_pickle=True)
     assert clean.reference_mismatches == () and clean.fidelity.first_departures() == {"onnxruntime-cpu": None}
     assert [row.used for row in clean.precision[0].layers if row.kind == "Conv2d"] == ["int8"] * 4

@@ -11,9 +11,25 @@ from click.testing import CliRunner
 
 from dfq_deploy.cli import main
 
-FAST = ["--trust-pickle", "--input-shape", "1x3x16x16", "--calib", "noise", "--num-images", "8", "--no-cache",
-        "--no-progress", "--batch-sizes", "1,4", "--warmup-ms", "0", "--profile-iterations", "2",
-        "--profile-duration", "0"]
+FAST = [
+    "--trust-pickle",
+    "--input-shape",
+    "1x3x16x16",
+    "--calib",
+    "noise",
+    "--num-images",
+    "8",
+    "--no-cache",
+    "--no-progress",
+    "--batch-sizes",
+    "1,4",
+    "--warmup-ms",
+    "0",
+    "--profile-iterations",
+    "2",
+    "--profile-duration",
+    "0",
+]
 PASSING = ["--min-top1", "0", "--max-latency-ms", "60000", "--max-drop-measured", "100"]
 FAILING = ["--min-top1", "99", "--max-latency-ms", "0.0001", "--gate-batch", "4", "--max-drop-measured", "100"]
 
@@ -45,7 +61,10 @@ def test_gates_fail_after_the_report_and_finished_builds_are_not_redone(tiny_sta
     assert first.exit_code == 0, first.output
     report = json.loads((out / "report.json").read_text())
     assert [(g["gate"], g["passed"]) for g in report["quality_gates"]] == [
-        ("min_top1", True), ("max_drop_measured", True), ("max_latency_ms", True)]
+        ("min_top1", True),
+        ("max_drop_measured", True),
+        ("max_latency_ms", True),
+    ]
     assert report["quality_gates"][0]["measured"] == report["accuracy"]["onnxruntime_int8"]
     key = _manifest(out)["build_key"]
     assert len(key) == 64 and _manifest(out)["finished"]
@@ -75,8 +94,10 @@ def test_gates_fail_after_the_report_and_finished_builds_are_not_redone(tiny_sta
     assert forced.exit_code == 11 and "up-to-date" not in forced.output
 
 
-@pytest.mark.parametrize("flags, needs", [(["--min-top1", "50"], "--eval-set"),
-                                          (["--max-latency-ms", "5", "--gate-batch", "8"], "--batch-sizes")])
+@pytest.mark.parametrize(
+    "flags, needs",
+    [(["--min-top1", "50"], "--eval-set"), (["--max-latency-ms", "5", "--gate-batch", "8"], "--batch-sizes")],
+)
 def test_a_gate_the_build_cannot_measure_is_refused_before_any_work(flags, needs, tiny_state_dict, tmp_path):
     result = invoke("build", tiny_state_dict, *FAST, *flags, "--out", tmp_path / "o")
     assert result.exit_code == 2, result.output

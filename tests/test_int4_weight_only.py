@@ -9,18 +9,24 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from dfq_deploy.converters import trt_rules
+from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from onnx import TensorProto, numpy_helper
+from tiny_models import NoBatchNormNet, settle_batchnorm
 from torch import nn
 
 from dfq_deploy.calibration_set import CalibrationSet
-from dfq_deploy.config import (INT8_TENSORRT, LayerOverride, QuantScheme, ReconstructionConfig, from_mapping,
-                               int4_weight_only)
-from dfq_deploy.converters import trt_rules
-from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
+from dfq_deploy.config import (
+    INT8_TENSORRT,
+    LayerOverride,
+    QuantScheme,
+    ReconstructionConfig,
+    from_mapping,
+    int4_weight_only,
+)
 from dfq_deploy.deployment import onnxruntime_agreement
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.quant.quantize import fit_block_size, quantize
-from tiny_models import NoBatchNormNet, settle_batchnorm
 
 INT4W = int4_weight_only(INT8_TENSORRT)
 
@@ -54,17 +60,28 @@ def test_int4w_is_an_override_on_linear_layers_only():
     assert INT4W.layer_quant("fc", kind="Linear", blocked=False).weight_block_size is None
 
 
-@pytest.mark.parametrize("changes, fragment", [({"weight_block_size": 24}, "power of two"),
-                                               ({"weight_block_size": 8}, ">= 16"),
-                                               ({"weight_block_size": 64, "weight_bits": 8}, "INT4")])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"weight_block_size": 24}, "power of two"),
+        ({"weight_block_size": 8}, ">= 16"),
+        ({"weight_block_size": 64, "weight_bits": 8}, "INT4"),
+    ],
+)
 def test_block_overrides_are_validated(changes, fragment):
     with pytest.raises(BadInputError, match=fragment):
         LayerOverride("fc", **changes)
 
 
 def test_overrides_from_a_config_file_name_unknown_keys():
-    scheme = from_mapping(QuantScheme, {"overrides": [{"pattern": "*", "kind": "Linear", "weight_bits": 4,
-                                                       "act_bits": None, "weight_block_size": 64}]})
+    scheme = from_mapping(
+        QuantScheme,
+        {
+            "overrides": [
+                {"pattern": "*", "kind": "Linear", "weight_bits": 4, "act_bits": None, "weight_block_size": 64}
+            ]
+        },
+    )
     assert scheme.overrides[0].weight_block_size == 64
     # the CLI merges a config file's scheme through dataclasses.asdict: overrides come back as mappings
     assert dataclasses.replace(INT8_TENSORRT, **dataclasses.asdict(scheme)).overrides == scheme.overrides
@@ -72,8 +89,9 @@ def test_overrides_from_a_config_file_name_unknown_keys():
         from_mapping(QuantScheme, {"overrides": [{"pattern": "*", "block": 64}]})
 
 
-@pytest.mark.parametrize("in_features, block", [(512, 128), (1280, 128), (64, 64), (96, 32), (16, 16),
-                                                (8, None), (100, None)])
+@pytest.mark.parametrize(
+    "in_features, block", [(512, 128), (1280, 128), (64, 64), (96, 32), (16, 16), (8, None), (100, None)]
+)
 def test_fit_block_size(in_features, block):
     assert fit_block_size(128, in_features) == block
 
@@ -114,11 +132,13 @@ def test_onnxruntime_runs_int4w_like_the_fake_quant_reference():
     from dfq_deploy.cifar_resnet import cifar_resnet
 
     torch.manual_seed(0)
-    qmodel = quantize(cifar_resnet("resnet20").eval(), CalibrationSet(_images(16, (3, 32, 32))), scheme=INT4W,
-                      progress=False)
+    qmodel = quantize(
+        cifar_resnet("resnet20").eval(), CalibrationSet(_images(16, (3, 32, 32))), scheme=INT4W, progress=False
+    )
     assert qmodel.layers[-1].weight_block_size == 64  # 64 inputs: one block
-    result = onnxruntime_agreement(qmodel, onnx_from_quant_model(qmodel), _images(64, (3, 32, 32), seed=1),
-                                   batch_size=32, threads=2)
+    result = onnxruntime_agreement(
+        qmodel, onnx_from_quant_model(qmodel), _images(64, (3, 32, 32), seed=1), batch_size=32, threads=2
+    )
     assert result.samples == 64
     # (no top-1 check: an untrained network's logits are near ties; the real-image test checks it)
     assert result.relative_l2 <= 1e-2, result
@@ -141,9 +161,13 @@ def test_real_cifar_resnet_int4w_matches_on_real_images(assets):
 
 def test_reconstructed_blocks_still_export_exactly():
     """AdaRound learns the rounding of every element of a block; the baked weights export as they run."""
-    qmodel = quantize(_wide_head(), CalibrationSet(_images(16)), progress=False,
-                      scheme=int4_weight_only(INT8_TENSORRT, block_size=32),
-                      reconstruct=ReconstructionConfig(iterations=20, batch_size=8))
+    qmodel = quantize(
+        _wide_head(),
+        CalibrationSet(_images(16)),
+        progress=False,
+        scheme=int4_weight_only(INT8_TENSORRT, block_size=32),
+        reconstruct=ReconstructionConfig(iterations=20, batch_size=8),
+    )
     result = onnxruntime_agreement(qmodel, onnx_from_quant_model(qmodel), _images(32, seed=1), threads=2)
     assert result.relative_l2 <= 1e-2, result
 
@@ -167,12 +191,25 @@ def test_block_size_on_a_conv_is_refused():
 def test_quantize_command_writes_int4w_for_tensorrt_and_refuses_it_for_onnxruntime(tmp_path):
     """`dfq-deploy quantize --precision int4w` writes the blocked INT4 Linear; onnxruntime is refused (exit 2)."""
     from click.testing import CliRunner
+
     from dfq_deploy.cli import main
 
     path = tmp_path / "wide.pt"
     torch.save(_wide_head(), path)
-    common = ["quantize", str(path), "--trust-pickle", "--input-shape", "1x3x16x16", "--calib", "noise",
-              "--num-images", "8", "--no-progress", "--precision", "int4w"]
+    common = [
+        "quantize",
+        str(path),
+        "--trust-pickle",
+        "--input-shape",
+        "1x3x16x16",
+        "--calib",
+        "noise",
+        "--num-images",
+        "8",
+        "--no-progress",
+        "--precision",
+        "int4w",
+    ]
     refused = CliRunner().invoke(main, common + ["--out", str(tmp_path / "ort")])
     assert refused.exit_code == 2 and "int4w" in refused.output
     assert not (tmp_path / "ort").exists()

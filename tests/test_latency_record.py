@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from dfq_deploy.runtimes.base import Runner
+from dfq_deploy.runtimes.profiler import LatencyRecord, StageTimes, profile
 
 from dfq_deploy.cli import main
 from dfq_deploy.config import ProfileConfig
 from dfq_deploy.report import render_markdown
-from dfq_deploy.runtimes.base import Runner
-from dfq_deploy.runtimes.profiler import LatencyRecord, StageTimes, profile
 
 
 class FakeClock:
@@ -77,12 +77,12 @@ def test_slow_runs_still_get_the_minimum_count(seconds, runs, warmup_calls):
 
 def test_torch_runner_gives_the_same_record():
     import torch
-
     from dfq_deploy.runtimes.torch import TorchRunner
 
     with TorchRunner(torch.nn.Linear(4, 3), input_shape=(4,)) as runner:
-        record = profile(runner, np.zeros((3, 4), np.float32),
-                         config=ProfileConfig(warmup_ms=0, iterations=5, duration_s=0))
+        record = profile(
+            runner, np.zeros((3, 4), np.float32), config=ProfileConfig(warmup_ms=0, iterations=5, duration_s=0)
+        )
     assert isinstance(record, LatencyRecord) and record.runner == "torch" and record.runs == 5
     assert 0 < record.min_ms <= record.median_ms <= record.p90_ms <= record.p95_ms <= record.p99_ms <= record.max_ms
 
@@ -90,28 +90,45 @@ def test_torch_runner_gives_the_same_record():
 def gpu_record(median_ms: float) -> LatencyRecord:
     """A TensorRT runner's record, as its profile() fills it (CUDA-event samples and stage times)."""
     samples = list(np.random.default_rng(0).normal(median_ms, median_ms * 0.02, 200).clip(min=median_ms * 0.9))
-    stages = {name: StageTimes.from_samples([s * share for s in samples])
-              for name, share in (("h2d", 0.2), ("compute", 0.7), ("d2h", 0.1), ("enqueue", 0.05))}
-    return LatencyRecord.from_samples("tensorrt-int8", 8, samples, timing=ProfileConfig().timing_options() |
-                                      {"clock": "cuda_event", "cuda_graph": False}, **stages)
+    stages = {
+        name: StageTimes.from_samples([s * share for s in samples])
+        for name, share in (("h2d", 0.2), ("compute", 0.7), ("d2h", 0.1), ("enqueue", 0.05))
+    }
+    return LatencyRecord.from_samples(
+        "tensorrt-int8",
+        8,
+        samples,
+        timing=ProfileConfig().timing_options() | {"clock": "cuda_event", "cuda_graph": False},
+        **stages,
+    )
 
 
 def trt_report(median_ms: float) -> dict:
     record = gpu_record(median_ms)
     assert LatencyRecord.from_dict(json.loads(json.dumps(record.as_dict()))) == record
-    return {"target": "tensorrt", "model": {"path": "m.pt"},
-            "deployment": {"runtime": "tensorrt", "latency": [record.as_dict()],
-                           "engine_metadata": {"gpu": {"name": "NVIDIA H200", "compute_capability": "9.0"}}}}
+    return {
+        "target": "tensorrt",
+        "model": {"path": "m.pt"},
+        "deployment": {
+            "runtime": "tensorrt",
+            "latency": [record.as_dict()],
+            "engine_metadata": {"gpu": {"name": "NVIDIA H200", "compute_capability": "9.0"}},
+        },
+    }
 
 
 def test_report_renders_the_full_tensorrt_latency_table():
     markdown = render_markdown(trt_report(2.0))
     assert "## Latency (tensorrt, NVIDIA H200)" in markdown
-    assert ("| runner | batch | runs | median ms | mean ms | min ms | p90 ms | p95 ms | p99 ms | max ms | std ms "
-            "| images/s |") in markdown
+    assert (
+        "| runner | batch | runs | median ms | mean ms | min ms | p90 ms | p95 ms | p99 ms | max ms | std ms "
+        "| images/s |"
+    ) in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| tensorrt-int8 | 8 | 200 |"))
     assert "—" not in row and len(row.split("|")) == 14
-    assert "| runner | batch | enqueue ms (median / p99) | h2d ms (median / p99) | compute ms (median / p99) |" in markdown
+    assert (
+        "| runner | batch | enqueue ms (median / p99) | h2d ms (median / p99) | compute ms (median / p99) |" in markdown
+    )
     assert "clock cuda_event" in markdown
 
 

@@ -7,15 +7,15 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_models import tiny_resnet
 
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import MixedPrecisionConfig, QuantScheme
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.graph_capture import capture_graph
 from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.quant.quantizers import float_mode
-from dfq_deploy.graph_capture import capture_graph
 from dfq_deploy.quant.sensitivity import measure_sensitivity, plan_mixed_precision, plot_sensitivity, sensitivity_plan
-from tiny_models import tiny_resnet
 
 LOW = QuantScheme(weight_bits=3, act_bits=4, calibrator="mse", weight_calibrator="mse")
 

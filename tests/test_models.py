@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torchvision
+from tiny_models import tiny_resnet
 from torch.export import Dim
 
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.models import load_model, parse_input_shape
-from tiny_models import tiny_resnet
 
 SHAPE = (3, 16, 16)
 

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
-from dfq_deploy.calibration_set import CalibrationSet
-from dfq_deploy.cli import main
-from dfq_deploy.config import LayerOverride, default_scheme
 from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
-from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
-from dfq_deploy.precision_map import asks_integer_arithmetic, float_fallback_warning, precision_map_openvino
-from dfq_deploy.quant.quantize import LayerInfo, quantize
 from dfq_deploy.runtimes.profiler import compare
 from dfq_deploy.runtimes.torch import TorchRunner
 from small_cnn import INPUT_SHAPE, quantized_small_resnet
 from tiny_models import tiny_resnet
+
+from dfq_deploy.calibration_set import CalibrationSet
+from dfq_deploy.cli import main
+from dfq_deploy.config import LayerOverride, default_scheme
+from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
+from dfq_deploy.precision_map import asks_integer_arithmetic, float_fallback_warning, precision_map_openvino
+from dfq_deploy.quant.quantize import LayerInfo, quantize
 
 NEEDS_OPENVINO = "openvino is not installed (pip install 'dfq-deploy[openvino]'); the OpenVINO target is optional"
 
@@ -39,6 +39,7 @@ def small(ov):
 
 def _runner(source, **options):
     from dfq_deploy.runtimes.openvino import OpenVINORunner
+
     return OpenVINORunner(source, threads=2, **options)
 
 
@@ -75,11 +76,12 @@ def test_runner_refuses_bad_graphs_and_options(ov):
 
 def test_missing_openvino_names_the_extra(monkeypatch, tmp_path):
     from dfq_deploy.runtimes.openvino import OpenVINORunner
+
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
     with pytest.raises(MissingDependencyError) as err:
         with OpenVINORunner(b""):
             pass
-    assert err.value.extra == "openvino" and 'dfq-deploy[openvino]' in err.value.hint
+    assert err.value.extra == "openvino" and "dfq-deploy[openvino]" in err.value.hint
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
     result = CliRunner().invoke(main, ["profile", str(model), "--target", "openvino"])
@@ -88,8 +90,10 @@ def test_missing_openvino_names_the_extra(monkeypatch, tmp_path):
 
 def test_small_cnn_agrees_with_fake_quant(small):
     images = torch.randn(64, *INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
-    with TorchRunner(small.qmodel.module, input_shape=INPUT_SHAPE, name="fake-quant") as ref, \
-            _runner(small.onnx_model.SerializeToString()) as ov_runner:
+    with (
+        TorchRunner(small.qmodel.module, input_shape=INPUT_SHAPE, name="fake-quant") as ref,
+        _runner(small.onnx_model.SerializeToString()) as ov_runner,
+    ):
         result = compare(ref, ov_runner, (b.numpy() for b in images.split(32)))
     assert result.samples == 64
     assert result.top1_agreement >= 0.99, result
@@ -125,17 +129,50 @@ def test_precision_map_reads_real_execution_precisions(ov):
     assert "head" in float_fallback_warning(flagged)
 
 
-FAST = ["--input-shape", "1x3x16x16", "--num-images", "16", "--synth-batch-size", "8", "--no-cache",
-        "--no-progress", "--calib", "noise", "--batch-sizes", "1,4", "--warmup-ms", "1", "--profile-iterations", "4",
-        "--profile-duration", "0"]
+FAST = [
+    "--input-shape",
+    "1x3x16x16",
+    "--num-images",
+    "16",
+    "--synth-batch-size",
+    "8",
+    "--no-cache",
+    "--no-progress",
+    "--calib",
+    "noise",
+    "--batch-sizes",
+    "1,4",
+    "--warmup-ms",
+    "1",
+    "--profile-iterations",
+    "4",
+    "--profile-duration",
+    "0",
+]
 
 
 def test_build_profile_and_compare_on_openvino(ov, tmp_path):
     model = tmp_path / "tiny.pt"
     torch.save(tiny_resnet(), model)
     out = tmp_path / "build"
-    result = CliRunner().invoke(main, ["build", str(model), "--trust-pickle", "--target", "openvino", "--threads", "2",
-                                       "--performance-hint", "THROUGHPUT", "--out", str(out), "--json", *FAST])
+    result = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(model),
+            "--trust-pickle",
+            "--target",
+            "openvino",
+            "--threads",
+            "2",
+            "--performance-hint",
+            "THROUGHPUT",
+            "--out",
+            str(out),
+            "--json",
+            *FAST,
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     dep = report["deployment"]
@@ -145,8 +182,14 @@ def test_build_profile_and_compare_on_openvino(ov, tmp_path):
     assert dep["fidelity_vs_fake_quant"]["candidate"] == "openvino-cpu-int8"
     assert dep["fidelity_vs_fake_quant"]["top1_agreement"] >= 0.9
     rows = {(r["runner"], r["batch_size"]): r for r in dep["latency"]}
-    assert set(rows) == {("openvino-cpu-fp32", 1), ("openvino-cpu-int8", 1), ("openvino-cpu-fp32", 4),
-                         ("openvino-cpu-int8", 4), ("openvino-cpu-fp32-async", 1), ("openvino-cpu-int8-async", 1)}
+    assert set(rows) == {
+        ("openvino-cpu-fp32", 1),
+        ("openvino-cpu-int8", 1),
+        ("openvino-cpu-fp32", 4),
+        ("openvino-cpu-int8", 4),
+        ("openvino-cpu-fp32-async", 1),
+        ("openvino-cpu-int8-async", 1),
+    }
     async_row = rows[("openvino-cpu-int8-async", 1)]
     assert async_row["timing"]["mode"] == "async" and async_row["runs"] == 4
     assert async_row["timing"]["infer_requests"] >= 1 and async_row["throughput_ips"] > 0
@@ -154,9 +197,23 @@ def test_build_profile_and_compare_on_openvino(ov, tmp_path):
     assert any("OpenVINO form" in note for note in report["notes"])
     assert "## Latency (openvino" in (out / "report.md").read_text()
 
-    profiled = CliRunner().invoke(main, ["profile", str(out / "model.qdq.onnx"), "--target", "openvino",
-                                         "--batch-sizes", "2", "--warmup-ms", "1", "--profile-iterations", "3",
-                                          "--profile-duration", "0"])
+    profiled = CliRunner().invoke(
+        main,
+        [
+            "profile",
+            str(out / "model.qdq.onnx"),
+            "--target",
+            "openvino",
+            "--batch-sizes",
+            "2",
+            "--warmup-ms",
+            "1",
+            "--profile-iterations",
+            "3",
+            "--profile-duration",
+            "0",
+        ],
+    )
     assert profiled.exit_code == 0, profiled.output
     profile = json.loads(profiled.output)
     assert [(r["runner"], r["batch_size"], r["runs"]) for r in profile["latency"]] == [("openvino-cpu", 2, 3)]
@@ -174,6 +231,7 @@ def test_openvino_refuses_tensorrt_only_precision():
 @pytest.fixture(scope="module")
 def resnet20(ov, assets_dir):
     from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
+
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(assets_dir / "cifar10" / "resnet20-12fca82f.th"))
     data = np.load(assets_dir / "cifar10" / "test-lossless-1017.npz")
     x = torch.tensor(data["x"][:256]).permute(0, 3, 1, 2).float() / 255
@@ -186,6 +244,7 @@ def resnet20(ov, assets_dir):
 @pytest.fixture(scope="module")
 def assets_dir():
     from conftest import ASSETS
+
     if not (ASSETS / "cifar10").is_dir():
         pytest.skip(f"real assets not found at {ASSETS} (see the project README)")
     return ASSETS

@@ -9,16 +9,24 @@ import onnx
 import pytest
 import torch
 import torchvision
+from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from onnx import TensorProto, helper, numpy_helper
+from small_cnn import quantized_small_resnet
 
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import default_scheme
-from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
-from dfq_deploy.precision_map import (LayerPrecision, PrecisionMap, asked_precision, asks_integer_arithmetic,
-                                      float_fallback_warning, layers_from_graph, precision_map_onnxruntime,
-                                      precision_map_tensorrt, render_precision_md)
+from dfq_deploy.precision_map import (
+    LayerPrecision,
+    PrecisionMap,
+    asked_precision,
+    asks_integer_arithmetic,
+    float_fallback_warning,
+    layers_from_graph,
+    precision_map_onnxruntime,
+    precision_map_tensorrt,
+    render_precision_md,
+)
 from dfq_deploy.quant.quantize import quantize
-from small_cnn import quantized_small_resnet
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +69,33 @@ def test_a_conv_onnxruntime_cannot_fuse_shows_as_float_with_its_reason():
 def gemm_with_float_bias(*, bias: bool) -> onnx.ModelProto:
     """x -> Q/DQ (uint8) -> Gemm(W from ``fc.weight_quantizer/DequantizeLinear``, float bias) -> logits."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(np.float32(0.1), "x_scale"), numpy_helper.from_array(np.uint8(128), "x_zp"),
-             numpy_helper.from_array(rng.integers(-127, 128, (4, 8)).astype(np.int8), "fc.weight_quantizer_quantized"),
-             numpy_helper.from_array(np.full(4, 0.01, np.float32), "w_scale"),
-             numpy_helper.from_array(np.zeros(4, np.int8), "w_zp"),
-             numpy_helper.from_array(np.zeros(4, np.float32), "fc.bias")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="act_quant.x/QuantizeLinear"),
-             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="act_quant.x/DequantizeLinear"),
-             helper.make_node("DequantizeLinear", ["fc.weight_quantizer_quantized", "w_scale", "w_zp"], ["wd"],
-                              name="fc.weight_quantizer/DequantizeLinear", axis=0),
-             helper.make_node("Gemm", ["xd", "wd"] + (["fc.bias"] if bias else []), ["logits"], name="/fc/Gemm", transB=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 4])], inits)
+    inits = [
+        numpy_helper.from_array(np.float32(0.1), "x_scale"),
+        numpy_helper.from_array(np.uint8(128), "x_zp"),
+        numpy_helper.from_array(rng.integers(-127, 128, (4, 8)).astype(np.int8), "fc.weight_quantizer_quantized"),
+        numpy_helper.from_array(np.full(4, 0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(4, np.int8), "w_zp"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "fc.bias"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="act_quant.x/QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="act_quant.x/DequantizeLinear"),
+        helper.make_node(
+            "DequantizeLinear",
+            ["fc.weight_quantizer_quantized", "w_scale", "w_zp"],
+            ["wd"],
+            name="fc.weight_quantizer/DequantizeLinear",
+            axis=0,
+        ),
+        helper.make_node("Gemm", ["xd", "wd"] + (["fc.bias"] if bias else []), ["logits"], name="/fc/Gemm", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 4])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
 
 
@@ -87,8 +110,9 @@ def test_gemm_with_float_bias_and_float_output_is_float_with_its_reason():
 def test_layers_are_read_from_the_graph_when_no_quant_model_is_given():
     small = quantized_small_resnet("onnxruntime", images=4)
     from_graph = layers_from_graph(small.onnx_model)
-    assert [(l.name, l.weight_bits, l.act_bits) for l in from_graph] == \
-        [(l.name, l.weight_bits, l.act_bits) for l in small.qmodel.layers]
+    assert [(layer.name, layer.weight_bits, layer.act_bits) for layer in from_graph] == [
+        (layer.name, layer.weight_bits, layer.act_bits) for layer in small.qmodel.layers
+    ]
 
 
 def test_asked_precision_names():
@@ -108,12 +132,26 @@ def test_tensorrt_map_reads_the_engine_inspector_layers():
     small = quantized_small_resnet("tensorrt", images=4)
     convs = {n.name: n for n in small.onnx_model.graph.node if n.op_type in ("Conv", "Gemm")}
     stem_node, *others = convs
-    engine_layers = [{"name": f"act_quant.x/QuantizeLinear + {stem_node} + /Relu", "type": "CaskConvolution",
-                      "inputs": ["Int8 NC/32HW32"], "outputs": ["Int8 NC/32HW32"]}]
-    engine_layers += [{"name": name, "type": "CaskConvolution", "inputs": ["Row major linear FP32 format"],
-                       "outputs": ["Row major linear FP32 format"]} for name in others]
-    pmap = precision_map_tensorrt(small.onnx_model, {"target": "tensorrt", "engine_layers": engine_layers},
-                                  layers=small.qmodel.layers)
+    engine_layers = [
+        {
+            "name": f"act_quant.x/QuantizeLinear + {stem_node} + /Relu",
+            "type": "CaskConvolution",
+            "inputs": ["Int8 NC/32HW32"],
+            "outputs": ["Int8 NC/32HW32"],
+        }
+    ]
+    engine_layers += [
+        {
+            "name": name,
+            "type": "CaskConvolution",
+            "inputs": ["Row major linear FP32 format"],
+            "outputs": ["Row major linear FP32 format"],
+        }
+        for name in others
+    ]
+    pmap = precision_map_tensorrt(
+        small.onnx_model, {"target": "tensorrt", "engine_layers": engine_layers}, layers=small.qmodel.layers
+    )
     rows = {row.layer: row for row in pmap.layers}
     assert pmap.runtime == "tensorrt"
     assert (rows["stem.0"].used, rows["stem.0"].reason) == ("int8", None)

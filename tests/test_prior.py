@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from tiny_models import NoBatchNormNet, tiny_resnet
 
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.synthesis import synthesize
 from dfq_deploy.synthesis.prior import pink_noise
-from tiny_models import NoBatchNormNet, tiny_resnet
 
 SHAPE = (3, 16, 16)
 

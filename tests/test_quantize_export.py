@@ -7,17 +7,17 @@ import onnx
 import pytest
 import torch
 import torchvision
+from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
+from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
+from tiny_models import settle_batchnorm, tiny_resnet
 
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import default_scheme
-from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
+from dfq_deploy.deployment import onnxruntime_agreement
+from dfq_deploy.errors import BadInputError
 from dfq_deploy.graph_capture import capture_graph
 from dfq_deploy.quant.fold import fold_batchnorm
 from dfq_deploy.quant.quantize import quantize
-from dfq_deploy.deployment import onnxruntime_agreement
-from dfq_deploy.errors import BadInputError
-from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
-from tiny_models import settle_batchnorm, tiny_resnet
 
 IMAGENET = (3, 224, 224)
 
@@ -76,6 +76,7 @@ def test_onnxruntime_int8_matches_fake_quant(torchvision_model):
 def test_real_cifar_resnet_matches_on_real_images(assets):
     """A trained network on real test images: the deployed INT8 model reproduces the reference."""
     from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
+
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(assets / "cifar10" / "resnet20-12fca82f.th"))
     data = np.load(assets / "cifar10" / "test-lossless-1017.npz")
     x = torch.tensor(data["x"][:256]).permute(0, 3, 1, 2).float() / 255
@@ -114,16 +115,22 @@ def test_qdq_graph_follows_the_form_rules():
             if node.op_type == "Add":
                 assert all(producers[i].op_type == "DequantizeLinear" for i in node.input), "Q/DQ on both Add inputs"
         if target == "tensorrt":
-            zero_points = [np.frombuffer(inits[n.input[2]].raw_data, np.int8) for n in proto.graph.node
-                           if n.op_type == "QuantizeLinear"]
+            zero_points = [
+                np.frombuffer(inits[n.input[2]].raw_data, np.int8)
+                for n in proto.graph.node
+                if n.op_type == "QuantizeLinear"
+            ]
             assert all((zp == 0).all() for zp in zero_points), "TensorRT form is symmetric"
 
 
 def _weight_dequantizers(proto: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """DequantizeLinear node name -> (stored weight values, scale, zero point) of every 8-bit weight."""
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    return {n.name: (inits[n.input[0]], inits[n.input[1]], inits[n.input[2]]) for n in proto.graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype in (np.int8, np.uint8)}
+    return {
+        n.name: (inits[n.input[0]], inits[n.input[1]], inits[n.input[2]])
+        for n in proto.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype in (np.int8, np.uint8)
+    }
 
 
 def test_the_tensorrt_form_always_stores_int8_weights():
@@ -138,8 +145,9 @@ def test_uint8_weight_container_stores_the_same_values_and_matches(bits):
     x86 CPUs without VNNI) dequantize to exactly the int8 container's values and run like fake-quant."""
     model = tiny_resnet()
     calib = CalibrationSet(torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
-    qmodel = quantize(model, calib, scheme=default_scheme("onnxruntime", bits=bits, weight_container="uint8"),
-                      progress=False)
+    qmodel = quantize(
+        model, calib, scheme=default_scheme("onnxruntime", bits=bits, weight_container="uint8"), progress=False
+    )
     proto = onnx_from_quant_model(qmodel)
     uint8_form = _weight_dequantizers(proto)
     qmodel.scheme = dataclasses.replace(qmodel.scheme, weight_container="int8")

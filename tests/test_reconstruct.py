@@ -8,12 +8,12 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_models import tiny_resnet
 
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import QuantScheme, ReconstructionConfig
 from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.quant.reconstruct import find_blocks, reconstruct_blocks
-from tiny_models import tiny_resnet
 
 SCHEME = QuantScheme(weight_bits=4, act_bits=4, calibrator="mse", weight_calibrator="mse")
 FAST = ReconstructionConfig(iterations=200, batch_size=16, drop_prob=0.0, seed=0)
@@ -41,8 +41,11 @@ def model():
 
 def _weights(qmodel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Layer name -> (weight, per-channel scale), copied."""
-    return {name: (m.weight.detach().clone(), m.weight_quantizer.scale.clone())
-            for name, m in qmodel.module.named_modules() if hasattr(m, "weight_quantizer")}
+    return {
+        name: (m.weight.detach().clone(), m.weight_quantizer.scale.clone())
+        for name, m in qmodel.module.named_modules()
+        if hasattr(m, "weight_quantizer")
+    }
 
 
 def test_blocks_follow_the_residual_structure(model, calib):
@@ -66,8 +69,11 @@ def test_reconstruction_lowers_the_block_error_and_rounds_within_one_step(model,
         if not hasattr(m, "weight_quantizer"):
             continue
         weight, scale = before[name]
-        nearest = torch.clamp(torch.round(weight / scale.reshape(-1, *[1] * (weight.ndim - 1))),
-                              -m.weight_quantizer.qmax, m.weight_quantizer.qmax)
+        nearest = torch.clamp(
+            torch.round(weight / scale.reshape(-1, *[1] * (weight.ndim - 1))),
+            -m.weight_quantizer.qmax,
+            m.weight_quantizer.qmax,
+        )
         learned = m.weight_quantizer.integer_weight(m.weight).float()
         assert (learned - nearest).abs().max() <= 1
         changed += int((learned != nearest).sum())
@@ -98,6 +104,7 @@ def test_checkpoint_resumes_to_the_same_model(model, calib, tmp_path):
 def test_reconstructed_4bit_model_exports_and_matches_onnxruntime(model, calib):
     pytest.importorskip("onnxruntime")
     from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
+
     from dfq_deploy.deployment import onnxruntime_agreement
 
     config = dataclasses.replace(FAST, iterations=40, drop_prob=0.5)

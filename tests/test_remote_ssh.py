@@ -22,6 +22,8 @@ import numpy as np
 import psutil
 import pytest
 from click.testing import CliRunner
+from dfq_deploy.runtimes.profiler import LatencyRecord
+from loopback_sshd import start_sshd, unavailable_reason
 
 from dfq_deploy.cli import main
 from dfq_deploy.errors import RemoteError
@@ -29,8 +31,6 @@ from dfq_deploy.remote.profile import profile_remote
 from dfq_deploy.remote.runners import DfqDeployRunOptions, RemoteProfileRequest
 from dfq_deploy.remote.ssh import SshDevice, SshOptions, SshTarget
 from dfq_deploy.remote.trtexec_command import TrtexecOptions
-from dfq_deploy.runtimes.profiler import LatencyRecord
-from loopback_sshd import start_sshd, unavailable_reason
 
 DFQ_DEPLOY = str(Path(sys.executable).with_name("dfq-deploy"))
 
@@ -48,11 +48,15 @@ def sshd(tmp_path_factory):
 def conv_relu_onnx(path: Path, *, name: str = "tiny") -> Path:
     """Conv + Relu with a dynamic batch: small enough that the remote profile takes a second."""
     from onnx import TensorProto, helper, numpy_helper, save
+
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
-        name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], [w])
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [w],
+    )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
@@ -86,9 +90,12 @@ def remote_dirs(sshd) -> set[str]:
 
 
 def request(onnx: Path, *, runner="dfq-deploy", executable=DFQ_DEPLOY, iterations=5) -> RemoteProfileRequest:
-    return RemoteProfileRequest(artifact=onnx, runner=runner, trtexec=TrtexecOptions(batch_sizes=(1, 2)),
-                                dfq_deploy=DfqDeployRunOptions(executable=executable, warmup_ms=1, iterations=iterations,
-                                                               duration_s=0))
+    return RemoteProfileRequest(
+        artifact=onnx,
+        runner=runner,
+        trtexec=TrtexecOptions(batch_sizes=(1, 2)),
+        dfq_deploy=DfqDeployRunOptions(executable=executable, warmup_ms=1, iterations=iterations, duration_s=0),
+    )
 
 
 def ssh_options(sshd, key=None) -> SshOptions:
@@ -100,10 +107,35 @@ def test_profile_on_two_devices_with_their_dfq_deploy(sshd, tiny_onnx, tmp_path)
     before = remote_dirs(sshd)
     out = tmp_path / "report"
     second = f"ssh://127.0.0.1:{sshd.port}"
-    res = CliRunner().invoke(main, ["profile", str(tiny_onnx), "--remote", sshd.url, "--remote", second,
-                                    "--ssh-config", str(sshd.config), "--ssh-identity", str(sshd.user_key),
-                                    "--runner", "dfq-deploy", "--remote-dfq-deploy", DFQ_DEPLOY, "--batch-sizes", "1,2",
-                                    "--warmup-ms", "1", "--profile-iterations", "5", "--profile-duration", "0", "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "profile",
+            str(tiny_onnx),
+            "--remote",
+            sshd.url,
+            "--remote",
+            second,
+            "--ssh-config",
+            str(sshd.config),
+            "--ssh-identity",
+            str(sshd.user_key),
+            "--runner",
+            "dfq-deploy",
+            "--remote-dfq-deploy",
+            DFQ_DEPLOY,
+            "--batch-sizes",
+            "1,2",
+            "--warmup-ms",
+            "1",
+            "--profile-iterations",
+            "5",
+            "--profile-duration",
+            "0",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert [d["label"] for d in report["devices"]] == ["dfq-loopback", f"127.0.0.1:{sshd.port}"]
@@ -116,7 +148,9 @@ def test_profile_on_two_devices_with_their_dfq_deploy(sshd, tiny_onnx, tmp_path)
         assert device["dfq_deploy"] == DFQ_DEPLOY and device["cpu_isa"]
         assert section["runner"] == "dfq-deploy (onnxruntime)"
         (command,) = section["commands"]
-        assert command.startswith(f"{DFQ_DEPLOY} profile {sshd.device_tmp}/dfq-deploy.") and "--batch-sizes 1,2" in command
+        assert (
+            command.startswith(f"{DFQ_DEPLOY} profile {sshd.device_tmp}/dfq-deploy.") and "--batch-sizes 1,2" in command
+        )
     runners = [r["runner"] for r in report["deployment"]["latency"]]
     assert runners == ["onnxruntime-cpu@dfq-loopback"] * 2 + [f"onnxruntime-cpu@127.0.0.1:{sshd.port}"] * 2
     md = (out / "report.md").read_text()
@@ -129,9 +163,11 @@ def test_failures_are_one_line_exit_10_and_leave_nothing(sshd, tiny_onnx, tmp_pa
     url, key, config, runner, exe = sshd.url, sshd.user_key, sshd.config, "dfq-deploy", None
     if case == "refused":
         from loopback_sshd import free_port
+
         url = f"ssh://dfq-loopback:{free_port()}"
     elif case == "wrong key":
         from loopback_sshd import make_key
+
         key = make_key(tmp_path / "other_key")
     elif case == "unknown host key":
         config = tmp_path / "ssh_config"
@@ -140,12 +176,29 @@ def test_failures_are_one_line_exit_10_and_leave_nothing(sshd, tiny_onnx, tmp_pa
         runner = "trtexec"
     elif case == "no tool":
         runner = "auto"
-    expected = {"refused": "refused the SSH connection", "wrong key": "authentication to dfq-loopback failed",
-                "unknown host key": "host key of dfq-loopback is not known", "no dfq-deploy": "has no dfq-deploy",
-                "no trtexec": "has no trtexec", "no tool": "neither trtexec nor dfq-deploy"}[case]
+    expected = {
+        "refused": "refused the SSH connection",
+        "wrong key": "authentication to dfq-loopback failed",
+        "unknown host key": "host key of dfq-loopback is not known",
+        "no dfq-deploy": "has no dfq-deploy",
+        "no trtexec": "has no trtexec",
+        "no tool": "neither trtexec nor dfq-deploy",
+    }[case]
     before = remote_dirs(sshd)
-    args = ["profile", str(tiny_onnx), "--remote", url, "--ssh-config", str(config), "--ssh-identity", str(key),
-            "--runner", runner, "--out", str(tmp_path / "out")] + (["--remote-dfq-deploy", exe] if exe else [])
+    args = [
+        "profile",
+        str(tiny_onnx),
+        "--remote",
+        url,
+        "--ssh-config",
+        str(config),
+        "--ssh-identity",
+        str(key),
+        "--runner",
+        runner,
+        "--out",
+        str(tmp_path / "out"),
+    ] + (["--remote-dfq-deploy", exe] if exe else [])
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 10, res.output
     first = res.output.splitlines()[0]
@@ -158,8 +211,24 @@ def test_trtexec_runner_over_ssh(sshd, tiny_onnx, replay_trtexec, tmp_path):
     exe, prefix = replay_trtexec
     before = remote_dirs(sshd)
     out = tmp_path / "trt"
-    res = CliRunner().invoke(main, ["profile", str(tiny_onnx), "--remote", sshd.url, *ssh_args(sshd), "--runner",
-                                    "trtexec", "--remote-trtexec", str(exe), "--batch-sizes", "1,2", "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "profile",
+            str(tiny_onnx),
+            "--remote",
+            sshd.url,
+            *ssh_args(sshd),
+            "--runner",
+            "trtexec",
+            "--remote-trtexec",
+            str(exe),
+            "--batch-sizes",
+            "1,2",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     with gzip.open(f"{prefix}.timing.json.gz", "rt") as f:
@@ -182,8 +251,10 @@ def test_trtexec_runner_over_ssh(sshd, tiny_onnx, replay_trtexec, tmp_path):
 
 
 # A tegrastats line in the format of NVIDIA's Jetson Linux guide; the stand-in prints it every 100 ms.
-TEGRASTATS_LINE = ("RAM 2917/7620MB (lfb 12x4MB) SWAP 0/3810MB (cached 0MB) CPU [12%@1510,3%@1510] EMC_FREQ 4%@2133 "
-                   "GR3D_FREQ 40%@[624,624] VDD_IN 5000mW/4720mW VDD_CPU_GPU_CV 1500mW/1310mW VDD_SOC 1400mW/1400mW")
+TEGRASTATS_LINE = (
+    "RAM 2917/7620MB (lfb 12x4MB) SWAP 0/3810MB (cached 0MB) CPU [12%@1510,3%@1510] EMC_FREQ 4%@2133 "
+    "GR3D_FREQ 40%@[624,624] VDD_IN 5000mW/4720mW VDD_CPU_GPU_CV 1500mW/1310mW VDD_SOC 1400mW/1400mW"
+)
 
 
 def test_tegrastats_runs_beside_the_timed_run_and_stops(sshd, tiny_onnx, replay_trtexec, tmp_path):
@@ -192,8 +263,22 @@ def test_tegrastats_runs_beside_the_timed_run_and_stops(sshd, tiny_onnx, replay_
     (exe.parent / "tegrastats").write_text(f"#!/bin/sh\nwhile :; do echo '{TEGRASTATS_LINE}'; sleep 0.1; done\n")
     (exe.parent / "tegrastats").chmod(0o755)
     out = tmp_path / "jetson"
-    res = CliRunner().invoke(main, ["profile", str(tiny_onnx), "--remote", sshd.url, *ssh_args(sshd), "--remote-path",
-                                    str(exe.parent), "--batch-sizes", "4", "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "profile",
+            str(tiny_onnx),
+            "--remote",
+            sshd.url,
+            *ssh_args(sshd),
+            "--remote-path",
+            str(exe.parent),
+            "--batch-sizes",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert report["runner"] == "trtexec" and report["device"]["tegrastats"] == str(exe.parent / "tegrastats")
@@ -202,23 +287,50 @@ def test_tegrastats_runs_beside_the_timed_run_and_stops(sshd, tiny_onnx, replay_
     median = report["deployment"]["latency"][0]["median_ms"]
     assert stats["energy_per_image_mj"] == pytest.approx(5000 * median / 1000 / 4, abs=1e-4)
     assert (out / "trtexec" / "b4.tegrastats.log").is_file()
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(exe.parent / "tegrastats") in
-                " ".join(p.info["cmdline"] or [])], "tegrastats left running on the device"
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(exe.parent / "tegrastats") in " ".join(p.info["cmdline"] or [])
+    ], "tegrastats left running on the device"
 
 
 def test_build_tensorrt_on_the_device(sshd, replay_trtexec, tmp_path):
     """build --target tensorrt --remote: the exported Q/DQ graph is built and timed on the device, not here."""
     import torch
     from small_cnn import INPUT_SHAPE, SmallResNet
+
     exe, _ = replay_trtexec
     model = tmp_path / "small.pt"
     torch.manual_seed(0)
     torch.save(SmallResNet().eval(), model)
     out = tmp_path / "build"
-    res = CliRunner().invoke(main, ["build", str(model), "--trust-pickle", "--input-shape", "x".join(map(str, INPUT_SHAPE)),
-                                    "--calib", "noise", "--num-images", "4", "--no-cache", "--no-progress",
-                                    "--batch-sizes", "1", "--target", "tensorrt", "--remote", sshd.url, *ssh_args(sshd),
-                                    "--remote-trtexec", str(exe), "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(model),
+            "--trust-pickle",
+            "--input-shape",
+            "x".join(map(str, INPUT_SHAPE)),
+            "--calib",
+            "noise",
+            "--num-images",
+            "4",
+            "--no-cache",
+            "--no-progress",
+            "--batch-sizes",
+            "1",
+            "--target",
+            "tensorrt",
+            "--remote",
+            sshd.url,
+            *ssh_args(sshd),
+            "--remote-trtexec",
+            str(exe),
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     dep = report["deployment"]
@@ -231,8 +343,19 @@ def test_build_tensorrt_on_the_device(sshd, replay_trtexec, tmp_path):
 
 
 def test_build_remote_needs_the_tensorrt_target(tmp_path):
-    res = CliRunner().invoke(main, ["build", str(tmp_path / "m.pt"), "--target", "onnxruntime", "--remote", "ssh://orin",
-                                    "--out", str(tmp_path / "out")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(tmp_path / "m.pt"),
+            "--target",
+            "onnxruntime",
+            "--remote",
+            "ssh://orin",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert res.exit_code == 2 and "builds with the device's TensorRT" in res.output
 
 
@@ -240,8 +363,24 @@ def test_trtexec_build_failure_gives_its_error_lines(sshd, replay_trtexec, tmp_p
     exe, _ = replay_trtexec
     broken = conv_relu_onnx(tmp_path / "broken.onnx", name="broken")
     before = remote_dirs(sshd)
-    res = CliRunner().invoke(main, ["profile", str(broken), "--remote", sshd.url, *ssh_args(sshd), "--runner", "trtexec",
-                                    "--remote-trtexec", str(exe), "--batch-sizes", "1", "--out", str(tmp_path / "out")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "profile",
+            str(broken),
+            "--remote",
+            sshd.url,
+            *ssh_args(sshd),
+            "--runner",
+            "trtexec",
+            "--remote-trtexec",
+            str(exe),
+            "--batch-sizes",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert res.exit_code == 10, res.output
     first = res.output.splitlines()[0]
     assert first.startswith("error: trtexec failed to build the engine for batch 1 on dfq-loopback: ")
@@ -249,10 +388,12 @@ def test_trtexec_build_failure_gives_its_error_lines(sshd, replay_trtexec, tmp_p
     assert not (tmp_path / "out" / "report.json").exists() and remote_dirs(sshd) == before
 
 
-@pytest.mark.parametrize("url", ["orin", "http://orin", "ssh://", "ssh://orin:port", "ssh://orin/path",
-                                 "ssh://nvidia:secret@orin"])
+@pytest.mark.parametrize(
+    "url", ["orin", "http://orin", "ssh://", "ssh://orin:port", "ssh://orin/path", "ssh://nvidia:secret@orin"]
+)
 def test_remote_urls_other_than_ssh_host_are_bad_input(url):
     from dfq_deploy.errors import BadInputError
+
     with pytest.raises(BadInputError, match="ssh://"):
         SshTarget.parse(url)
 
@@ -269,6 +410,7 @@ def test_remote_url_forms():
 
 def test_an_engine_is_never_sent_to_a_device(tmp_path):
     from dfq_deploy.errors import BadInputError
+
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"plan")
     with pytest.raises(BadInputError, match="takes the ONNX file"):
@@ -277,6 +419,7 @@ def test_an_engine_is_never_sent_to_a_device(tmp_path):
 
 def test_dfq_deploy_runner_times_onnx_files_only():
     from dfq_deploy.errors import BadInputError
+
     with pytest.raises(BadInputError, match="onnxruntime's TensorRT provider"):
         DfqDeployRunOptions(target="tensorrt").check_target()
     DfqDeployRunOptions(target="onnxruntime", device="tensorrt").check_target()
@@ -309,8 +452,12 @@ def test_connection_cut_mid_run(sshd, tiny_onnx, tmp_path):
 
     def run():
         try:
-            profile_remote(request(tiny_onnx, iterations=10_000_000), remotes=[sshd.url], out_dir=tmp_path / "cut",
-                           ssh=ssh_options(sshd))
+            profile_remote(
+                request(tiny_onnx, iterations=10_000_000),
+                remotes=[sshd.url],
+                out_dir=tmp_path / "cut",
+                ssh=ssh_options(sshd),
+            )
         except BaseException as exc:  # the thread hands its error to the test
             errors.append(exc)
 
@@ -343,11 +490,31 @@ def test_sigterm_mid_run_cleans_up_the_device(sshd, tiny_onnx, tmp_path):
     device is cleaned up over a fresh connection."""
     import signal
     import subprocess
+
     before = remote_dirs(sshd)
-    proc = subprocess.Popen([DFQ_DEPLOY, "profile", str(tiny_onnx), "--remote", sshd.url, *ssh_args(sshd), "--runner",
-                             "dfq-deploy", "--remote-dfq-deploy", DFQ_DEPLOY, "--batch-sizes", "1",
-                             "--profile-iterations", "10000000", "--out", str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            DFQ_DEPLOY,
+            "profile",
+            str(tiny_onnx),
+            "--remote",
+            sshd.url,
+            *ssh_args(sshd),
+            "--runner",
+            "dfq-deploy",
+            "--remote-dfq-deploy",
+            DFQ_DEPLOY,
+            "--batch-sizes",
+            "1",
+            "--profile-iterations",
+            "10000000",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         job = _wait_for_remote_job(sshd, before)
         proc.send_signal(signal.SIGTERM)

@@ -10,13 +10,23 @@ import jsonschema
 import pytest
 import torch
 from click.testing import CliRunner
+from small_cnn import INPUT_SHAPE, SmallResNet
 
 from dfq_deploy.cli import main
 from dfq_deploy.report_schema import SCHEMA_VERSION, report_schema, validate_report
-from small_cnn import INPUT_SHAPE, SmallResNet
 
-FAST = ["--input-shape", "x".join(map(str, INPUT_SHAPE)), "--batch-sizes", "1", "--warmup-ms", "0",
-        "--profile-duration", "0", "--profile-iterations", "2"]
+FAST = [
+    "--input-shape",
+    "x".join(map(str, INPUT_SHAPE)),
+    "--batch-sizes",
+    "1",
+    "--warmup-ms",
+    "0",
+    "--profile-duration",
+    "0",
+    "--profile-iterations",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +35,23 @@ def build_report(tmp_path_factory):
     torch.manual_seed(0)
     model = tmp / "small.pt"
     torch.save(SmallResNet().eval(), model)
-    res = CliRunner().invoke(main, ["build", str(model), "--trust-pickle", "--calib", "noise", "--num-images", "4",
-                                    "--no-cache", "--no-progress", "--out", str(tmp / "build"), *FAST])
+    res = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(model),
+            "--trust-pickle",
+            "--calib",
+            "noise",
+            "--num-images",
+            "4",
+            "--no-cache",
+            "--no-progress",
+            "--out",
+            str(tmp / "build"),
+            *FAST,
+        ],
+    )
     assert res.exit_code == 0, res.output
     return json.loads((tmp / "build" / "report.json").read_text()), tmp / "build"
 
@@ -53,8 +78,17 @@ def test_a_profile_report_validates(build_report, tmp_path):
     validate_report(report)
 
 
-@pytest.mark.parametrize("breakage", ["no latency median", "median as text", "no kind", "negative image count",
-                                      "other schema version", "build without notes"])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        "no latency median",
+        "median as text",
+        "no kind",
+        "negative image count",
+        "other schema version",
+        "build without notes",
+    ],
+)
 def test_the_schema_refuses_broken_reports(build_report, breakage):
     report = copy.deepcopy(build_report[0])
     row = report["deployment"]["latency"][0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from synthesis_helpers import INPUT_SHAPE, NUM_CLASSES, tiny_net
 
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.synthesis import bn_mismatch, synthesize
@@ -15,7 +16,6 @@ from dfq_deploy.synthesis.generator import ConditionalGenerator
 from dfq_deploy.synthesis.job import Job
 from dfq_deploy.synthesis.sharding import Shard
 from dfq_deploy.synthesis.zeroq import input_prior
-from synthesis_helpers import INPUT_SHAPE, NUM_CLASSES, tiny_net
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +118,17 @@ def test_fdda_data_free_mode_is_labelled_as_an_extension(model):
 def clusterq_objective(model):
     config = SynthesisConfig(method="clusterq")
     layers, out = trace_bn_layers(model, INPUT_SHAPE)
-    job = Job(model=model, config=config, input_shape=INPUT_SHAPE, device=torch.device("cpu"), layers=layers,
-              output_shape=tuple(out.shape), shard=Shard(0, 1, []), normalize=((0,) * 3, (1,) * 3),
-              progress=False)
+    job = Job(
+        model=model,
+        config=config,
+        input_shape=INPUT_SHAPE,
+        device=torch.device("cpu"),
+        layers=layers,
+        output_shape=tuple(out.shape),
+        shard=Shard(0, 1, []),
+        normalize=((0,) * 3, (1,) * 3),
+        progress=False,
+    )
     return ClusterQLoss(job, NUM_CLASSES), layers
 
 

@@ -11,13 +11,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from synthesis_helpers import (
+    INPUT_SHAPE,
+    NUM_CLASSES,
+    SHARDED_RUNS,
+    FeatureMapNet,
+    NoBNNet,
+    sharded_worker,
+    tiny_net,
+    write_image_folder,
+)
 
 from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.synthesis import bn_mismatch, synthesize, synthesize_cached
-from synthesis_helpers import (INPUT_SHAPE, NUM_CLASSES, SHARDED_RUNS, FeatureMapNet, NoBNNet, sharded_worker,
-                               tiny_net, write_image_folder)
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -27,8 +35,9 @@ def run(model, method, *, normalize=None, input_shape=INPUT_SHAPE, **kw):
     kw.setdefault("iterations", 8)
     kw.setdefault("num_images", 8)
     kw.setdefault("batch_size", 8)
-    return synthesize(model, config=SynthesisConfig(method=method, **kw), input_shape=input_shape,
-                      progress=False, normalize=normalize)
+    return synthesize(
+        model, config=SynthesisConfig(method=method, **kw), input_shape=input_shape, progress=False, normalize=normalize
+    )
 
 
 def test_folder_reads_imagefolder_layout_resized_and_normalised(tmp_path):
@@ -58,8 +67,9 @@ def test_bad_folders_are_user_errors(tmp_path, case):
         root.mkdir()
     if case == "garbage":
         (root / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(BadInputError, match={"missing": "not found", "empty": "no images",
-                                             "garbage": "cannot read image"}[case]):
+    with pytest.raises(
+        BadInputError, match={"missing": "not found", "empty": "no images", "garbage": "cannot read image"}[case]
+    ):
         run(tiny_net(), "folder", calib_images=str(root))
 
 
@@ -107,10 +117,18 @@ def test_cache_hit_loads_the_same_set_and_key_follows_inputs(tmp_path):
     cache = tmp_path / "cache"
 
     def cached(seed=0, calib_images=None, method="zeroq"):
-        config = SynthesisConfig(method=method, num_images=6, batch_size=6, iterations=4, seed=seed,
-                                 calib_images=calib_images)
-        return synthesize_cached(model, config=config, input_shape=INPUT_SHAPE, cache_dir=cache,
-                                 model_hash="abc", progress=False, normalize=HALF)
+        config = SynthesisConfig(
+            method=method, num_images=6, batch_size=6, iterations=4, seed=seed, calib_images=calib_images
+        )
+        return synthesize_cached(
+            model,
+            config=config,
+            input_shape=INPUT_SHAPE,
+            cache_dir=cache,
+            model_hash="abc",
+            progress=False,
+            normalize=HALF,
+        )
 
     first, second = cached(), cached()
     assert not first.meta["cache"]["hit"] and second.meta["cache"]["hit"]
@@ -152,12 +170,34 @@ def test_cli_synthesize_under_torchrun_shares_the_work_and_rank0_saves(tmp_path)
     model = tmp_path / "tiny.pt"
     torch.jit.save(torch.jit.trace(tiny_net(), torch.zeros(1, *INPUT_SHAPE)), model)
     out = tmp_path / "calib"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "dfq_deploy.cli", "synthesize", str(model), "--input-shape", "3x12x12", "--calib", "zeroq",
-               "--num-images", "10", "--synth-batch-size", "4", "--iterations", "3", "--out", str(out),
-               "--no-progress"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dfq_deploy.cli",
+        "synthesize",
+        str(model),
+        "--input-shape",
+        "3x12x12",
+        "--calib",
+        "zeroq",
+        "--num-images",
+        "10",
+        "--synth-batch-size",
+        "4",
+        "--iterations",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     calib = CalibrationSet.load(out)
     assert len(calib) == 10 and calib.images.shape[1:] == INPUT_SHAPE
@@ -170,8 +210,15 @@ def test_real_cifar_images_match_resnet20_bn_statistics_better_than_noise():
     from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
 
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(ASSETS / "cifar10" / "resnet20-12fca82f.th"))
-    real = run(model, "folder", calib_images=str(ASSETS / "cifar10" / "train-sample"), num_images=128,
-               batch_size=64, input_shape=(3, 32, 32), normalize=(CIFAR10_MEAN, CIFAR10_STD))
+    real = run(
+        model,
+        "folder",
+        calib_images=str(ASSETS / "cifar10" / "train-sample"),
+        num_images=128,
+        batch_size=64,
+        input_shape=(3, 32, 32),
+        normalize=(CIFAR10_MEAN, CIFAR10_STD),
+    )
     noise = torch.randn(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert len(real.meta["bn_mismatch"]["layers"]) == 19
     assert real.meta["bn_mismatch"]["mean"] * 5 < bn_mismatch(model, noise)["mean"]

@@ -10,21 +10,30 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from dfq_deploy.converters import trt_rules
-from dfq_deploy.converters.tensorrt import (INT4_CONV_NOTE, NO_GPU, TensorRTBuildConfig, engine_from_onnx,
-                                            metadata_path, network_from_onnx, save_engine)
-from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
+from dfq_deploy.converters.tensorrt import (
+    INT4_CONV_NOTE,
+    NO_GPU,
+    TensorRTBuildConfig,
+    engine_from_onnx,
+    metadata_path,
+    network_from_onnx,
+    save_engine,
+)
+from onnx import TensorProto, helper
 from test_trt_rules import _int4_matmul, fp32_onnx, ort_quantized, residual_block  # noqa: F401 (fixture)
+
+from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
 
 RTX = TensorRTBuildConfig(target="tensorrt-rtx")
 
 
 def test_modules_import_without_tensorrt():
-    code = ("import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx'] = None\n"
-            "import dfq_deploy.converters.tensorrt, dfq_deploy.runtimes.tensorrt\n"
-            "assert 'tensorrt_rtx' not in [m for m, v in sys.modules.items() if v is not None]")
+    code = (
+        "import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx'] = None\n"
+        "import dfq_deploy.converters.tensorrt, dfq_deploy.runtimes.tensorrt\n"
+        "assert 'tensorrt_rtx' not in [m for m, v in sys.modules.items() if v is not None]"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -54,8 +63,17 @@ def test_precision_must_match_the_graph(tmp_path):
         engine_from_onnx(tmp_path / "missing.onnx", config=RTX)
 
 
-@pytest.mark.parametrize("changes", [{"target": "trt"}, {"precision": "int4"}, {"workspace_mib": 0},
-                                     {"batch_sizes": ()}, {"batch_sizes": (0, 4)}, {"check_batch": 0}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"target": "trt"},
+        {"precision": "int4"},
+        {"workspace_mib": 0},
+        {"batch_sizes": ()},
+        {"batch_sizes": (0, 4)},
+        {"check_batch": 0},
+    ],
+)
 def test_config_is_validated(changes):
     with pytest.raises(BadInputError):
         TensorRTBuildConfig(**changes)
@@ -63,14 +81,16 @@ def test_config_is_validated(changes):
 
 # --- real builds with TensorRT-RTX (its parser and builder run without a GPU) ------------------------------
 
+
 @pytest.fixture(scope="module")
 def trt_rtx():
     return pytest.importorskip("tensorrt_rtx")
 
 
 def test_build_and_save_residual_block(trt_rtx, tmp_path):
-    artifact = engine_from_onnx(residual_block(), config=TensorRTBuildConfig(
-        target="tensorrt-rtx", timing_cache=tmp_path / "timing.cache"))
+    artifact = engine_from_onnx(
+        residual_block(), config=TensorRTBuildConfig(target="tensorrt-rtx", timing_cache=tmp_path / "timing.cache")
+    )
     meta = artifact.metadata
     assert meta["module"] == "tensorrt_rtx" and meta["tensorrt_version"] == trt_rtx.__version__
     assert meta["precision_requested"] == "int8" and meta["strongly_typed"]
@@ -86,8 +106,12 @@ def test_build_and_save_residual_block(trt_rtx, tmp_path):
 
 def test_parser_errors_name_the_node(trt_rtx):
     node = helper.make_node("NoSuchOp", ["x"], ["y"], name="mystery", domain="com.example")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19), helper.make_opsetid("com.example", 1)])
     with pytest.raises(EngineBuildError, match="mystery"):
         engine_from_onnx(model, config=TensorRTBuildConfig(target="tensorrt-rtx", precision="fp16"))
@@ -102,23 +126,26 @@ def test_dynamic_batch_gets_a_profile_per_batch_size(trt_rtx):
     model = residual_block()
     for value in (*model.graph.input, *model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "N"
-    meta = engine_from_onnx(model, config=TensorRTBuildConfig(target="tensorrt-rtx", batch_sizes=(4,),
-                                                              check_batch=None)).metadata
+    meta = engine_from_onnx(
+        model, config=TensorRTBuildConfig(target="tensorrt-rtx", batch_sizes=(4,), check_batch=None)
+    ).metadata
     assert meta["inputs"][0]["shape"] == [-1, 8, 16, 16]
-    assert meta["profiles"] == [{"index": 0, "input": "x", "min": [4, 8, 16, 16], "opt": [4, 8, 16, 16],
-                                 "max": [4, 8, 16, 16]}]
+    assert meta["profiles"] == [
+        {"index": 0, "input": "x", "min": [4, 8, 16, 16], "opt": [4, 8, 16, 16], "max": [4, 8, 16, 16]}
+    ]
     static = engine_from_onnx(residual_block(), config=RTX).metadata
     assert static["profiles"] == [] and static["engine_cache"] == "off"
 
 
 def test_int4_weight_only_matmul(trt_rtx):
-    meta = engine_from_onnx(_int4_matmul(), config=TensorRTBuildConfig(target="tensorrt-rtx",
-                                                                        precision="int4w")).metadata
+    meta = engine_from_onnx(
+        _int4_matmul(), config=TensorRTBuildConfig(target="tensorrt-rtx", precision="int4w")
+    ).metadata
     assert meta["onnx_precision"] == {"mm": "int4-weight"} and INT4_CONV_NOTE in meta["notes"]
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
-def test_quantize_static_graphs_build(trt_rtx, fp32_onnx, tmp_path, arch):
+def test_quantize_static_graphs_build(trt_rtx, fp32_onnx, tmp_path, arch):  # noqa: F811 - fixture
     model = ort_quantized(fp32_onnx(arch), tmp_path / "qdq.onnx")
     meta = engine_from_onnx(model, config=RTX).metadata
     qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
@@ -140,8 +167,14 @@ def test_every_qdq_node_of_the_block_is_parsed(trt_rtx):
 # Our exporter's graphs (TensorRT form). Export is slow on CPU (graph capture + calibration + ONNX
 # export, ~5-15 s a model on 2 cores), so the two ImageNet models are marked slow.
 @pytest.mark.parametrize("precision", ["int8", "int4w"])
-@pytest.mark.parametrize("arch", ["cifar:resnet20", pytest.param("resnet18", marks=pytest.mark.slow),
-                                  pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "cifar:resnet20",
+        pytest.param("resnet18", marks=pytest.mark.slow),
+        pytest.param("mobilenet_v2", marks=pytest.mark.slow),
+    ],
+)
 def test_our_exported_graphs_lint_parse_and_build(trt_rtx, arch, precision):
     onnx_qdq = pytest.importorskip("dfq_deploy.converters.onnx_qdq")
     import torch
@@ -155,8 +188,13 @@ def test_our_exported_graphs_lint_parse_and_build(trt_rtx, arch, precision):
     model = cifar_resnet("resnet20") if arch.startswith("cifar:") else getattr(torchvision.models, arch)()
     calib = CalibrationSet(images=torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     scheme = dataclasses.replace(INT8_TENSORRT, calibrator="max")
-    qmodel = quantize(model.eval(), calib, scheme=int4_weight_only(scheme) if precision == "int4w" else scheme,
-                      batch_size=4, progress=False)
+    qmodel = quantize(
+        model.eval(),
+        calib,
+        scheme=int4_weight_only(scheme) if precision == "int4w" else scheme,
+        batch_size=4,
+        progress=False,
+    )
     graph = onnx_qdq.onnx_from_quant_model(qmodel)
     assert trt_rules.lint(graph) == []
     _assert_every_qdq_parsed(graph)
@@ -170,7 +208,7 @@ def test_our_exported_graphs_lint_parse_and_build(trt_rtx, arch, precision):
         assert gemms == {"int8"}
 
 
-def test_fp16_float_graph_builds_half_size(trt_rtx, fp32_onnx):
+def test_fp16_float_graph_builds_half_size(trt_rtx, fp32_onnx):  # noqa: F811 - fixture
     path = fp32_onnx("resnet18")
     fp16 = engine_from_onnx(path, config=TensorRTBuildConfig(target="tensorrt-rtx", precision="fp16")).metadata
     weights = sum(np.prod(t.dims) for t in onnx.load(path).graph.initializer)
@@ -182,9 +220,10 @@ def test_runner_without_gpu_fails_clearly_when_used(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; tests/test_tensorrt_gpu.py runs the engine")
-    from dfq_deploy.errors import EngineRuntimeError
     from dfq_deploy.runtimes.base import Runner
     from dfq_deploy.runtimes.tensorrt import NoCudaDeviceError, TensorRTRunner
+
+    from dfq_deploy.errors import EngineRuntimeError
 
     (tmp_path / "x.engine").write_bytes(b"not an engine")
     runner = TensorRTRunner(tmp_path / "x.engine", target="tensorrt-rtx")  # constructing needs nothing

@@ -13,13 +13,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
-from dfq_deploy.config import ProfileConfig
 from dfq_deploy.converters.tensorrt import TensorRTBuildConfig, engine_from_onnx, save_engine
-from dfq_deploy.errors import BadInputError
 from dfq_deploy.runtimes.profiler import LatencyRecord
 from dfq_deploy.runtimes.tensorrt import TensorRTRunner
 from test_trt_rules import residual_block
+
+from dfq_deploy.config import ProfileConfig
+from dfq_deploy.errors import BadInputError
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 QUICK = ProfileConfig(batch_sizes=(1, 8), warmup_ms=20, iterations=20, duration_s=0.2)
@@ -42,8 +42,9 @@ def _dynamic_block():
 
 @pytest.fixture(scope="module")
 def engine_path(target, tmp_path_factory):
-    artifact = engine_from_onnx(_dynamic_block(), config=TensorRTBuildConfig(target=target, batch_sizes=(1, 8),
-                                                                             check_batch=32))
+    artifact = engine_from_onnx(
+        _dynamic_block(), config=TensorRTBuildConfig(target=target, batch_sizes=(1, 8), check_batch=32)
+    )
     return save_engine(artifact, tmp_path_factory.mktemp("engine") / "block.engine")
 
 
@@ -109,17 +110,28 @@ def test_metadata_has_gpu_and_engine_layers(target):
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
 def test_build_measures_the_engine_itself(target, tmp_path, precision):
     """With --eval-set on a GPU, top-1 is the engine's; an fp16 engine is held to the FP32 model."""
+    from tiny_models import tiny_resnet
+
     from dfq_deploy import api
     from dfq_deploy.config import SynthesisConfig
-    from tiny_models import tiny_resnet
 
     model = tmp_path / "tiny.pt"
     torch.save(tiny_resnet(), model)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "eval.npz", x=rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8), y=rng.integers(0, 10, 40))
-    result = api.build(model, out_dir=tmp_path / "out", target=target, trust_pickle=True, input_shape=(3, 16, 16),
-                       synthesis=SynthesisConfig(method="noise", num_images=40), profile_config=QUICK,
-                       precision=precision, eval_set=tmp_path / "eval.npz", use_cache=False, progress=False)
+    result = api.build(
+        model,
+        out_dir=tmp_path / "out",
+        target=target,
+        trust_pickle=True,
+        input_shape=(3, 16, 16),
+        synthesis=SynthesisConfig(method="noise", num_images=40),
+        profile_config=QUICK,
+        precision=precision,
+        eval_set=tmp_path / "eval.npz",
+        use_cache=False,
+        progress=False,
+    )
     dep, acc = result.report["deployment"], result.report["accuracy"]
     assert "not_run" not in dep and {r["batch_size"] for r in dep["latency"]} == {1, 8}
     key = "fidelity_vs_fp32" if precision == "fp16" else "fidelity_vs_fake_quant"

@@ -11,13 +11,30 @@ from click.testing import CliRunner
 
 from dfq_deploy.cli import main
 
-FAST = ["--trust-pickle", "--input-shape", "1x3x16x16", "--calib", "noise", "--num-images", "8", "--no-cache",
-        "--no-progress", "--batch-sizes", "1,4", "--warmup-ms", "0", "--profile-iterations", "2",
-        "--profile-duration", "0"]
+FAST = [
+    "--trust-pickle",
+    "--input-shape",
+    "1x3x16x16",
+    "--calib",
+    "noise",
+    "--num-images",
+    "8",
+    "--no-cache",
+    "--no-progress",
+    "--batch-sizes",
+    "1,4",
+    "--warmup-ms",
+    "0",
+    "--profile-iterations",
+    "2",
+    "--profile-duration",
+    "0",
+]
 
 
 def test_build_logs_params_metrics_artifacts_and_a_registered_onnx_model(tiny_state_dict, tmp_path, monkeypatch):
     import onnx
+
     mlflow = pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed (CI installs it for this test)")
     from mlflow.tracking import MlflowClient
 
@@ -27,9 +44,25 @@ def test_build_logs_params_metrics_artifacts_and_a_registered_onnx_model(tiny_st
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "eval.npz", x=rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), y=rng.integers(0, 10, 24))
     out = tmp_path / "build"
-    result = CliRunner().invoke(main, [str(a) for a in ["build", tiny_state_dict, *FAST, "--eval-set",
-                                                        tmp_path / "eval.npz", "--mlflow-register", "tiny-int8",
-                                                        "--min-top1", "99", "--out", out]])
+    result = CliRunner().invoke(
+        main,
+        [
+            str(a)
+            for a in [
+                "build",
+                tiny_state_dict,
+                *FAST,
+                "--eval-set",
+                tmp_path / "eval.npz",
+                "--mlflow-register",
+                "tiny-int8",
+                "--min-top1",
+                "99",
+                "--out",
+                out,
+            ]
+        ],
+    )
     assert result.exit_code == 11, result.output  # a failed gate still leaves its run in the tracker
     assert "MLflow run" in result.output and "noload" not in result.output
 
@@ -58,7 +91,8 @@ def test_build_logs_params_metrics_artifacts_and_a_registered_onnx_model(tiny_st
 
 def test_mlflow_missing_is_said_before_the_build(tiny_state_dict, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
-    result = CliRunner().invoke(main, [str(a) for a in ["build", tiny_state_dict, *FAST, "--mlflow",
-                                                        "--out", tmp_path / "o"]])
+    result = CliRunner().invoke(
+        main, [str(a) for a in ["build", tiny_state_dict, *FAST, "--mlflow", "--out", tmp_path / "o"]]
+    )
     assert result.exit_code == 3, result.output
-    assert 'dfq-deploy[mlflow]' in result.output and not (tmp_path / "o").exists()
+    assert "dfq-deploy[mlflow]" in result.output and not (tmp_path / "o").exists()

@@ -7,17 +7,25 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from dfq_deploy.converters import trt_rules
 from dfq_deploy.converters.trt_rules import Violation, format_lint, inspect_text, lint, precision_summary
+from onnx import TensorProto, helper, numpy_helper
 
 C = 8  # channels of the test block
 
 
-def residual_block(*, act_zero_point: int = 0, act_dtype=np.int8, per_channel_act: bool = False,
-                   int4_conv: bool = False, residual_qdq: bool = True, int32_bias: bool = False,
-                   batchnorm: bool = False, weight_axis: int = 0, opset: int = 19) -> onnx.ModelProto:
+def residual_block(
+    *,
+    act_zero_point: int = 0,
+    act_dtype=np.int8,
+    per_channel_act: bool = False,
+    int4_conv: bool = False,
+    residual_qdq: bool = True,
+    int32_bias: bool = False,
+    batchnorm: bool = False,
+    weight_axis: int = 0,
+    opset: int = 19,
+) -> onnx.ModelProto:
     """x -> Q/DQ -> conv1 -> relu1 -> Q/DQ -> conv2 -> Q/DQ -> add(+ Q/DQ'd x), TensorRT form by default.
 
     Each keyword injects one fault; node names are stable so tests can check the reported node.
@@ -30,29 +38,38 @@ def residual_block(*, act_zero_point: int = 0, act_dtype=np.int8, per_channel_ac
         return name
 
     def qdq(tag, tensor):
-        scale = const(f"{tag}_scale", np.full(C, 0.05, np.float32) if per_channel_act and tag == "r1"
-                      else np.float32(0.05))
-        zp = const(f"{tag}_zp", np.full(C, act_zero_point, act_dtype) if per_channel_act and tag == "r1"
-                   else np.array(act_zero_point, act_dtype))
+        scale = const(
+            f"{tag}_scale", np.full(C, 0.05, np.float32) if per_channel_act and tag == "r1" else np.float32(0.05)
+        )
+        zp = const(
+            f"{tag}_zp",
+            np.full(C, act_zero_point, act_dtype)
+            if per_channel_act and tag == "r1"
+            else np.array(act_zero_point, act_dtype),
+        )
         nodes.append(helper.make_node("QuantizeLinear", [tensor, scale, zp], [f"{tag}_q"], name=f"{tag}_Q", axis=1))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_q", scale, zp], [f"{tag}_dq"],
-                                      name=f"{tag}_DQ", axis=1))
+        nodes.append(
+            helper.make_node("DequantizeLinear", [f"{tag}_q", scale, zp], [f"{tag}_dq"], name=f"{tag}_DQ", axis=1)
+        )
         return f"{tag}_dq"
 
     def weight(tag, four_bit=False):
         if four_bit:  # blocked INT4 along the input channels: what TensorRT refuses for convs
-            w = helper.make_tensor(f"{tag}_w", TensorProto.INT4, [C, C, 3, 3],
-                                   rng.integers(-8, 8, C * C * 9).tolist())
+            w = helper.make_tensor(f"{tag}_w", TensorProto.INT4, [C, C, 3, 3], rng.integers(-8, 8, C * C * 9).tolist())
             inits.append(w)
             scale = const(f"{tag}_ws", np.full((C, C // 4, 3, 3), 0.01, np.float32))
-            nodes.append(helper.make_node("DequantizeLinear", [w.name, scale], [f"{tag}_wdq"],
-                                          name=f"{tag}_wDQ", axis=1, block_size=4))
+            nodes.append(
+                helper.make_node(
+                    "DequantizeLinear", [w.name, scale], [f"{tag}_wdq"], name=f"{tag}_wDQ", axis=1, block_size=4
+                )
+            )
             return f"{tag}_wdq"
         w = const(f"{tag}_w", rng.integers(-127, 128, (C, C, 3, 3)).astype(np.int8))
         scale = const(f"{tag}_ws", np.full(C, 0.01, np.float32))
         zp = const(f"{tag}_wz", np.zeros(C, np.int8))
-        nodes.append(helper.make_node("DequantizeLinear", [w, scale, zp], [f"{tag}_wdq"],
-                                      name=f"{tag}_wDQ", axis=weight_axis))
+        nodes.append(
+            helper.make_node("DequantizeLinear", [w, scale, zp], [f"{tag}_wdq"], name=f"{tag}_wDQ", axis=weight_axis)
+        )
         return f"{tag}_wdq"
 
     x = qdq("in", "x")
@@ -67,8 +84,10 @@ def residual_block(*, act_zero_point: int = 0, act_dtype=np.int8, per_channel_ac
     nodes.append(helper.make_node("Conv", conv1_inputs, ["c1"], name="conv1", pads=[1, 1, 1, 1]))
     relu_in = "c1"
     if batchnorm:
-        bn = [const(f"bn_{k}", np.full(C, v, np.float32)) for k, v in
-              (("gamma", 1.0), ("beta", 0.0), ("mean", 0.0), ("var", 1.0))]
+        bn = [
+            const(f"bn_{k}", np.full(C, v, np.float32))
+            for k, v in (("gamma", 1.0), ("beta", 0.0), ("mean", 0.0), ("var", 1.0))
+        ]
         nodes.append(helper.make_node("BatchNormalization", ["c1", *bn], ["bn1"], name="bn1"))
         relu_in = "bn1"
     nodes.append(helper.make_node("Relu", [relu_in], ["r1"], name="relu1"))
@@ -76,8 +95,13 @@ def residual_block(*, act_zero_point: int = 0, act_dtype=np.int8, per_channel_ac
     nodes.append(helper.make_node("Conv", [r1, weight("c2", int4_conv)], ["c2"], name="conv2", pads=[1, 1, 1, 1]))
     c2 = qdq("c2", "c2") if residual_qdq else "c2"
     nodes.append(helper.make_node("Add", [c2, x], ["y"], name="add"))
-    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 16, 16])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 16, 16])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10 if opset >= 21 else 9
     return model
@@ -93,13 +117,21 @@ def test_good_block_passes_and_is_valid_onnx():
     assert lint(model) == []
     summary = precision_summary(model)
     assert {n: p.precision for n, p in summary.items()} == {
-        "conv1": "int8", "relu1": "float", "conv2": "int8", "add": "int8"}
+        "conv1": "int8",
+        "relu1": "float",
+        "conv2": "int8",
+        "add": "int8",
+    }
 
 
 def test_float_graph_passes_trivially():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "f", [x],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="r")],
+        "f",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     assert lint(helper.make_model(graph)) == []
 
 
@@ -117,8 +149,10 @@ def test_uint8_activations_are_the_onnxruntime_form():
 
 def test_per_channel_activation():
     violations = lint(residual_block(per_channel_act=True))
-    assert _rules(violations) == {(trt_rules.PER_TENSOR_ACTIVATIONS, "r1_Q"),
-                                  (trt_rules.PER_TENSOR_ACTIVATIONS, "r1_DQ")}
+    assert _rules(violations) == {
+        (trt_rules.PER_TENSOR_ACTIVATIONS, "r1_Q"),
+        (trt_rules.PER_TENSOR_ACTIVATIONS, "r1_DQ"),
+    }
 
 
 def test_conv_weight_on_wrong_axis():
@@ -153,8 +187,9 @@ def test_old_opset():
     assert (trt_rules.OPSET, "(model)") in _rules(lint(residual_block(opset=17)))
 
 
-def _int4_matmul(*, k: int = 64, n: int = 32, block: int = 32, opset: int = 21,
-                 quantized_input: bool = False) -> onnx.ModelProto:
+def _int4_matmul(
+    *, k: int = 64, n: int = 32, block: int = 32, opset: int = 21, quantized_input: bool = False
+) -> onnx.ModelProto:
     """x -> MatMul with an INT4 weight blocked along K; ``quantized_input`` puts int8 Q/DQ + Flatten on x."""
     w = helper.make_tensor("w", TensorProto.INT4, [k, n], np.zeros(k * n, np.int8).tolist())
     scale = numpy_helper.from_array(np.full((k // block if block else 1, n), 0.01, np.float32), "ws")
@@ -166,13 +201,20 @@ def _int4_matmul(*, k: int = 64, n: int = 32, block: int = 32, opset: int = 21,
     x = "x"
     if quantized_input:
         inits += [numpy_helper.from_array(np.float32(0.05), "xs"), numpy_helper.from_array(np.int8(0), "xz")]
-        nodes += [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="x_Q"),
-                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xdq"], name="x_DQ"),
-                  helper.make_node("Flatten", ["xdq"], ["xf"], name="flatten")]
+        nodes += [
+            helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="x_Q"),
+            helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xdq"], name="x_DQ"),
+            helper.make_node("Flatten", ["xdq"], ["xf"], name="flatten"),
+        ]
         x = "xf"
     nodes.append(helper.make_node("MatMul", [x, "wdq"], ["y"], name="mm"))
-    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     return model
@@ -185,9 +227,15 @@ def test_int4_weight_only_matmul_passes():
     assert precision_summary(model)["mm"].precision == "int4-weight"
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"n": 31}, "even"), ({"block": 0}, "block_size"), ({"opset": 19}, "opset >= 21"),
-    ({"quantized_input": True}, "weight-only")])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"n": 31}, "even"),
+        ({"block": 0}, "block_size"),
+        ({"opset": 19}, "opset >= 21"),
+        ({"quantized_input": True}, "weight-only"),
+    ],
+)
 def test_int4_rules(kwargs, fragment):
     violations = lint(_int4_matmul(**kwargs))
     assert violations and all(v.node == "w_DQ" and v.rule == trt_rules.INT4_WEIGHT_ONLY for v in violations)
@@ -206,6 +254,7 @@ def test_format_and_inspect(tmp_path):
 
 # --- a realistic graph: onnxruntime's quantize_static on a torchvision model (random weights) -----------
 
+
 @pytest.fixture(scope="module")
 def fp32_onnx(tmp_path_factory):
     """Export each torchvision model once per module: ``fp32_onnx(arch) -> path``."""
@@ -218,9 +267,16 @@ def fp32_onnx(tmp_path_factory):
             paths[arch] = folder / f"{arch}.onnx"
             with warnings.catch_warnings():  # the TorchScript exporter is deprecated; it is the quick one here
                 warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(getattr(torchvision.models, arch)().eval(), (torch.randn(INPUT_SHAPE),),
-                                  paths[arch], input_names=["input"], opset_version=19, dynamo=False)
+                torch.onnx.export(
+                    getattr(torchvision.models, arch)().eval(),
+                    (torch.randn(INPUT_SHAPE),),
+                    paths[arch],
+                    input_names=["input"],
+                    opset_version=19,
+                    dynamo=False,
+                )
         return paths[arch]
+
     return export
 
 
@@ -233,16 +289,24 @@ def ort_quantized(fp32_path, out_path, *, activation_type=None, **extra) -> onnx
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"input": np.random.default_rng(i).standard_normal(INPUT_SHAPE, np.float32)}
-                                 for i in range(2)])
+            self.batches = iter(
+                [{"input": np.random.default_rng(i).standard_normal(INPUT_SHAPE, np.float32)} for i in range(2)]
+            )
 
         def get_next(self):
             return next(self.batches, None)
 
     options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, **extra}
-    quantize_static(fp32_path, out_path, Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=activation_type or QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, extra_options=options)
+    quantize_static(
+        fp32_path,
+        out_path,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=activation_type or QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options=options,
+    )
     return onnx.load(out_path)
 
 
@@ -258,8 +322,13 @@ def test_quantize_static_int32_bias_and_asymmetric_uint8_are_flagged(tmp_path, f
     from onnxruntime.quantization import QuantType
 
     # onnxruntime's defaults for its CPU kernels: int32 bias, asymmetric uint8 activations
-    model = ort_quantized(fp32_onnx("resnet18"), tmp_path / "qdq.onnx", QuantizeBias=True,
-                          ActivationSymmetric=False, activation_type=QuantType.QUInt8)
+    model = ort_quantized(
+        fp32_onnx("resnet18"),
+        tmp_path / "qdq.onnx",
+        QuantizeBias=True,
+        ActivationSymmetric=False,
+        activation_type=QuantType.QUInt8,
+    )
     assert {trt_rules.FLOAT_BIAS, trt_rules.SIGNED_INT8, trt_rules.SYMMETRIC} <= {v.rule for v in lint(model)}
 
 

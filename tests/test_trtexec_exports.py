@@ -10,6 +10,7 @@ import shlex
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from dfq_deploy.runtimes.profiler import LatencyRecord
 
 from dfq_deploy.cli import main
 from dfq_deploy.compare_reports import compare_reports
@@ -19,7 +20,6 @@ from dfq_deploy.remote.profile import profile_trtexec_export
 from dfq_deploy.remote.tegrastats import summarise_tegrastats
 from dfq_deploy.remote.trtexec_command import NetworkInput, TrtexecOptions, trtexec_steps
 from dfq_deploy.remote.trtexec_exports import failure_message, parse_console_log, read_trtexec_export
-from dfq_deploy.runtimes.profiler import LatencyRecord
 
 NAME = "mobilenet_v2_residuals.qat.onnx.engine"
 
@@ -34,7 +34,7 @@ def prefix(assets):
 
 def raw(prefix, suffix):
     path = f"{prefix}.{suffix}"
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         return json.load(f)
 
 
@@ -89,13 +89,32 @@ def test_export_cli_writes_a_report_that_compare_reads(prefix, tmp_path):
 def test_local_remote_and_imported_reports_compare(prefix, tmp_path):
     """A local `profile --out` report and an imported trtexec one: compare lists both, flags nothing."""
     from onnx import TensorProto, helper, save
+
     model = tmp_path / "relu.onnx"
-    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "relu",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+    )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
-    res = CliRunner().invoke(main, ["profile", str(model), "--batch-sizes", "1", "--warmup-ms", "0", "--profile-duration", "0",
-                                    "--profile-iterations", "3", "--out", str(tmp_path / "local")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "profile",
+            str(model),
+            "--batch-sizes",
+            "1",
+            "--warmup-ms",
+            "0",
+            "--profile-duration",
+            "0",
+            "--profile-iterations",
+            "3",
+            "--out",
+            str(tmp_path / "local"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     local = json.loads((tmp_path / "local" / "report.json").read_text())
     (record,) = [LatencyRecord.from_dict(r) for r in local["deployment"]["latency"]]
@@ -113,37 +132,68 @@ def test_missing_export_is_bad_input(tmp_path):
 
 
 def test_console_log_gives_command_version_device_and_errors():
-    log = "\n".join([
-        "&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # /usr/src/tensorrt/bin/trtexec --onnx=m.onnx --stronglyTyped",
-        "[12/01/2026-10:00:00] [I] TensorRT version: 10.3.0",
-        "[12/01/2026-10:00:00] [I] Selected Device: Orin",
-        "[12/01/2026-10:00:00] [I] Compute Capability: 8.7",
-        "[12/01/2026-10:00:01] [E] Error[4]: [network.cpp::validate::3000] Error Code 4: Internal Error (bad Q/DQ)",
-        "[12/01/2026-10:00:01] [E] Engine could not be created from network",
-        "&&&& FAILED TensorRT.trtexec [TensorRT v100300] # /usr/src/tensorrt/bin/trtexec --onnx=m.onnx --stronglyTyped"])
+    log = "\n".join(
+        [
+            "&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # /usr/src/tensorrt/bin/trtexec --onnx=m.onnx --stronglyTyped",
+            "[12/01/2026-10:00:00] [I] TensorRT version: 10.3.0",
+            "[12/01/2026-10:00:00] [I] Selected Device: Orin",
+            "[12/01/2026-10:00:00] [I] Compute Capability: 8.7",
+            "[12/01/2026-10:00:01] [E] Error[4]: [network.cpp::validate::3000] Error Code 4: Internal Error (bad Q/DQ)",
+            "[12/01/2026-10:00:01] [E] Engine could not be created from network",
+            "&&&& FAILED TensorRT.trtexec [TensorRT v100300] # /usr/src/tensorrt/bin/trtexec --onnx=m.onnx --stronglyTyped",
+        ]
+    )
     summary = parse_console_log(log)
     assert summary.command == "/usr/src/tensorrt/bin/trtexec --onnx=m.onnx --stronglyTyped"
     assert summary.tensorrt_version == "10.3.0" and summary.failed
     assert summary.device == {"Selected Device": "Orin", "Compute Capability": "8.7"}
-    assert failure_message(log) == ("Error[4]: [network.cpp::validate::3000] Error Code 4: Internal Error (bad Q/DQ) | "
-                                    "Engine could not be created from network")
+    assert failure_message(log) == (
+        "Error[4]: [network.cpp::validate::3000] Error Code 4: Internal Error (bad Q/DQ) | "
+        "Engine could not be created from network"
+    )
 
 
-@pytest.mark.parametrize("precision, flags, absent", [("int8", ["--stronglyTyped"], ["--fp16", "--int8"]),
-                                                      ("fp16", ["--fp16"], ["--stronglyTyped", "--int8"]),
-                                                      ("int4w", ["--stronglyTyped"], ["--fp16", "--int8"])])
+@pytest.mark.parametrize(
+    "precision, flags, absent",
+    [
+        ("int8", ["--stronglyTyped"], ["--fp16", "--int8"]),
+        ("fp16", ["--fp16"], ["--stronglyTyped", "--int8"]),
+        ("int4w", ["--stronglyTyped"], ["--fp16", "--int8"]),
+    ],
+)
 def test_trtexec_command_lines(precision, flags, absent):
-    steps = trtexec_steps(NetworkInput("input", (None, 3, 32, 32)), onnx_path="/tmp/w/model.onnx", work_dir="/tmp/w",
-                          options=TrtexecOptions(precision=precision, batch_sizes=(8, 1)), trtexec="/usr/bin/trtexec")
+    steps = trtexec_steps(
+        NetworkInput("input", (None, 3, 32, 32)),
+        onnx_path="/tmp/w/model.onnx",
+        work_dir="/tmp/w",
+        options=TrtexecOptions(precision=precision, batch_sizes=(8, 1)),
+        trtexec="/usr/bin/trtexec",
+    )
     assert [s.batch_size for s in steps] == [1, 8]
     b8 = steps[1]
-    assert b8.build == ("/usr/bin/trtexec", "--onnx=/tmp/w/model.onnx", *flags, "--minShapes=input:8x3x32x32",
-                        "--optShapes=input:8x3x32x32", "--maxShapes=input:8x3x32x32", "--profilingVerbosity=detailed",
-                        "--saveEngine=/tmp/w/b8.engine", "--skipInference")
-    assert b8.run == ("/usr/bin/trtexec", "--loadEngine=/tmp/w/b8.engine", "--shapes=input:8x3x32x32", "--warmUp=200",
-                      "--duration=3", "--separateProfileRun", "--profilingVerbosity=detailed",
-                      "--exportTimes=/tmp/w/b8.timing.json", "--exportProfile=/tmp/w/b8.profile.json",
-                      "--exportLayerInfo=/tmp/w/b8.graph.json")
+    assert b8.build == (
+        "/usr/bin/trtexec",
+        "--onnx=/tmp/w/model.onnx",
+        *flags,
+        "--minShapes=input:8x3x32x32",
+        "--optShapes=input:8x3x32x32",
+        "--maxShapes=input:8x3x32x32",
+        "--profilingVerbosity=detailed",
+        "--saveEngine=/tmp/w/b8.engine",
+        "--skipInference",
+    )
+    assert b8.run == (
+        "/usr/bin/trtexec",
+        "--loadEngine=/tmp/w/b8.engine",
+        "--shapes=input:8x3x32x32",
+        "--warmUp=200",
+        "--duration=3",
+        "--separateProfileRun",
+        "--profilingVerbosity=detailed",
+        "--exportTimes=/tmp/w/b8.timing.json",
+        "--exportProfile=/tmp/w/b8.profile.json",
+        "--exportLayerInfo=/tmp/w/b8.graph.json",
+    )
     assert not set(absent) & set(b8.build + b8.run)
     assert steps[0].prefix == "/tmp/w/b1" and "--shapes=input:1x3x32x32" in steps[0].run
 
@@ -155,7 +205,9 @@ def test_trtexec_command_options_and_static_batch():
     assert not any(a.startswith(("--shapes", "--minShapes")) for a in step.build + step.run)  # static: as exported
     assert shlex.split(shlex.join(step.run)) == list(step.run)
     with pytest.raises(BadInputError, match="fixed batch size 4"):
-        trtexec_steps(NetworkInput("x", (4, 3, 8, 8)), onnx_path="m", work_dir="w", options=TrtexecOptions(batch_sizes=(1,)))
+        trtexec_steps(
+            NetworkInput("x", (4, 3, 8, 8)), onnx_path="m", work_dir="w", options=TrtexecOptions(batch_sizes=(1,))
+        )
     assert NetworkInput("x:0", (None, 3, 8, 8)).shape_spec(2) == "'x:0':2x3x8x8"
     with pytest.raises(BadInputError):
         TrtexecOptions(precision="int2")
@@ -164,26 +216,39 @@ def test_trtexec_command_options_and_static_batch():
 def test_network_input_of_an_exported_graph(tmp_path):
     import torch
     from small_cnn import INPUT_SHAPE, SmallResNet
+
     path = tmp_path / "m.onnx"
-    torch.onnx.export(SmallResNet().eval(), torch.zeros(1, *INPUT_SHAPE), str(path), input_names=["input"],
-                      dynamic_axes={"input": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(
+        SmallResNet().eval(),
+        torch.zeros(1, *INPUT_SHAPE),
+        str(path),
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+        dynamo=False,
+    )
     assert NetworkInput.from_onnx(path) == NetworkInput("input", (None, *INPUT_SHAPE))
 
 
 def test_tegrastats_summary():
     # Lines in the format of NVIDIA's Jetson Linux guide ("tegrastats Utility"); Orin rails in mW.
-    lines = ["RAM 2917/7620MB (lfb 12x4MB) SWAP 0/3810MB (cached 0MB) CPU [12%@1510,3%@1510] EMC_FREQ 4%@2133 "
-             "GR3D_FREQ 40%@[624,624] VDD_IN 5000mW/4720mW VDD_CPU_GPU_CV 1500mW/1310mW VDD_SOC 1400mW/1400mW",
-             "RAM 3101/7620MB (lfb 10x4MB) SWAP 0/3810MB (cached 0MB) CPU [30%@1510,9%@1510] EMC_FREQ 9%@2133 "
-             "GR3D_FREQ 80%@[624,624] VDD_IN 7000mW/5480mW VDD_CPU_GPU_CV 3500mW/2040mW VDD_SOC 1600mW/1470mW",
-             "unrelated line"]
+    lines = [
+        "RAM 2917/7620MB (lfb 12x4MB) SWAP 0/3810MB (cached 0MB) CPU [12%@1510,3%@1510] EMC_FREQ 4%@2133 "
+        "GR3D_FREQ 40%@[624,624] VDD_IN 5000mW/4720mW VDD_CPU_GPU_CV 1500mW/1310mW VDD_SOC 1400mW/1400mW",
+        "RAM 3101/7620MB (lfb 10x4MB) SWAP 0/3810MB (cached 0MB) CPU [30%@1510,9%@1510] EMC_FREQ 9%@2133 "
+        "GR3D_FREQ 80%@[624,624] VDD_IN 7000mW/5480mW VDD_CPU_GPU_CV 3500mW/2040mW VDD_SOC 1600mW/1470mW",
+        "unrelated line",
+    ]
     s = summarise_tegrastats(lines)
     assert s.samples == 2 and s.ram_peak_mb == 3101 and s.ram_total_mb == 7620
     assert s.gpu_load_mean_pct == 60.0 and s.gpu_load_peak_pct == 80
     assert s.rails_mean_mw == {"VDD_IN": 6000.0, "VDD_CPU_GPU_CV": 2500.0, "VDD_SOC": 1500.0}
     assert s.total_rail == "VDD_IN" and s.energy_per_image_mj(2.0, 4) == 3.0  # 6 W x 2 ms / 4 images
-    old = summarise_tegrastats(["RAM 1500/3964MB (lfb 300x4MB) CPU [5%@1479] GR3D_FREQ 0%@921 POM_5V_IN 2254/2254 "
-                                "POM_5V_GPU 40/40 POM_5V_CPU 442/442"])
+    old = summarise_tegrastats(
+        [
+            "RAM 1500/3964MB (lfb 300x4MB) CPU [5%@1479] GR3D_FREQ 0%@921 POM_5V_IN 2254/2254 "
+            "POM_5V_GPU 40/40 POM_5V_CPU 442/442"
+        ]
+    )
     assert old.total_rail == "POM_5V_IN" and old.rails_mean_mw["POM_5V_GPU"] == 40.0
     assert summarise_tegrastats(["nothing here"]) is None
 
@@ -191,14 +256,27 @@ def test_tegrastats_summary():
 def test_precision_map_reads_trtexec_layer_info(prefix):
     """The precision map's TensorRT reader takes trtexec's graph.json layers as they are."""
     from onnx import TensorProto, helper, numpy_helper
+
     # A one-conv Q/DQ graph whose conv node carries the name of the real engine's first conv.
     w = numpy_helper.from_array(np.ones((32, 3, 3, 3), np.int8), "features.0.0.weight_quantizer_quantized")
     scale = numpy_helper.from_array(np.full((32,), 0.1, np.float32), "ws")
-    nodes = [helper.make_node("DequantizeLinear", ["features.0.0.weight_quantizer_quantized", "ws"], ["w"],
-                              name="features.0.0.weight_quantizer/DequantizeLinear", axis=0),
-             helper.make_node("Conv", ["x", "w"], ["y"], name="Conv_9")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, scale])
+    nodes = [
+        helper.make_node(
+            "DequantizeLinear",
+            ["features.0.0.weight_quantizer_quantized", "ws"],
+            ["w"],
+            name="features.0.0.weight_quantizer/DequantizeLinear",
+            axis=0,
+        ),
+        helper.make_node("Conv", ["x", "w"], ["y"], name="Conv_9"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w, scale],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     result = read_trtexec_export(prefix)
     pmap = precision_map_tensorrt(model, {"target": "trtexec", "engine_layers": result.engine_layers})

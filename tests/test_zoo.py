@@ -28,8 +28,16 @@ FAMILIES = [
 def test_family_builds_and_runs_at_every_batch(name, size):
     torch.manual_seed(0)
     module = torchvision.models.get_model(name, weights=None).eval()
-    result = check_model(module, name=name, input_shape=(3, size, size), calib_images=8, batch_sizes=(1, 8),
-                         speed_iterations=0, tensorrt=name in ("shufflenet_v2_x0_5", "convnext_tiny"), threads=2)
+    result = check_model(
+        module,
+        name=name,
+        input_shape=(3, size, size),
+        calib_images=8,
+        batch_sizes=(1, 8),
+        speed_iterations=0,
+        tensorrt=name in ("shufflenet_v2_x0_5", "convnext_tiny"),
+        threads=2,
+    )
     assert result.error is None, result.error
     assert result.batches_run == (1, 8)
     assert result.finite

@@ -59,13 +59,16 @@ class BudgetPlan:
         return zero_flip_bound(self.holdout_images)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"overrides": [dataclasses.asdict(o) for o in self.overrides],
-                                           "zero_flip_bound": self.zero_flip_bound}
+        return dataclasses.asdict(self) | {
+            "overrides": [dataclasses.asdict(o) for o in self.overrides],
+            "zero_flip_bound": self.zero_flip_bound,
+        }
 
 
 @torch.no_grad()
-def compare_top1(model: nn.Module, quantized: nn.Module, images: torch.Tensor,
-                 batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def compare_top1(
+    model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of both models over ``images``; per image, (drop cost, whether top-1 differs).
 
     The cost is p(FP32's class) − p(quantized model's class), both from FP32's softmax; 0 where the
@@ -73,7 +76,7 @@ def compare_top1(model: nn.Module, quantized: nn.Module, images: torch.Tensor,
     """
     costs, differ = [], []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
+        batch = images[start : start + batch_size]
         logits = model(batch)
         probs = torch.softmax(logits.float(), dim=1)
         chosen = quantized(batch).argmax(1, keepdim=True)
@@ -129,15 +132,18 @@ def mean_confidence(model: nn.Module, images: torch.Tensor, batch_size: int = 64
     """
     total = 0.0
     for start in range(0, len(images), batch_size):
-        total += float(torch.softmax(model(images[start:start + batch_size]).float(), dim=1).max(1).values.sum())
+        total += float(torch.softmax(model(images[start : start + batch_size]).float(), dim=1).max(1).values.sum())
     return total / max(len(images), 1)
 
 
 def held_out_drop(model: nn.Module, quantized: nn.Module, images: torch.Tensor) -> dict[str, float]:
     """The drop estimate ``--max-drop`` uses, its standard error and the plain disagreement, in percent."""
     costs, differ = compare_top1(model, quantized, images)
-    return {"estimated_drop": _percent(costs), "estimated_drop_se": standard_error_percent(costs),
-            "disagreement": _percent(differ)}
+    return {
+        "estimated_drop": _percent(costs),
+        "estimated_drop_se": standard_error_percent(costs),
+        "disagreement": _percent(differ),
+    }
 
 
 def zero_flip_bound(holdout_images: int) -> float:
@@ -155,15 +161,28 @@ def resolution_warning(max_drop: float, holdout_images: int, holdout_fraction: f
     if bound <= max_drop:
         return None
     needed = math.ceil(300.0 / max_drop / holdout_fraction) if max_drop > 0 else None
-    return (f"--max-drop {max_drop:g}: {holdout_images} held-out images cannot tell a drop below {bound:.1f} points "
-            f"from none (95% confidence), so the plan may keep layers low that cost more than the budget"
-            + (f"; synthesize at least {needed} images (--num-images), or hold out more (--holdout-fraction), "
-               f"to resolve it" if needed else ""))
+    return (
+        f"--max-drop {max_drop:g}: {holdout_images} held-out images cannot tell a drop below {bound:.1f} points "
+        f"from none (95% confidence), so the plan may keep layers low that cost more than the budget"
+        + (
+            f"; synthesize at least {needed} images (--num-images), or hold out more (--holdout-fraction), "
+            f"to resolve it"
+            if needed
+            else ""
+        )
+    )
 
 
-def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, max_drop: float,
-                      holdout_fraction: float = HOLDOUT_FRACTION, reconstruct: ReconstructionConfig | None = None,
-                      progress: bool = False) -> tuple[BudgetPlan, CalibrationSet, QuantModel]:
+def plan_for_max_drop(
+    model: nn.Module,
+    calib: CalibrationSet,
+    *,
+    scheme: QuantScheme,
+    max_drop: float,
+    holdout_fraction: float = HOLDOUT_FRACTION,
+    reconstruct: ReconstructionConfig | None = None,
+    progress: bool = False,
+) -> tuple[BudgetPlan, CalibrationSet, QuantModel]:
     """The cheapest ranking prefix whose estimated drop fits ``max_drop`` (percentage points).
 
     Returns the plan, the calibration part of ``calib`` (the held-out part only estimates) and the
@@ -179,8 +198,10 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
         raise BadInputError(f"--holdout-fraction must be between 0 and 1, got {holdout_fraction}")
     calibrate_on, held_out = calib.split(holdout_fraction)
     if len(held_out) < 8 or len(calibrate_on) < 1:
-        raise BadInputError(f"--max-drop needs at least 8 held-out images; {len(calib)} calibration images give "
-                            f"{len(held_out)}", hint="raise --num-images (e.g. 256)")
+        raise BadInputError(
+            f"--max-drop needs at least 8 held-out images; {len(calib)} calibration images give {len(held_out)}",
+            hint="raise --num-images (e.g. 256)",
+        )
     resolution = resolution_warning(max_drop, len(held_out), holdout_fraction)
     if resolution:
         warnings.warn(resolution, stacklevel=2)
@@ -188,8 +209,11 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
     ranking = sorted((layer for layer in measured.layers), key=lambda layer: measured.errors[layer.name], reverse=True)
     # Candidates in order: each layer to 8 bit (if below); then the activations no layer owns (residual
     # adds, pools) to 8 bit; then each layer to float.
-    ladder: list[LayerOverride | None] = [LayerOverride(literal_glob(layer.name), 8, 8) for layer in ranking
-                                          if layer.weight_bits < 8 or (layer.act_bits or 8) < 8]
+    ladder: list[LayerOverride | None] = [
+        LayerOverride(literal_glob(layer.name), 8, 8)
+        for layer in ranking
+        if layer.weight_bits < 8 or (layer.act_bits or 8) < 8
+    ]
     if scheme.act_bits < 8:
         ladder.append(None)  # marks "every other activation to 8 bit"
     ladder += [LayerOverride(literal_glob(layer.name), None, None) for layer in ranking]
@@ -217,7 +241,8 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
             f"no precision plan meets --max-drop {max_drop}: even with every layer in float the estimated "
             f"drop is {steps[-1]['estimated_drop']:.2f} ± {steps[-1]['estimated_drop_se']:.2f} points on "
             f"{len(held_out)} held-out synthetic images",
-            hint="the estimate is noisy with few images: raise --num-images, or relax --max-drop")
+            hint="the estimate is noisy with few images: raise --num-images, or relax --max-drop",
+        )
     while hi - lo > 1:  # invariant: estimate(lo) > max_drop >= estimate(hi)
         mid = (lo + hi) // 2
         if estimate(mid) <= max_drop:
@@ -226,12 +251,26 @@ def plan_for_max_drop(model: nn.Module, calib: CalibrationSet, *, scheme: QuantS
             lo = mid
     chosen = scheme_for(hi)
     final = next(s for s in reversed(steps) if s["raised"] == hi)
-    overrides = chosen.overrides[len(scheme.overrides):]
+    overrides = chosen.overrides[len(scheme.overrides) :]
     size, size_low, macs, macs_low, low_fraction = _costs(measured, overrides)
-    plan = BudgetPlan(max_drop, final["estimated_drop"], final["estimated_drop_se"], final["disagreement"], len(held_out),
-                      mean_confidence(model, held_out.images), resolution, overrides,
-                      chosen.act_bits, tuple(steps), size, size_low, macs, macs_low, low_fraction,
-                      reconstructed=reconstruct is not None)
+    plan = BudgetPlan(
+        max_drop,
+        final["estimated_drop"],
+        final["estimated_drop_se"],
+        final["disagreement"],
+        len(held_out),
+        mean_confidence(model, held_out.images),
+        resolution,
+        overrides,
+        chosen.act_bits,
+        tuple(steps),
+        size,
+        size_low,
+        macs,
+        macs_low,
+        low_fraction,
+        reconstructed=reconstruct is not None,
+    )
     return plan, calibrate_on, fitting[0]
 
 

@@ -162,8 +162,9 @@ class HistogramCalibrator:
             return -amax, amax
         return max(min(self.min, 0.0), -amax), min(max(self.max, 0.0), amax)
 
-    def compute_range(self, method: str, *, symmetric: bool, percentile: float = 99.99,
-                      qrange: tuple[int, int] = (0, 255)) -> tuple[float, float]:
+    def compute_range(
+        self, method: str, *, symmetric: bool, percentile: float = 99.99, qrange: tuple[int, int] = (0, 255)
+    ) -> tuple[float, float]:
         """(lo, hi) to quantize over; ``lo == -hi`` when ``symmetric``.
 
         ``qrange`` is the integer grid the range will be mapped on: ``mse`` and ``entropy`` search

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Iterator, get_args
+from collections.abc import Iterator
+from typing import Any, get_args
 
 import torch
 from torch import fx, nn
@@ -26,14 +27,29 @@ aten = torch.ops.aten
 
 # Ops computed on integers (besides conv/linear and residual add): their inputs and outputs are
 # quantized, which is the pattern onnxruntime turns into QLinear* kernels and TensorRT fuses.
-POOL_OPS = {aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.avg_pool1d.default,
-            aten.adaptive_avg_pool1d.default, aten.mean.dim}
+POOL_OPS = {
+    aten.avg_pool2d.default,
+    aten.adaptive_avg_pool2d.default,
+    aten.avg_pool1d.default,
+    aten.adaptive_avg_pool1d.default,
+    aten.mean.dim,
+}
 CONCAT_OPS = {aten.cat.default, torch.cat}
 # Ops that only move or select values: a quantized input stays on its grid, so their output
 # quantizer shares the input's scale (onnxruntime's integer MaxPool requires exactly that).
-DATA_MOVEMENT = {aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default,
-                 aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                 aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, *RESHAPE_FUNCTIONS}
+DATA_MOVEMENT = {
+    aten.max_pool2d.default,
+    aten.max_pool1d.default,
+    aten.max_pool3d.default,
+    aten.flatten.using_ints,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.unsqueeze.default,
+    *RESHAPE_FUNCTIONS,
+}
 # Ops whose output holds the input's values (dropout is the identity in the inference graph).
 VALUE_PRESERVING = DATA_MOVEMENT | {aten.dropout.default}
 # Activations a conv/add output is quantized after (Q(relu(x)) fuses into the producing kernel).
@@ -57,8 +73,9 @@ class LayerInfo:
 class QuantModel:
     """A BN-folded, fake-quantized model: the reference the exported graph must reproduce."""
 
-    def __init__(self, module: fx.GraphModule, scheme: QuantScheme, input_shape: tuple[int, ...],
-                 layers: list[LayerInfo]):
+    def __init__(
+        self, module: fx.GraphModule, scheme: QuantScheme, input_shape: tuple[int, ...], layers: list[LayerInfo]
+    ):
         self.module = module
         self.scheme = scheme
         self.input_shape = tuple(input_shape)
@@ -88,14 +105,24 @@ class QuantModel:
         scheme asked."""
         notes = [f"{layer.name}: {layer.note}" for layer in self.layers if layer.note]
         if self.scheme.export_weight_container() == "uint8":
-            notes.insert(0, "weights stored as uint8 with zero point 128 (the same values): onnxruntime's int8 "
-                            "kernels saturate on x86 CPUs without VNNI, as this machine's is; set "
-                            "quant.weight_container to int8 for a graph that will only run on VNNI/AMX CPUs.")
+            notes.insert(
+                0,
+                "weights stored as uint8 with zero point 128 (the same values): onnxruntime's int8 "
+                "kernels saturate on x86 CPUs without VNNI, as this machine's is; set "
+                "quant.weight_container to int8 for a graph that will only run on VNNI/AMX CPUs.",
+            )
         return notes
 
 
-def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, batch_size: int = 32,
-             progress: bool = True, reconstruct: ReconstructionConfig | None = None) -> QuantModel:
+def quantize(
+    model: nn.Module,
+    calib: CalibrationSet,
+    *,
+    scheme: QuantScheme,
+    batch_size: int = 32,
+    progress: bool = True,
+    reconstruct: ReconstructionConfig | None = None,
+) -> QuantModel:
     """Fold BN, insert quantizers per ``scheme``, and calibrate them on ``calib``.
 
     ``model`` may be any module that :func:`capture_graph` accepts; it is not modified. With
@@ -114,6 +141,7 @@ def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, ba
     qmodel = QuantModel(graph, scheme, calib.input_shape, layers)
     if reconstruct is not None:
         from .reconstruct import reconstruct_blocks
+
         qmodel.reconstruction = reconstruct_blocks(qmodel, calib, config=reconstruct, progress=progress)
     return qmodel
 
@@ -121,14 +149,16 @@ def quantize(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme, ba
 def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerInfo]:
     """Swap conv/linear modules for quantized ones and quantize the tensors around integer ops."""
     modules = dict(graph.named_modules())
-    weighted = [n for n in graph.graph.nodes
-                if n.op == "call_module" and type(modules[n.target]) in QUANT_LAYER_FOR]
+    weighted = [n for n in graph.graph.nodes if n.op == "call_module" and type(modules[n.target]) in QUANT_LAYER_FOR]
     first = weighted[0] if weighted else None
     last = weighted[-1] if weighted else None
-    plans = {node: _layer_quant(scheme, node.target, modules[node.target], is_first=node is first, is_last=node is last)
-             for node in weighted}
-    weight_only = {node for node, (quant, _) in plans.items()
-                   if quant.weight_bits is not None and quant.act_bits is None}
+    plans = {
+        node: _layer_quant(scheme, node.target, modules[node.target], is_first=node is first, is_last=node is last)
+        for node in weighted
+    }
+    weight_only = {
+        node for node, (quant, _) in plans.items() if quant.weight_bits is not None and quant.act_bits is None
+    }
     placer = _QuantizerPlacer(graph, scheme, first, weight_only)
     layers: list[LayerInfo] = []
     for node in list(graph.graph.nodes):
@@ -139,8 +169,10 @@ def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerI
             layers.append(LayerInfo(node.target, type(module).__name__, w_bits, a_bits, quant.weight_block_size, note))
             if w_bits is None:
                 continue
-            graph.set_submodule(node.target, QUANT_LAYER_FOR[type(module)].from_float(
-                module, w_bits, block_size=quant.weight_block_size))
+            graph.set_submodule(
+                node.target,
+                QUANT_LAYER_FOR[type(module)].from_float(module, w_bits, block_size=quant.weight_block_size),
+            )
             if a_bits is not None:
                 placer.quantize(node.args[0], a_bits)
                 out_bits = scheme.first_last_bits if node is first and scheme.first_last_bits else scheme.act_bits
@@ -166,24 +198,29 @@ def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerI
     return layers
 
 
-def _layer_quant(scheme: QuantScheme, name: str, module: nn.Module, *, is_first: bool,
-                 is_last: bool) -> tuple[LayerQuant, str | None]:
+def _layer_quant(
+    scheme: QuantScheme, name: str, module: nn.Module, *, is_first: bool, is_last: bool
+) -> tuple[LayerQuant, str | None]:
     """The scheme's setting for one layer with its weight block fitted to the layer's input size."""
     kind = type(module).__name__
     quant = scheme.layer_quant(name, kind=kind, is_first=is_first, is_last=is_last)
     if quant.weight_block_size is None:
         return quant, None
     if not isinstance(module, nn.Linear):
-        raise BadInputError(f"layer {name} ({kind}): weight_block_size applies to Linear layers only",
-                            hint='limit the override to Linear layers with kind: "Linear"')
+        raise BadInputError(
+            f"layer {name} ({kind}): weight_block_size applies to Linear layers only",
+            hint='limit the override to Linear layers with kind: "Linear"',
+        )
     largest = quant.weight_block_size
     block = fit_block_size(largest, module.in_features)
     if block is not None:
         return dataclasses.replace(quant, weight_block_size=block), None
     quant = scheme.layer_quant(name, kind=kind, is_first=is_first, is_last=is_last, blocked=False)
-    return quant, (f"kept at W{quant.weight_bits}A{quant.act_bits} with per-channel weights: INT4 block quantization "
-                   f"needs a block of {MIN_WEIGHT_BLOCK}..{largest} inputs (a power of two) dividing its "
-                   f"{module.in_features} inputs")
+    return quant, (
+        f"kept at W{quant.weight_bits}A{quant.act_bits} with per-channel weights: INT4 block quantization "
+        f"needs a block of {MIN_WEIGHT_BLOCK}..{largest} inputs (a power of two) dividing its "
+        f"{module.in_features} inputs"
+    )
 
 
 def fit_block_size(largest: int, in_features: int) -> int | None:
@@ -206,8 +243,12 @@ def _quantize_biases(graph: fx.GraphModule, weighted: list[fx.Node]) -> None:
     for node in weighted:
         layer = graph.get_submodule(node.target)
         src = node.args[0]
-        if (hasattr(layer, "quantize_bias_with") and isinstance(src, fx.Node) and src.op == "call_module"
-                and str(src.target).startswith("act_quant.")):
+        if (
+            hasattr(layer, "quantize_bias_with")
+            and isinstance(src, fx.Node)
+            and src.op == "call_module"
+            and str(src.target).startswith("act_quant.")
+        ):
             layer.quantize_bias_with(graph.get_submodule(src.target))
 
 
@@ -226,8 +267,9 @@ def _use_unsigned_grids_after_relu(graph: fx.GraphModule) -> None:
 class _QuantizerPlacer:
     """Puts one ActQuantizer on a tensor; every consumer of the tensor then reads its output."""
 
-    def __init__(self, graph: fx.GraphModule, scheme: QuantScheme, first: fx.Node | None,
-                 weight_only: set[fx.Node] = frozenset()):
+    def __init__(
+        self, graph: fx.GraphModule, scheme: QuantScheme, first: fx.Node | None, weight_only: set[fx.Node] = frozenset()
+    ):
         self.graph = graph
         self.scheme = scheme
         self.first = first
@@ -277,13 +319,18 @@ class _QuantizerPlacer:
         return bool(users) and all(
             user in self.weight_only
             or (user.op == "call_function" and user.target in VALUE_PRESERVING and self._read_by_weight_only(user))
-            for user in users)
+            for user in users
+        )
 
     def tie_data_movement(self) -> None:
         for src, qnode in self.quantizer_of.items():
             if src.op == "call_function" and src.target in DATA_MOVEMENT and src.args:
                 producer = src.args[0]
-                if isinstance(producer, fx.Node) and producer.op == "call_module" and producer.target.startswith("act_quant."):
+                if (
+                    isinstance(producer, fx.Node)
+                    and producer.op == "call_module"
+                    and producer.target.startswith("act_quant.")
+                ):
                     follower = self.graph.get_submodule(qnode.target)
                     follower.tie_to(self.graph.get_submodule(producer.target))
 
@@ -300,8 +347,9 @@ def _derives_from(node: fx.Node, producer: fx.Node | None) -> bool:
 
 
 @torch.no_grad()
-def calibrate(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantScheme, batch_size: int = 32,
-              progress: bool = True) -> None:
+def calibrate(
+    graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantScheme, batch_size: int = 32, progress: bool = True
+) -> None:
     """Run the calibration set once through the float graph and set every weight and activation range."""
     for layer in graph.modules():
         wq = getattr(layer, "weight_quantizer", None)
@@ -312,8 +360,9 @@ def calibrate(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantSche
         q.calibrator.reset()
         q.mode = "collect"
     graph.eval()
-    for batch in tqdm(list(calib.batches(batch_size)), desc="calibrate", unit="batch", disable=not progress,
-                      leave=False):
+    for batch in tqdm(
+        list(calib.batches(batch_size)), desc="calibrate", unit="batch", disable=not progress, leave=False
+    ):
         graph(batch)
     _refuse_nonfinite_activations(graph)
     for q in quantizers:
@@ -336,9 +385,11 @@ def _refuse_nonfinite_activations(graph: fx.GraphModule) -> None:
                 src = src.args[0]
             where = src.target if src.op == "call_module" else src.name
             what = "the model input" if src.op == "placeholder" else f"the output of {where}"
-            raise BadInputError(f"{quantizer.calibrator.nonfinite} NaN or infinite activation values in {what} "
-                                "during calibration", hint="weights or BN statistics so large that activations "
-                                "overflow float32 (or a calibration set with NaN): check that layer's weights")
+            raise BadInputError(
+                f"{quantizer.calibrator.nonfinite} NaN or infinite activation values in {what} during calibration",
+                hint="weights or BN statistics so large that activations "
+                "overflow float32 (or a calibration set with NaN): check that layer's weights",
+            )
 
 
 def check_finite_images(calib: CalibrationSet) -> None:
@@ -346,9 +397,11 @@ def check_finite_images(calib: CalibrationSet) -> None:
     bad = (~torch.isfinite(calib.images)).flatten(1).any(dim=1)
     if bool(bad.any()):
         first = int(bad.nonzero()[0])
-        raise BadInputError(f"the calibration set holds NaN or infinite pixels in {int(bad.sum())} of its "
-                            f"{len(calib)} images (first: image {first})",
-                            hint="make the set again (dfq-deploy synthesize), or remove those images")
+        raise BadInputError(
+            f"the calibration set holds NaN or infinite pixels in {int(bad.sum())} of its "
+            f"{len(calib)} images (first: image {first})",
+            hint="make the set again (dfq-deploy synthesize), or remove those images",
+        )
 
 
 CALIBRATORS: tuple[str, ...] = get_args(CalibratorName)
@@ -368,8 +421,9 @@ def _copy_tied_ranges(quantizers: list[ActQuantizer]) -> None:
 
 
 @torch.no_grad()
-def select_calibrators(graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantScheme,
-                       max_images: int = 64) -> dict[str, str]:
+def select_calibrators(
+    graph: fx.GraphModule, calib: CalibrationSet, *, scheme: QuantScheme, max_images: int = 64
+) -> dict[str, str]:
     """Per activation quantizer, keep the calibrator whose range gives the lowest model output error.
 
     Greedy in graph order, each choice made with the earlier ones in place, on the first

@@ -7,7 +7,7 @@ The arithmetic is ONNX's: ``q = saturate(round_half_even(x / scale) + zero_point
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return torch.where(inside, x + (y - x).detach(), y)
 
 
-def fake_quantize_learned_scale(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                                qmin: int, qmax: int) -> torch.Tensor:
+def fake_quantize_learned_scale(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
     """Quantize-dequantize with gradients for both ``x`` and ``scale`` (LSQ): rounding passes the
     gradient straight through, clamping stops it for ``x`` outside the grid.
 
@@ -35,8 +36,9 @@ def fake_quantize_learned_scale(x: torch.Tensor, scale: torch.Tensor, zero_point
     reconstruction step on CPU. It multiplies by 1/scale where ONNX divides, so it serves training
     only; the trained model runs (and exports) through :func:`fake_quantize`.
     """
-    return torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1).float(),
-                                                            qmin, qmax, 1.0)
+    return torch._fake_quantize_learnable_per_tensor_affine(
+        x, scale.reshape(1), zero_point.reshape(1).float(), qmin, qmax, 1.0
+    )
 
 
 class DropMasks:
@@ -55,7 +57,7 @@ class DropMasks:
         if n > self.POOL // 2:
             return torch.rand(shape, generator=self.generator) < self.prob
         offset = int(torch.randint(self.POOL - n, (1,), generator=self.generator))
-        return self.pool[offset:offset + n].view(shape)
+        return self.pool[offset : offset + n].view(shape)
 
 
 # AdaRound's rectified sigmoid h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1): it reaches exactly 0 and 1,
@@ -124,12 +126,12 @@ class ActQuantizer(nn.Module):
             self.step = None
         self.drop_masks = None
 
-    def tie_to(self, other: "ActQuantizer") -> None:
+    def tie_to(self, other: ActQuantizer) -> None:
         """Share ``other``'s grid (after max-pool or reshape the values are still on it)."""
         # Stored outside _modules so the shared quantizer is not registered twice.
         object.__setattr__(self, "tied_to", other)
 
-    def copy_range(self, other: "ActQuantizer") -> None:
+    def copy_range(self, other: ActQuantizer) -> None:
         self.bits, self.form, self.unsigned = other.bits, other.form, other.unsigned
         self.scale.copy_(other.scale)
         self.zero_point.copy_(other.zero_point)
@@ -143,7 +145,7 @@ class ActQuantizer(nn.Module):
     def qrange(self) -> tuple[int, int]:
         if self.symmetric and not self.unsigned:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        return 0, 2 ** self.bits - 1
+        return 0, 2**self.bits - 1
 
     def set_range(self, lo: float, hi: float) -> None:
         """Set scale and zero point so that [lo, hi] (which contains 0) maps onto the grid."""
@@ -311,13 +313,13 @@ class _QuantWeightLayer:
 
     def integer_bias(self) -> torch.Tensor:
         """The int32 values written to the exported bias initializer."""
-        return torch.round(self.bias.detach() / self.bias_scale()).clamp(-2**31, 2**31 - 1).to(torch.int32)
+        return torch.round(self.bias.detach() / self.bias_scale()).clamp(-(2**31), 2**31 - 1).to(torch.int32)
 
     def quantized_bias(self) -> torch.Tensor | None:
         scale = self.bias_scale()
         if scale is None:
             return self.bias
-        y = fake_quantize(self.bias, scale, torch.zeros(()), -2**31, 2**31 - 1)
+        y = fake_quantize(self.bias, scale, torch.zeros(()), -(2**31), 2**31 - 1)
         if self.bias_export_index is not None:
             return _ExportPlaceholder.apply(self.bias, y, self.bias_export_index)
         return y
@@ -363,9 +365,7 @@ def float_mode(graph: fx.GraphModule) -> Iterator[None]:
     try:
         yield
     finally:
-        for q, mode in zip(acts, modes):
+        for q, mode in zip(acts, modes, strict=False):
             q.mode = mode
-        for w, on in zip(weights, enabled):
+        for w, on in zip(weights, enabled, strict=False):
             w.enabled = on
-
-

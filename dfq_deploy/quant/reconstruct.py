@@ -15,8 +15,8 @@ import json
 import math
 import time
 import warnings
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
@@ -84,8 +84,9 @@ def find_blocks(graph: fx.GraphModule) -> list[Block]:
     modules = dict(graph.named_modules())
     order = {n: i for i, n in enumerate(nodes)}
     order[placeholders[0]] = -1
-    last_use = {n: max((order.get(u, len(nodes)) for u in n.users), default=order[n])
-                for n in [placeholders[0], *nodes]}
+    last_use = {
+        n: max((order.get(u, len(nodes)) for u in n.users), default=order[n]) for n in [placeholders[0], *nodes]
+    }
     segments: list[list[fx.Node]] = [[]]
     live: set[fx.Node] = {placeholders[0]}
     for i, node in enumerate(nodes):
@@ -118,7 +119,7 @@ def find_blocks(graph: fx.GraphModule) -> list[Block]:
         names.append(name)
         pending = []
     blocks, start = [], placeholders[0]
-    for name, group in zip(names, groups):
+    for name, group in zip(names, groups, strict=False):
         blocks.append(Block(name, start, tuple(group)))
         start = group[-1]
     return blocks
@@ -144,11 +145,12 @@ def block_module(graph: fx.GraphModule, block: Block) -> fx.GraphModule:
 
 @torch.no_grad()
 def _run(module: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([module(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    return torch.cat([module(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
-def reconstruct_blocks(qmodel: QuantModel, calib: CalibrationSet, *, config: ReconstructionConfig,
-                       progress: bool = True) -> ReconstructionReport:
+def reconstruct_blocks(
+    qmodel: QuantModel, calib: CalibrationSet, *, config: ReconstructionConfig, progress: bool = True
+) -> ReconstructionReport:
     """Reconstruct ``qmodel`` in place, block by block, on ``calib``; returns per-block statistics.
 
     Learned roundings are written into the weights (as integer × scale) and learned step sizes into
@@ -186,20 +188,37 @@ def reconstruct_blocks(qmodel: QuantModel, calib: CalibrationSet, *, config: Rec
     return ReconstructionReport(results, time.perf_counter() - start_time, dataclasses.asdict(config))
 
 
-def _reconstruct_block(module: fx.GraphModule, name: str, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: torch.Tensor,
-                       config: ReconstructionConfig, budget_s: float | None, generator: torch.Generator) -> BlockResult:
+def _reconstruct_block(
+    module: fx.GraphModule,
+    name: str,
+    x_q: torch.Tensor,
+    x_fp: torch.Tensor,
+    y_fp: torch.Tensor,
+    config: ReconstructionConfig,
+    budget_s: float | None,
+    generator: torch.Generator,
+) -> BlockResult:
     start = time.perf_counter()
     output_node = list(module.graph.nodes)[-2]
     output_quantizer = module.get_submodule(output_node.target) if output_node.op == "call_module" else None
-    weight_layers = [m for m in module.modules() if isinstance(getattr(m, "weight_quantizer", None), WeightQuantizer)
-                     and m.weight_quantizer.enabled]
+    weight_layers = [
+        m
+        for m in module.modules()
+        if isinstance(getattr(m, "weight_quantizer", None), WeightQuantizer) and m.weight_quantizer.enabled
+    ]
     # Step sizes are learned below 8 bit only: the straight-through gradient does not see the
     # rounding noise a larger step adds, and on a fine 8-bit grid it then widens steps that the
     # Lp search had already set well (measured: the 8-bit first block's error went up).
-    act_quantizers = [m for m in module.modules() if isinstance(m, ActQuantizer) and m.mode == "quantize"
-                      and m.tied_to is None and m.bits < 8]
-    drop_quantizers = [m for m in module.modules() if isinstance(m, ActQuantizer) and m.mode == "quantize"
-                       and m is not output_quantizer]
+    act_quantizers = [
+        m
+        for m in module.modules()
+        if isinstance(m, ActQuantizer) and m.mode == "quantize" and m.tied_to is None and m.bits < 8
+    ]
+    drop_quantizers = [
+        m
+        for m in module.modules()
+        if isinstance(m, ActQuantizer) and m.mode == "quantize" and m is not output_quantizer
+    ]
     error_before = _block_error(module, x_q, y_fp, config.batch_size)
     calibrated = {k: v.clone() for k, v in module.state_dict().items()}
     rounding = [layer.weight_quantizer.learn_rounding(layer.weight) for layer in weight_layers]
@@ -245,8 +264,9 @@ def _reconstruct_block(module: fx.GraphModule, name: str, x_q: torch.Tensor, x_f
     return BlockResult(name, it, time.perf_counter() - start, error_before, error_after, reverted=reverted)
 
 
-def _rounding_penalty(weight_layers: list[nn.Module], it: int, iterations: int,
-                      config: ReconstructionConfig) -> torch.Tensor | float:
+def _rounding_penalty(
+    weight_layers: list[nn.Module], it: int, iterations: int, config: ReconstructionConfig
+) -> torch.Tensor | float:
     """AdaRound's regulariser, off during warm-up, then with β annealed from ``beta_start`` to
     ``beta_end`` (a high β first lets weights move, a low β at the end forces 0/1 decisions)."""
     warm = int(config.warmup * iterations)
@@ -291,12 +311,17 @@ class _Checkpoint:
             state["key"], state["model"], state["done"]
         except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError) as exc:
             # A checkpoint only saves time: a damaged one is started over, not a reason to stop.
-            warnings.warn(f"reconstruction checkpoint {self.path} is damaged ({first_line(exc)}); "
-                          "starting the reconstruction over", stacklevel=2)
+            warnings.warn(
+                f"reconstruction checkpoint {self.path} is damaged ({first_line(exc)}); "
+                "starting the reconstruction over",
+                stacklevel=2,
+            )
             return 0
         if state["key"] != self.key:
-            raise BadInputError(f"the reconstruction checkpoint {self.path} belongs to another model or calibration set",
-                                hint="delete it or choose another checkpoint directory")
+            raise BadInputError(
+                f"the reconstruction checkpoint {self.path} belongs to another model or calibration set",
+                hint="delete it or choose another checkpoint directory",
+            )
         graph.load_state_dict(state["model"])
         self.results = [BlockResult(**r) for r in json.loads(state["results"])]
         return int(state["done"])
@@ -305,6 +330,10 @@ class _Checkpoint:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"key": self.key, "done": done, "model": graph.state_dict(),
-                 "results": json.dumps([dataclasses.asdict(r) for r in results])}
+        state = {
+            "key": self.key,
+            "done": done,
+            "model": graph.state_dict(),
+            "results": json.dumps([dataclasses.asdict(r) for r in results]),
+        }
         atomic_write(self.path, lambda f: torch.save(state, f))

@@ -18,8 +18,7 @@ from torch import fx, nn
 from ..calibration_set import CalibrationSet
 from ..config import LayerOverride, MixedPrecisionConfig, QuantScheme
 from .quantize import QuantModel, quantize
-from .quantizers import float_mode
-from .quantizers import ActQuantizer
+from .quantizers import ActQuantizer, float_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,22 +56,33 @@ class MixedPrecisionPlan:
         return dataclasses.replace(base, overrides=base.overrides + self.overrides)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"config": dataclasses.asdict(self.config), "raised": list(self.raised), "cost": self.cost,
-                "cost_all_low": self.cost_all_low, "cost_all_high": self.cost_all_high,
-                "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+        return {
+            "config": dataclasses.asdict(self.config),
+            "raised": list(self.raised),
+            "cost": self.cost,
+            "cost_all_low": self.cost_all_low,
+            "cost_all_high": self.cost_all_high,
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+        }
 
     def markdown_table(self) -> str:
         """Per-layer table for report.md: size, work, sensitivity and chosen widths."""
-        lines = ["| layer | kind | params | MACs | sensitivity | W bits | A bits | |",
-                 "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines = [
+            "| layer | kind | params | MACs | sensitivity | W bits | A bits | |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
         for layer in self.layers:
             why = "fixed" if layer.fixed else ("raised" if layer.name in self.raised else "")
-            lines.append(f"| {layer.name} | {layer.kind} | {layer.params:,} | {layer.macs:,} | {layer.sensitivity:.3g} "
-                         f"| {layer.weight_bits} | {layer.act_bits} | {why} |")
+            lines.append(
+                f"| {layer.name} | {layer.kind} | {layer.params:,} | {layer.macs:,} | {layer.sensitivity:.3g} "
+                f"| {layer.weight_bits} | {layer.act_bits} | {why} |"
+            )
         unit = "weight bytes" if self.config.budget_kind == "size" else "bit-weighted MACs"
-        lines.append(f"\n{self.config.budget_kind} budget {self.config.budget:.2f}x of all-low: uses "
-                     f"{self.cost / self.cost_all_low:.3f}x ({self.cost:,.0f} {unit}; all-high would be "
-                     f"{self.cost_all_high / self.cost_all_low:.2f}x)")
+        lines.append(
+            f"\n{self.config.budget_kind} budget {self.config.budget:.2f}x of all-low: uses "
+            f"{self.cost / self.cost_all_low:.3f}x ({self.cost:,.0f} {unit}; all-high would be "
+            f"{self.cost_all_high / self.cost_all_low:.2f}x)"
+        )
         return "\n".join(lines)
 
 
@@ -85,13 +95,18 @@ class SensitivityMeasurement:
     errors: dict[str, float]  # name -> relative output error with only that layer quantized
 
 
-def measure_sensitivity(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme,
-                        config: MixedPrecisionConfig = MixedPrecisionConfig()) -> SensitivityMeasurement:
+def measure_sensitivity(
+    model: nn.Module,
+    calib: CalibrationSet,
+    *,
+    scheme: QuantScheme,
+    config: MixedPrecisionConfig = MixedPrecisionConfig(),
+) -> SensitivityMeasurement:
     """Quantize ``model`` with ``scheme`` and measure each weighted layer alone: relative output
     error ‖y_layer − y_fp‖² / ‖y_fp‖² on the first ``config.max_images`` calibration images."""
     qmodel = quantize(model, calib, scheme=scheme, batch_size=config.batch_size, progress=False)
     graph = qmodel.module
-    images = calib.images[:config.max_images]
+    images = calib.images[: config.max_images]
     with float_mode(graph), torch.no_grad():
         reference = graph(images)
     norm = max(float(reference.pow(2).sum()), 1e-12)
@@ -133,14 +148,28 @@ def plan_mixed_precision(measured: SensitivityMeasurement, config: MixedPrecisio
         if spent + extra <= limit + 1e-9:
             raised.append(name)
             spent += extra
-    layers = tuple(LayerSensitivity(n, rows[n].kind, *sizes[n], errors[n],
-                                    high if n in raised else rows[n].weight_bits,
-                                    high if n in raised else (rows[n].act_bits or 0), n in fixed) for n in rows)
+    layers = tuple(
+        LayerSensitivity(
+            n,
+            rows[n].kind,
+            *sizes[n],
+            errors[n],
+            high if n in raised else rows[n].weight_bits,
+            high if n in raised else (rows[n].act_bits or 0),
+            n in fixed,
+        )
+        for n in rows
+    )
     return MixedPrecisionPlan(layers, tuple(raised), config, spent, all_low, all_high)
 
 
-def sensitivity_plan(model: nn.Module, calib: CalibrationSet, *, scheme: QuantScheme,
-                     config: MixedPrecisionConfig = MixedPrecisionConfig()) -> MixedPrecisionPlan:
+def sensitivity_plan(
+    model: nn.Module,
+    calib: CalibrationSet,
+    *,
+    scheme: QuantScheme,
+    config: MixedPrecisionConfig = MixedPrecisionConfig(),
+) -> MixedPrecisionPlan:
     """:func:`measure_sensitivity` then :func:`plan_mixed_precision`: the ``--sensitivity`` step.
 
     Apply the result with ``plan.scheme(scheme)``.
@@ -151,18 +180,23 @@ def sensitivity_plan(model: nn.Module, calib: CalibrationSet, *, scheme: QuantSc
 def plot_sensitivity(plan: MixedPrecisionPlan, path: str | Path) -> Path:
     """Bar chart (PNG) of per-layer sensitivity, log scale, coloured by the width the plan chose."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
     names = [layer.name for layer in plan.layers]
-    colours = ["#888888" if layer.fixed else "#d62728" if layer.name in plan.raised else "#1f77b4" for layer in plan.layers]
+    colours = [
+        "#888888" if layer.fixed else "#d62728" if layer.name in plan.raised else "#1f77b4" for layer in plan.layers
+    ]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names) + 2), 4.0))
     ax.bar(range(len(names)), [max(layer.sensitivity, 1e-12) for layer in plan.layers], color=colours)
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)), names, rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("relative output error, layer alone")
-    low = min((layer.weight_bits for layer in plan.layers if not layer.fixed and layer.name not in plan.raised), default=None)
+    low = min(
+        (layer.weight_bits for layer in plan.layers if not layer.fixed and layer.name not in plan.raised), default=None
+    )
     ax.set_title(f"per-layer sensitivity: red = raised to {plan.config.high_bits} bit, blue = {low} bit, grey = fixed")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +212,11 @@ def _layer_quantizers(graph: fx.GraphModule, name: str) -> list[nn.Module]:
     for node in graph.graph.nodes:
         if node.op == "call_module" and node.target == name:
             src = node.args[0]
-            if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(graph.get_submodule(src.target), ActQuantizer):
+            if (
+                isinstance(src, fx.Node)
+                and src.op == "call_module"
+                and isinstance(graph.get_submodule(src.target), ActQuantizer)
+            ):
                 found.append(graph.get_submodule(src.target))
     return found
 
@@ -201,6 +239,7 @@ def _layer_sizes(qmodel: QuantModel, input_shape: tuple[int, ...]) -> dict[str, 
         def record(mod, inputs, output, name=layer.name):
             per_output = mod.weight[0].numel()  # in_channels/groups × kernel elements per output value
             sizes[name] = (mod.weight.numel(), int(output[0].numel() * per_output))
+
         hooks.append(module.register_forward_hook(record))
     try:
         with float_mode(graph), torch.no_grad():

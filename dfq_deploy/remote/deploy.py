@@ -34,28 +34,51 @@ class RemoteDevices:
     dfq_deploy_path: str | None = None
     path_prefix: str | None = None
 
-    def request(self, artifact: Path, *, precision: str, profile_config: ProfileConfig,
-                target: str = "onnxruntime", device: str = "cpu") -> RemoteProfileRequest:
+    def request(
+        self,
+        artifact: Path,
+        *,
+        precision: str,
+        profile_config: ProfileConfig,
+        target: str = "onnxruntime",
+        device: str = "cpu",
+    ) -> RemoteProfileRequest:
         """The request for ``artifact``: trtexec at ``precision``; the dfq-deploy runner on ``target``/``device``."""
         return RemoteProfileRequest(
-            artifact=artifact, runner=self.runner, trtexec_path=self.trtexec_path, path_prefix=self.path_prefix,
-            trtexec=TrtexecOptions(precision=precision, batch_sizes=profile_config.batch_sizes,
-                                   warmup_ms=round(profile_config.warmup_ms), duration_s=profile_config.duration_s,
-                                   use_cuda_graph=profile_config.cuda_graph),
-            dfq_deploy=DfqDeployRunOptions(executable=self.dfq_deploy_path, target=target, device=device,
-                                           warmup_ms=profile_config.warmup_ms, iterations=profile_config.iterations,
-                                           duration_s=profile_config.duration_s))
+            artifact=artifact,
+            runner=self.runner,
+            trtexec_path=self.trtexec_path,
+            path_prefix=self.path_prefix,
+            trtexec=TrtexecOptions(
+                precision=precision,
+                batch_sizes=profile_config.batch_sizes,
+                warmup_ms=round(profile_config.warmup_ms),
+                duration_s=profile_config.duration_s,
+                use_cuda_graph=profile_config.cuda_graph,
+            ),
+            dfq_deploy=DfqDeployRunOptions(
+                executable=self.dfq_deploy_path,
+                target=target,
+                device=device,
+                warmup_ms=profile_config.warmup_ms,
+                iterations=profile_config.iterations,
+                duration_s=profile_config.duration_s,
+            ),
+        )
 
 
 def check_remote_target(target: str) -> None:
     """``build --remote`` builds with the device's TensorRT: only the ``tensorrt`` target's Q/DQ form."""
     if target != "tensorrt":
-        raise BadInputError(f"build --remote builds with the device's TensorRT; got --target {target}",
-                            hint="use --target tensorrt (or `dfq-deploy profile --remote` for an ONNX file)")
+        raise BadInputError(
+            f"build --remote builds with the device's TensorRT; got --target {target}",
+            hint="use --target tensorrt (or `dfq-deploy profile --remote` for an ONNX file)",
+        )
 
 
-def deploy_on_devices(qdq_path: Path, *, devices: RemoteDevices, precision: str, profile_config: ProfileConfig,
-                      out_dir: Path) -> dict[str, Any]:
+def deploy_on_devices(
+    qdq_path: Path, *, devices: RemoteDevices, precision: str, profile_config: ProfileConfig, out_dir: Path
+) -> dict[str, Any]:
     """The build's ``deployment`` section from building and timing ``qdq_path`` on ``devices``.
 
     Raw trtexec files go to ``out_dir/trtexec/``; ``engine_metadata`` carries the first device's layer
@@ -71,10 +94,15 @@ def deploy_on_devices(qdq_path: Path, *, devices: RemoteDevices, precision: str,
     where = ", ".join(p.label for p in profiles)
     deployment = dict(summary["deployment"]) | {
         "remote": [p.section() for p in profiles],
-        "engine_metadata": {"target": f"{first.runner}@{first.label}",
-                            "engine_layers": list(first.engine_layers) if first.engine_layers else None},
-        "not_run": (f"The engine was built and timed on {where}, in a temp dir removed afterwards; no engine "
-                    "was built or run on this machine. Not measured: the engine's fidelity to the fake-quant "
-                    "reference and its accuracy. Measured here: the per-layer fidelity of the Q/DQ graph on "
-                    "onnxruntime CPU and the fake-quant model's accuracy.")}
+        "engine_metadata": {
+            "target": f"{first.runner}@{first.label}",
+            "engine_layers": list(first.engine_layers) if first.engine_layers else None,
+        },
+        "not_run": (
+            f"The engine was built and timed on {where}, in a temp dir removed afterwards; no engine "
+            "was built or run on this machine. Not measured: the engine's fidelity to the fake-quant "
+            "reference and its accuracy. Measured here: the per-layer fidelity of the Q/DQ graph on "
+            "onnxruntime CPU and the fake-quant model's accuracy."
+        ),
+    }
     return deployment

@@ -69,21 +69,32 @@ def parse_probe(label: str, text: str) -> DeviceDescription:
         parts = [p.strip() for p in values["gpu_csv"].split(",")]
         gpu, cc, driver = (parts + [None, None, None])[:3]
     free = values.get("tmp_free_kib")
-    return DeviceDescription(label=label, arch=values.get("arch") or "?", kernel=values.get("kernel") or "?",
-                             hostname=values.get("hostname") or "?", model=values.get("model"),
-                             jetpack_release=values.get("nv_tegra_release"), gpu=gpu or values.get("model"),
-                             compute_capability=cc, driver_version=driver,
-                             tensorrt_version=values.get("tensorrt_version"), trtexec=values.get("trtexec"),
-                             dfq_deploy=values.get("dfq_deploy"), dfq_deploy_version=values.get("dfq_deploy_version"),
-                             tegrastats=values.get("tegrastats"),
-                             tmp_free_bytes=int(free) * 1024 if free and free.isdigit() else None)
+    return DeviceDescription(
+        label=label,
+        arch=values.get("arch") or "?",
+        kernel=values.get("kernel") or "?",
+        hostname=values.get("hostname") or "?",
+        model=values.get("model"),
+        jetpack_release=values.get("nv_tegra_release"),
+        gpu=gpu or values.get("model"),
+        compute_capability=cc,
+        driver_version=driver,
+        tensorrt_version=values.get("tensorrt_version"),
+        trtexec=values.get("trtexec"),
+        dfq_deploy=values.get("dfq_deploy"),
+        dfq_deploy_version=values.get("dfq_deploy_version"),
+        tegrastats=values.get("tegrastats"),
+        tmp_free_bytes=int(free) * 1024 if free and free.isdigit() else None,
+    )
 
 
-def probe_device(device: SshDevice, *, dfq_deploy: str | None = None, trtexec: str | None = None,
-                 path_prefix: str | None = None) -> DeviceDescription:
+def probe_device(
+    device: SshDevice, *, dfq_deploy: str | None = None, trtexec: str | None = None, path_prefix: str | None = None
+) -> DeviceDescription:
     """Architecture, GPU, TensorRT, JetPack release and the tools installed on ``device`` (``dfq_deploy``
     and ``trtexec``: paths to check instead of looking on its PATH; ``path_prefix``: folders searched
     before its PATH, such as ``~/.local/bin`` that a non-interactive SSH session leaves out)."""
-    out = device.run(_PROBE, dfq_deploy or "", trtexec or "", path_prefix or "", what="probing the device",
-                     timeout_s=120)
+    out = device.run(
+        _PROBE, dfq_deploy or "", trtexec or "", path_prefix or "", what="probing the device", timeout_s=120
+    )
     return parse_probe(device.target.label, out.stdout.decode(errors="replace"))

@@ -11,8 +11,9 @@ import concurrent.futures
 import dataclasses
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..artifacts import prepare_out_dir
 from ..errors import BadInputError, DfqError
@@ -31,8 +32,9 @@ class ProfileResult:
     report: dict[str, Any]
 
 
-def profile_remote(request: RemoteProfileRequest, *, remotes: Sequence[str], out_dir: str | os.PathLike,
-                   ssh: SshOptions = SshOptions()) -> ProfileResult:
+def profile_remote(
+    request: RemoteProfileRequest, *, remotes: Sequence[str], out_dir: str | os.PathLike, ssh: SshOptions = SshOptions()
+) -> ProfileResult:
     """Profile ``request.artifact`` on every ``ssh://`` device in ``remotes`` (in parallel) into ``out_dir``."""
     targets = _targets(remotes)
     out = prepare_out_dir(out_dir)
@@ -53,14 +55,16 @@ def _targets(remotes: Sequence[str]) -> list[SshTarget]:
     return targets
 
 
-def profile_devices(request: RemoteProfileRequest, *, targets: Sequence[SshTarget], ssh: SshOptions,
-                    staging: Path) -> list[DeviceProfile]:
+def profile_devices(
+    request: RemoteProfileRequest, *, targets: Sequence[SshTarget], ssh: SshOptions, staging: Path
+) -> list[DeviceProfile]:
     """Profile on every device in parallel (raw files under ``staging/deviceN``); the first failure raises
     once every device has finished and cleaned up (also when this thread is interrupted)."""
     devices = [SshDevice(t, ssh) for t in targets]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(targets)) as pool:
-        futures = [pool.submit(profile_on_device, d, request, staging=staging / f"device{i}")
-                   for i, d in enumerate(devices)]
+        futures = [
+            pool.submit(profile_on_device, d, request, staging=staging / f"device{i}") for i, d in enumerate(devices)
+        ]
         try:
             concurrent.futures.wait(futures)
         except BaseException:
@@ -69,7 +73,7 @@ def profile_devices(request: RemoteProfileRequest, *, targets: Sequence[SshTarge
             for device in devices:
                 device.abort()
             raise
-    return [_result(f, t.label, several=len(targets) > 1) for f, t in zip(futures, targets)]
+    return [_result(f, t.label, several=len(targets) > 1) for f, t in zip(futures, targets, strict=False)]
 
 
 def _result(future: concurrent.futures.Future, label: str, *, several: bool) -> DeviceProfile:
@@ -82,9 +86,14 @@ def _result(future: concurrent.futures.Future, label: str, *, several: bool) -> 
         raise
 
 
-def profile_trtexec_export(prefix: str | os.PathLike, *, out_dir: str | os.PathLike,
-                           qdq_onnx: str | os.PathLike | None = None, batch_size: int | None = None,
-                           label: str | None = None) -> ProfileResult:
+def profile_trtexec_export(
+    prefix: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike,
+    qdq_onnx: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    label: str | None = None,
+) -> ProfileResult:
     """Read trtexec exports a user already has (``PREFIX.timing.json`` ...) into a report in ``out_dir``.
 
     ``qdq_onnx`` (the graph the engine was built from) adds the precision map: per quantized layer,
@@ -97,20 +106,31 @@ def profile_trtexec_export(prefix: str | os.PathLike, *, out_dir: str | os.PathL
         raw = Path(tmp)
         for path in result.files.all():
             (raw / path.name).write_bytes(path.read_bytes())
-        profile = DeviceProfile(label=label or str(result.device.get("Selected Device") or "trtexec export"),
-                                runner="trtexec", device=result.device,
-                                commands=(result.command,) if result.command else (), latency=(result.latency,),
-                                layers=result.layers, profile_runs=result.profile_runs,
-                                precision_map=_precision_map(Path(qdq_onnx), result.engine_layers) if qdq_onnx else None,
-                                raw_dir=raw)
+        profile = DeviceProfile(
+            label=label or str(result.device.get("Selected Device") or "trtexec export"),
+            runner="trtexec",
+            device=result.device,
+            commands=(result.command,) if result.command else (),
+            latency=(result.latency,),
+            layers=result.layers,
+            profile_runs=result.profile_runs,
+            precision_map=_precision_map(Path(qdq_onnx), result.engine_layers) if qdq_onnx else None,
+            raw_dir=raw,
+        )
         report = profile_report([profile], artifact=Path(qdq_onnx) if qdq_onnx else None, target="tensorrt")
         report["trtexec_export"] = str(prefix)
         write_profile_report(out, report, [profile])
     return ProfileResult(out, report)
 
 
-def profile_local(artifact: str | os.PathLike, *, out_dir: str | os.PathLike, target: str = "onnxruntime",
-                  device: str = "cpu", config=None) -> ProfileResult:
+def profile_local(
+    artifact: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike,
+    target: str = "onnxruntime",
+    device: str = "cpu",
+    config=None,
+) -> ProfileResult:
     """Time ``artifact`` on this machine (:func:`~dfq_deploy.profile_artifact.profile_artifact`) into the
     same report as a remote run."""
     from ..config import ProfileConfig
@@ -119,7 +139,13 @@ def profile_local(artifact: str | os.PathLike, *, out_dir: str | os.PathLike, ta
     out = prepare_out_dir(out_dir)
     result = profile_artifact(artifact, target=target, device=device, config=config or ProfileConfig())
     records = tuple(LatencyRecord.from_dict(r) for r in result["latency"])
-    profile = DeviceProfile(label="local", runner=records[0].runner if records else target, device=result["machine"], commands=(), latency=records)
+    profile = DeviceProfile(
+        label="local",
+        runner=records[0].runner if records else target,
+        device=result["machine"],
+        commands=(),
+        latency=records,
+    )
     report = profile_report([profile], artifact=Path(artifact), target=target)
     report["host_memory"] = result.get("host_memory")
     report["providers"] = result.get("providers")

@@ -11,8 +11,9 @@ import dataclasses
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .. import __version__
 from ..artifacts import atomic_write_bytes, sha256_file
@@ -45,12 +46,19 @@ class DeviceProfile:
 
     def section(self) -> dict[str, Any]:
         """This device's part of report.json."""
-        out: dict[str, Any] = {"label": self.label, "runner": self.runner, "device": dict(self.device),
-                               "commands": list(self.commands), "latency": [r.as_dict() for r in self.latency]}
+        out: dict[str, Any] = {
+            "label": self.label,
+            "runner": self.runner,
+            "device": dict(self.device),
+            "commands": list(self.commands),
+            "latency": [r.as_dict() for r in self.latency],
+        }
         if self.layers:
-            out["engine_layers"] = {"profile_runs": self.profile_runs,
-                                    "ran_in_float": [la.name for la in self.layers if la.ran_in_float],
-                                    "layers": [la.as_dict() for la in self.layers]}
+            out["engine_layers"] = {
+                "profile_runs": self.profile_runs,
+                "ran_in_float": [la.name for la in self.layers if la.ran_in_float],
+                "layers": [la.as_dict() for la in self.layers],
+            }
         if self.tegrastats:
             out["tegrastats"] = dict(self.tegrastats)
         if self.notes:
@@ -60,29 +68,40 @@ class DeviceProfile:
 
 def profile_report(profiles: Sequence[DeviceProfile], *, artifact: Path | None, target: str) -> dict[str, Any]:
     """The report dict: one device's section at top level, several under ``devices`` with a summary."""
-    report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": "profile", "dfq_deploy": __version__,
-                              "target": target}
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "profile",
+        "dfq_deploy": __version__,
+        "target": target,
+    }
     if artifact is not None:
         report["artifact"] = {"path": str(artifact), "bytes": artifact.stat().st_size, "sha256": sha256_file(artifact)}
     if len(profiles) == 1:
         (one,) = profiles
         report |= one.section()
-        report["deployment"] = {"runtime": one.runner, "machine": dict(one.device),
-                                "latency": [r.as_dict() for r in one.latency]}
+        report["deployment"] = {
+            "runtime": one.runner,
+            "machine": dict(one.device),
+            "latency": [r.as_dict() for r in one.latency],
+        }
         if one.precision_map:
             report["precision_map"] = dict(one.precision_map)
         return report
     report["devices"] = [p.section() for p in profiles]
     # Runner names carry the device so that compare keeps one row per device and batch size.
-    report["deployment"] = {"runtime": "several devices", "latency": [
-        r.as_dict() | {"runner": f"{r.runner}@{p.label}"} for p in profiles for r in p.latency]}
+    report["deployment"] = {
+        "runtime": "several devices",
+        "latency": [r.as_dict() | {"runner": f"{r.runner}@{p.label}"} for p in profiles for r in p.latency],
+    }
     maps = {p.label: dict(p.precision_map) for p in profiles if p.precision_map}
     if maps:
         report["precision_map"] = {label: m | {"runtime": f"{m.get('runtime')}@{label}"} for label, m in maps.items()}
     return report
 
 
-def write_profile_report(out_dir: Path, report: Mapping[str, Any], profiles: Sequence[DeviceProfile]) -> dict[str, Path]:
+def write_profile_report(
+    out_dir: Path, report: Mapping[str, Any], profiles: Sequence[DeviceProfile]
+) -> dict[str, Path]:
     """Write report.json, report.md and the raw trtexec files (``out_dir/trtexec/[label/]``).
 
     The raw files are moved in before the reports are written (:func:`copy_raw_files`), so an error
@@ -125,14 +144,32 @@ def render_profile_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"Read from the trtexec exports `{report['trtexec_export']}.*`.", ""]
     sections = report["devices"] if "devices" in report else [report]
     if "devices" in report:
-        lines += ["## Devices", ""] + _table(
-            ["device", "GPU", "TensorRT", "runner", "batch", "median ms", "p99 ms", "images/s"],
-            [[d["label"], _gpu(d["device"]), d["device"].get("tensorrt_version"), d["runner"], r["batch_size"],
-              _num(r["median_ms"]), _num(r["p99_ms"]), _num(r["throughput_ips"])] for d in sections for r in d["latency"]]) + [""]
+        lines += (
+            ["## Devices", ""]
+            + _table(
+                ["device", "GPU", "TensorRT", "runner", "batch", "median ms", "p99 ms", "images/s"],
+                [
+                    [
+                        d["label"],
+                        _gpu(d["device"]),
+                        d["device"].get("tensorrt_version"),
+                        d["runner"],
+                        r["batch_size"],
+                        _num(r["median_ms"]),
+                        _num(r["p99_ms"]),
+                        _num(r["throughput_ips"]),
+                    ]
+                    for d in sections
+                    for r in d["latency"]
+                ],
+            )
+            + [""]
+        )
     for section in sections:
         lines += _device_section(section, heading="##" if "devices" not in report else "###")
     if report.get("precision_map"):
         from ..precision_map import render_precision_md
+
         maps = report["precision_map"]
         for pmap in [maps] if "layers" in maps else maps.values():
             lines += render_precision_md(pmap)
@@ -153,7 +190,10 @@ def _gpu(device: Mapping[str, Any]) -> str:
 def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
     device = section.get("device", {})
     gpu = _gpu(device)
-    lines = [f"{heading} {section.get('label')}" + ("" if gpu.startswith(str(section.get("label"))) else f": {gpu}"), ""]
+    lines = [
+        f"{heading} {section.get('label')}" + ("" if gpu.startswith(str(section.get("label"))) else f": {gpu}"),
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in device.items() if v not in (None, "") and k != "label"] + [""]
     if section.get("commands"):
         lines += ["Commands run on the device:", "", "```"] + list(section["commands"]) + ["```", ""]
@@ -165,12 +205,28 @@ def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
     table = section.get("engine_layers")
     if table:
         fell = table.get("ran_in_float", [])
-        lines += [f"{heading}# Engine layers ({len(table['layers'])}, profiled over {table.get('profile_runs')} runs)", "",
-                  f"**{len(fell)} layer(s) that fuse a Q/DQ node ran in float.**" if fell
-                  else "Every layer that fuses a Q/DQ node with weights runs on integers.", ""]
-        lines += _table(["layer", "type", "median ms", "% time", "precision", "weights", "Q/DQ"],
-                        [[f"`{la['name']}`", la["type"], _num(la["median_ms"]), _num(la["percentage"]),
-                          f"**{la['precision']}**" if la["ran_in_float"] else la["precision"], la["weights"],
-                          "yes" if la["qdq"] else ""] for la in table["layers"]]) + [""]
+        lines += [
+            f"{heading}# Engine layers ({len(table['layers'])}, profiled over {table.get('profile_runs')} runs)",
+            "",
+            f"**{len(fell)} layer(s) that fuse a Q/DQ node ran in float.**"
+            if fell
+            else "Every layer that fuses a Q/DQ node with weights runs on integers.",
+            "",
+        ]
+        lines += _table(
+            ["layer", "type", "median ms", "% time", "precision", "weights", "Q/DQ"],
+            [
+                [
+                    f"`{la['name']}`",
+                    la["type"],
+                    _num(la["median_ms"]),
+                    _num(la["percentage"]),
+                    f"**{la['precision']}**" if la["ran_in_float"] else la["precision"],
+                    la["weights"],
+                    "yes" if la["qdq"] else "",
+                ]
+                for la in table["layers"]
+            ],
+        ) + [""]
     lines += [f"> {note}" for note in section.get("notes", [])]
     return lines + [""]

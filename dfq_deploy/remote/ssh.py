@@ -16,27 +16,45 @@ import shlex
 import subprocess
 import tarfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 from ..errors import BadInputError, RemoteError
 
 # ssh exits 255 on its own errors; the first matching pattern names the cause.
 _SSH_FAILURES = (
-    (r"Could not resolve hostname|Name or service not known|nodename nor servname",
-     "unknown host {host}: its name does not resolve", "check the name in --remote (or your ~/.ssh/config)"),
-    (r"Connection refused", "{where} refused the SSH connection",
-     "is sshd running on the device, and is the port in --remote right?"),
-    (r"Connection timed out|No route to host|Network is unreachable|Operation timed out",
-     "{where} did not answer", "is the device on and on this network?"),
-    (r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|No .* host key is known",
-     "the host key of {host} is not known (or has changed)",
-     "connect once with `ssh {dest}` to check and accept its key; dfq-deploy never turns host-key checking off"),
-    (r"Permission denied|Too many authentication failures|no matching (host key|key exchange)",
-     "SSH authentication to {dest} failed", "pass --ssh-identity KEY, or install your key with `ssh-copy-id {dest}`"),
-    (r"closed by remote host|Connection reset|Broken pipe|Connection closed|not responding|"
-     r"client_loop: send disconnect", "the SSH connection to {host} dropped", "run it again; check the device"),
+    (
+        r"Could not resolve hostname|Name or service not known|nodename nor servname",
+        "unknown host {host}: its name does not resolve",
+        "check the name in --remote (or your ~/.ssh/config)",
+    ),
+    (
+        r"Connection refused",
+        "{where} refused the SSH connection",
+        "is sshd running on the device, and is the port in --remote right?",
+    ),
+    (
+        r"Connection timed out|No route to host|Network is unreachable|Operation timed out",
+        "{where} did not answer",
+        "is the device on and on this network?",
+    ),
+    (
+        r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|No .* host key is known",
+        "the host key of {host} is not known (or has changed)",
+        "connect once with `ssh {dest}` to check and accept its key; dfq-deploy never turns host-key checking off",
+    ),
+    (
+        r"Permission denied|Too many authentication failures|no matching (host key|key exchange)",
+        "SSH authentication to {dest} failed",
+        "pass --ssh-identity KEY, or install your key with `ssh-copy-id {dest}`",
+    ),
+    (
+        r"closed by remote host|Connection reset|Broken pipe|Connection closed|not responding|"
+        r"client_loop: send disconnect",
+        "the SSH connection to {host} dropped",
+        "run it again; check the device",
+    ),
 )
 _DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded")
 
@@ -58,8 +76,10 @@ class SshTarget:
         except ValueError:
             port = -1
         if parts.scheme != "ssh" or not parts.hostname or parts.path not in ("", "/") or port == -1 or parts.password:
-            raise BadInputError(f"--remote takes ssh://[user@]host[:port], got {url!r}",
-                                hint="for example ssh://nvidia@orin.local or ssh://orin:2222")
+            raise BadInputError(
+                f"--remote takes ssh://[user@]host[:port], got {url!r}",
+                hint="for example ssh://nvidia@orin.local or ssh://orin:2222",
+            )
         return cls(parts.hostname, parts.username, port)
 
     @property
@@ -99,8 +119,17 @@ class SshDevice:
     def ssh_argv(self, *remote: str) -> list[str]:
         """The local ``ssh`` command line that runs ``remote`` (already quoted words) on the device."""
         o = self.options
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={o.connect_timeout_s}",
-                "-o", f"ServerAliveInterval={o.alive_interval_s}", "-o", "ServerAliveCountMax=3"]
+        argv = [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={o.connect_timeout_s}",
+            "-o",
+            f"ServerAliveInterval={o.alive_interval_s}",
+            "-o",
+            "ServerAliveCountMax=3",
+        ]
         if o.config_file:
             argv += ["-F", str(o.config_file)]
         if o.identity_file:
@@ -109,8 +138,16 @@ class SshDevice:
             argv += ["-p", str(self.target.port)]
         return argv + [self.target.destination, "--", *remote]
 
-    def run(self, script: str, *args: str, stdin: bytes | None = None, timeout_s: float | None = None,
-            what: str = "a command", check: bool = True, cleanup: bool = False) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        script: str,
+        *args: str,
+        stdin: bytes | None = None,
+        timeout_s: float | None = None,
+        what: str = "a command",
+        check: bool = True,
+        cleanup: bool = False,
+    ) -> subprocess.CompletedProcess:
         """Run POSIX ``sh`` ``script`` with ``args`` ($1, $2, ...) on the device; raise on any failure
         (with ``check=False`` only on ssh's own failures, exit 255, and return the rest).
 
@@ -127,12 +164,15 @@ class SshDevice:
         try:
             proc = self._communicate(self.ssh_argv(*words), data, timeout_s)
         except FileNotFoundError:
-            raise RemoteError("no ssh client on this machine",
-                              hint="install OpenSSH (Debian/Ubuntu: apt-get install openssh-client)") from None
+            raise RemoteError(
+                "no ssh client on this machine", hint="install OpenSSH (Debian/Ubuntu: apt-get install openssh-client)"
+            ) from None
         except subprocess.TimeoutExpired:
             raise RemoteError(f"{what} on {self.target.label} ran past {timeout_s:.0f} s") from None
         if proc.returncode < 0:
-            raise RemoteError(f"{what} on {self.target.label} was stopped (the ssh client got signal {-proc.returncode})")
+            raise RemoteError(
+                f"{what} on {self.target.label} was stopped (the ssh client got signal {-proc.returncode})"
+            )
         if proc.returncode == 255 or (check and proc.returncode != 0):
             raise self.error(proc, what=what)
         return proc
@@ -163,18 +203,24 @@ class SshDevice:
     def error(self, proc: subprocess.CompletedProcess, *, what: str) -> RemoteError:
         """The one-line :class:`RemoteError` for a failed ssh call."""
         err = proc.stderr.decode(errors="replace") if isinstance(proc.stderr, bytes) else str(proc.stderr or "")
-        names = {"host": self.target.host, "dest": self.target.destination,
-                 "where": f"{self.target.host}:{self.target.port or 22}"}
+        names = {
+            "host": self.target.host,
+            "dest": self.target.destination,
+            "where": f"{self.target.host}:{self.target.port or 22}",
+        }
         if proc.returncode == 255:
             for pattern, message, hint in _SSH_FAILURES:
                 if re.search(pattern, err):
                     return RemoteError(message.format(**names), hint=hint.format(**names))
         if _DISK_FULL.search(err):
-            return RemoteError(f"the disk of {self.target.label} is full ({what})",
-                               hint="free space on the device (its temp dir) and run again")
+            return RemoteError(
+                f"the disk of {self.target.label} is full ({what})",
+                hint="free space on the device (its temp dir) and run again",
+            )
         last = [ln.strip() for ln in err.splitlines() if ln.strip()][-3:]
-        return RemoteError(f"{what} failed on {self.target.label} (exit {proc.returncode}): "
-                           + (" | ".join(last) or "no message"))
+        return RemoteError(
+            f"{what} failed on {self.target.label} (exit {proc.returncode}): " + (" | ".join(last) or "no message")
+        )
 
     def write_file(self, data: bytes, remote_path: str) -> None:
         """Copy ``data`` to ``remote_path`` over the ssh channel (no scp or sftp server needed)."""
@@ -199,7 +245,9 @@ class SshDevice:
         Jobs started with :data:`JOB_PREAMBLE` record their process group there; removing the folder
         first ends that group, so nothing keeps running on the device after a dropped connection.
         """
-        path = self.run('mktemp -d "${TMPDIR:-/tmp}/dfq-deploy.XXXXXX"', what="making a temp dir").stdout.decode().strip()
+        path = (
+            self.run('mktemp -d "${TMPDIR:-/tmp}/dfq-deploy.XXXXXX"', what="making a temp dir").stdout.decode().strip()
+        )
         if not path.startswith("/"):
             raise RemoteError(f"mktemp on {self.target.label} printed {path!r}, not a folder")
         try:
@@ -214,8 +262,10 @@ class SshDevice:
 
 # Recorded at the start of a job script: the process group sshd gave the session (its shell leads it),
 # so that cleanup ends the job and everything it started (tegrastats, trtexec) together.
-JOB_PREAMBLE = ('pg=$(ps -o pgid= -p $$ 2>/dev/null | tr -d " "); echo "${pg:-$$}" > "$1/job.pgid"\n'
-                'trap \'rm -f "$1/job.pgid"\' EXIT\n')
+JOB_PREAMBLE = (
+    'pg=$(ps -o pgid= -p $$ 2>/dev/null | tr -d " "); echo "${pg:-$$}" > "$1/job.pgid"\n'
+    "trap 'rm -f \"$1/job.pgid\"' EXIT\n"
+)
 _CLEANUP = """
 case "$1" in */dfq-deploy.*) ;; *) echo "refusing to remove $1" >&2; exit 3;; esac
 if [ -f "$1/job.pgid" ]; then

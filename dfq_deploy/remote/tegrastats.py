@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 _RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
 _GPU = re.compile(r"\bGR3D_FREQ (\d+)%")
@@ -61,8 +62,12 @@ def summarise_tegrastats(lines: Iterable[str]) -> TegrastatsSummary | None:
     if samples == 0:
         return None
     total = next((name for name in TOTAL_RAILS if name in rails), None)
-    return TegrastatsSummary(samples=samples, ram_peak_mb=max(u for u, _ in ram) if ram else None,
-                             ram_total_mb=ram[-1][1] if ram else None,
-                             gpu_load_mean_pct=round(sum(gpu) / len(gpu), 1) if gpu else None,
-                             gpu_load_peak_pct=max(gpu) if gpu else None,
-                             rails_mean_mw={k: round(sum(v) / len(v), 1) for k, v in rails.items()}, total_rail=total)
+    return TegrastatsSummary(
+        samples=samples,
+        ram_peak_mb=max(u for u, _ in ram) if ram else None,
+        ram_total_mb=ram[-1][1] if ram else None,
+        gpu_load_mean_pct=round(sum(gpu) / len(gpu), 1) if gpu else None,
+        gpu_load_peak_pct=max(gpu) if gpu else None,
+        rails_mean_mw={k: round(sum(v) / len(v), 1) for k, v in rails.items()},
+        total_rail=total,
+    )

@@ -21,8 +21,11 @@ from typing import Literal
 from ..errors import BadInputError
 
 Precision = Literal["int8", "fp16", "int4w"]
-PRECISION_FLAGS: dict[str, tuple[str, ...]] = {"int8": ("--stronglyTyped",), "fp16": ("--fp16",),
-                                               "int4w": ("--stronglyTyped",)}
+PRECISION_FLAGS: dict[str, tuple[str, ...]] = {
+    "int8": ("--stronglyTyped",),
+    "fp16": ("--fp16",),
+    "int4w": ("--stronglyTyped",),
+}
 JETPACK_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
 
 
@@ -46,8 +49,12 @@ class TrtexecOptions:
 
     def timing(self) -> dict[str, object]:
         """The timing options recorded in each latency record."""
-        return {"warmup_ms": self.warmup_ms, "duration_s": self.duration_s, "cuda_graph": self.use_cuda_graph,
-                "separate_profile_run": True}
+        return {
+            "warmup_ms": self.warmup_ms,
+            "duration_s": self.duration_s,
+            "cuda_graph": self.use_cuda_graph,
+            "separate_profile_run": True,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +68,7 @@ class NetworkInput:
     def from_onnx(cls, path: str | os.PathLike) -> NetworkInput:
         """Read the single input of an ONNX file (without loading its weights)."""
         import onnx
+
         model = onnx.load(os.fspath(path), load_external_data=False)
         initializers = {t.name for t in model.graph.initializer}
         inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -75,8 +83,10 @@ class NetworkInput:
     def shape_spec(self, batch_size: int) -> str:
         """``name:NxCxHxW`` for ``--shapes`` (names with ``:`` or ``,`` in single quotes, as trtexec asks)."""
         if self.shape and self.shape[0] is not None and self.shape[0] != batch_size:
-            raise BadInputError(f"the graph's input {self.name} has a fixed batch size {self.shape[0]}; "
-                                f"cannot time batch {batch_size}", hint="export with a dynamic batch dimension")
+            raise BadInputError(
+                f"the graph's input {self.name} has a fixed batch size {self.shape[0]}; cannot time batch {batch_size}",
+                hint="export with a dynamic batch dimension",
+            )
         name = f"'{self.name}'" if any(c in self.name for c in ":,") else self.name
         return f"{name}:" + "x".join(str(d) for d in (batch_size, *self.shape[1:]))
 
@@ -99,8 +109,9 @@ class TrtexecStep:
         return f"{self.prefix}.profile.log"
 
 
-def trtexec_steps(network_input: NetworkInput, *, onnx_path: str, work_dir: str, options: TrtexecOptions,
-                  trtexec: str = "trtexec") -> tuple[TrtexecStep, ...]:
+def trtexec_steps(
+    network_input: NetworkInput, *, onnx_path: str, work_dir: str, options: TrtexecOptions, trtexec: str = "trtexec"
+) -> tuple[TrtexecStep, ...]:
     """The trtexec argv per batch size, with every path inside ``work_dir`` on the device."""
     work = str(Path(work_dir))
     steps = []
@@ -110,12 +121,27 @@ def trtexec_steps(network_input: NetworkInput, *, onnx_path: str, work_dir: str,
         shapes = network_input.shape_spec(batch)
         dynamic = network_input.shape[0] is None
         shape_flags = (f"--minShapes={shapes}", f"--optShapes={shapes}", f"--maxShapes={shapes}") if dynamic else ()
-        build = (trtexec, f"--onnx={onnx_path}", *PRECISION_FLAGS[options.precision], *shape_flags,
-                 "--profilingVerbosity=detailed", f"--saveEngine={engine}", "--skipInference")
-        run = (trtexec, f"--loadEngine={engine}", *((f"--shapes={shapes}",) if dynamic else ()),
-               f"--warmUp={options.warmup_ms}", f"--duration={options.duration_s:g}", "--separateProfileRun",
-               *(("--useCudaGraph",) if options.use_cuda_graph else ()), "--profilingVerbosity=detailed",
-               f"--exportTimes={prefix}.timing.json", f"--exportProfile={prefix}.profile.json",
-               f"--exportLayerInfo={prefix}.graph.json")
+        build = (
+            trtexec,
+            f"--onnx={onnx_path}",
+            *PRECISION_FLAGS[options.precision],
+            *shape_flags,
+            "--profilingVerbosity=detailed",
+            f"--saveEngine={engine}",
+            "--skipInference",
+        )
+        run = (
+            trtexec,
+            f"--loadEngine={engine}",
+            *((f"--shapes={shapes}",) if dynamic else ()),
+            f"--warmUp={options.warmup_ms}",
+            f"--duration={options.duration_s:g}",
+            "--separateProfileRun",
+            *(("--useCudaGraph",) if options.use_cuda_graph else ()),
+            "--profilingVerbosity=detailed",
+            f"--exportTimes={prefix}.timing.json",
+            f"--exportProfile={prefix}.profile.json",
+            f"--exportLayerInfo={prefix}.graph.json",
+        )
         steps.append(TrtexecStep(batch, build, run, prefix))
     return tuple(steps)

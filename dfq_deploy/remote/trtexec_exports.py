@@ -14,11 +14,12 @@ import dataclasses
 import gzip
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from ..errors import BadInputError
 from ..engine_layers import engine_layers_from_layer_info, tensorrt_format_dtype
+from ..errors import BadInputError
 from ..runtimes.profiler import LatencyRecord, StageTimes
 
 RUNNER = "trtexec"
@@ -47,10 +48,18 @@ class ExportFiles:
 
         timing = first(".timing.json", ".timing.json.gz")
         if timing is None:
-            raise BadInputError(f"no trtexec timing export at {prefix}.timing.json(.gz)",
-                                hint="pass the prefix trtexec's --exportTimes=PREFIX.timing.json was given")
-        return cls(prefix, timing, first(".profile.json"), first(".graph.json"),
-                   first(".profile.log", ".log"), first(".profile.metadata.json"))
+            raise BadInputError(
+                f"no trtexec timing export at {prefix}.timing.json(.gz)",
+                hint="pass the prefix trtexec's --exportTimes=PREFIX.timing.json was given",
+            )
+        return cls(
+            prefix,
+            timing,
+            first(".profile.json"),
+            first(".graph.json"),
+            first(".profile.log", ".log"),
+            first(".profile.metadata.json"),
+        )
 
     def all(self) -> list[Path]:
         """Every file found, for copying them next to a report."""
@@ -121,8 +130,9 @@ def _load_json(path: Path) -> Any:
         raise BadInputError(f"{path} is not a readable trtexec JSON export: {exc}") from None
 
 
-def latency_from_timing(records: Sequence[Mapping[str, float]], *, batch_size: int,
-                        timing: dict[str, Any] | None = None) -> LatencyRecord:
+def latency_from_timing(
+    records: Sequence[Mapping[str, float]], *, batch_size: int, timing: dict[str, Any] | None = None
+) -> LatencyRecord:
     """The latency record of ``--exportTimes`` records: ``latencyMs`` per inference, with enqueue
     (``endEnqMs - startEnqMs``), H2D, compute and D2H stage times."""
     if not records or "latencyMs" not in records[0]:
@@ -132,9 +142,16 @@ def latency_from_timing(records: Sequence[Mapping[str, float]], *, batch_size: i
         return StageTimes.from_samples([r[key] for r in records])
 
     enqueue = StageTimes.from_samples([r["endEnqMs"] - r["startEnqMs"] for r in records])
-    return LatencyRecord.from_samples(RUNNER, batch_size, [r["latencyMs"] for r in records], timing=timing,
-                                      enqueue=enqueue, h2d=stage("h2dMs"), compute=stage("computeMs"),
-                                      d2h=stage("d2hMs"))
+    return LatencyRecord.from_samples(
+        RUNNER,
+        batch_size,
+        [r["latencyMs"] for r in records],
+        timing=timing,
+        enqueue=enqueue,
+        h2d=stage("h2dMs"),
+        compute=stage("computeMs"),
+        d2h=stage("d2hMs"),
+    )
 
 
 def layer_profile(entries: Sequence[Mapping[str, Any]]) -> tuple[int | None, dict[str, Mapping[str, Any]]]:
@@ -143,11 +160,15 @@ def layer_profile(entries: Sequence[Mapping[str, Any]]) -> tuple[int | None, dic
     return runs, {str(e["name"]): e for e in entries if "name" in e}
 
 
-def engine_layer_table(layer_info: Mapping[str, Any] | None,
-                       profile: Mapping[str, Mapping[str, Any]]) -> tuple[EngineLayer, ...]:
+def engine_layer_table(
+    layer_info: Mapping[str, Any] | None, profile: Mapping[str, Mapping[str, Any]]
+) -> tuple[EngineLayer, ...]:
     """One row per engine layer, in engine order: from the layer info where given, else the profile's."""
-    info_layers = {} if layer_info is None else {
-        (layer if isinstance(layer, str) else layer.get("Name")): layer for layer in layer_info.get("Layers", [])}
+    info_layers = (
+        {}
+        if layer_info is None
+        else {(layer if isinstance(layer, str) else layer.get("Name")): layer for layer in layer_info.get("Layers", [])}
+    )
     names = list(info_layers) + [n for n in profile if n not in info_layers]
     return tuple(_engine_layer(name, info_layers.get(name), profile.get(name)) for name in names)
 
@@ -160,12 +181,21 @@ def _engine_layer(name: str, info: Any, timed: Mapping[str, Any] | None) -> Engi
     weights = (info.get("Weights") or {}).get("Type")
     qdq = bool(_QDQ_NODE.search(name))
     timed = timed or {}
-    return EngineLayer(name=name, type=info.get("LayerType"), time_ms=timed.get("timeMs"),
-                       average_ms=timed.get("averageMs"), median_ms=timed.get("medianMs"),
-                       percentage=timed.get("percentage"), precision=precision,
-                       input_format=inputs[0] if inputs else None, output_format=outputs[0] if outputs else None,
-                       weights=weights, tactic=info.get("TacticName") or info.get("TacticValue"), qdq=qdq,
-                       ran_in_float=qdq and weights is not None and precision in _FLOAT_KINDS)
+    return EngineLayer(
+        name=name,
+        type=info.get("LayerType"),
+        time_ms=timed.get("timeMs"),
+        average_ms=timed.get("averageMs"),
+        median_ms=timed.get("medianMs"),
+        percentage=timed.get("percentage"),
+        precision=precision,
+        input_format=inputs[0] if inputs else None,
+        output_format=outputs[0] if outputs else None,
+        weights=weights,
+        tactic=info.get("TacticName") or info.get("TacticValue"),
+        qdq=qdq,
+        ran_in_float=qdq and weights is not None and precision in _FLOAT_KINDS,
+    )
 
 
 def batch_size_from_layer_info(layer_info: Mapping[str, Any]) -> int | None:
@@ -180,8 +210,14 @@ def batch_size_from_layer_info(layer_info: Mapping[str, Any]) -> int | None:
 
 
 _RUNNING = re.compile(r"&&&& (RUNNING|PASSED|FAILED) TensorRT\.trtexec \[TensorRT v(\d+)\] # (.*)")
-_DEVICE_KEYS = ("Selected Device", "Compute Capability", "SMs", "Device Global Memory", "Compute Clock Rate",
-                "Memory Clock Rate")
+_DEVICE_KEYS = (
+    "Selected Device",
+    "Compute Capability",
+    "SMs",
+    "Device Global Memory",
+    "Compute Clock Rate",
+    "Memory Clock Rate",
+)
 
 
 def _version_from_code(code: str) -> str:
@@ -220,8 +256,9 @@ def failure_message(text: str, *, lines: int = 4) -> str:
     return " | ".join(tail) if tail else "trtexec printed nothing"
 
 
-def read_trtexec_export(prefix: str | Path, *, batch_size: int | None = None,
-                        timing: dict[str, Any] | None = None) -> TrtexecResult:
+def read_trtexec_export(
+    prefix: str | Path, *, batch_size: int | None = None, timing: dict[str, Any] | None = None
+) -> TrtexecResult:
     """Read trtexec's exports for ``prefix`` into a :class:`TrtexecResult`.
 
     ``batch_size`` is read from the layer info when not given (a static network input), else 1 with
@@ -234,8 +271,11 @@ def read_trtexec_export(prefix: str | Path, *, batch_size: int | None = None,
     metadata = _load_json(files.profile_metadata) if files.profile_metadata else {}
     console = parse_console_log(files.console_log.read_text(errors="replace")) if files.console_log else None
     options = {"source": "trtexec --exportTimes", "clock": "trtexec (CUDA events)"}
-    options |= {k: v for k, v in (metadata.get("inference_options") or {}).items()
-                if k in ("Duration", "Iterations", "CUDA Graph", "Spin-wait", "Data transfers", "Streams")}
+    options |= {
+        k: v
+        for k, v in (metadata.get("inference_options") or {}).items()
+        if k in ("Duration", "Iterations", "CUDA Graph", "Spin-wait", "Data transfers", "Streams")
+    }
     if batch_size is None:
         batch_size = batch_size_from_layer_info(layer_info) if layer_info else None
         if batch_size is None:
@@ -244,7 +284,13 @@ def read_trtexec_export(prefix: str | Path, *, batch_size: int | None = None,
     device: dict[str, Any] = dict(metadata.get("device_information") or {})
     if console:
         device = {**console.device, **device}
-    return TrtexecResult(latency=latency, layers=engine_layer_table(layer_info, profile), profile_runs=runs,
-                         engine_layers=engine_layers_from_layer_info(layer_info) if layer_info else None,
-                         device=device, command=console.command if console else None,
-                         tensorrt_version=console.tensorrt_version if console else None, files=files)
+    return TrtexecResult(
+        latency=latency,
+        layers=engine_layer_table(layer_info, profile),
+        profile_runs=runs,
+        engine_layers=engine_layers_from_layer_info(layer_info) if layer_info else None,
+        device=device,
+        command=console.command if console else None,
+        tensorrt_version=console.tensorrt_version if console else None,
+        files=files,
+    )

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -37,26 +37,35 @@ def _method(job: Job) -> Callable[[Job], MethodResult]:
     method = job.config.method
     if job.config.generator:
         if method in ("noise", "folder", "prior"):
-            raise BadInputError(f"--generator trains a generator with a synthesis loss; '{method}' has none",
-                                hint="use --generator with zeroq, clusterq or fdda")
+            raise BadInputError(
+                f"--generator trains a generator with a synthesis loss; '{method}' has none",
+                hint="use --generator with zeroq, clusterq or fdda",
+            )
         from .generator import synthesize_with_generator
+
         return functools.partial(synthesize_with_generator, make_objective=_objective(method))
     if method == "noise":
         from .noise import synthesize_noise
+
         return synthesize_noise
     if method == "zeroq":
         from .zeroq import synthesize_zeroq
+
         return synthesize_zeroq
     if method == "clusterq":
         from .clusterq import synthesize_clusterq
+
         return synthesize_clusterq
     if method == "fdda":
         from .fdda import synthesize_fdda
+
         return synthesize_fdda
     if method == "prior":
         from .prior import synthesize_prior
+
         return synthesize_prior
     from .folder import synthesize_folder
+
     return synthesize_folder
 
 
@@ -64,11 +73,14 @@ def _objective(method: str) -> ObjectiveFactory:
     """The objective of a BN-statistics method, for a loop other than its own (``--generator``)."""
     if method == "zeroq":
         from .zeroq import zeroq_objective
+
         return zeroq_objective
     if method == "clusterq":
         from .clusterq import clusterq_objective
+
         return clusterq_objective
     from .fdda import fdda_objective
+
     return fdda_objective
 
 
@@ -82,13 +94,21 @@ def resolve_auto(config: SynthesisConfig, *, has_batchnorm: bool) -> SynthesisCo
 def _check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise BadInputError(f"input_shape must be (C, H, W) of one image, got {input_shape}",
-                            hint="for 32x32 RGB images pass (3, 32, 32)")
+        raise BadInputError(
+            f"input_shape must be (C, H, W) of one image, got {input_shape}",
+            hint="for 32x32 RGB images pass (3, 32, 32)",
+        )
     return shape
 
 
-def synthesize(model: nn.Module, *, config: SynthesisConfig, input_shape: tuple[int, ...],
-               progress: bool = True, normalize: Normalize | None = None) -> CalibrationSet:
+def synthesize(
+    model: nn.Module,
+    *,
+    config: SynthesisConfig,
+    input_shape: tuple[int, ...],
+    progress: bool = True,
+    normalize: Normalize | None = None,
+) -> CalibrationSet:
     """Make a calibration set for ``model`` with ``config.method``.
 
     ``input_shape`` is (C, H, W) of one image; images come out in the model's input space (already
@@ -102,8 +122,11 @@ def synthesize(model: nn.Module, *, config: SynthesisConfig, input_shape: tuple[
     if normalize is None:
         normalize = (IMAGENET_MEAN, IMAGENET_STD)
     if len(normalize[0]) != input_shape[0] or len(normalize[1]) != input_shape[0]:
-        raise BadInputError(f"normalize mean/std have {len(normalize[0])}/{len(normalize[1])} values for "
-                            f"{input_shape[0]}-channel images", hint="give one mean and one std per channel")
+        raise BadInputError(
+            f"normalize mean/std have {len(normalize[0])}/{len(normalize[1])} values for "
+            f"{input_shape[0]}-channel images",
+            hint="give one mean and one std per channel",
+        )
     start = time.perf_counter()
     device = torch.device(config.device)
     work_model = model_on_device(model, device)
@@ -111,8 +134,17 @@ def synthesize(model: nn.Module, *, config: SynthesisConfig, input_shape: tuple[
         layers, output = trace_bn_layers(work_model, input_shape, device)
         config = resolve_auto(config, has_batchnorm=bool(layers))
         shard = shard_batches(plan_batches(config.num_images, config.batch_size))
-        job = Job(model=work_model, config=config, input_shape=input_shape, device=device, layers=layers,
-                  output_shape=tuple(output.shape), shard=shard, normalize=normalize, progress=progress)
+        job = Job(
+            model=work_model,
+            config=config,
+            input_shape=input_shape,
+            device=device,
+            layers=layers,
+            output_shape=tuple(output.shape),
+            shard=shard,
+            normalize=normalize,
+            progress=progress,
+        )
         result = _method(job)(job)
         images, labels = gather_in_order(result.images.detach().cpu(), result.labels)
         wall = all_reduce_max(time.perf_counter() - start)
@@ -136,16 +168,28 @@ def synthesize(model: nn.Module, *, config: SynthesisConfig, input_shape: tuple[
     return CalibrationSet(images, labels, meta)
 
 
-def synthesize_cached(model: nn.Module, *, config: SynthesisConfig, input_shape: tuple[int, ...],
-                      cache_dir: Path, model_hash: str, progress: bool = True,
-                      normalize: Normalize | None = None) -> CalibrationSet:
+def synthesize_cached(
+    model: nn.Module,
+    *,
+    config: SynthesisConfig,
+    input_shape: tuple[int, ...],
+    cache_dir: Path,
+    model_hash: str,
+    progress: bool = True,
+    normalize: Normalize | None = None,
+) -> CalibrationSet:
     """:func:`synthesize` through a cache in ``cache_dir``.
 
     The key is (model hash, method, config, seed, input shape, normalisation, sha256 of any real
     images read). A hit loads the saved set; a miss synthesizes and writes it atomically.
     """
     from .cache import cached
-    return cached(lambda: synthesize(model, config=config, input_shape=input_shape, progress=progress,
-                                     normalize=normalize),
-                  config=config, input_shape=_check_input_shape(input_shape), cache_dir=Path(cache_dir),
-                  model_hash=model_hash, normalize=normalize or (IMAGENET_MEAN, IMAGENET_STD))
+
+    return cached(
+        lambda: synthesize(model, config=config, input_shape=input_shape, progress=progress, normalize=normalize),
+        config=config,
+        input_shape=_check_input_shape(input_shape),
+        cache_dir=Path(cache_dir),
+        model_hash=model_hash,
+        normalize=normalize or (IMAGENET_MEAN, IMAGENET_STD),
+    )

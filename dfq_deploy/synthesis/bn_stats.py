@@ -42,8 +42,9 @@ def reduce_dims(x: torch.Tensor) -> list[int]:
     return [0, *range(2, x.ndim)]
 
 
-def trace_bn_layers(model: nn.Module, input_shape: tuple[int, ...],
-                    device: str | torch.device = "cpu") -> tuple[list[BNLayer], torch.Tensor]:
+def trace_bn_layers(
+    model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu"
+) -> tuple[list[BNLayer], torch.Tensor]:
     """BN layers with running statistics, in the order the forward pass calls them.
 
     The order comes from one forward pass on a single zero image rather than from ``named_modules()``
@@ -51,8 +52,11 @@ def trace_bn_layers(model: nn.Module, input_shape: tuple[int, ...],
     control flow that eager forward handles). Returns the layers and the model's output for that
     image, so callers can check the output shape without another forward.
     """
-    names = {m: n for n, m in model.named_modules()
-             if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None}
+    names = {
+        m: n
+        for n, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+    }
     called: list[nn.Module] = []
     handles = [m.register_forward_pre_hook(lambda mod, args: called.append(mod)) for m in names]
     try:
@@ -66,8 +70,15 @@ def trace_bn_layers(model: nn.Module, input_shape: tuple[int, ...],
         if m in seen:  # a BN module reused within one forward counts once, at its first call
             continue
         seen.add(m)
-        layers.append(BNLayer(names[m], m, m.running_mean.detach().float().clone(),
-                              m.running_var.detach().float().clone(), float(m.eps)))
+        layers.append(
+            BNLayer(
+                names[m],
+                m,
+                m.running_mean.detach().float().clone(),
+                m.running_var.detach().float().clone(),
+                float(m.eps),
+            )
+        )
     return layers, output
 
 
@@ -90,11 +101,11 @@ class BNInputCapture:
     def _hook(self, index: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             self.inputs[index] = args[0]
+
         return hook
 
-    def __enter__(self) -> "BNInputCapture":
-        self._handles = [layer.module.register_forward_pre_hook(self._hook(i))
-                         for i, layer in enumerate(self.layers)]
+    def __enter__(self) -> BNInputCapture:
+        self._handles = [layer.module.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -105,7 +116,7 @@ class BNInputCapture:
 
     def captured(self) -> list[torch.Tensor]:
         """The inputs of the latest forward; every layer must have run."""
-        missing = [layer.name for layer, x in zip(self.layers, self.inputs) if x is None]
+        missing = [layer.name for layer, x in zip(self.layers, self.inputs, strict=False) if x is None]
         if missing:
             raise RuntimeError(f"BN layers {missing} did not run in the latest forward pass")
         return self.inputs  # type: ignore[return-value]
@@ -199,7 +210,7 @@ def bn_mismatch(model: nn.Module, images: torch.Tensor, batch_size: int = 64) ->
     count = [0] * len(layers)
     with torch.no_grad(), frozen_eval(model), BNInputCapture(layers) as capture:
         for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size].to(device))
+            model(images[start : start + batch_size].to(device))
             for i, x in enumerate(capture.captured()):
                 x = x.double()
                 dims = reduce_dims(x)
@@ -207,12 +218,19 @@ def bn_mismatch(model: nn.Module, images: torch.Tensor, batch_size: int = 64) ->
                 squares[i] += x.square().sum(dims).cpu()
                 count[i] += x.numel() // x.shape[1]
     rows = []
-    for layer, s, sq, n in zip(layers, sums, squares, count):
+    for layer, s, sq, n in zip(layers, sums, squares, count, strict=False):
         mean = s / n
         var = (sq / n - mean.square()).clamp_min(0)
         std = (var + layer.eps).sqrt()
         mean_mse = float((mean - layer.mean.double().cpu()).square().mean())
         std_mse = float((std - layer.std.double().cpu()).square().mean())
-        rows.append({"layer": layer.name, "channels": layer.channels, "mean_mse": mean_mse,
-                     "std_mse": std_mse, "combined": mean_mse + std_mse})
+        rows.append(
+            {
+                "layer": layer.name,
+                "channels": layer.channels,
+                "mean_mse": mean_mse,
+                "std_mse": std_mse,
+                "combined": mean_mse + std_mse,
+            }
+        )
     return {"layers": rows, "mean": sum(r["combined"] for r in rows) / len(rows)}

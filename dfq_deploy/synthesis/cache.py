@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..cache_store import CacheStore
 from ..calibration_set import CalibrationSet
@@ -26,8 +26,7 @@ def uses_real_images(config: SynthesisConfig) -> bool:
     return config.calib_images is not None and config.method in ("folder", "fdda")
 
 
-def cache_key(*, config: SynthesisConfig, input_shape: tuple[int, ...], model_hash: str,
-              normalize: Normalize) -> str:
+def cache_key(*, config: SynthesisConfig, input_shape: tuple[int, ...], model_hash: str, normalize: Normalize) -> str:
     """Hex SHA-256 of the canonical JSON of every input that decides the set's content."""
     from .folder import folder_digest
 
@@ -44,16 +43,27 @@ def cache_key(*, config: SynthesisConfig, input_shape: tuple[int, ...], model_ha
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def cached(make: Callable[[], CalibrationSet], *, config: SynthesisConfig, input_shape: tuple[int, ...],
-           cache_dir: Path, model_hash: str, normalize: Normalize) -> CalibrationSet:
+def cached(
+    make: Callable[[], CalibrationSet],
+    *,
+    config: SynthesisConfig,
+    input_shape: tuple[int, ...],
+    cache_dir: Path,
+    model_hash: str,
+    normalize: Normalize,
+) -> CalibrationSet:
     """Load the verified set for this key from ``cache_dir``, or ``make()`` it and store it (rank 0 only).
 
     A damaged entry is moved aside with a warning and made again (:class:`~dfq_deploy.cache_store.CacheStore`).
     """
     key = cache_key(config=config, input_shape=input_shape, model_hash=model_hash, normalize=normalize)
     store = CacheStore(cache_dir)
-    meta = {"method": config.method, "num_images": config.num_images, "model_sha256": model_hash,
-            "input_shape": list(input_shape)}
+    meta = {
+        "method": config.method,
+        "num_images": config.num_images,
+        "model_sha256": model_hash,
+        "input_shape": list(input_shape),
+    }
     if distributed():
         # Every rank takes part in making the set, so none may wait on a lock another rank holds.
         found = store.load(key, CalibrationSet.load) if is_main_rank() else None
@@ -64,7 +74,8 @@ def cached(make: Callable[[], CalibrationSet], *, config: SynthesisConfig, input
         if not hit and is_main_rank():
             store.save(key, made.save, meta=meta)
     else:
-        made, hit = store.get_or_make(key, make=make, write=lambda calib, folder: calib.save(folder),
-                                      read=CalibrationSet.load, meta=meta)
+        made, hit = store.get_or_make(
+            key, make=make, write=lambda calib, folder: calib.save(folder), read=CalibrationSet.load, meta=meta
+        )
     made.meta["cache"] = {"key": key, "hit": hit, "path": str(store.path_of(key))}
     return made

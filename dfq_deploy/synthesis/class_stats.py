@@ -19,11 +19,12 @@ class DeepLayers:
 
     def __init__(self, layers: list[BNLayer]):
         self.start = deep_layer_start(len(layers))
-        self.layers = layers[self.start:]
+        self.layers = layers[self.start :]
         self.eps = torch.cat([torch.full_like(layer.mean, layer.eps) for layer in self.layers])
         # 1/(C_l · L_deep) per channel: a weighted channel sum is then the mean over layers of each MSE.
-        self.mse_weight = torch.cat([torch.full_like(layer.mean, 1.0 / (layer.channels * len(self.layers)))
-                                     for layer in self.layers])
+        self.mse_weight = torch.cat(
+            [torch.full_like(layer.mean, 1.0 / (layer.channels * len(self.layers))) for layer in self.layers]
+        )
 
     @property
     def width(self) -> int:
@@ -31,10 +32,11 @@ class DeepLayers:
 
     def select(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The captured inputs of the deep layers, from the captured inputs of all layers."""
-        return inputs[self.start:]
+        return inputs[self.start :]
 
-    def per_class(self, deep_inputs: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
-                  keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def per_class(
+        self, deep_inputs: list[torch.Tensor], labels: torch.Tensor, num_classes: int, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Biased mean and variance per class over the samples of that class (and ``keep``).
 
         Returns ``mean`` (K, D), ``var`` (K, D) and ``count`` (K,); classes with no sample have
@@ -82,8 +84,9 @@ class ClassCentroids:
         (self.loc, self.spread), weight = all_reduce_weighted_mean([self.loc, self.spread], self.known.double())
         self.known = weight > 0
 
-    def distorted(self, loc_sigma: float, spread_sigma: float,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def distorted(
+        self, loc_sigma: float, spread_sigma: float, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets loc + N(0, loc_sigma²), spread + N(0, spread_sigma²), drawn per class and channel.
 
         Drawn on the CPU from ``generator`` so the result does not depend on the device.
@@ -93,8 +96,13 @@ class ClassCentroids:
         spread_noise = torch.randn(shape, generator=generator).to(self.loc.device)
         return self.loc + loc_sigma * loc_noise, self.spread + spread_sigma * spread_noise
 
-    def distance(self, mean: torch.Tensor, spread: torch.Tensor, mask: torch.Tensor,
-                 targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def distance(
+        self,
+        mean: torch.Tensor,
+        spread: torch.Tensor,
+        mask: torch.Tensor,
+        targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Per-class (K, D) squared errors against the centroids (or ``targets``); rows ~mask are 0."""
         loc_target, spread_target = (self.loc, self.spread) if targets is None else targets
         err = (mean - loc_target).square() + (spread - spread_target).square()

@@ -54,8 +54,15 @@ class ClusterQLoss(ClassObjective):
         super().__init__(job, num_classes)
         self.stop = MismatchStop(self.stats, WARMUP_STOP_MISMATCH)
 
-    def __call__(self, labels: torch.Tensor, inputs: list[torch.Tensor], logits: torch.Tensor,
-                 *, with_centroids: bool, noise: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self,
+        labels: torch.Tensor,
+        inputs: list[torch.Tensor],
+        logits: torch.Tensor,
+        *,
+        with_centroids: bool,
+        noise: torch.Generator,
+    ) -> torch.Tensor:
         errors = self.stats.bns_errors(inputs)
         self.stop.record(errors)
         loss = F.cross_entropy(logits, labels) + BNS_WEIGHT * errors.sum()
@@ -103,8 +110,11 @@ def clusterq_objective(job: Job, capture: BNInputCapture, warmup: int) -> Object
         return objective(labels, capture.captured(), logits, with_centroids=step >= warmup, noise=noise)
 
     def meta() -> dict:
-        return {"warmup_iterations": warmup, "deep_layer_start": objective.deep.start,
-                "classes_with_centroid": int(objective.centroids.known.sum())}
+        return {
+            "warmup_iterations": warmup,
+            "deep_layer_start": objective.deep.start,
+            "classes_with_centroid": int(objective.centroids.known.sum()),
+        }
 
     return Objective(loss, objective.num_classes, meta, objective.stop.done)
 
@@ -112,7 +122,13 @@ def clusterq_objective(job: Job, capture: BNInputCapture, warmup: int) -> Object
 def synthesize_clusterq(job: Job) -> MethodResult:
     """Labelled images by ClusterQ's losses, batch by batch, centroids carried across batches."""
     iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
-    result = synthesize_pixels(job, clusterq_objective, iterations=iterations,
-                               warmup=int(WARMUP_FRACTION * iterations), lr=lr, late_lr=lr * CENTROID_LR_SCALE)
+    result = synthesize_pixels(
+        job,
+        clusterq_objective,
+        iterations=iterations,
+        warmup=int(WARMUP_FRACTION * iterations),
+        lr=lr,
+        late_lr=lr * CENTROID_LR_SCALE,
+    )
     result.meta["centroid_phase_lr"] = lr * CENTROID_LR_SCALE
     return result

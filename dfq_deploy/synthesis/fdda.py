@@ -62,8 +62,16 @@ class FDDALoss(ClassObjective):
             mean, var, count = self.deep.per_class([x.detach() for x in deep], labels, self.num_classes, keep)
         self.centroids.fill_unknown(mean, var, count)
 
-    def __call__(self, labels: torch.Tensor, inputs: list[torch.Tensor], logits: torch.Tensor, *,
-                 step: int, with_centers: bool, noise: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self,
+        labels: torch.Tensor,
+        inputs: list[torch.Tensor],
+        logits: torch.Tensor,
+        *,
+        step: int,
+        with_centers: bool,
+        noise: torch.Generator,
+    ) -> torch.Tensor:
         ce = F.cross_entropy(logits, labels, reduction="none")
         loss = CE_WEIGHT * ce.mean() + BNS_WEIGHT * self.stats.bns_mse_loss(inputs)
         if not with_centers:
@@ -94,13 +102,17 @@ def real_image_per_class(job: Job, num_classes: int):
     """The first image of each class folder of ``calib_images`` and its label."""
     files = list_images(job.config.calib_images)
     if files.classes is None:
-        raise BadInputError(f"FDDA's hybrid mode needs labelled images, but {files.root} has no class subfolders",
-                            hint="arrange --calib-images as DIR/<class>/*.jpg, or leave it out for data-free FDDA")
+        raise BadInputError(
+            f"FDDA's hybrid mode needs labelled images, but {files.root} has no class subfolders",
+            hint="arrange --calib-images as DIR/<class>/*.jpg, or leave it out for data-free FDDA",
+        )
     if len(files.classes) != num_classes:
-        raise BadInputError(f"{files.root} has {len(files.classes)} class folders but the model has "
-                            f"{num_classes} outputs", hint="use one subfolder per class, sorted like the labels")
+        raise BadInputError(
+            f"{files.root} has {len(files.classes)} class folders but the model has {num_classes} outputs",
+            hint="use one subfolder per class, sorted like the labels",
+        )
     first = {}
-    for path, label in zip(files.paths, files.labels or []):
+    for path, label in zip(files.paths, files.labels or [], strict=False):
         first.setdefault(label, path)
     missing = [files.classes[c] for c in range(num_classes) if c not in first]
     if missing:
@@ -122,20 +134,25 @@ def fdda_objective(job: Job, capture: BNInputCapture, warmup: int) -> Objective:
         real_labels = torch.arange(num_classes, device=job.device)
         with torch.no_grad():
             logits = job.model(real.to(job.device))
-            objective.centers_from(objective.deep.select(capture.captured()), real_labels,
-                                   torch.ones_like(real_labels, dtype=torch.bool))
+            objective.centers_from(
+                objective.deep.select(capture.captured()), real_labels, torch.ones_like(real_labels, dtype=torch.bool)
+            )
         objective.drawable = logits.argmax(1) == real_labels
         objective.synced = True
         meta.update(real_images=[str(p) for p in paths], real_images_correct=int(objective.drawable.sum()))
 
     def loss(x: torch.Tensor, labels: torch.Tensor | None, step: int, noise: torch.Generator) -> torch.Tensor:
         logits = job.model(x)
-        return objective(labels, capture.captured(), logits, step=step - warmup, with_centers=step >= warmup,
-                         noise=noise)
+        return objective(
+            labels, capture.captured(), logits, step=step - warmup, with_centers=step >= warmup, noise=noise
+        )
 
     def final_meta() -> dict:
-        return {**meta, "deep_layer_start": objective.deep.start,
-                "classes_with_center": int(objective.centroids.known.sum())}
+        return {
+            **meta,
+            "deep_layer_start": objective.deep.start,
+            "classes_with_center": int(objective.centroids.known.sum()),
+        }
 
     return Objective(loss, num_classes, final_meta)
 
@@ -143,7 +160,13 @@ def fdda_objective(job: Job, capture: BNInputCapture, warmup: int) -> Objective:
 def synthesize_fdda(job: Job) -> MethodResult:
     """Labelled images by FDDA's losses; hybrid with ``calib_images``, data-free without."""
     iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
-    result = synthesize_pixels(job, fdda_objective, iterations=iterations, warmup=int(WARMUP_FRACTION * iterations),
-                               lr=lr, late_lr=lr * CENTER_LR_SCALE)
+    result = synthesize_pixels(
+        job,
+        fdda_objective,
+        iterations=iterations,
+        warmup=int(WARMUP_FRACTION * iterations),
+        lr=lr,
+        late_lr=lr * CENTER_LR_SCALE,
+    )
     result.meta["center_phase_lr"] = lr * CENTER_LR_SCALE
     return result

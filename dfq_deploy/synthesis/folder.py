@@ -78,20 +78,23 @@ def load_images(paths: list[Path], input_shape: tuple[int, ...], normalize: Norm
     mode = "L" if channels == 1 else "RGB"
     if not paths:
         return torch.empty(0, *input_shape)
-    transform = transforms.Compose([
-        transforms.Resize(min(height, width)),
-        transforms.CenterCrop((height, width)),
-        transforms.ToTensor(),
-        transforms.Normalize(normalize[0], normalize[1]),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(min(height, width)),
+            transforms.CenterCrop((height, width)),
+            transforms.ToTensor(),
+            transforms.Normalize(normalize[0], normalize[1]),
+        ]
+    )
     out = []
     for path in paths:
         try:
             with Image.open(path) as image:
                 out.append(transform(image.convert(mode)))
         except (OSError, UnidentifiedImageError) as exc:
-            raise BadInputError(f"cannot read image {path}: {exc}",
-                                hint="remove or replace the file; images must be readable by Pillow") from exc
+            raise BadInputError(
+                f"cannot read image {path}: {exc}", hint="remove or replace the file; images must be readable by Pillow"
+            ) from exc
     return torch.stack(out)
 
 
@@ -99,12 +102,16 @@ def synthesize_folder(job: Job) -> MethodResult:
     """A seeded random choice of ``num_images`` images (all of them if the folder has fewer)."""
     files = list_images(job.config.calib_images)
     order = torch.randperm(len(files.paths), generator=torch.Generator().manual_seed(job.config.seed))
-    chosen = order[:job.config.num_images].tolist()
+    chosen = order[: job.config.num_images].tolist()
     # This rank's images are the slice its global batches cover; a short folder shortens the last ones.
     start = job.batches[0].index * job.config.batch_size
-    mine = chosen[start:start + job.total_images]
+    mine = chosen[start : start + job.total_images]
     images = load_images([files.paths[i] for i in mine], job.input_shape, job.normalize)
     labels = None if files.labels is None else torch.tensor([files.labels[i] for i in mine])
-    meta = {"calib_images": str(files.root), "images_found": len(files.paths), "classes": files.classes,
-            "images_sha256": folder_digest(files.root)}
+    meta = {
+        "calib_images": str(files.root),
+        "images_found": len(files.paths),
+        "classes": files.classes,
+        "images_sha256": folder_digest(files.root),
+    }
     return MethodResult(images.to(job.device), labels, None, meta)

@@ -70,14 +70,17 @@ class ConditionalGenerator(nn.Module):
         self.blocks = nn.Sequential(
             nn.BatchNorm2d(WIDTH),
             nn.Upsample(scale_factor=2),
-            nn.Conv2d(WIDTH, WIDTH, 3, padding=1), nn.BatchNorm2d(WIDTH), nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Conv2d(WIDTH, WIDTH, 3, padding=1),
+            nn.BatchNorm2d(WIDTH),
+            nn.LeakyReLU(LEAKY_SLOPE),
             nn.Upsample(scale_factor=2),
-            nn.Conv2d(WIDTH, WIDTH // 2, 3, padding=1), nn.BatchNorm2d(WIDTH // 2), nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Conv2d(WIDTH, WIDTH // 2, 3, padding=1),
+            nn.BatchNorm2d(WIDTH // 2),
+            nn.LeakyReLU(LEAKY_SLOPE),
         )
         # No tanh (GDFQ has one before this BN): the BN sets the scale anyway, and tanh's
         # saturation only slows the pull of the BN-statistics loss towards the tails.
-        self.out = nn.Sequential(nn.Conv2d(WIDTH // 2, channels, 3, padding=1),
-                                 nn.BatchNorm2d(channels, affine=False))
+        self.out = nn.Sequential(nn.Conv2d(WIDTH // 2, channels, 3, padding=1), nn.BatchNorm2d(channels, affine=False))
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
@@ -126,8 +129,9 @@ def synthesize_with_generator(job: Job, make_objective: ObjectiveFactory) -> Met
         generator = new_generator(job, objective.num_classes)
         optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=BETAS)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, steps))
-        with progress_bar(steps, enabled=job.progress and job.shard.rank == 0,
-                          desc=f"generator {job.config.method}") as bar:
+        with progress_bar(
+            steps, enabled=job.progress and job.shard.rank == 0, desc=f"generator {job.config.method}"
+        ) as bar:
             for step in range(steps):
                 labels = None
                 if objective.num_classes is not None:
@@ -147,14 +151,25 @@ def synthesize_with_generator(job: Job, make_objective: ObjectiveFactory) -> Met
     images, all_labels = [], []
     with torch.no_grad():
         for batch in job.batches:
-            _, z, labels = start_batch(batch, seed=job.config.seed, input_shape=(NOISE_DIM,), device=job.device,
-                                       num_classes=objective.num_classes)
+            _, z, labels = start_batch(
+                batch,
+                seed=job.config.seed,
+                input_shape=(NOISE_DIM,),
+                device=job.device,
+                num_classes=objective.num_classes,
+            )
             images.append(generator(z, labels))
             all_labels.append(labels)
     curve = [float(part.mean()) for part in losses.cpu().tensor_split(LOSS_CURVE_POINTS) if len(part)]
-    meta = {"generator": True, "iterations": steps, "lr": lr,
-            "generator_betas": list(BETAS), "generator_batch_size": batch_size,
-            "generator_parameters": sum(p.numel() for p in generator.parameters()),
-            "generator_loss_curve": curve, **objective.meta()}
+    meta = {
+        "generator": True,
+        "iterations": steps,
+        "lr": lr,
+        "generator_betas": list(BETAS),
+        "generator_batch_size": batch_size,
+        "generator_parameters": sum(p.numel() for p in generator.parameters()),
+        "generator_loss_curve": curve,
+        **objective.meta(),
+    }
     labels = None if objective.num_classes is None else torch.cat(all_labels).cpu()
     return MethodResult(torch.cat(images), labels, curve[-1] if curve else None, meta)

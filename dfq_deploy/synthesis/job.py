@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,8 +50,11 @@ class Job:
 
     def bar(self, steps_per_batch: int):
         """Progress over all of this rank's optimisation steps (silent on ranks other than 0)."""
-        return progress_bar(steps_per_batch * len(self.batches), enabled=self.progress and self.shard.rank == 0,
-                            desc=f"synthesis {self.config.method}")
+        return progress_bar(
+            steps_per_batch * len(self.batches),
+            enabled=self.progress and self.shard.rank == 0,
+            desc=f"synthesis {self.config.method}",
+        )
 
     def require_bn(self) -> None:
         """BN-statistics methods have nothing to match in a model without BN."""
@@ -58,7 +62,8 @@ class Job:
             method = self.config.method
             raise BadInputError(
                 f"the model has no BatchNorm layer, so {method} has no statistics to match",
-                hint="use --calib prior (or auto: the data-free method for models without BN), noise, or folder --calib-images DIR")
+                hint="use --calib prior (or auto: the data-free method for models without BN), noise, or folder --calib-images DIR",
+            )
 
     def num_classes(self) -> int:
         """Number of classes of a classifier whose output is (N, num_classes)."""
@@ -66,7 +71,8 @@ class Job:
             raise BadInputError(
                 f"{self.config.method} needs a classifier whose output is (N, num_classes); "
                 f"this model returns shape {self.output_shape} for one image",
-                hint="use --calib zeroq (label-free) for models that are not classifiers")
+                hint="use --calib zeroq (label-free) for models that are not classifiers",
+            )
         return int(self.output_shape[1])
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,8 +42,9 @@ def seeded_generator(*entropy: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def start_batch(batch: Batch, *, seed: int, input_shape: tuple[int, ...], device: torch.device,
-                num_classes: int | None = None) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
+def start_batch(
+    batch: Batch, *, seed: int, input_shape: tuple[int, ...], device: torch.device, num_classes: int | None = None
+) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
     """(generator, N(0, 1) tensor of (batch size, *input_shape), uniform random labels or None).
 
     The tensor is the initial images, or a generator's latent z when ``input_shape`` is (latent size,).
@@ -74,18 +76,28 @@ LossFn = Callable[[torch.Tensor, int], torch.Tensor]
 def check_finite_loss(value: float, *, step: int, lr: float) -> float:
     """``value``, or a clear error once the synthesis loss is NaN or infinite (the run cannot recover)."""
     if not math.isfinite(value):
-        raise BadInputError(f"the synthesis loss became {value} at step {step} (lr {lr:g})",
-                            hint="lower --lr or --iterations, or check the model: a NaN/Inf weight or BN "
-                                 "statistic makes every loss non-finite")
+        raise BadInputError(
+            f"the synthesis loss became {value} at step {step} (lr {lr:g})",
+            hint="lower --lr or --iterations, or check the model: a NaN/Inf weight or BN "
+            "statistic makes every loss non-finite",
+        )
     return value
 
 
 Schedule = Literal["plateau", "cosine"]
 
 
-def optimise_pixels(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, lr: float, bar: tqdm,
-                    schedule: Schedule = "plateau", first_step: int = 0,
-                    done: Callable[[], bool] | None = None) -> tuple[torch.Tensor, float, int]:
+def optimise_pixels(
+    x0: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    iterations: int,
+    lr: float,
+    bar: tqdm,
+    schedule: Schedule = "plateau",
+    first_step: int = 0,
+    done: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, float, int]:
     """Minimise ``loss_fn(x, step)`` over the pixels of ``x0`` with Adam; returns (images, last loss).
 
     ``plateau`` is ZeroQ's schedule (lr ÷10 after 100 steps without improvement). ``cosine`` decays
@@ -99,8 +111,7 @@ def optimise_pixels(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, lr: f
     x = x0.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
     if schedule == "plateau":
-        scheduler: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=PLATEAU_PATIENCE,
-                                                                    min_lr=MIN_LR)
+        scheduler: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=PLATEAU_PATIENCE, min_lr=MIN_LR)
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1))
     last, taken = float("nan"), 0
@@ -120,9 +131,17 @@ def optimise_pixels(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, lr: f
     return x.detach(), last, taken
 
 
-def optimise_warmup_then_late(x0: torch.Tensor, loss_fn: LossFn, *, iterations: int, warmup: int, lr: float,
-                              late_lr: float, bar: tqdm,
-                              warmup_done: Callable[[], bool] | None = None) -> tuple[torch.Tensor, float, int]:
+def optimise_warmup_then_late(
+    x0: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    iterations: int,
+    warmup: int,
+    lr: float,
+    late_lr: float,
+    bar: tqdm,
+    warmup_done: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, float, int]:
     """Up to ``warmup`` steps with ZeroQ's schedule at ``lr`` (fewer once ``warmup_done()``), then
     ``iterations - warmup`` steps with a fresh Adam at ``late_lr`` decayed to 0 (cosine).
 
@@ -132,7 +151,8 @@ def optimise_warmup_then_late(x0: torch.Tensor, loss_fn: LossFn, *, iterations: 
     x, loss, taken = optimise_pixels(x0, loss_fn, iterations=warmup, lr=lr, bar=bar, done=warmup_done)
     bar.update(warmup - taken)  # steps skipped by an early end of the warm-up
     if iterations > warmup:
-        x, loss, late = optimise_pixels(x, loss_fn, iterations=iterations - warmup, lr=late_lr, bar=bar,
-                                        schedule="cosine", first_step=warmup)
+        x, loss, late = optimise_pixels(
+            x, loss_fn, iterations=iterations - warmup, lr=late_lr, bar=bar, schedule="cosine", first_step=warmup
+        )
         taken += late
     return x, loss, taken

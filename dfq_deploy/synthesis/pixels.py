@@ -10,8 +10,16 @@ from .job import Job, MethodResult, ObjectiveFactory
 from .pixel_loop import optimise_warmup_then_late, start_batch
 
 
-def synthesize_pixels(job: Job, make_objective: ObjectiveFactory, *, iterations: int, warmup: int, lr: float,
-                      late_lr: float, start=start_batch) -> MethodResult:
+def synthesize_pixels(
+    job: Job,
+    make_objective: ObjectiveFactory,
+    *,
+    iterations: int,
+    warmup: int,
+    lr: float,
+    late_lr: float,
+    start=start_batch,
+) -> MethodResult:
     """Each batch: N(0, 1) images (and uniform labels when the objective has classes), then
     :func:`~dfq_deploy.synthesis.pixel_loop.optimise_warmup_then_late` on the objective.
 
@@ -24,15 +32,31 @@ def synthesize_pixels(job: Job, make_objective: ObjectiveFactory, *, iterations:
         objective = make_objective(job, capture, warmup)
         with job.bar(iterations) as bar:
             for batch in job.batches:
-                gen, x, labels = start(batch, seed=job.config.seed, input_shape=job.input_shape,
-                                             device=job.device, num_classes=objective.num_classes)
+                gen, x, labels = start(
+                    batch,
+                    seed=job.config.seed,
+                    input_shape=job.input_shape,
+                    device=job.device,
+                    num_classes=objective.num_classes,
+                )
                 x, loss, taken = optimise_warmup_then_late(
-                    x, lambda x, step: objective.loss(x, labels, step, gen), iterations=iterations, warmup=warmup,
-                    lr=lr, late_lr=late_lr, bar=bar, warmup_done=objective.warmup_done)
+                    x,
+                    lambda x, step, labels=labels, gen=gen: objective.loss(x, labels, step, gen),
+                    iterations=iterations,
+                    warmup=warmup,
+                    lr=lr,
+                    late_lr=late_lr,
+                    bar=bar,
+                    warmup_done=objective.warmup_done,
+                )
                 images.append(x)
                 all_labels.append(labels)
                 losses.append(loss)
                 steps.append(taken)
     labels = None if objective.num_classes is None else torch.cat(all_labels).cpu()
-    return MethodResult(torch.cat(images), labels, sum(losses) / len(losses),
-                        {"iterations": iterations, "lr": lr, "steps_taken": steps, **objective.meta()})
+    return MethodResult(
+        torch.cat(images),
+        labels,
+        sum(losses) / len(losses),
+        {"iterations": iterations, "lr": lr, "steps_taken": steps, **objective.meta()},
+    )

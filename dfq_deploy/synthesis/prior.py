@@ -60,16 +60,21 @@ class PreActivationCapture:
     autograd history). Channels are dim 1 for convolutions and the last dim for linear layers."""
 
     def __init__(self, model: nn.Module):
-        self.layers = [(name, m) for name, m in model.named_modules()
-                       if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+        self.layers = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        ]
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "PreActivationCapture":
+    def __enter__(self) -> PreActivationCapture:
         def hook(name: str):
             def store(module, args, output):
                 self.outputs[name] = output.movedim(-1, 1) if isinstance(module, nn.Linear) else output
+
             return store
+
         self._handles = [m.register_forward_hook(hook(name)) for name, m in self.layers]
         return self
 
@@ -90,11 +95,12 @@ class PreActivationCapture:
         return stats
 
 
-def statistics_loss(stats: list[tuple[torch.Tensor, torch.Tensor]],
-                    targets: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def statistics_loss(
+    stats: list[tuple[torch.Tensor, torch.Tensor]], targets: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """Σ_l (‖μ̂ − μ‖² + ‖σ̂ − σ‖²) / channels."""
     total = torch.zeros(())
-    for (mean, std), (target_mean, target_std) in zip(stats, targets):
+    for (mean, std), (target_mean, target_std) in zip(stats, targets, strict=False):
         total = total + ((mean - target_mean).square().sum() + (std - target_std).square().sum()) / mean.numel()
     return total
 
@@ -104,8 +110,13 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
-def prior_objective(job: Job, capture: BNInputCapture, warmup: int = 0, *,  # noqa: ARG001 - no BN to capture
-                    pre: PreActivationCapture) -> Objective:
+def prior_objective(
+    job: Job,
+    capture: BNInputCapture,
+    warmup: int = 0,
+    *,  # noqa: ARG001 - no BN to capture
+    pre: PreActivationCapture,
+) -> Objective:
     """CE to random labels + pre-activation statistics of pink noise + input prior + TV (one phase).
 
     ``pre`` must be active: it gives the targets (from one forward on pink noise) and the batch's statistics.
@@ -117,8 +128,12 @@ def prior_objective(job: Job, capture: BNInputCapture, warmup: int = 0, *,  # no
 
     def loss(x: torch.Tensor, labels: torch.Tensor | None, step: int, noise: torch.Generator) -> torch.Tensor:
         logits = job.model(x)
-        return (F.cross_entropy(logits, labels) + statistics_loss(pre.statistics(), targets)
-                + input_prior(x) + TV_WEIGHT * total_variation(x))
+        return (
+            F.cross_entropy(logits, labels)
+            + statistics_loss(pre.statistics(), targets)
+            + input_prior(x)
+            + TV_WEIGHT * total_variation(x)
+        )
 
     return Objective(loss, num_classes, lambda: {"prior_layers": len(targets), "prior_images": PRIOR_IMAGES})
 
@@ -127,12 +142,20 @@ def synthesize_prior(job: Job) -> MethodResult:
     """Optimise each batch of pink-noise images on :func:`prior_objective`."""
     iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
     with PreActivationCapture(job.model) as pre:
-        return synthesize_pixels(job, functools.partial(prior_objective, pre=pre), iterations=iterations,
-                                 warmup=iterations, lr=lr, late_lr=lr, start=pink_start)
+        return synthesize_pixels(
+            job,
+            functools.partial(prior_objective, pre=pre),
+            iterations=iterations,
+            warmup=iterations,
+            lr=lr,
+            late_lr=lr,
+            start=pink_start,
+        )
 
 
-def pink_start(batch: Batch, *, seed: int, input_shape: tuple[int, ...], device: torch.device,
-               num_classes: int | None = None) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
+def pink_start(
+    batch: Batch, *, seed: int, input_shape: tuple[int, ...], device: torch.device, num_classes: int | None = None
+) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
     """:func:`~dfq_deploy.synthesis.pixel_loop.start_batch` with pink noise as the initial images."""
     gen, _, labels = start_batch(batch, seed=seed, input_shape=input_shape, device=device, num_classes=num_classes)
     return gen, pink_noise(batch.size, input_shape, gen).to(device), labels

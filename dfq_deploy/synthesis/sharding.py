@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,14 +69,16 @@ def shard_batches(batches: list[Batch]) -> Shard:
     if len(batches) < world:
         raise BadInputError(
             f"{len(batches)} batch(es) of images cannot be shared by {world} processes",
-            hint="ask for more images, a smaller --batch-size, or fewer processes (torchrun --nproc-per-node)")
+            hint="ask for more images, a smaller --batch-size, or fewer processes (torchrun --nproc-per-node)",
+        )
     per_rank, extra = divmod(len(batches), world)
     start = rank * per_rank + min(rank, extra)
-    return Shard(rank, world, batches[start:start + per_rank + (rank < extra)])
+    return Shard(rank, world, batches[start : start + per_rank + (rank < extra)])
 
 
-def all_reduce_weighted_mean(values: list[torch.Tensor],
-                             weight: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def all_reduce_weighted_mean(
+    values: list[torch.Tensor], weight: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Average per-class tensors across ranks, weighting each rank by ``weight`` (K,) (0 = absent).
 
     Every tensor in ``values`` has the class as its first dimension. Returns the averaged tensors and
@@ -87,12 +89,12 @@ def all_reduce_weighted_mean(values: list[torch.Tensor],
     w = weight.to(torch.float64)
     flat = torch.cat([(v.to(torch.float64) * w.view(-1, *[1] * (v.ndim - 1))).flatten() for v in values] + [w])
     dist.all_reduce(flat)
-    total = flat[-len(w):]
+    total = flat[-len(w) :]
     out, offset = [], 0
     safe = total.clamp_min(1e-12)
     for v in values:
         n = v.numel()
-        summed = flat[offset:offset + n].view_as(v)
+        summed = flat[offset : offset + n].view_as(v)
         out.append((summed / safe.view(-1, *[1] * (v.ndim - 1))).to(v.dtype))
         offset += n
     return out, total.to(weight.dtype)
@@ -114,7 +116,7 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     flat /= dist.get_world_size()
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
