@@ -8,28 +8,10 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny_models import FAST_TINY_BUILD as FAST
 
 from dfq_deploy.cli import main
 
-FAST = [
-    "--trust-pickle",
-    "--input-shape",
-    "1x3x16x16",
-    "--calib",
-    "noise",
-    "--num-images",
-    "8",
-    "--no-cache",
-    "--no-progress",
-    "--batch-sizes",
-    "1,4",
-    "--warmup-ms",
-    "0",
-    "--profile-iterations",
-    "2",
-    "--profile-duration",
-    "0",
-]
 PASSING = ["--min-top1", "0", "--max-latency-ms", "60000", "--max-drop-measured", "100"]
 FAILING = ["--min-top1", "99", "--max-latency-ms", "0.0001", "--gate-batch", "4", "--max-drop-measured", "100"]
 

@@ -8,28 +8,9 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny_models import FAST_TINY_BUILD as FAST
 
 from dfq_deploy.cli import main
-
-FAST = [
-    "--trust-pickle",
-    "--input-shape",
-    "1x3x16x16",
-    "--calib",
-    "noise",
-    "--num-images",
-    "8",
-    "--no-cache",
-    "--no-progress",
-    "--batch-sizes",
-    "1,4",
-    "--warmup-ms",
-    "0",
-    "--profile-iterations",
-    "2",
-    "--profile-duration",
-    "0",
-]
 
 
 def test_build_logs_params_metrics_artifacts_and_a_registered_onnx_model(tiny_state_dict, tmp_path, monkeypatch):

@@ -58,3 +58,25 @@ def settle_batchnorm(model: nn.Module, input_shape: tuple[int, ...], *, batches:
 def tiny_resnet(seed: int = 0) -> TinyResNet:
     torch.manual_seed(seed)
     return settle_batchnorm(TinyResNet(), (3, 16, 16), seed=seed)
+
+
+# CLI flags for the quickest real build of a tiny_resnet saved as a pickled module (the tiny_state_dict fixture).
+FAST_TINY_BUILD = [
+    "--trust-pickle",
+    "--input-shape",
+    "1x3x16x16",
+    "--calib",
+    "noise",
+    "--num-images",
+    "8",
+    "--no-cache",
+    "--no-progress",
+    "--batch-sizes",
+    "1,4",
+    "--warmup-ms",
+    "0",
+    "--profile-iterations",
+    "2",
+    "--profile-duration",
+    "0",
+]
