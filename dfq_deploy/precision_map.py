@@ -61,6 +61,11 @@ class LayerPrecision:
     kernel: str
     reason: str | None = None
 
+    @classmethod
+    def untraced(cls, layer: LayerInfo, op: onnx.NodeProto, asked: str, reason: str) -> LayerPrecision:
+        """The row of a layer whose runtime kernel could not be found: precision ``unknown``, and why."""
+        return cls(layer.name, layer.kind, op.name, asked, "unknown", "—", reason)
+
     @property
     def ran_in_float(self) -> bool:
         """Asked for integer arithmetic, ran in floating point."""
@@ -178,14 +183,8 @@ def _onnxruntime_row(graph: QdqGraph, optimized: list[onnx.NodeProto], layer: La
     op = graph.weight_consumer(layer.name)
     node = _optimized_node(optimized, op, layer.name)
     if node is None:
-        return LayerPrecision(
-            layer.name,
-            layer.kind,
-            op.name,
-            asked,
-            "unknown",
-            "—",
-            f"no node of the optimized graph could be traced back to {op.name}",
+        return LayerPrecision.untraced(
+            layer, op, asked, f"no node of the optimized graph could be traced back to {op.name}"
         )
     used = INTEGER_KERNELS.get(node.op_type, "float")
     reason = _onnxruntime_reason(graph, op, layer) if used == "float" and asks_integer_arithmetic(asked) else None
@@ -249,15 +248,7 @@ def precision_map_tensorrt(
 
     def row(layer: LayerInfo, op: onnx.NodeProto, asked: str) -> LayerPrecision:
         if engine_layers is None:
-            return LayerPrecision(
-                layer.name,
-                layer.kind,
-                op.name,
-                asked,
-                "unknown",
-                "—",
-                "the engine inspector needs a GPU to load the engine",
-            )
+            return LayerPrecision.untraced(layer, op, asked, "the engine inspector needs a GPU to load the engine")
         return _tensorrt_row(layer, op, asked, engine_layers)
 
     return PrecisionMap(str(engine_metadata.get("target", "tensorrt")), _quantized_rows(qdq_model, layers, row))
@@ -286,14 +277,8 @@ def _tensorrt_row(
 ) -> LayerPrecision:
     match = _engine_layer(engine_layers, op.name)
     if match is None:
-        return LayerPrecision(
-            layer.name,
-            layer.kind,
-            op.name,
-            asked,
-            "unknown",
-            "—",
-            f"no engine layer names {op.name} (fused into a layer that does not list it)",
+        return LayerPrecision.untraced(
+            layer, op, asked, f"no engine layer names {op.name} (fused into a layer that does not list it)"
         )
     used = tensorrt_format_dtype(match.get("inputs") or [])
     kernel = str(match.get("type") or "?")
@@ -340,14 +325,8 @@ def precision_map_openvino(
             (r for r in compute if any(n == op.name or n.startswith(op.name + "/") for n in r.original_layers)), None
         )
         if match is None:
-            return LayerPrecision(
-                layer.name,
-                layer.kind,
-                op.name,
-                asked,
-                "unknown",
-                "—",
-                f"no primitive of OpenVINO's runtime graph lists {op.name} among its original layers",
+            return LayerPrecision.untraced(
+                layer, op, asked, f"no primitive of OpenVINO's runtime graph lists {op.name} among its original layers"
             )
         used = OPENVINO_PRECISION_NAMES.get(match.runtime_precision, "unknown")
         reason = None
