@@ -32,7 +32,7 @@ import torch
 from dfq_deploy.config import CalibratorName
 
 if TYPE_CHECKING:
-    from dfq_deploy.calibration_set import CalibrationSet
+    from dfq_deploy.io.calibration_set import CalibrationSet
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets" / "cifar10"
@@ -58,14 +58,14 @@ SCHEMES = {
 
 
 def load_model(name: str) -> torch.nn.Module:
-    from dfq_deploy.cifar_resnet import cifar_resnet, load_akamaster_checkpoint
+    from dfq_deploy.models.cifar_resnet import cifar_resnet, load_akamaster_checkpoint
 
     return load_akamaster_checkpoint(cifar_resnet(name), str(ASSETS / CHECKPOINTS[name]))
 
 
 def calibration_set(model, model_name: str, source: str, args) -> CalibrationSet:
-    from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
     from dfq_deploy.config import SynthesisConfig
+    from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
     from dfq_deploy.synthesis import synthesize_cached
 
     method = {"fdda-hybrid": "fdda", "real": "folder"}.get(source, source)
@@ -107,7 +107,7 @@ def scheme_for(name: str, args):
 
 
 def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, args) -> dict:
-    from dfq_deploy.evaluate import timed_top1
+    from dfq_deploy.analysis.evaluate import timed_top1
     from dfq_deploy.quant.quantize import quantize
 
     row = {
@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIPPED: the real CIFAR-10 assets are not at {ASSETS} (see shared/assets/README.md); nothing measured.")
         return 0
     torch.set_num_threads(args.threads)
-    from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
-    from dfq_deploy.evaluate import load_eval_set
+    from dfq_deploy.analysis.evaluate import load_eval_set
+    from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
     eval_set = load_eval_set(
         ASSETS / "test-lossless-1017.npz", input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD

@@ -24,16 +24,16 @@ import numpy as np
 import onnx
 import torch
 import torchvision
+
+from dfq_deploy.config import SynthesisConfig, default_scheme
 from dfq_deploy.converters.onnx_qdq import onnx_from_float_model, onnx_from_quant_model
+from dfq_deploy.deployment import conv_kernels, openvino_conv_kernels
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.models.capture import capture_graph
+from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.runtimes.base import Runner
 from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, optimized_op_counts
 from dfq_deploy.runtimes.profiler import cpu_description
-
-from dfq_deploy.calibration_set import CalibrationSet
-from dfq_deploy.config import SynthesisConfig, default_scheme
-from dfq_deploy.deployment import conv_kernels, openvino_conv_kernels
-from dfq_deploy.graph_capture import capture_graph
-from dfq_deploy.quant.quantize import quantize
 
 SHAPE = (3, 224, 224)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
 from dfq_deploy.config import SynthesisConfig
+from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
 from dfq_deploy.synthesis import synthesize
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"

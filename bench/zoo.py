@@ -2,7 +2,7 @@
 
 Untrained weights (``weights=None``; the checks do not depend on the values), noise calibration, a
 reduced input size where the model takes one (64 px, else 96 or 128, else its own), then
-:func:`dfq_deploy.model_check.check_model`: the onnxruntime Q/DQ graph at batch 1, 8 and 32, finite,
+:func:`dfq_deploy.models.check.check_model`: the onnxruntime Q/DQ graph at batch 1, 8 and 32, finite,
 top-1 agreeing with the fake-quant reference on >= 99% of 32 inputs, integer convolutions, INT8 vs
 FP32 speed at batch 8, and the TensorRT form through the lint and TensorRT-RTX's parser and builder.
 Transformers (ViT, Swin, MaxViT) are listed without a target.
@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-from dfq_deploy.runtimes.cpu_features import cpu_description
 
-from dfq_deploy.model_check import check_model
-from dfq_deploy.models import build_arch
+from dfq_deploy.models.check import check_model
+from dfq_deploy.models.loading import build_arch
+from dfq_deploy.runtimes.cpu_features import cpu_description
 
 TRANSFORMERS = ("vit", "swin", "maxvit")
 INPUT_SIZES = (64, 96, 128)

@@ -3,7 +3,7 @@
 The key is the sha256 of: the ONNX graph, the TensorRT module and version, the device the build is for
 (GPU name and compute capability for ``tensorrt``, which tunes kernels on the build GPU; "CPU build"
 for TensorRT-RTX, which compiles ahead of time without one), the precision, the optimization profiles
-and the builder settings. Entries are :class:`~dfq_deploy.cache_store.CacheStore` entries (the same
+and the builder settings. Entries are :class:`~dfq_deploy.io.cache_store.CacheStore` entries (the same
 store as calibration sets): ``model.engine`` and ``model.engine.json`` written whole under a lock and
 verified by sha256 when read; an entry that fails to verify or to load is moved aside with a warning
 and the engine built again. ``tensorrt`` builds also share one timing cache file here.
@@ -17,10 +17,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from dfq_deploy.cache_store import CacheStore
-from dfq_deploy.layout import ENGINE
-
-from .tensorrt import EngineArtifact, metadata_path, save_engine
+from dfq_deploy.converters.tensorrt import EngineArtifact, metadata_path, save_engine
+from dfq_deploy.io.cache_store import CacheStore
+from dfq_deploy.io.layout import ENGINE
 
 KEY_VERSION = 1  # bump when the key's recipe changes
 

@@ -19,9 +19,7 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
-from ..errors import ExportError
-from ..quant.quantize import QuantModel
-from .passes import (
+from dfq_deploy.converters.passes import (
     QuantSpec,
     constants_to_initializers,
     drop_activations_before_quantize,
@@ -31,6 +29,8 @@ from .passes import (
     materialize_quantizers,
     name_unnamed_nodes,
 )
+from dfq_deploy.errors import ExportError
+from dfq_deploy.quant.quantize import QuantModel
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import ExportError
+from dfq_deploy.errors import ExportError
 
 MARK_OP = "FakeQuant"
 MARK_DOMAIN = "dfq"

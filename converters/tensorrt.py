@@ -25,15 +25,14 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import onnx
 
-from dfq_deploy.artifacts import atomic_write_bytes
+from dfq_deploy.converters import trt_rules
+from dfq_deploy.converters.trt_logger import process_logger
+from dfq_deploy.converters.trt_profiles import ShapeProfile, onnx_input_shapes, optimization_profiles
 from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
-
-from . import trt_rules
-from .trt_logger import process_logger
-from .trt_profiles import ShapeProfile, onnx_input_shapes, optimization_profiles
+from dfq_deploy.io.artifacts import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .engine_cache import EngineCache
+    from dfq_deploy.converters.engine_cache import EngineCache
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +423,7 @@ def _inspect_layers(trt: ModuleType, plan: bytes, logger) -> list[dict[str, Any]
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         return None
-    from dfq_deploy.engine_layers import engine_layers_from_layer_info
+    from dfq_deploy.analysis.engine_layers import engine_layers_from_layer_info
 
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     return engine_layers_from_layer_info(info)

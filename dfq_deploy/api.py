@@ -18,11 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from . import __version__
-from .artifacts import atomic_write_bytes, package_versions, prepare_out_dir  # noqa: F401 (api.prepare_out_dir: the CLI uses it)
-from .build_key import build_key, finished_build
-from .calibration_set import CalibrationSet
-from .config import (
+from dfq_deploy import __version__
+from dfq_deploy.config import (
     HOLDOUT_FRACTION,
     IMAGENET_NORMALIZE,
     MixedPrecisionConfig,
@@ -33,22 +30,25 @@ from .config import (
     Target,
     default_scheme,
 )
-from .errors import BadInputError
-from .gates import QualityGates, gate_outcomes, raise_for_failed_gates
-from .interrupts import stage as interrupted_stage
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.artifacts import atomic_write_bytes, package_versions, prepare_out_dir  # noqa: F401 (api.prepare_out_dir: the CLI uses it)
+from dfq_deploy.io.build_key import build_key, finished_build
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.io.interrupts import stage as interrupted_stage
 
 # Re-exported: scripts read build folders through ``api.REPORT_MD`` and friends.
-from .layout import CALIBRATION_DIR, ENGINE, FP32_ONNX, MANIFEST, QDQ_ONNX, REPORT_JSON, REPORT_MD  # noqa: F401
-from .locks import locked_out_dir
-from .models import LoadedModel, load_model
-from .quant.quantize import QuantModel
-from .quant.quantize import quantize as _quantize
-from .tracking import TrackedRun, TrackingConfig, import_mlflow, log_build
+from dfq_deploy.io.layout import CALIBRATION_DIR, ENGINE, FP32_ONNX, MANIFEST, QDQ_ONNX, REPORT_JSON, REPORT_MD  # noqa: F401
+from dfq_deploy.io.locks import locked_out_dir
+from dfq_deploy.models.loading import LoadedModel, load_model
+from dfq_deploy.quant.quantize import QuantModel
+from dfq_deploy.quant.quantize import quantize as _quantize
+from dfq_deploy.report.gates import QualityGates, gate_outcomes, raise_for_failed_gates
+from dfq_deploy.report.tracking import TrackedRun, TrackingConfig, import_mlflow, log_build
 
 if TYPE_CHECKING:  # the remote package is imported only when a build uses it
-    from .remote.deploy import RemoteDevices
-    from .runtimes.base import Runner
-    from .targets import DeployTarget
+    from dfq_deploy.remote.deploy import RemoteDevices
+    from dfq_deploy.runtimes.base import Runner
+    from dfq_deploy.targets import DeployTarget
 
 
 def load(
@@ -71,7 +71,7 @@ def synthesize(
     progress: bool = True,
 ) -> CalibrationSet:
     """Make a calibration set for ``model`` (cached by model hash, method, config and seed)."""
-    from . import synthesis
+    from dfq_deploy import synthesis
 
     if cache_dir is not None and model.sha256:
         return synthesis.synthesize_cached(
@@ -121,8 +121,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Top-1 (%) of a model file (in PyTorch) or an ONNX file (in onnxruntime CPU) on labelled images
     (checked against the model's input and classes; resized only with ``eval_resize``)."""
-    from .evaluate import evaluate_top1
-    from .runtimes.onnxruntime import OnnxRuntimeRunner
+    from dfq_deploy.analysis.evaluate import evaluate_top1
+    from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
     path = Path(artifact)
     if path.suffix == ".onnx":
@@ -139,14 +139,14 @@ def evaluate(
 
 def export(qmodel: QuantModel) -> onnx.ModelProto:
     """The Q/DQ ONNX graph of a quantized model (form chosen by its scheme)."""
-    from .converters.onnx_qdq import onnx_from_quant_model
+    from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 
     return onnx_from_quant_model(qmodel)
 
 
 def export_float(model: LoadedModel) -> onnx.ModelProto:
     """The float model as ONNX (the FP32 baseline runtimes are compared with)."""
-    from .converters.onnx_qdq import onnx_from_float_model
+    from dfq_deploy.converters.onnx_qdq import onnx_from_float_model
 
     return onnx_from_float_model(model.module, input_shape=model.input_shape)
 
@@ -260,7 +260,7 @@ def build(
     with ``wait``, waited for.
     """
     if remote is not None:
-        from .remote.deploy import check_remote_target
+        from dfq_deploy.remote.deploy import check_remote_target
 
         check_remote_target(target)
     if max_disagreement is not None and not 0.0 <= max_disagreement <= 1.0:
@@ -346,7 +346,7 @@ def scheme_for_target(scheme: QuantScheme, *, target: Target, precision: str = "
 
     ``int4w`` (TensorRT's INT4 weight-only engines) turns the scheme weight-only with 4-bit block weights.
     """
-    from .targets import target_for
+    from dfq_deploy.targets import target_for
 
     return target_for(target).check_scheme(scheme, precision=precision)
 
@@ -380,9 +380,9 @@ def _build(
     remote,
     eval_resize,
 ) -> BuildResult:
-    from .report import write_reports
-    from .report_schema import SCHEMA_VERSION
-    from .runtimes.profiler import host_memory
+    from dfq_deploy.report.markdown import write_reports
+    from dfq_deploy.report.schema import SCHEMA_VERSION
+    from dfq_deploy.runtimes.profiler import host_memory
 
     manifest = _Manifest(out, {}, config)
     manifest.data["build_key"] = key
@@ -436,7 +436,7 @@ def _build(
     manifest.artifact("fp32_onnx", fp32_path)
     manifest.artifact("qdq_onnx", qdq_path)
 
-    from .targets import DeployInputs, target_for
+    from dfq_deploy.targets import DeployInputs, target_for
 
     deploy_target = target_for(target, remote=remote)
     with manifest.timed("deploy_and_profile"):
@@ -525,7 +525,7 @@ def _plan_precision(
     when the planner already made it, else None).
     """
     if max_drop is not None:
-        from .quant.budget import plan_for_max_drop
+        from dfq_deploy.quant.budget import plan_for_max_drop
 
         plan, calib_used, qmodel = plan_for_max_drop(
             model.module,
@@ -537,7 +537,7 @@ def _plan_precision(
             progress=progress,
         )
         return plan.scheme(scheme), calib_used, {"kind": "max_drop", **plan.as_dict()}, qmodel
-    from .quant.sensitivity import plot_sensitivity, sensitivity_plan
+    from dfq_deploy.quant.sensitivity import plot_sensitivity, sensitivity_plan
 
     plan = sensitivity_plan(model.module, calib, scheme=scheme, config=mixed_precision)
     plot = out / SENSITIVITY_PLOT
@@ -560,7 +560,7 @@ def _plan_precision(
 
 def _load_eval_set(path, model, input_shape: tuple[int, ...], *, normalize, resize: bool):
     """The evaluation set, checked against ``model`` (a module or an active runner): its input and classes."""
-    from .evaluate import load_eval_set, output_classes
+    from dfq_deploy.analysis.evaluate import load_eval_set, output_classes
 
     mean, std = normalize or IMAGENET_NORMALIZE
     return load_eval_set(
@@ -575,8 +575,8 @@ def evaluate_accuracy(
     the deployed model (``deployed``: its report key and an inactive runner, e.g.
     ``("onnxruntime_int8", OnnxRuntimeRunner(path))`` or ``("engine_int8", TensorRTRunner(path))``);
     ``drop`` is FP32 minus the deployed (or reference) model and ``drop_of`` names that model."""
-    from .deployment import AGREEMENT_BATCH
-    from .evaluate import evaluate_top1
+    from dfq_deploy.analysis.evaluate import evaluate_top1
+    from dfq_deploy.deployment import AGREEMENT_BATCH
 
     result: dict[str, Any] = {
         "eval_set": labelled.source,
@@ -602,8 +602,8 @@ def _where_precision_goes(
     (what ``deploy_target``'s runtime really ran each layer in)."""
     import warnings
 
-    from .fidelity import layer_fidelity
-    from .precision_map import float_fallback_warning
+    from dfq_deploy.analysis.fidelity import layer_fidelity
+    from dfq_deploy.analysis.precision_map import float_fallback_warning
 
     fidelity = layer_fidelity(qmodel, qdq_model, calib, max_images=FIDELITY_IMAGES).as_dict()
     pmap = deploy_target.precision_map(qdq_model, layers=list(qmodel.layers))
@@ -615,7 +615,7 @@ def _where_precision_goes(
 
 def default_cache_dir() -> Path:
     """Where synthetic sets are cached: ``$DFQ_DEPLOY_CACHE`` or ``~/.cache/dfq-deploy``."""
-    from .cache_store import cache_root
+    from dfq_deploy.io.cache_store import cache_root
 
     return cache_root() / "synthesis"
 
@@ -623,7 +623,7 @@ def default_cache_dir() -> Path:
 def default_engine_cache_dir() -> Path:
     """Where built engines (and ``tensorrt``'s shared timing cache) are kept: ``engines/`` beside
     ``synthesis/`` under the cache root."""
-    from .cache_store import cache_root
+    from dfq_deploy.io.cache_store import cache_root
 
     return cache_root() / "engines"
 

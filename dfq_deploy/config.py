@@ -11,7 +11,7 @@ import fnmatch
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .errors import BadInputError
+from dfq_deploy.errors import BadInputError
 
 # Mean/std per RGB channel that ImageNet-style models (and the CIFAR assets' ResNets) normalise with.
 IMAGENET_NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -237,7 +237,7 @@ class QuantScheme:
             return self.weight_container
         if self.act_form != "uint8_asymmetric":
             return "int8"
-        from .runtimes.cpu_features import has_int8_dot_product
+        from dfq_deploy.runtimes.cpu_features import has_int8_dot_product
 
         return "int8" if has_int8_dot_product() else "uint8"
 

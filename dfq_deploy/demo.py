@@ -17,11 +17,11 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ProfileConfig, SynthesisConfig
-from .layout import REPORT_JSON, REPORT_MD
+from dfq_deploy.config import ProfileConfig, SynthesisConfig
+from dfq_deploy.io.layout import REPORT_JSON, REPORT_MD
 
 if TYPE_CHECKING:
-    from .api import BuildResult
+    from dfq_deploy.api import BuildResult
 
 WEIGHTS = "resnet20-12fca82f.th"
 IMAGES = "cifar10-test-500.npz"
@@ -78,7 +78,7 @@ def run_demo(
     """Synthesize a data-free calibration set for the shipped ResNet-20, build INT8 for onnxruntime
     (CPU), and evaluate FP32 and INT8 on the 500 shipped test images. A finished demo build in
     ``out_dir`` is reused (up to date) unless ``force``."""
-    from . import api
+    from dfq_deploy import api
 
     settings = FAST if fast else FULL
     start = time.perf_counter()

@@ -12,15 +12,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .calibration_set import CalibrationSet
-from .config import ProfileConfig
-from .models import LoadedModel
-from .quant.quantize import QuantModel
-from .runtimes.base import Runner
-from .runtimes.onnxruntime import OnnxRuntimeRunner, integer_kernels_are_exact, op_counts, optimized_graph
-from .runtimes.openvino import OPENVINO_INTEGER_PRECISIONS, RuntimeLayer
-from .runtimes.profiler import Agreement, compare, cpu_description, host_memory, profile
-from .runtimes.torch import TorchRunner
+from dfq_deploy.config import ProfileConfig
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.models.loading import LoadedModel
+from dfq_deploy.quant.quantize import QuantModel
+from dfq_deploy.runtimes.base import Runner
+from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, integer_kernels_are_exact, op_counts, optimized_graph
+from dfq_deploy.runtimes.openvino import OPENVINO_INTEGER_PRECISIONS, RuntimeLayer
+from dfq_deploy.runtimes.profiler import Agreement, compare, cpu_description, host_memory, profile
+from dfq_deploy.runtimes.torch import TorchRunner
 
 AGREEMENT_BATCH = 32
 INTEGER_CONV_OPS = ("QLinearConv", "ConvInteger")
@@ -144,7 +144,7 @@ def deploy_openvino(
     With the THROUGHPUT hint each model is also served batch-1 requests through an AsyncInferQueue.
     Returns the deployment and the INT8 model's runtime graph (what the precision map reads).
     """
-    from .runtimes.openvino import OpenVINORunner
+    from dfq_deploy.runtimes.openvino import OpenVINORunner
 
     options = {
         "threads": profile_config.threads,
@@ -183,7 +183,7 @@ def openvino_conv_kernels(layers: list[RuntimeLayer]) -> dict[str, int]:
 
 
 def _openvino_version() -> str:
-    from .runtimes.openvino import import_openvino
+    from dfq_deploy.runtimes.openvino import import_openvino
 
     return import_openvino().__version__
 
@@ -191,7 +191,7 @@ def _openvino_version() -> str:
 def engine_build_config(*, target: str, precision: str, profile_config: ProfileConfig, cache=None):
     """How ``build`` builds an engine: a profile per timed batch size and one for the fidelity check's
     batches (up to :data:`AGREEMENT_BATCH`); ``tensorrt`` shares the timing cache of ``cache``."""
-    from .converters.tensorrt import MODULES, TensorRTBuildConfig
+    from dfq_deploy.converters.tensorrt import MODULES, TensorRTBuildConfig
 
     return TensorRTBuildConfig(
         target=target,
@@ -218,10 +218,10 @@ def deploy_tensorrt(
     """Lint and build the engine (reused from ``engine_cache`` when an identical build is there); on a
     GPU also run it, check it against its reference and time it. Without a CUDA device the report says
     ``not_run``; any other failure of the engine raises :class:`EngineRuntimeError`."""
-    from .converters import trt_rules
-    from .converters.engine_cache import EngineCache
-    from .converters.tensorrt import engine_from_onnx, save_engine
-    from .layout import ENGINE
+    from dfq_deploy.converters import trt_rules
+    from dfq_deploy.converters.engine_cache import EngineCache
+    from dfq_deploy.converters.tensorrt import engine_from_onnx, save_engine
+    from dfq_deploy.io.layout import ENGINE
 
     cache = EngineCache(engine_cache) if engine_cache is not None else None
     config = engine_build_config(target=target, precision=precision, profile_config=profile_config, cache=cache)
@@ -241,7 +241,7 @@ def deploy_tensorrt(
         "lint": [str(v) for v in trt_rules.lint(qdq_model)],
         "machine": cpu_description(),
     }
-    from .runtimes.tensorrt import NoCudaDeviceError
+    from dfq_deploy.runtimes.tensorrt import NoCudaDeviceError
 
     try:
         result.update(run_engine(engine_path, model, qmodel, calib, precision=precision, profile_config=profile_config))
@@ -263,7 +263,7 @@ def run_engine(
     """Check the engine against its reference (FP32 for an fp16 engine, else the fake-quant model), time
     it at every batch size and, with ``layer_profile``, time its layers. Every feed is checked against the
     engine's optimization profiles before the GPU is touched."""
-    from .runtimes.tensorrt import TensorRTRunner
+    from dfq_deploy.runtimes.tensorrt import TensorRTRunner
 
     runner = TensorRTRunner(engine_path)
     runner.name = f"{runner.target}-{precision}"

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import ProfileConfig
-from .errors import BadInputError
+from dfq_deploy.config import ProfileConfig
+from dfq_deploy.errors import BadInputError
 
 
 def _random_batch(shape: tuple, dtype: np.dtype, batch_size: int, seed: int = 0) -> np.ndarray:
@@ -22,7 +22,7 @@ def profile_artifact(
     path: str | Path, *, target: str = "onnxruntime", device: str = "cpu", config: ProfileConfig = ProfileConfig()
 ) -> dict[str, Any]:
     """Latency per batch size, memory and machine for an ONNX file (onnxruntime, OpenVINO) or an engine."""
-    from .runtimes.profiler import cpu_description, host_memory
+    from dfq_deploy.runtimes.profiler import cpu_description, host_memory
 
     path = Path(path)
     if not path.is_file():
@@ -38,7 +38,7 @@ def profile_artifact(
     elif target == "openvino":
         result |= _profile_openvino(path, device, config)
     else:
-        from .runtimes.tensorrt import TensorRTRunner
+        from dfq_deploy.runtimes.tensorrt import TensorRTRunner
 
         runner = TensorRTRunner(path, target=target)
         # With metadata beside the engine, feeds are checked before the GPU is touched; a bare engine's
@@ -53,7 +53,7 @@ def profile_artifact(
 
 
 def _profile_onnxruntime(path: Path, device: str, config: ProfileConfig) -> dict[str, Any]:
-    from .runtimes.onnxruntime import OnnxRuntimeRunner
+    from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(path, device=device, threads=config.threads) as runner:
         return {"latency": _latency(runner, config), "providers": runner.providers()}
@@ -61,7 +61,7 @@ def _profile_onnxruntime(path: Path, device: str, config: ProfileConfig) -> dict
 
 def _profile_openvino(path: Path, device: str, config: ProfileConfig) -> dict[str, Any]:
     """Synchronous latency per batch size; with the THROUGHPUT hint also batch-1 async throughput."""
-    from .runtimes.openvino import OpenVINORunner
+    from dfq_deploy.runtimes.openvino import OpenVINORunner
 
     if device != "cpu":
         raise BadInputError(f"the OpenVINO target runs on the CPU device, not {device!r}", hint="use --device cpu")
@@ -78,7 +78,7 @@ def _profile_openvino(path: Path, device: str, config: ProfileConfig) -> dict[st
 
 
 def _latency(runner, config: ProfileConfig) -> list[dict[str, Any]]:
-    from .runtimes.profiler import profile
+    from dfq_deploy.runtimes.profiler import profile
 
     ((shape, dtype),) = runner.input_specs().values()
     return [profile(runner, _random_batch(shape, dtype, bs), config=config).as_dict() for bs in config.batch_sizes]

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import onnx
 
-from . import deployment
-from .calibration_set import CalibrationSet
-from .config import ProfileConfig, QuantScheme, Target, int4_weight_only
-from .errors import BadInputError
-from .models import LoadedModel
-from .precision_map import PrecisionMap
-from .quant.quantize import LayerInfo, QuantModel
-from .runtimes.base import Runner
+from dfq_deploy import deployment
+from dfq_deploy.analysis.precision_map import PrecisionMap
+from dfq_deploy.config import ProfileConfig, QuantScheme, Target, int4_weight_only
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.models.loading import LoadedModel
+from dfq_deploy.quant.quantize import LayerInfo, QuantModel
+from dfq_deploy.runtimes.base import Runner
 
 if TYPE_CHECKING:  # the remote package is imported only when a build uses it
-    from .remote.deploy import RemoteDevices
+    from dfq_deploy.remote.deploy import RemoteDevices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ class OnnxRuntimeTarget:
         return _integer_cpu_scheme(scheme, precision=precision)
 
     def deploy(self, inputs: DeployInputs) -> dict[str, Any]:
-        from .runtimes.onnxruntime import optimized_graph
+        from dfq_deploy.runtimes.onnxruntime import optimized_graph
 
         self.optimized = optimized_graph(inputs.qdq_path, threads=inputs.profile_config.threads)
         return deployment.deploy_onnxruntime(
@@ -101,12 +101,12 @@ class OnnxRuntimeTarget:
         )
 
     def deployed_runner(self, qdq_path: Path, *, profile_config: ProfileConfig) -> tuple[str, Runner] | None:
-        from .runtimes.onnxruntime import OnnxRuntimeRunner
+        from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
         return "onnxruntime_int8", OnnxRuntimeRunner(qdq_path, threads=profile_config.threads)
 
     def precision_map(self, qdq_model: onnx.ModelProto, *, layers: list[LayerInfo]) -> PrecisionMap:
-        from .precision_map import precision_map_onnxruntime
+        from dfq_deploy.analysis.precision_map import precision_map_onnxruntime
 
         return precision_map_onnxruntime(qdq_model, layers=layers, optimized=self.optimized)
 
@@ -139,7 +139,7 @@ class OpenVINOTarget:
         return result
 
     def deployed_runner(self, qdq_path: Path, *, profile_config: ProfileConfig) -> tuple[str, Runner] | None:
-        from .runtimes.openvino import OpenVINORunner
+        from dfq_deploy.runtimes.openvino import OpenVINORunner
 
         return "openvino_int8", OpenVINORunner(
             qdq_path,
@@ -149,7 +149,7 @@ class OpenVINOTarget:
         )
 
     def precision_map(self, qdq_model: onnx.ModelProto, *, layers: list[LayerInfo]) -> PrecisionMap:
-        from .precision_map import precision_map_openvino
+        from dfq_deploy.analysis.precision_map import precision_map_openvino
 
         return precision_map_openvino(qdq_model, self.runtime_layers, layers=layers)
 
@@ -201,13 +201,13 @@ class TensorRTTarget:
         """The engine itself where it ran (a GPU is here); else ``None``: the fake-quant reference stands for it."""
         if self.engine_that_ran is None:
             return None
-        from .runtimes.tensorrt import TensorRTRunner
+        from dfq_deploy.runtimes.tensorrt import TensorRTRunner
 
         path, precision = self.engine_that_ran
         return f"engine_{precision}", TensorRTRunner(path)
 
     def precision_map(self, qdq_model: onnx.ModelProto, *, layers: list[LayerInfo]) -> PrecisionMap:
-        from .precision_map import precision_map_tensorrt
+        from dfq_deploy.analysis.precision_map import precision_map_tensorrt
 
         return precision_map_tensorrt(qdq_model, self.engine_metadata, layers=layers)
 
@@ -224,7 +224,7 @@ class RemoteTensorRTTarget(TensorRTTarget):
         self.devices = devices
 
     def deploy(self, inputs: DeployInputs) -> dict[str, Any]:
-        from .remote.deploy import deploy_on_devices
+        from dfq_deploy.remote.deploy import deploy_on_devices
 
         result = deploy_on_devices(
             inputs.qdq_path,
@@ -251,7 +251,7 @@ def target_for(name: Target, *, remote: RemoteDevices | None = None) -> DeployTa
     if name not in _TARGET_CLASSES:
         raise BadInputError(f"unknown target {name!r}", hint=f"choose {', '.join(_TARGET_CLASSES)}")
     if remote is not None:
-        from .remote.deploy import check_remote_target
+        from dfq_deploy.remote.deploy import check_remote_target
 
         check_remote_target(name)
         return RemoteTensorRTTarget(name, remote)

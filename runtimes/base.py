@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInputError
+from dfq_deploy.errors import BadInputError
 
 InputSpecs = dict[str, tuple[tuple[Any, ...], np.dtype]]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import BadInputError, EngineBuildError, MissingDependencyError
-from .base import InputSpecs, Runner
+from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
+from dfq_deploy.runtimes.base import InputSpecs, Runner
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -144,7 +144,7 @@ def integer_kernels_are_exact(model: str | os.PathLike | bytes | onnx.ModelProto
     fake-quant model on an AVX2 EPYC, onnxruntime 1.32). Checks that stand in for TensorRT on such a
     CPU run the graph with ``integer_kernels=False`` instead.
     """
-    from .cpu_features import has_int8_dot_product
+    from dfq_deploy.runtimes.cpu_features import has_int8_dot_product
 
     if has_int8_dot_product():
         return True

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInputError, EngineBuildError, EngineRuntimeError, MissingDependencyError, first_line
-from .base import InputSpecs, Runner
-from .profiler import LatencyRecord
+from dfq_deploy.errors import BadInputError, EngineBuildError, EngineRuntimeError, MissingDependencyError, first_line
+from dfq_deploy.runtimes.base import InputSpecs, Runner
+from dfq_deploy.runtimes.profiler import LatencyRecord
 
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 # runtimePrecision (OpenVINO element type names) -> the precision map's names.

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 import numpy as np
 import psutil
 
-from ..config import ProfileConfig
-from .base import Runner
-from .cpu_features import cpu_description  # noqa: F401  (re-exported: reports print it beside latency)
+from dfq_deploy.config import ProfileConfig
+from dfq_deploy.runtimes.base import Runner
+from dfq_deploy.runtimes.cpu_features import cpu_description  # noqa: F401  (re-exported: reports print it beside latency)
 
 T = TypeVar("T")
 

@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dfq_deploy.config import ProfileConfig
 from dfq_deploy.converters.tensorrt import EngineArtifact, TensorRTTarget, import_tensorrt, metadata_path
 from dfq_deploy.converters.trt_logger import process_logger
 from dfq_deploy.converters.trt_profiles import ShapeProfile, select_profile
-
-from dfq_deploy.config import ProfileConfig
 from dfq_deploy.errors import BadInputError, EngineRuntimeError
-
-from .base import InputSpecs, Runner
-from .profiler import LatencyRecord, StageTimes, timing_loop
-from .trt_gpu import CudaGraph, LayerTimes, context_memory, nvml_memory
+from dfq_deploy.runtimes.base import InputSpecs, Runner
+from dfq_deploy.runtimes.profiler import LatencyRecord, StageTimes, timing_loop
+from dfq_deploy.runtimes.trt_gpu import CudaGraph, LayerTimes, context_memory, nvml_memory
 
 _NO_GPU_HINT = (
     "TensorRT engines run on NVIDIA GPUs only; build on this machine with --target tensorrt-rtx "

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import InputSpecs, Runner
+from dfq_deploy.runtimes.base import InputSpecs, Runner
 
 
 class TorchRunner(Runner):

@@ -16,7 +16,7 @@ torch.set_num_threads(2)
 def reports_follow_the_schema(tmp_path):
     """Every report.json a test makes (anywhere under its tmp_path) validates against the schema."""
     yield
-    from dfq_deploy.report_schema import validate_report
+    from dfq_deploy.report.schema import validate_report
 
     for path in tmp_path.rglob("report.json"):
         report = json.loads(path.read_text())

@@ -7,11 +7,11 @@ import dataclasses
 import onnx
 import torch
 import torch.nn.functional as F
-from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from torch import nn
 
-from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import default_scheme
+from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
+from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.quantize import QuantModel, quantize
 
 INPUT_SHAPE = (3, 16, 16)

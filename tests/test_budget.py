@@ -4,9 +4,9 @@ import pytest
 import torch
 from tiny_models import tiny_resnet
 
-from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import ReconstructionConfig, default_scheme
 from dfq_deploy.errors import BadInputError, BudgetNotMetError
+from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.budget import (
     disagreement_percent,
     drop_per_image,
@@ -76,7 +76,7 @@ def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
     from click.testing import CliRunner
 
     import dfq_deploy.quant.budget as budget
-    from dfq_deploy.cli import main
+    from dfq_deploy.cli.commands import main
 
     # an estimate no plan can fix
     monkeypatch.setattr(

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from tiny_models import NoBatchNormNet, tiny_resnet
 
 from dfq_deploy import api
-from dfq_deploy.cli import main
+from dfq_deploy.cli.commands import main
 from dfq_deploy.config import ProfileConfig, SynthesisConfig
 
 SHAPE = "1x3x16x16"

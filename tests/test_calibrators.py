@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import QuantScheme
+from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.calibrators import HistogramCalibrator, grid_for_range, search_weight_scale
 from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.quant.quantizers import ActQuantizer, float_mode

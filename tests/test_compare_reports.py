@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dfq_deploy.compare_reports import Thresholds, check_comparison, compare_reports, format_comparison, load_report
+from dfq_deploy.analysis.compare import Thresholds, check_comparison, compare_reports, format_comparison, load_report
 from dfq_deploy.errors import BadInputError, RegressionError
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dfq_deploy.cli import main
+from dfq_deploy.cli.commands import main
 from dfq_deploy.config import load_config_file
 
 CONFIGS = sorted(

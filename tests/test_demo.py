@@ -9,9 +9,9 @@ import numpy as np
 from click.testing import CliRunner
 
 import dfq_deploy
-from dfq_deploy.artifacts import sha256_file
-from dfq_deploy.cli import main
+from dfq_deploy.cli.commands import main
 from dfq_deploy.demo import IMAGES, WEIGHTS, demo_file
+from dfq_deploy.io.artifacts import sha256_file
 
 
 def test_the_demo_data_ships_inside_the_package():

@@ -6,11 +6,11 @@ import dataclasses
 import time
 
 import pytest
-from dfq_deploy.converters.engine_cache import EngineCache
-from dfq_deploy.converters.tensorrt import TensorRTBuildConfig, engine_from_onnx
 from test_trt_rules import _int4_matmul, residual_block
 
-from dfq_deploy.cache_store import CacheWarning
+from dfq_deploy.converters.engine_cache import EngineCache
+from dfq_deploy.converters.tensorrt import TensorRTBuildConfig, engine_from_onnx
+from dfq_deploy.io.cache_store import CacheWarning
 
 CONFIG = TensorRTBuildConfig(target="tensorrt-rtx", batch_sizes=(1, 4))
 
@@ -89,7 +89,7 @@ def test_build_reports_the_cache(tmp_path, monkeypatch):
     from tiny_models import tiny_resnet
 
     from dfq_deploy import api
-    from dfq_deploy.cli import main
+    from dfq_deploy.cli.commands import main
 
     monkeypatch.setenv("DFQ_DEPLOY_CACHE", str(tmp_path / "cache"))
     assert api.default_engine_cache_dir() == tmp_path / "cache" / "engines"

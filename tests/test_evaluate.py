@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dfq_deploy.runtimes.torch import TorchRunner
 from PIL import Image
 from torch import nn
 
+from dfq_deploy.analysis.evaluate import agreement, evaluate_top1, load_eval_set
 from dfq_deploy.errors import BadInputError
-from dfq_deploy.evaluate import agreement, evaluate_top1, load_eval_set
+from dfq_deploy.runtimes.torch import TorchRunner
 
 MEAN, STD = (0.5, 0.25, 0.125), (0.5, 0.5, 0.25)
 
@@ -88,7 +88,7 @@ def test_bad_sets_are_refused(tmp_path):
 
 
 def test_real_resnet20_reaches_its_published_accuracy(assets):
-    from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
+    from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
 
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(assets / "cifar10" / "resnet20-12fca82f.th"))
     data = load_eval_set(

@@ -12,8 +12,8 @@ from small_cnn import INPUT_SHAPE, SmallResNet
 
 import dfq_deploy.deployment
 from dfq_deploy import errors
-from dfq_deploy.cli import _run, main
-from dfq_deploy.compare_reports import check_comparison, compare_reports
+from dfq_deploy.analysis.compare import check_comparison, compare_reports
+from dfq_deploy.cli.commands import _run, main
 from dfq_deploy.errors import EXIT_CODES, DfqError
 
 FAST_BUILD = [

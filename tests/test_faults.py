@@ -24,11 +24,11 @@ from click.testing import CliRunner
 from small_cnn import INPUT_SHAPE, SmallResNet
 
 from dfq_deploy import api
-from dfq_deploy.cache_store import DAMAGED_DIR, ENTRY_MANIFEST, CacheStore, CacheWarning, verify_entry
-from dfq_deploy.calibration_set import TENSORS_FILE
-from dfq_deploy.cli import _run, main
+from dfq_deploy.cli.commands import _run, main
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import EXIT_SIGINT, EXIT_SIGTERM, StorageError
+from dfq_deploy.io.cache_store import DAMAGED_DIR, ENTRY_MANIFEST, CacheStore, CacheWarning, verify_entry
+from dfq_deploy.io.calibration_set import TENSORS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = "x".join(map(str, INPUT_SHAPE))
@@ -288,9 +288,9 @@ def test_nan_weights_are_named_at_load(tmp_path):
 
 
 def test_overflowing_activations_name_the_layer(loaded):
-    from dfq_deploy.calibration_set import CalibrationSet
     from dfq_deploy.config import default_scheme
     from dfq_deploy.errors import BadInputError
+    from dfq_deploy.io.calibration_set import CalibrationSet
     from dfq_deploy.quant.quantize import quantize
 
     torch.manual_seed(0)
@@ -351,8 +351,8 @@ def test_eval_set_mismatches_name_what_was_expected(model_file, tmp_path, x, y, 
 
 
 def test_channels_first_eval_set_gets_a_layout_hint(loaded, tmp_path):
+    from dfq_deploy.analysis.evaluate import load_eval_set
     from dfq_deploy.errors import BadInputError
-    from dfq_deploy.evaluate import load_eval_set
 
     path = _npz(tmp_path / "nchw.npz", np.zeros((2, 3, 16, 16), np.uint8), [0, 1])
     with pytest.raises(BadInputError) as info:
@@ -367,7 +367,16 @@ LOCK = ".dfq-deploy.lock"
 
 def _spawn_build(model_file: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dfq_deploy.cli", "build", str(model_file), "--out", str(out), *(extra or FAST)],
+        [
+            sys.executable,
+            "-m",
+            "dfq_deploy.cli.commands",
+            "build",
+            str(model_file),
+            "--out",
+            str(out),
+            *(extra or FAST),
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -495,8 +504,8 @@ def test_two_writers_of_one_cache_entry_make_it_once(tmp_path):
 
 
 def test_a_damaged_reconstruction_checkpoint_is_started_over(loaded, tmp_path):
-    from dfq_deploy.calibration_set import CalibrationSet
     from dfq_deploy.config import ReconstructionConfig
+    from dfq_deploy.io.calibration_set import CalibrationSet
 
     checkpoint = tmp_path / "recon"
     checkpoint.mkdir()

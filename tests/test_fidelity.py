@@ -9,16 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
 from onnx import numpy_helper
 from small_cnn import INPUT_SHAPE, SmallResNet, quantized_small_resnet
 
 from dfq_deploy import api
-from dfq_deploy.calibration_set import CalibrationSet
-from dfq_deploy.config import ProfileConfig, SynthesisConfig
-from dfq_deploy.debug import debug_build_folder, read_manifest, rebuild_reference
-from dfq_deploy.errors import BadInputError
-from dfq_deploy.fidelity import (
+from dfq_deploy.analysis.debug import debug_build_folder, read_manifest, rebuild_reference
+from dfq_deploy.analysis.fidelity import (
     DEPARTURE_SQNR_DB,
     MAX_SQNR_DB,
     _ErrorSums,
@@ -28,6 +24,10 @@ from dfq_deploy.fidelity import (
     onnx_with_taps,
     render_fidelity_md,
 )
+from dfq_deploy.config import ProfileConfig, SynthesisConfig
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
 
 LAYERS = ["stem.0", "block.conv1", "block.conv2", "head", "fc"]
 

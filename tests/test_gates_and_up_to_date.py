@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import FAST_TINY_BUILD as FAST
 
-from dfq_deploy.cli import main
+from dfq_deploy.cli.commands import main
 
 PASSING = ["--min-top1", "0", "--max-latency-ms", "60000", "--max-drop-measured", "100"]
 FAILING = ["--min-top1", "99", "--max-latency-ms", "0.0001", "--gate-batch", "4", "--max-drop-measured", "100"]

@@ -9,13 +9,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from dfq_deploy.converters import trt_rules
-from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from onnx import TensorProto, numpy_helper
 from tiny_models import NoBatchNormNet, settle_batchnorm
 from torch import nn
 
-from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import (
     INT8_TENSORRT,
     LayerOverride,
@@ -24,8 +21,11 @@ from dfq_deploy.config import (
     from_mapping,
     int4_weight_only,
 )
+from dfq_deploy.converters import trt_rules
+from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from dfq_deploy.deployment import onnxruntime_agreement
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.quantize import fit_block_size, quantize
 
 INT4W = int4_weight_only(INT8_TENSORRT)
@@ -129,7 +129,7 @@ def test_exported_int4_blocks_are_the_simulated_weights(weight_calibrator):
 
 def test_onnxruntime_runs_int4w_like_the_fake_quant_reference():
     """The opset-21 blocked INT4 graph on onnxruntime's CPU provider against the fake-quant model."""
-    from dfq_deploy.cifar_resnet import cifar_resnet
+    from dfq_deploy.models.cifar_resnet import cifar_resnet
 
     torch.manual_seed(0)
     qmodel = quantize(
@@ -145,7 +145,7 @@ def test_onnxruntime_runs_int4w_like_the_fake_quant_reference():
 
 
 def test_real_cifar_resnet_int4w_matches_on_real_images(assets):
-    from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
+    from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
 
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(assets / "cifar10" / "resnet20-12fca82f.th"))
     data = np.load(assets / "cifar10" / "test-lossless-1017.npz")
@@ -192,7 +192,7 @@ def test_quantize_command_writes_int4w_for_tensorrt_and_refuses_it_for_onnxrunti
     """`dfq-deploy quantize --precision int4w` writes the blocked INT4 Linear; onnxruntime is refused (exit 2)."""
     from click.testing import CliRunner
 
-    from dfq_deploy.cli import main
+    from dfq_deploy.cli.commands import main
 
     path = tmp_path / "wide.pt"
     torch.save(_wide_head(), path)

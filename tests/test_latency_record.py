@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
+from dfq_deploy.cli.commands import main
+from dfq_deploy.config import ProfileConfig
+from dfq_deploy.report.markdown import render_markdown
 from dfq_deploy.runtimes.base import Runner
 from dfq_deploy.runtimes.profiler import LatencyRecord, StageTimes, profile
-
-from dfq_deploy.cli import main
-from dfq_deploy.config import ProfileConfig
-from dfq_deploy.report import render_markdown
 
 
 class FakeClock:
@@ -77,6 +77,7 @@ def test_slow_runs_still_get_the_minimum_count(seconds, runs, warmup_calls):
 
 def test_torch_runner_gives_the_same_record():
     import torch
+
     from dfq_deploy.runtimes.torch import TorchRunner
 
     with TorchRunner(torch.nn.Linear(4, 3), input_shape=(4,)) as runner:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from tiny_models import tiny_resnet
 
-from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import MixedPrecisionConfig, QuantScheme
 from dfq_deploy.errors import BadInputError
-from dfq_deploy.graph_capture import capture_graph
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.quant.quantizers import float_mode
 from dfq_deploy.quant.sensitivity import measure_sensitivity, plan_mixed_precision, plot_sensitivity, sensitivity_plan

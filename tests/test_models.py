@@ -7,7 +7,7 @@ from tiny_models import tiny_resnet
 from torch.export import Dim
 
 from dfq_deploy.errors import BadInputError
-from dfq_deploy.models import load_model, parse_input_shape
+from dfq_deploy.models.loading import load_model, parse_input_shape
 
 SHAPE = (3, 16, 16)
 

@@ -11,18 +11,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
-from dfq_deploy.runtimes.profiler import compare
-from dfq_deploy.runtimes.torch import TorchRunner
 from small_cnn import INPUT_SHAPE, quantized_small_resnet
 from tiny_models import tiny_resnet
 
-from dfq_deploy.calibration_set import CalibrationSet
-from dfq_deploy.cli import main
+from dfq_deploy.analysis.precision_map import asks_integer_arithmetic, float_fallback_warning, precision_map_openvino
+from dfq_deploy.cli.commands import main
 from dfq_deploy.config import LayerOverride, default_scheme
+from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
-from dfq_deploy.precision_map import asks_integer_arithmetic, float_fallback_warning, precision_map_openvino
+from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.quantize import LayerInfo, quantize
+from dfq_deploy.runtimes.openvino import PRECISION_NAMES
+from dfq_deploy.runtimes.profiler import compare
+from dfq_deploy.runtimes.torch import TorchRunner
 
 NEEDS_OPENVINO = "openvino is not installed (pip install 'dfq-deploy[openvino]'); the OpenVINO target is optional"
 
@@ -101,15 +102,17 @@ def test_small_cnn_agrees_with_fake_quant(small):
 
 
 def test_precision_map_reads_real_execution_precisions(ov):
-    # The head conv with int8 weights but a float input (weight-only): OpenVINO really runs it in
-    # f32, the rest in u8/i8.
+    # The head conv with int8 weights but a float input (weight-only): OpenVINO really runs it in its
+    # float inference precision (f32, or bf16 by default on CPUs with AVX512-BF16/AMX), the rest in u8/i8.
     small = quantized_small_resnet("openvino", images=8)
     scheme = dataclasses.replace(default_scheme("openvino"), overrides=(LayerOverride("head", 8, None),))
     qmodel = quantize(small.model, small.calib, scheme=scheme, progress=False)
     graph = onnx_from_quant_model(qmodel)
     with _runner(graph.SerializeToString()) as runner:
         runtime_layers = runner.runtime_layers()
-    assert {layer.runtime_precision for layer in runtime_layers} >= {"u8", "f32"}
+        float_precision = runner.properties()["INFERENCE_PRECISION_HINT"]
+    assert float_precision in ("f32", "bf16")
+    assert {layer.runtime_precision for layer in runtime_layers} >= {"u8", float_precision}
     pmap = precision_map_openvino(graph, runtime_layers, layers=qmodel.layers)
     rows = {row.layer: row for row in pmap.layers}
     assert (rows["stem.0"].asked, rows["stem.0"].used) == ("w7a8", "int8"), rows["stem.0"]  # 7-bit: no saturation
@@ -117,7 +120,8 @@ def test_precision_map_reads_real_execution_precisions(ov):
         assert rows[name].used == "int8" and asks_integer_arithmetic(rows[name].asked), rows[name]
         assert rows[name].kernel.startswith("Convolution (") and "8" in rows[name].kernel, rows[name]
     assert rows["fc"].used == "int8" and rows["fc"].kernel.startswith("FullyConnected")
-    assert (rows["head"].asked, rows["head"].used) == ("w8-only", "float"), rows["head"]
+    float_used = PRECISION_NAMES[float_precision]
+    assert (rows["head"].asked, rows["head"].used) == ("w8-only", float_used), rows["head"]
     assert pmap.fallbacks() == [] and float_fallback_warning(pmap) is None
 
     # Told the head asked for INT8, the map flags the real f32 execution as a float fallback.
@@ -125,7 +129,7 @@ def test_precision_map_reads_real_execution_precisions(ov):
     flagged = precision_map_openvino(graph, runtime_layers, layers=claimed)
     assert [row.layer for row in flagged.fallbacks()] == ["head"]
     head = {row.layer: row for row in flagged.layers}["head"]
-    assert head.used == "float" and "f32" in head.reason and head.kernel.startswith("Convolution")
+    assert head.used == float_used and float_precision in head.reason and head.kernel.startswith("Convolution")
     assert "head" in float_fallback_warning(flagged)
 
 
@@ -230,7 +234,7 @@ def test_openvino_refuses_tensorrt_only_precision():
 
 @pytest.fixture(scope="module")
 def resnet20(ov, assets_dir):
-    from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
+    from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
 
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(assets_dir / "cifar10" / "resnet20-12fca82f.th"))
     data = np.load(assets_dir / "cifar10" / "test-lossless-1017.npz")

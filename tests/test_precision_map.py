@@ -9,13 +9,10 @@ import onnx
 import pytest
 import torch
 import torchvision
-from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from onnx import TensorProto, helper, numpy_helper
 from small_cnn import quantized_small_resnet
 
-from dfq_deploy.calibration_set import CalibrationSet
-from dfq_deploy.config import default_scheme
-from dfq_deploy.precision_map import (
+from dfq_deploy.analysis.precision_map import (
     LayerPrecision,
     PrecisionMap,
     asked_precision,
@@ -26,6 +23,9 @@ from dfq_deploy.precision_map import (
     precision_map_tensorrt,
     render_precision_md,
 )
+from dfq_deploy.config import default_scheme
+from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
+from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.quantize import quantize
 
 

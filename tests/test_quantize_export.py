@@ -7,17 +7,17 @@ import onnx
 import pytest
 import torch
 import torchvision
-from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
-from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
 from tiny_models import settle_batchnorm, tiny_resnet
 
-from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import default_scheme
+from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from dfq_deploy.deployment import onnxruntime_agreement
 from dfq_deploy.errors import BadInputError
-from dfq_deploy.graph_capture import capture_graph
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.quant.fold import fold_batchnorm
 from dfq_deploy.quant.quantize import quantize
+from dfq_deploy.runtimes.onnxruntime import optimized_op_counts
 
 IMAGENET = (3, 224, 224)
 
@@ -75,7 +75,7 @@ def test_onnxruntime_int8_matches_fake_quant(torchvision_model):
 
 def test_real_cifar_resnet_matches_on_real_images(assets):
     """A trained network on real test images: the deployed INT8 model reproduces the reference."""
-    from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
+    from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
 
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(assets / "cifar10" / "resnet20-12fca82f.th"))
     data = np.load(assets / "cifar10" / "test-lossless-1017.npz")

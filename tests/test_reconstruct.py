@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny_models import tiny_resnet
 
-from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import QuantScheme, ReconstructionConfig
+from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.quant.reconstruct import find_blocks, reconstruct_blocks
 
@@ -104,7 +104,6 @@ def test_checkpoint_resumes_to_the_same_model(model, calib, tmp_path):
 def test_reconstructed_4bit_model_exports_and_matches_onnxruntime(model, calib):
     pytest.importorskip("onnxruntime")
     from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
-
     from dfq_deploy.deployment import onnxruntime_agreement
 
     config = dataclasses.replace(FAST, iterations=40, drop_prob=0.5)

@@ -22,15 +22,15 @@ import numpy as np
 import psutil
 import pytest
 from click.testing import CliRunner
-from dfq_deploy.runtimes.profiler import LatencyRecord
 from loopback_sshd import start_sshd, unavailable_reason
 
-from dfq_deploy.cli import main
+from dfq_deploy.cli.commands import main
 from dfq_deploy.errors import RemoteError
 from dfq_deploy.remote.profile import profile_remote
 from dfq_deploy.remote.runners import DfqDeployRunOptions, RemoteProfileRequest
 from dfq_deploy.remote.ssh import SshDevice, SshOptions, SshTarget
 from dfq_deploy.remote.trtexec_command import TrtexecOptions
+from dfq_deploy.runtimes.profiler import LatencyRecord
 
 DFQ_DEPLOY = str(Path(sys.executable).with_name("dfq-deploy"))
 

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from small_cnn import INPUT_SHAPE, SmallResNet
 
-from dfq_deploy.cli import main
-from dfq_deploy.report_schema import SCHEMA_VERSION, report_schema, validate_report
+from dfq_deploy.cli.commands import main
+from dfq_deploy.report.schema import SCHEMA_VERSION, report_schema, validate_report
 
 FAST = [
     "--input-shape",

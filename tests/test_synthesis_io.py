@@ -22,9 +22,9 @@ from synthesis_helpers import (
     write_image_folder,
 )
 
-from dfq_deploy.calibration_set import CalibrationSet
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.synthesis import bn_mismatch, synthesize, synthesize_cached
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
@@ -178,7 +178,7 @@ def test_cli_synthesize_under_torchrun_shares_the_work_and_rank0_saves(tmp_path)
         "--nproc-per-node",
         "2",
         "-m",
-        "dfq_deploy.cli",
+        "dfq_deploy.cli.commands",
         "synthesize",
         str(model),
         "--input-shape",
@@ -207,7 +207,7 @@ def test_cli_synthesize_under_torchrun_shares_the_work_and_rank0_saves(tmp_path)
 
 @pytest.mark.skipif(not (ASSETS / "cifar10").is_dir(), reason="../shared/assets/cifar10 not present")
 def test_real_cifar_images_match_resnet20_bn_statistics_better_than_noise():
-    from dfq_deploy.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
+    from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
 
     model = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(ASSETS / "cifar10" / "resnet20-12fca82f.th"))
     real = run(

@@ -10,6 +10,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+from test_trt_rules import _int4_matmul, fp32_onnx, ort_quantized, residual_block  # noqa: F401 (fixture)
+
 from dfq_deploy.converters import trt_rules
 from dfq_deploy.converters.tensorrt import (
     INT4_CONV_NOTE,
@@ -20,9 +23,6 @@ from dfq_deploy.converters.tensorrt import (
     network_from_onnx,
     save_engine,
 )
-from onnx import TensorProto, helper
-from test_trt_rules import _int4_matmul, fp32_onnx, ort_quantized, residual_block  # noqa: F401 (fixture)
-
 from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
 
 RTX = TensorRTBuildConfig(target="tensorrt-rtx")
@@ -180,9 +180,9 @@ def test_our_exported_graphs_lint_parse_and_build(trt_rtx, arch, precision):
     import torch
     import torchvision
 
-    from dfq_deploy.calibration_set import CalibrationSet
-    from dfq_deploy.cifar_resnet import cifar_resnet
     from dfq_deploy.config import INT8_TENSORRT, int4_weight_only
+    from dfq_deploy.io.calibration_set import CalibrationSet
+    from dfq_deploy.models.cifar_resnet import cifar_resnet
     from dfq_deploy.quant.quantize import quantize
 
     model = cifar_resnet("resnet20") if arch.startswith("cifar:") else getattr(torchvision.models, arch)()
@@ -220,10 +220,9 @@ def test_runner_without_gpu_fails_clearly_when_used(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; tests/test_tensorrt_gpu.py runs the engine")
+    from dfq_deploy.errors import EngineRuntimeError
     from dfq_deploy.runtimes.base import Runner
     from dfq_deploy.runtimes.tensorrt import NoCudaDeviceError, TensorRTRunner
-
-    from dfq_deploy.errors import EngineRuntimeError
 
     (tmp_path / "x.engine").write_bytes(b"not an engine")
     runner = TensorRTRunner(tmp_path / "x.engine", target="tensorrt-rtx")  # constructing needs nothing

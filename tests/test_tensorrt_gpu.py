@@ -13,13 +13,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from dfq_deploy.converters.tensorrt import TensorRTBuildConfig, engine_from_onnx, save_engine
-from dfq_deploy.runtimes.profiler import LatencyRecord
-from dfq_deploy.runtimes.tensorrt import TensorRTRunner
 from test_trt_rules import residual_block
 
 from dfq_deploy.config import ProfileConfig
+from dfq_deploy.converters.tensorrt import TensorRTBuildConfig, engine_from_onnx, save_engine
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.runtimes.profiler import LatencyRecord
+from dfq_deploy.runtimes.tensorrt import TensorRTRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 QUICK = ProfileConfig(batch_sizes=(1, 8), warmup_ms=20, iterations=20, duration_s=0.2)

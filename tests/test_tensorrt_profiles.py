@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from dfq_deploy.converters.trt_profiles import ShapeProfile, optimization_profiles, select_profile
+from dfq_deploy.errors import BadInputError
 from dfq_deploy.runtimes import tensorrt as trt_runner
 from dfq_deploy.runtimes.tensorrt import TensorRTRunner
-
-from dfq_deploy.errors import BadInputError
 
 CHECK_BATCH = 32  # dfq_deploy.deployment.AGREEMENT_BATCH
 
@@ -51,13 +51,13 @@ def built(tmp_path_factory):
     FP16, at 64x64 to keep the CPU export short), each saved as model.engine + model.engine.json."""
     pytest.importorskip("tensorrt_rtx")
     import torchvision
+
+    from dfq_deploy.config import INT8_TENSORRT, ProfileConfig
     from dfq_deploy.converters.onnx_qdq import onnx_from_float_model, onnx_from_quant_model
     from dfq_deploy.converters.tensorrt import engine_from_onnx, save_engine
-
-    from dfq_deploy.calibration_set import CalibrationSet
-    from dfq_deploy.cifar_resnet import cifar_resnet
-    from dfq_deploy.config import INT8_TENSORRT, ProfileConfig
     from dfq_deploy.deployment import engine_build_config
+    from dfq_deploy.io.calibration_set import CalibrationSet
+    from dfq_deploy.models.cifar_resnet import cifar_resnet
     from dfq_deploy.quant.quantize import quantize
 
     root = tmp_path_factory.mktemp("profiles")

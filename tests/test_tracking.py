@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import FAST_TINY_BUILD as FAST
 
-from dfq_deploy.cli import main
+from dfq_deploy.cli.commands import main
 
 
 def test_build_logs_params_metrics_artifacts_and_a_registered_onnx_model(tiny_state_dict, tmp_path, monkeypatch):

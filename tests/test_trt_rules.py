@@ -7,9 +7,10 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from dfq_deploy.converters import trt_rules
 from dfq_deploy.converters.trt_rules import Violation, format_lint, inspect_text, lint, precision_summary
-from onnx import TensorProto, helper, numpy_helper
 
 C = 8  # channels of the test block
 

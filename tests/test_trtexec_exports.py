@@ -10,16 +10,16 @@ import shlex
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from dfq_deploy.runtimes.profiler import LatencyRecord
 
-from dfq_deploy.cli import main
-from dfq_deploy.compare_reports import compare_reports
+from dfq_deploy.analysis.compare import compare_reports
+from dfq_deploy.analysis.precision_map import precision_map_tensorrt
+from dfq_deploy.cli.commands import main
 from dfq_deploy.errors import BadInputError
-from dfq_deploy.precision_map import precision_map_tensorrt
 from dfq_deploy.remote.profile import profile_trtexec_export
 from dfq_deploy.remote.tegrastats import summarise_tegrastats
 from dfq_deploy.remote.trtexec_command import NetworkInput, TrtexecOptions, trtexec_steps
 from dfq_deploy.remote.trtexec_exports import failure_message, parse_console_log, read_trtexec_export
+from dfq_deploy.runtimes.profiler import LatencyRecord
 
 NAME = "mobilenet_v2_residuals.qat.onnx.engine"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from dfq_deploy.model_check import MIN_AGREEMENT, check_model
+from dfq_deploy.models.check import MIN_AGREEMENT, check_model
 
 # (model, input size): the smallest size each architecture takes.
 FAMILIES = [

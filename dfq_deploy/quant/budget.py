@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration_set import CalibrationSet
-from ..config import HOLDOUT_FRACTION, LayerOverride, MixedPrecisionConfig, QuantScheme, ReconstructionConfig
-from ..errors import BadInputError, BudgetNotMetError
-from .quantize import QuantModel, quantize
-from .sensitivity import literal_glob, measure_sensitivity
+from dfq_deploy.config import HOLDOUT_FRACTION, LayerOverride, MixedPrecisionConfig, QuantScheme, ReconstructionConfig
+from dfq_deploy.errors import BadInputError, BudgetNotMetError
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.quant.quantize import QuantModel, quantize
+from dfq_deploy.quant.sensitivity import literal_glob, measure_sensitivity
 
 
 @dataclasses.dataclass(frozen=True)

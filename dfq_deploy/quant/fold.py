@@ -9,7 +9,7 @@ from torch.fx.experimental.optimization import fuse
 def fold_batchnorm(model: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``model`` with every conv→BN (and linear→BN1d) pair merged into one layer.
 
-    ``model`` is a captured graph (see :func:`dfq_deploy.graph_capture.capture_graph`). A BN whose
+    ``model`` is a captured graph (see :func:`dfq_deploy.models.capture.capture_graph`). A BN whose
     input feeds other nodes too, or that follows something other than a conv/linear, stays.
     torch.fx's own ``fuse`` does the matching and ``fuse_conv_bn_eval`` does the arithmetic.
     """

@@ -16,12 +16,12 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..calibration_set import CalibrationSet
-from ..config import MIN_WEIGHT_BLOCK, CalibratorName, LayerQuant, QuantScheme, ReconstructionConfig
-from ..errors import BadInputError
-from ..graph_capture import RESHAPE_FUNCTIONS, capture_graph, is_add
-from .fold import fold_batchnorm
-from .quantizers import QUANT_LAYER_FOR, ActQuantizer, WeightQuantizer, float_mode
+from dfq_deploy.config import MIN_WEIGHT_BLOCK, CalibratorName, LayerQuant, QuantScheme, ReconstructionConfig
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.models.capture import RESHAPE_FUNCTIONS, capture_graph, is_add
+from dfq_deploy.quant.fold import fold_batchnorm
+from dfq_deploy.quant.quantizers import QUANT_LAYER_FOR, ActQuantizer, WeightQuantizer, float_mode
 
 aten = torch.ops.aten
 
@@ -140,7 +140,7 @@ def quantize(
     calibrate(graph, calib, scheme=scheme, batch_size=batch_size, progress=progress)
     qmodel = QuantModel(graph, scheme, calib.input_shape, layers)
     if reconstruct is not None:
-        from .reconstruct import reconstruct_blocks
+        from dfq_deploy.quant.reconstruct import reconstruct_blocks
 
         qmodel.reconstruction = reconstruct_blocks(qmodel, calib, config=reconstruct, progress=progress)
     return qmodel

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .calibrators import HistogramCalibrator, grid_for_range, search_weight_scale
+from dfq_deploy.quant.calibrators import HistogramCalibrator, grid_for_range, search_weight_scale
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

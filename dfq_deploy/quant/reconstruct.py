@@ -22,14 +22,14 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_write
-from ..calibration_set import CalibrationSet
-from ..config import ReconstructionConfig
-from ..errors import BadInputError, first_line
-from .quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer, float_mode
+from dfq_deploy.config import ReconstructionConfig
+from dfq_deploy.errors import BadInputError, first_line
+from dfq_deploy.io.artifacts import atomic_write
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.quant.quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer, float_mode
 
 if TYPE_CHECKING:  # quantize() runs reconstruction, so this module must not import it back
-    from .quantize import QuantModel
+    from dfq_deploy.quant.quantize import QuantModel
 
 CHECKPOINT_FILE = "reconstruction.pt"
 EVAL_IMAGES = 64  # images on which each block's output error is reported before and after

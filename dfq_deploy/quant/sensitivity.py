@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..calibration_set import CalibrationSet
-from ..config import LayerOverride, MixedPrecisionConfig, QuantScheme
-from .quantize import QuantModel, quantize
-from .quantizers import ActQuantizer, float_mode
+from dfq_deploy.config import LayerOverride, MixedPrecisionConfig, QuantScheme
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.quant.quantize import QuantModel, quantize
+from dfq_deploy.quant.quantizers import ActQuantizer, float_mode
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,13 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import ProfileConfig
-from ..errors import BadInputError
-from .profile import _targets, profile_devices
-from .profile_report import copy_raw_files, profile_report
-from .runners import DfqDeployRunOptions, RemoteProfileRequest, RunnerName
-from .ssh import SshOptions
-from .trtexec_command import TrtexecOptions
+from dfq_deploy.config import ProfileConfig
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.remote.profile import _targets, profile_devices
+from dfq_deploy.remote.profile_report import copy_raw_files, profile_report
+from dfq_deploy.remote.runners import DfqDeployRunOptions, RemoteProfileRequest, RunnerName
+from dfq_deploy.remote.ssh import SshOptions
+from dfq_deploy.remote.trtexec_command import TrtexecOptions
 
 
 @dataclasses.dataclass(frozen=True)

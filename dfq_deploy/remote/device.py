@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .ssh import SshDevice
-from .trtexec_command import JETPACK_TRTEXEC
+from dfq_deploy.remote.ssh import SshDevice
+from dfq_deploy.remote.trtexec_command import JETPACK_TRTEXEC
 
 # $1, $2: the dfq-deploy and trtexec to look for ("" = the one on PATH); $3: folders to put before PATH.
 # Every probe tolerates a missing tool; the tools found are printed as absolute paths for the jobs.

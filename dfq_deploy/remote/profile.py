@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import prepare_out_dir
-from ..errors import BadInputError, DfqError
-from ..runtimes.profiler import LatencyRecord
-from .profile_report import DeviceProfile, profile_report, write_profile_report
-from .runners import RemoteProfileRequest, _precision_map, profile_on_device
-from .ssh import SshDevice, SshOptions, SshTarget
-from .trtexec_exports import read_trtexec_export
+from dfq_deploy.errors import BadInputError, DfqError
+from dfq_deploy.io.artifacts import prepare_out_dir
+from dfq_deploy.remote.profile_report import DeviceProfile, profile_report, write_profile_report
+from dfq_deploy.remote.runners import RemoteProfileRequest, _precision_map, profile_on_device
+from dfq_deploy.remote.ssh import SshDevice, SshOptions, SshTarget
+from dfq_deploy.remote.trtexec_exports import read_trtexec_export
+from dfq_deploy.runtimes.profiler import LatencyRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +133,8 @@ def profile_local(
 ) -> ProfileResult:
     """Time ``artifact`` on this machine (:func:`~dfq_deploy.profile_artifact.profile_artifact`) into the
     same report as a remote run."""
-    from ..config import ProfileConfig
-    from ..profile_artifact import profile_artifact
+    from dfq_deploy.config import ProfileConfig
+    from dfq_deploy.profile_artifact import profile_artifact
 
     out = prepare_out_dir(out_dir)
     result = profile_artifact(artifact, target=target, device=device, config=config or ProfileConfig())

@@ -15,13 +15,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..artifacts import atomic_write_bytes, sha256_file
-from ..layout import REPORT_JSON, REPORT_MD
-from ..report import _table, latency_lines
-from ..report_schema import SCHEMA_VERSION
-from ..runtimes.profiler import LatencyRecord
-from .trtexec_exports import EngineLayer
+from dfq_deploy import __version__
+from dfq_deploy.io.artifacts import atomic_write_bytes, sha256_file
+from dfq_deploy.io.layout import REPORT_JSON, REPORT_MD
+from dfq_deploy.remote.trtexec_exports import EngineLayer
+from dfq_deploy.report.markdown import _table, latency_lines
+from dfq_deploy.report.schema import SCHEMA_VERSION
+from dfq_deploy.runtimes.profiler import LatencyRecord
 
 RAW_DIR = "trtexec"
 
@@ -168,7 +168,7 @@ def render_profile_markdown(report: Mapping[str, Any]) -> str:
     for section in sections:
         lines += _device_section(section, heading="##" if "devices" not in report else "###")
     if report.get("precision_map"):
-        from ..precision_map import render_precision_md
+        from dfq_deploy.analysis.precision_map import render_precision_md
 
         maps = report["precision_map"]
         for pmap in [maps] if "layers" in maps else maps.values():

@@ -13,14 +13,14 @@ import shlex
 from pathlib import Path
 from typing import Literal
 
-from ..errors import BadInputError, RemoteError
-from ..runtimes.profiler import LatencyRecord
-from .device import DeviceDescription, probe_device
-from .profile_report import DeviceProfile
-from .ssh import JOB_PREAMBLE, SshDevice
-from .tegrastats import summarise_tegrastats
-from .trtexec_command import NetworkInput, TrtexecOptions, TrtexecStep, trtexec_steps
-from .trtexec_exports import failure_message, parse_console_log, read_trtexec_export
+from dfq_deploy.errors import BadInputError, RemoteError
+from dfq_deploy.remote.device import DeviceDescription, probe_device
+from dfq_deploy.remote.profile_report import DeviceProfile
+from dfq_deploy.remote.ssh import JOB_PREAMBLE, SshDevice
+from dfq_deploy.remote.tegrastats import summarise_tegrastats
+from dfq_deploy.remote.trtexec_command import NetworkInput, TrtexecOptions, TrtexecStep, trtexec_steps
+from dfq_deploy.remote.trtexec_exports import failure_message, parse_console_log, read_trtexec_export
+from dfq_deploy.runtimes.profiler import LatencyRecord
 
 RunnerName = Literal["auto", "trtexec", "dfq-deploy"]
 _FAILED_STEP = 20  # exit status of the job script when a trtexec or dfq-deploy step fails
@@ -212,7 +212,7 @@ def _precision_map(artifact: Path, engine_layers: list | None) -> dict | None:
         return None
     import onnx
 
-    from ..precision_map import layers_from_graph, precision_map_tensorrt
+    from dfq_deploy.analysis.precision_map import layers_from_graph, precision_map_tensorrt
 
     model = onnx.load(str(artifact))
     layers = layers_from_graph(model)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import BadInputError, RemoteError
+from dfq_deploy.errors import BadInputError, RemoteError
 
 # ssh exits 255 on its own errors; the first matching pattern names the cause.
 _SSH_FAILURES = (

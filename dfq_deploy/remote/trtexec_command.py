@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from ..errors import BadInputError
+from dfq_deploy.errors import BadInputError
 
 Precision = Literal["int8", "fp16", "int4w"]
 PRECISION_FLAGS: dict[str, tuple[str, ...]] = {

@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..engine_layers import engine_layers_from_layer_info, tensorrt_format_dtype
-from ..errors import BadInputError
-from ..runtimes.profiler import LatencyRecord, StageTimes
+from dfq_deploy.analysis.engine_layers import engine_layers_from_layer_info, tensorrt_format_dtype
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.runtimes.profiler import LatencyRecord, StageTimes
 
 RUNNER = "trtexec"
 _FLOAT_KINDS = ("float", "fp16", "bf16")

@@ -4,7 +4,7 @@ BatchNorm), ``auto`` (zeroq with BN, else prior) and ``folder`` (real images).
 zeroq, clusterq and fdda optimise pixels by default; with ``SynthesisConfig.generator`` they train
 a generator on the same loss instead (:mod:`.generator`).
 
-:func:`synthesize` makes a :class:`~dfq_deploy.calibration_set.CalibrationSet` for a model;
+:func:`synthesize` makes a :class:`~dfq_deploy.io.calibration_set.CalibrationSet` for a model;
 :func:`synthesize_cached` does the same through an on-disk cache; :func:`bn_mismatch` grades any set
 of images by how well its BN-input statistics match the model's running statistics.
 """
@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibration_set import CalibrationSet
-from ..config import SynthesisConfig
-from ..errors import BadInputError
-from .bn_stats import bn_mismatch, trace_bn_layers
-from .job import IMAGENET_MEAN, IMAGENET_STD, Job, MethodResult, Normalize, ObjectiveFactory
-from .model_state import frozen_eval, model_on_device
-from .pixel_loop import plan_batches
-from .sharding import all_reduce_max, all_reduce_mean_scalar, gather_in_order, shard_batches
+from dfq_deploy.config import SynthesisConfig
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.synthesis.bn_stats import bn_mismatch, trace_bn_layers
+from dfq_deploy.synthesis.job import IMAGENET_MEAN, IMAGENET_STD, Job, MethodResult, Normalize, ObjectiveFactory
+from dfq_deploy.synthesis.model_state import frozen_eval, model_on_device
+from dfq_deploy.synthesis.pixel_loop import plan_batches
+from dfq_deploy.synthesis.sharding import all_reduce_max, all_reduce_mean_scalar, gather_in_order, shard_batches
 
 __all__ = ["synthesize", "synthesize_cached", "bn_mismatch", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -41,30 +41,30 @@ def _method(job: Job) -> Callable[[Job], MethodResult]:
                 f"--generator trains a generator with a synthesis loss; '{method}' has none",
                 hint="use --generator with zeroq, clusterq or fdda",
             )
-        from .generator import synthesize_with_generator
+        from dfq_deploy.synthesis.generator import synthesize_with_generator
 
         return functools.partial(synthesize_with_generator, make_objective=_objective(method))
     if method == "noise":
-        from .noise import synthesize_noise
+        from dfq_deploy.synthesis.noise import synthesize_noise
 
         return synthesize_noise
     if method == "zeroq":
-        from .zeroq import synthesize_zeroq
+        from dfq_deploy.synthesis.zeroq import synthesize_zeroq
 
         return synthesize_zeroq
     if method == "clusterq":
-        from .clusterq import synthesize_clusterq
+        from dfq_deploy.synthesis.clusterq import synthesize_clusterq
 
         return synthesize_clusterq
     if method == "fdda":
-        from .fdda import synthesize_fdda
+        from dfq_deploy.synthesis.fdda import synthesize_fdda
 
         return synthesize_fdda
     if method == "prior":
-        from .prior import synthesize_prior
+        from dfq_deploy.synthesis.prior import synthesize_prior
 
         return synthesize_prior
-    from .folder import synthesize_folder
+    from dfq_deploy.synthesis.folder import synthesize_folder
 
     return synthesize_folder
 
@@ -72,14 +72,14 @@ def _method(job: Job) -> Callable[[Job], MethodResult]:
 def _objective(method: str) -> ObjectiveFactory:
     """The objective of a BN-statistics method, for a loop other than its own (``--generator``)."""
     if method == "zeroq":
-        from .zeroq import zeroq_objective
+        from dfq_deploy.synthesis.zeroq import zeroq_objective
 
         return zeroq_objective
     if method == "clusterq":
-        from .clusterq import clusterq_objective
+        from dfq_deploy.synthesis.clusterq import clusterq_objective
 
         return clusterq_objective
-    from .fdda import fdda_objective
+    from dfq_deploy.synthesis.fdda import fdda_objective
 
     return fdda_objective
 
@@ -183,7 +183,7 @@ def synthesize_cached(
     The key is (model hash, method, config, seed, input shape, normalisation, sha256 of any real
     images read). A hit loads the saved set; a miss synthesizes and writes it atomically.
     """
-    from .cache import cached
+    from dfq_deploy.synthesis.cache import cached
 
     return cached(
         lambda: synthesize(model, config=config, input_shape=input_shape, progress=progress, normalize=normalize),

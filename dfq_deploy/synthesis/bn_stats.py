@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .model_state import frozen_eval
+from dfq_deploy.synthesis.model_state import frozen_eval
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """On-disk cache of calibration sets, keyed by everything that decides their content.
 
 Key: (model hash, method, config, seed, input shape, normalisation, sha256 of any real images).
-Entries are :class:`~dfq_deploy.cache_store.CacheStore` entries: written whole under a lock,
+Entries are :class:`~dfq_deploy.io.cache_store.CacheStore` entries: written whole under a lock,
 their payload's sha256 verified on every read.
 """
 
@@ -13,11 +13,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ..cache_store import CacheStore
-from ..calibration_set import CalibrationSet
-from ..config import SynthesisConfig
-from .job import Normalize
-from .sharding import all_reduce_max, distributed, is_main_rank
+from dfq_deploy.config import SynthesisConfig
+from dfq_deploy.io.cache_store import CacheStore
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.synthesis.job import Normalize
+from dfq_deploy.synthesis.sharding import all_reduce_max, distributed, is_main_rank
 
 CACHE_FORMAT = 2  # bump when what a key means changes (2: entries carry a verified entry.json)
 
@@ -28,7 +28,7 @@ def uses_real_images(config: SynthesisConfig) -> bool:
 
 def cache_key(*, config: SynthesisConfig, input_shape: tuple[int, ...], model_hash: str, normalize: Normalize) -> str:
     """Hex SHA-256 of the canonical JSON of every input that decides the set's content."""
-    from .folder import folder_digest
+    from dfq_deploy.synthesis.folder import folder_digest
 
     payload = {
         "format": CACHE_FORMAT,
@@ -54,7 +54,7 @@ def cached(
 ) -> CalibrationSet:
     """Load the verified set for this key from ``cache_dir``, or ``make()`` it and store it (rank 0 only).
 
-    A damaged entry is moved aside with a warning and made again (:class:`~dfq_deploy.cache_store.CacheStore`).
+    A damaged entry is moved aside with a warning and made again (:class:`~dfq_deploy.io.cache_store.CacheStore`).
     """
     key = cache_key(config=config, input_shape=input_shape, model_hash=model_hash, normalize=normalize)
     store = CacheStore(cache_dir)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .bn_stats import BNLayer, RunningStats, deep_layer_start
-from .job import Job
-from .sharding import all_reduce_weighted_mean
+from dfq_deploy.synthesis.bn_stats import BNLayer, RunningStats, deep_layer_start
+from dfq_deploy.synthesis.job import Job
+from dfq_deploy.synthesis.sharding import all_reduce_weighted_mean
 
 
 class DeepLayers:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bn_stats import BNInputCapture, MismatchStop
-from .class_stats import ClassObjective
-from .job import Job, MethodResult, Objective
-from .pixels import synthesize_pixels
+from dfq_deploy.synthesis.bn_stats import BNInputCapture, MismatchStop
+from dfq_deploy.synthesis.class_stats import ClassObjective
+from dfq_deploy.synthesis.job import Job, MethodResult, Objective
+from dfq_deploy.synthesis.pixels import synthesize_pixels
 
 DEFAULT_ITERATIONS = 500
 DEFAULT_LR = 0.5

@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import BadInputError
-from .bn_stats import BNInputCapture
-from .class_stats import ClassObjective
-from .folder import list_images, load_images
-from .job import Job, MethodResult, Objective
-from .pixels import synthesize_pixels
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.synthesis.bn_stats import BNInputCapture
+from dfq_deploy.synthesis.class_stats import ClassObjective
+from dfq_deploy.synthesis.folder import list_images, load_images
+from dfq_deploy.synthesis.job import Job, MethodResult, Objective
+from dfq_deploy.synthesis.pixels import synthesize_pixels
 
 DEFAULT_ITERATIONS = 500
 DEFAULT_LR = 0.5

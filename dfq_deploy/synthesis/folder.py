@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import sha256_file
-from ..errors import BadInputError
-from .job import Job, MethodResult, Normalize
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.artifacts import sha256_file
+from dfq_deploy.synthesis.job import Job, MethodResult, Normalize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 FOLDER_HINT = "pass --calib-images DIR: class subfolders of images (ImageFolder layout) or a flat folder of images"

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bn_stats import BNInputCapture
-from .job import Job, MethodResult, ObjectiveFactory
-from .pixel_loop import CHECK_EVERY, check_finite_loss, progress_bar, seeded_generator, start_batch
-from .sharding import average_gradients
+from dfq_deploy.synthesis.bn_stats import BNInputCapture
+from dfq_deploy.synthesis.job import Job, MethodResult, ObjectiveFactory
+from dfq_deploy.synthesis.pixel_loop import CHECK_EVERY, check_finite_loss, progress_bar, seeded_generator, start_batch
+from dfq_deploy.synthesis.sharding import average_gradients
 
 # GDFQ's latent size, kept by ClusterQ and FDDA: z alone varies the images within a class, and 256
 # numbers leave room for far more distinct images than a calibration set holds. The label

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import IMAGENET_NORMALIZE, SynthesisConfig
-from ..errors import BadInputError
-from .bn_stats import BNInputCapture, BNLayer
-from .pixel_loop import Batch, progress_bar
-from .sharding import Shard
+from dfq_deploy.config import IMAGENET_NORMALIZE, SynthesisConfig
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.synthesis.bn_stats import BNInputCapture, BNLayer
+from dfq_deploy.synthesis.pixel_loop import Batch, progress_bar
+from dfq_deploy.synthesis.sharding import Shard
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_NORMALIZE
 Normalize = tuple[tuple[float, ...], tuple[float, ...]]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .job import Job, MethodResult
+from dfq_deploy.synthesis.job import Job, MethodResult
 
 
 def synthesize_noise(job: Job) -> MethodResult:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import BadInputError
+from dfq_deploy.errors import BadInputError
 
 # ZeroQ's schedule: Adam, lr divided by 10 when the loss has not improved for 100 steps, down to 1e-4.
 PLATEAU_PATIENCE = 100

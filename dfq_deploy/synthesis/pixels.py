@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .bn_stats import BNInputCapture
-from .job import Job, MethodResult, ObjectiveFactory
-from .pixel_loop import optimise_warmup_then_late, start_batch
+from dfq_deploy.synthesis.bn_stats import BNInputCapture
+from dfq_deploy.synthesis.job import Job, MethodResult, ObjectiveFactory
+from dfq_deploy.synthesis.pixel_loop import optimise_warmup_then_late, start_batch
 
 
 def synthesize_pixels(

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bn_stats import BNInputCapture, batch_mean_var
-from .job import Job, MethodResult, Objective
-from .pixel_loop import Batch, start_batch
-from .pixels import synthesize_pixels
-from .zeroq import input_prior
+from dfq_deploy.synthesis.bn_stats import BNInputCapture, batch_mean_var
+from dfq_deploy.synthesis.job import Job, MethodResult, Objective
+from dfq_deploy.synthesis.pixel_loop import Batch, start_batch
+from dfq_deploy.synthesis.pixels import synthesize_pixels
+from dfq_deploy.synthesis.zeroq import input_prior
 
 DEFAULT_ITERATIONS = 200
 DEFAULT_LR = 0.1

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from ..errors import BadInputError
-from .pixel_loop import Batch
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.synthesis.pixel_loop import Batch
 
 
 def distributed() -> bool:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .bn_stats import BNInputCapture, MismatchStop, RunningStats
-from .job import Job, MethodResult, Objective
-from .pixels import synthesize_pixels
+from dfq_deploy.synthesis.bn_stats import BNInputCapture, MismatchStop, RunningStats
+from dfq_deploy.synthesis.job import Job, MethodResult, Objective
+from dfq_deploy.synthesis.pixels import synthesize_pixels
 
 DEFAULT_ITERATIONS = 500
 DEFAULT_LR = 0.5

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_bytes
+from dfq_deploy.io.artifacts import atomic_write_bytes
 
 
 def write_reports(report: dict[str, Any], json_path: Path, md_path: Path) -> dict[str, Path]:
@@ -40,7 +40,7 @@ def _weight_bits_cell(layer: dict[str, Any]) -> str:
 def latency_lines(rows: list[dict[str, Any]], *, title: str) -> list[str]:
     """The latency section: every :class:`LatencyRecord` field per runner and batch size, then, when any
     record has them, the GPU stage times (enqueue, H2D, compute, D2H: median / p99 ms)."""
-    from .runtimes.profiler import LatencyRecord
+    from dfq_deploy.runtimes.profiler import LatencyRecord
 
     records = [LatencyRecord.from_dict(r) for r in rows]
     lines = [f"## {title}", ""]
@@ -237,11 +237,11 @@ def render_markdown(report: dict[str, Any]) -> str:  # noqa: C901 - one branch p
             "",
         ]
     if report.get("precision_map"):
-        from .precision_map import render_precision_md
+        from dfq_deploy.analysis.precision_map import render_precision_md
 
         lines += render_precision_md(report["precision_map"]) + [""]
     if report.get("layer_fidelity"):
-        from .fidelity import render_fidelity_md
+        from dfq_deploy.analysis.fidelity import render_fidelity_md
 
         lines += render_fidelity_md(report["layer_fidelity"]) + [""]
 

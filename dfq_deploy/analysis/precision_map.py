@@ -24,12 +24,12 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from .engine_layers import tensorrt_format_dtype
-from .errors import BadInputError
-from .fidelity import QdqGraph
-from .quant.quantize import LayerInfo
-from .runtimes.openvino import PRECISION_NAMES as OPENVINO_PRECISION_NAMES
-from .runtimes.openvino import RuntimeLayer
+from dfq_deploy.analysis.engine_layers import tensorrt_format_dtype
+from dfq_deploy.analysis.fidelity import QdqGraph
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.quant.quantize import LayerInfo
+from dfq_deploy.runtimes.openvino import PRECISION_NAMES as OPENVINO_PRECISION_NAMES
+from dfq_deploy.runtimes.openvino import RuntimeLayer
 
 # onnxruntime op types that compute on integers, with the precision they really use.
 INTEGER_KERNELS = {
@@ -165,7 +165,7 @@ def precision_map_onnxruntime(
     ``optimized`` is onnxruntime's optimized graph of ``qdq_model`` when the caller has it already
     (:func:`~dfq_deploy.runtimes.onnxruntime.optimized_graph` on ``device``); else it is computed here.
     """
-    from .runtimes.onnxruntime import optimized_graph
+    from dfq_deploy.runtimes.onnxruntime import optimized_graph
 
     model = qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(os.fspath(qdq_model))
     layers = list(layers) if layers is not None else layers_from_graph(model)

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MissingDependencyError
-from .gates import DEPLOYED_TOP1
-from .layout import ENGINE, MANIFEST, QDQ_ONNX, REPORT_JSON, REPORT_MD
+from dfq_deploy.errors import MissingDependencyError
+from dfq_deploy.io.layout import ENGINE, MANIFEST, QDQ_ONNX, REPORT_JSON, REPORT_MD
+from dfq_deploy.report.gates import DEPLOYED_TOP1
 
 if TYPE_CHECKING:
-    from .api import BuildResult
+    from dfq_deploy.api import BuildResult
 
 DEFAULT_EXPERIMENT = "dfq-deploy"
 ONNX_MODEL_NAME = "model"  # the logged model's name inside the run

@@ -62,8 +62,8 @@ def remote_devices(o: dict[str, Any]):
     """The :class:`RemoteDevices` of the flags, or ``None`` without ``--remote``."""
     if not o["remotes"]:
         return None
-    from .remote.deploy import RemoteDevices
-    from .remote.ssh import SshOptions
+    from dfq_deploy.remote.deploy import RemoteDevices
+    from dfq_deploy.remote.ssh import SshOptions
 
     return RemoteDevices(
         urls=tuple(o["remotes"]),

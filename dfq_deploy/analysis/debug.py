@@ -19,19 +19,19 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibration_set import CalibrationSet
-from .config import QuantScheme, from_mapping
-from .errors import BadInputError
-from .fidelity import FidelityReport, layer_fidelity, render_fidelity_md
-from .layout import CALIBRATION_DIR, ENGINE, MANIFEST, QDQ_ONNX
-from .precision_map import (
+from dfq_deploy.analysis.fidelity import FidelityReport, layer_fidelity, render_fidelity_md
+from dfq_deploy.analysis.precision_map import (
     PrecisionMap,
     float_fallback_warning,
     precision_map_onnxruntime,
     precision_map_tensorrt,
     render_precision_md,
 )
-from .quant.quantize import QuantModel, quantize
+from dfq_deploy.config import QuantScheme, from_mapping
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.io.layout import CALIBRATION_DIR, ENGINE, MANIFEST, QDQ_ONNX
+from dfq_deploy.quant.quantize import QuantModel, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ def rebuild_reference(
     trust_pickle: bool = False,
 ) -> QuantModel:
     """Load the manifest's model (checking its hash) and quantize it as the build did."""
-    from .models import load_model  # torch model loading is only needed once the folder checks out
+    from dfq_deploy.models.loading import load_model  # torch model loading is only needed once the folder checks out
 
     described = manifest.get("inputs", {}).get("model", {})
     path = model_path or described.get("path")
@@ -181,7 +181,7 @@ def debug_build_folder(
             "calibrated model before reconstruction"
         )
     fidelity = layer_fidelity(qmodel, qdq, calib, max_images=max_images, batch_size=batch_size)
-    from .converters.tensorrt import metadata_path
+    from dfq_deploy.converters.tensorrt import metadata_path
 
     precision = [precision_map_onnxruntime(qdq, layers=qmodel.layers)]
     engine_meta = metadata_path(out / ENGINE)

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import SynthesisConfig, default_scheme
-from .errors import DfqError, MissingDependencyError
-from .graph_capture import capture_graph
+from dfq_deploy.config import SynthesisConfig, default_scheme
+from dfq_deploy.errors import DfqError, MissingDependencyError
+from dfq_deploy.models.capture import capture_graph
 
 BATCH_SIZES = (1, 8, 32)
 AGREEMENT_INPUTS = 32
@@ -97,9 +97,9 @@ def check_model(
 
 
 def _quantize_and_export(graph: nn.Module, input_shape, target: str, calib_images: int):
-    from .converters.onnx_qdq import onnx_from_quant_model
-    from .quant.quantize import quantize
-    from .synthesis import synthesize
+    from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
+    from dfq_deploy.quant.quantize import quantize
+    from dfq_deploy.synthesis import synthesize
 
     calib = synthesize(
         graph,
@@ -112,10 +112,10 @@ def _quantize_and_export(graph: nn.Module, input_shape, target: str, calib_image
 
 
 def _onnxruntime_checks(graph, qmodel, qdq, input_shape, batch_sizes, speed_iterations, threads) -> dict[str, Any]:
-    from .converters.onnx_qdq import onnx_from_float_model
-    from .deployment import conv_kernels, onnxruntime_agreement
-    from .precision_map import precision_map_onnxruntime
-    from .runtimes.onnxruntime import OnnxRuntimeRunner, op_counts, optimized_graph
+    from dfq_deploy.analysis.precision_map import precision_map_onnxruntime
+    from dfq_deploy.converters.onnx_qdq import onnx_from_float_model
+    from dfq_deploy.deployment import conv_kernels, onnxruntime_agreement
+    from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, op_counts, optimized_graph
 
     inputs = torch.randn(AGREEMENT_INPUTS, *input_shape, generator=torch.Generator().manual_seed(1))
     found: dict[str, Any] = {}
@@ -170,7 +170,7 @@ def _speedup(fp32, int8, batch: np.ndarray, iterations: int) -> float | None:
 def _tensorrt_check(graph, input_shape, calib_images: int, batch_sizes: tuple[int, ...]) -> str:
     """ "built" when the TensorRT form passes the lint and TensorRT-RTX parses and builds it, with one
     optimization profile per batch size."""
-    from .converters.tensorrt import TensorRTBuildConfig, engine_from_onnx
+    from dfq_deploy.converters.tensorrt import TensorRTBuildConfig, engine_from_onnx
 
     _, qdq = _quantize_and_export(graph, input_shape, "tensorrt-rtx", calib_images)
     try:

@@ -15,10 +15,10 @@ from typing import Any, get_args
 import click
 from click.core import ParameterSource
 
-from .cli_cache import cache
-from .cli_errors import run_reporting_errors as _run
-from .cli_remote import device_options, remote_devices, trtexec_export_option
-from .config import (
+from dfq_deploy.cli.cache import cache
+from dfq_deploy.cli.errors import run_reporting_errors as _run
+from dfq_deploy.cli.remote import device_options, remote_devices, trtexec_export_option
+from dfq_deploy.config import (
     HOLDOUT_FRACTION,
     IMAGENET_NORMALIZE,
     CalibratorName,
@@ -34,9 +34,9 @@ from .config import (
     load_config_file,
     merge_config,
 )
-from .errors import BadInputError
-from .gates import QualityGates
-from .tracking import DEFAULT_EXPERIMENT, tracking_requested
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.report.gates import QualityGates
+from dfq_deploy.report.tracking import DEFAULT_EXPERIMENT, tracking_requested
 
 TARGETS = list(get_args(Target))
 # "none": images in [0, 1] as they are (for 3-channel inputs).
@@ -312,7 +312,7 @@ def gate_options(fn):
 
 
 def _input_shape(text: str | None):
-    from .models import parse_input_shape
+    from dfq_deploy.models.loading import parse_input_shape
 
     return parse_input_shape(text)
 
@@ -358,7 +358,7 @@ def main() -> None:
 @_run
 def demo(fast, method, out_dir, force, no_progress) -> None:
     """Quantize the shipped pretrained CIFAR-10 ResNet-20 to INT8 without training data and measure it."""
-    from .demo import demo_summary, run_demo
+    from dfq_deploy.demo import demo_summary, run_demo
 
     click.echo(demo_summary(run_demo(out_dir=out_dir, fast=fast, method=method, force=force, progress=not no_progress)))
 
@@ -473,7 +473,7 @@ def build(
     **o,
 ) -> None:
     """Load MODEL, make a calibration set, quantize, export, deploy and profile it."""
-    from . import api
+    from dfq_deploy import api
 
     file_cfg = load_config_file(config_file) if config_file else {}
     reconstruct = _reconstruction(o)
@@ -536,11 +536,11 @@ def build(
 def synthesize(model, config_file, out_dir, no_progress, **o) -> None:
     """Make a data-free calibration set for MODEL and save it in --out.
 
-    Under `torchrun --nproc-per-node N -m dfq_deploy.cli synthesize ...` the N processes share the
+    Under `torchrun --nproc-per-node N -m dfq_deploy.cli.commands synthesize ...` the N processes share the
     work (gloo on CPU, NCCL too with --synth-device cuda) and rank 0 saves the whole set.
     """
-    from . import api
-    from .synthesis.sharding import is_main_rank, torchrun_process_group
+    from dfq_deploy import api
+    from dfq_deploy.synthesis.sharding import is_main_rank, torchrun_process_group
 
     config = _synthesis_config(o, load_config_file(config_file) if config_file else {})
     with torchrun_process_group(config.device):
@@ -593,8 +593,8 @@ def synthesize(model, config_file, out_dir, no_progress, **o) -> None:
 @_run
 def quantize(model, calib_set, target, precision, config_file, out_dir, no_progress, **o) -> None:
     """Quantize MODEL (optionally with block reconstruction) and write model.qdq.onnx into --out."""
-    from . import api
-    from .calibration_set import CalibrationSet
+    from dfq_deploy import api
+    from dfq_deploy.io.calibration_set import CalibrationSet
 
     reconstruct = _reconstruction(o)
     file_cfg = load_config_file(config_file) if config_file else {}
@@ -639,7 +639,7 @@ def quantize(model, calib_set, target, precision, config_file, out_dir, no_progr
 @_run
 def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, threads, eval_resize) -> None:
     """Top-1 accuracy of a model file (PyTorch) or an ONNX file (onnxruntime) on real labelled images."""
-    from . import api
+    from dfq_deploy import api
 
     result = api.evaluate(
         artifact,
@@ -684,7 +684,7 @@ def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, thr
 @_run
 def profile(artifact, target, device, out_dir, trtexec_prefix, precision, **o) -> None:
     """Time an ONNX file (onnxruntime or OpenVINO) or TensorRT engine here, on devices over SSH (--remote), or read trtexec exports."""
-    from .remote import profile as remote_profile
+    from dfq_deploy.remote import profile as remote_profile
 
     devices = remote_devices(o)
     if (devices or trtexec_prefix) and out_dir is None:
@@ -703,7 +703,7 @@ def profile(artifact, target, device, out_dir, trtexec_prefix, precision, **o) -
             artifact, out_dir=out_dir, target=target, device=device, config=_profile_config(o, {})
         )
     else:
-        from .profile_artifact import profile_artifact
+        from dfq_deploy.profile_artifact import profile_artifact
 
         click.echo(
             json.dumps(
@@ -713,7 +713,7 @@ def profile(artifact, target, device, out_dir, trtexec_prefix, precision, **o) -
             )
         )
         return
-    from .layout import REPORT_MD
+    from dfq_deploy.io.layout import REPORT_MD
 
     click.echo((result.out_dir / REPORT_MD).read_text())
     click.echo(f"report in {result.out_dir}/")
@@ -726,7 +726,7 @@ def inspect(onnx_file) -> None:
     """Lint a Q/DQ ONNX file against TensorRT's rules and summarise each op's precision."""
     if not onnx_file.is_file():
         raise BadInputError(f"no such file: {onnx_file}")
-    from .converters.trt_rules import inspect_text
+    from dfq_deploy.converters.trt_rules import inspect_text
 
     click.echo(inspect_text(onnx_file))
 
@@ -745,7 +745,7 @@ def inspect(onnx_file) -> None:
 @_run
 def debug(build_dir, model_path, trust_pickle, max_images, print_json) -> None:
     """Per-layer fidelity and precision map of an existing build folder: which layer departs first."""
-    from .debug import debug_build_folder
+    from dfq_deploy.analysis.debug import debug_build_folder
 
     result = debug_build_folder(build_dir, model_path=model_path, trust_pickle=trust_pickle, max_images=max_images)
     click.echo(json.dumps(result.as_dict(), indent=2, default=str) if print_json else result.summary())
@@ -761,7 +761,7 @@ def debug(build_dir, model_path, trust_pickle, max_images, print_json) -> None:
 @_run
 def compare(report_a, report_b, allow_float_fallback, **thresholds) -> None:
     """Two reports (report.json or build folders) side by side; exit 8 when B regresses beyond thresholds."""
-    from .compare_reports import Thresholds, check_comparison, compare_reports, format_comparison
+    from dfq_deploy.analysis.compare import Thresholds, check_comparison, compare_reports, format_comparison
 
     result = compare_reports(
         report_a, report_b, thresholds=Thresholds(allow_float_fallback=allow_float_fallback, **thresholds)

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .artifacts import atomic_write
-from .errors import BadInputError, first_line
+from dfq_deploy.errors import BadInputError, first_line
+from dfq_deploy.io.artifacts import atomic_write
 
 TENSORS_FILE = "calibration.pt"
 MANIFEST_FILE = "calibration.json"

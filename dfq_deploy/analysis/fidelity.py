@@ -31,10 +31,10 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
-from .calibration_set import CalibrationSet
-from .errors import BadInputError, ExportError
-from .quant.quantize import QuantModel
-from .quant.quantizers import float_mode
+from dfq_deploy.errors import BadInputError, ExportError
+from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.quant.quantize import QuantModel
+from dfq_deploy.quant.quantizers import float_mode
 
 # A runtime that reproduces the reference bit for bit has infinite SQNR; JSON has no infinity, so we cap.
 MAX_SQNR_DB = 200.0
@@ -240,7 +240,7 @@ def onnx_with_taps(qdq_model: onnx.ModelProto, taps: Iterable[LayerTap]) -> onnx
 
 def onnxruntime_tap_runner(*, device: str = "cpu", threads: int | None = None) -> TapRunner:
     """A :data:`TapRunner` that runs the tapped model with :class:`OnnxRuntimeRunner`."""
-    from .runtimes.onnxruntime import OnnxRuntimeRunner, integer_kernels_are_exact
+    from dfq_deploy.runtimes.onnxruntime import OnnxRuntimeRunner, integer_kernels_are_exact
 
     def run(tapped: onnx.ModelProto, batches: Iterable[np.ndarray]) -> Iterable[LayerOutputs]:
         with OnnxRuntimeRunner(

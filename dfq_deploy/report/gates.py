@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInputError, FidelityGateError, QualityGateError
+from dfq_deploy.errors import BadInputError, FidelityGateError, QualityGateError
 
 
 @dataclasses.dataclass(frozen=True)

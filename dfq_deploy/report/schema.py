@@ -7,7 +7,7 @@ import json
 from importlib import resources
 from typing import Any
 
-from .errors import MissingDependencyError
+from dfq_deploy.errors import MissingDependencyError
 
 # Raised when a key the schema lists is removed or changes type; new keys do not raise it.
 SCHEMA_VERSION = 1
@@ -16,7 +16,7 @@ SCHEMA_VERSION = 1
 @functools.cache
 def report_schema() -> dict[str, Any]:
     """The schema (draft 2020-12) shipped in the package as ``report_schema.json``."""
-    return json.loads(resources.files("dfq_deploy").joinpath("report_schema.json").read_text())
+    return json.loads(resources.files("dfq_deploy.report").joinpath("report_schema.json").read_text())
 
 
 def validate_report(report: dict[str, Any]) -> None:

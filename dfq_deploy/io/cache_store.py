@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .artifacts import TEMP_SUFFIX, atomic_write_bytes, sha256_file
-from .errors import StorageError, first_line
-from .locks import exclusive_lock
+from dfq_deploy.errors import StorageError, first_line
+from dfq_deploy.io.artifacts import TEMP_SUFFIX, atomic_write_bytes, sha256_file
+from dfq_deploy.io.locks import exclusive_lock
 
 T = TypeVar("T")
 
@@ -255,7 +255,7 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 def parse_age(text: str) -> float:
     """``"7d"``, ``"12h"``, ``"30m"``, ``"90s"``, ``"2w"`` -> seconds."""
-    from .errors import BadInputError
+    from dfq_deploy.errors import BadInputError
 
     number, unit = text.strip()[:-1], text.strip()[-1:].lower()
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import EXIT_SIGINT, DfqError, RemoteError, StorageError
+from dfq_deploy.errors import EXIT_SIGINT, DfqError, RemoteError, StorageError
 
 
 def run_reporting_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -22,7 +22,7 @@ def run_reporting_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .interrupts import interrupt_on_signals
+        from dfq_deploy.io.interrupts import interrupt_on_signals
 
         verbose = kwargs.pop("verbose", False)
         try:

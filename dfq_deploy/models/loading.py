@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import sha256_file
-from .errors import BadInputError, first_line
-from .graph_capture import capture_graph
+from dfq_deploy.errors import BadInputError, first_line
+from dfq_deploy.io.artifacts import sha256_file
+from dfq_deploy.models.capture import capture_graph
 
 DEFAULT_INPUT_SHAPE = (3, 224, 224)
 # Architectures whose native resolution is not 224.
@@ -81,7 +81,7 @@ def build_arch(arch: str) -> nn.Module:
             )
         return torchvision.models.get_model(name, weights=None)
     if family == "cifar":
-        from .cifar_resnet import DEPTHS, cifar_resnet
+        from dfq_deploy.models.cifar_resnet import DEPTHS, cifar_resnet
 
         if name not in DEPTHS:
             raise BadInputError(f"unknown CIFAR model {name!r}", hint=f"choose one of: {', '.join(DEPTHS)}")
@@ -90,7 +90,7 @@ def build_arch(arch: str) -> nn.Module:
         try:
             import timm
         except ImportError:
-            from .errors import MissingDependencyError
+            from dfq_deploy.errors import MissingDependencyError
 
             raise MissingDependencyError("timm", extra="timm", purpose=f"--arch {arch}") from None
         try:

@@ -20,8 +20,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from .artifacts import prepare_out_dir, remove_stale_temp_files
-from .errors import LockedError, StorageError
+from dfq_deploy.errors import LockedError, StorageError
+from dfq_deploy.io.artifacts import prepare_out_dir, remove_stale_temp_files
 
 OUT_DIR_LOCK = ".dfq-deploy.lock"
 

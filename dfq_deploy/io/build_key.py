@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .artifacts import package_versions, sha256_file
-from .layout import MANIFEST, REPORT_JSON
+from dfq_deploy.io.artifacts import package_versions, sha256_file
+from dfq_deploy.io.layout import MANIFEST, REPORT_JSON
 
 BUILD_KEY_FORMAT = 1
 
@@ -27,7 +27,7 @@ def content_digest(path: str | Path | None) -> str | None:
     if path.is_file():
         return sha256_file(path)
     if path.is_dir():
-        from .synthesis.folder import folder_digest
+        from dfq_deploy.synthesis.folder import folder_digest
 
         return folder_digest(path)
     return None  # a missing path: the build itself refuses it

@@ -11,7 +11,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from .errors import Interrupted
+from dfq_deploy.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

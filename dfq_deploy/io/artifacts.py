@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .errors import BadInputError, StorageError
+from dfq_deploy.errors import BadInputError, StorageError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
@@ -53,7 +53,7 @@ def _discard(tmp: str) -> None:
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     """Delete the ``.NAME.*.tmp`` files and folders a killed writer left in ``directory``.
 
-    Only safe while holding the directory's lock (:mod:`dfq_deploy.locks`): a live writer's temp
+    Only safe while holding the directory's lock (:mod:`dfq_deploy.io.locks`): a live writer's temp
     file looks the same.
     """
     removed = []

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInputError, RegressionError
+from dfq_deploy.errors import BadInputError, RegressionError
 
 _FLOATING = ("float", "fp16", "bf16")
 

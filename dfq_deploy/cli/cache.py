@@ -1,12 +1,12 @@
 """``dfq-deploy cache list|verify|clear``: what the verified caches hold, whether it is intact, and
-removing it (:mod:`dfq_deploy.cache_store`)."""
+removing it (:mod:`dfq_deploy.io.cache_store`)."""
 
 from __future__ import annotations
 
 import click
 
-from .cli_errors import run_reporting_errors
-from .errors import StorageError
+from dfq_deploy.cli.errors import run_reporting_errors
+from dfq_deploy.errors import StorageError
 
 
 @click.group()
@@ -18,7 +18,7 @@ def cache() -> None:
 @run_reporting_errors
 def cache_list() -> None:
     """Each entry: kind, key, size, age and what it holds."""
-    from .cache_store import cache_root, stores
+    from dfq_deploy.io.cache_store import cache_root, stores
 
     entries = [entry for store in stores() for entry in store.entries()]
     for entry in entries:
@@ -42,7 +42,7 @@ def cache_list() -> None:
 @run_reporting_errors
 def cache_verify() -> None:
     """Check every entry's files against the sha256 in its manifest (exit 12 if any is damaged)."""
-    from .cache_store import verify_all
+    from dfq_deploy.io.cache_store import verify_all
 
     results = verify_all()
     for entry, problem in results:
@@ -61,7 +61,7 @@ def cache_verify() -> None:
 @run_reporting_errors
 def cache_clear(older_than) -> None:
     """Remove all entries (and damaged or unfinished leftovers), or those older than --older-than."""
-    from .cache_store import clear, parse_age
+    from dfq_deploy.io.cache_store import clear, parse_age
 
     removed, freed = clear(older_than_s=parse_age(older_than) if older_than else None)
     click.echo(f"removed {removed} entries, {_size_text(freed)} freed")

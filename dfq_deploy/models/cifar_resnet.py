@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import IMAGENET_NORMALIZE
+from dfq_deploy.config import IMAGENET_NORMALIZE
 
 # The akamaster checkpoints were trained on ImageNet-normalised CIFAR images.
 CIFAR10_MEAN, CIFAR10_STD = IMAGENET_NORMALIZE

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from .errors import BadInputError
+from dfq_deploy.errors import BadInputError
 
 aten = torch.ops.aten
 

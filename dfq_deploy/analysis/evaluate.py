@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import BadInputError
-from .quant.quantize import QuantModel
-from .runtimes.base import Runner
-from .runtimes.profiler import Agreement, compare
-from .runtimes.torch import TorchRunner
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.quant.quantize import QuantModel
+from dfq_deploy.runtimes.base import Runner
+from dfq_deploy.runtimes.profiler import Agreement, compare
+from dfq_deploy.runtimes.torch import TorchRunner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
