@@ -3,8 +3,9 @@
 Every INT8 graph is made from the same calibration set (uint8 activations, int8 per-channel
 weights, QDQ format); dfq-deploy's graph is each target's own (``--target openvino`` adds 7-bit
 first-layer weights). Both runtimes run each graph, interleaved so that machine noise hits all
-alike. Prints a Markdown table with the CPU's ISA, and how many convolutions each runtime runs as
-integer kernels.
+alike. Prints a Markdown table with the CPU's ISA, how many convolutions each runtime runs as
+integer kernels, and the MAC rate each run reaches against the CPU's own INT8 peak (``int8_ceiling.py``:
+a vpdpbusd / vpmaddubsw loop on every core, compiled with gcc when it is there).
 
     python bench/latency.py                       # resnet18 and mobilenet_v2, batch 1 and 16
     python bench/latency.py --models resnet18 --batch-sizes 16 --rounds 5
@@ -24,6 +25,7 @@ import numpy as np
 import onnx
 import torch
 import torchvision
+from int8_ceiling import graph_macs, int8_peak
 
 from dfq_deploy.config import SynthesisConfig, default_scheme
 from dfq_deploy.converters.onnx_qdq import onnx_from_float_model, onnx_from_quant_model
@@ -146,6 +148,13 @@ def main() -> int:
         f"threads {args.threads or 'all'}",
         flush=True,
     )
+    peak = int8_peak()
+    print(
+        f"INT8 MAC peak: {peak.gmacs:.0f} GMAC/s ({peak.cores} x {peak.gmacs_per_core:.0f}, {peak.instruction}; AMX not measured)"
+        if peak
+        else "INT8 MAC peak: not measured (needs gcc and AVX2)",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -164,7 +173,9 @@ def main() -> int:
                 for key, path in int8_graphs(name, calib, graph, Path(tmp), args.runtimes).items()
             }
             runners = {f"{runtime} {kind}": runner for (runtime, kind), (runner, _) in opened.items()}
+            fp32_graph = onnx.load(Path(tmp) / f"{name}.fp32.onnx")
             for bs in args.batch_sizes:
+                macs = graph_macs(fp32_graph, bs)
                 batch = np.ascontiguousarray(np.concatenate([calib.images.numpy()] * (-(-bs // len(calib))))[:bs])
                 ms = time_interleaved(
                     runners, batch, rounds=args.rounds, iterations=args.iterations, warmup=args.warmup
@@ -180,6 +191,7 @@ def main() -> int:
                             kernels,
                             ms[f"{runtime} fp32"],
                             ms[f"{args.runtimes[0]} dfq-deploy int8"],
+                            macs,
                         )
                     )
                 print(f"  {name} batch {bs}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), flush=True)
@@ -188,13 +200,15 @@ def main() -> int:
     print()
     print(
         f"| model | batch | runtime | graph | median ms | vs its FP32 | vs {args.runtimes[0]} dfq-deploy int8 "
-        f"| integer / float convs | CPU ISA |"
+        f"| integer / float convs | GMAC/s | of INT8 peak | CPU ISA |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, bs, runtime, kind, ms, kern, fp32_ms, base_ms in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, bs, runtime, kind, ms, kern, fp32_ms, base_ms, macs in rows:
+        rate = macs / ms / 1e6
+        share = f"{rate / peak.gmacs:.0%}" if peak and "int8" in kind else "-"
         print(
             f"| {name} | {bs} | {runtime} | {kind} | {ms:.1f} | {fp32_ms / ms:.2f}x | {base_ms / ms:.2f}x "
-            f"| {kern['integer']} / {kern['float']} | {cpu['isa']} |"
+            f"| {kern['integer']} / {kern['float']} | {rate:.0f} | {share} | {cpu['isa']} |"
         )
     return 0
 

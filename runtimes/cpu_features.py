@@ -24,13 +24,17 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx2``, ``avx512_vnni``, ``amx_int8``, ...); empty where unknown."""
+    return frozenset(_cpuinfo()[1])
+
+
 def has_int8_dot_product() -> bool:
     """False on x86 CPUs whose int8 dot products saturate (no VNNI or AMX unit): onnxruntime's u8 x s8
     kernels use vpmaddubsw there. True elsewhere (ARM's sdot/udot do not saturate)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return True
-    _, flags = _cpuinfo()
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def cpu_description() -> dict[str, str | int]:
