@@ -493,7 +493,8 @@ def _build(
     }
     report["fidelity_gate"] = _fidelity_gate(deployment, max_disagreement)
     report["quality_gates"] = gate_outcomes(gates, report)
-    paths = write_reports(report, out / REPORT_JSON, out / REPORT_MD)
+    with manifest.timed("report"):
+        paths = write_reports(report, out / REPORT_JSON, out / REPORT_MD)
     for name, path in paths.items():
         manifest.artifact(name, path)
         artifacts[name] = str(path)

@@ -14,6 +14,7 @@ import onnx
 
 from dfq_deploy.config import ProfileConfig
 from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.io.interrupts import stage
 from dfq_deploy.models.loading import LoadedModel
 from dfq_deploy.quant.quantize import QuantModel
 from dfq_deploy.runtimes.base import Runner
@@ -111,15 +112,16 @@ def measure_int8_against_fp32(
     latency at each batch size: the deployment keys every CPU target shares."""
     fake_quant = TorchRunner(qmodel.module, input_shape=model.input_shape, name="torch-fake-quant")
     memory: dict[str, Any] = {"before_sessions": memory_before, "after_sessions": host_memory()}
-    with fake_quant:
+    with stage("fidelity"), fake_quant:
         batches = list(calib.batches(AGREEMENT_BATCH))
         fidelity = compare(fake_quant, int8, (b.numpy() for b in batches))
         vs_fp32 = compare(fp32, int8, (b.numpy() for b in batches))
     latency = []
-    for batch_size in profile_config.batch_sizes:
-        batch = profile_batch(calib, batch_size)
-        for runner in (fp32, int8):
-            latency.append(profile(runner, batch, config=profile_config).as_dict())
+    with stage("profile"):
+        for batch_size in profile_config.batch_sizes:
+            batch = profile_batch(calib, batch_size)
+            for runner in (fp32, int8):
+                latency.append(profile(runner, batch, config=profile_config).as_dict())
     memory["after_profile"] = host_memory()
     return {
         "latency": latency,
@@ -280,10 +282,12 @@ def run_engine(
         )
     )
     with runner, reference:
-        fidelity = compare(reference, runner, check_batches)
-        latency = [
-            runner.profile({runner.input_name: batch}, config=profile_config).as_dict() for batch in timed.values()
-        ]
+        with stage("fidelity"):
+            fidelity = compare(reference, runner, check_batches)
+        with stage("profile"):
+            latency = [
+                runner.profile({runner.input_name: batch}, config=profile_config).as_dict() for batch in timed.values()
+            ]
         memory = runner.memory()
     result: dict[str, Any] = {key: fidelity.as_dict(), "latency": latency, "memory": memory}
     if profile_config.layer_profile:

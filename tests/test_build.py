@@ -106,6 +106,7 @@ def test_build_writes_every_artifact_and_a_consistent_report(pickled_model, tmp_
         "export",
         "deploy_and_profile",
         "layer_fidelity",
+        "report",
     }
     assert report["precision_map"]["layers"] and report["layer_fidelity"]["layers"]
     assert "torch" in manifest["versions"] and "onnxruntime" in manifest["versions"]

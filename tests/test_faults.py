@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,9 @@ from dfq_deploy.cli.commands import _run, main
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import EXIT_SIGINT, EXIT_SIGTERM, StorageError
 from dfq_deploy.io.cache_store import DAMAGED_DIR, ENTRY_MANIFEST, CacheStore, CacheWarning, verify_entry
-from dfq_deploy.io.calibration_set import TENSORS_FILE
+from dfq_deploy.io.calibration_set import TENSORS_FILE, CalibrationSet
+from dfq_deploy.io.interrupts import FAULT_STAGE_ENV
+from dfq_deploy.report.schema import validate_report
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = "x".join(map(str, INPUT_SHAPE))
@@ -365,7 +368,10 @@ def test_channels_first_eval_set_gets_a_layout_hint(loaded, tmp_path):
 LOCK = ".dfq-deploy.lock"
 
 
-def _spawn_build(model_file: Path, out: Path, *extra: str) -> subprocess.Popen:
+def _spawn_build(model_file: Path, out: Path, *extra: str, fault_stage: str | None = None) -> subprocess.Popen:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    if fault_stage is not None:
+        env[FAULT_STAGE_ENV] = fault_stage
     return subprocess.Popen(
         [
             sys.executable,
@@ -381,7 +387,7 @@ def _spawn_build(model_file: Path, out: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")},
+        env=env,
     )
 
 
@@ -396,22 +402,19 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 60.
         time.sleep(0.05)
 
 
-def _holds_lock(out: Path, pid: int) -> bool:
+def _holds_lock(lock: Path, pid: int) -> bool:
     try:
-        return json.loads((out / LOCK).read_text())["pid"] == pid
+        return json.loads(lock.read_text())["pid"] == pid
     except (OSError, ValueError, KeyError):
         return False
 
 
-def test_locked_and_killed_builds(model_file, cache_dir, tmp_path):
-    """Two builds killed by SIGKILL (one mid-synthesis, one after writing artifacts), started at once
-    to share their start-up time: a second build into the first's folder is refused naming the
-    holder, ``--wait`` queues and then takes over the dead holder's lock; the other is rerun and
-    continues from the calibration set its killed run left in the cache."""
-    holder_out, killed_out = tmp_path / "held", tmp_path / "killed"
+def test_a_locked_out_folder_refuses_or_queues_and_a_dead_holder_is_taken_over(model_file, cache_dir, tmp_path):
+    """A build holds its folder (synthesizing until killed): a second build into it is refused naming
+    the holder, ``--wait`` queues and, once the holder is SIGKILLed mid-synthesis, takes its lock over."""
+    holder_out = tmp_path / "held"
     holder = _spawn_build(model_file, holder_out, *SLOW_ZEROQ)  # synthesizes until it is killed
-    killed = _spawn_build(model_file, killed_out, *FAST, "--profile-iterations", "10000000")  # profiles until killed
-    _wait_for(lambda: _holds_lock(holder_out, holder.pid), holder, "the first build locks its folder")
+    _wait_for(lambda: _holds_lock(holder_out / LOCK, holder.pid), holder, "the first build locks its folder")
 
     refused = invoke("build", model_file, "--out", holder_out, *FAST)
     assert_one_line_error(refused, 13, f"output folder {holder_out} is locked by pid {holder.pid}", "--wait")
@@ -431,20 +434,110 @@ def test_locked_and_killed_builds(model_file, cache_dir, tmp_path):
     assert f"took over the lock on output folder {holder_out} left by pid {holder.pid}" in queued.output
     assert (holder_out / "report.json").is_file() and leftovers(holder_out) == []
 
-    _wait_for(lambda: (killed_out / "model.qdq.onnx").is_file(), killed, "the second build exports")
-    killed.kill()
-    killed.wait(timeout=30)
-    assert json.loads((killed_out / LOCK).read_text())["pid"] == killed.pid, "SIGKILL leaves the lock file"
-    rerun = invoke("build", model_file, "--out", killed_out, "--json", *FAST)
+
+# Every stage a build enters, in order, as io.interrupts.stage names them; sub-stages under their stage.
+BUILD_STAGES = {
+    "load": (),
+    "synthesize": (),
+    "quantize": ("reconstruct",),
+    "export": (),
+    "deploy_and_profile": ("fidelity", "profile"),
+    "evaluate": (),
+    "layer_fidelity": (),
+    "report": (),
+}
+KILL_STAGES = [name for stage, subs in BUILD_STAGES.items() for name in (stage, *subs)]
+OUT_FILES = ["calibration", "model.fp32.onnx", "model.qdq.onnx", "report.json", "report.md"]
+RECON_LOCK = ".reconstruction.pt.lock"
+
+
+def _every_stage(root: Path, recon: Path) -> list[str]:
+    """FAST plus the flags that make a build enter every stage: an eval set and a (checkpointed) reconstruction."""
+    if not (root / "eval.npz").exists():
+        x = np.random.default_rng(0).integers(0, 256, (4, *INPUT_SHAPE[1:], 3), dtype=np.uint8)
+        _npz(root / "eval.npz", x, [0, 1, 2, 3])
+    recon_flags = ["--reconstruct", "--recon-iterations", "2", "--recon-checkpoint", str(recon)]
+    return [*FAST, "--eval-set", str(root / "eval.npz"), *recon_flags]
+
+
+def _stages_before(stage: str) -> list[str]:
+    """The manifest's stages a build killed on entering ``stage`` finished (its parent stage not)."""
+    parent = next(top for top, subs in BUILD_STAGES.items() if stage in (top, *subs))
+    return list(BUILD_STAGES)[: list(BUILD_STAGES).index(parent)]
+
+
+def _files_before(stage: str) -> list[str]:
+    """The artifacts a build has written on entering ``stage``: the calibration set after
+    synthesize, both ONNX files after export, the reports only at the very end."""
+    done = _stages_before(stage)
+    files = (["calibration", "manifest.json"] if "synthesize" in done else []) + (
+        ["model.fp32.onnx", "model.qdq.onnx"] if "export" in done else []
+    )
+    return sorted(files)
+
+
+@pytest.fixture(scope="module")
+def killed_builds(model_file, tmp_path_factory):
+    """A baseline build fills the synthesis cache and a reconstruction checkpoint, then one build per
+    stage, each SIGKILLed by ``$DFQ_DEPLOY_FAULT_STAGE`` on entering it, all started at once to share
+    their start-up time (the cache and a copy of the checkpoint make the later stages quick)."""
+    root = tmp_path_factory.mktemp("killed")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DFQ_DEPLOY_CACHE", str(root / "cache"))
+        baseline = invoke("build", model_file, "--out", root / "baseline", *_every_stage(root, root / "recon"))
+        assert baseline.exit_code == 0, baseline.output
+        procs = {}
+        for stage in KILL_STAGES:
+            shutil.copytree(root / "recon", root / stage / "recon")
+            procs[stage] = _spawn_build(
+                model_file, root / stage / "out", *_every_stage(root, root / stage / "recon"), fault_stage=stage
+            )
+        stderr = {stage: proc.communicate(timeout=180)[1] for stage, proc in procs.items()}
+    return root, procs, stderr
+
+
+@pytest.mark.parametrize("stage", KILL_STAGES)
+def test_a_build_killed_in_any_stage_leaves_whole_files_and_a_rerun_succeeds(
+    killed_builds, model_file, monkeypatch, stage
+):
+    root, procs, stderr = killed_builds
+    proc, out, recon = procs[stage], root / stage / "out", root / stage / "recon"
+    assert proc.returncode == -signal.SIGKILL, f"the build was not killed in {stage}: {stderr[stage]}"
+
+    # On disk: the finished artifacts, whole; the dead build's lock file; no temp file anywhere.
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, *_files_before(stage)])
+    assert _holds_lock(out / LOCK, proc.pid) and leftovers(out) == [LOCK]
+    if (out / "manifest.json").exists():
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert list(manifest["stages"]) == _stages_before(stage), "a stage is recorded only once it finished"
+        assert sorted(manifest["artifacts"].values()) == [f for f in _files_before(stage) if f != "manifest.json"]
+    if (out / "calibration").exists():
+        baseline = CalibrationSet.load(root / "baseline" / "calibration")
+        assert torch.equal(CalibrationSet.load(out / "calibration").images, baseline.images)
+    for name in ("model.fp32.onnx", "model.qdq.onnx"):
+        if (out / name).exists():
+            assert (out / name).read_bytes() == (root / "baseline" / name).read_bytes()
+    assert leftovers(root / "cache") == [] and all(verify_entry(e) is None for e in _entries(root / "cache"))
+    assert leftovers(recon) == ([RECON_LOCK] if stage == "reconstruct" else [])
+
+    # The same command again: the stale locks are taken over and the build finishes.
+    monkeypatch.setenv("DFQ_DEPLOY_CACHE", str(root / "cache"))
+    rerun = invoke("build", model_file, "--out", out, *_every_stage(root, recon))
     assert rerun.exit_code == 0, rerun.output
-    assert "took over the lock" in rerun.output
-    report = json.loads((killed_out / "report.json").read_text())
-    assert report["calibration"]["images"] == 4
-    calibration = json.loads((killed_out / "calibration" / "calibration.json").read_text())
-    assert calibration["cache"]["hit"], "the set the killed run finished came from the cache"
-    assert leftovers(killed_out) == [] and leftovers(cache_dir) == []
-    manifest = json.loads((killed_out / "manifest.json").read_text())
-    assert set(manifest["artifacts"].values()) <= {p.name for p in killed_out.iterdir()}
+    assert f"took over the lock on output folder {out} left by pid {proc.pid}" in rerun.output
+    assert ("took over the lock on reconstruction checkpoint" in rerun.output) == (stage == "reconstruct")
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert report["calibration"]["images"] == 4 and report["accuracy"]["images"] == 4
+    assert all(block["resumed"] for block in report["quantization"]["reconstruction"]["blocks"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUT_FILES, "manifest.json"])
+    assert (out / "model.qdq.onnx").read_bytes() == (root / "baseline" / "model.qdq.onnx").read_bytes()
+    assert json.loads((out / "manifest.json").read_text()).get("finished")
+    assert leftovers(out) == [] and leftovers(recon) == []
+
+
+def _entries(cache: Path) -> list[Path]:
+    return [p for p in (cache / "synthesis").iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)])

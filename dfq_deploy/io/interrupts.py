@@ -2,11 +2,17 @@
 
 Raising (instead of dying) lets every ``finally`` run: atomic writes remove their temp files, locks
 are released, and finished cache entries stay, so a rerun continues from them.
+
+:func:`stage` is where every stage of a build starts (the manifest's ``timed`` and the sub-stages
+``reconstruct``, ``fidelity``, ``profile`` call it), so it is also the one fault-injection point:
+``DFQ_DEPLOY_FAULT_STAGE=<stage>`` makes the process SIGKILL itself on entering that stage, as a
+power loss or the OOM killer would, for tests that check what a killed build leaves on disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -14,6 +20,7 @@ from collections.abc import Iterator
 from dfq_deploy.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FAULT_STAGE_ENV = "DFQ_DEPLOY_FAULT_STAGE"
 
 
 @contextlib.contextmanager
@@ -41,10 +48,24 @@ def interrupt_on_signals() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Name the stage an :class:`Interrupted` raised inside the block stopped (innermost wins)."""
+    """Name the stage an :class:`Interrupted` raised inside the block stopped (innermost wins).
+
+    Entering it is where :data:`FAULT_STAGE_ENV` kills the process (:func:`kill_if_fault_stage`).
+    """
+    kill_if_fault_stage(name)
     try:
         yield
     except Interrupted as exc:
         if exc.stage is None:
             exc.stage = name
         raise
+
+
+def kill_if_fault_stage(name: str) -> None:
+    """SIGKILL this process if ``$DFQ_DEPLOY_FAULT_STAGE`` names stage ``name`` (a test-only fault).
+
+    SIGKILL, not an exception: no ``finally`` runs and the lock files stay, which is exactly what a
+    killed build leaves and what the next build must recover from.
+    """
+    if os.environ.get(FAULT_STAGE_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -9,12 +9,14 @@ FP32 output, QDrop's drop) against the FP32 output of block k, both computed onc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,8 @@ from dfq_deploy.config import ReconstructionConfig
 from dfq_deploy.errors import BadInputError, first_line
 from dfq_deploy.io.artifacts import atomic_write
 from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.io.interrupts import stage
+from dfq_deploy.io.locks import exclusive_lock
 from dfq_deploy.quant.quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer, float_mode
 
 if TYPE_CHECKING:  # quantize() runs reconstruction, so this module must not import it back
@@ -156,14 +160,32 @@ def reconstruct_blocks(
     Learned roundings are written into the weights (as integer × scale) and learned step sizes into
     the quantizers' ``scale`` buffers, so export sees an ordinary calibrated model. With
     ``config.checkpoint_dir`` the model is saved after every block and a rerun resumes after the
-    last finished block (the checkpoint names the blocks and calibration set it belongs to).
+    last finished block (the checkpoint names the blocks and calibration set it belongs to). The
+    checkpoint is locked for the whole run: a second build sharing it waits, then resumes from
+    every block the first finished instead of writing the same file at the same time.
     """
     start_time = time.perf_counter()
     graph = qmodel.module
     graph.eval()
     blocks = find_blocks(graph)
-    generator = torch.Generator().manual_seed(config.seed)
     checkpoint = _Checkpoint(config.checkpoint_dir, blocks, calib)
+    # The stage starts once the checkpoint is ours: a build killed in it leaves that lock behind.
+    with checkpoint.locked(), stage("reconstruct"):
+        results = _reconstruct_in_order(graph, blocks, calib, checkpoint, config, progress)
+    _copy_tied_scales(graph)
+    return ReconstructionReport(results, time.perf_counter() - start_time, dataclasses.asdict(config))
+
+
+def _reconstruct_in_order(
+    graph: fx.GraphModule,
+    blocks: list[Block],
+    calib: CalibrationSet,
+    checkpoint: _Checkpoint,
+    config: ReconstructionConfig,
+    progress: bool,
+) -> list[BlockResult]:
+    start_time = time.perf_counter()  # the time budget starts once the checkpoint is ours, not while waiting
+    generator = torch.Generator().manual_seed(config.seed)
     done = checkpoint.load(graph)
     x_fp = x_q = calib.images
     results: list[BlockResult] = []
@@ -184,8 +206,7 @@ def reconstruct_blocks(
         bar.set_postfix(block=block.name, err=f"{results[-1].error_after:.3g}")
         x_q = _run(module, x_q, config.batch_size)
         x_fp = y_fp
-    _copy_tied_scales(graph)
-    return ReconstructionReport(results, time.perf_counter() - start_time, dataclasses.asdict(config))
+    return results
 
 
 def _reconstruct_block(
@@ -301,6 +322,16 @@ class _Checkpoint:
         digest = hashlib.sha256(calib.images.numpy().tobytes()).hexdigest()[:16]
         self.key = json.dumps({"blocks": [b.name for b in blocks], "calib": digest})
         self.results: list[BlockResult] = []
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the checkpoint's lock (waiting for another holder; a killed holder's is taken over)."""
+        if self.path is None:
+            yield
+            return
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        with exclusive_lock(lock, what=f"reconstruction checkpoint {self.path}", wait=True):
+            yield
 
     def load(self, graph: fx.GraphModule) -> int:
         """Restore a matching checkpoint into ``graph``; returns how many blocks it has finished."""
