@@ -6,8 +6,9 @@ block-quantized DequantizeLinear on Gemm/MatMul weights, float biases. A graph o
 fails to parse with a terse message, or — worse — builds and silently runs some layers in float.
 :func:`lint` names each node that breaks a rule, so the fix is obvious before a GPU is involved.
 
-:func:`precision_summary` says, per op, whether its inputs arrive as int8 (from a DequantizeLinear of
-int8 data), int4 weights, or float: what the engine *can* run in integer arithmetic.
+:func:`inspect_text` adds :func:`dfq_deploy.converters.trt_precision.precision_summary` (per op, whether
+its inputs arrive as int8, int4 weights or float) to the lint; both read the graph through
+:class:`dfq_deploy.converters.trt_graph.GraphIndex`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
+
+from dfq_deploy.converters.trt_graph import INT4_CONSUMERS, QDQ, GraphIndex, attr, is_float_activation, type_name
+from dfq_deploy.converters.trt_precision import format_precision_summary, precision_summary
 
 # Rule identifiers: stable strings, so tests and users can filter on them.
 OPSET = "opset"
@@ -34,13 +38,8 @@ FLOAT_BIAS = "float-bias"
 
 MIN_OPSET_INT8 = 19
 MIN_OPSET_INT4 = 21
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
-_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 _CONVS = ("Conv", "ConvTranspose")
-_INT4_CONSUMERS = ("Gemm", "MatMul")
 _DATA_MOVEMENT = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
-# Inputs that carry numbers the op computes with; a Conv/Gemm bias stays float and is not counted.
-_COMPUTE_INPUTS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "Gemm": (0, 1), "MatMul": (0, 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,108 +54,13 @@ class Violation:
         return f"{self.node}: {self.message} [{self.rule}]"
 
 
-@dataclasses.dataclass(frozen=True)
-class OpPrecision:
-    """How one op's inputs arrive: ``inputs`` pairs each counted input name with its kind."""
-
-    op_type: str
-    precision: str  # "int8", "int4-weight", "float", or "mixed (int8+float)" and the like
-    inputs: tuple[tuple[str, str], ...]
-
-
-class _Index:
-    """Producers, consumers, constants and element types of a graph, computed once."""
-
-    def __init__(self, model: onnx.ModelProto):
-        try:
-            # Shape inference fills element types of intermediate tensors (used to skip int64 shape
-            # arithmetic); a graph it cannot handle is still linted, with fewer types known.
-            model = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 - inference is an optional refinement here
-            pass
-        graph = model.graph
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.nodes = list(graph.node)
-        self.names = {id(n): n.name or f"{n.op_type}#{i}" for i, n in enumerate(self.nodes)}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-        for node in self.nodes:
-            for out in node.output:
-                self.producer[out] = node
-            for i, name in enumerate(node.input):
-                if name:
-                    self.consumers[name].append((node, i))
-        self.initializers = {t.name: t for t in graph.initializer}
-        for node in self.nodes:
-            if node.op_type == "Constant":
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                if value is not None:
-                    self.initializers[node.output[0]] = value
-        self.dtype: dict[str, int] = {}
-        for vi in [*graph.input, *graph.output, *graph.value_info]:
-            self.dtype[vi.name] = vi.type.tensor_type.elem_type
-        for name, tensor in self.initializers.items():
-            self.dtype[name] = tensor.data_type
-
-    def name(self, node: onnx.NodeProto) -> str:
-        return self.names[id(node)]
-
-    def constant(self, tensor: str) -> onnx.TensorProto | None:
-        """The constant behind ``tensor``, looking through Identity (quantize_static leaves those)."""
-        while tensor not in self.initializers:
-            node = self.producer.get(tensor)
-            if node is None or node.op_type != "Identity":
-                return None
-            tensor = node.input[0]
-        return self.initializers[tensor]
-
-    def array(self, tensor: str) -> np.ndarray | None:
-        const = self.constant(tensor)
-        return None if const is None else numpy_helper.to_array(const)
-
-    def is_weight(self, qdq: onnx.NodeProto) -> bool:
-        """True when a Q/DQ node's data input is a constant, directly or through a constant Q."""
-        data = qdq.input[0]
-        if self.constant(data) is not None:
-            return True
-        src = self.producer.get(data)
-        return src is not None and src.op_type == "QuantizeLinear" and self.constant(src.input[0]) is not None
-
-    def quant_type(self, qdq: onnx.NodeProto) -> int:
-        """Element type of the integer side of a Q or DQ node (ONNX defaults to uint8)."""
-        if len(qdq.input) > 2 and qdq.input[2]:
-            zp = self.constant(qdq.input[2])
-            if zp is not None:
-                return zp.data_type
-            return self.dtype.get(qdq.input[2], TensorProto.UNDEFINED)
-        if qdq.op_type == "DequantizeLinear":
-            src = self.dtype.get(qdq.input[0])
-            if src:
-                return src
-            producer = self.producer.get(qdq.input[0])
-            return self.quant_type(producer) if producer is not None and producer.op_type in _QDQ else 0
-        out_dtype = _attr(qdq, "output_dtype", 0)
-        return out_dtype or TensorProto.UINT8
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _type_name(elem_type: int) -> str:
-    return TensorProto.DataType.Name(elem_type).lower() if elem_type else "unknown"
-
-
 def lint(model: onnx.ModelProto) -> list[Violation]:
     """Every place where ``model`` breaks TensorRT's explicit-quantization rules (empty: it follows them).
 
     A graph without QuantizeLinear/DequantizeLinear is a float graph and passes trivially.
     """
-    idx = _Index(model)
-    qdq_nodes = [n for n in idx.nodes if n.op_type in _QDQ]
+    idx = GraphIndex(model)
+    qdq_nodes = [n for n in idx.nodes if n.op_type in QDQ]
     if not qdq_nodes:
         return []
     out: list[Violation] = []
@@ -181,7 +85,7 @@ def lint(model: onnx.ModelProto) -> list[Violation]:
     return out
 
 
-def _check_qparams(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
+def _check_qparams(idx: GraphIndex, node: onnx.NodeProto) -> list[Violation]:
     name, qtype = idx.name(node), idx.quant_type(node)
     if qtype == TensorProto.INT32:
         consumers = ", ".join(sorted(idx.name(c) for c, _ in idx.consumers.get(node.output[0], [])))
@@ -200,7 +104,7 @@ def _check_qparams(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
             Violation(
                 SIGNED_INT8,
                 name,
-                f"{node.op_type} uses {_type_name(qtype)}, the onnxruntime "
+                f"{node.op_type} uses {type_name(qtype)}, the onnxruntime "
                 "CPU form; TensorRT takes signed int8/int4 only — export with --target tensorrt",
             )
         )
@@ -232,7 +136,7 @@ def _check_qparams(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
     return out
 
 
-def _check_granularity(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
+def _check_granularity(idx: GraphIndex, node: onnx.NodeProto) -> list[Violation]:
     name = idx.name(node)
     scale = idx.array(node.input[1])
     if scale is None or scale.size <= 1:
@@ -246,12 +150,12 @@ def _check_granularity(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
                 "TensorRT quantizes activations per tensor (one scalar scale)",
             )
         ]
-    if _attr(node, "block_size", 0):
+    if attr(node, "block_size", 0):
         return [Violation(INT4_WEIGHT_ONLY, name, "block quantization is supported for INT4 weights only")]
     weight = idx.array(node.input[0])
     if weight is None:  # fake-quant form: float constant -> Q -> DQ
         weight = idx.array(idx.producer[node.input[0]].input[0])
-    axis = _attr(node, "axis", 1)
+    axis = attr(node, "axis", 1)
     axis = axis + weight.ndim if axis < 0 else axis
     out = []
     if scale.ndim != 1 or not 0 <= axis < weight.ndim or scale.size != weight.shape[axis]:
@@ -277,7 +181,7 @@ def _check_granularity(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
     return out
 
 
-def _consumers_through_q(idx: _Index, node: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]]:
+def _consumers_through_q(idx: GraphIndex, node: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]]:
     """Consumers of a DQ's output, or of the DQ behind a Q (fake-quant weights: W -> Q -> DQ -> Conv)."""
     users = idx.consumers.get(node.output[0], [])
     if node.op_type == "QuantizeLinear":
@@ -285,7 +189,8 @@ def _consumers_through_q(idx: _Index, node: onnx.NodeProto) -> list[tuple[onnx.N
     return users
 
 
-def _check_int4(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
+def _check_int4(idx: GraphIndex, node: onnx.NodeProto) -> list[Violation]:
+    """INT4 is a weight-only, block-quantized DequantizeLinear feeding the weight of Gemm/MatMul."""
     name = idx.name(node)
     if node.op_type != "DequantizeLinear" or idx.constant(node.input[0]) is None:
         return [
@@ -296,71 +201,65 @@ def _check_int4(idx: _Index, node: onnx.NodeProto) -> list[Violation]:
                 "constant int4 weight; activations stay int8 or float",
             )
         ]
+    problems = _int4_consumer_problems(idx, node)
+    if not problems:  # the layout checks are moot for a consumer that cannot take INT4 at all
+        problems = _int4_layout_problems(idx, node) + _int4_activation_problems(idx, node)
+    return [Violation(INT4_WEIGHT_ONLY, name, message) for message in problems]
+
+
+def _int4_consumer_problems(idx: GraphIndex, node: onnx.NodeProto) -> list[str]:
+    """Readers of the INT4 weight other than the weight input of a Gemm/MatMul."""
     out = []
-    bad_users = [c for c, i in idx.consumers.get(node.output[0], []) if c.op_type not in _INT4_CONSUMERS or i != 1]
+    bad_users = [c for c, i in idx.consumers.get(node.output[0], []) if c.op_type not in INT4_CONSUMERS or i != 1]
     for user in bad_users:
         what = f"{user.op_type} {idx.name(user)}"
         why = " — TensorRT has no 4-bit conv kernels; keep conv layers at INT8" if user.op_type in _CONVS else ""
-        out.append(
-            Violation(
-                INT4_WEIGHT_ONLY,
-                name,
-                f"INT4 weights feed {what}; INT4 is supported only as the weight of Gemm/MatMul{why}",
-            )
-        )
-    if out:  # the layout checks below are moot for a consumer that cannot take INT4 at all
-        return out
+        out.append(f"INT4 weights feed {what}; INT4 is supported only as the weight of Gemm/MatMul{why}")
+    return out
+
+
+def _int4_layout_problems(idx: GraphIndex, node: onnx.NodeProto) -> list[str]:
+    """Opset, block quantization along exactly one axis, and an even last dimension (two values a byte)."""
+    out = []
     if idx.opset < MIN_OPSET_INT4:
-        out.append(
-            Violation(
-                INT4_WEIGHT_ONLY,
-                name,
-                f"INT4 needs ONNX opset >= {MIN_OPSET_INT4}, the model imports opset {idx.opset}",
-            )
-        )
+        out.append(f"INT4 needs ONNX opset >= {MIN_OPSET_INT4}, the model imports opset {idx.opset}")
     weight, scale = idx.array(node.input[0]), idx.array(node.input[1])
-    block = _attr(node, "block_size", 0)
+    block = attr(node, "block_size", 0)
     if not block:
-        out.append(Violation(INT4_WEIGHT_ONLY, name, "INT4 weights must be block-quantized (block_size > 0)"))
+        out.append("INT4 weights must be block-quantized (block_size > 0)")
     elif scale is not None and scale.ndim == weight.ndim:
         blocked = [d for d in range(weight.ndim) if scale.shape[d] != weight.shape[d]]
         if len(blocked) != 1:
             out.append(
-                Violation(
-                    INT4_WEIGHT_ONLY,
-                    name,
-                    f"scale shape {list(scale.shape)} vs weight "
-                    f"{list(weight.shape)}: block quantization needs exactly one blocked axis",
-                )
+                f"scale shape {list(scale.shape)} vs weight "
+                f"{list(weight.shape)}: block quantization needs exactly one blocked axis"
             )
     else:
-        out.append(Violation(INT4_WEIGHT_ONLY, name, "block-quantized scale must have the weight's rank"))
+        out.append("block-quantized scale must have the weight's rank")
     if weight.ndim and weight.shape[-1] % 2:
         out.append(
-            Violation(
-                INT4_WEIGHT_ONLY,
-                name,
-                f"INT4 weight's last dimension is {weight.shape[-1]}; "
-                "TensorRT packs two int4 values per byte and needs it even",
-            )
+            f"INT4 weight's last dimension is {weight.shape[-1]}; "
+            "TensorRT packs two int4 values per byte and needs it even"
         )
+    return out
+
+
+def _int4_activation_problems(idx: GraphIndex, node: onnx.NodeProto) -> list[str]:
+    """A Gemm/MatMul with INT4 weights whose activation comes out of a DequantizeLinear."""
+    out = []
     for user, _ in idx.consumers.get(node.output[0], []):
         source = _source_through_data_movement(idx, user.input[0])
         if source is not None and source.op_type == "DequantizeLinear":
             out.append(
-                Violation(
-                    INT4_WEIGHT_ONLY,
-                    name,
-                    f"the activation of {user.op_type} {idx.name(user)} comes "
-                    f"from {_type_name(idx.quant_type(source))} DequantizeLinear {idx.name(source)}; INT4 "
-                    "is weight-only in TensorRT, keep that input float (tensorrt_rtx 1.7 fails to build "
-                    "a blocked INT4 Gemm behind INT8 Q/DQ)",
-                )
+                f"the activation of {user.op_type} {idx.name(user)} comes "
+                f"from {type_name(idx.quant_type(source))} DequantizeLinear {idx.name(source)}; INT4 "
+                "is weight-only in TensorRT, keep that input float (tensorrt_rtx 1.7 fails to build "
+                "a blocked INT4 Gemm behind INT8 Q/DQ)"
             )
     return out
 
 
-def _source_through_data_movement(idx: _Index, tensor: str) -> onnx.NodeProto | None:
+def _source_through_data_movement(idx: GraphIndex, tensor: str) -> onnx.NodeProto | None:
     """The producer of ``tensor``, looking through ops that only move values (Flatten, Reshape, ...)."""
     node = idx.producer.get(tensor)
     while node is not None and node.op_type in _DATA_MOVEMENT:
@@ -368,17 +267,13 @@ def _source_through_data_movement(idx: _Index, tensor: str) -> onnx.NodeProto | 
     return node
 
 
-def _is_float_activation(idx: _Index, tensor: str) -> bool:
-    return idx.constant(tensor) is None and idx.dtype.get(tensor, TensorProto.FLOAT) in _FLOATS
-
-
-def _check_residual_adds(idx: _Index) -> list[Violation]:
+def _check_residual_adds(idx: GraphIndex) -> list[Violation]:
     """An Add of two activations runs in INT8 only when both inputs come out of a DequantizeLinear."""
     out = []
     for node in idx.nodes:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
-        if not all(_is_float_activation(idx, t) for t in node.input):
+        if not all(is_float_activation(idx, t) for t in node.input):
             continue
         missing = [t for t in node.input if getattr(idx.producer.get(t), "op_type", None) != "DequantizeLinear"]
         if missing:
@@ -394,7 +289,7 @@ def _check_residual_adds(idx: _Index) -> list[Violation]:
     return out
 
 
-def _check_batchnorm(idx: _Index) -> list[Violation]:
+def _check_batchnorm(idx: GraphIndex) -> list[Violation]:
     out = []
     for node in idx.nodes:
         if node.op_type != "BatchNormalization":
@@ -418,44 +313,6 @@ def _check_batchnorm(idx: _Index) -> list[Violation]:
     return out
 
 
-def precision_summary(model: onnx.ModelProto) -> dict[str, OpPrecision]:
-    """Per op (by node name, in graph order): which of its inputs arrive quantized and which in float.
-
-    An input's kind is the integer type of the DequantizeLinear producing it (``int8``, ``int4``,
-    ``uint8``), else ``float``. Q/DQ, Constant and Identity nodes, constant float inputs (biases,
-    shapes) and non-float tensors (shape arithmetic) are left out.
-    """
-    idx = _Index(model)
-    summary: dict[str, OpPrecision] = {}
-    for node in idx.nodes:
-        if node.op_type in (*_QDQ, "Constant", "Identity"):
-            continue
-        positions = _COMPUTE_INPUTS.get(node.op_type, range(len(node.input)))
-        kinds = []
-        for i in positions:
-            if i >= len(node.input) or not node.input[i]:
-                continue
-            tensor = node.input[i]
-            src = idx.producer.get(tensor)
-            if src is not None and src.op_type == "DequantizeLinear":
-                kinds.append((tensor, _type_name(idx.quant_type(src))))
-            elif _is_float_activation(idx, tensor) or (i == 1 and node.op_type in _COMPUTE_INPUTS):
-                kinds.append((tensor, "float"))
-        summary[idx.name(node)] = OpPrecision(node.op_type, _op_precision(node, kinds), tuple(kinds))
-    return summary
-
-
-def _op_precision(node: onnx.NodeProto, kinds: list[tuple[str, str]]) -> str:
-    seen = [k for _, k in kinds]
-    if not seen:
-        return "n/a"
-    if len(set(seen)) == 1:
-        return seen[0]
-    if node.op_type in _INT4_CONSUMERS and len(seen) > 1 and seen[1] == "int4" and seen[0] == "float":
-        return "int4-weight"
-    return f"mixed ({'+'.join(sorted(set(seen)))})"
-
-
 def format_lint(violations: list[Violation], *, max_per_rule: int | None = 8) -> str:
     """Violations as text grouped by rule, at most ``max_per_rule`` lines each (``None``: all)."""
     if not violations:
@@ -473,19 +330,6 @@ def format_lint(violations: list[Violation], *, max_per_rule: int | None = 8) ->
         lines += [f"  {v}" for v in shown]
         if len(shown) < len(vs):
             lines.append(f"  ... and {len(vs) - len(shown)} more [{rule}]")
-    return "\n".join(lines)
-
-
-def format_precision_summary(summary: dict[str, OpPrecision]) -> str:
-    """A fixed-width table of :func:`precision_summary`, with a count per precision at the end."""
-    if not summary:
-        return "(no ops)"
-    width = max(len(n) for n in summary)
-    op_width = max(len(p.op_type) for p in summary.values())
-    lines = [f"{'node':<{width}}  {'op':<{op_width}}  precision"]
-    lines += [f"{n:<{width}}  {p.op_type:<{op_width}}  {p.precision}" for n, p in summary.items()]
-    counts = Counter(p.precision for p in summary.values())
-    lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
 
 
