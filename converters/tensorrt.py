@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import onnx
 
 from dfq_deploy.converters import trt_rules
+from dfq_deploy.converters.trt_engine_info import NO_GPU, engine_metadata, gpu_info
 from dfq_deploy.converters.trt_logger import process_logger
 from dfq_deploy.converters.trt_profiles import ShapeProfile, onnx_input_shapes, optimization_profiles
 from dfq_deploy.errors import BadInputError, EngineBuildError, MissingDependencyError
@@ -40,7 +41,6 @@ TensorRTTarget = Literal["tensorrt", "tensorrt-rtx"]
 EnginePrecision = Literal["int8", "fp16", "int4w"]
 MODULES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 PACKAGES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt-rtx"}
-NO_GPU = "none (built on CPU)"
 CPU_BUILD = "CPU build"  # the build device in an engine cache key for TensorRT-RTX (ahead-of-time, no GPU used)
 INT4_CONV_NOTE = (
     "int4w: INT4 is weight-only on Gemm/MatMul; TensorRT has no 4-bit conv kernels, so conv layers run at INT8"
@@ -158,7 +158,7 @@ def engine_from_onnx(
 def _load_check(trt: ModuleType):
     """On a GPU, a cached plan must deserialize (else the cache moves it aside and rebuilds); without
     one there is nothing to load it on, and the sha256 check of the cache stands alone."""
-    if _gpu_info() == NO_GPU:
+    if gpu_info() == NO_GPU:
         return None
 
     def check(plan: bytes) -> None:
@@ -196,31 +196,19 @@ def _build(
     if cache is not None:
         atomic_write_bytes(config.timing_cache, bytes(cache.serialize()))
     plan = bytes(plan)
-    metadata = {
-        "target": config.target,
-        "module": trt.__name__,
-        "tensorrt_version": trt.__version__,
-        "gpu": _gpu_info(),
-        "precision_requested": config.precision,
-        "strongly_typed": config.strongly_typed,
-        "workspace_mib": config.workspace_mib,
-        "timing_cache": str(config.timing_cache) if cache is not None else None,
-        "build_seconds": round(seconds, 3),
-        "engine_bytes": len(plan),
-        "engine_sha256": hashlib.sha256(plan).hexdigest(),
-        "inputs": _io(network.get_input(i) for i in range(network.num_inputs)),
-        "outputs": _io(network.get_output(i) for i in range(network.num_outputs)),
-        "profiles": [p.as_dict() for p in profiles],
-        "compute_capabilities": _compute_capabilities(builder_config),
-        "onnx_precision": {n: p.precision for n, p in trt_rules.precision_summary(model).items()},
-        "engine_layers": _inspect_layers(trt, plan, logger),
-        "notes": notes,
-    }
-    if metadata["engine_layers"] is None:
-        notes.append(
-            "engine_layers: the engine inspector needs a GPU to load the engine; onnx_precision is "
-            "the per-op precision the Q/DQ graph asks for"
-        )
+    metadata = engine_metadata(
+        trt,
+        config,
+        plan=plan,
+        build_seconds=seconds,
+        network=network,
+        builder_config=builder_config,
+        profiles=profiles,
+        model=model,
+        logger=logger,
+        timing_cache_used=cache is not None,
+        notes=notes,
+    )
     return EngineArtifact(plan=plan, metadata=metadata)
 
 
@@ -233,7 +221,7 @@ def _cache_key_parts(
         "module": trt.__name__,
         "version": trt.__version__,
         # TensorRT tunes kernels on the build GPU; TensorRT-RTX compiles ahead of time without one.
-        "device": CPU_BUILD if config.target == "tensorrt-rtx" else _gpu_info(),
+        "device": CPU_BUILD if config.target == "tensorrt-rtx" else gpu_info(),
         "precision": config.precision,
         "profiles": [p.as_dict() for p in profiles],
         "builder": {
@@ -388,42 +376,3 @@ def _attach_timing_cache(builder_config, config: TensorRTBuildConfig, notes: lis
         cache = builder_config.create_timing_cache(b"")
         builder_config.set_timing_cache(cache, False)
     return cache
-
-
-def _io(tensors) -> list[dict[str, Any]]:
-    return [{"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).rsplit(".", 1)[-1].lower()} for t in tensors]
-
-
-def _compute_capabilities(builder_config) -> list[str] | str:
-    # TensorRT-RTX compiles ahead of time for a set of GPU generations; plain TensorRT for the build GPU.
-    count = getattr(builder_config, "num_compute_capabilities", None)
-    if count is None:
-        return "the build GPU"
-    if count == 0:
-        return "default set of the TensorRT-RTX version"
-    return [str(builder_config.get_compute_capability(i)).rsplit(".", 1)[-1] for i in range(count)]
-
-
-def _gpu_info() -> dict[str, str] | str:
-    try:
-        import torch
-    except ImportError:
-        return NO_GPU
-    if not torch.cuda.is_available():
-        return NO_GPU
-    major, minor = torch.cuda.get_device_capability()
-    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
-
-
-def _inspect_layers(trt: ModuleType, plan: bytes, logger) -> list[dict[str, Any]] | None:
-    """Per-layer types and tensor formats from the engine inspector; ``None`` without a GPU to load on."""
-    if _gpu_info() == NO_GPU:
-        return None  # deserializing needs a CUDA device; trying only prints CUDA errors
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        return None
-    from dfq_deploy.analysis.engine_layers import engine_layers_from_layer_info
-
-    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
-    return engine_layers_from_layer_info(info)
