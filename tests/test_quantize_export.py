@@ -179,3 +179,28 @@ def test_narrow_activations_export_as_clipped_8bit_and_match(bits):
     inputs = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     result = onnxruntime_agreement(qmodel, proto, inputs, threads=2)
     assert result.relative_l2 <= 1e-2, result
+
+
+def test_a_bias_too_large_for_its_int32_grid_widens_the_weight_scale_instead_of_clamping():
+    # Activations of 1e-9 (a deep untrained net, a near-dead channel) put the classifier's bias grid at
+    # ~1e-13: a 0.5 bias is 4e12 steps, far past int32. Clamped, every logit loses its bias (the
+    # untrained GoogLeNet deployed at 41% agreement); with the weight scale widened it is kept.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10)
+    ).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-9)
+        model[0].bias.zero_()
+        model[3].bias.copy_(torch.linspace(-0.5, 0.5, 10))
+    shape = (3, 8, 8)
+    calib = CalibrationSet(torch.randn(16, *shape, generator=torch.Generator().manual_seed(1)))
+    qmodel = quantize(model, calib, scheme=default_scheme("onnxruntime"), progress=False)
+    fc = qmodel.module.get_submodule(next(layer.name for layer in qmodel.layers if layer.kind == "Linear"))
+    assert fc.bias_scale() is not None
+    assert int(fc.integer_bias().abs().max()) <= 2**30  # fits, with the accumulator's headroom
+    images = torch.randn(32, *shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(qmodel.module(images), model(images), atol=1e-6)  # the bias survives
+    result = onnxruntime_agreement(qmodel, onnx_from_quant_model(qmodel), images, threads=2)
+    assert result.top1_agreement == 1.0 and result.relative_l2 < 1e-5, result

@@ -371,6 +371,9 @@ def calibrate(
     _copy_tied_ranges(quantizers)
     if scheme.per_layer_calibrator:
         select_calibrators(graph, calib, scheme=scheme)
+    for layer in graph.modules():
+        if hasattr(layer, "fit_bias_in_int32"):
+            layer.fit_bias_in_int32()
 
 
 def _refuse_nonfinite_activations(graph: fx.GraphModule) -> None:

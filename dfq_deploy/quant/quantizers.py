@@ -274,6 +274,10 @@ class WeightQuantizer(nn.Module):
         return y
 
 
+# The largest |bias| on the int32 grid: half of int32's range, the rest left to the accumulator.
+INT32_BIAS_LIMIT = 2**30
+
+
 class _QuantWeightLayer:
     """Mixin: a conv or linear layer whose weight passes through ``weight_quantizer``.
 
@@ -310,6 +314,26 @@ class _QuantWeightLayer:
         if self.bias is None or q is None or q.mode != "quantize" or not wq.enabled or wq.block_size is not None:
             return None
         return q.scale * wq.scale
+
+    def fit_bias_in_int32(self) -> int:
+        """Coarsen the weight scale of each output channel whose bias would not fit its int32 grid.
+
+        The grid is input scale × weight scale: where activations are tiny (an input range of 1e-10
+        deep in an untrained net, or a near-dead channel) a plain bias overflows it, and a clamped
+        bias is a wrong bias for every output. onnxruntime's quantize_static widens the weight
+        scale instead; so do we, leaving headroom for the accumulator the kernels add to it.
+        Returns how many channels were widened.
+        """
+        scale = self.bias_scale()
+        if scale is None:
+            return 0
+        needed = self.bias.detach().abs().reshape(self.weight_quantizer.scale.shape) / (
+            self.bias_input.scale * INT32_BIAS_LIMIT
+        )
+        widen = needed > self.weight_quantizer.scale
+        if bool(widen.any()):
+            self.weight_quantizer.scale.copy_(torch.where(widen, needed, self.weight_quantizer.scale))
+        return int(widen.sum())
 
     def integer_bias(self) -> torch.Tensor:
         """The int32 values written to the exported bias initializer."""
