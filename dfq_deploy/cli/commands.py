@@ -20,7 +20,6 @@ from dfq_deploy.cli.errors import run_reporting_errors as _run
 from dfq_deploy.cli.remote import device_options, remote_devices, trtexec_export_option
 from dfq_deploy.config import (
     HOLDOUT_FRACTION,
-    IMAGENET_NORMALIZE,
     CalibratorName,
     MixedPrecisionConfig,
     PerformanceHint,
@@ -35,12 +34,30 @@ from dfq_deploy.config import (
     merge_config,
 )
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.normalization import NORMALIZATIONS, normalize_from_options
 from dfq_deploy.report.gates import QualityGates
 from dfq_deploy.report.tracking import DEFAULT_EXPERIMENT, tracking_requested
 
 TARGETS = list(get_args(Target))
-# "none": images in [0, 1] as they are (for 3-channel inputs).
-NORMALIZATIONS = {"imagenet": IMAGENET_NORMALIZE, "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
+
+
+def normalize_options(fn):
+    """--normalize PRESET, and --mean/--std that override its parts (every command that reads images)."""
+    fn = click.option("--std", help="Per-channel std, comma-separated (pixels in [0, 1]); overrides --normalize's.")(fn)
+    fn = click.option("--mean", help="Per-channel mean, comma-separated (pixels in [0, 1]); overrides --normalize's.")(
+        fn
+    )
+    return click.option(
+        "--normalize",
+        type=click.Choice(list(NORMALIZATIONS)),
+        default="imagenet",
+        show_default=True,
+        help="Mean/std the model's inputs are normalised with: synthesis prior, real calibration and eval images.",
+    )(fn)
+
+
+def _normalize(o: dict[str, Any]):
+    return normalize_from_options(o.pop("normalize"), mean=o.pop("mean"), std=o.pop("std"))
 
 
 def model_options(fn):
@@ -57,13 +74,7 @@ def model_options(fn):
 
 def synthesis_options(fn):
     """How the calibration set is made."""
-    fn = click.option(
-        "--normalize",
-        type=click.Choice(list(NORMALIZATIONS)),
-        default="imagenet",
-        show_default=True,
-        help="Mean/std that real images (folder, FDDA hybrid) are normalised with.",
-    )(fn)
+    fn = normalize_options(fn)
     fn = click.option(
         "--synth-device",
         default=SynthesisConfig.device,
@@ -489,7 +500,7 @@ def build(
         profile_config=_profile_config(o, file_cfg),
         precision=precision,
         max_disagreement=max_disagreement,
-        normalize=NORMALIZATIONS[o["normalize"]],
+        normalize=_normalize(o),
         use_cache=not no_cache,
         eval_set=eval_set,
         reconstruct=reconstruct,
@@ -550,9 +561,7 @@ def synthesize(model, config_file, out_dir, no_progress, **o) -> None:
         loaded = api.load(
             model, arch=o["arch"], trust_pickle=o["trust_pickle"], input_shape=_input_shape(o["input_shape"])
         )
-        calib = api.synthesize(
-            loaded, config=config, normalize=NORMALIZATIONS[o["normalize"]], progress=not no_progress
-        )
+        calib = api.synthesize(loaded, config=config, normalize=_normalize(o), progress=not no_progress)
     if not writer:
         return
     calib.save(out)
@@ -607,7 +616,7 @@ def quantize(model, calib_set, target, precision, config_file, out_dir, no_progr
         calib = api.synthesize(
             loaded,
             config=_synthesis_config(o, file_cfg),
-            normalize=NORMALIZATIONS[o["normalize"]],
+            normalize=_normalize(o),
             progress=not no_progress,
         )
         calib.save(out / api.CALIBRATION_DIR)
@@ -631,13 +640,13 @@ def quantize(model, calib_set, target, precision, config_file, out_dir, no_progr
 @click.option("--arch", help="Architecture for a state_dict file.")
 @click.option("--trust-pickle", is_flag=True)
 @click.option("--input-shape")
-@click.option("--normalize", type=click.Choice(list(NORMALIZATIONS)), default="imagenet", show_default=True)
+@normalize_options
 @click.option("--threads", type=int)
 @click.option(
     "--eval-resize", is_flag=True, help="Resize the images to the model's input (else a size mismatch is refused)."
 )
 @_run
-def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, threads, eval_resize) -> None:
+def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, threads, eval_resize, **o) -> None:
     """Top-1 accuracy of a model file (PyTorch) or an ONNX file (onnxruntime) on real labelled images."""
     from dfq_deploy import api
 
@@ -647,7 +656,7 @@ def evaluate(artifact, eval_set, arch, trust_pickle, input_shape, normalize, thr
         arch=arch,
         trust_pickle=trust_pickle,
         input_shape=_input_shape(input_shape),
-        normalize=NORMALIZATIONS[normalize],
+        normalize=_normalize(o),
         threads=threads,
         eval_resize=eval_resize,
     )

@@ -23,6 +23,7 @@ from torch import nn
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.normalization import check_normalize
 from dfq_deploy.synthesis.bn_stats import bn_mismatch, trace_bn_layers
 from dfq_deploy.synthesis.job import IMAGENET_MEAN, IMAGENET_STD, Job, MethodResult, Normalize, ObjectiveFactory
 from dfq_deploy.synthesis.model_state import frozen_eval, model_on_device
@@ -121,12 +122,7 @@ def synthesize(
     input_shape = _check_input_shape(input_shape)
     if normalize is None:
         normalize = (IMAGENET_MEAN, IMAGENET_STD)
-    if len(normalize[0]) != input_shape[0] or len(normalize[1]) != input_shape[0]:
-        raise BadInputError(
-            f"normalize mean/std have {len(normalize[0])}/{len(normalize[1])} values for "
-            f"{input_shape[0]}-channel images",
-            hint="give one mean and one std per channel",
-        )
+    normalize = check_normalize(normalize, channels=input_shape[0])
     start = time.perf_counter()
     device = torch.device(config.device)
     work_model = model_on_device(model, device)

@@ -12,12 +12,12 @@ from torch import nn
 
 from dfq_deploy.config import IMAGENET_NORMALIZE, SynthesisConfig
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.normalization import Normalize, natural_image_prior
 from dfq_deploy.synthesis.bn_stats import BNInputCapture, BNLayer
 from dfq_deploy.synthesis.pixel_loop import Batch, progress_bar
 from dfq_deploy.synthesis.sharding import Shard
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_NORMALIZE
-Normalize = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 @dataclasses.dataclass
@@ -55,6 +55,12 @@ class Job:
             enabled=self.progress and self.shard.rank == 0,
             desc=f"synthesis {self.config.method}",
         )
+
+    def prior_target(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, std) a natural image has in this model's input space, as tensors on
+        the job's device: what the input prior pulls each synthetic image towards."""
+        mean, std = natural_image_prior(self.normalize)
+        return torch.tensor(mean, device=self.device), torch.tensor(std, device=self.device)
 
     def require_bn(self) -> None:
         """BN-statistics methods have nothing to match in a model without BN."""

@@ -122,8 +122,11 @@ def prior_objective(
     ``pre`` must be active: it gives the targets (from one forward on pink noise) and the batch's statistics.
     """
     num_classes = job.num_classes()
+    prior_mean, prior_std = job.prior_target()
     with torch.no_grad():
-        job.model(pink_noise(PRIOR_IMAGES, job.input_shape, torch.Generator().manual_seed(PRIOR_SEED)).to(job.device))
+        noise = pink_noise(PRIOR_IMAGES, job.input_shape, torch.Generator().manual_seed(PRIOR_SEED)).to(job.device)
+        # Pink noise where a normalised photograph lies (mean 0, std 1 under ImageNet's normalisation).
+        job.model(noise * prior_std.reshape(1, -1, 1, 1) + prior_mean.reshape(1, -1, 1, 1))
         targets = [(m.detach(), s.detach()) for m, s in pre.statistics()]
 
     def loss(x: torch.Tensor, labels: torch.Tensor | None, step: int, noise: torch.Generator) -> torch.Tensor:
@@ -131,7 +134,7 @@ def prior_objective(
         return (
             F.cross_entropy(logits, labels)
             + statistics_loss(pre.statistics(), targets)
-            + input_prior(x)
+            + input_prior(x, (prior_mean, prior_std))
             + TV_WEIGHT * total_variation(x)
         )
 

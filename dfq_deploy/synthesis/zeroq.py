@@ -1,7 +1,8 @@
 """``zeroq`` (Cai et al., CVPR 2020): images whose BN-input statistics match the running statistics.
 
 Loss per batch: BNS over every BN layer plus a prior pulling each image's per-channel mean/std to
-0/1 (the statistics of normalised natural images). No labels. Adam lr 0.5, reduce-on-plateau,
+0/1 (the statistics of natural images under ImageNet's normalisation; under another one, where
+those statistics land: :func:`dfq_deploy.normalization.natural_image_prior`). No labels. Adam lr 0.5, reduce-on-plateau,
 at most 500 steps (see ``STOP_MISMATCH``). The official code compares *per-image* unbiased statistics with the running ones and
 starts from a tiny initialisation; we compare batch statistics (what BN really normalises with) and
 start from N(0, 1), which reaches the official loss level faster.
@@ -24,10 +25,15 @@ STOP_MISMATCH = 0.005
 PRIOR_EPS = 1e-5
 
 
-def input_prior(x: torch.Tensor) -> torch.Tensor:
-    """Mean over images of ‖per-channel mean‖² + ‖per-channel std − 1‖² of the image itself."""
+def input_prior(x: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean over images of ‖per-channel mean − μ‖² + ‖per-channel std − σ‖² of the image itself.
+
+    ``target`` (μ, σ), one value per channel, is where a normalised photograph lies
+    (:meth:`Job.prior_target`); ``None`` is (0, 1), ZeroQ's prior for ImageNet's normalisation.
+    """
     var, mean = torch.var_mean(x.flatten(2), dim=2, correction=0)
-    return (mean.square().sum(1) + ((var + PRIOR_EPS).sqrt() - 1).square().sum(1)).mean()
+    target_mean, target_std = (0.0, 1.0) if target is None else target
+    return ((mean - target_mean).square().sum(1) + ((var + PRIOR_EPS).sqrt() - target_std).square().sum(1)).mean()
 
 
 def zeroq_objective(job: Job, capture: BNInputCapture, warmup: int = 0) -> Objective:
@@ -35,12 +41,13 @@ def zeroq_objective(job: Job, capture: BNInputCapture, warmup: int = 0) -> Objec
     job.require_bn()
     stats = RunningStats(job.layers)
     stop = MismatchStop(stats, STOP_MISMATCH)
+    target = job.prior_target()
 
     def loss(x: torch.Tensor, labels: torch.Tensor | None, step: int, noise: torch.Generator) -> torch.Tensor:
         job.model(x)
         errors = stats.bns_errors(capture.captured())
         stop.record(errors)
-        return errors.sum() + input_prior(x)
+        return errors.sum() + input_prior(x, target)
 
     return Objective(loss, None, dict, stop.done)
 
