@@ -26,7 +26,8 @@ from dfq_deploy.converters.onnx_qdq import onnx_from_quant_model
 from dfq_deploy.deployment import onnxruntime_agreement
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.calibration_set import CalibrationSet
-from dfq_deploy.quant.quantize import fit_block_size, quantize
+from dfq_deploy.quant.placement import fit_block_size
+from dfq_deploy.quant.quantize import quantize
 
 INT4W = int4_weight_only(INT8_TENSORRT)
 
