@@ -1,7 +1,7 @@
 """Accuracy on real labelled images, and agreement of a quantized model with its FP32 original.
 
 An evaluation set is an ImageFolder directory (one sub-folder per class, sorted names = label
-indices) or an ``.npz`` file in the assets' format (``x`` uint8 N×H×W×C RGB, ``y`` integer labels).
+indices), a directory with a ``labels.csv`` of ``file,label`` rows (:mod:`dfq_deploy.io.labels_csv`) or an ``.npz`` file in the assets' format (``x`` uint8 N×H×W×C RGB, ``y`` integer labels).
 A model is anything that maps a batch: an ``nn.Module``, a :class:`QuantModel`, a callable on
 tensors, or an active :class:`~dfq_deploy.runtimes.base.Runner` (fed float32 NCHW arrays).
 """
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.io.labels_csv import has_labels_csv, read_labels_csv
 from dfq_deploy.quant.quantize import QuantModel
 from dfq_deploy.runtimes.base import Runner
 from dfq_deploy.runtimes.profiler import Agreement, compare
@@ -139,16 +140,7 @@ def _read_image_folder(
 ) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-    if not classes:
-        raise BadInputError(f"{path} has no class sub-folders", hint="ImageFolder layout: DIR/<class>/<image>")
-    files = [
-        (f, label)
-        for label, name in enumerate(classes)
-        for f in sorted((path / name).iterdir())
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    files = files[:limit]
+    files = _labelled_files(path)[:limit]
     if not files:
         raise BadInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
     height, width = size
@@ -164,6 +156,24 @@ def _read_image_folder(
             image = image.resize((width, height), Image.BILINEAR)
         pixels[i] = np.asarray(image)
     return pixels, np.array([label for _, label in files], dtype=np.int64)
+
+
+def _labelled_files(path: Path) -> list[tuple[Path, int]]:
+    """(image, label) pairs: from ``labels.csv`` when the folder has one, else ImageFolder layout."""
+    if has_labels_csv(path):
+        return read_labels_csv(path)
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    if not classes:
+        raise BadInputError(
+            f"{path} has no class sub-folders and no labels.csv",
+            hint="ImageFolder layout (DIR/<class>/<image>) or a labels.csv of file,label rows",
+        )
+    return [
+        (f, label)
+        for label, name in enumerate(classes)
+        for f in sorted((path / name).iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
 
 
 def output_classes(model: Any, input_shape: tuple[int, ...]) -> int:

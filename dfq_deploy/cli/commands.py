@@ -443,7 +443,8 @@ def demo(fast, method, out_dir, force, no_progress) -> None:
 @click.option(
     "--eval-set",
     type=click.Path(exists=True, path_type=Path),
-    help="Real labelled images (ImageFolder dir or .npz with x, y) to report top-1 on; never used to calibrate.",
+    help="Real labelled images (ImageFolder dir, dir with labels.csv of file,label, or .npz with x, y) to "
+    "report top-1 on; never used to calibrate.",
 )
 @click.option(
     "--eval-resize",
@@ -635,7 +636,7 @@ def quantize(model, calib_set, target, precision, config_file, out_dir, no_progr
     "--eval-set",
     type=click.Path(exists=True, path_type=Path),
     required=True,
-    help="ImageFolder directory or .npz (x: N,H,W,C uint8; y: labels).",
+    help="ImageFolder directory, directory with a labels.csv (file,label), or .npz (x: N,H,W,C uint8; y: labels).",
 )
 @click.option("--arch", help="Architecture for a state_dict file.")
 @click.option("--trust-pickle", is_flag=True)
