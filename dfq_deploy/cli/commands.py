@@ -68,7 +68,10 @@ def model_options(fn):
     fn = click.option(
         "--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file)."
     )(fn)
-    fn = click.option("--arch", help="Architecture for a state_dict: torchvision:NAME, cifar:NAME or timm:NAME.")(fn)
+    fn = click.option(
+        "--arch",
+        help="Architecture for a state_dict: torchvision:NAME, cifar:NAME, timm:NAME or efficientnet-lite:liteN.",
+    )(fn)
     return click.argument("model", type=click.Path(dir_okay=False, path_type=Path))(fn)
 
 

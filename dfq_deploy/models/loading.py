@@ -22,6 +22,7 @@ from dfq_deploy.models.capture import capture_graph
 DEFAULT_INPUT_SHAPE = (3, 224, 224)
 # Architectures whose native resolution is not 224.
 _INPUT_SHAPES = {"torchvision:inception_v3": (3, 299, 299)}
+EFFICIENTNET_LITE_VARIANTS = ("0", "1", "2", "3", "4")
 
 
 @dataclasses.dataclass
@@ -66,7 +67,8 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def build_arch(arch: str) -> nn.Module:
-    """An untrained model by name: ``torchvision:resnet18``, ``cifar:resnet20``, ``timm:NAME``."""
+    """An untrained model by name: ``torchvision:resnet18``, ``cifar:resnet20``, ``timm:NAME``,
+    ``efficientnet-lite:lite1`` (inputs normalised as (x - 127) / 128: ``--normalize efficientnet-lite``)."""
     family, _, name = arch.partition(":")
     if not name:
         family, name = "torchvision", family
@@ -97,9 +99,31 @@ def build_arch(arch: str) -> nn.Module:
             return timm.create_model(name, pretrained=False)
         except RuntimeError as exc:
             raise BadInputError(f"unknown timm model {name!r}: {exc}") from None
+    if family == "efficientnet-lite":
+        return _efficientnet_lite(name, arch)
     raise BadInputError(
-        f"unknown architecture family {family!r} in --arch {arch}", hint="use torchvision:NAME, cifar:NAME or timm:NAME"
+        f"unknown architecture family {family!r} in --arch {arch}",
+        hint="use torchvision:NAME, cifar:NAME, timm:NAME or efficientnet-lite:lite0..lite4",
     )
+
+
+def _efficientnet_lite(name: str, arch: str) -> nn.Module:
+    """EfficientNet-Lite0..4 from the ``efficientnet-lite-pytorch`` package (the ``bench`` extra),
+    with "same" padding computed from each input's size, so it runs at any resolution (the weights
+    packages' state_dicts were converted at 224..300 px; the assets run them at 224)."""
+    variant = name.removeprefix("efficientnet-").removeprefix("lite")
+    if variant not in EFFICIENTNET_LITE_VARIANTS:
+        raise BadInputError(
+            f"unknown EfficientNet-Lite variant {name!r} in --arch {arch}",
+            hint="use efficientnet-lite:lite0 ... efficientnet-lite:lite4",
+        )
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        from dfq_deploy.errors import MissingDependencyError
+
+        raise MissingDependencyError("efficientnet-lite-pytorch", extra="bench", purpose=f"--arch {arch}") from None
+    return EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
 
 
 def default_input_shape(arch: str | None) -> tuple[int, ...]:
