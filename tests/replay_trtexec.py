@@ -2,9 +2,10 @@
 
 No Jetson or GPU is available to the tests, so this lets the trtexec runner run end to end over SSH:
 its job script, shell quoting, exit statuses, the copies back and the reading of the exports. A build
-(``--skipInference``) writes a placeholder engine, or, for an ONNX whose graph is named ``broken``,
+(``--skipInference``) writes a placeholder engine (``$REPLAY_ENGINE_BYTES`` long), or, for an ONNX whose graph is named ``broken``,
 fails with error lines in trtexec's console format; a timed run (``--loadEngine``) copies the real
 ``--exportTimes/--exportProfile/--exportLayerInfo`` files of ``$REPLAY_PREFIX`` where it is told to.
+Both print trtexec's memory lines (the forms TensorRT 10 prints; the numbers grow with the batch size).
 """
 
 import gzip
@@ -17,6 +18,36 @@ VERSION = "[TensorRT v100300]"
 
 def option(args, name):
     return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), None)
+
+
+def shapes_batch(args):
+    spec = option(args, "shapes") or option(args, "maxShapes") or "x:1x"
+    return int(spec.rsplit(":", 1)[1].split("x")[0])
+
+
+def print_build_memory(batch):
+    stamp = "[12/01/2026-22:00:01]"
+    print(f"{stamp} [I] [TRT] [MemUsageChange] Init CUDA: CPU +2, GPU +0, now: CPU 26, GPU {1690 + batch} (MiB)")
+    print(
+        f"{stamp} [I] [TRT] [MemUsageChange] Init builder kernel library: CPU +2646, GPU +414, now: CPU 2873, GPU 2107 (MiB)"
+    )
+    print(f"{stamp} [I] [TRT] Engine generation completed in 1.5 seconds.")
+    print(
+        f"{stamp} [I] [TRT] [MemUsageStats] Peak memory usage of TRT CPU/GPU memory allocators: CPU 9 MiB, GPU {100 + batch} MiB"
+    )
+    print(f"{stamp} [I] Engine built in 1.6 sec.")
+    print(f"{stamp} [I] Created engine with size: {3.25 + batch / 8:g} MiB")
+
+
+def print_run_memory(batch):
+    stamp = "[12/01/2026-22:00:02]"
+    print(f"{stamp} [I] [TRT] [MemUsageChange] Init CUDA: CPU +2, GPU +0, now: CPU 26, GPU 1693 (MiB)")
+    print(f"{stamp} [I] [TRT] Loaded engine size: 3 MiB")
+    print(
+        f"{stamp} [I] [TRT] [MemUsageChange] TensorRT-managed allocation in IExecutionContext creation: "
+        f"CPU +0, GPU +{batch}, now: CPU 0, GPU {4 + batch} (MiB)"
+    )
+    print(f"{stamp} [I] Created execution context with device memory size: {1.5 * batch:g} MiB")
 
 
 def main(args):
@@ -35,9 +66,13 @@ def main(args):
             print("[12/01/2026-22:00:01] [E] Engine could not be created from network")
             print(f"&&&& FAILED TensorRT.trtexec {VERSION} # {command}")
             return 1
+        batch = shapes_batch(args)
+        print_build_memory(batch)
+        size = int(os.environ.get("REPLAY_ENGINE_BYTES", "4096"))  # a placeholder "engine" per batch size
         with open(option(args, "saveEngine"), "wb") as f:
-            f.write(b"replayed engine")
+            f.write((f"replayed engine for batch {batch}\n".encode() * (size // 20 + 1))[:size])
     else:
+        print_run_memory(shapes_batch(args))
         prefix = os.environ["REPLAY_PREFIX"]
         with gzip.open(f"{prefix}.timing.json.gz", "rb") as src, open(option(args, "exportTimes"), "wb") as dst:
             shutil.copyfileobj(src, dst)

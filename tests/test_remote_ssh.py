@@ -72,12 +72,38 @@ def replay_trtexec(tmp_path, assets) -> tuple[Path, Path]:
     prefix = assets / "trtexec" / "mobilenet_v2_residuals.qat.onnx.engine"
     if not Path(f"{prefix}.timing.json.gz").is_file():
         pytest.skip(f"trtexec exports not found at {prefix}")
-    exe = tmp_path / "bin" / "trtexec"
-    exe.parent.mkdir()
+    return write_replay_trtexec(tmp_path / "bin", prefix), prefix
+
+
+def write_replay_trtexec(folder: Path, prefix: Path, env: str = "") -> Path:
+    """``folder/trtexec``: a shell script running tests/replay_trtexec.py on ``prefix`` (``env``: more
+    variables for it, such as ``REPLAY_ENGINE_BYTES=N``)."""
+    exe = folder / "trtexec"
+    folder.mkdir(parents=True, exist_ok=True)
     script = Path(__file__).with_name("replay_trtexec.py")
-    exe.write_text(f'#!/bin/sh\nREPLAY_PREFIX={shlex.quote(str(prefix))} exec {sys.executable} {script} "$@"\n')
+    exe.write_text(f'#!/bin/sh\n{env} REPLAY_PREFIX={shlex.quote(str(prefix))} exec {sys.executable} {script} "$@"\n')
     exe.chmod(0o755)
-    return exe, prefix
+    return exe
+
+
+def trtexec_profile_args(sshd, onnx: Path, exe: Path, out: Path, *extra: str, batch_sizes: str = "1,2") -> list[str]:
+    """``profile ONNX --remote`` on the loopback device with trtexec at ``exe``."""
+    return [
+        "profile",
+        str(onnx),
+        "--remote",
+        sshd.url,
+        *ssh_args(sshd),
+        "--runner",
+        "trtexec",
+        "--remote-trtexec",
+        str(exe),
+        "--batch-sizes",
+        batch_sizes,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def ssh_args(sshd) -> list[str]:
@@ -211,24 +237,7 @@ def test_trtexec_runner_over_ssh(sshd, tiny_onnx, replay_trtexec, tmp_path):
     exe, prefix = replay_trtexec
     before = remote_dirs(sshd)
     out = tmp_path / "trt"
-    res = CliRunner().invoke(
-        main,
-        [
-            "profile",
-            str(tiny_onnx),
-            "--remote",
-            sshd.url,
-            *ssh_args(sshd),
-            "--runner",
-            "trtexec",
-            "--remote-trtexec",
-            str(exe),
-            "--batch-sizes",
-            "1,2",
-            "--out",
-            str(out),
-        ],
-    )
+    res = CliRunner().invoke(main, trtexec_profile_args(sshd, tiny_onnx, exe, out))
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     with gzip.open(f"{prefix}.timing.json.gz", "rt") as f:
@@ -327,6 +336,7 @@ def test_build_tensorrt_on_the_device(sshd, replay_trtexec, tmp_path):
             *ssh_args(sshd),
             "--remote-trtexec",
             str(exe),
+            "--fetch-engine",
             "--out",
             str(out),
         ],
@@ -334,6 +344,11 @@ def test_build_tensorrt_on_the_device(sshd, replay_trtexec, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     dep = report["deployment"]
+    engine = out / "remote" / "dfq-loopback" / "model.b1.engine"  # --fetch-engine: into the build folder
+    (record,) = dep["remote"][0]["engines"]
+    assert record["path"] == "remote/dfq-loopback/model.b1.engine" and record["bytes"] == engine.stat().st_size
+    assert json.loads(engine.with_name("model.b1.engine.json").read_text())["sha256"] == record["sha256"]
+    assert dep["memory"]["batch 1"]["context_device_mib"] == 1.5
     assert dep["runtime"] == "trtexec" and dep["latency"][0]["runner"] == "trtexec"
     (device,) = dep["remote"]
     assert device["label"] == "dfq-loopback" and "--stronglyTyped" in device["commands"][0]
@@ -363,24 +378,7 @@ def test_trtexec_build_failure_gives_its_error_lines(sshd, replay_trtexec, tmp_p
     exe, _ = replay_trtexec
     broken = conv_relu_onnx(tmp_path / "broken.onnx", name="broken")
     before = remote_dirs(sshd)
-    res = CliRunner().invoke(
-        main,
-        [
-            "profile",
-            str(broken),
-            "--remote",
-            sshd.url,
-            *ssh_args(sshd),
-            "--runner",
-            "trtexec",
-            "--remote-trtexec",
-            str(exe),
-            "--batch-sizes",
-            "1",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-    )
+    res = CliRunner().invoke(main, trtexec_profile_args(sshd, broken, exe, tmp_path / "out", batch_sizes="1"))
     assert res.exit_code == 10, res.output
     first = res.output.splitlines()[0]
     assert first.startswith("error: trtexec failed to build the engine for batch 1 on dfq-loopback: ")

@@ -153,6 +153,58 @@ def test_console_log_gives_command_version_device_and_errors():
     )
 
 
+# trtexec 10.9's console lines (build and timed run in one log), in the forms it prints them; no real
+# console log is among the shared assets, so the numbers here are this test's own.
+TRT10_LOG = """\
+&&&& RUNNING TensorRT.trtexec [TensorRT v100900] [b34] # trtexec --onnx=m.onnx --saveEngine=m.engine
+[12/01/2026-10:00:00] [I] TensorRT version: 10.9.0
+[12/01/2026-10:00:00] [I] [TRT] [MemUsageChange] Init CUDA: CPU +2, GPU +0, now: CPU 31, GPU 1702 (MiB)
+[12/01/2026-10:00:02] [I] [TRT] [MemUsageChange] Init builder kernel library: CPU +2650, GPU +420, now: CPU 2878, GPU 2122 (MiB)
+[12/01/2026-10:00:09] [I] [TRT] Total Activation Memory: 8228864 bytes
+[12/01/2026-10:00:09] [I] [TRT] Engine generation completed in 7.1 seconds.
+[12/01/2026-10:00:09] [I] [TRT] [MemUsageStats] Peak memory usage of TRT CPU/GPU memory allocators: CPU 8 MiB, GPU 97 MiB
+[12/01/2026-10:00:09] [I] Engine built in 7.2 sec.
+[12/01/2026-10:00:09] [I] Created engine with size: 12.4873 MiB
+[12/01/2026-10:00:10] [I] [TRT] Loaded engine size: 12 MiB
+[12/01/2026-10:00:10] [I] [TRT] [MemUsageChange] TensorRT-managed allocation in IExecutionContext creation: CPU +0, GPU +6, now: CPU 0, GPU 18 (MiB)
+[12/01/2026-10:00:10] [I] Created execution context with device memory size: 5.625 MiB
+&&&& PASSED TensorRT.trtexec [TensorRT v100900] [b34] # trtexec --onnx=m.onnx --saveEngine=m.engine
+"""
+
+
+def test_console_memory_reads_engine_context_and_peak_gpu():
+    from dfq_deploy.remote.trtexec_memory import console_memory
+
+    now = [int(line.split("GPU ")[-1].split()[0]) for line in TRT10_LOG.splitlines() if "now: CPU" in line]
+    memory = console_memory([TRT10_LOG])
+    assert memory["peak_gpu_mib"] == max(now) == 2122
+    assert memory["engine_mib"] == 12.4873  # the build's figure, not the load's whole MiB
+    assert memory["context_device_mib"] == 5.625 and memory["trt_allocator_peak_gpu_mib"] == 97
+    run_only = "\n".join(line for line in TRT10_LOG.splitlines() if "Created engine" not in line)
+    assert console_memory([run_only])["engine_mib"] == 12.0
+    assert console_memory(["[I] Starting inference"]) == {}
+
+
+def test_console_log_of_tensorrt_10_with_a_build_tag():
+    summary = parse_console_log(TRT10_LOG)
+    assert summary.command == "trtexec --onnx=m.onnx --saveEngine=m.engine"
+    assert summary.tensorrt_version == "10.9.0" and not summary.failed
+
+
+def test_export_reads_memory_from_the_console_logs_beside_it(prefix, tmp_path):
+    for suffix in ("timing.json.gz", "profile.json", "graph.json"):
+        (tmp_path / f"run.{suffix}").write_bytes(prefix.with_name(f"{NAME}.{suffix}").read_bytes())
+    build, run = TRT10_LOG.split("[12/01/2026-10:00:10]", 1)
+    (tmp_path / "run.build.log").write_text(build)
+    (tmp_path / "run.profile.log").write_text("[12/01/2026-10:00:10]" + run)
+    result = read_trtexec_export(tmp_path / "run")
+    assert result.memory["engine_mib"] == 12.4873 and result.memory["context_device_mib"] == 5.625
+    assert result.files.build_log == tmp_path / "run.build.log"
+    out = profile_trtexec_export(tmp_path / "run", out_dir=tmp_path / "out")
+    assert out.report["deployment"]["memory"]["batch 1"]["peak_gpu_mib"] == 2122
+    assert (tmp_path / "out" / "trtexec" / "run.build.log").is_file()
+
+
 @pytest.mark.parametrize(
     "precision, flags, absent",
     [

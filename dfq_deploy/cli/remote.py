@@ -39,6 +39,12 @@ def device_options(fn):
     fn = click.option(
         "--ssh-identity", type=click.Path(dir_okay=False, path_type=Path), help="Private key for the device (ssh -i)."
     )(fn)
+    fn = click.option(
+        "--fetch-engine",
+        is_flag=True,
+        help="Copy the engines trtexec built on the device back into --out (remote/DEVICE/model.bN.engine, "
+        "with a .json naming the GPU and TensorRT they run on); without it they stay on the device.",
+    )(fn)
     return click.option(
         "--remote",
         "remotes",
@@ -72,4 +78,5 @@ def remote_devices(o: dict[str, Any]):
         trtexec_path=o["remote_trtexec"],
         dfq_deploy_path=o["remote_dfq_deploy"],
         path_prefix=o["remote_path"],
+        fetch_engine=o["fetch_engine"],
     )

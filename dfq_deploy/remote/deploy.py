@@ -33,6 +33,7 @@ class RemoteDevices:
     trtexec_path: str | None = None
     dfq_deploy_path: str | None = None
     path_prefix: str | None = None
+    fetch_engine: bool = False
 
     def request(
         self,
@@ -49,6 +50,7 @@ class RemoteDevices:
             runner=self.runner,
             trtexec_path=self.trtexec_path,
             path_prefix=self.path_prefix,
+            fetch_engines=self.fetch_engine,
             trtexec=TrtexecOptions(
                 precision=precision,
                 batch_sizes=profile_config.batch_sizes,
@@ -99,10 +101,11 @@ def deploy_on_devices(
             "engine_layers": list(first.engine_layers) if first.engine_layers else None,
         },
         "not_run": (
-            f"The engine was built and timed on {where}, in a temp dir removed afterwards; no engine "
-            "was built or run on this machine. Not measured: the engine's fidelity to the fake-quant "
-            "reference and its accuracy. Measured here: the per-layer fidelity of the Q/DQ graph on "
-            "onnxruntime CPU and the fake-quant model's accuracy."
+            f"The engine was built and timed on {where}, in a temp dir removed afterwards"
+            + (" (the engines copied back: see `engines` of each device)" if devices.fetch_engine else "")
+            + "; no engine was built or run on this machine. Not measured: the engine's fidelity to the "
+            "fake-quant reference and its accuracy. Measured here: the per-layer fidelity of the Q/DQ "
+            "graph on onnxruntime CPU and the fake-quant model's accuracy."
         ),
     }
     return deployment

@@ -116,6 +116,7 @@ def profile_trtexec_export(
             profile_runs=result.profile_runs,
             precision_map=_precision_map(Path(qdq_onnx), result.engine_layers) if qdq_onnx else None,
             raw_dir=raw,
+            memory={f"batch {result.latency.batch_size}": result.memory} if result.memory else None,
         )
         report = profile_report([profile], artifact=Path(qdq_onnx) if qdq_onnx else None, target="tensorrt")
         report["trtexec_export"] = str(prefix)

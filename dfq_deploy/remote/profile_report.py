@@ -17,7 +17,8 @@ from typing import Any
 
 from dfq_deploy import __version__
 from dfq_deploy.io.artifacts import atomic_write_bytes, sha256_file
-from dfq_deploy.io.layout import REPORT_JSON, REPORT_MD
+from dfq_deploy.io.layout import REPORT_JSON, REPORT_MD, safe_name
+from dfq_deploy.remote.engines import FetchedEngine, place_engines
 from dfq_deploy.remote.trtexec_exports import EngineLayer
 from dfq_deploy.report.markdown import _table, latency_lines
 from dfq_deploy.report.schema import SCHEMA_VERSION
@@ -43,6 +44,8 @@ class DeviceProfile:
     raw_dir: Path | None = None
     notes: tuple[str, ...] = ()
     engine_layers: tuple[Mapping[str, Any], ...] | None = None  # trtexec's layer info, for a build's precision map
+    memory: Mapping[str, Any] | None = None  # per batch size ("batch N"): trtexec_memory.console_memory
+    engines: tuple[FetchedEngine, ...] = ()  # engines fetched from the device (--fetch-engine)
 
     def section(self) -> dict[str, Any]:
         """This device's part of report.json."""
@@ -61,6 +64,10 @@ class DeviceProfile:
             }
         if self.tegrastats:
             out["tegrastats"] = dict(self.tegrastats)
+        if self.memory:
+            out["memory"] = dict(self.memory)
+        if self.engines:
+            out["engines"] = [e.record() for e in self.engines]
         if self.notes:
             out["notes"] = list(self.notes)
         return out
@@ -84,6 +91,8 @@ def profile_report(profiles: Sequence[DeviceProfile], *, artifact: Path | None, 
             "machine": dict(one.device),
             "latency": [r.as_dict() for r in one.latency],
         }
+        if one.memory:
+            report["deployment"]["memory"] = dict(one.memory)
         if one.precision_map:
             report["precision_map"] = dict(one.precision_map)
         return report
@@ -104,8 +113,9 @@ def write_profile_report(
 ) -> dict[str, Path]:
     """Write report.json, report.md and the raw trtexec files (``out_dir/trtexec/[label/]``).
 
-    The raw files are moved in before the reports are written (:func:`copy_raw_files`), so an error
-    leaves neither a half-written report nor a partial ``trtexec/`` folder.
+    The raw files and fetched engines are moved in before the reports are written
+    (:func:`copy_raw_files`), so an error leaves neither a half-written report nor a partial
+    ``trtexec/`` folder or engine.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     copy_raw_files(out_dir, profiles)
@@ -116,24 +126,25 @@ def write_profile_report(
 
 def copy_raw_files(out_dir: Path, profiles: Sequence[DeviceProfile]) -> Path | None:
     """The raw trtexec files of ``profiles`` into ``out_dir/trtexec/`` (``trtexec/LABEL/`` for several
-    devices): staged beside it and renamed into place, so the folder is whole or absent."""
+    devices): staged beside it and renamed into place, so the folder is whole or absent; then the
+    engines fetched from the devices (``--fetch-engine``), each written to a temp file and renamed."""
+    for p in profiles:
+        place_engines(out_dir, p.engines)
     raw = [p for p in profiles if p.raw_dir is not None]
     if not raw:
         return None
     staging = Path(tempfile.mkdtemp(prefix=".trtexec.", dir=out_dir))
     try:
         for p in raw:
-            shutil.copytree(p.raw_dir, staging if len(profiles) == 1 else staging / _safe(p.label), dirs_exist_ok=True)
+            shutil.copytree(
+                p.raw_dir, staging if len(profiles) == 1 else staging / safe_name(p.label), dirs_exist_ok=True
+            )
         if (out_dir / RAW_DIR).exists():
             shutil.rmtree(out_dir / RAW_DIR)
         staging.rename(out_dir / RAW_DIR)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / RAW_DIR
-
-
-def _safe(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
 def render_profile_markdown(report: Mapping[str, Any]) -> str:
@@ -199,6 +210,31 @@ def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
         lines += ["Commands run on the device:", "", "```"] + list(section["commands"]) + ["```", ""]
     latency = latency_lines(section.get("latency", []), title=f"Latency ({section.get('runner')})")
     lines += [f"{heading}# {latency[0].removeprefix('## ')}", *latency[1:], ""]  # one level below the device
+    memory = section.get("memory")
+    if memory:
+        keys = ["engine_mib", "context_device_mib", "peak_gpu_mib", "trt_allocator_peak_gpu_mib"]
+        lines += [f"{heading}# Device memory (MiB, from trtexec's console log)", ""]
+        lines += _table(
+            ["batch", "engine", "execution context", "peak GPU in use", "TensorRT allocators peak"],
+            [[batch.removeprefix("batch ")] + [_num(m.get(k)) for k in keys] for batch, m in memory.items()],
+        ) + [""]
+    engines = section.get("engines")
+    if engines:
+        lines += [f"{heading}# Engines fetched from the device", ""]
+        lines += _table(
+            ["batch", "file", "bytes", "sha256", "TensorRT", "GPU"],
+            [
+                [
+                    e["batch_size"],
+                    f"`{e['path']}`",
+                    e["bytes"],
+                    e["sha256"][:16],
+                    e.get("tensorrt_version"),
+                    e.get("gpu"),
+                ]
+                for e in engines
+            ],
+        ) + [""]
     stats = section.get("tegrastats")
     if stats:
         lines += [f"{heading}# tegrastats", ""] + [f"- {k}: {v}" for k, v in stats.items()] + [""]

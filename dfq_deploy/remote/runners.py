@@ -15,6 +15,7 @@ from typing import Literal
 
 from dfq_deploy.errors import BadInputError, RemoteError
 from dfq_deploy.remote.device import DeviceDescription, probe_device
+from dfq_deploy.remote.engines import fetch_engines
 from dfq_deploy.remote.profile_report import DeviceProfile
 from dfq_deploy.remote.ssh import JOB_PREAMBLE, SshDevice
 from dfq_deploy.remote.tegrastats import summarise_tegrastats
@@ -61,6 +62,7 @@ class RemoteProfileRequest:
     trtexec_path: str | None = None
     path_prefix: str | None = None
     dfq_deploy: DfqDeployRunOptions = DfqDeployRunOptions()
+    fetch_engines: bool = False  # copy the engines trtexec built back (--fetch-engine)
 
     def __post_init__(self) -> None:
         if self.runner not in ("auto", "trtexec", "dfq-deploy"):
@@ -104,6 +106,11 @@ def profile_on_device(ssh: SshDevice, request: RemoteProfileRequest, *, staging:
     runner = choose_runner(request.runner, device)
     if runner == "dfq-deploy":
         request.dfq_deploy.check_target()
+        if request.fetch_engines:
+            raise BadInputError(
+                f"--fetch-engine copies the engines trtexec builds; {device.label} profiles with dfq-deploy",
+                hint="use --runner trtexec (the device needs trtexec)",
+            )
     data = Path(request.artifact).read_bytes()
     if device.tmp_free_bytes is not None and device.tmp_free_bytes < 3 * len(data) + (16 << 20):
         raise RemoteError(
@@ -190,6 +197,9 @@ def _run_trtexec(
     if console and console.tensorrt_version:
         description["tensorrt_version"] = console.tensorrt_version
     first = results[0]
+    engines = (
+        fetch_engines(ssh, steps, device=description, staging=staging / "engines") if request.fetch_engines else ()
+    )
     return DeviceProfile(
         label=device.label,
         runner="trtexec",
@@ -200,7 +210,9 @@ def _run_trtexec(
         profile_runs=first.profile_runs,
         precision_map=_precision_map(request.artifact, first.engine_layers),
         tegrastats=stats or None,
+        memory={f"batch {s.batch_size}": r.memory for s, r in zip(steps, results, strict=True) if r.memory} or None,
         raw_dir=raw,
+        engines=engines,
         engine_layers=tuple(first.engine_layers) if first.engine_layers else None,
         notes=(f"per-layer table of batch {steps[0].batch_size}",) if len(steps) > 1 else (),
     )

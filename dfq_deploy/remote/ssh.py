@@ -18,6 +18,7 @@ import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from dfq_deploy.errors import BadInputError, RemoteError
@@ -57,6 +58,7 @@ _SSH_FAILURES = (
     ),
 )
 _DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded")
+_CHUNK = 1 << 20  # bytes read at a time from a streamed copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,18 +181,24 @@ class SshDevice:
 
     def _communicate(self, argv: list[str], data: bytes, timeout_s: float | None) -> subprocess.CompletedProcess:
         with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as popen:
-            with self._lock:
-                self._running.add(popen)
-            try:
+            with self._tracked(popen):
                 out, err = popen.communicate(data, timeout=timeout_s)
-            except BaseException:
-                popen.kill()
-                popen.wait()
-                raise
-            finally:
-                with self._lock:
-                    self._running.discard(popen)
         return subprocess.CompletedProcess(argv, popen.returncode, out, err)
+
+    @contextlib.contextmanager
+    def _tracked(self, popen: subprocess.Popen) -> Iterator[subprocess.Popen]:
+        """Keep ``popen`` where :meth:`abort` finds it; killed if the caller fails (or is interrupted)."""
+        with self._lock:
+            self._running.add(popen)
+        try:
+            yield popen
+        except BaseException:
+            popen.kill()
+            popen.wait()
+            raise
+        finally:
+            with self._lock:
+                self._running.discard(popen)
 
     def abort(self) -> None:
         """Stop the ssh clients running now (from another thread, e.g. on SIGTERM): their calls raise
@@ -237,6 +245,26 @@ class SshDevice:
             # The "data" filter refuses absolute paths, links out of the folder and device files.
             tar.extractall(local_dir, members=members, filter="data")
         return sorted(p for p in local_dir.rglob("*") if p.is_file())
+
+    def stream_file(self, remote_path: str, dest: BinaryIO) -> int:
+        """Copy ``remote_path`` on the device into ``dest`` as it arrives (an engine can be hundreds of MiB,
+        more than :meth:`run` should hold in memory); returns the bytes written. A dropped connection or
+        a failed read raises :class:`RemoteError`; what was written by then is the caller's to discard."""
+        what = f"fetching {remote_path}"
+        if self._aborted:
+            raise RemoteError(f"{what} on {self.target.label} not started: the run was stopped")
+        argv = self.ssh_argv("cat", "--", shlex.quote(remote_path))
+        written = 0
+        with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as popen:
+            with self._tracked(popen):
+                while chunk := popen.stdout.read(_CHUNK):
+                    dest.write(chunk)
+                    written += len(chunk)
+                err = popen.stderr.read()  # cat and ssh write a line or two at most: no deadlock
+                popen.wait()
+        if popen.returncode != 0:
+            raise self.error(subprocess.CompletedProcess(argv, popen.returncode, b"", err), what=what)
+        return written
 
     @contextlib.contextmanager
     def temp_dir(self) -> Iterator[str]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from dfq_deploy.analysis.engine_layers import engine_layers_from_layer_info, tensorrt_format_dtype
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.remote.trtexec_memory import console_memory
 from dfq_deploy.runtimes.profiler import LatencyRecord, StageTimes
 
 RUNNER = "trtexec"
@@ -37,6 +38,7 @@ class ExportFiles:
     graph: Path | None = None
     console_log: Path | None = None
     profile_metadata: Path | None = None
+    build_log: Path | None = None  # the console log of the build (``--saveEngine``), when separate
 
     @classmethod
     def find(cls, prefix: str | Path) -> ExportFiles:
@@ -59,11 +61,13 @@ class ExportFiles:
             first(".graph.json"),
             first(".profile.log", ".log"),
             first(".profile.metadata.json"),
+            first(".build.log"),
         )
 
     def all(self) -> list[Path]:
         """Every file found, for copying them next to a report."""
-        return [p for p in (self.timing, self.profile, self.graph, self.console_log, self.profile_metadata) if p]
+        candidates = (self.timing, self.profile, self.graph, self.console_log, self.profile_metadata, self.build_log)
+        return [p for p in candidates if p]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +120,7 @@ class TrtexecResult:
     command: str | None
     tensorrt_version: str | None
     files: ExportFiles
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)  # see trtexec_memory.console_memory
 
     def ran_in_float(self) -> list[str]:
         return [layer.name for layer in self.layers if layer.ran_in_float]
@@ -209,7 +214,8 @@ def batch_size_from_layer_info(layer_info: Mapping[str, Any]) -> int | None:
     return None
 
 
-_RUNNING = re.compile(r"&&&& (RUNNING|PASSED|FAILED) TensorRT\.trtexec \[TensorRT v(\d+)\] # (.*)")
+# TensorRT 10.x adds a build tag: "&&&& RUNNING TensorRT.trtexec [TensorRT v100900] [b34] # trtexec ...".
+_RUNNING = re.compile(r"&&&& (RUNNING|PASSED|FAILED) TensorRT\.trtexec \[TensorRT v(\d+)\](?: \[b\d+\])? # (.*)")
 _DEVICE_KEYS = (
     "Selected Device",
     "Compute Capability",
@@ -293,4 +299,5 @@ def read_trtexec_export(
         command=console.command if console else None,
         tensorrt_version=console.tensorrt_version if console else None,
         files=files,
+        memory=console_memory(p.read_text(errors="replace") for p in (files.build_log, files.console_log) if p),
     )
