@@ -198,18 +198,9 @@ def _gpu(device: Mapping[str, Any]) -> str:
     return f"{name} (sm {cc})" if cc else str(name)
 
 
-def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
-    device = section.get("device", {})
-    gpu = _gpu(device)
-    lines = [
-        f"{heading} {section.get('label')}" + ("" if gpu.startswith(str(section.get("label"))) else f": {gpu}"),
-        "",
-    ]
-    lines += [f"- {k}: {v}" for k, v in device.items() if v not in (None, "") and k != "label"] + [""]
-    if section.get("commands"):
-        lines += ["Commands run on the device:", "", "```"] + list(section["commands"]) + ["```", ""]
-    latency = latency_lines(section.get("latency", []), title=f"Latency ({section.get('runner')})")
-    lines += [f"{heading}# {latency[0].removeprefix('## ')}", *latency[1:], ""]  # one level below the device
+def _memory_lines(section: Mapping[str, Any], *, heading: str) -> list[str]:
+    """The device-memory table (trtexec's console log) and the engines fetched, where the section has them."""
+    lines: list[str] = []
     memory = section.get("memory")
     if memory:
         keys = ["engine_mib", "context_device_mib", "peak_gpu_mib", "trt_allocator_peak_gpu_mib"]
@@ -235,6 +226,22 @@ def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
                 for e in engines
             ],
         ) + [""]
+    return lines
+
+
+def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
+    device = section.get("device", {})
+    gpu = _gpu(device)
+    lines = [
+        f"{heading} {section.get('label')}" + ("" if gpu.startswith(str(section.get("label"))) else f": {gpu}"),
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in device.items() if v not in (None, "") and k != "label"] + [""]
+    if section.get("commands"):
+        lines += ["Commands run on the device:", "", "```"] + list(section["commands"]) + ["```", ""]
+    latency = latency_lines(section.get("latency", []), title=f"Latency ({section.get('runner')})")
+    lines += [f"{heading}# {latency[0].removeprefix('## ')}", *latency[1:], ""]  # one level below the device
+    lines += _memory_lines(section, heading=heading)
     stats = section.get("tegrastats")
     if stats:
         lines += [f"{heading}# tegrastats", ""] + [f"- {k}: {v}" for k, v in stats.items()] + [""]
