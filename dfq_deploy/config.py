@@ -315,6 +315,7 @@ class ProfileConfig:
     streams: int | None = None
     performance_hint: PerformanceHint = "LATENCY"
     cuda_graph: bool = False
+    spin_wait: bool = False  # poll the run's CUDA event instead of a blocking sync (trtexec's --useSpinWait)
     layer_profile: bool = True
 
     def __post_init__(self) -> None:

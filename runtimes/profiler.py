@@ -138,8 +138,12 @@ def profile(
 ) -> LatencyRecord:
     """Time ``runner.infer`` on one batch with :func:`timing_loop` (host clock, one call per run).
 
-    GPU runners with their own ``profile`` (CUDA events, stage times) are timed by that instead."""
+    Runners with their own ``profile`` (TensorRT: CUDA events and stage times; onnxruntime: IOBinding
+    with device-resident inputs) are timed by that instead."""
     feeds = {runner.input_name: np.ascontiguousarray(batch)}
+    own = getattr(runner, "profile", None)
+    if callable(own):
+        return own(feeds, config=config, clock=clock)
     runs = timing_loop(lambda: runner.infer(feeds), config=config, clock=clock)
     return LatencyRecord.from_samples(
         runner.name,

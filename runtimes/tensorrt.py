@@ -29,7 +29,7 @@ from dfq_deploy.converters.trt_profiles import ShapeProfile, select_profile
 from dfq_deploy.errors import BadInputError, EngineRuntimeError
 from dfq_deploy.runtimes.base import InputSpecs, Runner
 from dfq_deploy.runtimes.profiler import LatencyRecord, StageTimes, timing_loop
-from dfq_deploy.runtimes.trt_gpu import CudaGraph, LayerTimes, context_memory, nvml_memory
+from dfq_deploy.runtimes.trt_gpu import CudaGraph, LayerTimes, context_memory, nvml_memory, wait_for
 
 _NO_GPU_HINT = (
     "TensorRT engines run on NVIDIA GPUs only; build on this machine with --target tensorrt-rtx "
@@ -178,7 +178,7 @@ class TensorRTRunner(Runner):
             marks[2].record(self.stream)
             self._copy_out()
             marks[3].record(self.stream)
-            self.stream.synchronize()
+            wait_for(marks[3], self.stream, spin=config.spin_wait)
             return (
                 marks[0].elapsed_time(marks[3]),
                 marks[0].elapsed_time(marks[1]),
@@ -197,7 +197,13 @@ class TensorRTRunner(Runner):
             batch,
             [r[0] for r in runs],
             timing=config.timing_options()
-            | {"clock": "cuda_event", "cuda_graph": graph is not None, "sync": "stream synchronize after each run"},
+            | {
+                "clock": "cuda_event",
+                "cuda_graph": graph is not None,
+                "sync": "spin-wait on the run's last event"
+                if config.spin_wait
+                else "stream synchronize after each run",
+            },
             **stage,
         )
 

@@ -1,4 +1,5 @@
-"""GPU-side helpers of the TensorRT runner: CUDA-graph replay, the per-layer profiler, device memory.
+"""GPU-side helpers of the TensorRT runner: CUDA-graph replay, waiting for a run (blocking or spinning),
+the per-layer profiler, device memory.
 
 Nothing here runs without a CUDA device; the CPU test suite imports it, the ``gpu`` tests run it.
 """
@@ -43,6 +44,20 @@ class CudaGraph:
     def launch(self) -> None:
         with self._torch.cuda.stream(self._stream):
             self._graph.replay()
+
+
+def wait_for(event, stream, *, spin: bool) -> None:
+    """Return once ``event``, the last thing recorded on ``stream``, has happened.
+
+    ``spin`` polls ``event.query()`` in a loop (trtexec's ``--useSpinWait``): the host sees the end of a
+    run at once, where a blocking ``stream.synchronize()`` may let the thread sleep and wake late,
+    which stretches short runs and their spread; the price is one busy CPU core while it waits.
+    """
+    if not spin:
+        stream.synchronize()
+        return
+    while not event.query():
+        pass
 
 
 def LayerTimes(trt):  # noqa: N802 - builds an instance of a class derived from the module's IProfiler

@@ -78,9 +78,9 @@ def test_bad_feeds_are_rejected(engine_path):
         assert runner.infer({"x": _x(2)})["y"].shape == (2, 8, 16, 16)  # still usable afterwards
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
-def test_profile_fills_the_latency_record_with_stage_times(engine_path, cuda_graph):
-    config = ProfileConfig(warmup_ms=20, iterations=20, duration_s=0.2, cuda_graph=cuda_graph)
+@pytest.mark.parametrize("cuda_graph, spin_wait", [(False, False), (True, False), (False, True)])
+def test_profile_fills_the_latency_record_with_stage_times(engine_path, cuda_graph, spin_wait):
+    config = ProfileConfig(warmup_ms=20, iterations=20, duration_s=0.2, cuda_graph=cuda_graph, spin_wait=spin_wait)
     with TensorRTRunner(engine_path) as runner:
         record = runner.profile({"x": _x(8)}, config=config)
         after = runner.infer({"x": _x(8)})["y"]  # the runner works normally after a graph replay
@@ -90,6 +90,7 @@ def test_profile_fills_the_latency_record_with_stage_times(engine_path, cuda_gra
         assert stage is not None and 0 < stage.median_ms <= stage.p99_ms
     assert record.compute.median_ms <= record.median_ms
     assert record.timing["clock"] == "cuda_event" and record.timing["cuda_graph"] is cuda_graph
+    assert record.timing["sync"].startswith("spin-wait" if spin_wait else "stream synchronize")
     assert after.shape == (8, 8, 16, 16)
 
 

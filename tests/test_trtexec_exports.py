@@ -251,9 +251,10 @@ def test_trtexec_command_lines(precision, flags, absent):
 
 
 def test_trtexec_command_options_and_static_batch():
-    opts = TrtexecOptions(batch_sizes=(4,), warmup_ms=500, duration_s=10, use_cuda_graph=True)
+    opts = TrtexecOptions(batch_sizes=(4,), warmup_ms=500, duration_s=10, use_cuda_graph=True, use_spin_wait=True)
     (step,) = trtexec_steps(NetworkInput("x:0", (4, 3, 8, 8)), onnx_path="m.onnx", work_dir="w", options=opts)
     assert "--warmUp=500" in step.run and "--duration=10" in step.run and "--useCudaGraph" in step.run
+    assert "--useSpinWait" in step.run and "--useSpinWait" not in step.build and opts.timing()["spin_wait"]
     assert not any(a.startswith(("--shapes", "--minShapes")) for a in step.build + step.run)  # static: as exported
     assert shlex.split(shlex.join(step.run)) == list(step.run)
     with pytest.raises(BadInputError, match="fixed batch size 4"):

@@ -188,6 +188,11 @@ def profile_options(fn):
         "--cuda-graph", is_flag=True, help="Time TensorRT engines replayed from a captured CUDA graph (GPU only)."
     )(fn)
     fn = click.option(
+        "--spin-wait",
+        is_flag=True,
+        help="Wait for each timed GPU run by polling its CUDA event, not a blocking sync (trtexec's --useSpinWait).",
+    )(fn)
+    fn = click.option(
         "--profile-duration",
         type=float,
         default=ProfileConfig.duration_s,
@@ -243,6 +248,7 @@ PROFILE_FLAGS = {
     "duration_s": "profile_duration",
     "threads": "threads",
     "cuda_graph": "cuda_graph",
+    "spin_wait": "spin_wait",
     "layer_profile": "layer_profile",
     "streams": "streams",
     "performance_hint": "performance_hint",

@@ -57,6 +57,7 @@ class RemoteDevices:
                 warmup_ms=round(profile_config.warmup_ms),
                 duration_s=profile_config.duration_s,
                 use_cuda_graph=profile_config.cuda_graph,
+                use_spin_wait=profile_config.spin_wait,
             ),
             dfq_deploy=DfqDeployRunOptions(
                 executable=self.dfq_deploy_path,

@@ -31,13 +31,15 @@ JETPACK_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
 
 @dataclasses.dataclass(frozen=True)
 class TrtexecOptions:
-    """How trtexec builds and times: precision, batch sizes, warm-up (ms) and duration (s)."""
+    """How trtexec builds and times: precision, batch sizes, warm-up (ms), duration (s), CUDA graphs and
+    spin-wait synchronisation."""
 
     precision: Precision = "int8"
     batch_sizes: tuple[int, ...] = (1,)
     warmup_ms: int = 200
     duration_s: float = 3.0
     use_cuda_graph: bool = False
+    use_spin_wait: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_FLAGS:
@@ -53,6 +55,7 @@ class TrtexecOptions:
             "warmup_ms": self.warmup_ms,
             "duration_s": self.duration_s,
             "cuda_graph": self.use_cuda_graph,
+            "spin_wait": self.use_spin_wait,
             "separate_profile_run": True,
         }
 
@@ -138,6 +141,7 @@ def trtexec_steps(
             f"--duration={options.duration_s:g}",
             "--separateProfileRun",
             *(("--useCudaGraph",) if options.use_cuda_graph else ()),
+            *(("--useSpinWait",) if options.use_spin_wait else ()),
             "--profilingVerbosity=detailed",
             f"--exportTimes={prefix}.timing.json",
             f"--exportProfile={prefix}.profile.json",
