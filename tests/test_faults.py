@@ -31,6 +31,7 @@ from dfq_deploy.errors import EXIT_SIGINT, EXIT_SIGTERM, StorageError
 from dfq_deploy.io.cache_store import DAMAGED_DIR, ENTRY_MANIFEST, CacheStore, CacheWarning, verify_entry
 from dfq_deploy.io.calibration_set import TENSORS_FILE, CalibrationSet
 from dfq_deploy.io.interrupts import FAULT_STAGE_ENV
+from dfq_deploy.io.locks import StaleLockWarning
 from dfq_deploy.report.schema import validate_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,13 @@ FAST = [
     "--profile-duration",
     "0",
 ]
-SLOW_ZEROQ = [*FAST[:3], "--calib", "zeroq", "--iterations", "100000", *FAST[5:]]  # ends only by a signal
+
+
+def _zeroq(iterations: int) -> list[str]:
+    return [*FAST[:3], "--calib", "zeroq", "--iterations", str(iterations), *FAST[5:]]
+
+
+SLOW_ZEROQ = _zeroq(100000)  # ends only by a signal
 
 
 @pytest.fixture(scope="module")
@@ -435,10 +442,11 @@ def test_a_locked_out_folder_refuses_or_queues_and_a_dead_holder_is_taken_over(m
     assert (holder_out / "report.json").is_file() and leftovers(holder_out) == []
 
 
-# Every stage a build enters, in order, as io.interrupts.stage names them; sub-stages under their stage.
+# Every stage a build enters, in order, as io.interrupts.stage names them; sub-stages under their stage
+# (and the cache entry's fault point, which only a build with a cold cache reaches).
 BUILD_STAGES = {
     "load": (),
-    "synthesize": (),
+    "synthesize": ("cache_entry",),  # the calibration set's cache entry being made, its lock held
     "quantize": ("reconstruct",),
     "export": (),
     "deploy_and_profile": ("fidelity", "profile"),
@@ -489,6 +497,7 @@ def killed_builds(model_file, tmp_path_factory):
         procs = {}
         for stage in KILL_STAGES:
             shutil.copytree(root / "recon", root / stage / "recon")
+            env.setenv("DFQ_DEPLOY_CACHE", str(_cache_of(root, stage)))
             procs[stage] = _spawn_build(
                 model_file, root / stage / "out", *_every_stage(root, root / stage / "recon"), fault_stage=stage
             )
@@ -517,15 +526,22 @@ def test_a_build_killed_in_any_stage_leaves_whole_files_and_a_rerun_succeeds(
     for name in ("model.fp32.onnx", "model.qdq.onnx"):
         if (out / name).exists():
             assert (out / name).read_bytes() == (root / "baseline" / name).read_bytes()
-    assert leftovers(root / "cache") == [] and all(verify_entry(e) is None for e in _entries(root / "cache"))
+    cache = _cache_of(root, stage)
+    assert leftovers(cache) == [] and all(verify_entry(e) is None for e in _entries(cache))
+    if stage == "cache_entry":  # killed holding the entry's lock, before it wrote any of it
+        (lock,) = (cache / "synthesis").iterdir()
+        assert lock.suffix == ".lock" and _holds_lock(lock, proc.pid)
     assert leftovers(recon) == ([RECON_LOCK] if stage == "reconstruct" else [])
 
     # The same command again: the stale locks are taken over and the build finishes.
-    monkeypatch.setenv("DFQ_DEPLOY_CACHE", str(root / "cache"))
+    monkeypatch.setenv("DFQ_DEPLOY_CACHE", str(cache))
     rerun = invoke("build", model_file, "--out", out, *_every_stage(root, recon))
     assert rerun.exit_code == 0, rerun.output
     assert f"took over the lock on output folder {out} left by pid {proc.pid}" in rerun.output
     assert ("took over the lock on reconstruction checkpoint" in rerun.output) == (stage == "reconstruct")
+    assert ("took over the lock on cache entry" in rerun.output) == (stage == "cache_entry")
+    (entry,) = _entries(cache)
+    assert verify_entry(entry) is None and not list((cache / "synthesis").glob("*.lock"))
     report = json.loads((out / "report.json").read_text())
     validate_report(report)
     assert report["calibration"]["images"] == 4 and report["accuracy"]["images"] == 4
@@ -534,6 +550,11 @@ def test_a_build_killed_in_any_stage_leaves_whole_files_and_a_rerun_succeeds(
     assert (out / "model.qdq.onnx").read_bytes() == (root / "baseline" / "model.qdq.onnx").read_bytes()
     assert json.loads((out / "manifest.json").read_text()).get("finished")
     assert leftovers(out) == [] and leftovers(recon) == []
+
+
+def _cache_of(root: Path, stage: str) -> Path:
+    """The shared synthesis cache the baseline filled; a cold one of its own for ``cache_entry``."""
+    return root / stage / "cache" if stage == "cache_entry" else root / "cache"
 
 
 def _entries(cache: Path) -> list[Path]:
@@ -594,6 +615,84 @@ def test_two_writers_of_one_cache_entry_make_it_once(tmp_path):
     assert len(made) == 1 and sorted(hit for _, hit in results) == [False, True]
     assert all(value == b"plan" for value, _ in results)
     assert not list(store.directory.glob("*.lock"))
+
+
+def test_a_cache_entry_whose_writer_was_killed_is_taken_over(tmp_path):
+    """A writer SIGKILLed half-way through writing an entry leaves its lock and its temp folder: the
+    next writer of that key takes the lock over, removes the temp folder and makes the entry whole."""
+    key = "f" * 64
+    dies_writing = (
+        "import os, signal, sys\n"
+        "from dfq_deploy.io.cache_store import CacheStore\n"
+        "def write(value, folder):\n"
+        "    (folder / 'p').write_bytes(value[:2])\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "CacheStore(sys.argv[1]).get_or_make(sys.argv[2], make=lambda: b'plan', write=write, read=None)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", dies_writing, str(tmp_path / "engines"), key], cwd=REPO)
+    assert killed.returncode == -signal.SIGKILL
+    store = CacheStore(tmp_path / "engines")
+    (lock,) = store.directory.glob("*.lock")
+    assert len(store.leftovers()) == 1 and store.path_of(key).exists() is False
+    with pytest.warns(StaleLockWarning, match=f"took over the lock on cache entry {store.path_of(key)}"):
+        value, hit = store.get_or_make(
+            key,
+            make=lambda: b"plan",
+            read=lambda folder: (folder / "p").read_bytes(),
+            write=lambda value, folder: (folder / "p").write_bytes(value),
+        )
+    assert (value, hit) == (b"plan", False)
+    assert verify_entry(store.path_of(key), key=key) is None and (store.path_of(key) / "p").read_bytes() == b"plan"
+    assert store.leftovers() == [] and not lock.exists()
+
+
+def test_two_builds_sharing_a_cache_make_each_entry_once(model_file, cache_dir, tmp_path):
+    """Two builds of one model into two folders, sharing the synthesis cache and a reconstruction
+    checkpoint. The first is frozen (SIGSTOP by ``$DFQ_DEPLOY_FAULT_STAGE=cache_entry:stop``) holding
+    the calibration set's cache entry until the second says it waits for that lock; then the second
+    reads the set the first made, and resumes every block of the reconstruction the first finished
+    (or the first resumes the second's: they race for the checkpoint's lock)."""
+    recon = tmp_path / "recon"
+    flags = [*_zeroq(20), "--reconstruct", "--recon-iterations", "2", "--recon-checkpoint", str(recon)]
+    first = _spawn_build(model_file, tmp_path / "a", *flags, fault_stage="cache_entry:stop")
+    _wait_for(lambda: _stopped(first.pid), first, "the first build stops holding the cache entry's lock")
+    second = _spawn_build(model_file, tmp_path / "b", *flags)
+    lines: list[str] = []
+    waiting = threading.Event()
+
+    def read_stderr():
+        for line in second.stderr:
+            lines.append(line)
+            if line.startswith("waiting for the lock on cache entry"):
+                waiting.set()
+                return
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    try:
+        reader.join(timeout=120)  # ends when the second build ends (or the wait's timeout)
+        assert waiting.is_set(), "the second build did not wait for the entry: " + "".join(lines)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, first_err = first.communicate(timeout=180)
+    _, second_err = second.communicate(timeout=180)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 0, second_err
+
+    calibration = [json.loads((tmp_path / d / "calibration" / "calibration.json").read_text()) for d in "ab"]
+    assert [c["cache"]["hit"] for c in calibration] == [False, True], "made by the first, read by the second"
+    (entry,) = _entries(cache_dir)
+    assert verify_entry(entry) is None and leftovers(cache_dir) == [] and not list(cache_dir.rglob("*.lock"))
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in "ab"]
+    resumed = [[b["resumed"] for b in r["quantization"]["reconstruction"]["blocks"]] for r in reports]
+    assert sorted(map(all, resumed)) == [False, True] and sorted(map(any, resumed)) == [False, True], resumed
+    assert (tmp_path / "a" / "model.qdq.onnx").read_bytes() == (tmp_path / "b" / "model.qdq.onnx").read_bytes()
+    assert sorted(p.name for p in recon.iterdir()) == ["reconstruction.pt"]
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by a signal (state T in /proc/PID/stat)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_a_damaged_reconstruction_checkpoint_is_started_over(loaded, tmp_path):

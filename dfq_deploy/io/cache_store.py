@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from dfq_deploy.errors import StorageError, first_line
 from dfq_deploy.io.artifacts import TEMP_SUFFIX, atomic_write_bytes, sha256_file
+from dfq_deploy.io.interrupts import fault_point
 from dfq_deploy.io.locks import exclusive_lock
 
 T = TypeVar("T")
@@ -130,7 +131,8 @@ class CacheStore:
         """(value, hit): the verified entry for ``key``, or ``make()`` it and store it.
 
         The key is locked while it is made, so a second build wanting the same entry waits for the
-        first and then reads it instead of making it again. An entry that cannot be written (disk
+        first and then reads it instead of making it again; a lock and temp folder left by a killed
+        writer are taken over and removed. An entry that cannot be written (disk
         full, read-only cache) is a warning: the value is still returned.
         """
         found = self.load(key, read)
@@ -143,6 +145,8 @@ class CacheStore:
             found = self.load(key, read)
             if found is not None:
                 return found, True
+            self._remove_dead_writers_temp(key)
+            fault_point("cache_entry")
             value = make()
             try:
                 self.save(key, lambda folder: write(value, folder), meta=meta)
@@ -179,6 +183,11 @@ class CacheStore:
         if not self.directory.is_dir():
             return iter(())
         return (p for p in sorted(self.directory.iterdir()) if p.is_dir() and not p.name.startswith("."))
+
+    def _remove_dead_writers_temp(self, key: str) -> None:
+        # Called holding the key's lock: a temp folder of this key is a killed writer's, never a live one's.
+        for tmp in self.directory.glob(f".{self.path_of(key).name}.*{TEMP_SUFFIX}"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _move_aside(self, entry: Path, problem: str) -> None:
         target = self.directory / DAMAGED_DIR / f"{entry.name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"

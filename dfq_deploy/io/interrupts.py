@@ -4,9 +4,10 @@ Raising (instead of dying) lets every ``finally`` run: atomic writes remove thei
 are released, and finished cache entries stay, so a rerun continues from them.
 
 :func:`stage` is where every stage of a build starts (the manifest's ``timed`` and the sub-stages
-``reconstruct``, ``fidelity``, ``profile`` call it), so it is also the one fault-injection point:
+``reconstruct``, ``fidelity``, ``profile`` call it), so it is also where faults are injected:
 ``DFQ_DEPLOY_FAULT_STAGE=<stage>`` makes the process SIGKILL itself on entering that stage, as a
-power loss or the OOM killer would, for tests that check what a killed build leaves on disk.
+power loss or the OOM killer would, for tests that check what a killed build leaves on disk
+(:func:`fault_point`).
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def interrupt_on_signals() -> Iterator[None]:
 def stage(name: str) -> Iterator[None]:
     """Name the stage an :class:`Interrupted` raised inside the block stopped (innermost wins).
 
-    Entering it is where :data:`FAULT_STAGE_ENV` kills the process (:func:`kill_if_fault_stage`).
+    Entering it is where :data:`FAULT_STAGE_ENV` kills the process (:func:`fault_point`).
     """
-    kill_if_fault_stage(name)
+    fault_point(name)
     try:
         yield
     except Interrupted as exc:
@@ -61,11 +62,17 @@ def stage(name: str) -> Iterator[None]:
         raise
 
 
-def kill_if_fault_stage(name: str) -> None:
-    """SIGKILL this process if ``$DFQ_DEPLOY_FAULT_STAGE`` names stage ``name`` (a test-only fault).
+def fault_point(name: str) -> None:
+    """The test-only fault of ``$DFQ_DEPLOY_FAULT_STAGE``: ``<name>`` SIGKILLs this process on
+    reaching point ``name`` (a stage's start, or ``cache_entry``: a cache entry about to be made,
+    its lock held); ``<name>:stop`` SIGSTOPs it there instead, until a SIGCONT.
 
     SIGKILL, not an exception: no ``finally`` runs and the lock files stay, which is exactly what a
     killed build leaves and what the next build must recover from.
     """
-    if os.environ.get(FAULT_STAGE_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    wanted = os.environ.get(FAULT_STAGE_ENV)
+    if not wanted:
+        return
+    point, _, action = wanted.partition(":")
+    if point == name:
+        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
