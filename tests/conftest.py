@@ -16,12 +16,29 @@ torch.set_num_threads(2)
 def reports_follow_the_schema(tmp_path):
     """Every report.json a test makes (anywhere under its tmp_path) validates against the schema."""
     yield
+    from dfq_deploy.report.model import Report
     from dfq_deploy.report.schema import validate_report
 
     for path in tmp_path.rglob("report.json"):
         report = json.loads(path.read_text())
         if isinstance(report, dict) and "schema_version" in report:  # hand-written fixtures carry none
             validate_report(report)
+            Report.from_json(report)  # the typed reader reads every report the schema accepts
+
+
+@pytest.fixture(autouse=True, scope="session")
+def every_report_reads_typed(tmp_path_factory):
+    """At the end of the session, every report.json under the session's temp folder (module-scoped
+    fixtures' builds too, which the per-test check above does not see) validates and reads typed."""
+    yield
+    from dfq_deploy.report.model import Report
+    from dfq_deploy.report.schema import validate_report
+
+    for path in tmp_path_factory.getbasetemp().rglob("report.json"):
+        report = json.loads(path.read_text())
+        if isinstance(report, dict) and "schema_version" in report:
+            validate_report(report)
+            Report.from_json(report)
 
 
 @pytest.fixture

@@ -125,8 +125,6 @@ SIZE_ALLOW_LIST = {
     "dfq_deploy/models/capture.py",
     "dfq_deploy/quant/budget.py",
     "dfq_deploy/quant/reconstruct.py",
-    "dfq_deploy/report/markdown.py",
-    "dfq_deploy/synthesis/__init__.py",
     "dfq_deploy/synthesis/generator.py",
 }
 

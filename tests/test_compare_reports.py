@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import report_fixtures as fixtures
 
 from dfq_deploy.analysis.compare import Thresholds, check_comparison, compare_reports, format_comparison, load_report
 from dfq_deploy.errors import BadInputError, RegressionError
@@ -19,24 +20,45 @@ def report(
     fc_used: str = "int8",
     departure: str | None = None,
 ) -> dict:
-    """The parts of a build's report.json that compare reads."""
-    return {
-        "accuracy": {"fp32": {"top1": 71.0}, "int8": {"top1": top1}},
-        "deployment": {
+    """A build's report.json with the sections compare reads."""
+    layers = [("conv1", "int8"), ("fc", fc_used)]
+    return fixtures.report(
+        {
             "runtime": "onnxruntime",
             "latency": [
-                {"runner": "onnxruntime-cpu-int8", "batch_size": 1, "median_ms": median_ms},
-                {"runner": "onnxruntime-cpu-fp32", "batch_size": 1, "median_ms": 30.0},
+                fixtures.latency_row("onnxruntime-cpu-int8", 1, median_ms),
+                fixtures.latency_row("onnxruntime-cpu-fp32", 1, 30.0),
             ],
-            "fidelity_vs_fake_quant": {"top1_agreement": agreement},
-            "int8_vs_fp32": {"top1_agreement": 0.97},
+            "fidelity_vs_fake_quant": fixtures.agreement(agreement),
+            "int8_vs_fp32": fixtures.agreement(0.97, reference="fp32"),
         },
-        "precision_map": {
+        accuracy={
+            "eval_set": "labels.csv",
+            "images": 100,
+            "fp32": 71.0,
+            "fake_quant": 70.5,
+            "onnxruntime_int8": top1,
+            "drop": round(71.0 - top1, 4),
+            "drop_of": "onnxruntime_int8",
+        },
+        precision_map={
             "runtime": "onnxruntime-cpu",
-            "layers": [{"layer": "conv1", "used": "int8"}, {"layer": "fc", "used": fc_used}],
+            "ran_in_float": [],
+            "layers": [
+                {
+                    "layer": name,
+                    "kind": "Conv2d",
+                    "onnx_node": name,
+                    "asked": "int8",
+                    "used": used,
+                    "kernel": "k",
+                    "reason": None,
+                }
+                for name, used in layers
+            ],
         },
-        "layer_fidelity": {"first_departure": {"onnxruntime-cpu": departure}},
-    }
+        layer_fidelity=fixtures.layer_fidelity("onnxruntime-cpu", departure),
+    )
 
 
 def test_identical_reports_pass():
@@ -52,7 +74,7 @@ def test_identical_reports_pass():
     [
         (report(median_ms=12.0), "latency onnxruntime-cpu-int8 batch 1 median ms"),
         (report(agreement=0.95), "agreement fidelity_vs_fake_quant"),
-        (report(top1=69.0), "accuracy int8.top1"),
+        (report(top1=69.0), "accuracy onnxruntime_int8"),
         (report(fc_used="float"), "precision onnxruntime-cpu fc"),
         (report(departure="layer3.0.conv1"), "first departure onnxruntime-cpu"),
     ],
@@ -101,3 +123,18 @@ def test_reports_load_from_files_and_folders(tmp_path):
 def test_negative_thresholds_are_rejected():
     with pytest.raises(BadInputError, match="max_latency_increase_pct"):
         Thresholds(max_latency_increase_pct=-1)
+
+
+def test_a_smaller_drop_is_no_regression():
+    # The report's "drop" is FP32 minus the deployed model: it falls when the deployed model improves.
+    better = report(top1=72.0)
+    result = compare_reports(report(), better)
+    assert result.passed, result.regressions
+    assert {r.name for r in result.rows if r.group == "accuracy"} == {"fp32", "fake_quant", "onnxruntime_int8"}
+
+
+def test_a_report_without_schema_version_is_refused():
+    bare = report()
+    del bare["schema_version"]
+    with pytest.raises(BadInputError, match="no schema_version"):
+        compare_reports(bare, report())

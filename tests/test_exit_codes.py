@@ -6,6 +6,7 @@ import inspect
 
 import click
 import pytest
+import report_fixtures
 import torch
 from click.testing import CliRunner
 from small_cnn import INPUT_SHAPE, SmallResNet
@@ -142,8 +143,8 @@ def test_fidelity_gate_failure_exits_6(model_file, tmp_path, monkeypatch):
 
 
 def test_regression_exits_8():
-    base = {"deployment": {"latency": [{"runner": "int8", "batch_size": 1, "median_ms": 10.0}]}}
-    slower = {"deployment": {"latency": [{"runner": "int8", "batch_size": 1, "median_ms": 20.0}]}}
+    base = report_fixtures.report({"latency": [report_fixtures.latency_row("int8", 1, 10.0)]})
+    slower = report_fixtures.report({"latency": [report_fixtures.latency_row("int8", 1, 20.0)]})
 
     @click.command()
     @_run

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from dfq_deploy.cli.commands import main
 from dfq_deploy.config import ProfileConfig
 from dfq_deploy.report.markdown import render_markdown
+from dfq_deploy.report.schema import SCHEMA_VERSION
 from dfq_deploy.runtimes.base import Runner
 from dfq_deploy.runtimes.profiler import LatencyRecord, StageTimes, profile
 
@@ -108,6 +109,8 @@ def trt_report(median_ms: float) -> dict:
     record = gpu_record(median_ms)
     assert LatencyRecord.from_dict(json.loads(json.dumps(record.as_dict()))) == record
     return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "build",
         "target": "tensorrt",
         "model": {"path": "m.pt"},
         "deployment": {

@@ -5,7 +5,7 @@ A is the baseline, B the candidate. B *regresses* when, beyond the thresholds:
 - latency: a runner's median at a batch size grows by more than ``max_latency_increase_pct``;
 - agreement: top-1 agreement (with the fake-quant reference, or INT8 with FP32) drops by more than
   ``max_agreement_drop`` (a fraction);
-- accuracy: a numeric entry of ``report["accuracy"]`` (percent) drops by more than ``max_accuracy_drop``
+- accuracy: a model's top-1 (percent, ``Report.accuracy.top1``) drops by more than ``max_accuracy_drop``
   points;
 - precision: a layer that ran on integers in A runs in float in B (unless ``allow_float_fallback``);
 - fidelity: B departs from its reference at some layer where A followed it everywhere.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dfq_deploy.errors import BadInputError, RegressionError
+from dfq_deploy.report.model import Report
 
 _FLOATING = ("float", "fp16", "bf16")
 
@@ -86,15 +87,21 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
         raise BadInputError(f"{path} is not valid JSON: {exc}") from None
 
 
+def read_report(source: Report | Mapping[str, Any] | str | os.PathLike) -> Report:
+    """A typed report from a :class:`Report`, a report.json dict, a report.json path or a build folder."""
+    if isinstance(source, Report):
+        return source
+    return Report.from_json(source if isinstance(source, Mapping) else load_report(source))
+
+
 def compare_reports(
-    a: Mapping[str, Any] | str | os.PathLike,
-    b: Mapping[str, Any] | str | os.PathLike,
+    a: Report | Mapping[str, Any] | str | os.PathLike,
+    b: Report | Mapping[str, Any] | str | os.PathLike,
     *,
     thresholds: Thresholds = Thresholds(),
 ) -> ComparisonResult:
-    """Compare baseline report ``a`` with candidate ``b`` (dicts, report.json paths or build folders)."""
-    a = a if isinstance(a, Mapping) else load_report(a)
-    b = b if isinstance(b, Mapping) else load_report(b)
+    """Compare baseline report ``a`` with candidate ``b`` (reports, dicts, report.json paths or build folders)."""
+    a, b = read_report(a), read_report(b)
     rows = (
         _accuracy_rows(a, b, thresholds)
         + _agreement_rows(a, b, thresholds)
@@ -119,21 +126,13 @@ def check_comparison(result: ComparisonResult) -> None:
         )
 
 
-def _numeric_leaves(value: Any, prefix: str = "") -> dict[str, float]:
-    if isinstance(value, bool):
-        return {}
-    if isinstance(value, (int, float)):
-        return {prefix: float(value)}
-    if isinstance(value, Mapping):
-        out: dict[str, float] = {}
-        for key, sub in value.items():
-            out |= _numeric_leaves(sub, f"{prefix}.{key}" if prefix else str(key))
-        return out
-    return {}
+def _top1(report: Report) -> dict[str, float]:
+    """Top-1 % per evaluated model; the drop and the image count are not accuracies of a model."""
+    return {k: float(v) for k, v in report.accuracy.top1.items()} if report.accuracy else {}
 
 
-def _accuracy_rows(a, b, t: Thresholds) -> list[MetricRow]:
-    acc_a, acc_b = _numeric_leaves(a.get("accuracy") or {}), _numeric_leaves(b.get("accuracy") or {})
+def _accuracy_rows(a: Report, b: Report, t: Thresholds) -> list[MetricRow]:
+    acc_a, acc_b = _top1(a), _top1(b)
     rows = []
     for key in sorted(set(acc_a) | set(acc_b)):
         va, vb = acc_a.get(key), acc_b.get(key)
@@ -142,11 +141,12 @@ def _accuracy_rows(a, b, t: Thresholds) -> list[MetricRow]:
     return rows
 
 
-def _agreement_rows(a, b, t: Thresholds) -> list[MetricRow]:
+def _agreement_rows(a: Report, b: Report, t: Thresholds) -> list[MetricRow]:
     rows = []
     for key in ("fidelity_vs_fake_quant", "fidelity_vs_fp32", "int8_vs_fp32"):
-        va = ((a.get("deployment") or {}).get(key) or {}).get("top1_agreement")
-        vb = ((b.get("deployment") or {}).get(key) or {}).get("top1_agreement")
+        fid_a, fid_b = a.deployment.agreements.get(key), b.deployment.agreements.get(key)
+        va = fid_a.top1_agreement if fid_a else None
+        vb = fid_b.top1_agreement if fid_b else None
         if va is None and vb is None:
             continue
         worse = va is not None and vb is not None and va - vb > t.max_agreement_drop
@@ -154,17 +154,16 @@ def _agreement_rows(a, b, t: Thresholds) -> list[MetricRow]:
     return rows
 
 
-def _latencies(report: Mapping[str, Any]) -> dict[str, float]:
-    dep = report.get("deployment") or {}
-    out = {}
-    for row in dep.get("latency") or []:
-        runner = row.get("runner") or dep.get("runtime", "runtime")
-        if row.get("median_ms") is not None:
-            out[f"{runner} batch {row.get('batch_size')} median ms"] = float(row["median_ms"])
-    return out
+def _latencies(report: Report) -> dict[str, float]:
+    dep = report.deployment
+    return {
+        f"{r.runner or dep.runtime or 'runtime'} batch {r.batch_size} median ms": float(r.median_ms)
+        for r in dep.latency
+        if r.median_ms is not None
+    }
 
 
-def _latency_rows(a, b, t: Thresholds) -> list[MetricRow]:
+def _latency_rows(a: Report, b: Report, t: Thresholds) -> list[MetricRow]:
     lat_a, lat_b = _latencies(a), _latencies(b)
     rows = []
     for key in sorted(set(lat_a) | set(lat_b)):
@@ -175,18 +174,12 @@ def _latency_rows(a, b, t: Thresholds) -> list[MetricRow]:
     return rows
 
 
-def _precision_maps(report: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """runtime -> layer -> used precision; ``precision_map`` is one map or runtime -> map."""
-    raw = report.get("precision_map") or {}
-    maps = [raw] if "layers" in raw else list(raw.values())
-    return {
-        m.get("runtime", "runtime"): {row["layer"]: row["used"] for row in m.get("layers", [])}
-        for m in maps
-        if isinstance(m, Mapping)
-    }
+def _precision_maps(report: Report) -> dict[str, dict[str, str]]:
+    """runtime -> layer -> used precision."""
+    return {runtime: {row.layer: row.used for row in m.layers} for runtime, m in report.precision_maps.items()}
 
 
-def _precision_rows(a, b, t: Thresholds) -> list[MetricRow]:
+def _precision_rows(a: Report, b: Report, t: Thresholds) -> list[MetricRow]:
     maps_a, maps_b = _precision_maps(a), _precision_maps(b)
     rows = []
     for runtime in sorted(set(maps_a) & set(maps_b)):
@@ -208,9 +201,12 @@ def _precision_rows(a, b, t: Thresholds) -> list[MetricRow]:
     return rows
 
 
-def _departure_rows(a, b) -> list[MetricRow]:
-    dep_a = ((a.get("layer_fidelity") or {}).get("first_departure")) or {}
-    dep_b = ((b.get("layer_fidelity") or {}).get("first_departure")) or {}
+def _departures(report: Report) -> dict[str, str | None]:
+    return report.layer_fidelity.first_departures() if report.layer_fidelity else {}
+
+
+def _departure_rows(a: Report, b: Report) -> list[MetricRow]:
+    dep_a, dep_b = _departures(a), _departures(b)
     rows = []
     for runtime in sorted(set(dep_a) | set(dep_b)):
         va, vb = dep_a.get(runtime, "—"), dep_b.get(runtime, "—")

@@ -103,6 +103,21 @@ class FidelityReport:
             out[runtime] = layer.layer if layer else None
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FidelityReport:
+        """Read :meth:`as_dict`'s form back (``first_departure`` is recomputed from the layers)."""
+        layers = tuple(
+            LayerFidelity(
+                row["layer"],
+                row["kind"],
+                row["tensor"],
+                TensorError(**row["fp32_vs_fake_quant"]),
+                {k: TensorError(**v) for k, v in row["vs_runtime"].items()},
+            )
+            for row in data["layers"]
+        )
+        return cls(data["samples"], tuple(data["runtimes"]), data["threshold_db"], layers)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for report.json."""
         return {

@@ -83,6 +83,11 @@ class PrecisionMap:
         """Layers asked for INT8/INT4 that ran in float."""
         return [layer for layer in self.layers if layer.ran_in_float]
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrecisionMap:
+        """Read :meth:`as_dict`'s form back (``ran_in_float`` is recomputed from the rows)."""
+        return cls(data.get("runtime", "runtime"), tuple(LayerPrecision(**row) for row in data.get("layers", [])))
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for report.json."""
         return {
