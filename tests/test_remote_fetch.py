@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,16 @@ def test_a_copy_cut_midway_leaves_no_engine(sshd, tiny_onnx, tmp_path, assets, m
     assert cuts and cuts[0] > 0
     assert not list(out.rglob("*.engine*")) and not (out / "report.json").exists()
     assert remote_dirs(sshd) == before
+
+
+def test_fetch_engine_with_the_dfq_deploy_runner_is_bad_input(sshd, tiny_onnx, tmp_path):  # noqa: F811
+    """The dfq-deploy runner builds no engine file to bring back: exit 2 with a hint, nothing left behind."""
+    before = remote_dirs(sshd)
+    args = trtexec_profile_args(sshd, tiny_onnx, "unused", tmp_path / "out", "--fetch-engine")
+    args[args.index("trtexec")] = "dfq-deploy"  # --runner dfq-deploy
+    args[args.index("--remote-trtexec")] = "--remote-dfq-deploy"
+    args[args.index("unused")] = str(Path(sys.executable).with_name("dfq-deploy"))
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert "--fetch-engine copies the engines trtexec builds" in res.output and "--runner trtexec" in res.output
+    assert not (tmp_path / "out" / "report.json").exists() and remote_dirs(sshd) == before

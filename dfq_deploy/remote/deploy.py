@@ -25,7 +25,8 @@ from dfq_deploy.remote.trtexec_command import TrtexecOptions
 @dataclasses.dataclass(frozen=True)
 class RemoteDevices:
     """Devices to build and time on (``ssh://`` URLs) and how to reach them; how to time there is the
-    build's :class:`~dfq_deploy.config.ProfileConfig`, as for a local engine."""
+    build's :class:`~dfq_deploy.config.ProfileConfig`, as for a local engine. ``fetch_engine`` copies
+    the engines built there back into the output folder (:mod:`dfq_deploy.remote.engines`)."""
 
     urls: tuple[str, ...]
     ssh: SshOptions = SshOptions()
