@@ -22,6 +22,7 @@ import torch
 import torchvision
 
 from dfq_deploy import api
+from dfq_deploy.build_config import BuildConfig, ModelOptions, OutputOptions, TargetOptions
 from dfq_deploy.config import ProfileConfig, SynthesisConfig
 from dfq_deploy.profile_artifact import profile_artifact
 
@@ -44,17 +45,14 @@ def _weights(folder: Path) -> Path:
 
 
 def _engine_path(weights: Path, out: Path, target: str) -> dict:
-    result = api.build(
-        weights,
-        arch="torchvision:resnet18",
-        out_dir=out / target,
-        target=target,
-        input_shape=INPUT,
+    config = BuildConfig(
+        model=ModelOptions(arch="torchvision:resnet18", input_shape=INPUT),
         synthesis=SynthesisConfig(method="noise", num_images=32),
-        profile_config=PROFILE,
-        use_cache=False,
-        progress=False,
+        target=TargetOptions(target),
+        profile=PROFILE,
+        output=OutputOptions(out_dir=out / target, use_cache=False, progress=False),
     )
+    result = api.build(weights, config)
     dep = result.report["deployment"]
     return {
         "not_run": dep.get("not_run"),
@@ -67,16 +65,13 @@ def _engine_path(weights: Path, out: Path, target: str) -> dict:
 
 
 def _onnxruntime_cuda(weights: Path, out: Path) -> dict:
-    build = api.build(
-        weights,
-        arch="torchvision:resnet18",
-        out_dir=out / "onnxruntime",
-        input_shape=INPUT,
+    config = BuildConfig(
+        model=ModelOptions(arch="torchvision:resnet18", input_shape=INPUT),
         synthesis=SynthesisConfig(method="noise", num_images=16),
-        profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=0, iterations=1, duration_s=0),
-        use_cache=False,
-        progress=False,
+        profile=ProfileConfig(batch_sizes=(1,), warmup_ms=0, iterations=1, duration_s=0),
+        output=OutputOptions(out_dir=out / "onnxruntime", use_cache=False, progress=False),
     )
+    build = api.build(weights, config)
     fp32 = build.artifacts["fp32_onnx"]
     result = profile_artifact(fp32, target="onnxruntime", device="cuda", config=PROFILE)
     # Timed through IOBinding: compute without host copies, H2D and D2H apart (runtimes/onnxruntime.py).

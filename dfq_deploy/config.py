@@ -1,16 +1,18 @@
 """Configuration of every stage as frozen dataclasses: defaults visible in signatures, checked early.
 
 Configs are data: presets are module constants, per-layer overrides are glob patterns on module
-names (later entries win), and :func:`load_config_file` reads the same fields from YAML or TOML.
+names (later entries win). :mod:`dfq_deploy.build_config` gathers them into one ``BuildConfig`` and
+reads the same fields from YAML or TOML files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
+from dfq_deploy.config_checks import check_choice, check_keys, coerce_floats
+from dfq_deploy.devices import check_torch_device, resolve_auto_device
 from dfq_deploy.errors import BadInputError
 
 # Mean/std per RGB channel that ImageNet-style models (and the CIFAR assets' ResNets) normalise with.
@@ -45,33 +47,6 @@ DEFAULT_ACT_FORM: dict[str, ActivationForm] = {
 WeightContainer = Literal["int8", "uint8"]
 
 
-def _check_choice(value: Any, literal: Any, field: str) -> None:
-    choices = get_args(literal)
-    if value not in choices:
-        raise BadInputError(f"{field} must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def _check_torch_device(name: str) -> None:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BadInputError(f"unknown device {name!r}", hint="use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(
-            f"device {name!r} asked for, but torch finds no CUDA GPU here",
-            hint="synthesize on cpu, or install a CUDA build of torch on a GPU machine",
-        )
-
-
-def resolve_auto_device() -> str:
-    """``cuda`` when torch sees a GPU, else ``cpu``: what ``--synth-device auto`` means."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
     """How to make a calibration set without training data.
@@ -93,7 +68,8 @@ class SynthesisConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice(self.method, SynthesisMethod, "synthesis method")
+        coerce_floats(self)
+        check_choice(self.method, SynthesisMethod, "synthesis method")
         for name in ("num_images", "batch_size"):
             if getattr(self, name) < 1:
                 raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -102,7 +78,7 @@ class SynthesisConfig:
         if self.device == "auto":
             object.__setattr__(self, "device", resolve_auto_device())
         if self.device != "cpu":
-            _check_torch_device(self.device)
+            check_torch_device(self.device)
         if self.method == "folder" and not self.calib_images:
             raise BadInputError(
                 "the 'folder' calibration source needs a folder of images",
@@ -204,17 +180,18 @@ class QuantScheme:
     weight_container: WeightContainer | None = None
 
     def __post_init__(self) -> None:
+        coerce_floats(self)
         # Overrides may arrive as mappings (a config file, or dataclasses.asdict of another scheme).
         object.__setattr__(
             self,
             "overrides",
             tuple(o if isinstance(o, LayerOverride) else from_mapping(LayerOverride, o) for o in self.overrides),
         )
-        _check_choice(self.act_form, ActivationForm, "activation form")
-        _check_choice(self.calibrator, CalibratorName, "calibrator")
-        _check_choice(self.weight_calibrator, WeightCalibratorName, "weight calibrator")
+        check_choice(self.act_form, ActivationForm, "activation form")
+        check_choice(self.calibrator, CalibratorName, "calibrator")
+        check_choice(self.weight_calibrator, WeightCalibratorName, "weight calibrator")
         if self.weight_container is not None:
-            _check_choice(self.weight_container, WeightContainer, "weight container")
+            check_choice(self.weight_container, WeightContainer, "weight container")
         if self.weight_container == "uint8" and self.act_form != "uint8_asymmetric":
             raise BadInputError(
                 "weight_container uint8 is the onnxruntime form's; TensorRT takes int8 weights only",
@@ -277,7 +254,7 @@ INT8_TENSORRT = QuantScheme(act_form="int8_symmetric")
 
 def default_scheme(target: Target, *, bits: int = 8, **changes: Any) -> QuantScheme:
     """The scheme a target runtime fuses best, at ``bits`` for weights and activations."""
-    _check_choice(target, Target, "target")
+    check_choice(target, Target, "target")
     return dataclasses.replace(
         QuantScheme(act_form=DEFAULT_ACT_FORM[target], **TARGET_SCHEME_DEFAULTS.get(target, {})),
         weight_bits=bits,
@@ -319,6 +296,7 @@ class ProfileConfig:
     layer_profile: bool = True
 
     def __post_init__(self) -> None:
+        coerce_floats(self)
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BadInputError(f"batch sizes must be positive, got {self.batch_sizes}")
@@ -327,7 +305,7 @@ class ProfileConfig:
                 f"profile needs iterations >= 1, warmup_ms >= 0 and duration_s >= 0, got "
                 f"{self.iterations}, {self.warmup_ms}, {self.duration_s}"
             )
-        _check_choice(self.performance_hint, PerformanceHint, "performance hint")
+        check_choice(self.performance_hint, PerformanceHint, "performance hint")
         for name in ("threads", "streams"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -364,6 +342,7 @@ class ReconstructionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        coerce_floats(self)
         if self.iterations < 1 or self.batch_size < 1:
             raise BadInputError(
                 f"reconstruction needs iterations >= 1 and batch_size >= 1, got {self.iterations} and {self.batch_size}"
@@ -396,100 +375,18 @@ class MixedPrecisionConfig:
     max_images: int = 64
 
     def __post_init__(self) -> None:
-        _check_choice(self.budget_kind, MixedPrecisionBudget, "budget kind")
+        coerce_floats(self)
+        check_choice(self.budget_kind, MixedPrecisionBudget, "budget kind")
         if self.budget < 1.0:
             raise BadInputError(f"budget is a multiple of the all-low-width cost and must be >= 1, got {self.budget}")
         if not 2 <= self.high_bits <= 8:
             raise BadInputError(f"high_bits must be between 2 and 8, got {self.high_bits}")
 
 
-# The sections a config file may hold and the dataclass each one fills.
-CONFIG_SECTIONS: dict[str, type] = {"synthesis": SynthesisConfig, "quant": QuantScheme, "profile": ProfileConfig}
-
-
-def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a YAML or TOML file of stage sections (``synthesis:``, ``quant:``, ``profile:``).
-
-    Every key is checked here, before any work: an unknown section or key (a typo) is a
-    :class:`BadInputError` naming it and the valid ones.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"config file not found: {path}")
-    data = _parse_config_text(path)
-    if not isinstance(data, dict):
-        raise BadInputError(f"config file {path} must hold a mapping of stage sections")
-    for section, values in data.items():
-        cls = CONFIG_SECTIONS.get(section)
-        if cls is None:
-            raise BadInputError(
-                f"unknown section {section!r} in {path}", hint=f"valid sections: {', '.join(CONFIG_SECTIONS)}"
-            )
-        if not isinstance(values, dict):
-            raise BadInputError(f"section {section!r} of {path} must be a mapping of keys to values")
-        _check_keys(values, cls, where=f"section {section!r} of {path}")
-        for i, override in enumerate(values.get("overrides") or ()):
-            if not isinstance(override, dict):
-                raise BadInputError(f"{section}.overrides[{i}] of {path} must be a mapping (pattern, weight_bits, ...)")
-            _check_keys(override, LayerOverride, where=f"{section}.overrides[{i}] of {path}")
-    return data
-
-
-def _parse_config_text(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInputError(
-            f"config file {path} is not UTF-8 text (byte {exc.start})", hint="save it as UTF-8 YAML or TOML"
-        ) from None
-    if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
-            import tomli as tomllib
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            # Python 3.11/3.12 put the position only in the message: "Invalid value (at line 2, column 5)".
-            raise BadInputError(
-                f"config file {path} is not valid TOML: {exc}",
-                hint="fix the file at that line and column (TOML: key = value under [section])",
-            ) from None
-    import yaml
-
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise BadInputError(
-            f"config file {path} is not valid YAML{where}: {problem}",
-            hint="fix the file there (YAML: `section:` then indented `key: value` lines)",
-        ) from None
-
-
-def _check_keys(values: dict[str, Any], cls: type, *, where: str) -> None:
-    fields = [f.name for f in dataclasses.fields(cls)]
-    unknown = [key for key in values if key not in fields]
-    if unknown:
-        raise BadInputError(f"unknown key {unknown[0]!r} in {where}", hint=f"valid keys: {', '.join(fields)}")
-
-
 def from_mapping(cls: type, values: dict[str, Any]) -> Any:
     """Build a config dataclass from a mapping, naming any unknown key."""
-    _check_keys(values, cls, where=cls.__name__)
+    check_keys(values, cls, where=cls.__name__)
     values = dict(values)
     if cls is ProfileConfig and "batch_sizes" in values:
         values["batch_sizes"] = tuple(values["batch_sizes"])
     return cls(**values)
-
-
-def merge_config(base: Any, file_values: dict[str, Any], typed_flags: dict[str, Any]) -> Any:
-    """``base`` (the defaults) overridden by a config file's section, then by the flags the user typed.
-
-    Only flags the user typed belong in ``typed_flags``: a flag's default must not hide the file's
-    value. Keys are the dataclass's field names.
-    """
-    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-    return from_mapping(type(base), values | dict(file_values) | dict(typed_flags))

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dfq_deploy.build_config import BuildConfig, ModelOptions, OutputOptions, TargetOptions
 from dfq_deploy.config import ProfileConfig, SynthesisConfig
 from dfq_deploy.io.layout import REPORT_JSON, REPORT_MD
 
@@ -82,23 +83,21 @@ def run_demo(
 
     settings = FAST if fast else FULL
     start = time.perf_counter()
-    result = api.build(
-        demo_file(WEIGHTS),
-        arch=ARCH,
-        out_dir=out_dir,
-        target="onnxruntime",
+    config = BuildConfig(
+        model=ModelOptions(arch=ARCH),
         synthesis=SynthesisConfig(method=method, num_images=settings.num_images, iterations=settings.iterations),
-        profile_config=ProfileConfig(
+        target=TargetOptions("onnxruntime"),
+        profile=ProfileConfig(
             batch_sizes=settings.batch_sizes,
             warmup_ms=settings.warmup_ms,
             iterations=settings.profile_iterations,
             duration_s=settings.profile_duration_s,
         ),
-        eval_set=demo_file(IMAGES),
-        use_cache=use_cache,
-        force=force,
-        progress=progress,
+        output=OutputOptions(
+            out_dir=out_dir, eval_set=demo_file(IMAGES), use_cache=use_cache, force=force, progress=progress
+        ),
     )
+    result = api.build(demo_file(WEIGHTS), config)
     return DemoResult(result, round(time.perf_counter() - start, 1), settings, method)
 
 

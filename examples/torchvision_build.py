@@ -17,6 +17,7 @@ import torch
 import torchvision
 
 from dfq_deploy import api
+from dfq_deploy.build_config import BuildConfig, ModelOptions, OutputOptions, TargetOptions
 from dfq_deploy.config import ProfileConfig, SynthesisConfig
 
 
@@ -39,15 +40,14 @@ def main() -> None:
             torch.manual_seed(0)
             weights = Path(tmp) / f"{args.arch}.pth"
             torch.save(torchvision.models.get_model(args.arch, weights=None).state_dict(), weights)
-        result = api.build(
-            weights,
-            arch=f"torchvision:{args.arch}",
-            target=args.target,
-            out_dir=args.out,
-            input_shape=(3, args.input_size, args.input_size),
+        config = BuildConfig(
+            model=ModelOptions(arch=f"torchvision:{args.arch}", input_shape=(3, args.input_size, args.input_size)),
             synthesis=SynthesisConfig(method=args.calib, num_images=args.num_images, iterations=args.iterations),
-            profile_config=ProfileConfig(batch_sizes=(1, 16), duration_s=args.profile_duration),
+            target=TargetOptions(args.target),
+            profile=ProfileConfig(batch_sizes=(1, 16), duration_s=args.profile_duration),
+            output=OutputOptions(out_dir=args.out),
         )
+        result = api.build(weights, config)
     print((result.out_dir / api.REPORT_MD).read_text())
 
 

@@ -150,25 +150,23 @@ def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path)
     import json
 
     from dfq_deploy import api
+    from dfq_deploy.build_config import BudgetOptions, BuildConfig, ModelOptions, OutputOptions, QuantOptions
     from dfq_deploy.config import ProfileConfig, SynthesisConfig
 
     path = tmp_path / "tiny.pt"
     torch.save(tiny_resnet(), path)
     # onnxruntime has no 4-bit conv kernel: the precision map says so on the console.
+    config = BuildConfig(
+        model=ModelOptions(trust_pickle=True, input_shape=(3, 16, 16)),
+        synthesis=SynthesisConfig(method="noise", num_images=32, batch_size=16),
+        quant=QuantOptions(scheme=default_scheme("onnxruntime", bits=4)),
+        reconstruct=ReconstructionConfig(iterations=10, batch_size=8),
+        budget=BudgetOptions(max_drop=100.0),
+        profile=ProfileConfig(batch_sizes=(1,), warmup_ms=1, iterations=2, duration_s=0),
+        output=OutputOptions(out_dir=tmp_path / "out", use_cache=False, progress=False),
+    )
     with pytest.warns(UserWarning, match="no 4-bit conv kernel"):
-        result = api.build(
-            path,
-            out_dir=tmp_path / "out",
-            trust_pickle=True,
-            input_shape=(3, 16, 16),
-            synthesis=SynthesisConfig(method="noise", num_images=32, batch_size=16),
-            scheme=default_scheme("onnxruntime", bits=4),
-            use_cache=False,
-            max_drop=100.0,
-            reconstruct=ReconstructionConfig(iterations=10, batch_size=8),
-            profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=1, iterations=2, duration_s=0),
-            progress=False,
-        )
+        result = api.build(path, config)
     plan = result.report["precision_plan"]
     assert plan["kind"] == "max_drop" and plan["reconstructed"] and plan["estimated_drop"] <= 100.0
     assert plan["overrides"] == [] and plan["low_bit_mac_fraction"] > 0  # a 100-point budget raises nothing

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from tiny_models import NoBatchNormNet, tiny_resnet
 
 from dfq_deploy import api
+from dfq_deploy.build_config import BuildConfig, ModelOptions, OutputOptions
 from dfq_deploy.cli.commands import main
 from dfq_deploy.config import ProfileConfig, SynthesisConfig
 
@@ -121,15 +122,13 @@ def test_python_api_build_matches_cli_defaults(tmp_path):
         ),
         path,
     )
-    result = api.build(
-        path,
-        out_dir=tmp_path / "out",
-        input_shape=(3, 16, 16),
+    config = BuildConfig(
+        model=ModelOptions(input_shape=(3, 16, 16)),
         synthesis=SynthesisConfig(method="noise", num_images=8),
-        profile_config=ProfileConfig(batch_sizes=(2,), warmup_ms=0, iterations=2, duration_s=0),
-        use_cache=False,
-        progress=False,
+        profile=ProfileConfig(batch_sizes=(2,), warmup_ms=0, iterations=2, duration_s=0),
+        output=OutputOptions(out_dir=tmp_path / "out", use_cache=False, progress=False),
     )
+    result = api.build(path, config)
     assert result.report["model"]["format"] == "torch.export"
     assert result.report["deployment"]["int8_vs_fp32"]["samples"] == 8
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dfq_deploy.build_config import load_config_file
 from dfq_deploy.cli.commands import main
-from dfq_deploy.config import load_config_file
 
 CONFIGS = sorted(
     p

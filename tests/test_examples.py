@@ -41,7 +41,8 @@ def test_example_runs(args, tmp_path):
 
 
 def test_example_config_loads():
-    from dfq_deploy.config import QuantScheme, SynthesisConfig, from_mapping, load_config_file
+    from dfq_deploy.build_config import load_config_file
+    from dfq_deploy.config import QuantScheme, SynthesisConfig, from_mapping
 
     config = load_config_file(EXAMPLES / "configs" / "resnet18_onnxruntime.yaml")
     assert from_mapping(SynthesisConfig, config["synthesis"]).num_images == 64

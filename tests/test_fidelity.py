@@ -24,6 +24,7 @@ from dfq_deploy.analysis.fidelity import (
     onnx_with_taps,
     render_fidelity_md,
 )
+from dfq_deploy.build_config import BuildConfig, ModelOptions, OutputOptions
 from dfq_deploy.config import ProfileConfig, SynthesisConfig
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.calibration_set import CalibrationSet
@@ -120,16 +121,13 @@ def test_debug_on_a_build_folder_names_the_edited_layer(tmp_path):
     torch.manual_seed(0)
     torch.save(SmallResNet().eval(), tmp_path / "small.pt")
     out = tmp_path / "build"
-    api.build(
-        tmp_path / "small.pt",
-        out_dir=out,
-        trust_pickle=True,
-        input_shape=INPUT_SHAPE,
+    config = BuildConfig(
+        model=ModelOptions(trust_pickle=True, input_shape=INPUT_SHAPE),
         synthesis=SynthesisConfig(method="noise", num_images=8),
-        use_cache=False,
-        progress=False,
-        profile_config=ProfileConfig(batch_sizes=(1,), warmup_ms=0, iterations=1, duration_s=0),
+        profile=ProfileConfig(batch_sizes=(1,), warmup_ms=0, iterations=1, duration_s=0),
+        output=OutputOptions(out_dir=out, use_cache=False, progress=False),
     )
+    api.build(tmp_path / "small.pt", config)
     clean = debug_build_folder(out, trust_pickle=True)
     assert clean.reference_mismatches == () and clean.fidelity.first_departures() == {"onnxruntime-cpu": None}
     assert [row.used for row in clean.precision[0].layers if row.kind == "Conv2d"] == ["int8"] * 4

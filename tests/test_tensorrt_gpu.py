@@ -114,25 +114,22 @@ def test_build_measures_the_engine_itself(target, tmp_path, precision):
     from tiny_models import tiny_resnet
 
     from dfq_deploy import api
+    from dfq_deploy.build_config import BuildConfig, ModelOptions, OutputOptions, QuantOptions, TargetOptions
     from dfq_deploy.config import SynthesisConfig
 
     model = tmp_path / "tiny.pt"
     torch.save(tiny_resnet(), model)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "eval.npz", x=rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8), y=rng.integers(0, 10, 40))
-    result = api.build(
-        model,
-        out_dir=tmp_path / "out",
-        target=target,
-        trust_pickle=True,
-        input_shape=(3, 16, 16),
+    config = BuildConfig(
+        model=ModelOptions(trust_pickle=True, input_shape=(3, 16, 16)),
         synthesis=SynthesisConfig(method="noise", num_images=40),
-        profile_config=QUICK,
-        precision=precision,
-        eval_set=tmp_path / "eval.npz",
-        use_cache=False,
-        progress=False,
+        quant=QuantOptions(precision=precision),
+        target=TargetOptions(target),
+        profile=QUICK,
+        output=OutputOptions(out_dir=tmp_path / "out", eval_set=tmp_path / "eval.npz", use_cache=False, progress=False),
     )
+    result = api.build(model, config)
     dep, acc = result.report["deployment"], result.report["accuracy"]
     assert "not_run" not in dep and {r["batch_size"] for r in dep["latency"]} == {1, 8}
     key = "fidelity_vs_fp32" if precision == "fp16" else "fidelity_vs_fake_quant"

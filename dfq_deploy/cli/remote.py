@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
+from dfq_deploy.cli.options import option_group
 
-def device_options(fn):
+if TYPE_CHECKING:
+    from dfq_deploy.remote.deploy import RemoteDevices
+    from dfq_deploy.remote.runners import RunnerName
+
+
+def _device_flags(fn):
     """Which devices (``--remote``, repeatable: in parallel) and how to reach them; how to time there comes
     from the profile flags (``--warmup-ms``, ``--profile-duration``, ``--cuda-graph``), as here."""
     fn = click.option("--remote-dfq-deploy", help="Path of dfq-deploy on the device (default: the one on its PATH).")(
@@ -64,19 +70,33 @@ def trtexec_export_option(fn):
     )(fn)
 
 
-def remote_devices(o: dict[str, Any]):
+def remote_devices(
+    *,
+    remotes: tuple[str, ...],
+    ssh_identity: Path | None,
+    ssh_config: Path | None,
+    runner: RunnerName,
+    remote_trtexec: str | None,
+    remote_dfq_deploy: str | None,
+    remote_path: str | None,
+    fetch_engine: bool,
+) -> RemoteDevices | None:
     """The :class:`RemoteDevices` of the flags, or ``None`` without ``--remote``."""
-    if not o["remotes"]:
+    if not remotes:
         return None
     from dfq_deploy.remote.deploy import RemoteDevices
     from dfq_deploy.remote.ssh import SshOptions
 
     return RemoteDevices(
-        urls=tuple(o["remotes"]),
-        ssh=SshOptions(identity_file=o["ssh_identity"], config_file=o["ssh_config"]),
-        runner=o["runner"],
-        trtexec_path=o["remote_trtexec"],
-        dfq_deploy_path=o["remote_dfq_deploy"],
-        path_prefix=o["remote_path"],
-        fetch_engine=o["fetch_engine"],
+        urls=tuple(remotes),
+        ssh=SshOptions(identity_file=ssh_identity, config_file=ssh_config),
+        runner=runner,
+        trtexec_path=remote_trtexec,
+        dfq_deploy_path=remote_dfq_deploy,
+        path_prefix=remote_path,
+        fetch_engine=fetch_engine,
     )
+
+
+# ``remote``: the devices of ``--remote`` and how to reach them (``None`` without it).
+device_options = option_group(_device_flags, "remote", remote_devices)

@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from dfq_deploy.config_checks import coerce_floats
 from dfq_deploy.errors import BadInputError, FidelityGateError, QualityGateError
 
 
@@ -28,6 +29,7 @@ class QualityGates:
     max_drop_measured: float | None = None
 
     def __post_init__(self) -> None:
+        coerce_floats(self)
         if self.min_top1 is not None and not 0.0 <= self.min_top1 <= 100.0:
             raise BadInputError(f"--min-top1 is a top-1 in points (0..100), got {self.min_top1}")
         if self.max_latency_ms is not None and self.max_latency_ms <= 0:

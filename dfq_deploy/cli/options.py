@@ -1,0 +1,406 @@
+"""The flags every command shares, in groups: each group hands its command one typed value.
+
+A group's decorator adds its click options and turns their values into what the stage takes (a
+:class:`~dfq_deploy.build_config.ModelOptions`, a :class:`ReconstructionConfig`, ...) or, for the
+sections a config file may also set, the flags the user typed, keyed by config field, for
+:func:`~dfq_deploy.build_config.merge_build_config` (a flag's default must not hide the file's value).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast, get_args
+
+import click
+from click.core import ParameterSource
+
+from dfq_deploy.build_config import ModelOptions
+from dfq_deploy.config import (
+    CalibratorName,
+    PerformanceHint,
+    ProfileConfig,
+    QuantScheme,
+    ReconstructionConfig,
+    SynthesisConfig,
+    SynthesisMethod,
+    Target,
+)
+from dfq_deploy.errors import BadInputError
+from dfq_deploy.normalization import NORMALIZATIONS, Normalize, normalize_from_options
+from dfq_deploy.report.gates import QualityGates
+
+F = TypeVar("F", bound=Callable[..., Any])
+TARGETS = list(get_args(Target))
+_TYPED = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def option_group(flags: Callable[[F], F], name: str, convert: Callable[..., Any]) -> Callable[[F], F]:
+    """A decorator adding ``flags`` (click options) to a command that receives, instead of their
+    values, one keyword ``name``: ``convert(**values)``. Put ``run_reporting_errors`` above it, so a
+    flag ``convert`` refuses is reported as bad input."""
+
+    def probe() -> None: ...
+
+    params = [param.name for param in flags(probe).__click_params__]
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {param: kwargs.pop(param) for param in params}
+            return fn(*args, **kwargs, **{name: convert(**values)})
+
+        return flags(cast(F, wrapper))
+
+    return decorate
+
+
+def stacked(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """One decorator of click ``options``, shown in ``--help`` in the order given."""
+
+    def decorate(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def typed_flags(values: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+    """Values of the flags the user typed (or set through the environment), keyed by the config
+    field each sets."""
+    ctx = click.get_current_context()
+    return {field: values[flag] for field, flag in fields.items() if ctx.get_parameter_source(flag) in _TYPED}
+
+
+def _model_flags(fn):
+    """How the model is read and its inputs normalised."""
+    fn = _normalize_flags(fn)
+    fn = click.option("--input-shape", help="NxCxHxW (or CxHxW) the model takes; default per --arch, else 3x224x224.")(
+        fn
+    )
+    fn = click.option(
+        "--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file)."
+    )(fn)
+    fn = click.option(
+        "--arch",
+        help="Architecture for a state_dict: torchvision:NAME, cifar:NAME, timm:NAME or efficientnet-lite:liteN.",
+    )(fn)
+    return fn
+
+
+_normalize_flags = stacked(
+    click.option(
+        "--normalize",
+        type=click.Choice(list(NORMALIZATIONS)),
+        default="imagenet",
+        show_default=True,
+        help="Mean/std the model's inputs are normalised with: synthesis prior, real calibration and eval images.",
+    ),
+    click.option("--mean", help="Per-channel mean, comma-separated (pixels in [0, 1]); overrides --normalize's."),
+    click.option("--std", help="Per-channel std, comma-separated (pixels in [0, 1]); overrides --normalize's."),
+)
+
+
+def _synthesis_flags(fn):
+    """How the calibration set is made."""
+    fn = click.option(
+        "--synth-device",
+        default=SynthesisConfig.device,
+        show_default=True,
+        help="Device to synthesize on (auto: cuda when torch sees a GPU, else cpu; cpu, cuda, cuda:1): "
+        "image optimisation is the slow stage.",
+    )(fn)
+    fn = click.option("--seed", type=int, default=SynthesisConfig.seed, show_default=True)(fn)
+    fn = click.option("--lr", type=float, help="Synthesis learning rate (default: the method's).")(fn)
+    fn = click.option("--iterations", type=int, help="Synthesis iterations per batch (default: the method's).")(fn)
+    fn = click.option("--synth-batch-size", type=int, default=SynthesisConfig.batch_size, show_default=True)(fn)
+    fn = click.option(
+        "--num-images", type=int, default=SynthesisConfig.num_images, show_default=True, help="Calibration set size."
+    )(fn)
+    fn = click.option(
+        "--generator",
+        is_flag=True,
+        help="Train a generator on the method's loss (zeroq, clusterq, fdda), as the ClusterQ/FDDA "
+        "papers do, instead of optimising pixels; --iterations/--lr then apply to it.",
+    )(fn)
+    fn = click.option(
+        "--calib-images",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Folder of real images (ImageFolder layout): for --calib folder and FDDA's hybrid mode.",
+    )(fn)
+    return click.option(
+        "--calib",
+        "method",
+        type=click.Choice(list(get_args(SynthesisMethod))),
+        default=SynthesisConfig.method,
+        show_default=True,
+        help="Calibration source; auto: zeroq for models with BatchNorm, prior for those without.",
+    )(fn)
+
+
+def _quant_flags(fn):
+    """Bit widths and calibrator."""
+    fn = click.option(
+        "--first-last-bits",
+        default="8",
+        show_default=True,
+        help="Bits for the first conv and last layer, or 'same' to treat them like the rest.",
+    )(fn)
+    fn = click.option("--percentile", type=float, default=QuantScheme.percentile, show_default=True)(fn)
+    fn = click.option(
+        "--calibrator",
+        type=click.Choice(list(get_args(CalibratorName))),
+        default=QuantScheme.calibrator,
+        show_default=True,
+    )(fn)
+    return click.option(
+        "--bits",
+        type=click.IntRange(2, 8),
+        default=QuantScheme.weight_bits,
+        show_default=True,
+        help="Weight and activation bits (4-bit activations need opset 21 runtimes).",
+    )(fn)
+
+
+def _reconstruct_flags(fn):
+    """Block reconstruction (AdaRound/BRECQ/QDrop) after calibration."""
+    fn = click.option(
+        "--recon-checkpoint",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Keep finished blocks here; an interrupted run resumes from them.",
+    )(fn)
+    fn = click.option("--recon-time-budget", type=float, help="Seconds for the whole reconstruction.")(fn)
+    fn = click.option("--recon-iterations", type=int, default=2000, show_default=True, help="Iterations per block.")(fn)
+    return click.option(
+        "--reconstruct",
+        is_flag=True,
+        help="Learn weight rounding and activation step sizes block by block (use at 4 bit).",
+    )(fn)
+
+
+def _profile_flags(fn):
+    """Latency measurement, as trtexec's --warmUp / --iterations / --duration / --useCudaGraph."""
+    fn = click.option(
+        "--performance-hint",
+        type=click.Choice(list(get_args(PerformanceHint))),
+        default=ProfileConfig.performance_hint,
+        show_default=True,
+        help="OpenVINO: LATENCY (one stream) or THROUGHPUT (parallel streams; adds batch-1 async "
+        "throughput measured with an AsyncInferQueue).",
+    )(fn)
+    fn = click.option("--streams", type=int, help="OpenVINO CPU streams (default: what the hint chooses).")(fn)
+    fn = click.option("--threads", type=int, help="Runtime intra-op threads (default: all cores).")(fn)
+    fn = click.option(
+        "--layer-profile/--no-layer-profile",
+        default=ProfileConfig.layer_profile,
+        show_default=True,
+        help="Per-layer time table of TensorRT engines (IProfiler runs on a GPU).",
+    )(fn)
+    fn = click.option(
+        "--cuda-graph", is_flag=True, help="Time TensorRT engines replayed from a captured CUDA graph (GPU only)."
+    )(fn)
+    fn = click.option(
+        "--spin-wait",
+        is_flag=True,
+        help="Wait for each timed GPU run by polling its CUDA event, not a blocking sync (trtexec's --useSpinWait).",
+    )(fn)
+    fn = click.option(
+        "--profile-duration",
+        type=float,
+        default=ProfileConfig.duration_s,
+        show_default=True,
+        help="Time runs for at least this many seconds.",
+    )(fn)
+    fn = click.option(
+        "--profile-iterations",
+        type=int,
+        default=ProfileConfig.iterations,
+        show_default=True,
+        help="Time at least this many runs.",
+    )(fn)
+    fn = click.option(
+        "--warmup-ms",
+        type=float,
+        default=ProfileConfig.warmup_ms,
+        show_default=True,
+        help="Untimed warm-up, in milliseconds.",
+    )(fn)
+    return click.option(
+        "--batch-sizes",
+        default=",".join(map(str, ProfileConfig.batch_sizes)),
+        show_default=True,
+        help="Batch sizes to time, comma-separated (one TensorRT optimization profile each).",
+    )(fn)
+
+
+def _gate_flags(fn):
+    """Quality gates: measured limits that fail the build (exit 11) after its report is written."""
+    fn = click.option(
+        "--max-drop-measured",
+        type=float,
+        help="Fail (exit 11) when FP32 minus deployed top-1 on --eval-set exceeds this many points.",
+    )(fn)
+    fn = click.option(
+        "--gate-batch",
+        type=int,
+        default=QualityGates.gate_batch,
+        show_default=True,
+        help="Batch size whose median latency --max-latency-ms limits (one of --batch-sizes).",
+    )(fn)
+    fn = click.option(
+        "--max-latency-ms",
+        type=float,
+        help="Fail (exit 11) when the deployed model's median latency at --gate-batch exceeds this.",
+    )(fn)
+    return click.option(
+        "--min-top1",
+        type=float,
+        help="Fail (exit 11) when the deployed model's top-1 (points) on --eval-set is below this.",
+    )(fn)
+
+
+# The config field each flag sets, per config-file section.
+SYNTHESIS_FLAGS = {
+    "method": "method",
+    "num_images": "num_images",
+    "batch_size": "synth_batch_size",
+    "iterations": "iterations",
+    "lr": "lr",
+    "seed": "seed",
+    "calib_images": "calib_images",
+    "generator": "generator",
+    "device": "synth_device",
+}
+QUANT_FLAGS = {
+    "weight_bits": "bits",
+    "act_bits": "bits",
+    "calibrator": "calibrator",
+    "percentile": "percentile",
+    "first_last_bits": "first_last_bits",
+}
+PROFILE_FLAGS = {
+    "batch_sizes": "batch_sizes",
+    "warmup_ms": "warmup_ms",
+    "iterations": "profile_iterations",
+    "duration_s": "profile_duration",
+    "threads": "threads",
+    "cuda_graph": "cuda_graph",
+    "spin_wait": "spin_wait",
+    "layer_profile": "layer_profile",
+    "streams": "streams",
+    "performance_hint": "performance_hint",
+}
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape`` as a shape (``None`` when not given)."""
+    from dfq_deploy.models.loading import parse_input_shape as parse
+
+    return parse(text)
+
+
+def _normalize(*, normalize: str, mean: str | None, std: str | None) -> Normalize:
+    return normalize_from_options(normalize, mean=mean, std=std)
+
+
+def _model(
+    *, arch: str | None, trust_pickle: bool, input_shape: str | None, normalize: str, mean: str | None, std: str | None
+) -> ModelOptions:
+    return ModelOptions(
+        arch=arch,
+        trust_pickle=trust_pickle,
+        input_shape=parse_input_shape(input_shape),
+        normalize=_normalize(normalize=normalize, mean=mean, std=std),
+    )
+
+
+def _synthesis(**values: Any) -> dict[str, Any]:
+    typed = typed_flags(values, SYNTHESIS_FLAGS)
+    if typed.get("calib_images") is not None:
+        typed["calib_images"] = str(typed["calib_images"])
+    return typed
+
+
+def _first_last_bits(text: str) -> int | None:
+    if text == "same":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInputError(f"--first-last-bits takes a number or 'same', got {text!r}") from None
+
+
+def _quant(**values: Any) -> dict[str, Any]:
+    typed = typed_flags(values, QUANT_FLAGS)
+    if "first_last_bits" in typed:
+        typed["first_last_bits"] = _first_last_bits(typed["first_last_bits"])
+    return typed
+
+
+def _reconstruction(
+    *, reconstruct: bool, recon_iterations: int, recon_time_budget: float | None, recon_checkpoint: Path | None
+) -> ReconstructionConfig | None:
+    if not reconstruct:
+        return None
+    return ReconstructionConfig(
+        iterations=recon_iterations,
+        time_budget_s=recon_time_budget,
+        checkpoint_dir=str(recon_checkpoint) if recon_checkpoint else None,
+    )
+
+
+def _profile(**values: Any) -> dict[str, Any]:
+    typed = typed_flags(values, PROFILE_FLAGS)
+    if "batch_sizes" in typed:
+        try:
+            typed["batch_sizes"] = tuple(int(s) for s in typed["batch_sizes"].split(",") if s.strip())
+        except ValueError:
+            raise BadInputError(
+                f"--batch-sizes must be comma-separated integers, got {values['batch_sizes']!r}"
+            ) from None
+    return typed
+
+
+def _gates(
+    *, min_top1: float | None, max_latency_ms: float | None, gate_batch: int, max_drop_measured: float | None
+) -> QualityGates:
+    return QualityGates(
+        min_top1=min_top1, max_latency_ms=max_latency_ms, gate_batch=gate_batch, max_drop_measured=max_drop_measured
+    )
+
+
+def model_options(fn: F) -> F:
+    """MODEL argument, and ``model_options``: how to read it (:class:`ModelOptions`)."""
+    fn = option_group(_model_flags, "model_options", _model)(fn)
+    return click.argument("model", type=click.Path(dir_okay=False, path_type=Path))(fn)
+
+
+# ``normalize``: the (mean, std) of --normalize, with --mean/--std over it.
+normalize_options = option_group(_normalize_flags, "normalize", _normalize)
+# ``synthesis_flags``, ``quant_flags``, ``profile_flags``: the typed flags of those config sections.
+synthesis_options = option_group(_synthesis_flags, "synthesis_flags", _synthesis)
+quant_options = option_group(_quant_flags, "quant_flags", _quant)
+profile_options = option_group(_profile_flags, "profile_flags", _profile)
+# ``reconstruct``: a ReconstructionConfig with --reconstruct, else None.
+reconstruct_options = option_group(_reconstruct_flags, "reconstruct", _reconstruction)
+# ``gates``: the QualityGates the flags set.
+gate_options = option_group(_gate_flags, "gates", _gates)
+
+
+def config_option(fn: F) -> F:
+    """``--config FILE`` (``config_file``): YAML/TOML sections that the typed flags override."""
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="YAML/TOML file with synthesis/quant/profile sections; flags you type override it.",
+    )(fn)
+
+
+def load_file_sections(config_file: Path | None) -> dict[str, dict[str, Any]]:
+    """The sections of ``--config`` (none without it)."""
+    from dfq_deploy.build_config import load_config_file
+
+    return load_config_file(config_file) if config_file else {}

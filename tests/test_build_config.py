@@ -1,0 +1,119 @@
+"""One BuildConfig from flags, from a config file or from Python: the same build, the same report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import tiny_resnet
+
+from dfq_deploy import api
+from dfq_deploy.build_config import (
+    BuildConfig,
+    ModelOptions,
+    OutputOptions,
+    QuantOptions,
+    load_config_file,
+    merge_build_config,
+)
+from dfq_deploy.cli.commands import main
+from dfq_deploy.config import ProfileConfig, SynthesisConfig, default_scheme
+from dfq_deploy.errors import BadInputError
+
+# Every setting the file sets, as flags (values off their defaults, so a section that is dropped shows).
+SYNTHESIS = {"method": "zeroq", "num_images": 12, "batch_size": 6, "iterations": 4, "seed": 3}
+QUANT = {"calibrator": "mse", "first_last_bits": None}
+PROFILE = {"batch_sizes": [1, 3], "warmup_ms": 0, "iterations": 1, "duration_s": 0}
+FLAGS = [
+    "--calib", "zeroq", "--num-images", "12", "--synth-batch-size", "6", "--iterations", "4", "--seed", "3",
+    "--calibrator", "mse", "--first-last-bits", "same",
+    "--batch-sizes", "1,3", "--warmup-ms", "0", "--profile-iterations", "1", "--profile-duration", "0",
+]  # fmt: skip
+COMMON = ["--trust-pickle", "--input-shape", "3x16x16", "--no-cache", "--no-progress"]
+# Measured on each run: times, rates, memory and the calibration folder's size (its JSON holds a time).
+VOLATILE = {"timings_s", "host_memory", "wall_time_s", "images_per_second", "memory", "speedup", "bytes"}
+LATENCY_KEPT = {"runner", "batch_size", "runs_min", "warmup_ms", "min_runs", "min_duration_s"}
+
+
+def _settled(value):
+    """``value`` without what a second identical build measures differently."""
+    if isinstance(value, dict):
+        return {k: _settled(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_settled(v) for v in value]
+    return value
+
+
+def _comparable(out) -> tuple[dict, str]:
+    report = json.loads((out / "report.json").read_text())
+    for row in report["deployment"]["latency"]:
+        for key in [k for k in row if k.endswith("_ms") or k.endswith("_ips")]:
+            del row[key]
+    build_key = json.loads((out / "manifest.json").read_text())["build_key"]
+    return _settled(report), build_key
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("build_config")
+    model = tmp / "tiny.pt"
+    torch.save(tiny_resnet(), model)
+    config_file = tmp / "build.yaml"
+    config_file.write_text(json.dumps({"synthesis": SYNTHESIS, "quant": QUANT, "profile": PROFILE}))  # JSON is YAML
+    runner = CliRunner()
+    flags = runner.invoke(main, ["build", str(model), "--out", str(tmp / "flags"), *COMMON, *FLAGS])
+    assert flags.exit_code == 0, flags.output
+    from_file = runner.invoke(
+        main, ["build", str(model), "--out", str(tmp / "file"), "--config", str(config_file), *COMMON]
+    )
+    assert from_file.exit_code == 0, from_file.output
+    config = BuildConfig(
+        model=ModelOptions(trust_pickle=True, input_shape=(3, 16, 16)),
+        synthesis=SynthesisConfig(**SYNTHESIS),
+        quant=QuantOptions(scheme=default_scheme("onnxruntime", calibrator="mse", first_last_bits=None)),
+        profile=ProfileConfig(**PROFILE),
+        output=OutputOptions(out_dir=tmp / "python", use_cache=False, progress=False),
+    )
+    api.build(model, config)
+    return {name: _comparable(tmp / name) for name in ("flags", "file", "python")}
+
+
+def test_flags_file_and_python_give_the_same_report(builds):
+    (flags, key), (from_file, file_key), (python, python_key) = builds["flags"], builds["file"], builds["python"]
+    assert flags["calibration"]["images"] == 12 and flags["quantization"]["scheme"]["calibrator"] == "mse"
+    assert {row["batch_size"] for row in flags["deployment"]["latency"]} == {1, 3}
+    assert from_file == flags
+    assert python == flags
+    # The build key hashes every config value: one config, one key.
+    assert key == file_key == python_key
+
+
+def test_typed_flags_override_the_file_and_the_file_the_defaults(tmp_path):
+    config_file = tmp_path / "build.toml"
+    config_file.write_text('[synthesis]\nnum_images = 20\nseed = 5\n[quant]\ncalibrator = "max"\n')
+    base = BuildConfig(quant=QuantOptions(precision="int8"))
+    merged = merge_build_config(base, load_config_file(config_file), {"synthesis": {"seed": 9}})
+    assert (merged.synthesis.num_images, merged.synthesis.seed) == (20, 9)
+    assert merged.scheme.calibrator == "max"
+    assert merged.scheme.act_form == "uint8_asymmetric"  # the target's form, then the file's keys
+    assert merged.profile == ProfileConfig() and merged.model == base.model
+    assert BuildConfig.from_file(config_file).synthesis.num_images == 20
+
+
+def test_a_tensorrt_target_starts_the_file_quant_section_from_its_own_form(tmp_path):
+    from dfq_deploy.build_config import TargetOptions
+
+    base = BuildConfig(target=TargetOptions("tensorrt"))
+    merged = merge_build_config(base, {"quant": {"weight_bits": 6}}, {})
+    assert merged.scheme.act_form == "int8_symmetric" and merged.scheme.weight_bits == 6
+
+
+def test_bad_values_are_refused_when_the_config_is_made():
+    from dfq_deploy.build_config import TargetOptions
+
+    with pytest.raises(BadInputError, match="max_disagreement"):
+        TargetOptions(max_disagreement=2.0)
+    with pytest.raises(BadInputError, match="unknown key 'num_image'"):
+        merge_build_config(BuildConfig(), {"synthesis": {"num_image": 3}}, {})
