@@ -10,6 +10,7 @@ A build's settings are one :class:`~dfq_deploy.build_config.BuildConfig`; ``buil
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Re-exported: a script builds its BuildConfig from ``api`` alone.
 from dfq_deploy.build_config import (
@@ -117,17 +118,10 @@ def build(model_path: str | os.PathLike, config: BuildConfig | None = None) -> B
     ``output.wait``, waited for.
     """
     config = config or BuildConfig()
-    target, output = config.target, config.output
-    if target.remote is not None:
-        from dfq_deploy.remote.deploy import check_remote_target
-
-        check_remote_target(target.name)
-    output.gates.check_inputs(has_eval_set=output.eval_set is not None, batch_sizes=config.profile.batch_sizes)
-    if output.tracking is not None:
-        import_mlflow()  # a missing extra is said before the build, not after it
-    scheme = scheme_for_target(config.scheme, target=target.name, precision=config.quant.precision)
+    output = config.output
+    scheme = _check_before_building(config)
     key = build_key(
-        model_path,
+        Path(model_path),
         config=manifest_config(config, scheme),
         eval_set=output.eval_set,
         calib_images=config.synthesis.calib_images,
@@ -149,3 +143,16 @@ def build(model_path: str | os.PathLike, config: BuildConfig | None = None) -> B
         logged_as=f"MLflow run {result.tracked.run_id}" if result.tracked else None,
     )
     return result
+
+
+def _check_before_building(config: BuildConfig) -> QuantScheme:
+    """What can be refused before any work is refused now; the scheme as the target runs it."""
+    target, output = config.target, config.output
+    if target.remote is not None:
+        from dfq_deploy.remote.deploy import check_remote_target
+
+        check_remote_target(target.name)
+    output.gates.check_inputs(has_eval_set=output.eval_set is not None, batch_sizes=config.profile.batch_sizes)
+    if output.tracking is not None:
+        import_mlflow()  # a missing extra is said before the build, not after it
+    return scheme_for_target(config.scheme, target=target.name, precision=config.quant.precision)

@@ -225,11 +225,12 @@ class QuantScheme:
 
         ``blocked=False`` skips block-quantizing overrides (for a layer whose shape cannot take them).
         """
-        quant = LayerQuant(self.weight_bits, self.act_bits)
+        weight_bits, act_bits = self.weight_bits, self.act_bits
         if self.first_last_bits is not None and (is_first or is_last):
-            quant = LayerQuant(self.first_last_bits, self.first_last_bits)
+            weight_bits = act_bits = self.first_last_bits
         if is_first and self.first_layer_weight_bits is not None:
-            quant = LayerQuant(min(quant.weight_bits, self.first_layer_weight_bits), quant.act_bits)
+            weight_bits = min(weight_bits, self.first_layer_weight_bits)
+        quant = LayerQuant(weight_bits, act_bits)
         for override in self.overrides:
             if override.matches(name, kind) and (blocked or override.weight_block_size is None):
                 quant = LayerQuant(override.weight_bits, override.act_bits, override.weight_block_size)

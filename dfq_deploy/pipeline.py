@@ -17,7 +17,7 @@ import onnx
 
 from dfq_deploy import __version__
 from dfq_deploy.build_config import BuildConfig
-from dfq_deploy.config import QuantScheme
+from dfq_deploy.config import MixedPrecisionConfig, QuantScheme
 from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.io.layout import CALIBRATION_DIR, FP32_ONNX, QDQ_ONNX, REPORT_JSON, REPORT_MD
 from dfq_deploy.io.manifest import Manifest
@@ -104,9 +104,11 @@ class _Run:
 
 
 def run_build(
-    model_path: str | os.PathLike, out: Path, config: BuildConfig, scheme: QuantScheme, *, key: str
+    model_path: str | os.PathLike, out: Path, config: BuildConfig, scheme: QuantScheme, *, key: str | None
 ) -> BuildResult:
-    """Run every stage of a build into ``out`` (already locked and prepared) and write its report."""
+    """Run every stage of a build into ``out`` (already locked and prepared) and write its report.
+
+    ``key`` is the build key (``None`` when the model file could not be read: loading then says why)."""
     from dfq_deploy.targets import target_for
 
     manifest = Manifest(out, {}, manifest_config(config, scheme))
@@ -169,59 +171,54 @@ def _synthesize(run: _Run, model: LoadedModel) -> CalibrationSet:
 
 def _quantize(run: _Run, model: LoadedModel, calib: CalibrationSet) -> tuple[QuantModel, dict[str, Any] | None]:
     """The quantized model, after a precision plan when a budget asks for one (and that plan)."""
-    config, budget = run.config, run.config.budget
-    reconstruct, progress = config.reconstruct, config.output.progress
+    budget, reconstruct, progress = run.config.budget, run.config.reconstruct, run.config.output.progress
     precision_plan = qmodel = None
     scheme, calib_used = run.scheme, calib
-    if budget.max_drop is not None or budget.mixed_precision is not None:
-        with run.manifest.timed(
-            "precision_plan", reconstructed=budget.max_drop is not None and reconstruct is not None
-        ):
-            scheme, calib_used, precision_plan, qmodel = _plan_precision(run, model, calib)
-            run.artifacts |= {k: str(v) for k, v in precision_plan.pop("files", {}).items()}
+    if budget.max_drop is not None:
+        with run.manifest.timed("precision_plan", reconstructed=reconstruct is not None):
+            scheme, calib_used, precision_plan, qmodel = _plan_for_max_drop(run, model, calib, budget.max_drop)
+    elif budget.mixed_precision is not None:
+        with run.manifest.timed("precision_plan", reconstructed=False):
+            scheme, precision_plan = _plan_for_size(run, model, calib, budget.mixed_precision)
     if qmodel is None:  # the --max-drop planner hands back the model it estimated
         with run.manifest.timed("quantize", reconstructed=reconstruct is not None):
             qmodel = quantize(model, calib_used, scheme=scheme, reconstruct=reconstruct, progress=progress)
     return qmodel, precision_plan
 
 
-def _plan_precision(
-    run: _Run, model: LoadedModel, calib: CalibrationSet
-) -> tuple[QuantScheme, CalibrationSet, dict[str, Any], QuantModel | None]:
-    """Per-layer widths from an accuracy budget (``max_drop``) or a size/latency budget.
+def _plan_for_max_drop(
+    run: _Run, model: LoadedModel, calib: CalibrationSet, max_drop: float
+) -> tuple[QuantScheme, CalibrationSet, dict[str, Any], QuantModel]:
+    """Per-layer widths from an accuracy budget: (scheme, the calibration images to quantize with
+    (the held-out ones removed), the plan for the report, the quantized model it estimated)."""
+    from dfq_deploy.quant.budget import plan_for_max_drop
 
-    Returns (scheme, calibration images to quantize with, plan for the report, the quantized model
-    when the planner already made it, else None).
-    """
-    budget, scheme = run.config.budget, run.scheme
-    if budget.max_drop is not None:
-        from dfq_deploy.quant.budget import plan_for_max_drop
+    plan, calib_used, qmodel = plan_for_max_drop(
+        model.module,
+        calib,
+        scheme=run.scheme,
+        max_drop=max_drop,
+        holdout_fraction=run.config.budget.holdout_fraction,
+        reconstruct=run.config.reconstruct,
+        progress=run.config.output.progress,
+    )
+    return plan.scheme(run.scheme), calib_used, {"kind": "max_drop", **plan.as_dict()}, qmodel
 
-        plan, calib_used, qmodel = plan_for_max_drop(
-            model.module,
-            calib,
-            scheme=scheme,
-            max_drop=budget.max_drop,
-            holdout_fraction=budget.holdout_fraction,
-            reconstruct=run.config.reconstruct,
-            progress=run.config.output.progress,
-        )
-        return plan.scheme(scheme), calib_used, {"kind": "max_drop", **plan.as_dict()}, qmodel
+
+def _plan_for_size(
+    run: _Run, model: LoadedModel, calib: CalibrationSet, mixed: MixedPrecisionConfig
+) -> tuple[QuantScheme, dict[str, Any]]:
+    """Per-layer widths from a size/latency budget, and the plan for the report (its plot kept)."""
     from dfq_deploy.quant.sensitivity import plot_sensitivity, sensitivity_plan
 
-    splan = sensitivity_plan(model.module, calib, scheme=scheme, config=budget.mixed_precision)
+    plan = sensitivity_plan(model.module, calib, scheme=run.scheme, config=mixed)
     plot = run.out / SENSITIVITY_PLOT
     tmp = run.out / f".{SENSITIVITY_PLOT}.tmp.png"
-    plot_sensitivity(splan, tmp)
+    plot_sensitivity(plan, tmp)
     os.replace(tmp, plot)
-    report = {
-        "kind": "mixed_precision",
-        **splan.as_dict(),
-        "markdown": splan.markdown_table(),
-        "plot": plot.name,
-        "files": {"sensitivity_plot": plot},
-    }
-    return splan.scheme(scheme), calib, report, None
+    run.artifacts["sensitivity_plot"] = str(plot)
+    report = {"kind": "mixed_precision", **plan.as_dict(), "markdown": plan.markdown_table(), "plot": plot.name}
+    return plan.scheme(run.scheme), report
 
 
 def _export(run: _Run, model: LoadedModel, qmodel: QuantModel) -> tuple[onnx.ModelProto, Path, Path]:
@@ -321,7 +318,7 @@ def _report(
     }
 
 
-def _write_report(run: _Run, report: dict[str, Any], key: str) -> BuildResult:
+def _write_report(run: _Run, report: dict[str, Any], key: str | None) -> BuildResult:
     """Gate outcomes into ``report``, then report.json and report.md; the manifest marked finished."""
     from dfq_deploy.report.markdown import write_reports
 

@@ -42,7 +42,7 @@ def load(
     input_shape: tuple[int, ...] | None = None,
 ) -> LoadedModel:
     """Load a model file (TorchScript, .pt2, state_dict + ``arch``, or trusted pickle)."""
-    return load_model(path, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
+    return load_model(Path(path), arch=arch, trust_pickle=trust_pickle, input_shape=input_shape)
 
 
 def synthesize(
@@ -157,7 +157,12 @@ def load_eval_set_for(
 
     mean, std = normalize or IMAGENET_NORMALIZE
     return load_eval_set(
-        path, input_shape=input_shape, mean=mean, std=std, resize=resize, num_classes=output_classes(model, input_shape)
+        Path(path),
+        input_shape=input_shape,
+        mean=mean,
+        std=std,
+        resize=resize,
+        num_classes=output_classes(model, input_shape),
     )
 
 

@@ -1,4 +1,4 @@
-"""Where a build deploys: one strategy per target family, so ``api._build`` never branches on the target.
+"""Where a build deploys: one strategy per target family, so the build line (``pipeline.run_build``) never branches on the target.
 
 A :class:`DeployTarget` checks a quantization scheme against what its runtime runs, deploys the
 exported graphs and measures them, names the runner whose top-1 on ``--eval-set`` is the deployed
