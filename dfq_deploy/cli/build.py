@@ -25,7 +25,6 @@ from dfq_deploy.cli.errors import run_reporting_errors
 from dfq_deploy.cli.options import (
     TARGETS,
     config_option,
-    gate_options,
     load_file_sections,
     model_options,
     option_group,
@@ -142,6 +141,44 @@ _output_flags = stacked(
     ),
     click.option("--no-progress", is_flag=True, help="Hide progress bars."),
 )
+
+
+def _gate_flags(fn):
+    """Quality gates: measured limits that fail the build (exit 11) after its report is written."""
+    fn = click.option(
+        "--max-drop-measured",
+        type=float,
+        help="Fail (exit 11) when FP32 minus deployed top-1 on --eval-set exceeds this many points.",
+    )(fn)
+    fn = click.option(
+        "--gate-batch",
+        type=int,
+        default=QualityGates.gate_batch,
+        show_default=True,
+        help="Batch size whose median latency --max-latency-ms limits (one of --batch-sizes).",
+    )(fn)
+    fn = click.option(
+        "--max-latency-ms",
+        type=float,
+        help="Fail (exit 11) when the deployed model's median latency at --gate-batch exceeds this.",
+    )(fn)
+    return click.option(
+        "--min-top1",
+        type=float,
+        help="Fail (exit 11) when the deployed model's top-1 (points) on --eval-set is below this.",
+    )(fn)
+
+
+def _gates(
+    *, min_top1: float | None, max_latency_ms: float | None, gate_batch: int, max_drop_measured: float | None
+) -> QualityGates:
+    return QualityGates(
+        min_top1=min_top1, max_latency_ms=max_latency_ms, gate_batch=gate_batch, max_drop_measured=max_drop_measured
+    )
+
+
+# ``gates``: the QualityGates the flags set.
+gate_options = option_group(_gate_flags, "gates", _gates)
 
 
 def _tracking(*, mlflow_log: bool, mlflow_register: str | None, mlflow_experiment: str) -> TrackingConfig | None:

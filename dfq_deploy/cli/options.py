@@ -29,7 +29,6 @@ from dfq_deploy.config import (
 )
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.normalization import NORMALIZATIONS, Normalize, normalize_from_options
-from dfq_deploy.report.gates import QualityGates
 
 F = TypeVar("F", bound=Callable[..., Any])
 TARGETS = list(get_args(Target))
@@ -235,32 +234,6 @@ def _profile_flags(fn):
     )(fn)
 
 
-def _gate_flags(fn):
-    """Quality gates: measured limits that fail the build (exit 11) after its report is written."""
-    fn = click.option(
-        "--max-drop-measured",
-        type=float,
-        help="Fail (exit 11) when FP32 minus deployed top-1 on --eval-set exceeds this many points.",
-    )(fn)
-    fn = click.option(
-        "--gate-batch",
-        type=int,
-        default=QualityGates.gate_batch,
-        show_default=True,
-        help="Batch size whose median latency --max-latency-ms limits (one of --batch-sizes).",
-    )(fn)
-    fn = click.option(
-        "--max-latency-ms",
-        type=float,
-        help="Fail (exit 11) when the deployed model's median latency at --gate-batch exceeds this.",
-    )(fn)
-    return click.option(
-        "--min-top1",
-        type=float,
-        help="Fail (exit 11) when the deployed model's top-1 (points) on --eval-set is below this.",
-    )(fn)
-
-
 # The config field each flag sets, per config-file section.
 SYNTHESIS_FLAGS = {
     "method": "method",
@@ -363,14 +336,6 @@ def _profile(**values: Any) -> dict[str, Any]:
     return typed
 
 
-def _gates(
-    *, min_top1: float | None, max_latency_ms: float | None, gate_batch: int, max_drop_measured: float | None
-) -> QualityGates:
-    return QualityGates(
-        min_top1=min_top1, max_latency_ms=max_latency_ms, gate_batch=gate_batch, max_drop_measured=max_drop_measured
-    )
-
-
 def model_options(fn: F) -> F:
     """MODEL argument, and ``model_options``: how to read it (:class:`ModelOptions`)."""
     fn = option_group(_model_flags, "model_options", _model)(fn)
@@ -385,8 +350,6 @@ quant_options = option_group(_quant_flags, "quant_flags", _quant)
 profile_options = option_group(_profile_flags, "profile_flags", _profile)
 # ``reconstruct``: a ReconstructionConfig with --reconstruct, else None.
 reconstruct_options = option_group(_reconstruct_flags, "reconstruct", _reconstruction)
-# ``gates``: the QualityGates the flags set.
-gate_options = option_group(_gate_flags, "gates", _gates)
 
 
 def config_option(fn: F) -> F:
