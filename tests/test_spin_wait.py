@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dfq_deploy.cli.commands import PROFILE_FLAGS, main
+from dfq_deploy.cli.commands import main
+from dfq_deploy.cli.options import PROFILE_FLAGS
 from dfq_deploy.config import ProfileConfig
 from dfq_deploy.remote.deploy import RemoteDevices
 from dfq_deploy.runtimes.trt_gpu import wait_for
