@@ -300,7 +300,7 @@ def _check_batchnorm(idx: GraphIndex) -> list[Violation]:
             and src.op_type in _CONVS
             and any(getattr(idx.producer.get(t), "op_type", None) == "DequantizeLinear" for t in src.input)
         )
-        if quantized_conv or (src is not None and src.op_type == "DequantizeLinear"):
+        if quantized_conv or _dequantized_conv_output(idx, src):
             out.append(
                 Violation(
                     BATCHNORM_FOLDED,
@@ -343,3 +343,19 @@ def inspect_text(path: str | os.PathLike) -> str:
         f"{ops['QuantizeLinear']} QuantizeLinear, {ops['DequantizeLinear']} DequantizeLinear"
     ]
     return "\n".join(head + [format_lint(lint(model)), "", format_precision_summary(precision_summary(model))])
+
+
+def _dequantized_conv_output(idx: GraphIndex, src: onnx.NodeProto | None) -> bool:
+    """A DequantizeLinear whose QuantizeLinear reads a conv's output: a BN there could have been folded.
+
+    A BN behind a Q/DQ of anything else (DenseNet's norm after a concat, a pre-activation block's
+    norm after the residual add) has no conv to fold into; TensorRT runs it as a Scale layer on the
+    dequantized tensor, which is valid explicit quantization (TensorRT-RTX builds DenseNet-121 so).
+    """
+    if src is None or src.op_type != "DequantizeLinear":
+        return False
+    quantize = idx.producer.get(src.input[0])
+    if quantize is None or quantize.op_type != "QuantizeLinear":
+        return False
+    upstream = idx.producer.get(quantize.input[0])
+    return upstream is not None and upstream.op_type in _CONVS

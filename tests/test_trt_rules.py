@@ -184,6 +184,43 @@ def test_batchnorm_left_after_quantized_conv():
     assert _rules(lint(residual_block(batchnorm=True))) == {(trt_rules.BATCHNORM_FOLDED, "bn1")}
 
 
+def _bn_behind_qdq_of(op_type: str) -> onnx.ModelProto:
+    """x -> op -> Q/DQ -> BatchNormalization: a BN behind the Q/DQ of a conv's or a concat's output."""
+    c = 4
+    channels = c if op_type == "Conv" else 2 * c
+    inits = [
+        numpy_helper.from_array(np.full(channels, v, np.float32), f"bn_{k}")
+        for k, v in (("gamma", 1.0), ("beta", 0.0), ("mean", 0.0), ("var", 1.0))
+    ]
+    inits += [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.int8(0), "z")]
+    if op_type == "Conv":
+        inits.append(numpy_helper.from_array(np.zeros((c, c, 1, 1), np.float32), "w"))
+        first = helper.make_node("Conv", ["x", "w"], ["t"], name="op")
+    else:
+        first = helper.make_node("Concat", ["x", "x"], ["t"], name="op", axis=1)
+    nodes = [
+        first,
+        helper.make_node("QuantizeLinear", ["t", "s", "z"], ["tq"], name="Q"),
+        helper.make_node("DequantizeLinear", ["tq", "s", "z"], ["tdq"], name="DQ"),
+        helper.make_node("BatchNormalization", ["tdq", "bn_gamma", "bn_beta", "bn_mean", "bn_var"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_batchnorm_behind_qdq_is_flagged_only_where_a_conv_could_take_it():
+    # Behind a quantized conv output the BN should have been folded; behind a concat (DenseNet's
+    # norm layers) there is no conv to fold it into, and TensorRT runs it as a Scale layer.
+    assert (trt_rules.BATCHNORM_FOLDED, "bn") in _rules(lint(_bn_behind_qdq_of("Conv")))
+    assert not any(rule == trt_rules.BATCHNORM_FOLDED for rule, _ in _rules(lint(_bn_behind_qdq_of("Concat"))))
+
+
 def test_old_opset():
     assert (trt_rules.OPSET, "(model)") in _rules(lint(residual_block(opset=17)))
 
