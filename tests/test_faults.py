@@ -5,6 +5,7 @@ one line without a traceback, and what is left on disk."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -484,34 +485,57 @@ def _files_before(stage: str) -> list[str]:
     return sorted(files)
 
 
+@dataclasses.dataclass
+class Killed:
+    pid: int
+    returncode: int
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def killed_builds(model_file, tmp_path_factory):
+def killed_builds(model_file, tmp_path_factory) -> tuple[Path, dict[str, Killed]]:
     """A baseline build fills the synthesis cache and a reconstruction checkpoint, then one build per
-    stage, each SIGKILLed by ``$DFQ_DEPLOY_FAULT_STAGE`` on entering it, all started at once to share
-    their start-up time (the cache and a copy of the checkpoint make the later stages quick)."""
+    stage, each SIGKILLed by ``$DFQ_DEPLOY_FAULT_STAGE`` on entering it, all at once as children of
+    one process that imported the toolchain for them (``fork_builds.py``); the cache and a copy of
+    the checkpoint make their later stages quick."""
     root = tmp_path_factory.mktemp("killed")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DFQ_DEPLOY_CACHE", str(root / "cache"))
         baseline = invoke("build", model_file, "--out", root / "baseline", *_every_stage(root, root / "recon"))
         assert baseline.exit_code == 0, baseline.output
-        procs = {}
-        for stage in KILL_STAGES:
-            shutil.copytree(root / "recon", root / stage / "recon")
-            env.setenv("DFQ_DEPLOY_CACHE", str(_cache_of(root, stage)))
-            procs[stage] = _spawn_build(
-                model_file, root / stage / "out", *_every_stage(root, root / stage / "recon"), fault_stage=stage
-            )
-        stderr = {stage: proc.communicate(timeout=180)[1] for stage, proc in procs.items()}
-    return root, procs, stderr
+    runs = []
+    for stage in KILL_STAGES:
+        shutil.copytree(root / "recon", root / stage / "recon")
+        args = [
+            "build",
+            str(model_file),
+            "--out",
+            str(root / stage / "out"),
+            *_every_stage(root, root / stage / "recon"),
+        ]
+        env = {FAULT_STAGE_ENV: stage, "DFQ_DEPLOY_CACHE": str(_cache_of(root, stage))}
+        runs.append({"name": stage, "args": args, "env": env, "log": str(root / f"{stage}.log")})
+    (root / "runs.json").write_text(json.dumps(runs))
+    forked = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fork_builds.py"), str(root / "runs.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")},
+    )
+    assert forked.returncode == 0, forked.stderr
+    results = json.loads(forked.stdout.splitlines()[-1])
+    return root, {stage: Killed(pid, code, root / f"{stage}.log") for stage, (pid, code) in results.items()}
 
 
 @pytest.mark.parametrize("stage", KILL_STAGES)
 def test_a_build_killed_in_any_stage_leaves_whole_files_and_a_rerun_succeeds(
     killed_builds, model_file, monkeypatch, stage
 ):
-    root, procs, stderr = killed_builds
-    proc, out, recon = procs[stage], root / stage / "out", root / stage / "recon"
-    assert proc.returncode == -signal.SIGKILL, f"the build was not killed in {stage}: {stderr[stage]}"
+    root, killed = killed_builds
+    proc, out, recon = killed[stage], root / stage / "out", root / stage / "recon"
+    assert proc.returncode == -signal.SIGKILL, f"the build was not killed in {stage}: {proc.log.read_text()}"
 
     # On disk: the finished artifacts, whole; the dead build's lock file; no temp file anywhere.
     assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, *_files_before(stage)])
