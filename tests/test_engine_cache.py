@@ -86,7 +86,7 @@ def test_build_reports_the_cache(tmp_path, monkeypatch):
 
     import torch
     from click.testing import CliRunner
-    from tiny_models import tiny_resnet
+    from tiny_models import quick_build, tiny_resnet
 
     from dfq_deploy import api
     from dfq_deploy.cli.commands import main
@@ -96,28 +96,7 @@ def test_build_reports_the_cache(tmp_path, monkeypatch):
     assert api.default_cache_dir().parent == api.default_engine_cache_dir().parent
     model = tmp_path / "tiny.pt"
     torch.save(tiny_resnet(), model)
-    args = [
-        "build",
-        str(model),
-        "--trust-pickle",
-        "--target",
-        "tensorrt-rtx",
-        "--calib",
-        "noise",
-        "--input-shape",
-        "1x3x16x16",
-        "--num-images",
-        "8",
-        "--no-progress",
-        "--batch-sizes",
-        "1",
-        "--warmup-ms",
-        "0",
-        "--profile-iterations",
-        "1",
-        "--profile-duration",
-        "0",
-    ]
+    args = ["build", str(model), "--target", "tensorrt-rtx", *quick_build("1x3x16x16", num_images=8, cache=True)]
     seen = []
     for folder in ("a", "b"):
         result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / folder)])

@@ -10,6 +10,7 @@ import report_fixtures
 import torch
 from click.testing import CliRunner
 from small_cnn import INPUT_SHAPE, SmallResNet
+from tiny_models import quick_build
 
 import dfq_deploy.deployment
 from dfq_deploy import errors
@@ -17,25 +18,7 @@ from dfq_deploy.analysis.compare import check_comparison, compare_reports
 from dfq_deploy.cli.commands import _run, main
 from dfq_deploy.errors import EXIT_CODES, DfqError
 
-FAST_BUILD = [
-    "--trust-pickle",
-    "--input-shape",
-    "x".join(map(str, INPUT_SHAPE)),
-    "--calib",
-    "noise",
-    "--num-images",
-    "4",
-    "--no-cache",
-    "--no-progress",
-    "--batch-sizes",
-    "1",
-    "--warmup-ms",
-    "0",
-    "--profile-duration",
-    "0",
-    "--profile-iterations",
-    "1",
-]
+FAST_BUILD = quick_build(INPUT_SHAPE)
 
 
 def error_classes() -> list[type[DfqError]]:

@@ -24,6 +24,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from small_cnn import INPUT_SHAPE, SmallResNet
+from tiny_models import quick_build
 
 from dfq_deploy import api
 from dfq_deploy.cli.commands import _run, main
@@ -37,28 +38,11 @@ from dfq_deploy.report.schema import validate_report
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = "x".join(map(str, INPUT_SHAPE))
-FAST = [
-    "--trust-pickle",
-    "--input-shape",
-    SHAPE,
-    "--calib",
-    "noise",
-    "--num-images",
-    "4",
-    "--no-progress",
-    "--batch-sizes",
-    "1",
-    "--warmup-ms",
-    "0",
-    "--profile-iterations",
-    "1",
-    "--profile-duration",
-    "0",
-]
+FAST = quick_build(INPUT_SHAPE, cache=True)  # the cache is under test here
 
 
 def _zeroq(iterations: int) -> list[str]:
-    return [*FAST[:3], "--calib", "zeroq", "--iterations", str(iterations), *FAST[5:]]
+    return [*FAST, "--calib", "zeroq", "--iterations", str(iterations)]  # the later --calib wins
 
 
 SLOW_ZEROQ = _zeroq(100000)  # ends only by a signal

@@ -11,22 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from small_cnn import INPUT_SHAPE, SmallResNet
+from tiny_models import QUICK_TIMING, quick_build
 
 from dfq_deploy.cli.commands import main
 from dfq_deploy.report.schema import SCHEMA_VERSION, report_schema, validate_report
-
-FAST = [
-    "--input-shape",
-    "x".join(map(str, INPUT_SHAPE)),
-    "--batch-sizes",
-    "1",
-    "--warmup-ms",
-    "0",
-    "--profile-duration",
-    "0",
-    "--profile-iterations",
-    "2",
-]
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +25,7 @@ def build_report(tmp_path_factory):
     torch.save(SmallResNet().eval(), model)
     res = CliRunner().invoke(
         main,
-        [
-            "build",
-            str(model),
-            "--trust-pickle",
-            "--calib",
-            "noise",
-            "--num-images",
-            "4",
-            "--no-cache",
-            "--no-progress",
-            "--out",
-            str(tmp / "build"),
-            *FAST,
-        ],
+        ["build", str(model), *quick_build(INPUT_SHAPE), "--out", str(tmp / "build")],
     )
     assert res.exit_code == 0, res.output
     return json.loads((tmp / "build" / "report.json").read_text()), tmp / "build"
@@ -71,7 +46,9 @@ def test_a_build_report_validates(build_report):
 
 def test_a_profile_report_validates(build_report, tmp_path):
     _, out = build_report
-    res = CliRunner().invoke(main, ["profile", str(out / "model.qdq.onnx"), "--out", str(tmp_path / "p"), *FAST[2:]])
+    res = CliRunner().invoke(
+        main, ["profile", str(out / "model.qdq.onnx"), "--out", str(tmp_path / "p"), *QUICK_TIMING]
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert report["kind"] == "profile"

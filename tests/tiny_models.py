@@ -60,7 +60,21 @@ def tiny_resnet(seed: int = 0) -> TinyResNet:
     return settle_batchnorm(TinyResNet(), (3, 16, 16), seed=seed)
 
 
-# CLI flags for the quickest real build of a tiny_resnet saved as a pickled module (the tiny_state_dict fixture).
+# One timed run per runner at batch 1 and no warm-up: for tests that check a build or a profile
+# report, not the latency in it (what the CPUs of a loaded test machine can afford).
+QUICK_TIMING = ["--batch-sizes", "1", "--warmup-ms", "0", "--profile-duration", "0", "--profile-iterations", "1"]
+
+
+def quick_build(input_shape: tuple[int, ...] | str, *, num_images: int = 4, cache: bool = False) -> list[str]:
+    """CLI flags for the quickest real build of a model saved as a pickled module: ``num_images``
+    noise images, no progress bars, :data:`QUICK_TIMING`; the synthesis cache only with ``cache``."""
+    shape = input_shape if isinstance(input_shape, str) else "x".join(map(str, input_shape))
+    calib = ["--calib", "noise", "--num-images", str(num_images), *([] if cache else ["--no-cache"])]
+    return ["--trust-pickle", "--input-shape", shape, *calib, "--no-progress", *QUICK_TIMING]
+
+
+# CLI flags for the quickest real build of a tiny_resnet saved as a pickled module (the tiny_state_dict
+# fixture) that times batch 4 as well, twice per runner (the gates and MLflow tests read its latency).
 FAST_TINY_BUILD = [
     "--trust-pickle",
     "--input-shape",
