@@ -625,6 +625,21 @@ def test_two_writers_of_one_cache_entry_make_it_once(tmp_path):
     assert not list(store.directory.glob("*.lock"))
 
 
+def test_save_once_keeps_the_entry_another_writer_finished(tmp_path):
+    """What torchrun's rank 0 saves (made without the lock) does not replace an entry another job
+    finished meanwhile; a damaged one is replaced."""
+    store = CacheStore(tmp_path / "synthesis")
+    first = store.save_once("s" * 64, lambda folder: (folder / "p").write_bytes(b"first"))
+    created = json.loads((first / ENTRY_MANIFEST).read_text())["created"]
+    store.save_once("s" * 64, lambda folder: (folder / "p").write_bytes(b"second"))
+    assert (first / "p").read_bytes() == b"first"
+    assert json.loads((first / ENTRY_MANIFEST).read_text())["created"] == created
+    (first / "p").write_bytes(b"firsT")
+    store.save_once("s" * 64, lambda folder: (folder / "p").write_bytes(b"second"))
+    assert (first / "p").read_bytes() == b"second" and verify_entry(first) is None
+    assert not list(store.directory.glob("*.lock")) and store.leftovers() == []
+
+
 def test_a_cache_entry_whose_writer_was_killed_is_taken_over(tmp_path):
     """A writer SIGKILLed half-way through writing an entry leaves its lock and its temp folder: the
     next writer of that key takes the lock over, removes the temp folder and makes the entry whole."""

@@ -12,6 +12,7 @@ verify or to load is moved aside into ``.damaged/`` with a one-line warning, and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -138,21 +139,34 @@ class CacheStore:
         found = self.load(key, read)
         if found is not None:
             return found, True
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(
-            self.directory / f"{key[:32]}{LOCK_SUFFIX}", what=f"cache entry {self.path_of(key)}", wait=True
-        ):
+        with self._writing(key):
             found = self.load(key, read)
             if found is not None:
                 return found, True
-            self._remove_dead_writers_temp(key)
-            fault_point("cache_entry")
             value = make()
             try:
                 self.save(key, lambda folder: write(value, folder), meta=meta)
             except StorageError as exc:
                 warnings.warn(f"{exc.message}; going on without caching it", CacheWarning, stacklevel=2)
             return value, False
+
+    def save_once(self, key: str, write: Callable[[Path], None], *, meta: dict[str, Any] | None = None) -> Path:
+        """:meth:`save` under the key's lock, unless another writer finished an entry that verifies meanwhile
+        (for a value made without holding the lock: by every rank of a ``torchrun`` job, say)."""
+        with self._writing(key):
+            if self.path_of(key).exists() and verify_entry(self.path_of(key), key=key) is None:
+                return self.path_of(key)
+            return self.save(key, write, meta=meta)
+
+    @contextlib.contextmanager
+    def _writing(self, key: str) -> Iterator[None]:
+        """Hold the key's lock (waiting for a live writer, taking a dead one's over) to make its entry."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock = self.directory / f"{key[:32]}{LOCK_SUFFIX}"
+        with exclusive_lock(lock, what=f"cache entry {self.path_of(key)}", wait=True):
+            self._remove_dead_writers_temp(key)
+            fault_point("cache_entry")
+            yield
 
     def entries(self) -> list[CacheEntry]:
         """Every entry folder (verified or not), oldest first."""

@@ -72,7 +72,7 @@ def cached(
             found = CalibrationSet.load(store.path_of(key))
         made = found if hit else make()
         if not hit and is_main_rank():
-            store.save(key, made.save, meta=meta)
+            store.save_once(key, made.save, meta=meta)  # another job may have made it meanwhile
     else:
         made, hit = store.get_or_make(
             key, make=make, write=lambda calib, folder: calib.save(folder), read=CalibrationSet.load, meta=meta
