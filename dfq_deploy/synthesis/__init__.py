@@ -29,6 +29,8 @@ from dfq_deploy.synthesis.job import IMAGENET_MEAN, IMAGENET_STD, Job, MethodRes
 from dfq_deploy.synthesis.model_state import frozen_eval, model_on_device
 from dfq_deploy.synthesis.pixel_loop import plan_batches
 from dfq_deploy.synthesis.sharding import all_reduce_max, all_reduce_mean_scalar, gather_in_order, shard_batches
+from dfq_deploy.synthesis.speed import DEFAULT as DEFAULT_LEVERS
+from dfq_deploy.synthesis.speed import SpeedLevers
 
 __all__ = ["synthesize", "synthesize_cached", "bn_mismatch", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -109,6 +111,7 @@ def synthesize(
     input_shape: tuple[int, ...],
     progress: bool = True,
     normalize: Normalize | None = None,
+    levers: SpeedLevers = DEFAULT_LEVERS,
 ) -> CalibrationSet:
     """Make a calibration set for ``model`` with ``config.method``.
 
@@ -118,6 +121,8 @@ def synthesize(
     parameters and is left exactly as it was. Under torch.distributed each rank makes its share and
     every rank returns the whole set. ``meta`` records the method, config, seed, wall time,
     images per second, final loss and the per-layer BN mismatch table (:func:`bn_mismatch`).
+    ``levers`` change how fast the pixel loop runs (:mod:`.speed`), ``speed.PLAIN`` is the plain
+    float32 loop.
     """
     input_shape = _check_input_shape(input_shape)
     if normalize is None:
@@ -140,6 +145,7 @@ def synthesize(
             shard=shard,
             normalize=normalize,
             progress=progress,
+            levers=levers,
         )
         result = _method(job)(job)
         images, labels = gather_in_order(result.images.detach().cpu(), result.labels)

@@ -129,6 +129,7 @@ def batch_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     than ``torch.var_mean`` over (0, 2, 3) of an NCHW tensor, and BN inputs are not so far from zero
     mean that the cancellation matters in float32.
     """
+    x = x.float()  # a bf16 BN input (autocast) summed in bf16 would keep ~3 digits of its mean
     dims = reduce_dims(x)
     n = x.numel() // x.shape[1]
     mean = x.sum(dims) / n

@@ -16,6 +16,7 @@ from dfq_deploy.normalization import Normalize, natural_image_prior
 from dfq_deploy.synthesis.bn_stats import BNInputCapture, BNLayer
 from dfq_deploy.synthesis.pixel_loop import Batch, progress_bar
 from dfq_deploy.synthesis.sharding import Shard
+from dfq_deploy.synthesis.speed import DEFAULT, SpeedLevers
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_NORMALIZE
 
@@ -33,6 +34,7 @@ class Job:
     shard: Shard
     normalize: Normalize
     progress: bool
+    levers: SpeedLevers = DEFAULT
 
     @property
     def batches(self) -> list[Batch]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from dfq_deploy.synthesis import speed
 from dfq_deploy.synthesis.bn_stats import BNInputCapture
 from dfq_deploy.synthesis.job import Job, MethodResult, ObjectiveFactory
-from dfq_deploy.synthesis.pixel_loop import optimise_warmup_then_late, start_batch
+from dfq_deploy.synthesis.pixel_loop import optimise_pixels, optimise_warmup_then_late, start_batch
 
 
 def synthesize_pixels(
@@ -21,14 +22,17 @@ def synthesize_pixels(
     start=start_batch,
 ) -> MethodResult:
     """Each batch: N(0, 1) images (and uniform labels when the objective has classes), then
-    :func:`~dfq_deploy.synthesis.pixel_loop.optimise_warmup_then_late` on the objective.
+    :func:`~dfq_deploy.synthesis.pixel_loop.optimise_warmup_then_late` on the objective, run with
+    ``job.levers`` (:mod:`.speed`: a coarse first part for single-phase methods, channels-last, bf16).
 
     ``start`` makes a batch's (generator, initial images, labels), :func:`start_batch` by default.
     ``warmup == iterations`` is a single phase with ZeroQ's schedule. Meta: ``iterations``, ``lr``,
-    ``steps_taken`` per batch, and the objective's own.
+    ``steps_taken`` per batch, ``coarse_steps``, ``bf16``, ``channels_last`` and the objective's own.
     """
+    levers = job.levers
+    coarse_steps = levers.coarse_steps(iterations, job.input_shape) if warmup == iterations else 0
     images, all_labels, losses, steps = [], [], [], []
-    with BNInputCapture(job.layers) as capture:
+    with BNInputCapture(job.layers) as capture, speed.memory_format(job.model, levers):
         objective = make_objective(job, capture, warmup)
         with job.bar(iterations) as bar:
             for batch in job.batches:
@@ -39,24 +43,47 @@ def synthesize_pixels(
                     device=job.device,
                     num_classes=objective.num_classes,
                 )
-                x, loss, taken = optimise_warmup_then_late(
-                    x,
-                    lambda x, step, labels=labels, gen=gen: objective.loss(x, labels, step, gen),
-                    iterations=iterations,
-                    warmup=warmup,
+
+                def loss_fn(x, step, labels=labels, gen=gen):
+                    with speed.autocast(levers, job.device):
+                        return objective.loss(x, labels, step, gen)
+
+                taken = 0
+                if coarse_steps:
+                    x, _, taken = optimise_pixels(
+                        speed.image_layout(speed.coarse(x, levers.coarse_scale), levers),
+                        loss_fn,
+                        iterations=coarse_steps,
+                        lr=lr,
+                        bar=bar,
+                    )
+                    x = speed.fine(x, job.input_shape[1:])
+                x, loss, fine_taken = optimise_warmup_then_late(
+                    speed.image_layout(x, levers),
+                    loss_fn,
+                    iterations=iterations - coarse_steps,
+                    warmup=warmup - coarse_steps,
                     lr=lr,
                     late_lr=late_lr,
                     bar=bar,
                     warmup_done=objective.warmup_done,
                 )
-                images.append(x)
+                images.append(x.contiguous())
                 all_labels.append(labels)
                 losses.append(loss)
-                steps.append(taken)
+                steps.append(taken + fine_taken)
     labels = None if objective.num_classes is None else torch.cat(all_labels).cpu()
     return MethodResult(
         torch.cat(images),
         labels,
         sum(losses) / len(losses),
-        {"iterations": iterations, "lr": lr, "steps_taken": steps, **objective.meta()},
+        {
+            "iterations": iterations,
+            "lr": lr,
+            "steps_taken": steps,
+            "coarse_steps": coarse_steps,
+            "bf16": levers.bf16(job.device),
+            "channels_last": levers.channels_last,
+            **objective.meta(),
+        },
     )

@@ -1,0 +1,124 @@
+"""How fast the pixel loop runs, not what it minimises: the speed levers of 224-px synthesis.
+
+Measured on EfficientNet-Lite1 at 224 px (README, "224-px synthesis"): channels-last convolutions
+save 10-30 % a step on oneDNN at the same result, so they are on. A step at half resolution costs
+about half a full one, but at an equal step count the coarse-to-fine schedule ended 2-6x further
+from the BN statistics on a small model (0.5 / 0.75 of the steps coarse: mismatch 0.00098 /
+0.0030 against 0.00052), so it is off by default (``coarse_fraction``). bf16 autocast did not pay
+on an AVX512-BF16 CPU, so it is on by default only where bf16 matrix units are (AMX, a CUDA GPU
+with bf16). Parameters are frozen in every case
+(:func:`~dfq_deploy.synthesis.model_state.frozen_eval`: gradients for the pixels only), and ZeroQ
+stops a batch early once its mismatch is met (``zeroq.STOP_MISMATCH``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Autocast = Literal["auto", "bf16", "off"]
+# Images smaller than this are optimised at full resolution throughout (a CIFAR image at half size
+# leaves the deep layers a 2x2 map).
+COARSE_MIN_SIZE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedLevers:
+    """``coarse_fraction`` of a single-phase method's steps (zeroq, prior) run on images at
+    ``coarse_scale`` of the resolution, then upsampled (bilinear) for the rest at full size;
+    ``channels_last`` runs convolutions in NHWC; ``autocast`` bf16 runs the model in bfloat16
+    (statistics and loss stay float32), ``auto`` where :func:`bf16_pays` says so."""
+
+    coarse_fraction: float = 0.0
+    coarse_scale: float = 0.5
+    channels_last: bool = True
+    autocast: Autocast = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.coarse_fraction < 1.0 or not 0.0 < self.coarse_scale <= 1.0:
+            raise ValueError(f"coarse_fraction must be in [0, 1) and coarse_scale in (0, 1], got {self}")
+
+    def coarse_steps(self, iterations: int, input_shape: tuple[int, ...]) -> int:
+        """How many of ``iterations`` run at the coarse resolution for images of ``input_shape``."""
+        if len(input_shape) != 3 or min(input_shape[1:]) < COARSE_MIN_SIZE or self.coarse_scale == 1.0:
+            return 0
+        return int(self.coarse_fraction * iterations)
+
+    def bf16(self, device: torch.device) -> bool:
+        """Whether the model runs under bf16 autocast on ``device``."""
+        return self.autocast == "bf16" or (self.autocast == "auto" and bf16_pays(device))
+
+
+# The plain fp32 loop: every step at full resolution, contiguous NCHW, float32.
+PLAIN = SpeedLevers(coarse_fraction=0.0, channels_last=False, autocast="off")
+DEFAULT = SpeedLevers()
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_pays(device: torch.device) -> bool:
+    """bf16 autocast by default: a CUDA GPU with bf16, or a CPU with AMX tiles (amx_bf16). On
+    AVX512-BF16 alone it measured no faster than float32, and elsewhere it is emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and "amx_bf16" in cpu_flags() and torch.backends.mkldnn.is_available()
+
+
+def autocast(levers: SpeedLevers, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` when the levers ask for it, else nothing."""
+    if levers.bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def memory_format(model: nn.Module, levers: SpeedLevers) -> Iterator[None]:
+    """While active, ``model``'s 4-D weights are channels-last (with ``levers.channels_last``); the
+    very tensors it had are put back on exit."""
+    if not levers.channels_last:
+        yield
+        return
+    saved = [(p, p.data) for p in model.parameters() if p.ndim == 4]
+    for p, data in saved:
+        p.data = data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+def image_layout(x: torch.Tensor, levers: SpeedLevers) -> torch.Tensor:
+    """``x`` in the memory format the levers run convolutions in."""
+    if levers.channels_last and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def coarse(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """A start at ``scale`` of the size: every 1/scale-th pixel, so N(0, 1) noise stays N(0, 1)."""
+    step = round(1 / scale)
+    return x[..., ::step, ::step].contiguous()
+
+
+def fine(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Coarse images brought to full ``size`` (bilinear), where the last steps refine them."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

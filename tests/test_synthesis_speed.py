@@ -1,0 +1,76 @@
+"""The speed levers of the pixel loop (coarse-to-fine, channels-last, bf16) keep its quality."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tiny_models import TinyResNet, settle_batchnorm
+
+from dfq_deploy.config import SynthesisConfig
+from dfq_deploy.synthesis import synthesize
+from dfq_deploy.synthesis.speed import DEFAULT, PLAIN, SpeedLevers, memory_format
+
+SHAPE = (3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Running statistics of smooth, off-centre images, so that noise does not match them already."""
+    torch.manual_seed(0)
+    net = settle_batchnorm(TinyResNet(width=8), SHAPE)
+    gen = torch.Generator().manual_seed(1)
+    net.train()
+    with torch.no_grad():
+        for _ in range(4):
+            smooth = torch.nn.functional.avg_pool2d(torch.randn(8, *SHAPE, generator=gen), 5, 1, 2) * 2.0
+            net(smooth + torch.tensor([0.5, -0.3, 0.1]).reshape(1, 3, 1, 1))
+    return net.eval()
+
+
+def _mismatch(model, levers: SpeedLevers, iterations: int = 60) -> tuple[float, dict]:
+    torch.manual_seed(0)
+    config = SynthesisConfig(method="zeroq", num_images=16, batch_size=8, iterations=iterations, device="cpu")
+    calib = synthesize(model, config=config, input_shape=SHAPE, progress=False, levers=levers)
+    return calib.meta["bn_mismatch"]["mean"], calib.meta
+
+
+@pytest.mark.parametrize(
+    "levers",
+    [DEFAULT, dataclasses.replace(DEFAULT, autocast="bf16")],
+    ids=["default", "default+bf16"],
+)
+def test_levers_keep_the_mismatch_within_10_percent_of_the_plain_loop(model, levers):
+    plain, _ = _mismatch(model, PLAIN)
+    fast, meta = _mismatch(model, levers)
+    assert meta["coarse_steps"] == 0 and meta["channels_last"] is True
+    assert meta["bf16"] is (levers.autocast == "bf16")
+    noise = synthesize(
+        model, config=SynthesisConfig(method="noise", num_images=16, device="cpu"), input_shape=SHAPE, progress=False
+    ).meta["bn_mismatch"]["mean"]
+    assert plain < noise / 5  # the loop really optimised: the comparison below means something
+    assert fast <= 1.1 * plain, (fast, plain)
+
+
+def test_coarse_steps_only_for_large_images_and_single_phase():
+    coarse = SpeedLevers(coarse_fraction=0.75)
+    assert coarse.coarse_steps(100, (3, 224, 224)) == 75
+    assert coarse.coarse_steps(100, (3, 32, 32)) == 0  # CIFAR size: full resolution throughout
+    assert DEFAULT.coarse_steps(100, (3, 224, 224)) == PLAIN.coarse_steps(100, (3, 224, 224)) == 0
+    with pytest.raises(ValueError):
+        SpeedLevers(coarse_fraction=1.0)
+
+
+def test_coarse_to_fine_runs_its_share_of_steps_coarse_and_returns_full_size_images(model):
+    mismatch, meta = _mismatch(model, SpeedLevers(coarse_fraction=0.5), iterations=20)
+    assert meta["coarse_steps"] == 10 and meta["steps_taken"] == [20, 20]
+    assert mismatch < 0.05
+
+
+def test_channels_last_leaves_the_caller_s_weights_as_they_were(model):
+    before = {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
+    with memory_format(model, DEFAULT):
+        assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not model.conv1.weight.is_contiguous()
+    assert all((p.data_ptr(), p.stride()) == before[name] for name, p in model.named_parameters())
