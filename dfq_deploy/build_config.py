@@ -29,7 +29,7 @@ from dfq_deploy.config import (
 from dfq_deploy.config_checks import check_keys, coerce_floats
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.config_file import parse_config_file
-from dfq_deploy.normalization import Normalize
+from dfq_deploy.normalization import Normalize, NormalizeSection, normalize_from_section
 from dfq_deploy.report.gates import QualityGates
 from dfq_deploy.report.tracking import TrackingConfig
 
@@ -139,11 +139,16 @@ class BuildConfig:
 
 
 # The sections a config file may hold and the dataclass each one fills.
-FILE_SECTIONS: dict[str, type] = {"synthesis": SynthesisConfig, "quant": QuantScheme, "profile": ProfileConfig}
+FILE_SECTIONS: dict[str, type] = {
+    "model": NormalizeSection,
+    "synthesis": SynthesisConfig,
+    "quant": QuantScheme,
+    "profile": ProfileConfig,
+}
 
 
 def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a YAML or TOML file of stage sections (``synthesis:``, ``quant:``, ``profile:``).
+    """Read a YAML or TOML file of stage sections (``model:``, ``synthesis:``, ``quant:``, ``profile:``).
 
     Every key is checked here, before any work: an unknown section or key (a typo) is a
     :class:`BadInputError` naming it and the valid ones.
@@ -160,6 +165,8 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
         if not isinstance(values, dict):
             raise BadInputError(f"section {section!r} of {path} must be a mapping of keys to values")
         check_keys(values, cls, where=f"section {section!r} of {path}")
+        if cls is NormalizeSection:
+            normalize_from_section(values)  # a bad mean/std is refused before any work
         for i, override in enumerate(values.get("overrides") or ()):
             if not isinstance(override, dict):
                 raise BadInputError(f"{section}.overrides[{i}] of {path} must be a mapping (pattern, weight_bits, ...)")
@@ -193,6 +200,12 @@ def merge_build_config(
         file_values, typed = file_sections.get(section, {}), typed_sections.get(section, {})
         if file_values or typed:
             merged[section] = merge_config(getattr(base, section), file_values, typed)
+    # model: the normalisation, typed flags over the file's ``model:`` section over base's.
+    typed_model = typed_sections.get("model", {})
+    if "normalize" in typed_model:
+        merged["model"] = dataclasses.replace(base.model, normalize=typed_model["normalize"])
+    elif file_sections.get("model"):
+        merged["model"] = dataclasses.replace(base.model, normalize=normalize_from_section(file_sections["model"]))
     file_quant, typed_quant = file_sections.get("quant", {}), typed_sections.get("quant", {})
     if file_quant or typed_quant:
         scheme = merge_config(base.scheme, file_quant, typed_quant)

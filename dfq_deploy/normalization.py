@@ -8,8 +8,9 @@ CLI parses and checks it before anything heavy is imported.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from dfq_deploy.config import IMAGENET_NORMALIZE
 from dfq_deploy.errors import BadInputError
@@ -86,3 +87,19 @@ def natural_image_prior(normalize: Normalize) -> Normalize:
         tuple((pm - m) / s for pm, m, s in zip(pixel_mean, mean, std, strict=True)),
         tuple(ps / s for ps, s in zip(pixel_std, std, strict=True)),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizeSection:
+    """A config file's ``model:`` section: ``normalize`` (a preset name) and/or ``mean``/``std``
+    lists, as the flags ``--normalize``, ``--mean``, ``--std``."""
+
+    normalize: str | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+
+def normalize_from_section(values: Mapping[str, object]) -> Normalize:
+    """The (mean, std) a ``model:`` section of a config file gives (keys already checked)."""
+    section = NormalizeSection(**values)  # type: ignore[arg-type]
+    return normalize_from_options(section.normalize, mean=section.mean, std=section.std)

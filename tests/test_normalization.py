@@ -123,3 +123,18 @@ def test_evaluation_set_gets_the_flags(tmp_path):
     result = invoke(*args, "--mean", "0.4,0.6,0.6", "--std", "1,1,1")
     assert result.exit_code == 0, result.output
     assert '"top1": 100.0' in result.output
+
+
+def test_a_config_file_s_model_section_sets_it_and_a_typed_flag_wins(resnet_file, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  mean: [0.4, 0.6, 0.6]\n  std: [0.1, 0.2, 0.25]\n")
+    args = ["synthesize", resnet_file, "--input-shape", "3x16x16", "--calib", "noise", "--num-images", "2"]
+    result = invoke(*args, "--config", config, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert CalibrationSet.load(tmp_path / "a").meta["normalize"] == {"mean": [0.4, 0.6, 0.6], "std": [0.1, 0.2, 0.25]}
+    result = invoke(*args, "--config", config, "--normalize", "efficientnet-lite", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert CalibrationSet.load(tmp_path / "b").meta["normalize"]["std"] == pytest.approx([128 / 255] * 3)
+    config.write_text("model:\n  std: [0.1, 0, 0.25]\n")
+    result = invoke(*args, "--config", config, "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "std must be > 0" in result.output

@@ -33,6 +33,7 @@ from dfq_deploy.cli.options import (
     reconstruct_options,
     stacked,
     synthesis_options,
+    typed_model,
 )
 from dfq_deploy.cli.remote import device_options
 from dfq_deploy.config import HOLDOUT_FRACTION, MixedPrecisionBudget, MixedPrecisionConfig, ReconstructionConfig, Target
@@ -262,7 +263,12 @@ def build(
         target=TargetOptions(target, remote=remote, max_disagreement=max_disagreement),
         output=dataclasses.replace(output, gates=gates, tracking=tracking),
     )
-    typed = {"synthesis": synthesis_flags, "quant": quant_flags, "profile": profile_flags}
+    typed = {
+        "model": typed_model(model_options),
+        "synthesis": synthesis_flags,
+        "quant": quant_flags,
+        "profile": profile_flags,
+    }
     config = merge_build_config(base, load_file_sections(config_file), typed)
     _echo_result(api.build(model, config), print_json=print_json, register_as=tracking and tracking.register_as)
 

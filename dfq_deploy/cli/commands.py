@@ -29,6 +29,7 @@ from dfq_deploy.cli.options import (
     quant_options,
     reconstruct_options,
     synthesis_options,
+    typed_model,
 )
 from dfq_deploy.cli.remote import device_options, trtexec_export_option
 from dfq_deploy.config import ReconstructionConfig, Target
@@ -108,14 +109,15 @@ def synthesize(
     from dfq_deploy import api
     from dfq_deploy.synthesis.sharding import is_main_rank, torchrun_process_group
 
-    config = merge_build_config(BuildConfig(), load_file_sections(config_file), {"synthesis": synthesis_flags})
+    typed = {"model": typed_model(model_options), "synthesis": synthesis_flags}
+    config = merge_build_config(BuildConfig(), load_file_sections(config_file), typed)
     with torchrun_process_group(config.synthesis.device):
         writer = is_main_rank()
         # One process probes and writes --out: ranks probing the same folder at once would race.
         out = api.prepare_out_dir(out_dir) if writer else Path(out_dir)
         loaded = _load(model, model_options)
         calib = api.synthesize(
-            loaded, config=config.synthesis, normalize=model_options.normalize, progress=not no_progress
+            loaded, config=config.synthesis, normalize=config.model.normalize, progress=not no_progress
         )
     if not writer:
         return
@@ -179,7 +181,7 @@ def quantize(
     from dfq_deploy.io.calibration_set import CalibrationSet
 
     base = BuildConfig(quant=QuantOptions(precision=precision), target=TargetOptions(target))
-    typed = {"synthesis": synthesis_flags, "quant": quant_flags}
+    typed = {"model": typed_model(model_options), "synthesis": synthesis_flags, "quant": quant_flags}
     config = merge_build_config(base, load_file_sections(config_file), typed)
     scheme = api.scheme_for_target(config.scheme, target=target, precision=precision)
     out = api.prepare_out_dir(out_dir)
@@ -188,7 +190,7 @@ def quantize(
         calib = CalibrationSet.load(calib_set)
     else:
         calib = api.synthesize(
-            loaded, config=config.synthesis, normalize=model_options.normalize, progress=not no_progress
+            loaded, config=config.synthesis, normalize=config.model.normalize, progress=not no_progress
         )
         calib.save(out / api.CALIBRATION_DIR)
     qmodel = api.quantize(loaded, calib, scheme=scheme, reconstruct=reconstruct, progress=not no_progress)

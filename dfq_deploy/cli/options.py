@@ -278,6 +278,14 @@ def _normalize(*, normalize: str, mean: str | None, std: str | None) -> Normaliz
     return normalize_from_options(normalize, mean=mean, std=std)
 
 
+def typed_model(model_options: ModelOptions) -> dict[str, Any]:
+    """The ``model`` section of the typed flags: the normalisation when --normalize, --mean or --std
+    was typed (it then wins over a config file's ``model:`` section), else nothing."""
+    ctx = click.get_current_context()
+    typed = any(ctx.get_parameter_source(flag) in _TYPED for flag in ("normalize", "mean", "std"))
+    return {"normalize": model_options.normalize} if typed else {}
+
+
 def _model(
     *, arch: str | None, trust_pickle: bool, input_shape: str | None, normalize: str, mean: str | None, std: str | None
 ) -> ModelOptions:
@@ -358,7 +366,7 @@ def config_option(fn: F) -> F:
         "--config",
         "config_file",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="YAML/TOML file with synthesis/quant/profile sections; flags you type override it.",
+        help="YAML/TOML file with model/synthesis/quant/profile sections; flags you type override it.",
     )(fn)
 
 
