@@ -136,6 +136,8 @@ def _owner(path: str) -> str:
 
 
 def _lift(gm: fx.GraphModule, node: fx.Node):
+    """(owner path, module, inputs) for a conv, linear or batch-norm call on the graph's parameters;
+    ``None`` for anything else, or for a form no module reproduces (transposed conv, string padding)."""
     target, args = node.target, node.args
     if target == aten.convolution.default:
         # (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
@@ -144,59 +146,71 @@ def _lift(gm: fx.GraphModule, node: fx.Node):
         args = (*args[:6], args[8])
         target = aten.conv2d.default
     if target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
-        w_path = _attr_path(args[1])
-        if w_path is None:
-            return None
-        weight = _parameter(gm, w_path)
-        b_path = _attr_path(args[2]) if len(args) > 2 else None
-        if len(args) > 2 and args[2] is not None and b_path is None:
-            return None
-        dims = weight.ndim - 2
-        stride, padding, dilation, groups = _conv_opts(args, dims)
-        if isinstance(padding, str):
-            return None
-        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-        conv = cls(
-            weight.shape[1] * groups,
-            weight.shape[0],
-            tuple(weight.shape[2:]),
-            stride=tuple(stride),
-            padding=tuple(padding),
-            dilation=tuple(dilation),
-            groups=groups,
-            bias=b_path is not None,
-        )
-        conv.weight = weight
-        if b_path is not None:
-            conv.bias = _parameter(gm, b_path)
-        return _owner(w_path), conv, [args[0]]
+        return _lift_conv(gm, args)
     if target == aten.linear.default:
-        w_path = _attr_path(args[1])
-        if w_path is None:
-            return None
-        weight = _parameter(gm, w_path)
-        b_path = _attr_path(args[2]) if len(args) > 2 else None
-        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=b_path is not None)
-        lin.weight = weight
-        if b_path is not None:
-            lin.bias = _parameter(gm, b_path)
-        return _owner(w_path), lin, [args[0]]
+        return _lift_linear(gm, args)
     if target == aten.batch_norm.default:
-        x, w, b, mean, var, training, _momentum, eps = args[:8]
-        paths = [_attr_path(a) for a in (w, b, mean, var)]
-        if training or paths[2] is None or paths[3] is None:
-            return None
-        running_mean = _tensor(gm, paths[2])
-        cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-        rank = len(x.meta["val"].shape) if "val" in x.meta else 4
-        bn = cls[rank](running_mean.numel(), eps=float(eps), affine=paths[0] is not None)
-        if paths[0] is not None:
-            bn.weight = _parameter(gm, paths[0])
-            bn.bias = _parameter(gm, paths[1])
-        bn.running_mean = running_mean
-        bn.running_var = _tensor(gm, paths[3])
-        return _owner(paths[2]), bn.eval(), [x]
+        return _lift_batch_norm(gm, args)
     return None
+
+
+def _lift_conv(gm: fx.GraphModule, args):
+    w_path = _attr_path(args[1])
+    if w_path is None:
+        return None
+    weight = _parameter(gm, w_path)
+    b_path = _attr_path(args[2]) if len(args) > 2 else None
+    if len(args) > 2 and args[2] is not None and b_path is None:
+        return None
+    dims = weight.ndim - 2
+    stride, padding, dilation, groups = _conv_opts(args, dims)
+    if isinstance(padding, str):
+        return None
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    conv = cls(
+        weight.shape[1] * groups,
+        weight.shape[0],
+        tuple(weight.shape[2:]),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
+        groups=groups,
+        bias=b_path is not None,
+    )
+    conv.weight = weight
+    if b_path is not None:
+        conv.bias = _parameter(gm, b_path)
+    return _owner(w_path), conv, [args[0]]
+
+
+def _lift_linear(gm: fx.GraphModule, args):
+    w_path = _attr_path(args[1])
+    if w_path is None:
+        return None
+    weight = _parameter(gm, w_path)
+    b_path = _attr_path(args[2]) if len(args) > 2 else None
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=b_path is not None)
+    lin.weight = weight
+    if b_path is not None:
+        lin.bias = _parameter(gm, b_path)
+    return _owner(w_path), lin, [args[0]]
+
+
+def _lift_batch_norm(gm: fx.GraphModule, args):
+    x, w, b, mean, var, training, _momentum, eps = args[:8]
+    paths = [_attr_path(a) for a in (w, b, mean, var)]
+    if training or paths[2] is None or paths[3] is None:
+        return None
+    running_mean = _tensor(gm, paths[2])
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    rank = len(x.meta["val"].shape) if "val" in x.meta else 4
+    bn = cls[rank](running_mean.numel(), eps=float(eps), affine=paths[0] is not None)
+    if paths[0] is not None:
+        bn.weight = _parameter(gm, paths[0])
+        bn.bias = _parameter(gm, paths[1])
+    bn.running_mean = running_mean
+    bn.running_var = _tensor(gm, paths[3])
+    return _owner(paths[2]), bn.eval(), [x]
 
 
 def _conv_opts(args, dims):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -192,31 +193,9 @@ def plan_for_max_drop(
     log2(2 × layers) + 2 when it does not. Raises :class:`BudgetNotMetError` when even the most
     precise plan misses the budget.
     """
-    if max_drop < 0:
-        raise BadInputError(f"--max-drop is in top-1 percentage points and must be >= 0, got {max_drop}")
-    if not 0.0 < holdout_fraction < 1.0:
-        raise BadInputError(f"--holdout-fraction must be between 0 and 1, got {holdout_fraction}")
-    calibrate_on, held_out = calib.split(holdout_fraction)
-    if len(held_out) < 8 or len(calibrate_on) < 1:
-        raise BadInputError(
-            f"--max-drop needs at least 8 held-out images; {len(calib)} calibration images give {len(held_out)}",
-            hint="raise --num-images (e.g. 256)",
-        )
-    resolution = resolution_warning(max_drop, len(held_out), holdout_fraction)
-    if resolution:
-        warnings.warn(resolution, stacklevel=2)
+    calibrate_on, held_out, resolution = _split_for_budget(calib, max_drop, holdout_fraction)
     measured = measure_sensitivity(model, calibrate_on, scheme=scheme, config=MixedPrecisionConfig())
-    ranking = sorted((layer for layer in measured.layers), key=lambda layer: measured.errors[layer.name], reverse=True)
-    # Candidates in order: each layer to 8 bit (if below); then the activations no layer owns (residual
-    # adds, pools) to 8 bit; then each layer to float.
-    ladder: list[LayerOverride | None] = [
-        LayerOverride(literal_glob(layer.name), 8, 8)
-        for layer in ranking
-        if layer.weight_bits < 8 or (layer.act_bits or 8) < 8
-    ]
-    if scheme.act_bits < 8:
-        ladder.append(None)  # marks "every other activation to 8 bit"
-    ladder += [LayerOverride(literal_glob(layer.name), None, None) for layer in ranking]
+    ladder = _ladder(measured, scheme)
     steps: list[dict[str, Any]] = []
 
     def scheme_for(k: int) -> QuantScheme:
@@ -233,14 +212,105 @@ def plan_for_max_drop(
             fitting[:] = [qmodel]
         return step["estimated_drop"]
 
-    lo, hi = 0, len(ladder)
+    hi = _cheapest_fit(estimate, len(ladder), max_drop, steps, len(held_out))
+    chosen = scheme_for(hi)
+    plan = _budget_plan(
+        max_drop,
+        next(s for s in reversed(steps) if s["raised"] == hi),
+        chosen,
+        chosen.overrides[len(scheme.overrides) :],
+        measured,
+        steps=tuple(steps),
+        held_out=(len(held_out), mean_confidence(model, held_out.images)),
+        resolution=resolution,
+        reconstructed=reconstruct is not None,
+    )
+    return plan, calibrate_on, fitting[0]
+
+
+def _budget_plan(
+    max_drop: float,
+    final: dict[str, Any],
+    chosen: QuantScheme,
+    overrides: tuple[LayerOverride, ...],
+    measured,
+    *,
+    steps: tuple[dict[str, Any], ...],
+    held_out: tuple[int, float],
+    resolution: str | None,
+    reconstructed: bool,
+) -> BudgetPlan:
+    """The plan of the chosen scheme: its estimate (``final`` step), the held-out set's (size, FP32's
+    mean confidence) and what the raised layers cost."""
+    size, size_low, macs, macs_low, low_fraction = _costs(measured, overrides)
+    return BudgetPlan(
+        max_drop=max_drop,
+        estimated_drop=final["estimated_drop"],
+        estimated_drop_se=final["estimated_drop_se"],
+        disagreement=final["disagreement"],
+        holdout_images=held_out[0],
+        holdout_confidence=held_out[1],
+        resolution_warning=resolution,
+        overrides=overrides,
+        act_bits=chosen.act_bits,
+        steps=steps,
+        size_bytes=size,
+        size_bytes_all_low=size_low,
+        bit_macs=macs,
+        bit_macs_all_low=macs_low,
+        low_bit_mac_fraction=low_fraction,
+        reconstructed=reconstructed,
+    )
+
+
+def _split_for_budget(
+    calib: CalibrationSet, max_drop: float, holdout_fraction: float
+) -> tuple[CalibrationSet, CalibrationSet, str | None]:
+    """(images to calibrate on, held-out images to estimate on, the resolution warning or None), after
+    checking the budget and the split; the warning is also issued."""
+    if max_drop < 0:
+        raise BadInputError(f"--max-drop is in top-1 percentage points and must be >= 0, got {max_drop}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise BadInputError(f"--holdout-fraction must be between 0 and 1, got {holdout_fraction}")
+    calibrate_on, held_out = calib.split(holdout_fraction)
+    if len(held_out) < 8 or len(calibrate_on) < 1:
+        raise BadInputError(
+            f"--max-drop needs at least 8 held-out images; {len(calib)} calibration images give {len(held_out)}",
+            hint="raise --num-images (e.g. 256)",
+        )
+    resolution = resolution_warning(max_drop, len(held_out), holdout_fraction)
+    if resolution:
+        warnings.warn(resolution, stacklevel=3)
+    return calibrate_on, held_out, resolution
+
+
+def _ladder(measured, scheme: QuantScheme) -> list[LayerOverride | None]:
+    """The candidate raises in order, most sensitive layer first: each layer to 8 bit (if below); then
+    the activations no layer owns (residual adds, pools) to 8 bit (``None``); then each layer to float."""
+    ranking = sorted((layer for layer in measured.layers), key=lambda layer: measured.errors[layer.name], reverse=True)
+    ladder: list[LayerOverride | None] = [
+        LayerOverride(literal_glob(layer.name), 8, 8)
+        for layer in ranking
+        if layer.weight_bits < 8 or (layer.act_bits or 8) < 8
+    ]
+    if scheme.act_bits < 8:
+        ladder.append(None)  # marks "every other activation to 8 bit"
+    return ladder + [LayerOverride(literal_glob(layer.name), None, None) for layer in ranking]
+
+
+def _cheapest_fit(
+    estimate: Callable[[int], float], rungs: int, max_drop: float, steps: list[dict[str, Any]], held_out: int
+) -> int:
+    """The fewest ladder rungs whose estimated drop fits ``max_drop``, by bisection (the estimate falls
+    as rungs are added); :class:`BudgetNotMetError` when even all of them do not fit."""
+    lo, hi = 0, rungs
     if estimate(lo) <= max_drop:
-        hi = lo
-    elif estimate(hi) > max_drop:
+        return lo
+    if estimate(hi) > max_drop:
         raise BudgetNotMetError(
             f"no precision plan meets --max-drop {max_drop}: even with every layer in float the estimated "
             f"drop is {steps[-1]['estimated_drop']:.2f} ± {steps[-1]['estimated_drop_se']:.2f} points on "
-            f"{len(held_out)} held-out synthetic images",
+            f"{held_out} held-out synthetic images",
             hint="the estimate is noisy with few images: raise --num-images, or relax --max-drop",
         )
     while hi - lo > 1:  # invariant: estimate(lo) > max_drop >= estimate(hi)
@@ -249,29 +319,7 @@ def plan_for_max_drop(
             hi = mid
         else:
             lo = mid
-    chosen = scheme_for(hi)
-    final = next(s for s in reversed(steps) if s["raised"] == hi)
-    overrides = chosen.overrides[len(scheme.overrides) :]
-    size, size_low, macs, macs_low, low_fraction = _costs(measured, overrides)
-    plan = BudgetPlan(
-        max_drop=max_drop,
-        estimated_drop=final["estimated_drop"],
-        estimated_drop_se=final["estimated_drop_se"],
-        disagreement=final["disagreement"],
-        holdout_images=len(held_out),
-        holdout_confidence=mean_confidence(model, held_out.images),
-        resolution_warning=resolution,
-        overrides=overrides,
-        act_bits=chosen.act_bits,
-        steps=tuple(steps),
-        size_bytes=size,
-        size_bytes_all_low=size_low,
-        bit_macs=macs,
-        bit_macs_all_low=macs_low,
-        low_bit_mac_fraction=low_fraction,
-        reconstructed=reconstruct is not None,
-    )
-    return plan, calibrate_on, fitting[0]
+    return hi
 
 
 def _merge(overrides: list[LayerOverride | None]) -> tuple[LayerOverride, ...]:

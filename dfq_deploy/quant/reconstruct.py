@@ -220,6 +220,39 @@ def _reconstruct_block(
     generator: torch.Generator,
 ) -> BlockResult:
     start = time.perf_counter()
+    weight_layers, act_quantizers, drop_quantizers = _block_quantizers(module)
+    error_before = _block_error(module, x_q, y_fp, config.batch_size)
+    calibrated = {k: v.clone() for k, v in module.state_dict().items()}
+    rounding = [layer.weight_quantizer.learn_rounding(layer.weight) for layer in weight_layers]
+    steps = [q.learn_scale() for q in act_quantizers] if config.learn_act_scale else []
+    masks = DropMasks(config.drop_prob, generator) if config.drop_prob > 0 else None
+    for q in drop_quantizers:
+        q.drop_masks = masks
+    optimizers = [torch.optim.Adam(rounding, lr=config.weight_lr)]
+    if steps:
+        optimizers.append(torch.optim.Adam(steps, lr=config.act_lr))
+    try:
+        it = _optimise(
+            module, (x_q, x_fp, y_fp), weight_layers, optimizers, masks, config, (start, budget_s), generator
+        )
+    finally:
+        for layer in weight_layers:
+            layer.weight_quantizer.bake_rounding(layer.weight)
+        for q in act_quantizers:
+            q.freeze_scale()
+        for q in drop_quantizers:
+            q.drop_masks = None
+    error_after = _block_error(module, x_q, y_fp, config.batch_size)
+    reverted = error_after > error_before
+    if reverted:  # too few iterations to beat nearest rounding: keep the calibrated block
+        module.load_state_dict(calibrated)
+        error_after = error_before
+    return BlockResult(name, it, time.perf_counter() - start, error_before, error_after, reverted=reverted)
+
+
+def _block_quantizers(module: fx.GraphModule) -> tuple[list[nn.Module], list[ActQuantizer], list[ActQuantizer]]:
+    """The block's quantized weight layers, the activation quantizers whose step is learned, and those
+    that QDrop may bypass (all but the block's output quantizer)."""
     output_node = list(module.graph.nodes)[-2]
     output_quantizer = module.get_submodule(output_node.target) if output_node.op == "call_module" else None
     weight_layers = [
@@ -240,49 +273,44 @@ def _reconstruct_block(
         for m in module.modules()
         if isinstance(m, ActQuantizer) and m.mode == "quantize" and m is not output_quantizer
     ]
-    error_before = _block_error(module, x_q, y_fp, config.batch_size)
-    calibrated = {k: v.clone() for k, v in module.state_dict().items()}
-    rounding = [layer.weight_quantizer.learn_rounding(layer.weight) for layer in weight_layers]
-    steps = [q.learn_scale() for q in act_quantizers] if config.learn_act_scale else []
-    masks = DropMasks(config.drop_prob, generator) if config.drop_prob > 0 else None
-    for q in drop_quantizers:
-        q.drop_masks = masks
-    optimizers = [torch.optim.Adam(rounding, lr=config.weight_lr)]
-    if steps:
-        optimizers.append(torch.optim.Adam(steps, lr=config.act_lr))
+    return weight_layers, act_quantizers, drop_quantizers
+
+
+def _optimise(
+    module: fx.GraphModule,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    weight_layers: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer],
+    masks: DropMasks | None,
+    config: ReconstructionConfig,
+    budget: tuple[float, float | None],
+    generator: torch.Generator,
+) -> int:
+    """Fit the block's output to FP32's on random batches (``tensors``: quantized input, FP32 input,
+    FP32 output); returns the iterations run, fewer than configured when the block's time budget
+    (``budget``: its start on ``time.perf_counter``, seconds or ``None``) runs out."""
+    x_q, x_fp, y_fp = tensors
+    start, budget_s = budget
     iterations = config.iterations
     it = 0
-    try:
-        while it < iterations:
-            if it == TIMING_ITERATIONS and budget_s is not None:
-                per_iteration = (time.perf_counter() - start) / TIMING_ITERATIONS
-                iterations = max(TIMING_ITERATIONS + 1, min(iterations, int(budget_s / per_iteration)))
-            idx = torch.randint(len(x_q), (min(config.batch_size, len(x_q)),), generator=generator)
-            inputs = x_q[idx]
-            if masks is not None:
-                inputs = torch.where(masks(inputs.shape), x_fp[idx], inputs)
-            out = module(inputs)
-            loss = (out - y_fp[idx]).pow(2).flatten(1).sum(1).mean()
-            loss = loss + config.round_weight * _rounding_penalty(weight_layers, it, iterations, config)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            it += 1
-    finally:
-        for layer in weight_layers:
-            layer.weight_quantizer.bake_rounding(layer.weight)
-        for q in act_quantizers:
-            q.freeze_scale()
-        for q in drop_quantizers:
-            q.drop_masks = None
-    error_after = _block_error(module, x_q, y_fp, config.batch_size)
-    reverted = error_after > error_before
-    if reverted:  # too few iterations to beat nearest rounding: keep the calibrated block
-        module.load_state_dict(calibrated)
-        error_after = error_before
-    return BlockResult(name, it, time.perf_counter() - start, error_before, error_after, reverted=reverted)
+    while it < iterations:
+        if it == TIMING_ITERATIONS and budget_s is not None:
+            per_iteration = (time.perf_counter() - start) / TIMING_ITERATIONS
+            iterations = max(TIMING_ITERATIONS + 1, min(iterations, int(budget_s / per_iteration)))
+        idx = torch.randint(len(x_q), (min(config.batch_size, len(x_q)),), generator=generator)
+        inputs = x_q[idx]
+        if masks is not None:
+            inputs = torch.where(masks(inputs.shape), x_fp[idx], inputs)
+        out = module(inputs)
+        loss = (out - y_fp[idx]).pow(2).flatten(1).sum(1).mean()
+        loss = loss + config.round_weight * _rounding_penalty(weight_layers, it, iterations, config)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        it += 1
+    return it
 
 
 def _rounding_penalty(

@@ -109,6 +109,48 @@ def new_generator(job: Job, num_classes: int | None) -> ConditionalGenerator:
     return generator.to(job.device)
 
 
+def _train(job: Job, generator: ConditionalGenerator, objective, *, steps: int, lr: float, warmup: int) -> torch.Tensor:
+    """``steps`` Adam steps of G on the objective (gradients averaged over ranks); the loss per step."""
+    batch_size = job.config.batch_size
+    noise = seeded_generator(job.config.seed, TRAINING_STREAM, job.shard.rank)
+    losses = torch.zeros(steps, device=job.device)  # read back every CHECK_EVERY steps, not each
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=BETAS)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, steps))
+    with progress_bar(
+        steps, enabled=job.progress and job.shard.rank == 0, desc=f"generator {job.config.method}"
+    ) as bar:
+        for step in range(steps):
+            labels = None
+            if objective.num_classes is not None:
+                labels = torch.randint(objective.num_classes, (batch_size,), generator=noise).to(job.device)
+            z = torch.randn(batch_size, NOISE_DIM, generator=noise).to(job.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = objective.loss(generator(z, labels), labels, step, noise)
+            loss.backward()
+            average_gradients(generator.parameters())
+            optimizer.step()
+            scheduler.step()
+            losses[step] = loss.detach()
+            bar.update(1)
+            if step % CHECK_EVERY == 0 or step == steps - 1:
+                value = check_finite_loss(float(losses[step]), step=step, lr=lr)
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+    return losses
+
+
+@torch.no_grad()
+def _draw(job: Job, generator: ConditionalGenerator, num_classes: int | None) -> tuple[list, list]:
+    """This rank's batches from G (kept in training mode: see :func:`synthesize_with_generator`)."""
+    images, all_labels = [], []
+    for batch in job.batches:
+        _, z, labels = start_batch(
+            batch, seed=job.config.seed, input_shape=(NOISE_DIM,), device=job.device, num_classes=num_classes
+        )
+        images.append(generator(z, labels))
+        all_labels.append(labels)
+    return images, all_labels
+
+
 def synthesize_with_generator(job: Job, make_objective: ObjectiveFactory) -> MethodResult:
     """Train G for ``iterations`` steps (default 500) at ``lr`` (default 1e-3) on the method's
     objective, then make this rank's batches with it.
@@ -122,44 +164,11 @@ def synthesize_with_generator(job: Job, make_objective: ObjectiveFactory) -> Met
     steps, lr = job.iterations(DEFAULT_STEPS), job.lr(LR)
     warmup = int(WARMUP_FRACTION * steps)
     batch_size = job.config.batch_size
-    noise = seeded_generator(job.config.seed, TRAINING_STREAM, job.shard.rank)
-    losses = torch.zeros(steps, device=job.device)  # read back every CHECK_EVERY steps, not each
     with BNInputCapture(job.layers) as capture:
         objective = make_objective(job, capture, warmup)
         generator = new_generator(job, objective.num_classes)
-        optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=BETAS)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, steps))
-        with progress_bar(
-            steps, enabled=job.progress and job.shard.rank == 0, desc=f"generator {job.config.method}"
-        ) as bar:
-            for step in range(steps):
-                labels = None
-                if objective.num_classes is not None:
-                    labels = torch.randint(objective.num_classes, (batch_size,), generator=noise).to(job.device)
-                z = torch.randn(batch_size, NOISE_DIM, generator=noise).to(job.device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = objective.loss(generator(z, labels), labels, step, noise)
-                loss.backward()
-                average_gradients(generator.parameters())
-                optimizer.step()
-                scheduler.step()
-                losses[step] = loss.detach()
-                bar.update(1)
-                if step % CHECK_EVERY == 0 or step == steps - 1:
-                    value = check_finite_loss(float(losses[step]), step=step, lr=lr)
-                    bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-    images, all_labels = [], []
-    with torch.no_grad():
-        for batch in job.batches:
-            _, z, labels = start_batch(
-                batch,
-                seed=job.config.seed,
-                input_shape=(NOISE_DIM,),
-                device=job.device,
-                num_classes=objective.num_classes,
-            )
-            images.append(generator(z, labels))
-            all_labels.append(labels)
+        losses = _train(job, generator, objective, steps=steps, lr=lr, warmup=warmup)
+    images, all_labels = _draw(job, generator, objective.num_classes)
     curve = [float(part.mean()) for part in losses.cpu().tensor_split(LOSS_CURVE_POINTS) if len(part)]
     meta = {
         "generator": True,
