@@ -7,11 +7,13 @@ lists every gate and its outcome) for whoever looks at the failure.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dfq_deploy.config_checks import coerce_floats
 from dfq_deploy.errors import BadInputError, FidelityGateError, QualityGateError
+from dfq_deploy.report.model import Deployment, FidelityGate, GateOutcome, Report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +57,17 @@ class QualityGates:
             )
 
 
-def gate_outcomes(gates: QualityGates, report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each asked-for gate with what was measured, its limit and whether it passed.
+def gate_outcomes(gates: QualityGates, report: Report | Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each asked-for gate with what was measured, its limit and whether it passed (report.json's
+    ``quality_gates``), read from the typed ``report`` (a dict is read with :meth:`Report.from_json`).
 
     A gate whose quantity was not measured (an engine that could not run here) fails: a pipeline
     must not pass what nobody checked.
     """
+    report = report if isinstance(report, Report) else Report.from_json(report)
     outcomes = []
-    accuracy = report.get("accuracy") or {}
-    deployed, source = _deployed_top1(accuracy)
+    top1 = report.accuracy.top1 if report.accuracy else {}
+    deployed, source = _deployed_top1(top1)
     if gates.min_top1 is not None:
         outcomes.append(
             _outcome(
@@ -76,7 +80,7 @@ def gate_outcomes(gates: QualityGates, report: dict[str, Any]) -> list[dict[str,
             )
         )
     if gates.max_drop_measured is not None:
-        drop = None if deployed is None else round(accuracy["fp32"] - deployed, 4)
+        drop = None if deployed is None else round(top1["fp32"] - deployed, 4)
         outcomes.append(
             _outcome(
                 "max_drop_measured",
@@ -88,7 +92,7 @@ def gate_outcomes(gates: QualityGates, report: dict[str, Any]) -> list[dict[str,
             )
         )
     if gates.max_latency_ms is not None:
-        median, runner = _deployed_median(report.get("deployment") or {}, gates.gate_batch)
+        median, runner = _deployed_median(report.deployment, gates.gate_batch)
         outcomes.append(
             _outcome(
                 "max_latency_ms",
@@ -110,7 +114,7 @@ def _outcome(name: str, flag: str, measured: float | None, limit: float, passed:
 DEPLOYED_TOP1 = (("onnxruntime_int8", "onnxruntime"), ("openvino_int8", "OpenVINO"))
 
 
-def _deployed_top1(accuracy: dict[str, Any]) -> tuple[float | None, str]:
+def _deployed_top1(accuracy: Mapping[str, float]) -> tuple[float | None, str]:
     for key, runtime in DEPLOYED_TOP1:
         if key in accuracy:
             return accuracy[key], f"the deployed INT8 model ({runtime})"
@@ -119,11 +123,11 @@ def _deployed_top1(accuracy: dict[str, Any]) -> tuple[float | None, str]:
     return None, "the deployed model (no --eval-set)"
 
 
-def _deployed_median(deployment: dict[str, Any], batch: int) -> tuple[float | None, str | None]:
-    for row in deployment.get("latency") or []:
-        runner = str(row.get("runner") or deployment.get("runtime"))
-        if row.get("batch_size") == batch and not runner.endswith("-fp32"):
-            return row["median_ms"], runner
+def _deployed_median(deployment: Deployment, batch: int) -> tuple[float | None, str | None]:
+    for row in deployment.latency:
+        runner = str(row.runner or deployment.runtime)
+        if row.batch_size == batch and not runner.endswith("-fp32"):
+            return row.median_ms, runner
     return None, None
 
 
@@ -135,21 +139,21 @@ def raise_for_failed_gates(
     that the build was found finished and not redone, ``logged_as`` names the tracker's run."""
     where = "up-to-date build, not redone: " if up_to_date else ""
     report_md = f"{report_md}" + (f" (and {logged_as})" if logged_as else "")
-    fidelity = report.get("fidelity_gate")
-    if fidelity and not fidelity["passed"]:
+    # Only the two gate sections are read (typed), so a report of any schema_version is checked.
+    fidelity = FidelityGate(**report["fidelity_gate"]) if report.get("fidelity_gate") else None
+    if fidelity and not fidelity.passed:
         # An fp16 engine is held to the FP32 model, everything else to the fake-quant reference.
-        reference = "the FP32 model" if fidelity.get("reference") == "torch-fp32" else "the fake-quant reference"
+        reference = "the FP32 model" if fidelity.reference == "torch-fp32" else "the fake-quant reference"
         raise FidelityGateError(
-            f"{where}{fidelity['runner']} disagrees with {reference} on "
-            f"{fidelity['disagreement']:.2%} of the calibration inputs (allowed "
-            f"{fidelity['max_disagreement']:.2%})",
+            f"{where}{fidelity.runner} disagrees with {reference} on "
+            f"{fidelity.disagreement:.2%} of the calibration inputs (allowed "
+            f"{fidelity.max_disagreement:.2%})",
             hint=f"see {report_md}; try --calibrator max, more calibration images or 8 bits",
         )
-    failed = [g for g in report.get("quality_gates") or [] if not g["passed"]]
+    failed = [g for g in (GateOutcome(**g) for g in report.get("quality_gates") or []) if not g.passed]
     if failed:
         parts = [
-            f"{g['flag']} {g['limit']}: "
-            + ("not measured here" if g["measured"] is None else f"measured {g['measured']}")
+            f"{g.flag} {g.limit}: " + ("not measured here" if g.measured is None else f"measured {g.measured}")
             for g in failed
         ]
         raise QualityGateError(
