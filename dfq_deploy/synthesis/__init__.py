@@ -152,22 +152,27 @@ def synthesize(
         wall = all_reduce_max(time.perf_counter() - start)
         final_loss = None if result.final_loss is None else all_reduce_mean_scalar(result.final_loss)
         mismatch = bn_mismatch(work_model, images.to(device), batch_size=config.batch_size)
-    meta = {
+    meta = _meta(job, images, wall=wall, final_loss=final_loss, mismatch=mismatch) | result.meta
+    return CalibrationSet(images, labels, meta)
+
+
+def _meta(job: Job, images: torch.Tensor, *, wall: float, final_loss, mismatch) -> dict:
+    """The calibration set's meta before the method's own entries: config, size, timing, BN mismatch."""
+    config = job.config
+    return {
         "method": config.method,
         "config": dataclasses.asdict(config),
         "seed": config.seed,
         "num_images": len(images),
-        "input_shape": list(input_shape),
-        "normalize": {"mean": list(normalize[0]), "std": list(normalize[1])},
+        "input_shape": list(job.input_shape),
+        "normalize": {"mean": list(job.normalize[0]), "std": list(job.normalize[1])},
         "wall_time_s": wall,
         "images_per_second": len(images) / wall if wall > 0 else None,
         "final_loss": final_loss,
         "bn_mismatch": mismatch,
         "world_size": job.shard.world_size,
         "torch_threads": torch.get_num_threads(),
-        **result.meta,
     }
-    return CalibrationSet(images, labels, meta)
 
 
 def synthesize_cached(

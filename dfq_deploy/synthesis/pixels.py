@@ -36,42 +36,24 @@ def synthesize_pixels(
         objective = make_objective(job, capture, warmup)
         with job.bar(iterations) as bar:
             for batch in job.batches:
-                gen, x, labels = start(
-                    batch,
-                    seed=job.config.seed,
-                    input_shape=job.input_shape,
-                    device=job.device,
-                    num_classes=objective.num_classes,
+                x, labels, loss, taken = _optimise_batch(
+                    job,
+                    objective,
+                    start(
+                        batch,
+                        seed=job.config.seed,
+                        input_shape=job.input_shape,
+                        device=job.device,
+                        num_classes=objective.num_classes,
+                    ),
+                    bar,
+                    schedule=(iterations, warmup, coarse_steps),
+                    lrs=(lr, late_lr),
                 )
-
-                def loss_fn(x, step, labels=labels, gen=gen):
-                    with speed.autocast(levers, job.device):
-                        return objective.loss(x, labels, step, gen)
-
-                taken = 0
-                if coarse_steps:
-                    x, _, taken = optimise_pixels(
-                        speed.image_layout(speed.coarse(x, levers.coarse_scale), levers),
-                        loss_fn,
-                        iterations=coarse_steps,
-                        lr=lr,
-                        bar=bar,
-                    )
-                    x = speed.fine(x, job.input_shape[1:])
-                x, loss, fine_taken = optimise_warmup_then_late(
-                    speed.image_layout(x, levers),
-                    loss_fn,
-                    iterations=iterations - coarse_steps,
-                    warmup=warmup - coarse_steps,
-                    lr=lr,
-                    late_lr=late_lr,
-                    bar=bar,
-                    warmup_done=objective.warmup_done,
-                )
-                images.append(x.contiguous())
+                images.append(x)
                 all_labels.append(labels)
                 losses.append(loss)
-                steps.append(taken + fine_taken)
+                steps.append(taken)
     labels = None if objective.num_classes is None else torch.cat(all_labels).cpu()
     return MethodResult(
         torch.cat(images),
@@ -87,3 +69,39 @@ def synthesize_pixels(
             **objective.meta(),
         },
     )
+
+
+def _optimise_batch(job: Job, objective, started, bar, *, schedule: tuple[int, int, int], lrs: tuple[float, float]):
+    """One batch from its start (generator, images, labels): the coarse part when there is one, then
+    warm-up and late phase at full size. ``schedule`` is (iterations, warmup, coarse steps), ``lrs``
+    (lr, late lr). Returns (images, labels, final loss, steps taken)."""
+    gen, x, labels = started
+    iterations, warmup, coarse_steps = schedule
+    lr, late_lr = lrs
+    levers = job.levers
+
+    def loss_fn(x, step):
+        with speed.autocast(levers, job.device):
+            return objective.loss(x, labels, step, gen)
+
+    taken = 0
+    if coarse_steps:
+        x, _, taken = optimise_pixels(
+            speed.image_layout(speed.coarse(x, levers.coarse_scale), levers),
+            loss_fn,
+            iterations=coarse_steps,
+            lr=lr,
+            bar=bar,
+        )
+        x = speed.fine(x, job.input_shape[1:])
+    x, loss, fine_taken = optimise_warmup_then_late(
+        speed.image_layout(x, levers),
+        loss_fn,
+        iterations=iterations - coarse_steps,
+        warmup=warmup - coarse_steps,
+        lr=lr,
+        late_lr=late_lr,
+        bar=bar,
+        warmup_done=objective.warmup_done,
+    )
+    return x.contiguous(), labels, loss, taken + fine_taken
