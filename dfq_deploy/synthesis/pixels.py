@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dfq_deploy.synthesis import speed
+import dfq_deploy.synthesis.speed as speed  # the module, not the package (which imports pixels)
 from dfq_deploy.synthesis.bn_stats import BNInputCapture
 from dfq_deploy.synthesis.job import Job, MethodResult, ObjectiveFactory
 from dfq_deploy.synthesis.pixel_loop import optimise_pixels, optimise_warmup_then_late, start_batch
