@@ -427,13 +427,14 @@ def test_a_locked_out_folder_refuses_or_queues_and_a_dead_holder_is_taken_over(m
     assert (holder_out / "report.json").is_file() and leftovers(holder_out) == []
 
 
+WRITE_QDQ = "write model.qdq.onnx"
 # Every stage a build enters, in order, as io.interrupts.stage names them; sub-stages under their stage
 # (and the cache entry's fault point, which only a build with a cold cache reaches).
 BUILD_STAGES = {
     "load": (),
     "synthesize": ("cache_entry",),  # the calibration set's cache entry being made, its lock held
     "quantize": ("reconstruct",),
-    "export": (),
+    "export": (WRITE_QDQ,),  # killed between writing the Q/DQ model's temp file and renaming it
     "deploy_and_profile": ("fidelity", "profile"),
     "evaluate": (),
     "layer_fidelity": (),
@@ -521,9 +522,18 @@ def test_a_build_killed_in_any_stage_leaves_whole_files_and_a_rerun_succeeds(
     proc, out, recon = killed[stage], root / stage / "out", root / stage / "recon"
     assert proc.returncode == -signal.SIGKILL, f"the build was not killed in {stage}: {proc.log.read_text()}"
 
-    # On disk: the finished artifacts, whole; the dead build's lock file; no temp file anywhere.
-    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, *_files_before(stage)])
-    assert _holds_lock(out / LOCK, proc.pid) and leftovers(out) == [LOCK]
+    # On disk: the finished artifacts, whole; the dead build's lock file; no temp file, but for the
+    # whole one a build killed before its rename leaves (which the next build removes).
+    temps = sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp"))
+    finished = ["model.fp32.onnx"] if stage == WRITE_QDQ else []  # written before the Q/DQ model
+    assert sorted(set(p.name for p in out.iterdir()) - set(temps)) == sorted([LOCK, *_files_before(stage), *finished])
+    assert _holds_lock(out / LOCK, proc.pid) and leftovers(out) == sorted([LOCK, *temps])
+    if stage == WRITE_QDQ:
+        (temp,) = temps
+        assert temp.startswith(".model.qdq.onnx.")
+        assert (out / temp).read_bytes() == (root / "baseline" / "model.qdq.onnx").read_bytes()
+    else:
+        assert temps == []
     if (out / "manifest.json").exists():
         manifest = json.loads((out / "manifest.json").read_text())
         assert list(manifest["stages"]) == _stages_before(stage), "a stage is recorded only once it finished"

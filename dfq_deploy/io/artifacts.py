@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO
 
 from dfq_deploy.errors import BadInputError, StorageError
+from dfq_deploy.io.interrupts import fault_point
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
@@ -30,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; artifacts get the usual mode
+        fault_point(f"write {path.name}")  # a test's kill between the write and the rename
         os.replace(tmp, path)
     except OSError as exc:
         _discard(tmp)

@@ -64,8 +64,9 @@ def stage(name: str) -> Iterator[None]:
 
 def fault_point(name: str) -> None:
     """The test-only fault of ``$DFQ_DEPLOY_FAULT_STAGE``: ``<name>`` SIGKILLs this process on
-    reaching point ``name`` (a stage's start, or ``cache_entry``: a cache entry about to be made,
-    its lock held); ``<name>:stop`` SIGSTOPs it there instead, until a SIGCONT.
+    reaching point ``name`` (a stage's start; ``cache_entry``: a cache entry about to be made, its
+    lock held; ``write FILE``: an atomic write of FILE done but not yet renamed into place);
+    ``<name>:stop`` SIGSTOPs it there instead, until a SIGCONT.
 
     SIGKILL, not an exception: no ``finally`` runs and the lock files stay, which is exactly what a
     killed build leaves and what the next build must recover from.
