@@ -199,9 +199,10 @@ def print_table(rows: list[dict], eval_count: int) -> None:
             mismatch,
         ]
         print("| " + " | ".join(cells + acc) + " |")
-    print(
-        f"top-1 in % on {eval_count} imagenet-750 images (never calibrated on); W8A8 = onnxruntime scheme, fake-quant"
-    )
+    if any(r["w8a8"] is not None for r in rows):
+        print(
+            f"top-1 in % on {eval_count} imagenet-750 images (never calibrated on); W8A8: onnxruntime scheme, fake-quant"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,12 @@
 """How fast the pixel loop runs, not what it minimises: the speed levers of 224-px synthesis.
 
-Measured on EfficientNet-Lite1 at 224 px (README, "224-px synthesis"): channels-last convolutions
-save 10-30 % a step on oneDNN at the same result, so they are on. A step at half resolution costs
-about half a full one, but at an equal step count the coarse-to-fine schedule ended 2-6x further
-from the BN statistics on a small model (0.5 / 0.75 of the steps coarse: mismatch 0.00098 /
-0.0030 against 0.00052), so it is off by default (``coarse_fraction``). bf16 autocast did not pay
-on an AVX512-BF16 CPU, so it is on by default only where bf16 matrix units are (AMX, a CUDA GPU
-with bf16). Parameters are frozen in every case
+Measured on EfficientNet-Lite1 at 224 px (README, "ImageNet scale"; zeroq, 8 images, 16 steps, a
+loaded 2-core AVX512-BF16 CPU): channels-last convolutions ran 1.25x the images/s of the plain
+loop at the same mismatch, so they are on. bf16 autocast ran 0.93x (no AMX: oneDNN converts every
+depthwise conv's input), so it is on by default only where bf16 matrix units are (AMX, a CUDA GPU
+with bf16). Half the steps at half resolution ran 2.6x, but ended 12 % further from the BN
+statistics at an equal step count (and 2x further on a small 64-px model), so coarse-to-fine is
+off by default (``coarse_fraction``). Parameters are frozen in every case
 (:func:`~dfq_deploy.synthesis.model_state.frozen_eval`: gradients for the pixels only), and ZeroQ
 stops a batch early once its mismatch is met (``zeroq.STOP_MISMATCH``).
 """
