@@ -354,7 +354,11 @@ def test_build_tensorrt_on_the_device(sshd, replay_trtexec, tmp_path):
     assert device["label"] == "dfq-loopback" and "--stronglyTyped" in device["commands"][0]
     assert not (out / "model.engine").exists() and (out / "trtexec" / "b1.timing.json").is_file()
     assert report["precision_map"]["runtime"] == "trtexec@dfq-loopback"
-    assert "built and timed on dfq-loopback" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "built and timed on dfq-loopback" in md
+    # The build's report.md shows what the device's engine used and where the fetched engine is.
+    assert "## On dfq-loopback" in md and "Device memory (MiB" in md and "Engines fetched from the device" in md
+    assert "`remote/dfq-loopback/model.b1.engine`" in md
 
 
 def test_build_remote_needs_the_tensorrt_target(tmp_path):

@@ -20,7 +20,7 @@ from dfq_deploy.io.artifacts import atomic_write_bytes, sha256_file
 from dfq_deploy.io.layout import REPORT_JSON, REPORT_MD, safe_name
 from dfq_deploy.remote.engines import FetchedEngine, place_engines
 from dfq_deploy.remote.trtexec_exports import EngineLayer
-from dfq_deploy.report.markdown import _table, latency_lines
+from dfq_deploy.report.markdown import _table, device_memory_lines, latency_lines
 from dfq_deploy.report.schema import SCHEMA_VERSION
 from dfq_deploy.runtimes.profiler import LatencyRecord
 
@@ -198,37 +198,6 @@ def _gpu(device: Mapping[str, Any]) -> str:
     return f"{name} (sm {cc})" if cc else str(name)
 
 
-def _memory_lines(section: Mapping[str, Any], *, heading: str) -> list[str]:
-    """The device-memory table (trtexec's console log) and the engines fetched, where the section has them."""
-    lines: list[str] = []
-    memory = section.get("memory")
-    if memory:
-        keys = ["engine_mib", "context_device_mib", "peak_gpu_mib", "trt_allocator_peak_gpu_mib"]
-        lines += [f"{heading}# Device memory (MiB, from trtexec's console log)", ""]
-        lines += _table(
-            ["batch", "engine", "execution context", "peak GPU in use", "TensorRT allocators peak"],
-            [[batch.removeprefix("batch ")] + [_num(m.get(k)) for k in keys] for batch, m in memory.items()],
-        ) + [""]
-    engines = section.get("engines")
-    if engines:
-        lines += [f"{heading}# Engines fetched from the device", ""]
-        lines += _table(
-            ["batch", "file", "bytes", "sha256", "TensorRT", "GPU"],
-            [
-                [
-                    e["batch_size"],
-                    f"`{e['path']}`",
-                    e["bytes"],
-                    e["sha256"][:16],
-                    e.get("tensorrt_version"),
-                    e.get("gpu"),
-                ]
-                for e in engines
-            ],
-        ) + [""]
-    return lines
-
-
 def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
     device = section.get("device", {})
     gpu = _gpu(device)
@@ -241,7 +210,7 @@ def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
         lines += ["Commands run on the device:", "", "```"] + list(section["commands"]) + ["```", ""]
     latency = latency_lines(section.get("latency", []), title=f"Latency ({section.get('runner')})")
     lines += [f"{heading}# {latency[0].removeprefix('## ')}", *latency[1:], ""]  # one level below the device
-    lines += _memory_lines(section, heading=heading)
+    lines += device_memory_lines(section, heading=heading)
     stats = section.get("tegrastats")
     if stats:
         lines += [f"{heading}# tegrastats", ""] + [f"- {k}: {v}" for k, v in stats.items()] + [""]

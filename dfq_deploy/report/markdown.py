@@ -338,6 +338,51 @@ def _files_and_times(report: Report) -> list[str]:
 
 
 # report.md's sections in order; each returns its lines (none when the report has no such section).
+def device_memory_lines(section: Mapping[str, Any], *, heading: str) -> list[str]:
+    """A remote device section's memory table (trtexec's console log) and its fetched engines, where it has them."""
+    lines: list[str] = []
+    memory = section.get("memory")
+    if memory:
+        keys = ["engine_mib", "context_device_mib", "peak_gpu_mib", "trt_allocator_peak_gpu_mib"]
+        lines += [f"{heading}# Device memory (MiB, from trtexec's console log)", ""]
+        lines += _table(
+            ["batch", "engine", "execution context", "peak GPU in use", "TensorRT allocators peak"],
+            [[batch.removeprefix("batch ")] + [_four_digits(m.get(k)) for k in keys] for batch, m in memory.items()],
+        ) + [""]
+    engines = section.get("engines")
+    if engines:
+        lines += [f"{heading}# Engines fetched from the device", ""]
+        lines += _table(
+            ["batch", "file", "bytes", "sha256", "TensorRT", "GPU"],
+            [
+                [
+                    e["batch_size"],
+                    f"`{e['path']}`",
+                    e["bytes"],
+                    e["sha256"][:16],
+                    e.get("tensorrt_version"),
+                    e.get("gpu"),
+                ]
+                for e in engines
+            ],
+        ) + [""]
+    return lines
+
+
+def _four_digits(value: Any) -> Any:
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def _remote_devices(report: Report) -> list[str]:
+    """``build --remote``: each device's memory and the engines fetched from it (``deployment.remote``)."""
+    lines: list[str] = []
+    for section in report.deployment.remote:
+        device_lines = device_memory_lines(section, heading="###")
+        if device_lines:
+            lines += [f"## On {section.get('label')}", "", *device_lines]
+    return lines
+
+
 SECTIONS: tuple[Callable[[Report], list[str]], ...] = (
     _header,
     _fidelity,
@@ -346,6 +391,7 @@ SECTIONS: tuple[Callable[[Report], list[str]], ...] = (
     _latency,
     _engine,
     _engine_runs,
+    _remote_devices,
     _precision_plan,
     _where_precision_goes,
     _quantization,

@@ -83,6 +83,7 @@ class Deployment:
     not_run: str | None = None
     layer_times: LayerTimes | None = None
     conv_kernels: Mapping[str, Any] | None = None  # {"integer": n, "float": n}
+    remote: tuple[Mapping[str, Any], ...] = ()  # build --remote: one section per device (remote/profile_report)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Deployment:
@@ -101,6 +102,7 @@ class Deployment:
             not_run=d.get("not_run"),
             layer_times=LayerTimes(lt["batch_size"], tuple(LayerTime(**r) for r in lt["layers"])) if lt else None,
             conv_kernels=(d.get("kernels") or {}).get("conv"),
+            remote=tuple(d.get("remote") or ()),
         )
 
     @property
