@@ -143,12 +143,18 @@ FILE_SECTIONS: dict[str, type] = {
     "model": NormalizeSection,
     "synthesis": SynthesisConfig,
     "quant": QuantScheme,
+    # A ``reconstruct:`` section turns block reconstruction on (an empty one with its defaults).
+    "reconstruct": ReconstructionConfig,
+    "budget": BudgetOptions,
     "profile": ProfileConfig,
 }
+# The keys a file's ``budget:`` section takes: the top-1 budget (the size budget stays a flag).
+FILE_BUDGET_KEYS = ("max_drop", "holdout_fraction")
 
 
 def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a YAML or TOML file of stage sections (``model:``, ``synthesis:``, ``quant:``, ``profile:``).
+    """Read a YAML or TOML file of stage sections (``model:``, ``synthesis:``, ``quant:``,
+    ``reconstruct:``, ``budget:``, ``profile:``).
 
     Every key is checked here, before any work: an unknown section or key (a typo) is a
     :class:`BadInputError` naming it and the valid ones.
@@ -167,6 +173,11 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
         check_keys(values, cls, where=f"section {section!r} of {path}")
         if cls is NormalizeSection:
             normalize_from_section(values)  # a bad mean/std is refused before any work
+        if cls is BudgetOptions and set(values) - set(FILE_BUDGET_KEYS):
+            raise BadInputError(
+                f"section 'budget' of {path} takes {', '.join(FILE_BUDGET_KEYS)}; got {sorted(values)}",
+                hint="a size or latency budget is the --sensitivity/--budget flags",
+            )
         for i, override in enumerate(values.get("overrides") or ()):
             if not isinstance(override, dict):
                 raise BadInputError(f"{section}.overrides[{i}] of {path} must be a mapping (pattern, weight_bits, ...)")
@@ -196,10 +207,13 @@ def merge_build_config(
     file changes only the keys it names. Sections no file or flag touches keep ``base``'s values.
     """
     merged: dict[str, Any] = {}
-    for section in ("synthesis", "profile"):
+    for section in ("synthesis", "budget", "profile"):
         file_values, typed = file_sections.get(section, {}), typed_sections.get(section, {})
         if file_values or typed:
             merged[section] = merge_config(getattr(base, section), file_values, typed)
+    if "reconstruct" in file_sections:  # the file turns reconstruction on; typed --recon-* flags win
+        start = base.reconstruct or ReconstructionConfig()
+        merged["reconstruct"] = merge_config(start, file_sections["reconstruct"], typed_sections.get("reconstruct", {}))
     # model: the normalisation, typed flags over the file's ``model:`` section over base's.
     typed_model = typed_sections.get("model", {})
     if "normalize" in typed_model:

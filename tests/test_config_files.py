@@ -9,8 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dfq_deploy.build_config import load_config_file
+from dfq_deploy.build_config import BuildConfig, load_config_file
 from dfq_deploy.cli.commands import main
+from dfq_deploy.errors import BadInputError
 
 CONFIGS = sorted(
     p
@@ -129,3 +130,39 @@ def test_toml_and_yaml_read_alike(tmp_path):
     (tmp_path / "a.toml").write_text("[synthesis]\nnum_images = 8\n[profile]\nbatch_sizes = [1, 2]\n")
     (tmp_path / "a.yaml").write_text("synthesis:\n  num_images: 8\nprofile:\n  batch_sizes: [1, 2]\n")
     assert load_config_file(tmp_path / "a.toml") == load_config_file(tmp_path / "a.yaml")
+
+
+def test_a_reconstruct_section_turns_reconstruction_on_and_typed_recon_flags_win(
+    tiny_state_dict, tmp_path, monkeypatch
+):
+    from dfq_deploy import api
+
+    config = tmp_path / "c.yaml"
+    config.write_text("reconstruct:\n  iterations: 7\n  time_budget_s: 30\nbudget:\n  max_drop: 1.5\n")
+    seen = []
+
+    def capture(model, calib, *, scheme, reconstruct, progress):  # the config quantize really gets
+        seen.append(reconstruct)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(api, "quantize", capture)
+    common = ["quantize", tiny_state_dict, "--trust-pickle", "--input-shape", "1x3x16x16", "--calib", "noise"]
+    common += ["--num-images", "4", "--no-progress", "--config", config]
+    assert invoke(*common, "--out", tmp_path / "a").exit_code == 0
+    assert invoke(*common, "--recon-iterations", "3", "--out", tmp_path / "b").exit_code == 0
+    assert invoke("quantize", tiny_state_dict, *common[2:-2], "--out", tmp_path / "c").exit_code == 0  # no file
+    (from_file, typed, without) = seen
+    assert (from_file.iterations, from_file.time_budget_s) == (7, 30.0), "the file's values, not the flags' defaults"
+    assert (typed.iterations, typed.time_budget_s) == (3, 30.0), "a typed --recon-iterations beats the file"
+    assert without is None, "no section and no --reconstruct: no reconstruction"
+
+    built = BuildConfig.from_file(config)
+    assert built.reconstruct.iterations == 7 and built.budget.max_drop == 1.5
+    assert built.budget.holdout_fraction == BuildConfig().budget.holdout_fraction
+
+
+def test_a_budget_section_takes_only_the_top1_budget(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("budget:\n  mixed_precision:\n    budget: 1.25\n")
+    with pytest.raises(BadInputError, match="takes max_drop, holdout_fraction"):
+        load_config_file(config)

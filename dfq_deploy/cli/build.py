@@ -33,7 +33,9 @@ from dfq_deploy.cli.options import (
     reconstruct_options,
     stacked,
     synthesis_options,
+    typed_flags,
     typed_model,
+    typed_reconstruct,
 )
 from dfq_deploy.cli.remote import device_options
 from dfq_deploy.config import HOLDOUT_FRACTION, MixedPrecisionBudget, MixedPrecisionConfig, ReconstructionConfig, Target
@@ -267,6 +269,10 @@ def build(
         "model": typed_model(model_options),
         "synthesis": synthesis_flags,
         "quant": quant_flags,
+        "reconstruct": typed_reconstruct(),
+        "budget": typed_flags(
+            click.get_current_context().params, {"max_drop": "max_drop", "holdout_fraction": "holdout_fraction"}
+        ),
         "profile": profile_flags,
     }
     config = merge_build_config(base, load_file_sections(config_file), typed)

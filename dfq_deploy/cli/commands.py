@@ -30,6 +30,7 @@ from dfq_deploy.cli.options import (
     reconstruct_options,
     synthesis_options,
     typed_model,
+    typed_reconstruct,
 )
 from dfq_deploy.cli.remote import device_options, trtexec_export_option
 from dfq_deploy.config import ReconstructionConfig, Target
@@ -180,8 +181,13 @@ def quantize(
     from dfq_deploy import api
     from dfq_deploy.io.calibration_set import CalibrationSet
 
-    base = BuildConfig(quant=QuantOptions(precision=precision), target=TargetOptions(target))
-    typed = {"model": typed_model(model_options), "synthesis": synthesis_flags, "quant": quant_flags}
+    base = BuildConfig(quant=QuantOptions(precision=precision), reconstruct=reconstruct, target=TargetOptions(target))
+    typed = {
+        "model": typed_model(model_options),
+        "synthesis": synthesis_flags,
+        "quant": quant_flags,
+        "reconstruct": typed_reconstruct(),
+    }
     config = merge_build_config(base, load_file_sections(config_file), typed)
     scheme = api.scheme_for_target(config.scheme, target=target, precision=precision)
     out = api.prepare_out_dir(out_dir)
@@ -193,7 +199,7 @@ def quantize(
             loaded, config=config.synthesis, normalize=config.model.normalize, progress=not no_progress
         )
         calib.save(out / api.CALIBRATION_DIR)
-    qmodel = api.quantize(loaded, calib, scheme=scheme, reconstruct=reconstruct, progress=not no_progress)
+    qmodel = api.quantize(loaded, calib, scheme=scheme, reconstruct=config.reconstruct, progress=not no_progress)
     path = api.save_onnx(api.export(qmodel), out / api.QDQ_ONNX)
     summary = qmodel.summary()
     click.echo(

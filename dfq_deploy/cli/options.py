@@ -358,6 +358,20 @@ quant_options = option_group(_quant_flags, "quant_flags", _quant)
 profile_options = option_group(_profile_flags, "profile_flags", _profile)
 # ``reconstruct``: a ReconstructionConfig with --reconstruct, else None.
 reconstruct_options = option_group(_reconstruct_flags, "reconstruct", _reconstruction)
+RECONSTRUCT_FLAGS = {
+    "iterations": "recon_iterations",
+    "time_budget_s": "recon_time_budget",
+    "checkpoint_dir": "recon_checkpoint",
+}
+
+
+def typed_reconstruct() -> dict[str, Any]:
+    """The ``--recon-*`` flags the user typed, by ReconstructionConfig field: they win over a file's
+    ``reconstruct:`` section, their defaults do not."""
+    typed = typed_flags(click.get_current_context().params, RECONSTRUCT_FLAGS)
+    if typed.get("checkpoint_dir") is not None:
+        typed["checkpoint_dir"] = str(typed["checkpoint_dir"])
+    return typed
 
 
 def config_option(fn: F) -> F:
