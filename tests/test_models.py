@@ -67,3 +67,29 @@ def test_parse_input_shape():
     for bad in ("3xAx3", "0x3x3", "7"):
         with pytest.raises(BadInputError):
             parse_input_shape(bad)
+
+
+class _ComputedBiasHead(torch.nn.Module):
+    """A linear and a conv whose biases are computed in forward, not stored as parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 3 * 16 * 16))
+        self.bias = torch.nn.Parameter(torch.randn(4))
+        self.conv_weight = torch.nn.Parameter(torch.randn(3, 3, 3, 3))
+        self.conv_bias = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        x = torch.nn.functional.conv2d(x, self.conv_weight, self.conv_bias * 2, padding=1)
+        return torch.nn.functional.linear(x.flatten(1), self.weight, self.bias * 2)
+
+
+def test_a_layer_with_a_computed_bias_is_not_lifted_without_it():
+    # A module lifted from such a call would drop the bias's math (the linear crashed the capture).
+    from dfq_deploy.models.capture import capture_graph
+
+    model = torch.nn.Sequential(_ComputedBiasHead()).eval()
+    x = torch.randn(2, *SHAPE)
+    graph = capture_graph(model, SHAPE)
+    torch.testing.assert_close(graph(x), model(x))
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in graph.modules())

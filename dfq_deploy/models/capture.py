@@ -154,14 +154,23 @@ def _lift(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
-def _lift_conv(gm: fx.GraphModule, args):
+def _weight_and_bias(gm: fx.GraphModule, args) -> tuple[str, nn.Parameter, str | None] | None:
+    """(weight path, weight, bias path or None) of a conv/linear call whose weight and bias are
+    parameters; None where either is computed (a module built from them would drop that math)."""
     w_path = _attr_path(args[1])
     if w_path is None:
         return None
-    weight = _parameter(gm, w_path)
     b_path = _attr_path(args[2]) if len(args) > 2 else None
     if len(args) > 2 and args[2] is not None and b_path is None:
         return None
+    return w_path, _parameter(gm, w_path), b_path
+
+
+def _lift_conv(gm: fx.GraphModule, args):
+    found = _weight_and_bias(gm, args)
+    if found is None:
+        return None
+    w_path, weight, b_path = found
     dims = weight.ndim - 2
     stride, padding, dilation, groups = _conv_opts(args, dims)
     if isinstance(padding, str):
@@ -184,11 +193,10 @@ def _lift_conv(gm: fx.GraphModule, args):
 
 
 def _lift_linear(gm: fx.GraphModule, args):
-    w_path = _attr_path(args[1])
-    if w_path is None:
+    found = _weight_and_bias(gm, args)
+    if found is None:
         return None
-    weight = _parameter(gm, w_path)
-    b_path = _attr_path(args[2]) if len(args) > 2 else None
+    w_path, weight, b_path = found
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=b_path is not None)
     lin.weight = weight
     if b_path is not None:
