@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from dfq_deploy.build_config import (
+    FILE_BUDGET_KEYS,
     BudgetOptions,
     BuildConfig,
     ModelOptions,
@@ -33,8 +34,8 @@ from dfq_deploy.cli.options import (
     reconstruct_options,
     stacked,
     synthesis_options,
-    typed_flags,
     typed_model,
+    typed_params,
     typed_reconstruct,
 )
 from dfq_deploy.cli.remote import device_options
@@ -86,6 +87,8 @@ _tracking_flags = stacked(
 )
 
 
+# The budget flags a file's ``budget:`` section also sets (each flag's parameter is named as its field).
+BUDGET_FLAGS = {field: field for field in FILE_BUDGET_KEYS}
 # Mixed precision: a top-1 budget (--max-drop) or a size/latency budget (--sensitivity).
 _budget_flags = stacked(
     click.option(
@@ -270,9 +273,7 @@ def build(
         "synthesis": synthesis_flags,
         "quant": quant_flags,
         "reconstruct": typed_reconstruct(),
-        "budget": typed_flags(
-            click.get_current_context().params, {"max_drop": "max_drop", "holdout_fraction": "holdout_fraction"}
-        ),
+        "budget": typed_params(BUDGET_FLAGS),
         "profile": profile_flags,
     }
     config = merge_build_config(base, load_file_sections(config_file), typed)

@@ -365,10 +365,16 @@ RECONSTRUCT_FLAGS = {
 }
 
 
+def typed_params(fields: dict[str, str]) -> dict[str, Any]:
+    """:func:`typed_flags` of the running command's own parameters: for flag groups whose converter
+    makes a config (``reconstruct``, ``budget``) while a file section still needs the typed ones."""
+    return typed_flags(click.get_current_context().params, fields)
+
+
 def typed_reconstruct() -> dict[str, Any]:
     """The ``--recon-*`` flags the user typed, by ReconstructionConfig field: they win over a file's
     ``reconstruct:`` section, their defaults do not."""
-    typed = typed_flags(click.get_current_context().params, RECONSTRUCT_FLAGS)
+    typed = typed_params(RECONSTRUCT_FLAGS)
     if typed.get("checkpoint_dir") is not None:
         typed["checkpoint_dir"] = str(typed["checkpoint_dir"])
     return typed

@@ -324,8 +324,7 @@ class _QuantWeightLayer:
         scale instead; so do we, leaving headroom for the accumulator the kernels add to it.
         Returns how many channels were widened.
         """
-        scale = self.bias_scale()
-        if scale is None:
+        if self.bias_scale() is None:
             return 0
         needed = self.bias.detach().abs().reshape(self.weight_quantizer.scale.shape) / (
             self.bias_input.scale * INT32_BIAS_LIMIT

@@ -20,8 +20,10 @@ from dfq_deploy.io.artifacts import atomic_write_bytes, sha256_file
 from dfq_deploy.io.layout import REPORT_JSON, REPORT_MD, safe_name
 from dfq_deploy.remote.engines import FetchedEngine, place_engines
 from dfq_deploy.remote.trtexec_exports import EngineLayer
-from dfq_deploy.report.markdown import _table, device_memory_lines, latency_lines
+from dfq_deploy.report.device_tables import device_memory_lines, four_digits
+from dfq_deploy.report.markdown import latency_lines
 from dfq_deploy.report.schema import SCHEMA_VERSION
+from dfq_deploy.report.table import markdown_table
 from dfq_deploy.runtimes.profiler import LatencyRecord
 
 RAW_DIR = "trtexec"
@@ -157,7 +159,7 @@ def render_profile_markdown(report: Mapping[str, Any]) -> str:
     if "devices" in report:
         lines += (
             ["## Devices", ""]
-            + _table(
+            + markdown_table(
                 ["device", "GPU", "TensorRT", "runner", "batch", "median ms", "p99 ms", "images/s"],
                 [
                     [
@@ -166,9 +168,9 @@ def render_profile_markdown(report: Mapping[str, Any]) -> str:
                         d["device"].get("tensorrt_version"),
                         d["runner"],
                         r["batch_size"],
-                        _num(r["median_ms"]),
-                        _num(r["p99_ms"]),
-                        _num(r["throughput_ips"]),
+                        four_digits(r["median_ms"]),
+                        four_digits(r["p99_ms"]),
+                        four_digits(r["throughput_ips"]),
                     ]
                     for d in sections
                     for r in d["latency"]
@@ -185,11 +187,6 @@ def render_profile_markdown(report: Mapping[str, Any]) -> str:
         for pmap in [maps] if "layers" in maps else maps.values():
             lines += render_precision_md(pmap)
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _num(value: Any) -> Any:
-    """Four significant digits: sub-millisecond layer and GPU times need more than two decimals."""
-    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 def _gpu(device: Mapping[str, Any]) -> str:
@@ -225,14 +222,14 @@ def _device_section(section: Mapping[str, Any], *, heading: str) -> list[str]:
             else "Every layer that fuses a Q/DQ node with weights runs on integers.",
             "",
         ]
-        lines += _table(
+        lines += markdown_table(
             ["layer", "type", "median ms", "% time", "precision", "weights", "Q/DQ"],
             [
                 [
                     f"`{la['name']}`",
                     la["type"],
-                    _num(la["median_ms"]),
-                    _num(la["percentage"]),
+                    four_digits(la["median_ms"]),
+                    four_digits(la["percentage"]),
                     f"**{la['precision']}**" if la["ran_in_float"] else la["precision"],
                     la["weights"],
                     "yes" if la["qdq"] else "",

@@ -13,7 +13,9 @@ from typing import Any
 
 from dfq_deploy.io.artifacts import atomic_write_bytes
 from dfq_deploy.quant.placement import LayerInfo
+from dfq_deploy.report.device_tables import device_memory_lines
 from dfq_deploy.report.model import MaxDropPlan, Report, SensitivityPlan
+from dfq_deploy.report.table import cell, markdown_table
 from dfq_deploy.runtimes.profiler import LatencyRecord
 
 
@@ -22,20 +24,6 @@ def write_reports(report: dict[str, Any], json_path: Path, md_path: Path) -> dic
     atomic_write_bytes(json_path, json.dumps(report, indent=2, default=str).encode())
     atomic_write_bytes(md_path, render_markdown(Report.from_json(report)).encode())
     return {"report_json": json_path, "report_md": md_path}
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return lines
 
 
 def _weight_bits_cell(layer: LayerInfo) -> str:
@@ -67,7 +55,7 @@ def latency_lines(rows: Iterable[LatencyRecord | Mapping[str, Any]], *, title: s
     record has them, the GPU stage times (enqueue, H2D, compute, D2H: median / p99 ms)."""
     records = [r if isinstance(r, LatencyRecord) else LatencyRecord.from_dict(r) for r in rows]
     lines = [f"## {title}", ""]
-    lines += _table(
+    lines += markdown_table(
         _LATENCY_HEADER,
         [
             [r.runner, r.batch_size, r.runs, r.median_ms, r.mean_ms, r.min_ms, r.p90_ms, r.p95_ms, r.p99_ms]
@@ -92,7 +80,7 @@ def _stage_lines(records: list[LatencyRecord]) -> list[str]:
         + [f"{t.median_ms:.4f} / {t.p99_ms:.4f}" if t else None for t in (getattr(r, s) for s in _STAGES)]
         for r in staged
     ]
-    return ["", *_table(["runner", "batch", *(f"{s} ms (median / p99)" for s in _STAGES)], rows)]
+    return ["", *markdown_table(["runner", "batch", *(f"{s} ms (median / p99)" for s in _STAGES)], rows)]
 
 
 def render_markdown(report: Report | Mapping[str, Any]) -> str:
@@ -128,7 +116,9 @@ def _fidelity(report: Report) -> list[str]:
         for a in report.deployment.agreements.values()
     ]
     if rows:
-        lines += _table(["comparison (calibration inputs)", "inputs", "top-1 agreement", "relative L2"], rows) + [""]
+        lines += markdown_table(
+            ["comparison (calibration inputs)", "inputs", "top-1 agreement", "relative L2"], rows
+        ) + [""]
     gate = report.fidelity_gate
     if gate:
         verdict = "passed" if gate.passed else "**FAILED**"
@@ -146,7 +136,7 @@ def _quality_gates(report: Report) -> list[str]:
         [f"`{g.flag}`", g.measured, g.limit, "passed" if g.passed else "**FAILED**", g.what]
         for g in report.quality_gates
     ]
-    return ["## Quality gates", "", *_table(["gate", "measured", "limit", "outcome", "measured as"], rows), ""]
+    return ["## Quality gates", "", *markdown_table(["gate", "measured", "limit", "outcome", "measured as"], rows), ""]
 
 
 ACCURACY_LABELS = {
@@ -169,7 +159,7 @@ def _accuracy(report: Report) -> list[str]:
     return [
         f"## Accuracy on real labelled images ({acc.images} from `{Path(acc.eval_set).name}`)",
         "",
-        *_table(["model", "top-1 %"], rows),
+        *markdown_table(["model", "top-1 %"], rows),
         "",
         f"Top-1 drop (FP32 − {of}): {acc.drop:.2f} points.",
         "",
@@ -217,7 +207,7 @@ def _engine_runs(report: Report) -> list[str]:
         lt = dep.layer_times
         rows = [[f"`{r.layer}`", f"{r.median_ms:.4f}", f"{r.share:.1%}", r.runs] for r in lt.layers]
         lines += [f"## Engine layers (TensorRT IProfiler, batch {lt.batch_size})", ""]
-        lines += _table(["layer", "median ms", "share", "runs"], rows) + [""]
+        lines += markdown_table(["layer", "median ms", "share", "runs"], rows) + [""]
     kernels = dep.conv_kernels
     if kernels:
         lines += [
@@ -299,7 +289,7 @@ def _quantization(report: Report) -> list[str]:
         [f"`{layer.name}`", layer.kind, _weight_bits_cell(layer), "float" if layer.act_bits is None else layer.act_bits]
         for layer in quant.layers
     ]
-    return lines + _table(["layer", "kind", "weight bits", "input bits"], rows) + [""]
+    return lines + markdown_table(["layer", "kind", "weight bits", "input bits"], rows) + [""]
 
 
 def _calibration(report: Report) -> list[str]:
@@ -308,7 +298,7 @@ def _calibration(report: Report) -> list[str]:
         "## Calibration set",
         "",
         f"Method **{calib.method}**, {calib.images} images, seed {calib.seed}, "
-        f"{_fmt(calib.wall_time_s, 1)} s ({_fmt(calib.images_per_second, 2)} images/s).",
+        f"{cell(calib.wall_time_s, 1)} s ({cell(calib.images_per_second, 2)} images/s).",
         "",
     ]
     if calib.bn_mismatch:
@@ -320,7 +310,7 @@ def _calibration(report: Report) -> list[str]:
             [f"`{r.layer}`", r.channels, f"{r.mean_mse:.3g}", f"{r.std_mse:.3g}", f"{r.combined:.3g}"]
             for r in calib.bn_mismatch
         ]
-        lines += _table(["BN layer", "channels", "mean err", "std err", "combined"], rows) + [""]
+        lines += markdown_table(["BN layer", "channels", "mean err", "std err", "combined"], rows) + [""]
     return lines
 
 
@@ -328,7 +318,7 @@ def _files_and_times(report: Report) -> list[str]:
     lines = []
     if report.files:
         rows = [[k, f"`{v.path}`", v.bytes / 2**20] for k, v in report.files.items()]
-        lines += ["## Files", "", *_table(["artifact", "file", "MiB"], rows), ""]
+        lines += ["## Files", "", *markdown_table(["artifact", "file", "MiB"], rows), ""]
     mem = report.host_memory
     if mem:
         lines += [f"Host memory: RSS {mem['rss_mib']} MiB, peak RSS {mem['peak_rss_mib']} MiB.", ""]
@@ -338,41 +328,6 @@ def _files_and_times(report: Report) -> list[str]:
 
 
 # report.md's sections in order; each returns its lines (none when the report has no such section).
-def device_memory_lines(section: Mapping[str, Any], *, heading: str) -> list[str]:
-    """A remote device section's memory table (trtexec's console log) and its fetched engines, where it has them."""
-    lines: list[str] = []
-    memory = section.get("memory")
-    if memory:
-        keys = ["engine_mib", "context_device_mib", "peak_gpu_mib", "trt_allocator_peak_gpu_mib"]
-        lines += [f"{heading}# Device memory (MiB, from trtexec's console log)", ""]
-        lines += _table(
-            ["batch", "engine", "execution context", "peak GPU in use", "TensorRT allocators peak"],
-            [[batch.removeprefix("batch ")] + [_four_digits(m.get(k)) for k in keys] for batch, m in memory.items()],
-        ) + [""]
-    engines = section.get("engines")
-    if engines:
-        lines += [f"{heading}# Engines fetched from the device", ""]
-        lines += _table(
-            ["batch", "file", "bytes", "sha256", "TensorRT", "GPU"],
-            [
-                [
-                    e["batch_size"],
-                    f"`{e['path']}`",
-                    e["bytes"],
-                    e["sha256"][:16],
-                    e.get("tensorrt_version"),
-                    e.get("gpu"),
-                ]
-                for e in engines
-            ],
-        ) + [""]
-    return lines
-
-
-def _four_digits(value: Any) -> Any:
-    return f"{value:.4g}" if isinstance(value, float) else value
-
-
 def _remote_devices(report: Report) -> list[str]:
     """``build --remote``: each device's memory and the engines fetched from it (``deployment.remote``)."""
     lines: list[str] = []
