@@ -30,8 +30,9 @@ from dfq_deploy.analysis.evaluate import evaluate_top1, load_eval_set
 from dfq_deploy.config import SynthesisConfig, default_scheme
 from dfq_deploy.io.labels_csv import read_labels_csv
 from dfq_deploy.normalization import NORMALIZATIONS
+from dfq_deploy.runtimes.cpu_features import cpu_flags
 from dfq_deploy.synthesis import synthesize
-from dfq_deploy.synthesis.speed import DEFAULT, PLAIN, SpeedLevers, cpu_flags
+from dfq_deploy.synthesis.speed import DEFAULT, PLAIN, SpeedLevers
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 IMAGENET = ASSETS / "imagenet-750"

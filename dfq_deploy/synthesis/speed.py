@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dfq_deploy.runtimes.cpu_features import cpu_flags
 
 Autocast = Literal["auto", "bf16", "off"]
 # Images smaller than this are optimised at full resolution throughout (a CIFAR image at half size
@@ -60,18 +60,6 @@ class SpeedLevers:
 # The plain fp32 loop: every step at full resolution, contiguous NCHW, float32.
 PLAIN = SpeedLevers(coarse_fraction=0.0, channels_last=False, autocast="off")
 DEFAULT = SpeedLevers()
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def bf16_pays(device: torch.device) -> bool:
