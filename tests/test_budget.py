@@ -12,12 +12,17 @@ from dfq_deploy.quant.budget import (
     drop_per_image,
     expected_drop_percent,
     held_out_drop,
-    mean_confidence,
     plan_for_max_drop,
     resolution_warning,
     zero_flip_bound,
 )
+from dfq_deploy.quant.drop_estimate import DropEstimate, SourceEstimate, estimate_drop, estimate_floor, mean_confidence
 from dfq_deploy.quant.quantize import quantize
+
+# 48 images to calibrate on and 256 held out (the split takes the last ones): enough held-out images
+# that the zero-flip floor (FP32 confidence ~0.3 on noise × 300/256 ≈ 0.35) sits below a budget the
+# all-2-bit plan's interval straddles.
+WIDE_HOLDOUT = 256 / 304
 
 
 @pytest.fixture(scope="module")
@@ -27,46 +32,65 @@ def setup():
     return model, calib, default_scheme("onnxruntime", bits=2, first_last_bits=None)
 
 
-def test_plan_meets_the_budget_on_held_out_images(setup):
-    model, calib, scheme = setup
-    calibrate_on, held_out = calib.split(0.25)
+@pytest.fixture(scope="module")
+def wide():
+    """The tiny model, 2-bit everywhere, on a set whose all-low plan has a point estimate below 0.8
+    points and an interval reaching above it, with 256 held-out images."""
+    images = torch.randn(512, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    calib = CalibrationSet(torch.cat([images[:48], images[256:]]))
+    return tiny_resnet(), calib, default_scheme("onnxruntime", bits=2, first_last_bits=None)
+
+
+def test_a_plan_whose_upper_end_exceeds_the_budget_is_rejected(wide):
+    """The all-2-bit plan's point fits the budget but its interval's upper end does not: the planner
+    must raise layers until the upper end fits, and the plan it returns is what it says it is."""
+    model, calib, scheme = wide
+    calibrate_on, held_out = calib.split(WIDE_HOLDOUT)
     all_low = quantize(model, calibrate_on, scheme=scheme, progress=False)
-    low_drop = disagreement_percent(model, all_low.module, held_out.images)
-    low_estimate = expected_drop_percent(model, all_low.module, held_out.images)
-    assert low_drop > 10 and low_estimate > 2, "2-bit everywhere must disagree a lot, or the test shows nothing"
-    assert low_estimate <= low_drop  # a flip costs at most the whole image
+    low = estimate_drop(model, all_low.module, held_out.images)
+    max_drop = (low.point + low.upper) / 2
+    assert low.point < max_drop < low.upper, "the all-low interval must straddle the budget, or the test shows nothing"
+    assert estimate_floor(model, held_out.images) < max_drop, "the budget must be reachable"
     with pytest.warns(UserWarning, match="held-out images cannot tell"):
-        plan, used, planned = plan_for_max_drop(model, calib, scheme=scheme, max_drop=low_estimate / 4)
-    assert plan.resolution_warning and plan.zero_flip_bound == pytest.approx(300 / 16)
-    assert len(used) == 48 and plan.holdout_images == 16 and not plan.reconstructed
-    assert plan.estimated_drop <= low_estimate / 4
-    assert plan.overrides, "layers had to be raised"
-    # The plan's estimate is what re-quantizing with it gives on the held-out images.
+        plan, used, planned = plan_for_max_drop(
+            model, calib, scheme=scheme, max_drop=max_drop, holdout_fraction=WIDE_HOLDOUT
+        )
+    first = plan.steps[0]
+    assert first["raised"] == 0 and first["estimated_drop"] <= max_drop < first["estimated_drop_upper"]
+    assert first["estimated_drop_upper"] == pytest.approx(low.upper)
+    assert plan.overrides, "the point rule would have kept every layer at 2 bit; the upper-end rule may not"
+    assert plan.estimated_drop_lower <= plan.estimated_drop <= plan.estimated_drop_upper <= max_drop
+    assert [s["source"] for s in plan.estimate_sources] == ["held_out", "mirrored", "shifted"]
+    assert "held-out synthetic images" in plan.estimate_basis and plan.estimate_method
+    assert plan.resolution_warning and plan.zero_flip_bound == pytest.approx(300 / 256)
+    assert len(used) == 48 and plan.holdout_images == 256 and not plan.reconstructed
+    # The plan's interval is what re-quantizing with it gives on the held-out images.
     final = quantize(model, used, scheme=plan.scheme(scheme), progress=False)
-    assert expected_drop_percent(model, final.module, held_out.images) == pytest.approx(plan.estimated_drop)
+    again = estimate_drop(model, final.module, held_out.images)
+    assert (again.point, again.upper) == pytest.approx((plan.estimated_drop, plan.estimated_drop_upper))
     assert disagreement_percent(model, final.module, held_out.images) == pytest.approx(plan.disagreement)
-    assert expected_drop_percent(model, planned.module, held_out.images) == pytest.approx(plan.estimated_drop)
+    assert estimate_drop(model, planned.module, held_out.images).upper == pytest.approx(plan.estimated_drop_upper)
     assert plan.size_bytes > plan.size_bytes_all_low
     assert 0.0 <= plan.low_bit_mac_fraction < 1.0
 
 
 @pytest.mark.filterwarnings("ignore:--max-drop .* held-out images cannot tell")
-def test_plan_with_reconstruction_estimates_the_reconstructed_model(setup):
+def test_plan_with_reconstruction_estimates_the_reconstructed_model(wide):
     """With --reconstruct each candidate is judged after reconstruction, and the model handed back is
-    the reconstructed one whose held-out estimate the plan reports."""
-    model, calib, scheme = setup
+    the reconstructed one whose held-out interval the plan reports."""
+    model, calib, scheme = wide
     recon = ReconstructionConfig(iterations=30, batch_size=16, seed=0)
-    calibrate_on, held_out = calib.split(0.25)
-    plain = quantize(model, calibrate_on, scheme=scheme, progress=False)
-    plain_estimate = expected_drop_percent(model, plain.module, held_out.images)
-    plain_plan, _, _ = plan_for_max_drop(model, calib, scheme=scheme, max_drop=plain_estimate / 4)
-    plan, used, planned = plan_for_max_drop(model, calib, scheme=scheme, max_drop=plain_estimate / 4, reconstruct=recon)
+    _, held_out = calib.split(WIDE_HOLDOUT)
+    plain_plan, _, _ = plan_for_max_drop(model, calib, scheme=scheme, max_drop=0.8, holdout_fraction=WIDE_HOLDOUT)
+    plan, used, planned = plan_for_max_drop(
+        model, calib, scheme=scheme, max_drop=0.8, holdout_fraction=WIDE_HOLDOUT, reconstruct=recon
+    )
     assert plan.reconstructed and planned.reconstruction is not None
-    assert plan.estimated_drop <= plain_estimate / 4
+    assert plan.estimated_drop_upper <= 0.8
     # Judged after reconstruction, the 2-bit plan needs fewer layers raised than judged before it.
     assert plain_plan.overrides and len(plan.overrides) < len(plain_plan.overrides)
     assert plan.low_bit_mac_fraction > plain_plan.low_bit_mac_fraction
-    assert expected_drop_percent(model, planned.module, held_out.images) == pytest.approx(plan.estimated_drop)
+    assert estimate_drop(model, planned.module, held_out.images).upper == pytest.approx(plan.estimated_drop_upper)
     assert planned.scheme == plan.scheme(scheme)
 
 
@@ -78,15 +102,12 @@ def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
     import dfq_deploy.quant.budget as budget
     from dfq_deploy.cli.commands import main
 
-    # an estimate no plan can fix
-    monkeypatch.setattr(
-        budget,
-        "held_out_drop",
-        lambda *a, **k: {"estimated_drop": 50.0, "estimated_drop_se": 1.0, "disagreement": 50.0},
-    )
+    # an estimate no plan can fix, above a floor the budget clears (16 held-out images: 0.3 × 18.75)
+    source = SourceEstimate("held_out", 16, point=50.0, se=2.0, disagreement=50.0, flips=8, confidence=0.3)
+    monkeypatch.setattr(budget, "estimate_drop", lambda *a, **k: DropEstimate((source,)))
     model, calib, scheme = setup
-    with pytest.raises(BudgetNotMetError):
-        plan_for_max_drop(model, calib, scheme=scheme, max_drop=1.0)
+    with pytest.raises(BudgetNotMetError, match=r"interval 46\.71–53\.29 \(upper end from the held_out source"):
+        plan_for_max_drop(model, calib, scheme=scheme, max_drop=10.0)
     path = tmp_path / "tiny.pt"
     torch.save(model, path)
     result = CliRunner().invoke(
@@ -111,8 +132,9 @@ def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
             str(tmp_path / "out"),
         ],
     )
+    # 8 held-out images: the zero-flip floor alone is above a 1-point budget, so no plan is tried
     assert result.exit_code == 7, result.output
-    assert "--max-drop" in result.output
+    assert "--max-drop 1" in result.output and "upper end of the drop estimate is at least" in result.output
     assert not (tmp_path / "out" / "model.qdq.onnx").exists()
 
 
@@ -152,6 +174,7 @@ def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path)
     from dfq_deploy import api
     from dfq_deploy.build_config import BudgetOptions, BuildConfig, ModelOptions, OutputOptions, QuantOptions
     from dfq_deploy.config import ProfileConfig, SynthesisConfig
+    from dfq_deploy.report.schema import validate_report
 
     path = tmp_path / "tiny.pt"
     torch.save(tiny_resnet(), path)
@@ -171,11 +194,16 @@ def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path)
     assert plan["kind"] == "max_drop" and plan["reconstructed"] and plan["estimated_drop"] <= 100.0
     assert plan["overrides"] == [] and plan["low_bit_mac_fraction"] > 0  # a 100-point budget raises nothing
     assert 0.0 < plan["holdout_confidence"] <= 1.0 and plan["holdout_images"] == 8
+    assert plan["estimated_drop_lower"] <= plan["estimated_drop"] <= plan["estimated_drop_upper"] <= 100.0
+    assert len(plan["estimate_sources"]) == 3 and plan["estimate_basis"]
+    validate_report(json.loads((result.out_dir / "report.json").read_text()))  # the interval's keys typed
     assert result.report["quantization"]["reconstruction"]["blocks"]
     stages = json.loads((result.out_dir / "manifest.json").read_text())["stages"]
     assert stages["precision_plan"]["reconstructed"] and "quantize" not in stages
     markdown = (result.out_dir / "report.md").read_text()
     assert "Accuracy budget (--max-drop)" in markdown
+    assert f"interval {plan['estimated_drop_lower']:.2f}–{plan['estimated_drop_upper']:.2f} points" in markdown
+    assert "| mirrored | 8 |" in markdown  # the per-source table: what the interval rests on
     # 8 held-out images cannot resolve even a 100-point budget's neighbour: no warning at 100 (300/8 = 37.5)
     assert plan["zero_flip_bound"] == pytest.approx(37.5) and plan["resolution_warning"] is None
 

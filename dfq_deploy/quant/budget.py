@@ -2,10 +2,12 @@
 
 The top-1 drop is estimated from the quantized model's top-1 disagreement with the FP32 model on a
 held-out part of the synthetic set (images never used to calibrate), each flip weighted by the FP32
-probability it gives up (:func:`expected_drop_percent`). Layers are ranked by
-sensitivity (:mod:`.sensitivity`) and the most sensitive are raised — first from the scheme's width
-to 8 bit, then from 8 bit to float — until the estimate fits. Raising more layers almost always
-lowers the disagreement, so the number raised is found by bisection over the ranking.
+probability it gives up (:func:`expected_drop_percent`), and stated as an interval over several
+held-out sources (:mod:`.drop_estimate`). Layers are ranked by sensitivity (:mod:`.sensitivity`) and
+the most sensitive are raised — first from the scheme's width to 8 bit, then from 8 bit to float —
+until the interval's *upper* end fits: a plan whose point fits but whose upper end does not is
+rejected. Raising more layers almost always lowers the disagreement, so the number raised is found by
+bisection over the ranking.
 
 With block reconstruction asked for, every candidate plan is estimated after reconstruction: a
 plan judged before it would see the plain 4-bit error (on the CIFAR ResNet-20, 3–5 points where
@@ -26,6 +28,15 @@ from torch import nn
 from dfq_deploy.config import HOLDOUT_FRACTION, LayerOverride, MixedPrecisionConfig, QuantScheme, ReconstructionConfig
 from dfq_deploy.errors import BadInputError, BudgetNotMetError
 from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.quant.drop_estimate import (
+    DropEstimate,
+    compare_per_image,
+    estimate_drop,
+    estimate_floor,
+    percent,
+    standard_error_percent,
+    zero_flip_bound,
+)
 from dfq_deploy.quant.quantize import QuantModel, quantize
 from dfq_deploy.quant.sensitivity import literal_glob, measure_sensitivity
 
@@ -37,6 +48,11 @@ class BudgetPlan:
     max_drop: float
     estimated_drop: float
     estimated_drop_se: float  # its standard error over the held-out images, points
+    estimated_drop_lower: float  # the interval's ends, points: the plan was accepted on the upper one
+    estimated_drop_upper: float
+    estimate_basis: str  # which source and term set the upper end, on how many images, how confident
+    estimate_method: str
+    estimate_sources: tuple[dict[str, Any], ...]  # per source: point, SE, flips, confidence, lower, upper
     disagreement: float  # plain top-1 disagreement on the held-out images, percent
     holdout_images: int
     holdout_confidence: float  # FP32's mean top-1 probability on them: near 1, few flips, an optimistic estimate
@@ -66,7 +82,6 @@ class BudgetPlan:
         }
 
 
-@torch.no_grad()
 def compare_top1(
     model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,26 +90,12 @@ def compare_top1(
     The cost is p(FP32's class) − p(quantized model's class), both from FP32's softmax; 0 where the
     two agree.
     """
-    costs, differ = [], []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        logits = model(batch)
-        probs = torch.softmax(logits.float(), dim=1)
-        chosen = quantized(batch).argmax(1, keepdim=True)
-        costs.append(probs.max(1).values - probs.gather(1, chosen)[:, 0])
-        differ.append(logits.argmax(1) != chosen[:, 0])
-    if not costs:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
-    return torch.cat(costs), torch.cat(differ)
-
-
-def _percent(values: torch.Tensor) -> float:
-    return 100.0 * float(values.float().mean()) if len(values) else 0.0
+    return compare_per_image(model, quantized, images, batch_size)[:2]
 
 
 def disagreement_percent(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
     """Percent of ``images`` whose top-1 class differs between ``model`` and ``quantized``."""
-    return _percent(compare_top1(model, quantized, images, batch_size)[1])
+    return percent(compare_top1(model, quantized, images, batch_size)[1])
 
 
 def drop_per_image(model: nn.Module, quantized: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -111,49 +112,18 @@ def expected_drop_percent(model: nn.Module, quantized: nn.Module, images: torch.
     a mean FP32 confidence of 0.82 against 0.97 on real ones), so at W8A8 it read 7.8 points where
     the real drop was 0.1; this estimate read 0.6.
     """
-    return _percent(drop_per_image(model, quantized, images, batch_size))
-
-
-def standard_error_percent(costs: torch.Tensor) -> float:
-    """Standard error of the mean of per-image costs, in points.
-
-    Flips are rare, so few held-out images make a coarse estimate: at a true 2% flip rate, 64
-    images give a standard error of about 1.75 points — more than a 1-point budget.
-    """
-    return 100.0 * float(costs.std(unbiased=True)) / len(costs) ** 0.5 if len(costs) > 1 else float("inf")
-
-
-@torch.no_grad()
-def mean_confidence(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
-    """FP32's mean top-1 softmax probability on ``images``.
-
-    The estimate can only see flips the held-out images allow: images classified with probability
-    near 1 (class-conditional synthesis) rarely flip even where real images would, so a held-out set
-    far more confident than real data reads optimistic, and one far less confident pessimistic.
-    """
-    total = 0.0
-    for start in range(0, len(images), batch_size):
-        total += float(torch.softmax(model(images[start : start + batch_size]).float(), dim=1).max(1).values.sum())
-    return total / max(len(images), 1)
+    return percent(drop_per_image(model, quantized, images, batch_size))
 
 
 def held_out_drop(model: nn.Module, quantized: nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """The drop estimate ``--max-drop`` uses, its standard error and the plain disagreement, in percent."""
+    """The point estimate on ``images`` as they are, its standard error and the plain disagreement, in
+    percent (the interval ``--max-drop`` decides on is :func:`.drop_estimate.estimate_drop`)."""
     costs, differ = compare_top1(model, quantized, images)
     return {
-        "estimated_drop": _percent(costs),
+        "estimated_drop": percent(costs),
         "estimated_drop_se": standard_error_percent(costs),
-        "disagreement": _percent(differ),
+        "disagreement": percent(differ),
     }
-
-
-def zero_flip_bound(holdout_images: int) -> float:
-    """The drop (points) a held-out set with no flips at all still allows, at 95% confidence.
-
-    The rule of three: with no flip among n images the flip rate is below 3/n with 95% confidence,
-    and an image costs at most its whole top-1. A budget below this cannot be told from zero.
-    """
-    return 300.0 / max(holdout_images, 1)
 
 
 def resolution_warning(max_drop: float, holdout_images: int, holdout_fraction: float) -> str | None:
@@ -184,16 +154,18 @@ def plan_for_max_drop(
     reconstruct: ReconstructionConfig | None = None,
     progress: bool = False,
 ) -> tuple[BudgetPlan, CalibrationSet, QuantModel]:
-    """The cheapest ranking prefix whose estimated drop fits ``max_drop`` (percentage points).
+    """The cheapest ranking prefix whose drop interval's upper end fits ``max_drop`` (percentage points).
 
     Returns the plan, the calibration part of ``calib`` (the held-out part only estimates) and the
     model quantized with the plan on that part (reconstructed when ``reconstruct`` is given), so the
     caller need not quantize again. Each candidate is reconstructed before it is estimated, so with
     ``reconstruct`` a plan costs one reconstruction when the all-low plan fits and about
     log2(2 × layers) + 2 when it does not. Raises :class:`BudgetNotMetError` when even the most
-    precise plan misses the budget.
+    precise plan misses the budget, and before quantizing anything when the held-out images' zero-flip
+    floor alone exceeds it (no plan could be accepted).
     """
     calibrate_on, held_out, resolution = _split_for_budget(calib, max_drop, holdout_fraction)
+    _check_floor(model, held_out.images, max_drop, holdout_fraction)
     measured = measure_sensitivity(model, calibrate_on, scheme=scheme, config=MixedPrecisionConfig())
     ladder = _ladder(measured, scheme)
     steps: list[dict[str, Any]] = []
@@ -204,52 +176,65 @@ def plan_for_max_drop(
 
     fitting: list[QuantModel] = []  # the model of the last plan that fit: bisection only moves to cheaper ones
 
-    def estimate(k: int) -> float:
+    def estimate(k: int) -> DropEstimate:
         qmodel = quantize(model, calibrate_on, scheme=scheme_for(k), progress=progress, reconstruct=reconstruct)
-        step = {"raised": k, **held_out_drop(model, qmodel.module, held_out.images)}
-        steps.append(step)
-        if step["estimated_drop"] <= max_drop:
+        found = estimate_drop(model, qmodel.module, held_out.images)
+        steps.append({"raised": k, **_step(found)})
+        if found.upper <= max_drop:
             fitting[:] = [qmodel]
-        return step["estimated_drop"]
+        return found
 
-    hi = _cheapest_fit(estimate, len(ladder), max_drop, steps, len(held_out))
+    hi, final = _cheapest_fit(estimate, len(ladder), max_drop)
     chosen = scheme_for(hi)
     plan = _budget_plan(
         max_drop,
-        next(s for s in reversed(steps) if s["raised"] == hi),
+        final,
         chosen,
         chosen.overrides[len(scheme.overrides) :],
         measured,
         steps=tuple(steps),
-        held_out=(len(held_out), mean_confidence(model, held_out.images)),
         resolution=resolution,
         reconstructed=reconstruct is not None,
     )
     return plan, calibrate_on, fitting[0]
 
 
+def _step(found: DropEstimate) -> dict[str, float]:
+    """What a candidate's estimate leaves in the plan's steps."""
+    return {
+        "estimated_drop": found.point,
+        "estimated_drop_se": found.se,
+        "estimated_drop_lower": found.lower,
+        "estimated_drop_upper": found.upper,
+        "disagreement": found.disagreement,
+    }
+
+
 def _budget_plan(
     max_drop: float,
-    final: dict[str, Any],
+    final: DropEstimate,
     chosen: QuantScheme,
     overrides: tuple[LayerOverride, ...],
     measured,
     *,
     steps: tuple[dict[str, Any], ...],
-    held_out: tuple[int, float],
     resolution: str | None,
     reconstructed: bool,
 ) -> BudgetPlan:
-    """The plan of the chosen scheme: its estimate (``final`` step), the held-out set's (size, FP32's
-    mean confidence) and what the raised layers cost."""
+    """The plan of the chosen scheme: its estimate (``final``) and what the raised layers cost."""
     size, size_low, macs, macs_low, low_fraction = _costs(measured, overrides)
     return BudgetPlan(
         max_drop=max_drop,
-        estimated_drop=final["estimated_drop"],
-        estimated_drop_se=final["estimated_drop_se"],
-        disagreement=final["disagreement"],
-        holdout_images=held_out[0],
-        holdout_confidence=held_out[1],
+        estimated_drop=final.point,
+        estimated_drop_se=final.se,
+        estimated_drop_lower=final.lower,
+        estimated_drop_upper=final.upper,
+        estimate_basis=final.basis,
+        estimate_method=final.method,
+        estimate_sources=tuple(s.as_dict() for s in final.sources),
+        disagreement=final.disagreement,
+        holdout_images=final.images,
+        holdout_confidence=final.confidence,
         resolution_warning=resolution,
         overrides=overrides,
         act_bits=chosen.act_bits,
@@ -260,6 +245,27 @@ def _budget_plan(
         bit_macs_all_low=macs_low,
         low_bit_mac_fraction=low_fraction,
         reconstructed=reconstructed,
+    )
+
+
+def _check_floor(model: nn.Module, held_out: torch.Tensor, max_drop: float, holdout_fraction: float) -> None:
+    """:class:`BudgetNotMetError` when no plan's upper end can fit ``max_drop``: the zero-flip floor
+    depends on FP32 alone, so this is known before the first (possibly reconstructed) quantization."""
+    floor = estimate_floor(model, held_out)
+    if floor <= max_drop:
+        return
+    confidence = floor / zero_flip_bound(len(held_out))
+    needed = math.ceil(300.0 * confidence / max_drop / holdout_fraction) if max_drop > 0 else None
+    raise BudgetNotMetError(
+        f"no precision plan can be shown to meet --max-drop {max_drop:g}: on {len(held_out)} held-out images the "
+        f"upper end of the drop estimate is at least {floor:.2f} points (FP32's mean confidence {confidence:.3f} "
+        f"× 300/{len(held_out)}: the drop flips that so few images did not show could still hide)",
+        hint=(
+            f"synthesize at least {needed} images (--num-images) or hold out more (--holdout-fraction), "
+            f"or relax --max-drop"
+            if needed
+            else "a budget of 0 can never be shown met: relax --max-drop"
+        ),
     )
 
 
@@ -298,28 +304,29 @@ def _ladder(measured, scheme: QuantScheme) -> list[LayerOverride | None]:
     return ladder + [LayerOverride(literal_glob(layer.name), None, None) for layer in ranking]
 
 
-def _cheapest_fit(
-    estimate: Callable[[int], float], rungs: int, max_drop: float, steps: list[dict[str, Any]], held_out: int
-) -> int:
-    """The fewest ladder rungs whose estimated drop fits ``max_drop``, by bisection (the estimate falls
-    as rungs are added); :class:`BudgetNotMetError` when even all of them do not fit."""
+def _cheapest_fit(estimate: Callable[[int], DropEstimate], rungs: int, max_drop: float) -> tuple[int, DropEstimate]:
+    """The fewest ladder rungs whose interval's upper end fits ``max_drop``, by bisection (the estimate
+    falls as rungs are added), and that plan's estimate; :class:`BudgetNotMetError` when even all of
+    them do not fit."""
     lo, hi = 0, rungs
-    if estimate(lo) <= max_drop:
-        return lo
-    if estimate(hi) > max_drop:
+    found = estimate(lo)
+    if found.upper <= max_drop:
+        return lo, found
+    found = estimate(hi)
+    if found.upper > max_drop:
         raise BudgetNotMetError(
-            f"no precision plan meets --max-drop {max_drop}: even with every layer in float the estimated "
-            f"drop is {steps[-1]['estimated_drop']:.2f} ± {steps[-1]['estimated_drop_se']:.2f} points on "
-            f"{held_out} held-out synthetic images",
-            hint="the estimate is noisy with few images: raise --num-images, or relax --max-drop",
+            f"no precision plan meets --max-drop {max_drop:g}: even with every layer in float the estimated "
+            f"drop is {found.point:.2f} points, interval {found.lower:.2f}–{found.upper:.2f} ({found.basis})",
+            hint="the interval is wide with few images: raise --num-images, or relax --max-drop",
         )
-    while hi - lo > 1:  # invariant: estimate(lo) > max_drop >= estimate(hi)
+    while hi - lo > 1:  # invariant: upper(lo) > max_drop >= upper(hi), and found is hi's estimate
         mid = (lo + hi) // 2
-        if estimate(mid) <= max_drop:
-            hi = mid
+        at_mid = estimate(mid)
+        if at_mid.upper <= max_drop:
+            hi, found = mid, at_mid
         else:
             lo = mid
-    return hi
+    return hi, found
 
 
 def _merge(overrides: list[LayerOverride | None]) -> tuple[LayerOverride, ...]:

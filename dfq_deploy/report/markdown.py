@@ -243,7 +243,7 @@ def _max_drop_plan(plan: MaxDropPlan) -> list[str]:
     reconstructed = ", each candidate plan estimated after block reconstruction" if plan.reconstructed else ""
     lines += [
         f"Estimated top-1 drop {plan.estimated_drop:.2f} ± {plan.estimated_drop_se:.2f} "
-        f"points (± one standard error; budget {plan.max_drop}): disagreement with FP32 on "
+        f"points (± one standard error; budget {plan.max_drop}){_interval(plan)}: disagreement with FP32 on "
         f"{plan.holdout_images} held-out synthetic images (not used to calibrate), each flip "
         f"weighted by the FP32 probability it gives up (plain disagreement {plan.disagreement:.2f}%)"
         f"{reconstructed}; "
@@ -255,7 +255,21 @@ def _max_drop_plan(plan: MaxDropPlan) -> list[str]:
         f"all-low), bit-weighted MACs {plan.bit_macs / max(plan.bit_macs_all_low, 1):.2f}× all-low.",
         "",
     ]
+    if plan.estimate_sources:
+        header = ["source", "images", "flips", "FP32 confidence", "drop", "SE", "lower", "upper", "zero-flip floor"]
+        keys = ("source", "images", "flips", "confidence", "point", "se", "lower", "upper", "floor")
+        lines += markdown_table(header, [[s.get(k) for k in keys] for s in plan.estimate_sources]) + [""]
     return lines
+
+
+def _interval(plan: MaxDropPlan) -> str:
+    """The interval the plan was accepted on and its basis; nothing for reports written before it."""
+    if not plan.estimate_basis:
+        return ""
+    return (
+        f", interval {plan.estimated_drop_lower:.2f}–{plan.estimated_drop_upper:.2f} points, accepted because "
+        f"its upper end fits the budget ({plan.estimate_basis})"
+    )
 
 
 def _where_precision_goes(report: Report) -> list[str]:

@@ -168,6 +168,12 @@ class MaxDropPlan:
     bit_macs: float
     bit_macs_all_low: float
     estimated_drop_se: float = float("nan")
+    # the interval the plan was accepted on (its upper end fits the budget) and what it rests on;
+    # absent from reports written before the planner stated one
+    estimated_drop_lower: float = float("nan")
+    estimated_drop_upper: float = float("nan")
+    estimate_basis: str = ""
+    estimate_sources: tuple[Mapping[str, Any], ...] = ()
     holdout_confidence: float = float("nan")
     reconstructed: bool = False
     resolution_warning: str | None = None
@@ -175,7 +181,8 @@ class MaxDropPlan:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> MaxDropPlan:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names} | {"overrides": tuple(d["overrides"])})
+        sources = {"estimate_sources": tuple(d.get("estimate_sources") or ())}
+        return cls(**{k: v for k, v in d.items() if k in names} | {"overrides": tuple(d["overrides"])} | sources)
 
 
 @dataclasses.dataclass(frozen=True)
