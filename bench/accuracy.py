@@ -143,15 +143,21 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
 
 def estimate_drop_row(model, calib, scheme, recon, row: dict, holdout_fraction: float):
     """Calibrate (and reconstruct) on the rest of ``calib``; the drop estimated on the held-out part goes into ``row``."""
-    from dfq_deploy.quant.budget import held_out_drop, mean_confidence
+    from dfq_deploy.quant.drop_estimate import estimate_drop
     from dfq_deploy.quant.quantize import quantize
 
     calibrate_on, held_out = calib.split(holdout_fraction)
     qmodel = quantize(model, calibrate_on, scheme=scheme, progress=False, reconstruct=recon)
+    found = estimate_drop(model, qmodel.module, held_out.images)
     row.update(
-        held_out_drop(model, qmodel.module, held_out.images),
-        holdout_images=len(held_out),
-        holdout_confidence=mean_confidence(model, held_out.images),
+        estimated_drop=found.point,
+        estimated_drop_se=found.se,
+        estimated_drop_lower=found.lower,
+        estimated_drop_upper=found.upper,
+        estimate_sources=[s.as_dict() for s in found.sources],
+        disagreement=found.disagreement,
+        holdout_images=found.images,
+        holdout_confidence=found.confidence,
     )
     return qmodel
 
@@ -167,6 +173,9 @@ def max_drop_row(model, calib, scheme, recon, row: dict, max_drop: float, holdou
         max_drop=max_drop,
         estimated_drop=plan.estimated_drop,
         estimated_drop_se=plan.estimated_drop_se,
+        estimated_drop_lower=plan.estimated_drop_lower,
+        estimated_drop_upper=plan.estimated_drop_upper,
+        estimate_sources=list(plan.estimate_sources),
         disagreement=plan.disagreement,
         holdout_images=plan.holdout_images,
         holdout_confidence=plan.holdout_confidence,
@@ -186,7 +195,7 @@ def print_estimates(rows: list[dict], fp32: dict) -> None:
     print("\nTop-1 drop estimated without labels (held-out synthetic images) vs real (test-lossless-1017)")
     header = (
         f"{'model':9} {'scheme':17} {'source':9} {'images':>6} {'est. drop ± SE':>14} {'real drop':>9} {'|err|':>6} "
-        f"{'disagree%':>9} {'held-out':>8} {'FP32 conf':>9} {'4-bit conv MACs':>15}"
+        f"{'disagree%':>9} {'held-out':>8} {'FP32 conf':>9} {'4-bit conv MACs':>15} {'interval':>13} {'covers real':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -197,8 +206,17 @@ def print_estimates(rows: list[dict], fp32: dict) -> None:
         print(
             f"{r['model']:9} {r['scheme']:17} {r['source']:9} {r['images']:6d} {r['estimated_drop']:6.2f} ± {se} {real:9.2f} "
             f"{abs(r['estimated_drop'] - real):6.2f} {r['disagreement']:9.2f} {r['holdout_images']:8d} "
-            f"{r.get('holdout_confidence', float('nan')):9.3f} {low}"
+            f"{r.get('holdout_confidence', float('nan')):9.3f} {low} {_interval(r, real)}"
         )
+
+
+def _interval(row: dict, real: float) -> str:
+    """The estimate's interval and whether the real drop lies at or below its upper end (what
+    ``--max-drop`` relies on); blank for rows written before the estimator had one."""
+    if "estimated_drop_upper" not in row:
+        return f"{'':13} {'':>11}"
+    lower, upper = row["estimated_drop_lower"], row["estimated_drop_upper"]
+    return f"{lower:6.2f}–{upper:6.2f} {'yes' if real <= upper else 'NO':>11}"
 
 
 def print_table(rows: list[dict], cpu: dict) -> None:
