@@ -60,7 +60,7 @@ def test_a_plan_whose_upper_end_exceeds_the_budget_is_rejected(wide):
     assert first["estimated_drop_upper"] == pytest.approx(low.upper)
     assert plan.overrides, "the point rule would have kept every layer at 2 bit; the upper-end rule may not"
     assert plan.estimated_drop_lower <= plan.estimated_drop <= plan.estimated_drop_upper <= max_drop
-    assert [s["source"] for s in plan.estimate_sources] == ["held_out", "mirrored", "shifted"]
+    assert [s["source"] for s in plan.estimate_sources] == ["held_out", "jittered"]
     assert "held-out synthetic images" in plan.estimate_basis and plan.estimate_method
     assert plan.resolution_warning and plan.zero_flip_bound == pytest.approx(300 / 256)
     assert len(used) == 48 and plan.holdout_images == 256 and not plan.reconstructed
@@ -195,7 +195,7 @@ def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path)
     assert plan["overrides"] == [] and plan["low_bit_mac_fraction"] > 0  # a 100-point budget raises nothing
     assert 0.0 < plan["holdout_confidence"] <= 1.0 and plan["holdout_images"] == 8
     assert plan["estimated_drop_lower"] <= plan["estimated_drop"] <= plan["estimated_drop_upper"] <= 100.0
-    assert len(plan["estimate_sources"]) == 3 and plan["estimate_basis"]
+    assert len(plan["estimate_sources"]) == 2 and plan["estimate_basis"]
     validate_report(json.loads((result.out_dir / "report.json").read_text()))  # the interval's keys typed
     assert result.report["quantization"]["reconstruction"]["blocks"]
     stages = json.loads((result.out_dir / "manifest.json").read_text())["stages"]
@@ -203,7 +203,7 @@ def test_build_with_max_drop_and_reconstruct_deploys_the_planned_model(tmp_path)
     markdown = (result.out_dir / "report.md").read_text()
     assert "Accuracy budget (--max-drop)" in markdown
     assert f"interval {plan['estimated_drop_lower']:.2f}–{plan['estimated_drop_upper']:.2f} points" in markdown
-    assert "| mirrored | 8 |" in markdown  # the per-source table: what the interval rests on
+    assert "| jittered | 8 |" in markdown  # the per-source table: what the interval rests on
     # 8 held-out images cannot resolve even a 100-point budget's neighbour: no warning at 100 (300/8 = 37.5)
     assert plan["zero_flip_bound"] == pytest.approx(37.5) and plan["resolution_warning"] is None
 

@@ -95,7 +95,7 @@ _budget_flags = stacked(
         "--max-drop",
         type=float,
         help="Top-1 budget in points: raise sensitive layers until the upper end of the drop interval "
-        "estimated on held-out synthetic images (as they are, mirrored, shifted) fits (exit 7 if no plan "
+        "estimated on held-out synthetic images (as they are, and jittered) fits (exit 7 if no plan "
         "does; a 1-point budget needs about 300 held-out images). With --reconstruct each candidate plan is "
         "reconstructed before it is estimated.",
     ),

@@ -1,10 +1,14 @@
 """The drop estimate ``--max-drop`` decides on: a point, an interval, and what the interval rests on.
 
-The held-out part of the synthetic set (never calibrated on) is seen as several *sources*: the images
-as they are, mirrored left-right, and shifted by an eighth of their size (wrapping round). None needs
-data. They are not independent samples, but they are not the same test either: synthesis optimised
-each image as it is, for this FP32 model, so a view it never optimised sits closer to an ordinary
-image, is classified less confidently and can show flips the plain images hide.
+The held-out part of the synthetic set (never calibrated on) is read as two *sources*: the images as
+they are, and the same images *jittered* (Gaussian noise of 0.1 × each channel's standard deviation,
+fixed seed). No source needs data. Synthesis optimised each image as it is, for this FP32 model, so
+the plain images sit where FP32 is nearly certain and few flip; a jittered copy sits just off that
+point and shows flips the plain images hide. Measured on the CIFAR ResNet-20 (FDDA set, 768 held
+out, W4A4): plain 1.04 ± 0.37 points, jittered 8.35 ± 0.97, real drop on labelled test images 4.42;
+the jitter's size sets how pessimistic the source is (0.05: 3.24, 0.2: 17.8), and 0.1 was chosen on
+that one measurement. Mirrored or shifted copies were tried and read 14–23 points there: FP32's
+confidence on them falls to 0.82–0.89, far below the 0.97 it has on real test images.
 
 Per source the interval is point ± z·SE with z = 1.645 (each end one-sided 95%), and its upper end is
 never below the *zero-flip floor*: FP32's mean confidence on the source times the rule-of-three bound
@@ -24,12 +28,13 @@ import torch
 from torch import nn
 
 Z_ONE_SIDED_95 = 1.645
-HeldOutView = Literal["held_out", "mirrored", "shifted"]
-VIEWS: tuple[HeldOutView, ...] = ("held_out", "mirrored", "shifted")
+JITTER = 0.1  # the jittered source's noise, in standard deviations of each channel
+HeldOutView = Literal["held_out", "jittered"]
+VIEWS: tuple[HeldOutView, ...] = ("held_out", "jittered")
 METHOD = (
-    "per source (held-out synthetic images as they are, mirrored, shifted by 1/8): FP32-probability-weighted "
-    "disagreement ± 1.645 SE, upper end at least FP32's mean confidence × 300/n (the zero-flip floor); "
-    "the interval is the widest over the sources"
+    f"per source (held-out synthetic images as they are, and jittered by {JITTER} × each channel's SD): "
+    "FP32-probability-weighted disagreement ± 1.645 SE, upper end at least FP32's mean confidence × 300/n "
+    "(the zero-flip floor); the interval is the widest over the sources"
 )
 
 
@@ -130,14 +135,14 @@ class DropEstimate:
 
 
 def view_of(images: torch.Tensor, view: HeldOutView) -> torch.Tensor:
-    """``images`` (N, C, H, W) seen as ``view``; images without two spatial dimensions have one view."""
-    if images.ndim < 4 or view == "held_out":
+    """``images`` (N, C, ...) seen as ``view``. The jitter has a fixed seed, so a plan's estimate is
+    the same each time it is made (the planner and its tests rely on that)."""
+    if view == "held_out" or len(images) < 2:
         return images
-    if view == "mirrored":
-        return torch.flip(images, dims=(-1,))
-    height, width = images.shape[-2:]
-    # roll rather than pad: no border of zeros, so the pixel statistics stay the synthetic set's
-    return torch.roll(images, shifts=(max(height // 8, 1), max(width // 8, 1)), dims=(-2, -1))
+    dims = (0, *range(2, images.ndim))  # all but the channels
+    scale = images.std(dim=dims, keepdim=True)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    return images + JITTER * scale * noise
 
 
 @torch.no_grad()
