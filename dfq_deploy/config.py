@@ -59,7 +59,7 @@ class SynthesisConfig:
 
     method: SynthesisMethod = "auto"  # zeroq for models with BatchNorm, prior for those without
     num_images: int = 256
-    batch_size: int = 32
+    batch_size: int | None = None  # None: 32, or 16 for inputs above 64x64 px (synthesis.speed)
     iterations: int | None = None
     lr: float | None = None
     seed: int = 0
@@ -71,7 +71,7 @@ class SynthesisConfig:
         coerce_floats(self)
         check_choice(self.method, SynthesisMethod, "synthesis method")
         for name in ("num_images", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.iterations is not None and self.iterations < 0:
             raise BadInputError(f"iterations must be >= 0, got {self.iterations}")

@@ -74,3 +74,22 @@ def test_channels_last_leaves_the_caller_s_weights_as_they_were(model):
         assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
         assert not model.conv1.weight.is_contiguous()
     assert all((p.data_ptr(), p.stride()) == before[name] for name, p in model.named_parameters())
+
+
+def test_inputs_above_64_px_take_the_large_input_batch_and_schedule():
+    from dfq_deploy.synthesis import zeroq
+    from dfq_deploy.synthesis.speed import LARGE_INPUT_SCHEDULE, default_batch_size, pixel_schedule
+
+    assert default_batch_size((3, 64, 64)) == 32 and default_batch_size((3, 224, 224)) == 16
+    assert pixel_schedule((3, 32, 32), zeroq.SCHEDULE) == zeroq.SCHEDULE
+    assert pixel_schedule((3, 65, 64), zeroq.SCHEDULE) == LARGE_INPUT_SCHEDULE
+    torch.manual_seed(0)
+    net = settle_batchnorm(TinyResNet(width=4), (3, 72, 72)).eval()
+    config = SynthesisConfig(method="zeroq", num_images=20, device="cpu")  # batch, steps and lr by default
+    meta = synthesize(net, config=config, input_shape=(3, 72, 72), progress=False).meta
+    assert meta["config"]["batch_size"] == 16 and meta["lr"] == LARGE_INPUT_SCHEDULE.lr
+    assert meta["iterations"] == LARGE_INPUT_SCHEDULE.iterations and len(meta["steps_taken"]) == 2  # 16 + 4
+    # What the user typed wins over the size's defaults.
+    typed = SynthesisConfig(method="zeroq", num_images=4, batch_size=4, iterations=3, lr=0.3, device="cpu")
+    meta = synthesize(net, config=typed, input_shape=(3, 72, 72), progress=False).meta
+    assert (meta["config"]["batch_size"], meta["iterations"], meta["lr"]) == (4, 3, 0.3)

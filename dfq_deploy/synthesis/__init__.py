@@ -30,7 +30,7 @@ from dfq_deploy.synthesis.model_state import frozen_eval, model_on_device
 from dfq_deploy.synthesis.pixel_loop import plan_batches
 from dfq_deploy.synthesis.sharding import all_reduce_max, all_reduce_mean_scalar, gather_in_order, shard_batches
 from dfq_deploy.synthesis.speed import DEFAULT as DEFAULT_LEVERS
-from dfq_deploy.synthesis.speed import SpeedLevers
+from dfq_deploy.synthesis.speed import SpeedLevers, default_batch_size
 
 __all__ = ["synthesize", "synthesize_cached", "bn_mismatch", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -87,8 +87,11 @@ def _objective(method: str) -> ObjectiveFactory:
     return fdda_objective
 
 
-def resolve_auto(config: SynthesisConfig, *, has_batchnorm: bool) -> SynthesisConfig:
-    """``auto``: zeroq where the model has BatchNorm statistics to match, ``prior`` where it has none."""
+def resolve_auto(config: SynthesisConfig, *, has_batchnorm: bool, input_shape: tuple[int, ...]) -> SynthesisConfig:
+    """``auto``: zeroq where the model has BatchNorm statistics to match, ``prior`` where it has none;
+    no batch size: the default for ``input_shape`` (:func:`~.speed.default_batch_size`)."""
+    if config.batch_size is None:
+        config = dataclasses.replace(config, batch_size=default_batch_size(input_shape))
     if config.method != "auto":
         return config
     return dataclasses.replace(config, method="zeroq" if has_batchnorm else "prior")
@@ -133,7 +136,7 @@ def synthesize(
     work_model = model_on_device(model, device)
     with frozen_eval(work_model):
         layers, output = trace_bn_layers(work_model, input_shape, device)
-        config = resolve_auto(config, has_batchnorm=bool(layers))
+        config = resolve_auto(config, has_batchnorm=bool(layers), input_shape=input_shape)
         shard = shard_batches(plan_batches(config.num_images, config.batch_size))
         job = Job(
             model=work_model,

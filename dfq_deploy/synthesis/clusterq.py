@@ -26,9 +26,10 @@ from dfq_deploy.synthesis.bn_stats import BNInputCapture, MismatchStop
 from dfq_deploy.synthesis.class_stats import ClassObjective
 from dfq_deploy.synthesis.job import Job, MethodResult, Objective
 from dfq_deploy.synthesis.pixels import synthesize_pixels
+from dfq_deploy.synthesis.speed import PixelSchedule
 
-DEFAULT_ITERATIONS = 500
-DEFAULT_LR = 0.5
+# Up to 64x64 px; larger inputs take speed.LARGE_INPUT_SCHEDULE.
+SCHEDULE = PixelSchedule(iterations=500, lr=0.5)
 # Pixel-mode schedule (the paper trains a generator for hundreds of epochs). L_ICV's targets are
 # redrawn every step and its gradient is ~100x that of 0.1·BNS, so under Adam every pixel
 # random-walks at the step size, and the EMA centroids follow the images, so nothing pulls the batch
@@ -121,7 +122,7 @@ def clusterq_objective(job: Job, capture: BNInputCapture, warmup: int) -> Object
 
 def synthesize_clusterq(job: Job) -> MethodResult:
     """Labelled images by ClusterQ's losses, batch by batch, centroids carried across batches."""
-    iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
+    iterations, lr = job.schedule(SCHEDULE)
     result = synthesize_pixels(
         job,
         clusterq_objective,

@@ -31,9 +31,10 @@ from dfq_deploy.synthesis.class_stats import ClassObjective
 from dfq_deploy.synthesis.folder import list_images, load_images
 from dfq_deploy.synthesis.job import Job, MethodResult, Objective
 from dfq_deploy.synthesis.pixels import synthesize_pixels
+from dfq_deploy.synthesis.speed import PixelSchedule
 
-DEFAULT_ITERATIONS = 500
-DEFAULT_LR = 0.5
+# Up to 64x64 px; larger inputs take speed.LARGE_INPUT_SCHEDULE.
+SCHEDULE = PixelSchedule(iterations=500, lr=0.5)
 CE_WEIGHT = 0.5
 BNS_WEIGHT = 0.2
 DISTORTED_WEIGHT = 0.9
@@ -159,7 +160,7 @@ def fdda_objective(job: Job, capture: BNInputCapture, warmup: int) -> Objective:
 
 def synthesize_fdda(job: Job) -> MethodResult:
     """Labelled images by FDDA's losses; hybrid with ``calib_images``, data-free without."""
-    iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
+    iterations, lr = job.schedule(SCHEDULE)
     result = synthesize_pixels(
         job,
         fdda_objective,

@@ -16,7 +16,7 @@ from dfq_deploy.normalization import Normalize, natural_image_prior
 from dfq_deploy.synthesis.bn_stats import BNInputCapture, BNLayer
 from dfq_deploy.synthesis.pixel_loop import Batch, progress_bar
 from dfq_deploy.synthesis.sharding import Shard
-from dfq_deploy.synthesis.speed import DEFAULT, SpeedLevers
+from dfq_deploy.synthesis.speed import DEFAULT, PixelSchedule, SpeedLevers, pixel_schedule
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_NORMALIZE
 
@@ -46,6 +46,12 @@ class Job:
 
     def iterations(self, default: int) -> int:
         return default if self.config.iterations is None else self.config.iterations
+
+    def schedule(self, small: PixelSchedule) -> tuple[int, float]:
+        """(iterations, lr): the config's where it sets them, else the method's defaults for this
+        input size (``small`` up to 64x64 px, :data:`~.speed.LARGE_INPUT_SCHEDULE` above)."""
+        default = pixel_schedule(self.input_shape, small)
+        return self.iterations(default.iterations), self.lr(default.lr)
 
     def lr(self, default: float) -> float:
         return default if self.config.lr is None else self.config.lr

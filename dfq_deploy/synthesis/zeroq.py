@@ -15,9 +15,10 @@ import torch
 from dfq_deploy.synthesis.bn_stats import BNInputCapture, MismatchStop, RunningStats
 from dfq_deploy.synthesis.job import Job, MethodResult, Objective
 from dfq_deploy.synthesis.pixels import synthesize_pixels
+from dfq_deploy.synthesis.speed import PixelSchedule
 
-DEFAULT_ITERATIONS = 500
-DEFAULT_LR = 0.5
+# Up to 64x64 px; larger inputs take speed.LARGE_INPUT_SCHEDULE.
+SCHEDULE = PixelSchedule(iterations=500, lr=0.5)
 # A batch stops early once its BN mismatch is at most this: about 2/3 of the level the official
 # ZeroQ ends at on the CIFAR ResNet-20 (0.0077). Further steps buy little and cost as much as the
 # first ones. Set to 0 to always run every iteration.
@@ -54,7 +55,7 @@ def zeroq_objective(job: Job, capture: BNInputCapture, warmup: int = 0) -> Objec
 
 def synthesize_zeroq(job: Job) -> MethodResult:
     """Optimise each batch of N(0, 1) images for ``iterations`` steps on BNS + input prior."""
-    iterations, lr = job.iterations(DEFAULT_ITERATIONS), job.lr(DEFAULT_LR)
+    iterations, lr = job.schedule(SCHEDULE)
     result = synthesize_pixels(job, zeroq_objective, iterations=iterations, warmup=iterations, lr=lr, late_lr=lr)
     result.meta["stop_mismatch"] = STOP_MISMATCH
     return result
