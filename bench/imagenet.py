@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["noise", "zeroq", "clusterq", "fdda", "real"])
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=None, help="default: each method's own")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=None, help="default: 32, or 16 above 64x64 px")
     parser.add_argument("--eval-images", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--levers", nargs="+", default=["default"], choices=list(LEVERS))
