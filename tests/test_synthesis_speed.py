@@ -53,6 +53,17 @@ def test_levers_keep_the_mismatch_within_10_percent_of_the_plain_loop(model, lev
     assert fast <= 1.1 * plain, (fast, plain)
 
 
+@pytest.mark.parametrize("method", ["clusterq", "fdda"])
+def test_class_methods_run_under_bf16_autocast(model, method):
+    # Their per-class statistics once arrived in bf16 and the float32 centroids refused them (seen first
+    # on an AMX CPU, where bf16 is the default).
+    config = SynthesisConfig(method=method, num_images=8, batch_size=8, iterations=12, device="cpu")
+    levers = dataclasses.replace(DEFAULT, autocast="bf16")
+    calib = synthesize(model, config=config, input_shape=SHAPE, progress=False, levers=levers)
+    assert calib.meta["bf16"] is True
+    assert calib.images.dtype == torch.float32 and torch.isfinite(calib.images).all()
+
+
 def test_coarse_steps_only_for_large_images_and_single_phase():
     coarse = SpeedLevers(coarse_fraction=0.75)
     assert coarse.coarse_steps(100, (3, 224, 224)) == 75

@@ -43,15 +43,19 @@ class DeepLayers:
         count 0 and zero statistics. Per-sample first and second moments are averaged with a (K, N)
         weight matrix, so one matmul serves every class.
         """
-        onehot = torch.nn.functional.one_hot(labels, num_classes).to(deep_inputs[0].dtype)
-        if keep is not None:
-            onehot = onehot * keep.unsqueeze(1).to(onehot.dtype)
-        count = onehot.sum(0)
-        weights = (onehot / count.clamp_min(1)).T
-        first = torch.cat([x.flatten(2).mean(2) for x in deep_inputs], dim=1)
-        second = torch.cat([(x * x).flatten(2).mean(2) for x in deep_inputs], dim=1)
-        mean = weights @ first
-        var = (weights @ second - mean.square()).clamp_min(0)
+        # Under bf16 autocast the layers' inputs arrive in bf16 and a matmul would run in bf16 too:
+        # per-class means summed in bf16 keep ~3 digits, and the float32 centroids refuse them.
+        with torch.autocast(deep_inputs[0].device.type, enabled=False):
+            deep_inputs = [x.float() for x in deep_inputs]
+            onehot = torch.nn.functional.one_hot(labels, num_classes).float()
+            if keep is not None:
+                onehot = onehot * keep.unsqueeze(1).float()
+            count = onehot.sum(0)
+            weights = (onehot / count.clamp_min(1)).T
+            first = torch.cat([x.flatten(2).mean(2) for x in deep_inputs], dim=1)
+            second = torch.cat([(x * x).flatten(2).mean(2) for x in deep_inputs], dim=1)
+            mean = weights @ first
+            var = (weights @ second - mean.square()).clamp_min(0)
         return mean, var, count
 
 
