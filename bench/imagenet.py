@@ -8,7 +8,8 @@ imagenet-750 (../shared/assets) is split once: every third image (250) is the po
 calibration draws from, the other 500 are the evaluation set (a labels.csv folder): no image is
 both calibrated on and scored. EfficientNet-Lite1/Lite2 carry real ImageNet weights (the ``bench``
 extra); the torchvision models are untrained and give speed only. ``--levers`` picks the synthesis
-speed levers (``plain``: the float32 loop as it was; ``default``; ``bf16``; ``coarse``), so the
+speed levers (``plain``: the float32 loop as it was; ``default``; ``bf16``; ``fp32``: the default without
+bf16 autocast; ``coarse``), so the
 same run compares them. Every time is printed with the CPU's ISA and the load average: the
 2-core machine is shared, so compare rows of one run, not runs.
 """
@@ -40,6 +41,7 @@ LEVERS = {
     "plain": PLAIN,
     "default": DEFAULT,
     "bf16": dataclasses.replace(DEFAULT, autocast="bf16"),
+    "fp32": dataclasses.replace(DEFAULT, autocast="off"),
     "coarse": dataclasses.replace(DEFAULT, coarse_fraction=0.5),
 }
 ISA_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
