@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dfq_deploy.models.check import check_model
+from dfq_deploy.models.check import AGREEMENT_INPUTS, check_model
 from dfq_deploy.models.loading import build_arch
 from dfq_deploy.runtimes.cpu_features import cpu_description
 
@@ -118,26 +118,39 @@ def order(names: list[str]) -> list[str]:
 
 def markdown_table(rows: list[dict]) -> str:
     head = (
-        "| model | family | input | build s | convs int8 / total | float layers (why) | agreement | "
-        "INT8 vs FP32 @8 | TensorRT-RTX | pass |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| model | family | input | build s | convs int8 / total | float layers (why) | agreement "
+        "(decidable) | rel. L2 (float64 twin) | INT8 vs FP32 @8 | TensorRT-RTX | pass |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         if r.get("transformer"):
-            lines.append(f"| {r['name']} | {r['family']} | — | — | — | — | — | — | — | transformer: no target |")
+            lines.append(f"| {r['name']} | {r['family']} | — | — | — | — | — | — | — | — | transformer: no target |")
             continue
         floats = "; ".join(r.get("float_layers") or ()) or "—"
         if len(floats) > 120:
             floats = floats[:117] + "..."
         convs = f"{r['convs_integer']} / {r['convs_total']}" if r.get("convs_total") is not None else "—"
-        agree = f"{r['agreement']:.1%}" if r.get("agreement") is not None else "—"
+        agree = _agreement_cell(r)
+        l2 = "—" if r.get("relative_l2") is None else f"{r['relative_l2']:.3g} ({r.get('floor_relative_l2') or '—'})"
         speed = f"{r['speedup']:.2f}×" if r.get("speedup") is not None else "—"
         verdict = "yes" if r["passed"] else f"no: {r.get('error') or _why_not(r)}"
         lines.append(
             f"| {r['name']} | {r['family']} | {r['input_shape'][-1]} | {r.get('build_seconds') or '—'} | "
-            f"{convs} | {floats} | {agree} | {speed} | {r.get('tensorrt') or '—'} | {verdict} |"
+            f"{convs} | {floats} | {agree} | {l2} | {speed} | {r.get('tensorrt') or '—'} | {verdict} |"
         )
     return "\n".join(lines)
+
+
+def _agreement_cell(row: dict) -> str:
+    """All inputs, then (when the float64 twin left some undecidable) those it confirms."""
+    if row.get("agreement") is None:
+        return "—"
+    cell = f"{row['agreement']:.1%}"
+    decidable = row.get("decidable")
+    if decidable is not None and decidable < AGREEMENT_INPUTS and row.get("agreement_decidable") is not None:
+        cell += f" ({row['agreement_decidable']:.1%} of {decidable})"
+    return cell
 
 
 def _why_not(row: dict) -> str:
@@ -145,7 +158,10 @@ def _why_not(row: dict) -> str:
         return f"TensorRT-RTX {row.get('tensorrt')}"
     if not row.get("finite"):
         return "non-finite outputs"
-    return f"agreement {row.get('agreement')}"
+    return (
+        f"agreement {row.get('agreement')} (decidable {row.get('agreement_decidable')} of {row.get('decidable')}), "
+        f"rel. L2 {row.get('relative_l2')} against the float64 twin's {row.get('floor_relative_l2')}"
+    )
 
 
 def summary(rows: list[dict]) -> str:

@@ -175,11 +175,16 @@ def compare(reference: Runner, candidate: Runner, batches: Iterable[np.ndarray])
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         ref_out.append(next(iter(reference.infer({reference.input_name: batch}).values())))
         cand_out.append(next(iter(candidate.infer({candidate.input_name: batch}).values())))
-    ref, cand = np.concatenate(ref_out).astype(np.float64), np.concatenate(cand_out).astype(np.float64)
+    return agreement_of(reference.name, candidate.name, np.concatenate(ref_out), np.concatenate(cand_out))
+
+
+def agreement_of(reference: str, candidate: str, ref: np.ndarray, cand: np.ndarray) -> Agreement:
+    """:class:`Agreement` of outputs ``cand`` against ``ref`` (first axis: samples)."""
+    ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
     ref2, cand2 = ref.reshape(len(ref), -1), cand.reshape(len(cand), -1)
     agreement = float((ref2.argmax(1) == cand2.argmax(1)).mean())
     rel = float(np.linalg.norm(cand - ref) / max(np.linalg.norm(ref), 1e-12))
-    return Agreement(reference.name, candidate.name, len(ref), agreement, rel, float(np.abs(cand - ref).max()))
+    return Agreement(reference, candidate, len(ref), agreement, rel, float(np.abs(cand - ref).max()))
 
 
 def host_memory() -> dict[str, float]:

@@ -11,7 +11,15 @@ import pytest
 import torch
 import torchvision
 
-from dfq_deploy.models.check import MIN_AGREEMENT, check_model
+from dfq_deploy.models.capture import capture_graph
+from dfq_deploy.models.check import (
+    BATCH_SIZES,
+    FLOOR_FACTOR,
+    ModelCheck,
+    _agreement_checks,
+    _quantize_and_export,
+    check_model,
+)
 
 # (model, input size): the smallest size each architecture takes.
 FAMILIES = [
@@ -41,7 +49,51 @@ def test_family_builds_and_runs_at_every_batch(name, size):
     assert result.error is None, result.error
     assert result.batches_run == (1, 8)
     assert result.finite
-    assert result.agreement >= MIN_AGREEMENT, result
+    assert result.agrees, result
     assert result.convs_integer == result.convs_total > 0, result.float_layers
     if name in ("shufflenet_v2_x0_5", "convnext_tiny"):
         assert result.tensorrt == "built"
+
+
+def _check(**fields) -> ModelCheck:
+    base = dict(name="m", input_shape=(3, 32, 32), batches_run=BATCH_SIZES, finite=True, tensorrt="built")
+    return ModelCheck(**(base | fields))
+
+
+def test_an_undecidable_top1_does_not_fail_a_model_the_float64_twin_cannot_tell_apart_either():
+    # 31 of 32 agree; the one flip is an input the reference's own float64 twin decides otherwise.
+    near_tie = _check(
+        agreement=31 / 32, relative_l2=0.013, decidable=31, agreement_decidable=1.0, floor_relative_l2=0.014
+    )
+    assert near_tie.agrees and near_tie.passed
+    # The same flip on an input the twin confirms: a real disagreement.
+    assert not _check(
+        agreement=31 / 32, relative_l2=0.013, decidable=32, agreement_decidable=31 / 32, floor_relative_l2=0.014
+    ).agrees
+    # Every decidable top-1 agrees, but the outputs sit far beyond the twin's noise: a wrong scale, not noise.
+    assert not _check(
+        agreement=31 / 32, relative_l2=0.2, decidable=31, agreement_decidable=1.0, floor_relative_l2=0.014
+    ).agrees
+    # No float64 twin (a module that cannot run in float64): the strict criterion alone.
+    assert not _check(agreement=31 / 32, relative_l2=0.013).agrees
+    assert _check(agreement=1.0, relative_l2=0.013).agrees
+
+
+@torch.no_grad()
+def test_agreement_checks_measure_the_float64_twin_and_catch_a_wrong_output_scale():
+    torch.manual_seed(0)
+    module = torchvision.models.get_model("mnasnet0_5", weights=None).eval()
+    shape = (3, 32, 32)
+    graph = capture_graph(module, shape)
+    qmodel, _ = _quantize_and_export(graph, shape, "onnxruntime", 8)
+    inputs = torch.randn(16, *shape, generator=torch.Generator().manual_seed(1))
+    reference = qmodel.module(inputs).numpy()
+    exact = _agreement_checks(qmodel.module, inputs, reference)
+    assert exact["agreement"] == 1.0 and exact["relative_l2"] == 0.0
+    # The twin is the same model at another float precision: close, but not bit-exact.
+    assert 0.0 < exact["floor_relative_l2"] < 0.05, exact
+    assert 1 <= exact["decidable"] <= 16
+    scaled = _agreement_checks(qmodel.module, inputs, reference * 1.5)
+    assert scaled["relative_l2"] > FLOOR_FACTOR * scaled["floor_relative_l2"]
+    shuffled = _check(**_agreement_checks(qmodel.module, inputs, reference[::-1].copy()))
+    assert shuffled.agreement < 0.5 and not shuffled.agrees
