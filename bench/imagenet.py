@@ -8,9 +8,8 @@ imagenet-750 (../shared/assets) is split once: every third image (250) is the po
 calibration draws from, the other 500 are the evaluation set (a labels.csv folder): no image is
 both calibrated on and scored. EfficientNet-Lite1/Lite2 carry real ImageNet weights (the ``bench``
 extra); the torchvision models are untrained and give speed only. ``--levers`` picks the synthesis
-speed levers (``plain``: the float32 loop as it was; ``default``; ``bf16``; ``fp32``: the default without
-bf16 autocast; ``coarse``), so the
-same run compares them. Every time is printed with the CPU's ISA and the load average: the
+speed levers (``plain``: the float32 loop as it was; ``default``; ``bf16``; ``fp32``: the default
+without bf16 autocast; ``coarse``), so the same run compares them. Every time is printed with the CPU's ISA and the load average: the
 2-core machine is shared, so compare rows of one run, not runs.
 """
 

@@ -204,9 +204,7 @@ def _saturates(abs_hist: np.ndarray) -> bool:
     total = abs_hist.sum()
     below = abs_hist[-1 - SATURATION_WINDOW : -1]
     return bool(
-        total > 0
-        and abs_hist[-1] >= SATURATION_SHARE * total
-        and abs_hist[-1] >= SATURATION_PEAK * max(float(below.mean()), 1e-300)
+        total > 0 and abs_hist[-1] >= SATURATION_SHARE * total and abs_hist[-1] >= SATURATION_PEAK * float(below.mean())
     )
 
 
