@@ -9,7 +9,7 @@ import torch
 from tiny_models import TinyResNet, settle_batchnorm
 
 from dfq_deploy.config import SynthesisConfig
-from dfq_deploy.synthesis import synthesize
+from dfq_deploy.synthesis import speed, synthesize
 from dfq_deploy.synthesis.speed import DEFAULT, PLAIN, SpeedLevers, memory_format
 
 SHAPE = (3, 64, 64)
@@ -38,14 +38,14 @@ def _mismatch(model, levers: SpeedLevers, iterations: int = 60) -> tuple[float, 
 
 @pytest.mark.parametrize(
     "levers",
-    [DEFAULT, dataclasses.replace(DEFAULT, autocast="bf16")],
-    ids=["default", "default+bf16"],
+    [dataclasses.replace(DEFAULT, autocast="off"), dataclasses.replace(DEFAULT, autocast="bf16")],
+    ids=["default+fp32", "default+bf16"],
 )
 def test_levers_keep_the_mismatch_within_10_percent_of_the_plain_loop(model, levers):
     plain, _ = _mismatch(model, PLAIN)
     fast, meta = _mismatch(model, levers)
     assert meta["coarse_steps"] == 0 and meta["channels_last"] is True
-    assert meta["bf16"] is (levers.autocast == "bf16")
+    assert meta["bf16"] is (levers.autocast == "bf16")  # forced either way, whatever this CPU has
     noise = synthesize(
         model, config=SynthesisConfig(method="noise", num_images=16, device="cpu"), input_shape=SHAPE, progress=False
     ).meta["bn_mismatch"]["mean"]
@@ -62,6 +62,16 @@ def test_class_methods_run_under_bf16_autocast(model, method):
     calib = synthesize(model, config=config, input_shape=SHAPE, progress=False, levers=levers)
     assert calib.meta["bf16"] is True
     assert calib.images.dtype == torch.float32 and torch.isfinite(calib.images).all()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"), [({"amx_bf16", "avx512_bf16"}, True), ({"avx512_bf16"}, False), ({"avx2"}, False)]
+)
+def test_auto_autocast_is_bf16_only_where_amx_tiles_are(monkeypatch, flags, expected):
+    monkeypatch.setattr(speed, "cpu_flags", lambda: flags)
+    cpu = torch.device("cpu")
+    assert DEFAULT.bf16(cpu) is (expected and torch.backends.mkldnn.is_available())
+    assert PLAIN.bf16(cpu) is False
 
 
 def test_coarse_steps_only_for_large_images_and_single_phase():
