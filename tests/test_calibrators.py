@@ -144,6 +144,39 @@ def test_lp_search_gives_lower_output_error_than_max_at_4_bit():
     assert errors["mse"] < 0.7 * errors["max"]
 
 
+def _scales(qmodel) -> dict[str, torch.Tensor]:
+    return {n: b.clone() for n, b in qmodel.module.named_buffers() if n.endswith("scale")}
+
+
+@pytest.mark.parametrize(
+    ("bits", "act", "weight"), [(4, "mse", "mse"), (8, "percentile", "max")], ids=["4-bit", "8-bit"]
+)
+def test_auto_calibrators_are_what_measured_best_at_each_width(bits, act, weight):
+    torch.manual_seed(0)
+    model = _TwoConv().eval()
+    calib = CalibrationSet(torch.randn(32, 3, 16, 16))
+    auto = QuantScheme(weight_bits=bits, act_bits=bits, first_last_bits=None)
+    assert (auto.calibrator, auto.weight_calibrator) == ("auto", "auto")
+    explicit = dataclasses.replace(auto, calibrator=act, weight_calibrator=weight)
+    got, want = (_scales(quantize(model, calib, scheme=s, progress=False)) for s in (auto, explicit))
+    assert got.keys() == want.keys() and len(got) > 4
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def test_auto_resolves_per_layer_so_an_8_bit_first_layer_keeps_max_weight_scales():
+    torch.manual_seed(0)
+    model = _TwoConv().eval()
+    calib = CalibrationSet(torch.randn(32, 3, 16, 16))
+    low = QuantScheme(weight_bits=4, act_bits=4, first_last_bits=8)
+    scales = _scales(quantize(model, calib, scheme=low, progress=False))
+    with torch.no_grad():
+        c1_max, c2_max = (conv.weight.abs().amax(dim=(1, 2, 3)) for conv in (model.c1, model.c2))
+    torch.testing.assert_close(scales["c1.weight_quantizer.scale"], c1_max / 127)
+    # ...while the 4-bit layers got the searched scales, which clip below the channel's max.
+    assert bool((scales["c2.weight_quantizer.scale"] < c2_max / 7 - 1e-6).any())
+
+
 def test_per_layer_choice_is_no_worse_than_its_start():
     torch.manual_seed(1)
     model = _TwoConv().eval()

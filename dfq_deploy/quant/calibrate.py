@@ -9,13 +9,13 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from dfq_deploy.config import CalibratorName, QuantScheme
+from dfq_deploy.config import CalibratorName, QuantScheme, resolve_calibrator
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.placement import ACTIVATIONS
 from dfq_deploy.quant.quantizers import ActQuantizer, WeightQuantizer, float_mode
 
-CALIBRATORS: tuple[str, ...] = get_args(CalibratorName)
+CALIBRATORS: tuple[str, ...] = tuple(c for c in get_args(CalibratorName) if c != "auto")
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def calibrate(
     for layer in graph.modules():
         wq = getattr(layer, "weight_quantizer", None)
         if isinstance(wq, WeightQuantizer):
-            wq.calibrate(layer.weight, scheme.weight_calibrator)
+            wq.calibrate(layer.weight, resolve_calibrator(scheme.weight_calibrator, wq.bits, weights=True))
     quantizers = [m for m in graph.modules() if isinstance(m, ActQuantizer)]
     for q in quantizers:
         q.calibrator.reset()
@@ -39,7 +39,7 @@ def calibrate(
     _refuse_nonfinite_activations(graph)
     for q in quantizers:
         if q.tied_to is None:
-            q.set_range(*_range_of(q, scheme.calibrator, scheme))
+            q.set_range(*_range_of(q, resolve_calibrator(scheme.calibrator, q.bits), scheme))
     _copy_tied_ranges(quantizers)
     if scheme.per_layer_calibrator:
         select_calibrators(graph, calib, scheme=scheme)

@@ -299,7 +299,7 @@ def _quantization(report: Report) -> list[str]:
         "## Quantization",
         "",
         f"Weights {scheme.get('weight_bits')}-bit per channel, activations {scheme.get('act_bits')}-bit "
-        f"({scheme.get('act_form')}), calibrator {scheme.get('calibrator')}, first/last layer "
+        f"({scheme.get('act_form')}), calibrator {_calibrator_words(scheme)}, first/last layer "
         f"{scheme.get('first_last_bits') or 'same as the rest'} bit; "
         f"{quant.quantized_layers} quantized layers, {quant.float_layers} float.",
         "",
@@ -372,3 +372,13 @@ SECTIONS: tuple[Callable[[Report], list[str]], ...] = (
     _calibration,
     _files_and_times,
 )
+
+
+def _calibrator_words(scheme: dict) -> str:
+    """The calibrators as set; ``auto`` with what it stands for (config.resolve_calibrator)."""
+    act, weight = scheme.get("calibrator"), scheme.get("weight_calibrator")
+    if act == "auto":
+        act = "auto (percentile at 8 bits, mse below)"
+    if weight == "auto":
+        weight = "auto (max at 8 bits, mse below)"
+    return f"{act}, weight scales {weight}"
