@@ -20,6 +20,7 @@ from dfq_deploy.build_config import (
     OutputOptions,
     QuantOptions,
     TargetOptions,
+    apply_recipe,
 )
 from dfq_deploy.config import (
     MixedPrecisionConfig,
@@ -117,7 +118,7 @@ def build(model_path: str | os.PathLike, config: BuildConfig | None = None) -> B
     folder is locked for the build: another build holding it is a :class:`LockedError`, or, with
     ``output.wait``, waited for.
     """
-    config = config or BuildConfig()
+    config = apply_recipe(config or BuildConfig())
     output = config.output
     scheme = _check_before_building(config)
     key = build_key(

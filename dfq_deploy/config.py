@@ -157,7 +157,7 @@ class QuantScheme:
     weight_bits: int = 8
     act_bits: int = 8
     act_form: ActivationForm = "uint8_asymmetric"
-    # ``auto`` picks per quantizer by its width (:func:`resolve_calibrator`): what measured best there.
+    # ``auto``: per quantizer by its width (quant.calibrate.resolve_calibrator), what measured best there.
     calibrator: CalibratorName = "auto"
     percentile: float = 99.99
     first_last_bits: int | None = 8
@@ -252,22 +252,6 @@ TARGET_SCHEME_DEFAULTS: dict[str, dict[str, Any]] = {
 
 INT8_ONNXRUNTIME = QuantScheme(act_form="uint8_asymmetric")
 INT8_TENSORRT = QuantScheme(act_form="int8_symmetric")
-
-
-def resolve_calibrator(name: str, bits: int, *, weights: bool = False) -> str:
-    """The calibrator ``auto`` stands for at ``bits``; any other name as given.
-
-    At 8 bits a 99.99th-percentile activation range and max weight scales keep every measured model
-    within 0.3 pt of FP32 (CIFAR ResNets). Below 8 bits the clipping error dominates the rounding
-    error, and the MSE search of each step size is what keeps 4-bit layers usable (ResNet-20 W4A4
-    without reconstruction: see the README's accuracy table), so it is what ``auto`` picks there.
-    Resolved per quantizer, so a layer a precision plan lowers to 4 bits gets the 4-bit choice.
-    """
-    if name != "auto":
-        return name
-    if bits < 8:
-        return "mse"
-    return "max" if weights else "percentile"
 
 
 def default_scheme(target: Target, *, bits: int = 8, **changes: Any) -> QuantScheme:

@@ -82,6 +82,7 @@ def manifest_config(config: BuildConfig, scheme: QuantScheme) -> dict[str, Any]:
         "mixed_precision": as_dict(budget.mixed_precision),
         "max_drop": budget.max_drop,
         "holdout_fraction": budget.holdout_fraction,
+        "recipe": budget.recipe,
         "gates": dataclasses.asdict(output.gates),
         "remote": as_dict(config.target.remote),
         "eval_resize": output.eval_resize,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,15 +12,17 @@ from tiny_models import tiny_resnet
 
 from dfq_deploy import api
 from dfq_deploy.build_config import (
+    BudgetOptions,
     BuildConfig,
     ModelOptions,
     OutputOptions,
     QuantOptions,
+    apply_recipe,
     load_config_file,
     merge_build_config,
 )
 from dfq_deploy.cli.commands import main
-from dfq_deploy.config import ProfileConfig, SynthesisConfig, default_scheme
+from dfq_deploy.config import ProfileConfig, ReconstructionConfig, SynthesisConfig, default_scheme
 from dfq_deploy.errors import BadInputError
 
 # Every setting the file sets, as flags (values off their defaults, so a section that is dropped shows).
@@ -117,3 +120,35 @@ def test_bad_values_are_refused_when_the_config_is_made():
         TargetOptions(max_disagreement=2.0)
     with pytest.raises(BadInputError, match="unknown key 'num_image'"):
         merge_build_config(BuildConfig(), {"synthesis": {"num_image": 3}}, {})
+
+
+def _low_bit(bits: int, **budget) -> BuildConfig:
+    return BuildConfig(
+        quant=QuantOptions(scheme=default_scheme("onnxruntime", bits=bits)), budget=BudgetOptions(**budget)
+    )
+
+
+@pytest.mark.parametrize(("recipe", "iterations"), [("fast", None), ("default", 2000), ("best", 4000)])
+def test_a_low_bit_build_reconstructs_as_its_recipe_says(recipe, iterations):
+    resolved = apply_recipe(_low_bit(4, recipe=recipe))
+    assert (resolved.reconstruct and resolved.reconstruct.iterations) == iterations
+    w4a8 = dataclasses.replace(_low_bit(8, recipe=recipe).quant.scheme, weight_bits=4)
+    mixed = apply_recipe(dataclasses.replace(_low_bit(8, recipe=recipe), quant=QuantOptions(scheme=w4a8)))
+    assert (mixed.reconstruct and mixed.reconstruct.iterations) == iterations
+
+
+@pytest.mark.parametrize("recipe", ["fast", "default", "best"])
+def test_no_recipe_reconstructs_at_8_bits_and_an_explicit_reconstruction_wins(recipe):
+    assert apply_recipe(_low_bit(8, recipe=recipe)).reconstruct is None
+    explicit = dataclasses.replace(_low_bit(4, recipe=recipe), reconstruct=ReconstructionConfig(iterations=7))
+    assert apply_recipe(explicit).reconstruct.iterations == 7
+
+
+def test_the_recipe_comes_from_the_flag_or_the_budget_section_and_a_bad_one_is_refused(tmp_path):
+    config_file = tmp_path / "c.toml"
+    config_file.write_text('[budget]\nrecipe = "best"\n')
+    assert BuildConfig.from_file(config_file).budget.recipe == "best"
+    with pytest.raises(BadInputError, match="recipe"):
+        BudgetOptions(recipe="slow")
+    result = CliRunner().invoke(main, ["build", "m.pt", "--recipe", "slow"])
+    assert result.exit_code == 2 and "fast" in result.output

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import click
 
@@ -19,6 +19,7 @@ from dfq_deploy.build_config import (
     OutputOptions,
     Precision,
     QuantOptions,
+    Recipe,
     TargetOptions,
     merge_build_config,
 )
@@ -113,6 +114,14 @@ _budget_flags = stacked(
     ),
     click.option("--budget", type=float, default=1.25, show_default=True, help="Cost budget for --sensitivity."),
     click.option("--budget-kind", type=click.Choice(["size", "latency"]), default="size", show_default=True),
+    click.option(
+        "--recipe",
+        type=click.Choice(list(get_args(Recipe))),
+        default=BudgetOptions.recipe,
+        show_default=True,
+        help="Below 8 bits: fast (calibration only), default (block reconstruction, 2,000 iterations per "
+        "block) or best (4,000). --reconstruct/--recon-iterations set it explicitly. No effect at 8 bits.",
+    ),
 )
 
 
@@ -199,9 +208,10 @@ def _budget(
     sensitivity: bool,
     budget: float,
     budget_kind: MixedPrecisionBudget,
+    recipe: Recipe,
 ) -> BudgetOptions:
     mixed = MixedPrecisionConfig(budget=budget, budget_kind=budget_kind) if sensitivity else None
-    return BudgetOptions(mixed_precision=mixed, max_drop=max_drop, holdout_fraction=holdout_fraction)
+    return BudgetOptions(mixed_precision=mixed, max_drop=max_drop, holdout_fraction=holdout_fraction, recipe=recipe)
 
 
 def _output(

@@ -375,7 +375,7 @@ SECTIONS: tuple[Callable[[Report], list[str]], ...] = (
 
 
 def _calibrator_words(scheme: dict) -> str:
-    """The calibrators as set; ``auto`` with what it stands for (config.resolve_calibrator)."""
+    """The calibrators as set; ``auto`` with what it stands for (quant.calibrate.resolve_calibrator)."""
     act, weight = scheme.get("calibrator"), scheme.get("weight_calibrator")
     if act == "auto":
         act = "auto (percentile at 8 bits, mse below)"
