@@ -7,7 +7,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -26,6 +26,7 @@ from dfq_deploy.build_config import (
 from dfq_deploy.cli.errors import run_reporting_errors
 from dfq_deploy.cli.options import (
     TARGETS,
+    choice_option,
     config_option,
     load_file_sections,
     model_options,
@@ -114,11 +115,10 @@ _budget_flags = stacked(
     ),
     click.option("--budget", type=float, default=1.25, show_default=True, help="Cost budget for --sensitivity."),
     click.option("--budget-kind", type=click.Choice(["size", "latency"]), default="size", show_default=True),
-    click.option(
+    choice_option(
         "--recipe",
-        type=click.Choice(list(get_args(Recipe))),
+        choices=Recipe,
         default=BudgetOptions.recipe,
-        show_default=True,
         help="Below 8 bits: fast (calibration only), default (block reconstruction, 2,000 iterations per "
         "block) or best (4,000). --reconstruct/--recon-iterations set it explicitly. No effect at 8 bits.",
     ),

@@ -35,6 +35,13 @@ TARGETS = list(get_args(Target))
 _TYPED = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
+def choice_option(*names: str, choices: Any, default: str, help: str) -> Callable:
+    """A click option taking one value of the ``Literal`` type ``choices``, its default shown."""
+    return click.option(
+        *names, type=click.Choice(list(get_args(choices))), default=default, show_default=True, help=help
+    )
+
+
 def option_group(flags: Callable[[F], F], name: str, convert: Callable[..., Any]) -> Callable[[F], F]:
     """A decorator adding ``flags`` (click options) to a command that receives, instead of their
     values, one keyword ``name``: ``convert(**values)``. Put ``run_reporting_errors`` above it, so a
@@ -131,12 +138,11 @@ def _synthesis_flags(fn):
         type=click.Path(file_okay=False, path_type=Path),
         help="Folder of real images (ImageFolder layout): for --calib folder and FDDA's hybrid mode.",
     )(fn)
-    return click.option(
+    return choice_option(
         "--calib",
         "method",
-        type=click.Choice(list(get_args(SynthesisMethod))),
+        choices=SynthesisMethod,
         default=SynthesisConfig.method,
-        show_default=True,
         help="Calibration source; auto: zeroq for models with BatchNorm, prior for those without.",
     )(fn)
 
@@ -150,11 +156,11 @@ def _quant_flags(fn):
         help="Bits for the first conv and last layer, or 'same' to treat them like the rest.",
     )(fn)
     fn = click.option("--percentile", type=float, default=QuantScheme.percentile, show_default=True)(fn)
-    fn = click.option(
+    fn = choice_option(
         "--calibrator",
-        type=click.Choice(list(get_args(CalibratorName))),
+        choices=CalibratorName,
         default=QuantScheme.calibrator,
-        show_default=True,
+        help="auto: percentile activations and max weight scales at 8 bits, the MSE search below.",
     )(fn)
     return click.option(
         "--bits",
@@ -183,11 +189,10 @@ def _reconstruct_flags(fn):
 
 def _profile_flags(fn):
     """Latency measurement, as trtexec's --warmUp / --iterations / --duration / --useCudaGraph."""
-    fn = click.option(
+    fn = choice_option(
         "--performance-hint",
-        type=click.Choice(list(get_args(PerformanceHint))),
+        choices=PerformanceHint,
         default=ProfileConfig.performance_hint,
-        show_default=True,
         help="OpenVINO: LATENCY (one stream) or THROUGHPUT (parallel streams; adds batch-1 async "
         "throughput measured with an AsyncInferQueue).",
     )(fn)
