@@ -24,20 +24,17 @@ from dfq_deploy.build_config import (
     merge_build_config,
 )
 from dfq_deploy.cli.errors import run_reporting_errors
+from dfq_deploy.cli.option_groups import choice_option, option_group, stacked, typed_params
 from dfq_deploy.cli.options import (
     TARGETS,
-    choice_option,
     config_option,
     load_file_sections,
     model_options,
-    option_group,
     profile_options,
     quant_options,
     reconstruct_options,
-    stacked,
     synthesis_options,
     typed_model,
-    typed_params,
     typed_reconstruct,
 )
 from dfq_deploy.cli.remote import device_options

@@ -8,15 +8,21 @@ sections a config file may also set, the flags the user typed, keyed by config f
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast, get_args
+from typing import Any, get_args
 
 import click
-from click.core import ParameterSource
 
 from dfq_deploy.build_config import ModelOptions
+from dfq_deploy.cli.option_groups import (
+    TYPED_SOURCES,
+    F,
+    choice_option,
+    option_group,
+    stacked,
+    typed_flags,
+    typed_params,
+)
 from dfq_deploy.config import (
     CalibratorName,
     PerformanceHint,
@@ -30,54 +36,7 @@ from dfq_deploy.config import (
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.normalization import NORMALIZATIONS, Normalize, normalize_from_options
 
-F = TypeVar("F", bound=Callable[..., Any])
 TARGETS = list(get_args(Target))
-_TYPED = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-
-
-def choice_option(*names: str, choices: Any, default: str, help: str) -> Callable:
-    """A click option taking one value of the ``Literal`` type ``choices``, its default shown."""
-    return click.option(
-        *names, type=click.Choice(list(get_args(choices))), default=default, show_default=True, help=help
-    )
-
-
-def option_group(flags: Callable[[F], F], name: str, convert: Callable[..., Any]) -> Callable[[F], F]:
-    """A decorator adding ``flags`` (click options) to a command that receives, instead of their
-    values, one keyword ``name``: ``convert(**values)``. Put ``run_reporting_errors`` above it, so a
-    flag ``convert`` refuses is reported as bad input."""
-
-    def probe() -> None: ...
-
-    params = [param.name for param in flags(probe).__click_params__]
-
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = {param: kwargs.pop(param) for param in params}
-            return fn(*args, **kwargs, **{name: convert(**values)})
-
-        return flags(cast(F, wrapper))
-
-    return decorate
-
-
-def stacked(*options: Callable[[F], F]) -> Callable[[F], F]:
-    """One decorator of click ``options``, shown in ``--help`` in the order given."""
-
-    def decorate(fn: F) -> F:
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return decorate
-
-
-def typed_flags(values: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
-    """Values of the flags the user typed (or set through the environment), keyed by the config
-    field each sets."""
-    ctx = click.get_current_context()
-    return {field: values[flag] for field, flag in fields.items() if ctx.get_parameter_source(flag) in _TYPED}
 
 
 def _model_flags(fn):
@@ -289,7 +248,7 @@ def typed_model(model_options: ModelOptions) -> dict[str, Any]:
     """The ``model`` section of the typed flags: the normalisation when --normalize, --mean or --std
     was typed (it then wins over a config file's ``model:`` section), else nothing."""
     ctx = click.get_current_context()
-    typed = any(ctx.get_parameter_source(flag) in _TYPED for flag in ("normalize", "mean", "std"))
+    typed = any(ctx.get_parameter_source(flag) in TYPED_SOURCES for flag in ("normalize", "mean", "std"))
     return {"normalize": model_options.normalize} if typed else {}
 
 
@@ -370,12 +329,6 @@ RECONSTRUCT_FLAGS = {
     "time_budget_s": "recon_time_budget",
     "checkpoint_dir": "recon_checkpoint",
 }
-
-
-def typed_params(fields: dict[str, str]) -> dict[str, Any]:
-    """:func:`typed_flags` of the running command's own parameters: for flag groups whose converter
-    makes a config (``reconstruct``, ``budget``) while a file section still needs the typed ones."""
-    return typed_flags(click.get_current_context().params, fields)
 
 
 def typed_reconstruct() -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from dfq_deploy.cli.options import option_group
+from dfq_deploy.cli.option_groups import option_group
 
 if TYPE_CHECKING:
     from dfq_deploy.remote.deploy import RemoteDevices
