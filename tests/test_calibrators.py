@@ -213,14 +213,14 @@ def test_unsigned_grid_after_relu_halves_the_step_for_the_tensorrt_form():
 
 
 def test_entropy_keeps_the_bound_a_saturating_activation_piles_values_at():
-    # ReLU6 of mostly small values, 1 % of them at the bound 6: KL alone clipped this at 1.64, as it
-    # clipped EfficientNet-Lite1's ReLU6 outputs near 1.5 (W8A8 top-1 fell to 0 %).
+    # ReLU6 of mostly small values, 0.03 % of them at the bound 6 (Lite1's piles: 0.005-0.03 %): KL
+    # alone clips this near 1.5, as it clipped EfficientNet-Lite1's ReLU6 outputs (W8A8 top-1 9.6 %).
     torch.manual_seed(0)
     x = torch.distributions.Exponential(4.0).sample((200_000,)).clamp(max=6.0)
-    x[torch.rand(len(x)) < 0.01] = 6.0
+    x[torch.rand(len(x)) < 3e-4] = 6.0
     _, hi = _calibrator(x).compute_range("entropy", symmetric=False, qrange=(0, 255))
     assert hi == pytest.approx(6.0)
-    # The same density without the pile: entropy still clips its tail.
+    # The same density without the pile (its top bin holds a lone maximum): entropy still clips it.
     tail = torch.distributions.Exponential(4.0).sample((200_000,))
     _, hi_tail = _calibrator(tail).compute_range("entropy", symmetric=False, qrange=(0, 255))
     assert hi_tail < 0.9 * float(tail.max())

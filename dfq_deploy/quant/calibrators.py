@@ -19,8 +19,11 @@ BINS = 2048
 LP_NORM = 2.4  # BRECQ's and Genie's exponent: between MSE and a heavier penalty on outliers' clipping
 SEARCH_STEPS = 100  # clip candidates max·k/100, k = 1..100
 SUB_BINS = 8  # points per histogram bin at which the Lp search evaluates the quantization error
-# A bound the values pile up at (see _saturates): 0.1 % of them in the top bin, 10x its neighbours.
-SATURATION_SHARE = 1e-3
+# A bound the values pile up at (see _saturates): at least 16 values in the top bin, 10x its
+# neighbours. Not a share of all values: Lite1's ReLU6 piles hold 0.005-0.03 % of them (250-2,400
+# values at 6.0, 250-870x the bins below), and a share of 0.1 % missed every one; 16 values keep a
+# lone maximum (the top of a long tail, which KL is there to clip) from counting as a pile.
+SATURATION_MIN_VALUES = 16
 SATURATION_PEAK = 10.0
 SATURATION_WINDOW = 64
 
@@ -199,13 +202,11 @@ class HistogramCalibrator:
 
 def _saturates(abs_hist: np.ndarray) -> bool:
     """Whether the top bin of ``|x|`` is a pile of values at a bound (the output of ReLU6, a clamp, a
-    saturating activation): at least SATURATION_SHARE of all values, and SATURATION_PEAK times the
+    saturating activation): at least SATURATION_MIN_VALUES values, and SATURATION_PEAK times the
     mean of the bins below it."""
-    total = abs_hist.sum()
     below = abs_hist[-1 - SATURATION_WINDOW : -1]
-    return bool(
-        total > 0 and abs_hist[-1] >= SATURATION_SHARE * total and abs_hist[-1] >= SATURATION_PEAK * float(below.mean())
-    )
+    top = float(abs_hist[-1])
+    return top >= SATURATION_MIN_VALUES and top >= SATURATION_PEAK * float(below.mean())
 
 
 def _clipped_kl(hist: np.ndarray, i: int, levels: int) -> float:
