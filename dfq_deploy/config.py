@@ -157,7 +157,7 @@ class QuantScheme:
     weight_bits: int = 8
     act_bits: int = 8
     act_form: ActivationForm = "uint8_asymmetric"
-    # ``auto``: per quantizer by its width (quant.calibrate.resolve_calibrator), what measured best there.
+    # ``auto``: what measured best, per quantizer (quant.calibrate.resolve_calibrator).
     calibrator: CalibratorName = "auto"
     percentile: float = 99.99
     first_last_bits: int | None = 8

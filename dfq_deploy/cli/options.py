@@ -119,7 +119,7 @@ def _quant_flags(fn):
         "--calibrator",
         choices=CalibratorName,
         default=QuantScheme.calibrator,
-        help="auto: percentile activations and max weight scales at 8 bits, the MSE search below.",
+        help="auto: the MSE step-size search for activations; weight scales from the max at 8 bits, MSE below.",
     )(fn)
     return click.option(
         "--bits",

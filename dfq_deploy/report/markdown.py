@@ -378,7 +378,7 @@ def _calibrator_words(scheme: dict) -> str:
     """The calibrators as set; ``auto`` with what it stands for (quant.calibrate.resolve_calibrator)."""
     act, weight = scheme.get("calibrator"), scheme.get("weight_calibrator")
     if act == "auto":
-        act = "auto (percentile at 8 bits, mse below)"
+        act = "auto (mse)"
     if weight == "auto":
         weight = "auto (max at 8 bits, mse below)"
     return f"{act}, weight scales {weight}"
