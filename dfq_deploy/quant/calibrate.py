@@ -31,9 +31,7 @@ def resolve_calibrator(name: str, bits: int, *, weights: bool = False) -> str:
     """
     if name != "auto":
         return name
-    if not weights:
-        return "mse"
-    return "mse" if bits < 8 else "max"
+    return "max" if weights and bits >= 8 else "mse"
 
 
 @torch.no_grad()

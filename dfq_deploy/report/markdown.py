@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dfq_deploy.io.artifacts import atomic_write_bytes
+from dfq_deploy.quant.calibrate import resolve_calibrator
 from dfq_deploy.quant.placement import LayerInfo
 from dfq_deploy.report.device_tables import device_memory_lines
 from dfq_deploy.report.model import MaxDropPlan, Report, SensitivityPlan
@@ -375,10 +376,12 @@ SECTIONS: tuple[Callable[[Report], list[str]], ...] = (
 
 
 def _calibrator_words(scheme: dict) -> str:
-    """The calibrators as set; ``auto`` with what it stands for (quant.calibrate.resolve_calibrator)."""
-    act, weight = scheme.get("calibrator"), scheme.get("weight_calibrator")
-    if act == "auto":
-        act = "auto (mse)"
-    if weight == "auto":
-        weight = "auto (max at 8 bits, mse below)"
-    return f"{act}, weight scales {weight}"
+    """The calibrators as set; ``auto`` with what it stands for, from the rule calibration applies."""
+
+    def words(name: str | None, weights: bool) -> str | None:
+        if name != "auto":
+            return name
+        at_8, below_8 = (resolve_calibrator(name, bits, weights=weights) for bits in (8, 4))
+        return f"auto ({at_8})" if at_8 == below_8 else f"auto ({at_8} at 8 bits, {below_8} below)"
+
+    return f"{words(scheme.get('calibrator'), False)}, weight scales {words(scheme.get('weight_calibrator'), True)}"
