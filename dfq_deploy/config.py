@@ -161,6 +161,10 @@ class QuantScheme:
     calibrator: CalibratorName = "auto"
     percentile: float = 99.99
     first_last_bits: int | None = 8
+    # Width of the tensors only residual adds read: a block's last conv output before the join and
+    # its shortcut conv's (``None``: ``act_bits``; never below it). BRECQ/QDrop/Genie leave them
+    # unquantized; TensorRT and onnxruntime add in INT8 anyway, so 8 costs no speed.
+    residual_bits: int | None = 8
     overrides: tuple[LayerOverride, ...] = ()
     # Per-channel weight scales from each channel's max, or from an Lp-norm search (``mse``), which
     # is what keeps 4-bit weights usable; ``auto``: mse below 8 bits, max at 8.
@@ -202,7 +206,7 @@ class QuantScheme:
             bits = getattr(self, name)
             if not 2 <= bits <= 8:
                 raise BadInputError(f"{name} must be between 2 and 8, got {bits}")
-        for name in ("first_last_bits", "first_layer_weight_bits"):
+        for name in ("first_last_bits", "first_layer_weight_bits", "residual_bits"):
             bits = getattr(self, name)
             if bits is not None and not 2 <= bits <= 8:
                 raise BadInputError(f"{name} must be between 2 and 8 (or None), got {bits}")

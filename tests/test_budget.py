@@ -23,16 +23,17 @@ from dfq_deploy.quant.quantize import quantize
 # that the zero-flip floor (FP32 confidence ~0.3 on noise × 300/256 ≈ 0.35) sits below a budget the
 # all-2-bit plan's interval straddles.
 WIDE_HOLDOUT = 256 / 304
-# The planner's rules are under test, not the calibrators: these fixtures were sized with the 8-bit
-# calibrators at 2 bits, which "auto" would replace with the MSE search.
-FIXED_CALIBRATORS = {"calibrator": "percentile", "weight_calibrator": "max"}
+# The planner's rules are under test, not the calibrators or the placement: these fixtures were sized
+# with the 8-bit calibrators at 2 bits ("auto" would use the MSE search) and the residual join's
+# inputs at the activations' width (the default keeps them at 8 bits).
+FIXED_SCHEME = {"calibrator": "percentile", "weight_calibrator": "max", "residual_bits": None}
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = tiny_resnet()
     calib = CalibrationSet(torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
-    return model, calib, default_scheme("onnxruntime", bits=2, first_last_bits=None, **FIXED_CALIBRATORS)
+    return model, calib, default_scheme("onnxruntime", bits=2, first_last_bits=None, **FIXED_SCHEME)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def wide():
     points and an interval reaching above it, with 256 held-out images."""
     images = torch.randn(512, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     calib = CalibrationSet(torch.cat([images[:48], images[256:]]))
-    return tiny_resnet(), calib, default_scheme("onnxruntime", bits=2, first_last_bits=None, **FIXED_CALIBRATORS)
+    return tiny_resnet(), calib, default_scheme("onnxruntime", bits=2, first_last_bits=None, **FIXED_SCHEME)
 
 
 def test_a_plan_whose_upper_end_exceeds_the_budget_is_rejected(wide):

@@ -3,7 +3,7 @@ no flip still leave an upper end above zero."""
 
 import pytest
 import torch
-from test_budget import FIXED_CALIBRATORS
+from test_budget import FIXED_SCHEME
 from tiny_models import tiny_resnet
 
 from dfq_deploy.config import default_scheme
@@ -57,7 +57,7 @@ def test_views_of_real_held_out_images_disagree_and_widen_the_interval():
     the images as they are, and the interval over both is wider than the plain one."""
     model = tiny_resnet()
     images = torch.randn(512, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    scheme = default_scheme("onnxruntime", bits=2, first_last_bits=None, **FIXED_CALIBRATORS)
+    scheme = default_scheme("onnxruntime", bits=2, first_last_bits=None, **FIXED_SCHEME)
     quantized = quantize(model, CalibrationSet(images[:48]), scheme=scheme, progress=False).module
     held_out = images[256:]
     plain = estimate_drop(model, quantized, held_out, views=("held_out",))
@@ -97,7 +97,7 @@ def test_a_budget_below_the_floor_stops_before_anything_is_quantized(monkeypatch
     monkeypatch.setattr(budget, "measure_sensitivity", no_quantize)
     model = tiny_resnet()
     calib = CalibrationSet(torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
-    scheme = default_scheme("onnxruntime", bits=2, first_last_bits=None, **FIXED_CALIBRATORS)
+    scheme = default_scheme("onnxruntime", bits=2, first_last_bits=None, **FIXED_SCHEME)
     with pytest.warns(UserWarning, match="held-out images cannot tell"):
         with pytest.raises(BudgetNotMetError, match="at least .* points") as raised:
             budget.plan_for_max_drop(model, calib, scheme=scheme, max_drop=1.0)

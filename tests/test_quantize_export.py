@@ -204,3 +204,25 @@ def test_a_bias_too_large_for_its_int32_grid_widens_the_weight_scale_instead_of_
         assert torch.allclose(qmodel.module(images), model(images), atol=1e-6)  # the bias survives
     result = onnxruntime_agreement(qmodel, onnx_from_quant_model(qmodel), images, threads=2)
     assert result.top1_agreement == 1.0 and result.relative_l2 < 1e-5, result
+
+
+@pytest.mark.parametrize("residual_bits", [8, None])
+def test_tensors_only_residual_adds_read_take_residual_bits(residual_bits):
+    """The last conv of a residual branch feeds only the join: it takes ``residual_bits`` (BRECQ and
+    Genie leave it unquantized); every tensor a conv reads stays at ``act_bits``."""
+    model = tiny_resnet()
+    calib = CalibrationSet(torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    scheme = default_scheme("onnxruntime", bits=4, first_last_bits=None, residual_bits=residual_bits)
+    qmodel = quantize(model, calib, scheme=scheme, progress=False)
+    graph = qmodel.module
+    widths = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_module" and node.target.startswith("act_quant."):
+            readers = {str(user.target) for user in node.users}
+            widths[node.target] = (graph.get_submodule(node.target).bits, readers)
+    join_inputs = [bits for bits, readers in widths.values() if all("add" in r for r in readers)]
+    conv_inputs = [bits for bits, readers in widths.values() if any(r.startswith("conv") for r in readers)]
+    assert join_inputs == [residual_bits or 4]  # conv3's output; the shortcut is conv2's input too
+    assert conv_inputs and set(conv_inputs) == {4}
+    result = onnxruntime_agreement(qmodel, onnx_from_quant_model(qmodel), calib.images, threads=2)
+    assert result.relative_l2 <= 1e-2, result

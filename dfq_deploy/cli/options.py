@@ -114,6 +114,12 @@ def _quant_flags(fn):
         show_default=True,
         help="Bits for the first conv and last layer, or 'same' to treat them like the rest.",
     )(fn)
+    fn = click.option(
+        "--residual-bits",
+        default="8",
+        show_default=True,
+        help="Bits for tensors only residual adds read (a branch's last conv output), or 'same' for --bits.",
+    )(fn)
     fn = click.option("--percentile", type=float, default=QuantScheme.percentile, show_default=True)(fn)
     fn = choice_option(
         "--calibrator",
@@ -218,6 +224,7 @@ QUANT_FLAGS = {
     "calibrator": "calibrator",
     "percentile": "percentile",
     "first_last_bits": "first_last_bits",
+    "residual_bits": "residual_bits",
 }
 PROFILE_FLAGS = {
     "batch_sizes": "batch_sizes",
@@ -270,19 +277,20 @@ def _synthesis(**values: Any) -> dict[str, Any]:
     return typed
 
 
-def _first_last_bits(text: str) -> int | None:
+def _bits_or_same(text: str, flag: str) -> int | None:
     if text == "same":
         return None
     try:
         return int(text)
     except ValueError:
-        raise BadInputError(f"--first-last-bits takes a number or 'same', got {text!r}") from None
+        raise BadInputError(f"{flag} takes a number or 'same', got {text!r}") from None
 
 
 def _quant(**values: Any) -> dict[str, Any]:
     typed = typed_flags(values, QUANT_FLAGS)
-    if "first_last_bits" in typed:
-        typed["first_last_bits"] = _first_last_bits(typed["first_last_bits"])
+    for key in ("first_last_bits", "residual_bits"):
+        if key in typed:
+            typed[key] = _bits_or_same(typed[key], "--" + key.replace("_", "-"))
     return typed
 
 

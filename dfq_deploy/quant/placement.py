@@ -100,7 +100,7 @@ def insert_quantizers(graph: fx.GraphModule, scheme: QuantScheme) -> list[LayerI
                 placer.quantize_output(node, out_bits)
         elif is_add(node):
             for src in node.args[:2]:
-                placer.quantize(src, scheme.act_bits)
+                placer.quantize(src, placer.width_for(src, scheme.act_bits))
             placer.quantize_output(node, scheme.act_bits)
         elif node.op == "call_function" and node.target in POOL_OPS:
             placer.quantize(node.args[0], scheme.act_bits)
@@ -227,7 +227,18 @@ class _QuantizerPlacer:
             out = user
         if any(user.op == "output" for user in out.users) or self._read_by_weight_only(out):
             return
-        self.quantize(out, bits)
+        self.quantize(out, self.width_for(out, bits))
+
+    def width_for(self, node: Any, bits: int) -> int:
+        """``bits``, or the scheme's ``residual_bits`` when only residual adds read ``node``."""
+        residual = self.scheme.residual_bits
+        if residual is None or not isinstance(node, fx.Node) or not self._read_only_by_adds(node):
+            return bits
+        return max(bits, residual)
+
+    def _read_only_by_adds(self, node: fx.Node) -> bool:
+        users = [user for user in node.users if not (user.op == "call_module" and user.target.startswith("act_quant."))]
+        return bool(users) and all(is_add(user) for user in users)
 
     def _read_by_weight_only(self, node: fx.Node) -> bool:
         """True when every reader of ``node``, seen through data movement, is a weight-only layer.

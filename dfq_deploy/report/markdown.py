@@ -291,6 +291,12 @@ def _where_precision_goes(report: Report) -> list[str]:
     return lines
 
 
+def _residual_words(scheme: dict) -> str:
+    """The residual joins' width where it differs from the activations' (below 8-bit activations)."""
+    residual, act_bits = scheme.get("residual_bits"), scheme.get("act_bits") or 8
+    return f", residual-join inputs {residual} bit" if residual and residual > act_bits else ""
+
+
 def _quantization(report: Report) -> list[str]:
     quant = report.quantization
     if not quant.layers:
@@ -301,7 +307,7 @@ def _quantization(report: Report) -> list[str]:
         "",
         f"Weights {scheme.get('weight_bits')}-bit per channel, activations {scheme.get('act_bits')}-bit "
         f"({scheme.get('act_form')}), calibrator {_calibrator_words(scheme)}, first/last layer "
-        f"{scheme.get('first_last_bits') or 'same as the rest'} bit; "
+        f"{scheme.get('first_last_bits') or 'same as the rest'} bit{_residual_words(scheme)}; "
         f"{quant.quantized_layers} quantized layers, {quant.float_layers} float.",
         "",
     ]
