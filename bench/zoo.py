@@ -1,6 +1,8 @@
 """The model zoo: every torchvision classification model (and timm CNNs) through dfq-deploy's checks.
 
-Untrained weights (``weights=None``; the checks do not depend on the values), noise calibration, a
+Untrained weights (``weights=None``; a model whose outputs then ignore the input, as EfficientNet-B's
+do at the default BN statistics, gets statistics measured on random inputs and is checked again, so no
+check passes vacuously), noise calibration, a
 reduced input size where the model takes one (64 px, else 96 or 128, else its own), then
 :func:`dfq_deploy.models.check.check_model`: the onnxruntime Q/DQ graph at batch 1, 8 and 32, finite,
 top-1 agreeing with the fake-quant reference on >= 99% of 32 inputs, integer convolutions, INT8 vs
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dfq_deploy.models.check import AGREEMENT_INPUTS, check_model
+from dfq_deploy.models.check import AGREEMENT_INPUTS, MIN_INPUT_SPREAD, check_model
 from dfq_deploy.models.loading import build_arch
 from dfq_deploy.runtimes.cpu_features import cpu_description
 
@@ -86,6 +88,7 @@ def run_one(name: str, *, threads: int, calib_images: int, speed_iterations: int
             calib_images=calib_images,
             speed_iterations=speed_iterations,
             threads=threads,
+            untrained=True,
         )
         # Too small for the model: its graph does not capture, or (AlexNet, VGG) an adaptive pool
         # would upsample, which ONNX cannot export ("output size that are not factor of input size").
@@ -135,6 +138,8 @@ def markdown_table(rows: list[dict]) -> str:
         l2 = "—" if r.get("relative_l2") is None else f"{r['relative_l2']:.3g} ({r.get('floor_relative_l2') or '—'})"
         speed = f"{r['speedup']:.2f}×" if r.get("speedup") is not None else "—"
         verdict = "yes" if r["passed"] else f"no: {r.get('error') or _why_not(r)}"
+        if r.get("settled_batchnorm"):
+            verdict += " (BN statistics settled: untrained, its outputs ignored the input)"
         lines.append(
             f"| {r['name']} | {r['family']} | {r['input_shape'][-1]} | {r.get('build_seconds') or '—'} | "
             f"{convs} | {floats} | {agree} | {l2} | {speed} | {r.get('tensorrt') or '—'} | {verdict} |"
@@ -158,6 +163,8 @@ def _why_not(row: dict) -> str:
         return f"TensorRT-RTX {row.get('tensorrt')}"
     if not row.get("finite"):
         return "non-finite outputs"
+    if row.get("input_spread") is not None and row["input_spread"] < MIN_INPUT_SPREAD:
+        return f"the reference's outputs do not depend on the input (spread {row['input_spread']:.3g})"
     return (
         f"agreement {row.get('agreement')} (decidable {row.get('agreement_decidable')} of {row.get('decidable')}), "
         f"rel. L2 {row.get('relative_l2')} against the float64 twin's {row.get('floor_relative_l2')}"

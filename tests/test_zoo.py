@@ -15,10 +15,12 @@ from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.models.check import (
     BATCH_SIZES,
     FLOOR_FACTOR,
+    MIN_INPUT_SPREAD,
     ModelCheck,
     _agreement_checks,
     _quantize_and_export,
     check_model,
+    settle_batchnorm,
 )
 
 # (model, input size): the smallest size each architecture takes.
@@ -45,12 +47,16 @@ def test_family_builds_and_runs_at_every_batch(name, size):
         speed_iterations=0,
         tensorrt=name in ("shufflenet_v2_x0_5", "convnext_tiny"),
         threads=2,
+        untrained=True,
     )
     assert result.error is None, result.error
     assert result.batches_run == (1, 8)
     assert result.finite
     assert result.agrees, result
     assert result.convs_integer == result.convs_total > 0, result.float_layers
+    # Never a vacuous pass: at the default BN statistics EfficientNet-B0's fake-quant outputs are all 0
+    # (and ShuffleNetV2's nearly constant), so those are checked with settled statistics.
+    assert result.input_spread > MIN_INPUT_SPREAD
     if name in ("shufflenet_v2_x0_5", "convnext_tiny"):
         assert result.tensorrt == "built"
 
@@ -97,3 +103,22 @@ def test_agreement_checks_measure_the_float64_twin_and_catch_a_wrong_output_scal
     assert scaled["relative_l2"] > FLOOR_FACTOR * scaled["floor_relative_l2"]
     shuffled = _check(**_agreement_checks(qmodel.module, inputs, reference[::-1].copy()))
     assert shuffled.agreement < 0.5 and not shuffled.agrees
+
+
+@torch.no_grad()
+def test_a_reference_whose_outputs_ignore_the_input_does_not_pass_by_agreeing():
+    # Untrained EfficientNet-B0 at the default BN statistics: fake-quantized, every output is 0, so any
+    # deployed model that also gives 0s would agree on every top-1.
+    torch.manual_seed(0)
+    module = torchvision.models.get_model("efficientnet_b0", weights=None).eval()
+    shape = (3, 32, 32)
+    inputs = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
+    for settled in (False, True):
+        if settled:
+            settle_batchnorm(module, shape)
+        qmodel, _ = _quantize_and_export(capture_graph(module, shape), shape, "onnxruntime", 8)
+        found = _agreement_checks(qmodel.module, inputs, qmodel.module(inputs).numpy())
+        assert found["agreement"] == 1.0
+        assert (found["input_spread"] > 0.1) is settled, found
+        assert _check(**found).agrees is settled
+    assert _check(agreement=1.0, relative_l2=0.0, input_spread=MIN_INPUT_SPREAD / 2).agrees is False

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfq_deploy.models.check import settle_batchnorm
+
 
 class TinyResNet(nn.Module):
     """conv-BN-ReLU, max-pool, one residual block, global pool, linear: every op our pipeline handles."""
@@ -36,23 +38,6 @@ class NoBatchNormNet(nn.Module):
 
     def forward(self, x):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
-
-
-@torch.no_grad()
-def settle_batchnorm(model: nn.Module, input_shape: tuple[int, ...], *, batches: int = 4, seed: int = 0) -> nn.Module:
-    """Give a randomly initialised model realistic BN running statistics (like a trained model's)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the settling batches
-            if m.affine:
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.uniform_(-0.2, 0.2, generator=gen)
-    model.train()
-    for _ in range(batches):
-        model(torch.randn(8, *input_shape, generator=gen))
-    return model.eval()
 
 
 def tiny_resnet(seed: int = 0) -> TinyResNet:

@@ -35,6 +35,14 @@ SPEED_BATCH = 8
 # 4e-10). So a top-1 that the twin does not confirm is undecidable by any implementation, and the
 # deployed model's distance from the reference is judged against the twin's.
 FLOOR_FACTOR = 2.0
+# A reference whose outputs move across inputs by less than this share of their magnitude (about a
+# quarter of one INT8 step of their range) does not really depend on its input, and every
+# implementation "agrees" with it: agreement then proves nothing. Untrained torchvision models at the
+# default BN statistics (running mean 0, variance 1), fake-quantized at 32 px: EfficientNet-B0's
+# features shrink ~30x per stage until the quantizers round them to 0 and every output is 0;
+# ShuffleNetV2's outputs moved by 1.7e-4 of their size. With statistics measured on random inputs
+# (settle_batchnorm) both moved by 0.26-0.31, as the other families did at either.
+MIN_INPUT_SPREAD = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +62,8 @@ class ModelCheck:
     decidable: int | None = None  # inputs whose reference top-1 its float64 twin confirms
     agreement_decidable: float | None = None  # agreement over those inputs
     floor_relative_l2: float | None = None  # the float64 twin's relative L2 against the reference
+    input_spread: float | None = None  # the reference's output spread across inputs over its magnitude
+    settled_batchnorm: bool = False  # checked with settle_batchnorm's statistics (see check_model)
     speedup: float | None = None  # onnxruntime INT8 vs FP32 median latency at SPEED_BATCH
     tensorrt: str | None = None  # "built", or why not
     error: str | None = None
@@ -62,7 +72,10 @@ class ModelCheck:
     def agrees(self) -> bool:
         """Top-1 agreement with the reference on >= MIN_AGREEMENT of the inputs; or, where the
         reference's own float64 twin disagrees with it, on the inputs the twin confirms, with the
-        deployed model no further from the reference than FLOOR_FACTOR times the twin is."""
+        deployed model no further from the reference than FLOOR_FACTOR times the twin is. Never for a
+        reference whose outputs do not depend on the input (see MIN_INPUT_SPREAD)."""
+        if self.input_spread is not None and self.input_spread < MIN_INPUT_SPREAD:
+            return False
         if (self.agreement or 0.0) >= MIN_AGREEMENT:
             return True
         if None in (self.agreement_decidable, self.relative_l2, self.floor_relative_l2):
@@ -97,11 +110,42 @@ def check_model(
     speed_iterations: int = 5,
     tensorrt: bool = True,
     threads: int | None = None,
+    untrained: bool = False,
 ) -> ModelCheck:
     """Build ``module`` for onnxruntime from noise calibration and check it (see the module docstring).
 
-    Never raises for a model the pipeline cannot handle: the failure is the result's ``error``.
+    ``untrained``: the weights are random (the zoo's setting). Where the fake-quant reference's outputs
+    then ignore the input (see :data:`MIN_INPUT_SPREAD`), a copy with :func:`settle_batchnorm`'s
+    statistics is checked instead, and ``settled_batchnorm`` says so. Never raises for a model the
+    pipeline cannot handle: the failure is the result's ``error``.
     """
+    options = dict(
+        calib_images=calib_images,
+        batch_sizes=batch_sizes,
+        speed_iterations=speed_iterations,
+        tensorrt=tensorrt,
+        threads=threads,
+    )
+    found = _check_once(module, name=name, input_shape=tuple(input_shape), **options)
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    if untrained and has_batchnorm and found.input_spread is not None and found.input_spread < MIN_INPUT_SPREAD:
+        settled = settle_batchnorm(copy.deepcopy(module), tuple(input_shape))
+        found = _check_once(settled, name=name, input_shape=tuple(input_shape), **options)
+        found = dataclasses.replace(found, settled_batchnorm=True)
+    return found
+
+
+def _check_once(
+    module: nn.Module,
+    *,
+    name: str,
+    input_shape: tuple[int, ...],
+    calib_images: int,
+    batch_sizes: tuple[int, ...],
+    speed_iterations: int,
+    tensorrt: bool,
+    threads: int | None,
+) -> ModelCheck:
     result: dict[str, Any] = {"name": name, "input_shape": tuple(input_shape)}
     stage = "capture"
     try:
@@ -180,7 +224,11 @@ def _agreement_checks(reference: nn.Module, inputs: torch.Tensor, deployed: np.n
 
     ref = reference(inputs).float().numpy()
     strict = agreement_of("torch-fake-quant", "onnxruntime-cpu-int8", ref, deployed)
-    found: dict[str, Any] = {"agreement": strict.top1_agreement, "relative_l2": float(f"{strict.relative_l2:.3g}")}
+    found: dict[str, Any] = {
+        "agreement": strict.top1_agreement,
+        "relative_l2": float(f"{strict.relative_l2:.3g}"),
+        "input_spread": float(f"{input_spread(ref):.3g}"),
+    }
     try:
         twin = copy.deepcopy(reference).double()(inputs.double()).numpy()
     except Exception:  # noqa: BLE001 - a module that cannot run in float64 keeps the strict check only
@@ -192,6 +240,34 @@ def _agreement_checks(reference: nn.Module, inputs: torch.Tensor, deployed: np.n
         decided = agreement_of("torch-fake-quant", "onnxruntime-cpu-int8", ref[confirmed], deployed[confirmed])
         found["agreement_decidable"] = decided.top1_agreement
     return found
+
+
+def input_spread(outputs: np.ndarray) -> float:
+    """How much a model's outputs move across the inputs of a batch: the largest per-output standard
+    deviation over the inputs, over the largest output magnitude (0 for outputs that ignore the input)."""
+    flat = outputs.reshape(len(outputs), -1).astype(np.float64)
+    scale = float(np.abs(flat).max())
+    return float(flat.std(axis=0).max()) / scale if scale > 0 else 0.0
+
+
+@torch.no_grad()
+def settle_batchnorm(model: nn.Module, input_shape: tuple[int, ...], *, batches: int = 4, seed: int = 0) -> nn.Module:
+    """Give an untrained model BatchNorm statistics like a trained one's: each BN's running mean and
+    variance measured on random inputs (a cumulative average over ``batches`` batches of 8) and its
+    affine parameters drawn near identity, so activations keep their scale through the network instead of
+    shrinking or growing at every stage as they do at the default (0, 1) statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+            if m.affine:
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.2, 0.2, generator=gen)
+    model.train()
+    for _ in range(batches):
+        model(torch.randn(8, *input_shape, generator=gen))
+    return model.eval()
 
 
 def _batch(inputs: torch.Tensor, batch_size: int) -> np.ndarray:
