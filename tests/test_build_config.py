@@ -22,8 +22,10 @@ from dfq_deploy.build_config import (
     merge_build_config,
 )
 from dfq_deploy.cli.commands import main
-from dfq_deploy.config import ProfileConfig, ReconstructionConfig, SynthesisConfig, default_scheme
+from dfq_deploy.config import HOLDOUT_FRACTION, ProfileConfig, ReconstructionConfig, SynthesisConfig, default_scheme
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.quant.drop_estimate import zero_flip_bound
+from dfq_deploy.synthesis import resolve_auto
 
 # Every setting the file sets, as flags (values off their defaults, so a section that is dropped shows).
 SYNTHESIS = {"method": "zeroq", "num_images": 12, "batch_size": 6, "iterations": 4, "seed": 3}
@@ -152,3 +154,53 @@ def test_the_recipe_comes_from_the_flag_or_the_budget_section_and_a_bad_one_is_r
         BudgetOptions(recipe="slow")
     result = CliRunner().invoke(main, ["build", "m.pt", "--recipe", "slow"])
     assert result.exit_code == 2 and "fast" in result.output
+
+
+@pytest.mark.parametrize(
+    ("bits", "recipe", "with_bn"),
+    [(4, "default", "fdda"), (4, "best", "fdda"), (4, "fast", "zeroq"), (8, "default", "zeroq")],
+)
+def test_auto_synthesis_follows_the_low_bit_recipe_per_model_family(bits, recipe, with_bn):
+    resolved = apply_recipe(_low_bit(bits, recipe=recipe))
+    # 'auto' stays 'auto' until the model is seen: with BatchNorm the recipe's method, without it 'prior'.
+    assert resolved.synthesis.method == "auto"
+    shape = (3, 32, 32)
+    assert resolve_auto(resolved.synthesis, has_batchnorm=True, input_shape=shape).method == with_bn
+    assert resolve_auto(resolved.synthesis, has_batchnorm=False, input_shape=shape).method == "prior"
+
+
+def test_an_explicit_calibration_source_wins_over_the_low_bit_recipe():
+    chosen = dataclasses.replace(_low_bit(4), synthesis=SynthesisConfig(method="zeroq"))
+    resolved = apply_recipe(chosen)
+    assert resolved.reconstruct is not None and resolved.synthesis.method == "zeroq"
+    assert resolve_auto(resolved.synthesis, has_batchnorm=True, input_shape=(3, 32, 32)).method == "zeroq"
+
+
+@pytest.mark.parametrize(
+    ("max_drop", "num_images", "expected"),
+    [
+        (None, None, 256),
+        (1.0, None, 1200),
+        (3.0, None, 400),
+        (10.0, None, 256),
+        (0.05, None, 256),
+        (0.0, None, 256),
+        (1.0, 64, 64),
+    ],
+)
+def test_a_max_drop_budget_sizes_the_set_its_held_out_part_needs_unless_a_size_is_given(max_drop, num_images, expected):
+    config = BuildConfig(synthesis=SynthesisConfig(num_images=num_images), budget=BudgetOptions(max_drop=max_drop))
+    resolved = apply_recipe(config)
+    assert resolved.synthesis.num_images == expected
+    if max_drop and expected > 256:
+        # Just enough: its held-out quarter bounds an all-agreeing plan at the budget (rule of three).
+        held_out = int(expected * HOLDOUT_FRACTION)
+        assert zero_flip_bound(held_out) <= max_drop < zero_flip_bound(held_out - 4)
+
+
+def test_the_set_size_flag_wins_over_the_budget_and_the_file(tmp_path):
+    config_file = tmp_path / "c.toml"
+    config_file.write_text("[synthesis]\nnum_images = 40\n[budget]\nmax_drop = 1.0\n")
+    assert apply_recipe(BuildConfig.from_file(config_file)).synthesis.num_images == 40
+    config_file.write_text("[budget]\nmax_drop = 1.0\n")
+    assert apply_recipe(BuildConfig.from_file(config_file)).synthesis.num_images == 1200

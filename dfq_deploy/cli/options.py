@@ -24,6 +24,7 @@ from dfq_deploy.cli.option_groups import (
     typed_params,
 )
 from dfq_deploy.config import (
+    DEFAULT_NUM_IMAGES,
     CalibratorName,
     PerformanceHint,
     ProfileConfig,
@@ -84,7 +85,10 @@ def _synthesis_flags(fn):
         "--synth-batch-size", type=int, help="Images optimised together (default: 32, or 16 above 64x64 px)."
     )(fn)
     fn = click.option(
-        "--num-images", type=int, default=SynthesisConfig.num_images, show_default=True, help="Calibration set size."
+        "--num-images",
+        type=int,
+        help=f"Calibration set size (default: {DEFAULT_NUM_IMAGES}; build with --max-drop: as many as its "
+        "held-out part needs to show the budget met, e.g. 1,200 for --max-drop 1).",
     )(fn)
     fn = click.option(
         "--generator",

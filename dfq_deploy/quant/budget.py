@@ -17,7 +17,6 @@ reconstruction leaves about 1) and raise layers the deployed model does not need
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfq_deploy.config import HOLDOUT_FRACTION, LayerOverride, MixedPrecisionConfig, QuantScheme, ReconstructionConfig
+from dfq_deploy.config import (
+    HOLDOUT_FRACTION,
+    LayerOverride,
+    MixedPrecisionConfig,
+    QuantScheme,
+    ReconstructionConfig,
+    images_to_resolve,
+)
 from dfq_deploy.errors import BadInputError, BudgetNotMetError
 from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.drop_estimate import (
@@ -131,7 +137,7 @@ def resolution_warning(max_drop: float, holdout_images: int, holdout_fraction: f
     bound = zero_flip_bound(holdout_images)
     if bound <= max_drop:
         return None
-    needed = math.ceil(300.0 / max_drop / holdout_fraction) if max_drop > 0 else None
+    needed = images_to_resolve(max_drop, holdout_fraction)
     return (
         f"--max-drop {max_drop:g}: {holdout_images} held-out images cannot tell a drop below {bound:.1f} points "
         f"from none (95% confidence), so the plan may keep layers low that cost more than the budget"
@@ -255,7 +261,7 @@ def _check_floor(model: nn.Module, held_out: torch.Tensor, max_drop: float, hold
     if floor <= max_drop:
         return
     confidence = floor / zero_flip_bound(len(held_out))
-    needed = math.ceil(300.0 * confidence / max_drop / holdout_fraction) if max_drop > 0 else None
+    needed = images_to_resolve(max_drop / confidence, holdout_fraction) if max_drop > 0 else None
     raise BudgetNotMetError(
         f"no precision plan can be shown to meet --max-drop {max_drop:g}: on {len(held_out)} held-out images the "
         f"upper end of the drop estimate is at least {floor:.2f} points (FP32's mean confidence {confidence:.3f} "

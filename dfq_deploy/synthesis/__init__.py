@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dfq_deploy.config import SynthesisConfig
+from dfq_deploy.config import DEFAULT_NUM_IMAGES, SynthesisConfig
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.normalization import check_normalize
@@ -88,13 +88,20 @@ def _objective(method: str) -> ObjectiveFactory:
 
 
 def resolve_auto(config: SynthesisConfig, *, has_batchnorm: bool, input_shape: tuple[int, ...]) -> SynthesisConfig:
-    """``auto``: zeroq where the model has BatchNorm statistics to match, ``prior`` where it has none;
-    no batch size: the default for ``input_shape`` (:func:`~.speed.default_batch_size`)."""
+    """``auto``: ``config.auto_bn_method`` where the model has BatchNorm statistics to match, ``prior``
+    where it has none; no batch size: the default for ``input_shape`` (:func:`~.speed.default_batch_size`);
+    no set size: :data:`~dfq_deploy.config.DEFAULT_NUM_IMAGES`."""
+    config = sized(config)
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=default_batch_size(input_shape))
     if config.method != "auto":
         return config
-    return dataclasses.replace(config, method="zeroq" if has_batchnorm else "prior")
+    return dataclasses.replace(config, method=config.auto_bn_method if has_batchnorm else "prior")
+
+
+def sized(config: SynthesisConfig) -> SynthesisConfig:
+    """``config`` with its set size decided: :data:`~dfq_deploy.config.DEFAULT_NUM_IMAGES` if unset."""
+    return config if config.num_images is not None else dataclasses.replace(config, num_images=DEFAULT_NUM_IMAGES)
 
 
 def _check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -195,6 +202,7 @@ def synthesize_cached(
     """
     from dfq_deploy.synthesis.cache import cached
 
+    config = sized(config)  # the default size and the same size asked for are one cache entry
     return cached(
         lambda: synthesize(model, config=config, input_shape=input_shape, progress=progress, normalize=normalize),
         config=config,
