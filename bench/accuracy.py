@@ -9,6 +9,7 @@ reuses them (their synthesis time is the one measured when they were made).
     python bench/accuracy.py --models resnet20 --sources noise,zeroq --schemes fp32,w8a8,w4a4
     python bench/accuracy.py --models resnet20 --sources fdda --schemes w4a4-rec --rec-iterations 2000
     python bench/accuracy.py --models resnet20,resnet56 --sources zeroq,fdda --schemes fp32,w8a8-est,w4a4-est,w4a4-max-drop
+    python bench/accuracy.py --defaults --models resnet20,resnet56   # see bench/accuracy_defaults.py
 
 ``-est`` rows calibrate on 3/4 of the set and estimate the top-1 drop on the held-out 1/4, the way
 ``build --max-drop`` does, next to the real drop; ``w4a4-max-drop`` runs the ``--max-drop`` planner
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 import torch
+from accuracy_defaults import print_defaults, run_defaults
 
 from dfq_deploy.config import CalibratorName
 
@@ -278,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         "--results", default="/tmp/dfq-bench-accuracy.jsonl", help="JSON lines file the rows are appended to"
     )
     parser.add_argument("--table-only", action="store_true", help="print the table of --results and exit")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="build each model through the CLI with only --bits 4 (and --max-drop 1), score both test sets",
+    )
+    parser.add_argument("--default-rows", default="bits4,bits4-max-drop1", help="comma list of the --defaults rows")
+    parser.add_argument("--work-dir", default="/tmp/dfq-bench-defaults", help="where --defaults builds go")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -289,12 +298,26 @@ def main(argv: list[str] | None = None) -> int:
         rows = (
             [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
         )
-        print_table(rows, cpu)
+        print_table([r for r in rows if r.get("mode") != "defaults"], cpu)
+        print_defaults(rows)
         return 0
     if not (ASSETS / "test-lossless-1017.npz").is_file():
         print(f"SKIPPED: the real CIFAR-10 assets are not at {ASSETS} (see shared/assets/README.md); nothing measured.")
         return 0
     torch.set_num_threads(args.threads)
+    if args.defaults:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        run_defaults(
+            args.models.split(","),
+            args.default_rows.split(","),
+            load_model=load_model,
+            assets=ASSETS,
+            checkpoints=CHECKPOINTS,
+            work=Path(args.work_dir),
+            results=results,
+        )
+        print_defaults([json.loads(line) for line in results.read_text().splitlines() if line.strip()])
+        return 0
     from dfq_deploy.analysis.evaluate import load_eval_set
     from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
