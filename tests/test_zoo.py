@@ -7,6 +7,7 @@ agreement with the fake-quant reference, integer convolutions and TensorRT-RTX's
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -20,6 +21,7 @@ from dfq_deploy.models.check import (
     _agreement_checks,
     _quantize_and_export,
     check_model,
+    decidable_inputs,
     settle_batchnorm,
 )
 
@@ -122,3 +124,12 @@ def test_a_reference_whose_outputs_ignore_the_input_does_not_pass_by_agreeing():
         assert (found["input_spread"] > 0.1) is settled, found
         assert _check(**found).agrees is settled
     assert _check(agreement=1.0, relative_l2=0.0, input_spread=MIN_INPUT_SPREAD / 2).agrees is False
+
+
+def test_a_top1_inside_the_float64_twins_noise_is_not_decidable_even_where_the_twin_kept_it():
+    reference = np.array([[3.0, 1.0, 0.0], [1.00, 1.02, 0.0], [0.0, 2.0, 1.9]])
+    twin = reference + np.array([[0.1, 0.0, 0.0], [0.0, 0.011, 0.0], [0.0, 0.0, 0.2]])
+    # 1: margin 2 against noise 0.1; 2: the twin keeps class 1, but the margin 0.02 is within 2 x 0.011
+    # of it; 3: the twin flips to class 2.
+    assert decidable_inputs(reference, twin).tolist() == [True, False, False]
+    assert decidable_inputs(reference, reference).tolist() == [True, True, True]
