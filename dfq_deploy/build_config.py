@@ -17,7 +17,6 @@ from dfq_deploy.config import (
     DEFAULT_NUM_IMAGES,
     HOLDOUT_FRACTION,
     IMAGENET_NORMALIZE,
-    MAX_BUDGET_NUM_IMAGES,
     BatchNormMethod,
     LayerOverride,
     MixedPrecisionConfig,
@@ -28,12 +27,12 @@ from dfq_deploy.config import (
     Target,
     default_scheme,
     from_mapping,
-    images_to_resolve,
 )
 from dfq_deploy.config_checks import check_choice, check_keys, coerce_floats
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.config_file import parse_config_file
 from dfq_deploy.normalization import Normalize, NormalizeSection, normalize_from_section
+from dfq_deploy.quant.drop_estimate import MAX_BUDGET_NUM_IMAGES, images_to_resolve
 from dfq_deploy.report.gates import QualityGates
 from dfq_deploy.report.tracking import TrackingConfig
 
@@ -161,7 +160,8 @@ def apply_recipe(config: BuildConfig) -> BuildConfig:
 
     The synthetic set's size, unless given: :data:`~dfq_deploy.config.DEFAULT_NUM_IMAGES`, or, with
     ``budget.max_drop``, enough that the held-out part can show that budget met at all
-    (:func:`~dfq_deploy.config.images_to_resolve`, up to :data:`~dfq_deploy.config.MAX_BUDGET_NUM_IMAGES`).
+    (:func:`~dfq_deploy.quant.drop_estimate.images_to_resolve`, up to
+    :data:`~dfq_deploy.quant.drop_estimate.MAX_BUDGET_NUM_IMAGES`).
     Below 8 bits (weights or activations): block reconstruction at ``budget.recipe``'s iterations
     unless the config already sets reconstruction (``--reconstruct``, a ``reconstruct:`` section),
     which always wins; and a build that reconstructs synthesizes ``auto``'s set for a BatchNorm model

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 from typing import Any, Literal
 
 from dfq_deploy.config_checks import check_choice, check_keys, coerce_floats
@@ -49,9 +48,6 @@ DEFAULT_ACT_FORM: dict[str, ActivationForm] = {
 WeightContainer = Literal["int8", "uint8"]
 
 
-DEFAULT_NUM_IMAGES = 256  # a synthetic set's size when neither the user nor a budget sets it
-
-
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
     """How to make a calibration set without training data.
@@ -59,12 +55,11 @@ class SynthesisConfig:
     ``iterations``/``lr`` of ``None`` take each method's published default. ``calib_images`` is a
     folder of labelled real images (ImageFolder layout) for ``folder`` and FDDA's hybrid mode.
     ``device`` ``auto`` resolves here to ``cuda`` when torch sees a GPU, else ``cpu``, so the config
-    (and every manifest written from it) names the device that really ran. ``auto_bn_method`` is what
-    ``method="auto"`` picks for a model with BatchNorm (``build``'s low-bit recipe sets ``fdda``).
+    (and every manifest written from it) names the device that really ran.
     """
 
     method: SynthesisMethod = "auto"  # auto_bn_method for models with BatchNorm, prior for those without
-    auto_bn_method: BatchNormMethod = "zeroq"
+    auto_bn_method: BatchNormMethod = "zeroq"  # what auto picks with BatchNorm (build's low-bit recipe: fdda)
     num_images: int | None = None  # None: DEFAULT_NUM_IMAGES, or as many as a --max-drop budget needs (build)
     batch_size: int | None = None  # None: 32, or 16 for inputs above 64x64 px (synthesis.speed)
     iterations: int | None = None
@@ -94,21 +89,10 @@ class SynthesisConfig:
             )
 
 
-# Smallest weight block: below 16 inputs per scale, the FP32 scales cost 2+ bits per 4-bit weight,
-# which is most of what INT4 saves over INT8.
-MIN_WEIGHT_BLOCK = 16
-# ModelOpt's and TensorRT-LLM's INT4-AWQ default: 128 inputs per scale costs 0.25 bit per weight.
-INT4_WEIGHT_BLOCK = 128
+MIN_WEIGHT_BLOCK = 16  # below 16 inputs per scale, FP32 scales cost 2+ bits per 4-bit weight: most of INT4's saving
+INT4_WEIGHT_BLOCK = 128  # ModelOpt's and TensorRT-LLM's INT4-AWQ default: 0.25 bit per weight for scales
 HOLDOUT_FRACTION = 0.25  # share of a synthetic set --max-drop estimates on and never calibrates on
-# The largest set a --max-drop budget sizes by itself (at the default hold-out, a budget of 0.3 points).
-MAX_BUDGET_NUM_IMAGES = 4096
-
-
-def images_to_resolve(max_drop: float, holdout_fraction: float) -> int | None:
-    """The synthetic set size whose held-out part can show a drop of ``max_drop`` points at all: the
-    rule of three (no flip among n images bounds the flip rate by 3/n at 95% confidence) needs
-    300 / max_drop held-out images. ``None`` for a budget of 0, which no set can show met."""
-    return math.ceil(300.0 / max_drop / holdout_fraction) if max_drop > 0 else None
+DEFAULT_NUM_IMAGES = 256  # a synthetic set's size when neither the user nor a budget sets it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,6 @@ from dfq_deploy.config import (
     MixedPrecisionConfig,
     QuantScheme,
     ReconstructionConfig,
-    images_to_resolve,
 )
 from dfq_deploy.errors import BadInputError, BudgetNotMetError
 from dfq_deploy.io.calibration_set import CalibrationSet
@@ -39,6 +38,7 @@ from dfq_deploy.quant.drop_estimate import (
     compare_per_image,
     estimate_drop,
     estimate_floor,
+    images_to_resolve,
     percent,
     standard_error_percent,
     zero_flip_bound,

@@ -25,6 +25,7 @@ read 0.00 (plain) and 0.25 ± 0.16 (jittered), an upper end of 0.51, where the r
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import torch
@@ -191,6 +192,17 @@ def zero_flip_bound(holdout_images: int) -> float:
     and an image costs at most its whole top-1. A budget below this cannot be told from zero.
     """
     return 300.0 / max(holdout_images, 1)
+
+
+# The largest set a --max-drop budget sizes by itself (at the default hold-out, a budget of 0.3 points).
+MAX_BUDGET_NUM_IMAGES = 4096
+
+
+def images_to_resolve(max_drop: float, holdout_fraction: float) -> int | None:
+    """The synthetic set size whose held-out part can show a drop of ``max_drop`` points at all: the
+    inverse of :func:`zero_flip_bound`, 300 / max_drop held-out images. ``None`` for a budget of 0,
+    which no set can show met."""
+    return math.ceil(300.0 / max_drop / holdout_fraction) if max_drop > 0 else None
 
 
 @torch.no_grad()
