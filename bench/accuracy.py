@@ -222,6 +222,7 @@ def _interval(row: dict, real: float) -> str:
 
 
 def print_table(rows: list[dict], cpu: dict) -> None:
+    rows = [r for r in rows if r.get("mode") != "defaults"]  # print_defaults shows those
     fp32 = {r["model"]: r["top1"] for r in rows if r["scheme"] == "fp32"}
     print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores, {cpu['isa']}); eval: test-lossless-1017.npz (1,017 images)")
     header = f"{'model':9} {'scheme':14} {'source':12} {'top-1':>7} {'Δ FP32':>7} {'synth s':>8} {'quant s':>8} {'recon s':>8} {'total s':>8} thr rec iters/block"
@@ -242,6 +243,13 @@ def print_table(rows: list[dict], cpu: dict) -> None:
         spread = "" if not iters else f"{min(iters)}-{max(iters)}" if min(iters) != max(iters) else str(iters[0])
         print(" ".join(cells), f"{r.get('threads', ''):>3}", spread)
     print_estimates(rows, fp32)
+
+
+def read_rows(results: Path) -> list[dict]:
+    """The JSON-lines rows of ``results`` (none when the file does not exist yet)."""
+    if not results.is_file():
+        return []
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,10 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_description()
     results = Path(args.results)
     if args.table_only:
-        rows = (
-            [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
-        )
-        print_table([r for r in rows if r.get("mode") != "defaults"], cpu)
+        rows = read_rows(results)
+        print_table(rows, cpu)
         print_defaults(rows)
         return 0
     if not (ASSETS / "test-lossless-1017.npz").is_file():
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             work=Path(args.work_dir),
             results=results,
         )
-        print_defaults([json.loads(line) for line in results.read_text().splitlines() if line.strip()])
+        print_defaults(read_rows(results))
         return 0
     from dfq_deploy.analysis.evaluate import load_eval_set
     from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
@@ -338,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: v for k, v in row.items() if k != "cpu"}), flush=True)
                 with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    print_table(rows, cpu)
+    print_table(read_rows(results), cpu)
     return 0
 
 

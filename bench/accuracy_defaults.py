@@ -11,7 +11,6 @@ both get right or both get wrong add no noise.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -37,10 +36,10 @@ Z_TWO_SIDED_95 = 1.96
 
 def paired_drop(fp32_right: np.ndarray, quant_right: np.ndarray) -> tuple[float, float]:
     """(FP32 minus quantized top-1, its 95% half-width), in points, from per-image correctness."""
-    diff = fp32_right.astype(np.float64) - quant_right.astype(np.float64)
-    n = len(diff)
-    half = Z_TWO_SIDED_95 * float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
-    return 100.0 * float(diff.mean()), 100.0 * half
+    from dfq_deploy.quant.drop_estimate import standard_error_percent
+
+    diff = torch.from_numpy(fp32_right.astype(np.float64) - quant_right.astype(np.float64))
+    return 100.0 * float(diff.mean()), Z_TWO_SIDED_95 * standard_error_percent(diff)
 
 
 def _eval_sets(assets: Path) -> dict:

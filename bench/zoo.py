@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dfq_deploy.models.check import AGREEMENT_INPUTS, MIN_INPUT_SPREAD, check_model
+from dfq_deploy.models.check import AGREEMENT_INPUTS, check_model
 from dfq_deploy.models.loading import build_arch
 from dfq_deploy.runtimes.cpu_features import cpu_description
 
@@ -163,7 +163,7 @@ def _why_not(row: dict) -> str:
         return f"TensorRT-RTX {row.get('tensorrt')}"
     if not row.get("finite"):
         return "non-finite outputs"
-    if row.get("input_spread") is not None and row["input_spread"] < MIN_INPUT_SPREAD:
+    if row.get("ignores_input"):
         return f"the reference's outputs do not depend on the input (spread {row['input_spread']:.3g})"
     return (
         f"agreement {row.get('agreement')} (decidable {row.get('agreement_decidable')} of {row.get('decidable')}), "

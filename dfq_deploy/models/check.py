@@ -69,12 +69,17 @@ class ModelCheck:
     error: str | None = None
 
     @property
+    def ignores_input(self) -> bool:
+        """The reference's outputs do not depend on the input (spread below MIN_INPUT_SPREAD)."""
+        return self.input_spread is not None and self.input_spread < MIN_INPUT_SPREAD
+
+    @property
     def agrees(self) -> bool:
         """Top-1 agreement with the reference on >= MIN_AGREEMENT of the inputs; or, where the
         reference's own float64 twin disagrees with it, on the inputs the twin confirms, with the
         deployed model no further from the reference than FLOOR_FACTOR times the twin is. Never for a
         reference whose outputs do not depend on the input (see MIN_INPUT_SPREAD)."""
-        if self.input_spread is not None and self.input_spread < MIN_INPUT_SPREAD:
+        if self.ignores_input:
             return False
         if (self.agreement or 0.0) >= MIN_AGREEMENT:
             return True
@@ -97,7 +102,11 @@ class ModelCheck:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"agrees": self.agrees, "passed": self.passed}
+        return dataclasses.asdict(self) | {
+            "ignores_input": self.ignores_input,
+            "agrees": self.agrees,
+            "passed": self.passed,
+        }
 
 
 def check_model(
@@ -128,7 +137,7 @@ def check_model(
     )
     found = _check_once(module, name=name, input_shape=tuple(input_shape), **options)
     has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-    if untrained and has_batchnorm and found.input_spread is not None and found.input_spread < MIN_INPUT_SPREAD:
+    if untrained and has_batchnorm and found.ignores_input:
         settled = settle_batchnorm(copy.deepcopy(module), tuple(input_shape))
         found = _check_once(settled, name=name, input_shape=tuple(input_shape), **options)
         found = dataclasses.replace(found, settled_batchnorm=True)

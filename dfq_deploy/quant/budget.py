@@ -261,7 +261,7 @@ def _check_floor(model: nn.Module, held_out: torch.Tensor, max_drop: float, hold
     if floor <= max_drop:
         return
     confidence = floor / zero_flip_bound(len(held_out))
-    needed = images_to_resolve(max_drop / confidence, holdout_fraction) if max_drop > 0 else None
+    needed = images_to_resolve(max_drop / confidence, holdout_fraction)  # confidence > 0: the floor exceeds max_drop
     raise BudgetNotMetError(
         f"no precision plan can be shown to meet --max-drop {max_drop:g}: on {len(held_out)} held-out images the "
         f"upper end of the drop estimate is at least {floor:.2f} points (FP32's mean confidence {confidence:.3f} "
