@@ -229,3 +229,33 @@ def test_bad_budget_arguments_are_refused(setup):
     ):
         with pytest.raises(BadInputError):
             plan_for_max_drop(model, calib, scheme=scheme, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:--max-drop .* held-out images cannot tell")
+def test_a_missed_all_low_plan_costs_two_reconstructions_not_one_per_candidate(wide, monkeypatch):
+    """The candidates between the all-low plan and the picked one carry the all-low reconstruction's
+    learning over instead of being reconstructed each; the picked plan is reconstructed and judged
+    again, and that is the estimate and the model the plan hands back."""
+    import dfq_deploy.quant.reconstruct as reconstruct_module
+
+    model, calib, scheme = wide
+    runs = []
+    real = reconstruct_module.reconstruct_blocks
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct_module, "reconstruct_blocks", counted)
+    recon = ReconstructionConfig(iterations=30, batch_size=16, seed=0)
+    plan, _, planned = plan_for_max_drop(
+        model, calib, scheme=scheme, max_drop=0.4, holdout_fraction=WIDE_HOLDOUT, reconstruct=recon
+    )
+    full = [s for s in plan.steps if not s["carried_reconstruction"]]
+    carried = [s for s in plan.steps if s["carried_reconstruction"]]
+    assert full[0]["raised"] == 0 and full[0]["estimated_drop_upper"] > 0.4, "the all-low plan must miss here"
+    assert len(carried) >= 2 and len(runs) == len(full) == 2
+    assert full[-1]["raised"] == len(plan.overrides) + (plan.act_bits != scheme.act_bits)
+    assert plan.estimated_drop_upper == full[-1]["estimated_drop_upper"] <= 0.4
+    _, held_out = calib.split(WIDE_HOLDOUT)
+    assert estimate_drop(model, planned.module, held_out.images).upper == pytest.approx(plan.estimated_drop_upper)

@@ -9,9 +9,12 @@ until the interval's *upper* end fits: a plan whose point fits but whose upper e
 rejected. Raising more layers almost always lowers the disagreement, so the number raised is found by
 bisection over the ranking.
 
-With block reconstruction asked for, every candidate plan is estimated after reconstruction: a
-plan judged before it would see the plain 4-bit error (on the CIFAR ResNet-20, 3–5 points where
-reconstruction leaves about 1) and raise layers the deployed model does not need raised.
+With block reconstruction asked for, candidates are judged as reconstructed models: a plan judged
+before reconstruction would see the plain 4-bit error (on the CIFAR ResNet-20, 3–5 points where
+reconstruction leaves about 1) and raise layers the deployed model does not need raised. Only the
+all-low plan and the plan the search picks are reconstructed in full; the candidates in between carry
+the all-low plan's learned roundings and step sizes over (:mod:`.transplant`), so a missed all-low
+plan costs two reconstructions instead of one per candidate.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from dfq_deploy.quant.drop_estimate import (
 )
 from dfq_deploy.quant.quantize import QuantModel, quantize
 from dfq_deploy.quant.sensitivity import literal_glob, measure_sensitivity
+from dfq_deploy.quant.transplant import transplant_learned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +168,9 @@ def plan_for_max_drop(
 
     Returns the plan, the calibration part of ``calib`` (the held-out part only estimates) and the
     model quantized with the plan on that part (reconstructed when ``reconstruct`` is given), so the
-    caller need not quantize again. Each candidate is reconstructed before it is estimated, so with
-    ``reconstruct`` a plan costs one reconstruction when the all-low plan fits and about
-    log2(2 × layers) + 2 when it does not. Raises :class:`BudgetNotMetError` when even the most
+    caller need not quantize again. With ``reconstruct`` a plan costs one reconstruction when the
+    all-low plan fits and two when it does not (the candidates between carry the all-low plan's
+    learning; more only when the picked plan misses once reconstructed itself). Raises :class:`BudgetNotMetError` when even the most
     precise plan misses the budget, and before quantizing anything when the held-out images' zero-flip
     floor alone exceeds it (no plan could be accepted).
     """
@@ -180,17 +184,37 @@ def plan_for_max_drop(
         raised = dataclasses.replace(scheme, act_bits=8) if None in ladder[:k] else scheme
         return dataclasses.replace(raised, overrides=scheme.overrides + _merge(ladder[:k]))
 
-    fitting: list[QuantModel] = []  # the model of the last plan that fit: bisection only moves to cheaper ones
+    fits: dict[int, QuantModel] = {}  # the cheapest plan that fit so far (reconstructed if asked), by rung
+    judged: dict[int, DropEstimate] = {}
+    all_low: list[QuantModel] = []  # reconstructed: what the carried candidates take their learning from
 
     def estimate(k: int) -> DropEstimate:
-        qmodel = quantize(model, calibrate_on, scheme=scheme_for(k), progress=progress, reconstruct=reconstruct)
+        if k not in judged:
+            qmodel = quantize(model, calibrate_on, scheme=scheme_for(k), progress=progress, reconstruct=reconstruct)
+            judged[k] = _judge(k, qmodel, carried=False)
+            if judged[k].upper <= max_drop and (not fits or k < min(fits)):
+                fits.clear()
+                fits[k] = qmodel
+            if k == 0:
+                all_low.append(qmodel)
+        return judged[k]
+
+    def carried(k: int) -> DropEstimate:
+        if k == 0:
+            return estimate(0)
+        qmodel = quantize(model, calibrate_on, scheme=scheme_for(k), progress=progress)
+        transplant_learned(all_low[0], qmodel)
+        return _judge(k, qmodel, carried=True)
+
+    def _judge(k: int, qmodel: QuantModel, *, carried: bool) -> DropEstimate:
         found = estimate_drop(model, qmodel.module, held_out.images)
-        steps.append({"raised": k, **_step(found)})
-        if found.upper <= max_drop:
-            fitting[:] = [qmodel]
+        steps.append({"raised": k, "carried_reconstruction": carried, **_step(found)})
         return found
 
-    hi, final = _cheapest_fit(estimate, len(ladder), max_drop)
+    if reconstruct is None:
+        hi, final = _cheapest_fit(estimate, len(ladder), max_drop)
+    else:
+        hi, final = _cheapest_fit_reconstructed(estimate, carried, len(ladder), max_drop)
     chosen = scheme_for(hi)
     plan = _budget_plan(
         max_drop,
@@ -202,7 +226,7 @@ def plan_for_max_drop(
         resolution=resolution,
         reconstructed=reconstruct is not None,
     )
-    return plan, calibrate_on, fitting[0]
+    return plan, calibrate_on, fits[hi]
 
 
 def _step(found: DropEstimate) -> dict[str, float]:
@@ -333,6 +357,27 @@ def _cheapest_fit(estimate: Callable[[int], DropEstimate], rungs: int, max_drop:
         else:
             lo = mid
     return hi, found
+
+
+def _cheapest_fit_reconstructed(
+    reconstructed: Callable[[int], DropEstimate], carried: Callable[[int], DropEstimate], rungs: int, max_drop: float
+) -> tuple[int, DropEstimate]:
+    """:func:`_cheapest_fit` where each estimate costs a reconstruction (``reconstructed``, memoised):
+    the all-low plan is reconstructed; if it misses, the bisection runs on candidates that carry its
+    learning over (``carried``: one calibration each), and only the rung it picks is reconstructed
+    and judged again. Should that plan miss after all, the search goes on above it, reconstructing."""
+    found = reconstructed(0)
+    if found.upper <= max_drop or rungs == 0:
+        return _cheapest_fit(reconstructed, rungs, max_drop)  # fits at once, or raises: nothing to raise
+    try:
+        picked, _ = _cheapest_fit(carried, rungs, max_drop)
+    except BudgetNotMetError:
+        picked = rungs  # judged with carried learning even the most precise plan misses: reconstruct it
+    found = reconstructed(picked)
+    if found.upper <= max_drop:
+        return picked, found
+    above, found = _cheapest_fit(lambda j: reconstructed(picked + j), rungs - picked, max_drop)
+    return picked + above, found
 
 
 def _merge(overrides: list[LayerOverride | None]) -> tuple[LayerOverride, ...]:

@@ -172,7 +172,7 @@ def reconstruct_blocks(
     # The stage starts once the checkpoint is ours: a build killed in it leaves that lock behind.
     with checkpoint.locked(), stage("reconstruct"):
         results = _reconstruct_in_order(graph, blocks, calib, checkpoint, config, progress)
-    _copy_tied_scales(graph)
+    copy_tied_scales(graph)
     return ReconstructionReport(results, time.perf_counter() - start_time, dataclasses.asdict(config))
 
 
@@ -333,7 +333,8 @@ def _block_error(module: nn.Module, x_q: torch.Tensor, y_fp: torch.Tensor, batch
     return float((out - y_fp[:n]).pow(2).mean())
 
 
-def _copy_tied_scales(graph: fx.GraphModule) -> None:
+def copy_tied_scales(graph: fx.GraphModule) -> None:
+    """Give every tied quantizer its leader's (possibly learned) grid again."""
     for q in graph.modules():
         if isinstance(q, ActQuantizer) and q.tied_to is not None:
             leader = q.tied_to
