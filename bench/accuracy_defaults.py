@@ -29,6 +29,9 @@ DEFAULT_ROWS = {
     "bits4-zeroq": ["--bits", "4", "--calib", "zeroq"],
     "bits4-fdda": ["--bits", "4", "--calib", "fdda"],
     "bits4-clusterq": ["--bits", "4", "--calib", "clusterq"],
+    # --recipe's time-for-accuracy trade (default is the bits4 row).
+    "bits4-fast": ["--bits", "4", "--recipe", "fast"],
+    "bits4-best": ["--bits", "4", "--recipe", "best"],
 }
 EVAL_SETS = {"lossless": "test-lossless-1017.npz", "jpeg": "test-jpeg-1017-4999.npz"}
 Z_TWO_SIDED_95 = 1.96
@@ -114,8 +117,11 @@ def run_defaults(
 
 
 def _from_report(report: dict) -> dict:
-    """The plan's stated interval and its 4-bit share, and what the build calibrated on."""
-    found: dict = {"calibration": (report.get("calibration") or {}).get("method")}
+    """The plan's stated interval and its 4-bit share, what the build calibrated on, and its stage times."""
+    found: dict = {
+        "calibration": (report.get("calibration") or {}).get("method"),
+        "timings_s": report.get("timings_s"),
+    }
     plan = report.get("precision_plan") or {}
     if "estimated_drop_upper" in plan:
         found |= {
