@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dfq_deploy.models.check import AGREEMENT_INPUTS, check_model
+from dfq_deploy.models.check import check_model
 from dfq_deploy.models.loading import build_arch
 from dfq_deploy.runtimes.cpu_features import cpu_description
 
@@ -122,7 +122,7 @@ def order(names: list[str]) -> list[str]:
 def markdown_table(rows: list[dict]) -> str:
     head = (
         "| model | family | input | build s | convs int8 / total | float layers (why) | agreement "
-        "(decidable) | rel. L2 (float64 twin) | INT8 vs FP32 @8 | TensorRT-RTX | pass |\n"
+        "(worse twin) | rel. L2 (worse twin) | INT8 vs FP32 @8 | TensorRT-RTX | pass |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
@@ -148,13 +148,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _agreement_cell(row: dict) -> str:
-    """All inputs, then (when the float64 twin left some undecidable) those it confirms."""
+    """All inputs, then (where a twin of the reference flips top-1s itself) the worse twin's agreement."""
     if row.get("agreement") is None:
         return "—"
     cell = f"{row['agreement']:.1%}"
-    decidable = row.get("decidable")
-    if decidable is not None and decidable < AGREEMENT_INPUTS and row.get("agreement_decidable") is not None:
-        cell += f" ({row['agreement_decidable']:.1%} of {decidable})"
+    if row.get("floor_agreement") is not None and row["floor_agreement"] < 1.0:
+        cell += f" ({row['floor_agreement']:.1%})"
     return cell
 
 
@@ -166,8 +165,8 @@ def _why_not(row: dict) -> str:
     if row.get("ignores_input"):
         return f"the reference's outputs do not depend on the input (spread {row['input_spread']:.3g})"
     return (
-        f"agreement {row.get('agreement')} (decidable {row.get('agreement_decidable')} of {row.get('decidable')}), "
-        f"rel. L2 {row.get('relative_l2')} against the float64 twin's {row.get('floor_relative_l2')}"
+        f"agreement {row.get('agreement')} against the worse twin's {row.get('floor_agreement')}, "
+        f"rel. L2 {row.get('relative_l2')} against its {row.get('floor_relative_l2')}"
     )
 
 

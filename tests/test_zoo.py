@@ -21,8 +21,8 @@ from dfq_deploy.models.check import (
     _agreement_checks,
     _quantize_and_export,
     check_model,
-    decidable_inputs,
     settle_batchnorm,
+    twin_outputs,
 )
 
 # (model, input size): the smallest size each architecture takes.
@@ -68,21 +68,18 @@ def _check(**fields) -> ModelCheck:
     return ModelCheck(**(base | fields))
 
 
-def test_an_undecidable_top1_does_not_fail_a_model_the_float64_twin_cannot_tell_apart_either():
-    # 31 of 32 agree; the one flip is an input the reference's own float64 twin decides otherwise.
-    near_tie = _check(
-        agreement=31 / 32, relative_l2=0.013, decidable=31, agreement_decidable=1.0, floor_relative_l2=0.014
-    )
-    assert near_tie.agrees and near_tie.passed
-    # The same flip on an input the twin confirms: a real disagreement.
-    assert not _check(
-        agreement=31 / 32, relative_l2=0.013, decidable=32, agreement_decidable=31 / 32, floor_relative_l2=0.014
-    ).agrees
-    # Every decidable top-1 agrees, but the outputs sit far beyond the twin's noise: a wrong scale, not noise.
-    assert not _check(
-        agreement=31 / 32, relative_l2=0.2, decidable=31, agreement_decidable=1.0, floor_relative_l2=0.014
-    ).agrees
-    # No float64 twin (a module that cannot run in float64): the strict criterion alone.
+def test_flips_that_the_references_own_twins_make_too_do_not_fail_a_model():
+    # 30 of 32 agree, where the worse twin of the reference flips 4 of 32 itself: as faithful as it.
+    noisy = _check(agreement=30 / 32, relative_l2=0.09, floor_agreement=28 / 32, floor_relative_l2=0.128)
+    assert noisy.agrees and noisy.passed
+    # Up to FLOOR_FACTOR times the twin's flips pass; one more does not.
+    assert _check(agreement=24 / 32, relative_l2=0.09, floor_agreement=28 / 32, floor_relative_l2=0.128).agrees
+    assert not _check(agreement=23 / 32, relative_l2=0.09, floor_agreement=28 / 32, floor_relative_l2=0.128).agrees
+    # Where no twin flips a top-1, a single flip of the deployed model is a real disagreement.
+    assert not _check(agreement=31 / 32, relative_l2=0.013, floor_agreement=1.0, floor_relative_l2=0.014).agrees
+    # Flips within the twins' count, but the outputs sit far beyond their noise: a wrong scale, not noise.
+    assert not _check(agreement=30 / 32, relative_l2=0.5, floor_agreement=28 / 32, floor_relative_l2=0.128).agrees
+    # No twin (a module that runs neither way): the strict criterion alone.
     assert not _check(agreement=31 / 32, relative_l2=0.013).agrees
     assert _check(agreement=1.0, relative_l2=0.013).agrees
 
@@ -98,9 +95,9 @@ def test_agreement_checks_measure_the_float64_twin_and_catch_a_wrong_output_scal
     reference = qmodel.module(inputs).numpy()
     exact = _agreement_checks(qmodel.module, inputs, reference)
     assert exact["agreement"] == 1.0 and exact["relative_l2"] == 0.0
-    # The twin is the same model at another float precision: close, but not bit-exact.
+    # The twins are the same model under other arithmetic: close, but not bit-exact.
     assert 0.0 < exact["floor_relative_l2"] < 0.05, exact
-    assert 1 <= exact["decidable"] <= 16
+    assert 0.5 <= exact["floor_agreement"] <= 1.0
     scaled = _agreement_checks(qmodel.module, inputs, reference * 1.5)
     assert scaled["relative_l2"] > FLOOR_FACTOR * scaled["floor_relative_l2"]
     shuffled = _check(**_agreement_checks(qmodel.module, inputs, reference[::-1].copy()))
@@ -126,10 +123,20 @@ def test_a_reference_whose_outputs_ignore_the_input_does_not_pass_by_agreeing():
     assert _check(agreement=1.0, relative_l2=0.0, input_spread=MIN_INPUT_SPREAD / 2).agrees is False
 
 
-def test_a_top1_inside_the_float64_twins_noise_is_not_decidable_even_where_the_twin_kept_it():
-    reference = np.array([[3.0, 1.0, 0.0], [1.00, 1.02, 0.0], [0.0, 2.0, 1.9]])
-    twin = reference + np.array([[0.1, 0.0, 0.0], [0.0, 0.011, 0.0], [0.0, 0.0, 0.2]])
-    # 1: margin 2 against noise 0.1; 2: the twin keeps class 1, but the margin 0.02 is within 2 x 0.011
-    # of it; 3: the twin flips to class 2.
-    assert decidable_inputs(reference, twin).tolist() == [True, False, False]
-    assert decidable_inputs(reference, reference).tolist() == [True, True, True]
+@torch.no_grad()
+def test_the_twins_are_other_arithmetic_of_the_same_model():
+    torch.manual_seed(0)
+    module = torchvision.models.get_model("shufflenet_v2_x0_5", weights=None).eval()
+    shape = (3, 32, 32)
+    settle_batchnorm(module, shape)
+    qmodel, _ = _quantize_and_export(capture_graph(module, shape), shape, "onnxruntime", 8)
+    inputs = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
+    reference = qmodel.module(inputs).numpy()
+    twins = dict(twin_outputs(qmodel.module, inputs))
+    assert "torch-fake-quant-float64" in twins
+    for out in twins.values():
+        assert out.shape == reference.shape and np.isfinite(out).all()
+        # the same model: the same top-1 on most inputs
+        assert (out.argmax(1) == reference.argmax(1)).mean() >= 0.5
+    # but not the same numbers (oneDNN may not take small convolutions, so that twin can be exact)
+    assert 0.0 < np.abs(twins["torch-fake-quant-float64"] - reference).max() < 0.5 * np.abs(reference).max()

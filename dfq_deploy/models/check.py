@@ -27,13 +27,16 @@ BATCH_SIZES = (1, 8, 32)
 AGREEMENT_INPUTS = 32
 MIN_AGREEMENT = 0.99
 SPEED_BATCH = 8
-# The fake-quant reference recomputed in float64 is an equally valid execution of the same quantized
-# model, yet one ulp moved before a rounding step flips a code, and the flips multiply with depth.
-# Measured on untrained torchvision models (64 px, 32 noise inputs, bench/zoo.py's setting): the
-# float64 twin's relative L2 against the reference was 0.011-0.014, onnxruntime's integer kernels'
-# 0.010-0.014; on MobileNetV2 both agreed on 31 of 32 top-1s (logits with a standard deviation of
-# 4e-10). So a top-1 that the twin does not confirm is undecidable by any implementation, and the
-# deployed model's distance from the reference is judged against the twin's.
+# The fake-quant reference recomputed in float64, or in float32 with PyTorch's own convolutions
+# instead of oneDNN's, is an equally valid execution of the same quantized model, yet one ulp moved
+# before a rounding step flips a code, and the flip travels to the output. The noise is discrete:
+# untrained ShuffleNetV2-x0.5 (settled BN, 64 px, 32 noise inputs) matched its reference to 1e-4 on
+# most inputs and jumped by 0.2-0.35 on the rest; the float64 twin did so on 9 inputs and flipped 4
+# top-1s, the oneDNN-free twin on 12 (4 flips), onnxruntime's integer kernels on 4 (2 flips). Which
+# inputs flip is chance, so a per-input rule fails a faithful deployment that flips another input
+# than the twin did. The deployed model is judged by the same statistics as the twins: no more top-1
+# flips and no larger relative L2 than FLOOR_FACTOR times the worse twin's. Where no twin flips a
+# top-1 the strict MIN_AGREEMENT alone decides, as for any model whose margins exceed the noise.
 FLOOR_FACTOR = 2.0
 # A reference whose outputs move across inputs by less than this share of their magnitude (about a
 # quarter of one INT8 step of their range) does not really depend on its input, and every
@@ -59,9 +62,8 @@ class ModelCheck:
     finite: bool | None = None
     agreement: float | None = None  # over all AGREEMENT_INPUTS
     relative_l2: float | None = None
-    decidable: int | None = None  # inputs whose reference top-1 is decided (decidable_inputs)
-    agreement_decidable: float | None = None  # agreement over those inputs
-    floor_relative_l2: float | None = None  # the float64 twin's relative L2 against the reference
+    floor_agreement: float | None = None  # the worse twin's top-1 agreement with the reference
+    floor_relative_l2: float | None = None  # the worse twin's relative L2 against the reference
     input_spread: float | None = None  # the reference's output spread across inputs over its magnitude
     settled_batchnorm: bool = False  # checked with settle_batchnorm's statistics (see check_model)
     speedup: float | None = None  # onnxruntime INT8 vs FP32 median latency at SPEED_BATCH
@@ -76,17 +78,19 @@ class ModelCheck:
     @property
     def agrees(self) -> bool:
         """Top-1 agreement with the reference on >= MIN_AGREEMENT of the inputs; or, where the
-        reference's own float64 twin disagrees with it, on the inputs the twin confirms, with the
-        deployed model no further from the reference than FLOOR_FACTOR times the twin is. Never for a
-        reference whose outputs do not depend on the input (see MIN_INPUT_SPREAD)."""
+        reference's own equally valid executions (its twins) flip top-1s too, no more flips and no
+        larger relative L2 than FLOOR_FACTOR times the worse twin's. Never for a reference whose
+        outputs do not depend on the input (see MIN_INPUT_SPREAD)."""
         if self.ignores_input:
             return False
         if (self.agreement or 0.0) >= MIN_AGREEMENT:
             return True
-        if None in (self.agreement_decidable, self.relative_l2, self.floor_relative_l2):
+        if None in (self.agreement, self.floor_agreement, self.relative_l2, self.floor_relative_l2):
             return False
+        flips, floor_flips = 1.0 - self.agreement, 1.0 - self.floor_agreement  # type: ignore[operator]
         return (
-            self.agreement_decidable >= MIN_AGREEMENT  # type: ignore[operator]
+            floor_flips > 0
+            and flips <= FLOOR_FACTOR * floor_flips + 1e-9
             and self.relative_l2 <= FLOOR_FACTOR * self.floor_relative_l2  # type: ignore[operator]
         )
 
@@ -228,7 +232,7 @@ def _onnxruntime_checks(graph, qmodel, qdq, input_shape, batch_sizes, speed_iter
 @torch.no_grad()
 def _agreement_checks(reference: nn.Module, inputs: torch.Tensor, deployed: np.ndarray) -> dict[str, Any]:
     """Agreement of the ``deployed`` outputs with the fake-quant ``reference`` on ``inputs``, and the
-    reference's noise floor: the same model run in float64 (see :data:`FLOOR_FACTOR`)."""
+    reference's noise floor: the worse of its twins (see :data:`FLOOR_FACTOR` and :func:`twin_outputs`)."""
     from dfq_deploy.runtimes.profiler import agreement_of
 
     ref = reference(inputs).float().numpy()
@@ -238,32 +242,28 @@ def _agreement_checks(reference: nn.Module, inputs: torch.Tensor, deployed: np.n
         "relative_l2": float(f"{strict.relative_l2:.3g}"),
         "input_spread": float(f"{input_spread(ref):.3g}"),
     }
-    try:
-        twin = copy.deepcopy(reference).double()(inputs.double()).numpy()
-    except Exception:  # noqa: BLE001 - a module that cannot run in float64 keeps the strict check only
-        return found
-    floor = agreement_of("torch-fake-quant", "torch-fake-quant-float64", ref, twin)
-    confirmed = decidable_inputs(ref, twin)
-    found |= {"decidable": int(confirmed.sum()), "floor_relative_l2": float(f"{floor.relative_l2:.3g}")}
-    if confirmed.any():
-        decided = agreement_of("torch-fake-quant", "onnxruntime-cpu-int8", ref[confirmed], deployed[confirmed])
-        found["agreement_decidable"] = decided.top1_agreement
+    floors = [agreement_of("torch-fake-quant", name, ref, out) for name, out in twin_outputs(reference, inputs)]
+    if floors:
+        found |= {
+            "floor_agreement": min(f.top1_agreement for f in floors),
+            "floor_relative_l2": float(f"{max(f.relative_l2 for f in floors):.3g}"),
+        }
     return found
 
 
-def decidable_inputs(reference: np.ndarray, twin: np.ndarray) -> np.ndarray:
-    """Per input: is the reference's top-1 decided by its arithmetic? The float64 ``twin`` must pick the
-    same class, and the reference's margin over its runner-up must exceed FLOOR_FACTOR times how far
-    the twin's outputs moved on that input: a margin inside that noise could flip on any equally valid
-    execution, even where this twin happened not to flip it."""
-    ref = reference.reshape(len(reference), -1).astype(np.float64)
-    other = twin.reshape(len(twin), -1).astype(np.float64)
-    if ref.shape[1] < 2:
-        return ref.argmax(1) == other.argmax(1)
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    noise = np.abs(ref - other).max(axis=1)
-    return (ref.argmax(1) == other.argmax(1)) & (margin > FLOOR_FACTOR * noise)
+def twin_outputs(reference: nn.Module, inputs: torch.Tensor) -> list[tuple[str, np.ndarray]]:
+    """The reference's outputs under other, equally valid arithmetic: in float64, and in float32 with
+    PyTorch's native convolutions instead of oneDNN's (another summation order). A module that cannot
+    run one way simply has no twin of that kind."""
+    twins = []
+    try:
+        twins.append(("torch-fake-quant-float64", copy.deepcopy(reference).double()(inputs.double()).numpy()))
+    except Exception:  # noqa: BLE001 - e.g. an op without a float64 kernel
+        pass
+    if torch.backends.mkldnn.is_available():
+        with torch.backends.mkldnn.flags(enabled=False):
+            twins.append(("torch-fake-quant-no-onednn", reference(inputs).float().numpy()))
+    return twins
 
 
 def input_spread(outputs: np.ndarray) -> float:
