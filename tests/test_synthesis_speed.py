@@ -114,3 +114,47 @@ def test_inputs_above_64_px_take_the_large_input_batch_and_schedule():
     typed = SynthesisConfig(method="zeroq", num_images=4, batch_size=4, iterations=3, lr=0.3, device="cpu")
     meta = synthesize(net, config=typed, input_shape=(3, 72, 72), progress=False).meta
     assert (meta["config"]["batch_size"], meta["iterations"], meta["lr"]) == (4, 3, 0.3)
+
+
+_CHURN = """
+import resource, sys, torch
+from dfq_deploy.synthesis import speed
+if sys.argv[1] == "keep":
+    assert speed.keep_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # what a pixel loop does to its activations: allocate, fill, free, every step
+    torch.ones(16 << 20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not speed.keep_freed_memory(), reason="the C library is not glibc")
+def test_keeping_freed_memory_stops_every_step_faulting_its_pages_in_again():
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True)
+        return int(done.stdout.split()[-1])
+
+    # 64 MiB per step is 16,384 pages: glibc's default maps and unmaps them every time.
+    plain, kept = faults("plain"), faults("keep")
+    assert plain > 10 * 16_000 and plain > 4 * kept, (plain, kept)
+
+
+def test_the_pixel_loop_reports_whether_it_kept_freed_memory(model):
+    kept = synthesize(
+        model,
+        config=SynthesisConfig(method="zeroq", num_images=4, iterations=2),
+        input_shape=(3, 16, 16),
+        progress=False,
+    )
+    plain = synthesize(
+        model,
+        config=SynthesisConfig(method="zeroq", num_images=4, iterations=2),
+        input_shape=(3, 16, 16),
+        progress=False,
+        levers=speed.PLAIN,
+    )
+    assert kept.meta["keep_freed_memory"] is speed.keep_freed_memory()
+    assert plain.meta["keep_freed_memory"] is False

@@ -27,9 +27,11 @@ def synthesize_pixels(
 
     ``start`` makes a batch's (generator, initial images, labels), :func:`start_batch` by default.
     ``warmup == iterations`` is a single phase with ZeroQ's schedule. Meta: ``iterations``, ``lr``,
-    ``steps_taken`` per batch, ``coarse_steps``, ``bf16``, ``channels_last`` and the objective's own.
+    ``steps_taken`` per batch, ``coarse_steps``, ``bf16``, ``channels_last``, ``keep_freed_memory`` and the
+    objective's own.
     """
     levers = job.levers
+    kept_freed_memory = levers.keep_freed_memory and job.device.type == "cpu" and speed.keep_freed_memory()
     coarse_steps = levers.coarse_steps(iterations, job.input_shape) if warmup == iterations else 0
     images, all_labels, losses, steps = [], [], [], []
     with BNInputCapture(job.layers) as capture, speed.memory_format(job.model, levers):
@@ -66,6 +68,7 @@ def synthesize_pixels(
             "coarse_steps": coarse_steps,
             "bf16": levers.bf16(job.device),
             "channels_last": levers.channels_last,
+            "keep_freed_memory": kept_freed_memory,
             **objective.meta(),
         },
     )
