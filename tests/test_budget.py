@@ -103,12 +103,12 @@ def test_budget_not_met_exits_7(setup, monkeypatch, tmp_path):
     """When even the most precise plan misses, the build stops with exit code 7 and writes no model."""
     from click.testing import CliRunner
 
-    import dfq_deploy.quant.budget as budget
+    import dfq_deploy.quant.plan_search as plan_search
     from dfq_deploy.cli.commands import main
 
     # an estimate no plan can fix, above a floor the budget clears (16 held-out images: 0.3 × 18.75)
     source = SourceEstimate("held_out", 16, point=50.0, se=2.0, disagreement=50.0, flips=8, confidence=0.3)
-    monkeypatch.setattr(budget, "estimate_drop", lambda *a, **k: DropEstimate((source,)))
+    monkeypatch.setattr(plan_search, "estimate_drop", lambda *a, **k: DropEstimate((source,)))
     model, calib, scheme = setup
     with pytest.raises(BudgetNotMetError, match=r"interval 46\.71–53\.29 \(upper end from the held_out source"):
         plan_for_max_drop(model, calib, scheme=scheme, max_drop=10.0)

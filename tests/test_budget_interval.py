@@ -89,11 +89,12 @@ def test_a_budget_below_the_floor_stops_before_anything_is_quantized(monkeypatch
     """16 held-out images: no plan's upper end can fall below ~0.3 × 18.75 points, so a 1-point budget
     is refused at once, with the number of images that would resolve it."""
     import dfq_deploy.quant.budget as budget
+    import dfq_deploy.quant.plan_search as plan_search
 
     def no_quantize(*args, **kwargs):
         raise AssertionError("quantized although no plan could be accepted")
 
-    monkeypatch.setattr(budget, "quantize", no_quantize)
+    monkeypatch.setattr(plan_search, "quantize", no_quantize)
     monkeypatch.setattr(budget, "measure_sensitivity", no_quantize)
     model = tiny_resnet()
     calib = CalibrationSet(torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)))

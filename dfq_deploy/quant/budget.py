@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,16 +38,15 @@ from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.quant.drop_estimate import (
     DropEstimate,
     compare_per_image,
-    estimate_drop,
     estimate_floor,
     images_to_resolve,
     percent,
     standard_error_percent,
     zero_flip_bound,
 )
-from dfq_deploy.quant.quantize import QuantModel, quantize
-from dfq_deploy.quant.sensitivity import literal_glob, measure_sensitivity
-from dfq_deploy.quant.transplant import transplant_learned
+from dfq_deploy.quant.plan_search import LadderSearch, raise_ladder
+from dfq_deploy.quant.quantize import QuantModel
+from dfq_deploy.quant.sensitivity import measure_sensitivity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,67 +175,29 @@ def plan_for_max_drop(
     calibrate_on, held_out, resolution = _split_for_budget(calib, max_drop, holdout_fraction)
     _check_floor(model, held_out.images, max_drop, holdout_fraction)
     measured = measure_sensitivity(model, calibrate_on, scheme=scheme, config=MixedPrecisionConfig())
-    ladder = _ladder(measured, scheme)
-    steps: list[dict[str, Any]] = []
-
-    def scheme_for(k: int) -> QuantScheme:
-        raised = dataclasses.replace(scheme, act_bits=8) if None in ladder[:k] else scheme
-        return dataclasses.replace(raised, overrides=scheme.overrides + _merge(ladder[:k]))
-
-    fits: dict[int, QuantModel] = {}  # the cheapest plan that fit so far (reconstructed if asked), by rung
-    judged: dict[int, DropEstimate] = {}
-    all_low: list[QuantModel] = []  # reconstructed: what the carried candidates take their learning from
-
-    def estimate(k: int) -> DropEstimate:
-        if k not in judged:
-            qmodel = quantize(model, calibrate_on, scheme=scheme_for(k), progress=progress, reconstruct=reconstruct)
-            judged[k] = _judge(k, qmodel, carried=False)
-            if judged[k].upper <= max_drop and (not fits or k < min(fits)):
-                fits.clear()
-                fits[k] = qmodel
-            if k == 0:
-                all_low.append(qmodel)
-        return judged[k]
-
-    def carried(k: int) -> DropEstimate:
-        if k == 0:
-            return estimate(0)
-        qmodel = quantize(model, calibrate_on, scheme=scheme_for(k), progress=progress)
-        transplant_learned(all_low[0], qmodel)
-        return _judge(k, qmodel, carried=True)
-
-    def _judge(k: int, qmodel: QuantModel, *, carried: bool) -> DropEstimate:
-        found = estimate_drop(model, qmodel.module, held_out.images)
-        steps.append({"raised": k, "carried_reconstruction": carried, **_step(found)})
-        return found
-
-    if reconstruct is None:
-        hi, final = _cheapest_fit(estimate, len(ladder), max_drop)
-    else:
-        hi, final = _cheapest_fit_reconstructed(estimate, carried, len(ladder), max_drop)
-    chosen = scheme_for(hi)
+    search = LadderSearch(
+        model,
+        calibrate_on,
+        held_out,
+        scheme=scheme,
+        ladder=raise_ladder(measured, scheme),
+        max_drop=max_drop,
+        reconstruct=reconstruct,
+        progress=progress,
+    )
+    hi, final = search.cheapest()
+    chosen = search.scheme_for(hi)
     plan = _budget_plan(
         max_drop,
         final,
         chosen,
         chosen.overrides[len(scheme.overrides) :],
         measured,
-        steps=tuple(steps),
+        steps=tuple(search.steps),
         resolution=resolution,
         reconstructed=reconstruct is not None,
     )
-    return plan, calibrate_on, fits[hi]
-
-
-def _step(found: DropEstimate) -> dict[str, float]:
-    """What a candidate's estimate leaves in the plan's steps."""
-    return {
-        "estimated_drop": found.point,
-        "estimated_drop_se": found.se,
-        "estimated_drop_lower": found.lower,
-        "estimated_drop_upper": found.upper,
-        "disagreement": found.disagreement,
-    }
+    return plan, calibrate_on, search.fits[hi]
 
 
 def _budget_plan(
@@ -318,75 +278,6 @@ def _split_for_budget(
     if resolution:
         warnings.warn(resolution, stacklevel=3)
     return calibrate_on, held_out, resolution
-
-
-def _ladder(measured, scheme: QuantScheme) -> list[LayerOverride | None]:
-    """The candidate raises in order, most sensitive layer first: each layer to 8 bit (if below); then
-    the activations no layer owns (residual adds, pools) to 8 bit (``None``); then each layer to float."""
-    ranking = sorted((layer for layer in measured.layers), key=lambda layer: measured.errors[layer.name], reverse=True)
-    ladder: list[LayerOverride | None] = [
-        LayerOverride(literal_glob(layer.name), 8, 8)
-        for layer in ranking
-        if layer.weight_bits < 8 or (layer.act_bits or 8) < 8
-    ]
-    if scheme.act_bits < 8:
-        ladder.append(None)  # marks "every other activation to 8 bit"
-    return ladder + [LayerOverride(literal_glob(layer.name), None, None) for layer in ranking]
-
-
-def _cheapest_fit(estimate: Callable[[int], DropEstimate], rungs: int, max_drop: float) -> tuple[int, DropEstimate]:
-    """The fewest ladder rungs whose interval's upper end fits ``max_drop``, by bisection (the estimate
-    falls as rungs are added), and that plan's estimate; :class:`BudgetNotMetError` when even all of
-    them do not fit."""
-    lo, hi = 0, rungs
-    found = estimate(lo)
-    if found.upper <= max_drop:
-        return lo, found
-    found = estimate(hi)
-    if found.upper > max_drop:
-        raise BudgetNotMetError(
-            f"no precision plan meets --max-drop {max_drop:g}: even with every layer in float the estimated "
-            f"drop is {found.point:.2f} points, interval {found.lower:.2f}–{found.upper:.2f} ({found.basis})",
-            hint="the interval is wide with few images: raise --num-images, or relax --max-drop",
-        )
-    while hi - lo > 1:  # invariant: upper(lo) > max_drop >= upper(hi), and found is hi's estimate
-        mid = (lo + hi) // 2
-        at_mid = estimate(mid)
-        if at_mid.upper <= max_drop:
-            hi, found = mid, at_mid
-        else:
-            lo = mid
-    return hi, found
-
-
-def _cheapest_fit_reconstructed(
-    reconstructed: Callable[[int], DropEstimate], carried: Callable[[int], DropEstimate], rungs: int, max_drop: float
-) -> tuple[int, DropEstimate]:
-    """:func:`_cheapest_fit` where each estimate costs a reconstruction (``reconstructed``, memoised):
-    the all-low plan is reconstructed; if it misses, the bisection runs on candidates that carry its
-    learning over (``carried``: one calibration each), and only the rung it picks is reconstructed
-    and judged again. Should that plan miss after all, the search goes on above it, reconstructing."""
-    found = reconstructed(0)
-    if found.upper <= max_drop or rungs == 0:
-        return _cheapest_fit(reconstructed, rungs, max_drop)  # fits at once, or raises: nothing to raise
-    try:
-        picked, _ = _cheapest_fit(carried, rungs, max_drop)
-    except BudgetNotMetError:
-        picked = rungs  # judged with carried learning even the most precise plan misses: reconstruct it
-    found = reconstructed(picked)
-    if found.upper <= max_drop:
-        return picked, found
-    above, found = _cheapest_fit(lambda j: reconstructed(picked + j), rungs - picked, max_drop)
-    return picked + above, found
-
-
-def _merge(overrides: list[LayerOverride | None]) -> tuple[LayerOverride, ...]:
-    """One override per layer: a later (float) entry replaces an earlier (8-bit) one."""
-    by_layer: dict[str, LayerOverride] = {}
-    for override in overrides:
-        if override is not None:
-            by_layer[override.pattern] = override
-    return tuple(by_layer.values())
 
 
 def _costs(measured, overrides: tuple[LayerOverride, ...]) -> tuple[float, float, float, float, float]:

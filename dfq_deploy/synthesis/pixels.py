@@ -57,21 +57,19 @@ def synthesize_pixels(
                 losses.append(loss)
                 steps.append(taken)
     labels = None if objective.num_classes is None else torch.cat(all_labels).cpu()
-    return MethodResult(
-        torch.cat(images),
-        labels,
-        sum(losses) / len(losses),
-        {
-            "iterations": iterations,
-            "lr": lr,
-            "steps_taken": steps,
-            "coarse_steps": coarse_steps,
-            "bf16": levers.bf16(job.device),
-            "channels_last": levers.channels_last,
-            "keep_freed_memory": kept_freed_memory,
-            **objective.meta(),
-        },
-    )
+    meta = {"iterations": iterations, "lr": lr, "steps_taken": steps, "coarse_steps": coarse_steps}
+    meta |= _lever_meta(job, kept_freed_memory=kept_freed_memory)
+    return MethodResult(torch.cat(images), labels, sum(losses) / len(losses), meta | objective.meta())
+
+
+def _lever_meta(job: Job, *, kept_freed_memory: bool) -> dict:
+    """Which :mod:`.speed` levers really ran, so a cached set says how it was made."""
+    levers = job.levers
+    return {
+        "bf16": levers.bf16(job.device),
+        "channels_last": levers.channels_last,
+        "keep_freed_memory": kept_freed_memory,
+    }
 
 
 def _optimise_batch(job: Job, objective, started, bar, *, schedule: tuple[int, int, int], lrs: tuple[float, float]):
