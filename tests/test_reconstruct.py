@@ -16,7 +16,9 @@ from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.quant.reconstruct import find_blocks, reconstruct_blocks
 
 SCHEME = QuantScheme(weight_bits=4, act_bits=4, calibrator="mse", weight_calibrator="mse")
-FAST = ReconstructionConfig(iterations=200, batch_size=16, drop_prob=0.0, seed=0)
+# 400, not 200: at 200 the residual block's error stayed at its start on an AMX CPU (oneDNN's AVX512/AMX
+# kernels round differently from AVX2's), so the block was reverted; 400 lowers it on both.
+FAST = ReconstructionConfig(iterations=400, batch_size=16, drop_prob=0.0, seed=0)
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +63,7 @@ def test_reconstruction_lowers_the_block_error_and_rounds_within_one_step(model,
     qmodel = quantize(model, calib, scheme=SCHEME, progress=False)
     before = _weights(qmodel)
     report = reconstruct_blocks(qmodel, calib, config=FAST, progress=False)
-    assert [b.iterations for b in report.blocks] == [200, 200, 200]
+    assert [b.iterations for b in report.blocks] == [FAST.iterations] * 3
     for block in report.blocks:
         assert block.error_after < block.error_before and not block.reverted, block
     changed = 0
