@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import statistics
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -261,7 +262,9 @@ def twin_outputs(reference: nn.Module, inputs: torch.Tensor) -> list[tuple[str, 
     except Exception:  # noqa: BLE001 - e.g. an op without a float64 kernel
         pass
     if torch.backends.mkldnn.is_available():
-        with torch.backends.mkldnn.flags(enabled=False):
+        # flags() also sets oneDNN's TF32 switch, which warns on every call that it is for Intel GPUs
+        with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
             twins.append(("torch-fake-quant-no-onednn", reference(inputs).float().numpy()))
     return twins
 
