@@ -197,7 +197,7 @@ def plan_for_max_drop(
         resolution=resolution,
         reconstructed=reconstruct is not None,
     )
-    return plan, calibrate_on, search.fits[hi]
+    return plan, calibrate_on, search.quantized(hi)
 
 
 def _budget_plan(

@@ -26,7 +26,7 @@ from dfq_deploy.quant.transplant import transplant_learned
 
 class LadderSearch:
     """The candidates of one search: rung ``k`` raises the ladder's first ``k`` entries of ``scheme``.
-    Each judged candidate is recorded in :attr:`steps`; the cheapest that fit is kept in :attr:`fits`."""
+    Each judged candidate is recorded in :attr:`steps`; the cheapest that fit is kept (:meth:`quantized`)."""
 
     def __init__(
         self,
@@ -44,9 +44,9 @@ class LadderSearch:
         self.scheme, self.ladder, self.max_drop = scheme, ladder, max_drop
         self.reconstruct, self.progress = reconstruct, progress
         self.steps: list[dict[str, Any]] = []
-        self.fits: dict[int, QuantModel] = {}  # the cheapest plan that fit so far (reconstructed if asked)
+        self._fitted: tuple[int, QuantModel] | None = None  # the cheapest rung that fit so far, quantized
         self._judged: dict[int, DropEstimate] = {}
-        self._all_low: list[QuantModel] = []  # reconstructed: what the carried candidates take their learning from
+        self._all_low: QuantModel | None = None  # what the carried candidates take their learning from
 
     def scheme_for(self, k: int) -> QuantScheme:
         """The scheme with the ladder's first ``k`` raises as overrides."""
@@ -70,19 +70,25 @@ class LadderSearch:
                 reconstruct=self.reconstruct,
             )
             self._judged[k] = self._judge(k, qmodel, carried=False)
-            if self._judged[k].upper <= self.max_drop and (not self.fits or k < min(self.fits)):
-                self.fits.clear()
-                self.fits[k] = qmodel
+            if self._judged[k].upper <= self.max_drop and (self._fitted is None or k < self._fitted[0]):
+                self._fitted = (k, qmodel)
             if k == 0:
-                self._all_low.append(qmodel)
+                self._all_low = qmodel
         return self._judged[k]
+
+    def quantized(self, k: int) -> QuantModel:
+        """The model of rung ``k``, which must be the cheapest rung that fit (as :meth:`cheapest` returns)."""
+        if self._fitted is None or self._fitted[0] != k:
+            raise KeyError(f"rung {k} is not the cheapest plan that fit")
+        return self._fitted[1]
 
     def carried(self, k: int) -> DropEstimate:
         """Rung ``k`` calibrated only, with the all-low plan's reconstruction carried over, and judged."""
         if k == 0:
             return self.estimate(0)
+        assert self._all_low is not None, "cheapest_fit_reconstructed judges the all-low plan first"
         qmodel = quantize(self.model, self.calibrate_on, scheme=self.scheme_for(k), progress=self.progress)
-        transplant_learned(self._all_low[0], qmodel)
+        transplant_learned(self._all_low, qmodel)
         return self._judge(k, qmodel, carried=True)
 
     def _judge(self, k: int, qmodel: QuantModel, *, carried: bool) -> DropEstimate:
