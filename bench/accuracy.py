@@ -1,6 +1,7 @@
 """Top-1 of the CIFAR-10 ResNets after data-free quantization, per calibration source and scheme.
 
-Accuracy is measured on ``test-lossless-1017.npz`` only (never used for calibration); real-image
+Accuracy is measured on ``test-lossless-1017.npz`` (and with ``--jpeg`` also on the 3,983 images of
+``test-jpeg-1017-4999.npz``; neither is ever used for calibration); real-image
 calibration and FDDA's hybrid mode read ``train-sample/`` only. Runs in stages: pick models,
 sources and schemes with flags; every row is appended to ``--results`` (JSON lines) and the table
 printed at the end holds all rows collected so far. Synthetic sets are cached, so a later stage
@@ -10,6 +11,7 @@ reuses them (their synthesis time is the one measured when they were made).
     python bench/accuracy.py --models resnet20 --sources fdda --schemes w4a4-rec --rec-iterations 2000
     python bench/accuracy.py --models resnet20,resnet56 --sources zeroq,fdda --schemes fp32,w8a8-est,w4a4-est,w4a4-max-drop
     python bench/accuracy.py --defaults --models resnet20,resnet56   # see bench/accuracy_defaults.py
+    python bench/accuracy.py --models resnet20-folded --sources noise,prior,real --schemes fp32,w8a8 --jpeg  # no BN
 
 ``-est`` rows calibrate on 3/4 of the set and estimate the top-1 drop on the held-out 1/4, the way
 ``build --max-drop`` does, next to the real drop; ``w4a4-max-drop`` runs the ``--max-drop`` planner
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets" / "cifar10"
 CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
 FP32_PUBLISHED = {"resnet20": 91.64, "resnet56": 92.72}  # assets README, same 1,017 images
-SOURCES = ("noise", "zeroq", "clusterq", "fdda", "fdda-hybrid", "real")
+SOURCES = ("noise", "zeroq", "clusterq", "fdda", "fdda-hybrid", "real", "prior")
 DATA_FREE = ("noise", "zeroq", "clusterq", "fdda")
 # scheme name -> (weight bits, activation bits, reconstruct?)
 SCHEMES = {
@@ -59,10 +61,20 @@ SCHEMES = {
 }
 
 
-def load_model(name: str) -> torch.nn.Module:
-    from dfq_deploy.models.cifar_resnet import cifar_resnet, load_akamaster_checkpoint
+FOLDED = "-folded"  # e.g. resnet20-folded: BN folded into the convs first, a model with no BN left
 
-    return load_akamaster_checkpoint(cifar_resnet(name), str(ASSETS / CHECKPOINTS[name]))
+
+def load_model(name: str) -> torch.nn.Module:
+    from dfq_deploy.models.capture import capture_graph
+    from dfq_deploy.models.cifar_resnet import cifar_resnet, load_akamaster_checkpoint
+    from dfq_deploy.quant.fold import fold_batchnorm
+
+    base = name.removesuffix(FOLDED)
+    model = load_akamaster_checkpoint(cifar_resnet(base), str(ASSETS / CHECKPOINTS[base]))
+    if name.endswith(FOLDED):
+        model = fold_batchnorm(capture_graph(model.eval(), (3, 32, 32)))
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return model
 
 
 def calibration_set(model, model_name: str, source: str, args) -> CalibrationSet:
@@ -85,7 +97,7 @@ def calibration_set(model, model_name: str, source: str, args) -> CalibrationSet
         config=config,
         input_shape=(3, 32, 32),
         cache_dir=Path(args.cache_dir),
-        model_hash=f"{model_name}:{CHECKPOINTS[model_name]}",
+        model_hash=f"{model_name}:{CHECKPOINTS[model_name.removesuffix(FOLDED)]}",
         progress=args.progress,
         normalize=(CIFAR10_MEAN, CIFAR10_STD),
     )
@@ -108,8 +120,7 @@ def scheme_for(name: str, args):
     return scheme, recon
 
 
-def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, args) -> dict:
-    from dfq_deploy.analysis.evaluate import timed_top1
+def run_row(model, model_name: str, source: str, scheme_name: str, eval_sets, args) -> dict:
     from dfq_deploy.quant.quantize import quantize
 
     row = {
@@ -118,9 +129,10 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
         "scheme": scheme_name,
         "threads": torch.get_num_threads(),
         "images": args.images,
+        "seed": args.seed,
     }
     if scheme_name == "fp32":
-        row["top1"], _ = timed_top1(model, eval_set)
+        score(row, model, eval_sets)
         row["source"] = "-"
         return row
     calib = calibration_set(model, model_name, source, args)
@@ -139,8 +151,18 @@ def run_row(model, model_name: str, source: str, scheme_name: str, eval_set, arg
         row["reconstruction_s"] = qmodel.reconstruction.seconds
         row["rec_iterations"] = [b.iterations for b in qmodel.reconstruction.blocks]
     row["total_s"] = row["synthesis_s"] + row["quantize_s"]
-    row["top1"], _ = timed_top1(qmodel, eval_set)
+    score(row, qmodel, eval_sets)
     return row
+
+
+def score(row: dict, model, eval_sets) -> None:
+    """``top1`` on the lossless set and, where ``--jpeg`` loaded it, ``top1_jpeg`` on the 3,983 JPEG images."""
+    from dfq_deploy.analysis.evaluate import timed_top1
+
+    lossless, jpeg = eval_sets
+    row["top1"], _ = timed_top1(model, lossless)
+    if jpeg is not None:
+        row["top1_jpeg"], _ = timed_top1(model, jpeg)
 
 
 def estimate_drop_row(model, calib, scheme, recon, row: dict, holdout_fraction: float):
@@ -224,18 +246,28 @@ def _interval(row: dict, real: float) -> str:
 def print_table(rows: list[dict], cpu: dict) -> None:
     rows = [r for r in rows if r.get("mode") != "defaults"]  # print_defaults shows those
     fp32 = {r["model"]: r["top1"] for r in rows if r["scheme"] == "fp32"}
-    print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores, {cpu['isa']}); eval: test-lossless-1017.npz (1,017 images)")
-    header = f"{'model':9} {'scheme':14} {'source':12} {'top-1':>7} {'Δ FP32':>7} {'synth s':>8} {'quant s':>8} {'recon s':>8} {'total s':>8} thr rec iters/block"
+    fp32_jpeg = {r["model"]: r["top1_jpeg"] for r in rows if r["scheme"] == "fp32" and "top1_jpeg" in r}
+    print(
+        f"\nCPU: {cpu['model']} ({cpu['cores']} cores, {cpu['isa']}); eval: test-lossless-1017.npz (1,017 images); JPEG: test-jpeg-1017-4999.npz (3,983)"
+    )
+    header = f"{'model':15} {'scheme':14} {'source':12} {'seed':>4} {'top-1':>7} {'Δ FP32':>7} {'JPEG':>6} {'Δ FP32':>7} {'synth s':>8} {'quant s':>8} {'recon s':>8} {'total s':>8} thr rec iters/block"
     print(header)
     print("-" * len(header))
-    for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"])):
-        delta = r["top1"] - fp32[r["model"]] if r["model"] in fp32 and r["scheme"] != "fp32" else None
+
+    def delta(r: dict, key: str, reference: dict) -> str:
+        known = key in r and r["model"] in reference and r["scheme"] != "fp32"
+        return f"{r[key] - reference[r['model']]:+7.2f}" if known else f"{'':7}"
+
+    for r in sorted(rows, key=lambda r: (r["model"], list(SCHEMES).index(r["scheme"]), r["source"], r.get("seed", 0))):
         cells = [
-            f"{r['model']:9}",
+            f"{r['model']:15}",
             f"{r['scheme']:14}",
             f"{r['source']:12}",
+            f"{r.get('seed', ''):>4}",
             f"{r['top1']:7.2f}",
-            f"{delta:+7.2f}" if delta is not None else f"{'':7}",
+            delta(r, "top1", fp32),
+            f"{r['top1_jpeg']:6.2f}" if "top1_jpeg" in r else f"{'':6}",
+            delta(r, "top1_jpeg", fp32_jpeg),
         ]
         for key in ("synthesis_s", "quantize_s", "reconstruction_s", "total_s"):
             cells.append(f"{r[key]:8.0f}" if key in r else f"{'':8}")
@@ -254,7 +286,9 @@ def read_rows(results: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="resnet20", help="comma list of resnet20,resnet56")
+    parser.add_argument(
+        "--models", default="resnet20", help="comma list of resnet20,resnet56 (NAME-folded: BN folded first, none left)"
+    )
     parser.add_argument(
         "--sources", default="noise,zeroq,clusterq,fdda,fdda-hybrid,real", help=f"comma list of {','.join(SOURCES)}"
     )
@@ -278,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jpeg", action="store_true", help="also score test-jpeg-1017-4999.npz (3,983 images)")
     parser.add_argument(
         "--cache-dir",
         default=os.path.join(
@@ -327,9 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     from dfq_deploy.analysis.evaluate import load_eval_set
     from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
-    eval_set = load_eval_set(
-        ASSETS / "test-lossless-1017.npz", input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD
-    )
+    def eval_set(name: str):
+        return load_eval_set(ASSETS / name, input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD)
+
+    eval_sets = (eval_set("test-lossless-1017.npz"), eval_set("test-jpeg-1017-4999.npz") if args.jpeg else None)
     for model_name in args.models.split(","):
         model = load_model(model_name)
         for scheme_name in args.schemes.split(","):
@@ -338,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             for source in ["-"] if scheme_name == "fp32" else args.sources.split(","):
                 if source != "-" and source not in SOURCES:
                     parser.error(f"unknown source {source!r}")
-                row = run_row(model, model_name, source, scheme_name, eval_set, args)
+                row = run_row(model, model_name, source, scheme_name, eval_sets, args)
                 row["cpu"] = cpu
                 row["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
                 print(json.dumps({k: v for k, v in row.items() if k != "cpu"}), flush=True)
