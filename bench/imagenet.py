@@ -3,13 +3,15 @@
     python bench/imagenet.py [--models lite1 lite2 resnet18 resnet50 mobilenet_v2]
         [--methods noise zeroq clusterq fdda real] [--num-images 256] [--iterations N] [--batch 32]
         [--eval-images 500] [--threads 2] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
+        [--fold-bn]
 
 imagenet-750 (../shared/assets) is split once: every third image (250) is the pool real-image
 calibration draws from, the other 500 are the evaluation set (a labels.csv folder): no image is
 both calibrated on and scored. EfficientNet-Lite1/Lite2 carry real ImageNet weights (the ``bench``
 extra); the torchvision models are untrained and give speed only. ``--levers`` picks the synthesis
 speed levers (``plain``: the float32 loop as it was; ``default``; ``bf16``; ``fp32``: the default
-without bf16 autocast; ``coarse``), so the same run compares them. Every time is printed with the CPU's ISA and the load average: the
+without bf16 autocast; ``coarse``), so the same run compares them. ``--fold-bn`` folds every BatchNorm
+into its conv first: a model with no BN left, for the no-BN ``prior`` method (``--methods noise prior real``). Every time is printed with the CPU's ISA and the load average: the
 2-core machine is shared, so compare rows of one run, not runs.
 """
 
@@ -29,7 +31,9 @@ from dfq_deploy import api
 from dfq_deploy.analysis.evaluate import evaluate_top1, load_eval_set
 from dfq_deploy.config import SynthesisConfig, default_scheme
 from dfq_deploy.io.labels_csv import read_labels_csv
+from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.normalization import NORMALIZATIONS
+from dfq_deploy.quant.fold import fold_batchnorm
 from dfq_deploy.runtimes.cpu_features import cpu_flags
 from dfq_deploy.synthesis import synthesize
 from dfq_deploy.synthesis.speed import DEFAULT, PLAIN, SpeedLevers
@@ -144,7 +148,12 @@ def run_model(key: str, args, work: Path, calib_pool: Path, eval_dir: Path) -> l
     spec = MODELS[key]
     start = time.perf_counter()
     model = load(spec, work)
-    print(f"{spec.name}: loaded in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    name = spec.name
+    if args.fold_bn:
+        model = dataclasses.replace(model, module=fold_batchnorm(capture_graph(model.module, model.input_shape)))
+        left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.module.modules())
+        name = f"{spec.name} (BN folded, {left} left)"
+    print(f"{name}: loaded in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     normalize = NORMALIZATIONS[spec.normalize]
     scored = spec.weights_package is not None and not args.speed_only
     fp32 = None
@@ -157,7 +166,7 @@ def run_model(key: str, args, work: Path, calib_pool: Path, eval_dir: Path) -> l
     for lever_name in args.levers:
         for method in args.methods:
             calib, synth = calibration(model, method, args, calib_pool, normalize, LEVERS[lever_name])
-            synth |= {"model": spec.name, "levers": lever_name, "method": method, "fp32": fp32, "w8a8": None}
+            synth |= {"model": name, "levers": lever_name, "method": method, "fp32": fp32, "w8a8": None}
             # One synthesized set scored under every calibrator asked for: the set is the costly part.
             for calibrators in args.calibrators if scored else [None]:
                 row = dict(synth, calibrators=calibrators)
@@ -235,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         help="activation:weight calibrators to score each set under (max, percentile, mse, entropy)",
     )
     parser.add_argument("--speed-only", action="store_true", help="no accuracy: synthesis rows only")
+    parser.add_argument("--fold-bn", action="store_true", help="fold BN into the convs first (a model with no BN)")
     args = parser.parse_args(argv)
     if not (IMAGENET / "labels.csv").is_file():
         print(f"skipped: {IMAGENET} not found (bench/imagenet.py needs ../shared/assets beside the checkout)")
