@@ -67,13 +67,13 @@ FOLDED = "-folded"  # e.g. resnet20-folded: BN folded into the convs first, a mo
 def load_model(name: str) -> torch.nn.Module:
     from dfq_deploy.models.capture import capture_graph
     from dfq_deploy.models.cifar_resnet import cifar_resnet, load_akamaster_checkpoint
-    from dfq_deploy.quant.fold import fold_batchnorm
+    from dfq_deploy.quant.fold import batchnorm_layers, fold_batchnorm
 
     base = name.removesuffix(FOLDED)
     model = load_akamaster_checkpoint(cifar_resnet(base), str(ASSETS / CHECKPOINTS[base]))
     if name.endswith(FOLDED):
         model = fold_batchnorm(capture_graph(model.eval(), (3, 32, 32)))
-        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert not batchnorm_layers(model), batchnorm_layers(model)
     return model
 
 

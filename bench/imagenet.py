@@ -11,8 +11,9 @@ both calibrated on and scored. EfficientNet-Lite1/Lite2 carry real ImageNet weig
 extra); the torchvision models are untrained and give speed only. ``--levers`` picks the synthesis
 speed levers (``plain``: the float32 loop as it was; ``default``; ``bf16``; ``fp32``: the default
 without bf16 autocast; ``coarse``), so the same run compares them. ``--fold-bn`` folds every BatchNorm
-into its conv first: a model with no BN left, for the no-BN ``prior`` method (``--methods noise prior real``). Every time is printed with the CPU's ISA and the load average: the
-2-core machine is shared, so compare rows of one run, not runs.
+into its conv first: a model with no BN left, for the no-BN ``prior`` method (``--methods noise prior
+real``). Every time is printed with the CPU's ISA and the load average: the 2-core machine is shared,
+so compare rows of one run, not runs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dfq_deploy.config import SynthesisConfig, default_scheme
 from dfq_deploy.io.labels_csv import read_labels_csv
 from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.normalization import NORMALIZATIONS
-from dfq_deploy.quant.fold import fold_batchnorm
+from dfq_deploy.quant.fold import batchnorm_layers, fold_batchnorm
 from dfq_deploy.runtimes.cpu_features import cpu_flags
 from dfq_deploy.synthesis import synthesize
 from dfq_deploy.synthesis.speed import DEFAULT, PLAIN, SpeedLevers
@@ -151,8 +152,7 @@ def run_model(key: str, args, work: Path, calib_pool: Path, eval_dir: Path) -> l
     name = spec.name
     if args.fold_bn:
         model = dataclasses.replace(model, module=fold_batchnorm(capture_graph(model.module, model.input_shape)))
-        left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.module.modules())
-        name = f"{spec.name} (BN folded, {left} left)"
+        name = f"{spec.name} (BN folded, {len(batchnorm_layers(model.module))} left)"
     print(f"{name}: loaded in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     normalize = NORMALIZATIONS[spec.normalize]
     scored = spec.weights_package is not None and not args.speed_only

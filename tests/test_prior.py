@@ -50,13 +50,13 @@ def test_prior_calibrates_the_bn_folded_resnet20_better_than_noise_at_w4a4(asset
     from dfq_deploy.config import QuantScheme
     from dfq_deploy.models.capture import capture_graph
     from dfq_deploy.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, cifar_resnet, load_akamaster_checkpoint
-    from dfq_deploy.quant.fold import fold_batchnorm
+    from dfq_deploy.quant.fold import batchnorm_layers, fold_batchnorm
     from dfq_deploy.quant.quantize import quantize
 
     cifar = assets / "cifar10"
     trained = load_akamaster_checkpoint(cifar_resnet("resnet20"), str(cifar / "resnet20-12fca82f.th")).eval()
     folded = fold_batchnorm(capture_graph(trained, (3, 32, 32)))
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert batchnorm_layers(trained) and not batchnorm_layers(folded)
     jpeg = load_eval_set(cifar / "test-jpeg-1017-4999.npz", input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD)
     scheme = QuantScheme(weight_bits=4, act_bits=4, calibrator="mse", weight_calibrator="mse")
 

@@ -23,6 +23,7 @@ from torch import nn
 from dfq_deploy.config import SynthesisConfig, default_scheme
 from dfq_deploy.errors import DfqError, MissingDependencyError
 from dfq_deploy.models.capture import capture_graph
+from dfq_deploy.quant.fold import batchnorm_layers
 
 BATCH_SIZES = (1, 8, 32)
 AGREEMENT_INPUTS = 32
@@ -141,7 +142,7 @@ def check_model(
         threads=threads,
     )
     found = _check_once(module, name=name, input_shape=tuple(input_shape), **options)
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    has_batchnorm = bool(batchnorm_layers(module))
     if untrained and has_batchnorm and found.ignores_input:
         settled = settle_batchnorm(copy.deepcopy(module), tuple(input_shape))
         found = _check_once(settled, name=name, input_shape=tuple(input_shape), **options)

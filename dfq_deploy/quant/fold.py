@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import fx
+from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 
@@ -16,3 +16,8 @@ def fold_batchnorm(model: fx.GraphModule) -> fx.GraphModule:
     folded = fuse(model, inplace=False, no_trace=True)
     folded._dfq_lifted = True
     return folded.eval()
+
+
+def batchnorm_layers(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers ``model`` has (after :func:`fold_batchnorm`: the ones it could not fold)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
