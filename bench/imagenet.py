@@ -3,7 +3,7 @@
     python bench/imagenet.py [--models lite1 lite2 resnet18 resnet50 mobilenet_v2]
         [--methods noise zeroq clusterq fdda real] [--num-images 256] [--iterations N] [--batch 32]
         [--eval-images 500] [--threads 2] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
-        [--fold-bn]
+        [--fold-bn] [--schemes w8a8 w4a8-rec w4a4-rec] [--rec-iterations 500]
 
 imagenet-750 (../shared/assets) is split once: every third image (250) is the pool real-image
 calibration draws from, the other 500 are the evaluation set (a labels.csv folder): no image is
@@ -12,7 +12,8 @@ extra); the torchvision models are untrained and give speed only. ``--levers`` p
 speed levers (``plain``: the float32 loop as it was; ``default``; ``bf16``; ``fp32``: the default
 without bf16 autocast; ``coarse``), so the same run compares them. ``--fold-bn`` folds every BatchNorm
 into its conv first: a model with no BN left, for the no-BN ``prior`` method (``--methods noise prior
-real``). Every time is printed with the CPU's ISA and the load average: the 2-core machine is shared,
+real``). ``--schemes`` adds 4-bit rows (``w4a8``, ``w4a8-rec``, ``w4a4-rec``: block reconstruction at
+``--rec-iterations`` per block) on the same sets. Every time is printed with the CPU's ISA and the load average: the 2-core machine is shared,
 so compare rows of one run, not runs.
 """
 
@@ -30,7 +31,7 @@ import torch
 
 from dfq_deploy import api
 from dfq_deploy.analysis.evaluate import evaluate_top1, load_eval_set
-from dfq_deploy.config import SynthesisConfig, default_scheme
+from dfq_deploy.config import ReconstructionConfig, SynthesisConfig, default_scheme
 from dfq_deploy.io.labels_csv import read_labels_csv
 from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.normalization import NORMALIZATIONS
@@ -47,6 +48,14 @@ LEVERS = {
     "bf16": dataclasses.replace(DEFAULT, autocast="bf16"),
     "fp32": dataclasses.replace(DEFAULT, autocast="off"),
     "coarse": dataclasses.replace(DEFAULT, coarse_fraction=0.5),
+}
+# scheme name -> (weight bits, activation bits, reconstruct?)
+SCHEMES = {
+    "w8a8": (8, 8, False),
+    "w4a8": (4, 8, False),
+    "w4a8-rec": (4, 8, True),
+    "w4a4": (4, 4, False),
+    "w4a4-rec": (4, 4, True),
 }
 ISA_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
 
@@ -166,24 +175,39 @@ def run_model(key: str, args, work: Path, calib_pool: Path, eval_dir: Path) -> l
     for lever_name in args.levers:
         for method in args.methods:
             calib, synth = calibration(model, method, args, calib_pool, normalize, LEVERS[lever_name])
-            synth |= {"model": name, "levers": lever_name, "method": method, "fp32": fp32, "w8a8": None}
+            synth |= {"model": name, "levers": lever_name, "method": method, "fp32": fp32, "top1": None}
             # One synthesized set scored under every calibrator asked for: the set is the costly part.
             for calibrators in args.calibrators if scored else [None]:
-                row = dict(synth, calibrators=calibrators)
-                if calibrators is not None:
-                    start = time.perf_counter()
-                    qmodel = api.quantize(model, calib, scheme=scheme_for(calibrators), progress=False)
-                    row["w8a8"] = evaluate_top1(qmodel, data, batch_size=50)
-                    row["quant_eval_s"] = time.perf_counter() - start
-                rows.append(row)
-                print(f"  {lever_name} {method}: {row}", file=sys.stderr)
+                for scheme_name in args.schemes if scored else ["w8a8"]:
+                    row = dict(synth, calibrators=calibrators, scheme=scheme_name)
+                    if calibrators is not None:
+                        score_row(row, model, calib, data, scheme_name, calibrators, args)
+                    rows.append(row)
+                    print(f"  {lever_name} {method}: {row}", file=sys.stderr)
     return rows
 
 
-def scheme_for(calibrators: str):
-    """The onnxruntime W8A8 scheme with ``ACTIVATIONS:WEIGHTS`` calibrators, e.g. ``mse:max``."""
+def score_row(row: dict, model, calib, data, scheme_name: str, calibrators: str, args) -> None:
+    """Quantize ``model`` from ``calib`` under ``scheme_name`` (reconstructing if it says so); top-1 into ``row``."""
+    w_bits, a_bits, reconstruct = SCHEMES[scheme_name]
+    recon = ReconstructionConfig(iterations=args.rec_iterations, checkpoint_dir=None) if reconstruct else None
+    start = time.perf_counter()
+    qmodel = api.quantize(
+        model, calib, scheme=scheme_for(calibrators, w_bits, a_bits), progress=args.progress, reconstruct=recon
+    )
+    row["quant_s"] = time.perf_counter() - start
+    if qmodel.reconstruction is not None:
+        row["reconstruction_s"] = qmodel.reconstruction.seconds
+    row["top1"] = evaluate_top1(qmodel, data, batch_size=50)
+    row["quant_eval_s"] = time.perf_counter() - start
+
+
+def scheme_for(calibrators: str, weight_bits: int = 8, act_bits: int = 8):
+    """The onnxruntime scheme at these widths with ``ACTIVATIONS:WEIGHTS`` calibrators, e.g. ``mse:max``
+    (no weight calibrator: ``auto``, which is max at 8 bits and the MSE search below)."""
     activations, _, weights = calibrators.partition(":")
-    return default_scheme("onnxruntime", calibrator=activations, weight_calibrator=weights or "max")
+    scheme = default_scheme("onnxruntime", calibrator=activations, weight_calibrator=weights or "auto")
+    return dataclasses.replace(scheme, weight_bits=weight_bits, act_bits=act_bits)
 
 
 def print_table(rows: list[dict], eval_count: int) -> None:
@@ -192,21 +216,23 @@ def print_table(rows: list[dict], eval_count: int) -> None:
         "source",
         "levers",
         "calibrators",
+        "scheme",
         "images",
         "steps/max",
         "synth s",
         "images/s",
         "BN mismatch",
         "FP32",
-        "W8A8",
+        "quantized",
         "drop",
+        "quantize s",
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        acc = ["-", "-", "-"]
-        if r["w8a8"] is not None:
-            acc = [f"{r['fp32']:.2f}", f"{r['w8a8']:.2f}", f"{r['fp32'] - r['w8a8']:+.2f}"]
+        acc = ["-", "-", "-", "-"]
+        if r["top1"] is not None:
+            acc = [f"{r['fp32']:.2f}", f"{r['top1']:.2f}", f"{r['fp32'] - r['top1']:+.2f}", f"{r['quant_s']:.0f}"]
         mismatch = "-" if r["mismatch"] is None else f"{r['mismatch']:.4g}"
         ips = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.3f}"
         cells = [
@@ -214,6 +240,7 @@ def print_table(rows: list[dict], eval_count: int) -> None:
             r["method"],
             r["levers"],
             r["calibrators"] or "-",
+            r["scheme"],
             str(r["images"]),
             r["steps"],
             f"{r['wall_s']:.0f}",
@@ -221,9 +248,10 @@ def print_table(rows: list[dict], eval_count: int) -> None:
             mismatch,
         ]
         print("| " + " | ".join(cells + acc) + " |")
-    if any(r["w8a8"] is not None for r in rows):
+    if any(r["top1"] is not None for r in rows):
         print(
-            f"top-1 in % on {eval_count} imagenet-750 images (never calibrated on); W8A8: onnxruntime scheme, fake-quant"
+            f"top-1 in % on {eval_count} imagenet-750 images (never calibrated on); onnxruntime scheme, fake-quant;"
+            " first conv and last layer at 8 bits"
         )
 
 
@@ -243,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         default=["percentile:max"],
         help="activation:weight calibrators to score each set under (max, percentile, mse, entropy)",
     )
+    parser.add_argument("--schemes", nargs="+", default=["w8a8"], choices=list(SCHEMES))
+    parser.add_argument("--rec-iterations", type=int, default=500, help="reconstruction iterations per block")
+    parser.add_argument("--progress", action="store_true", help="progress bars for quantization/reconstruction")
     parser.add_argument("--speed-only", action="store_true", help="no accuracy: synthesis rows only")
     parser.add_argument("--fold-bn", action="store_true", help="fold BN into the convs first (a model with no BN)")
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ from tiny_models import tiny_resnet
 
 from dfq_deploy.config import QuantScheme, ReconstructionConfig
 from dfq_deploy.io.calibration_set import CalibrationSet
+from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.quant.quantize import quantize
 from dfq_deploy.quant.reconstruct import find_blocks, reconstruct_blocks
 
@@ -57,6 +58,32 @@ def test_blocks_follow_the_residual_structure(model, calib):
     assert [b.name for b in blocks] == ["conv1", "conv2", "fc"]
     residual = {n.target for n in blocks[1].nodes if n.op == "call_module"}
     assert {"conv2", "conv3"} <= residual
+
+
+class FlattenByInputBatch(torch.nn.Module):
+    """A classifier head that flattens with the *input's* batch size, as EfficientNet-PyTorch does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, inputs):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(inputs))))
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        return self.fc(x.view(inputs.size(0), -1))
+
+
+def test_a_size_read_on_the_input_does_not_merge_the_body_into_one_block(calib):
+    # Before, inputs.size(0) kept the input live to the head: one block from conv1 to the view.
+    model = FlattenByInputBatch().eval()
+    qmodel = quantize(model, calib, scheme=SCHEME, progress=False)
+    assert [b.name for b in find_blocks(qmodel.module)] == ["conv1", "conv2", "fc"]
+    graph = capture_graph(model, (3, 16, 16))
+    for batch in (5, 3):  # the same numbers, at any batch size
+        x = calib.images[:batch]
+        assert torch.equal(graph(x), model(x))
 
 
 def test_reconstruction_lowers_the_block_error_and_rounds_within_one_step(model, calib):

@@ -88,10 +88,47 @@ def lift_modules(gm: fx.GraphModule) -> fx.GraphModule:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+    _read_sizes_locally(graph)
     graph.eliminate_dead_code()
     _drop_unused_attributes(gm)
     gm.recompile()
     return gm
+
+
+def _read_sizes_locally(graph: fx.Graph) -> None:
+    """Make each size read take its dimension from a tensor its consumer already reads.
+
+    ``x.view(inputs.size(0), -1)`` before a classifier keeps the model's *input* alive to the last
+    layer, so no single tensor ever carries the whole state and block reconstruction finds one block
+    for the whole body. Where the consumer reads a tensor whose export shape has the same symbolic
+    size (the batch dimension, mostly), reading it there is the same value by construction.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.Tensor.size or len(node.args) != 2:
+            continue
+        size = node.meta.get("val")
+        if not isinstance(size, torch.SymInt):
+            continue
+        for user in list(node.users):
+            local = _same_size_dim(user, node, str(size))
+            if local is None:
+                continue
+            with graph.inserting_before(user):
+                read = graph.call_function(torch.Tensor.size, local)
+            read.meta["val"] = size
+            user.replace_input_with(node, read)
+
+
+def _same_size_dim(user: fx.Node, size_node: fx.Node, symbol: str) -> tuple[fx.Node, int] | None:
+    """(tensor, dim) among ``user``'s other inputs whose export shape has ``symbol`` at ``dim``."""
+    for tensor in user.all_input_nodes:
+        val = tensor.meta.get("val")
+        if tensor is size_node or tensor is size_node.args[0] or not isinstance(val, torch.Tensor):
+            continue
+        for dim, extent in enumerate(val.shape):
+            if isinstance(extent, torch.SymInt) and str(extent) == symbol:
+                return tensor, dim
+    return None
 
 
 def capture_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
