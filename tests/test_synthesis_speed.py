@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_models import TinyResNet, settle_batchnorm
 
+from dfq_deploy import allocator
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.synthesis import speed, synthesize
 from dfq_deploy.synthesis.speed import DEFAULT, PLAIN, SpeedLevers, memory_format
@@ -118,9 +119,9 @@ def test_inputs_above_64_px_take_the_large_input_batch_and_schedule():
 
 _CHURN = """
 import resource, sys, torch
-from dfq_deploy.synthesis import speed
+from dfq_deploy import allocator
 if sys.argv[1] == "keep":
-    assert speed.keep_freed_memory()
+    assert allocator.keep_freed_memory()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):  # what a pixel loop does to its activations: allocate, fill, free, every step
     torch.ones(16 << 20)
@@ -128,7 +129,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not speed.keep_freed_memory(), reason="the C library is not glibc")
+@pytest.mark.skipif(not allocator.keep_freed_memory(), reason="the C library is not glibc")
 def test_keeping_freed_memory_stops_every_step_faulting_its_pages_in_again():
     import subprocess
     import sys
@@ -156,5 +157,5 @@ def test_the_pixel_loop_reports_whether_it_kept_freed_memory(model):
         progress=False,
         levers=speed.PLAIN,
     )
-    assert kept.meta["keep_freed_memory"] is speed.keep_freed_memory()
+    assert kept.meta["keep_freed_memory"] is allocator.keep_freed_memory()
     assert plain.meta["keep_freed_memory"] is False

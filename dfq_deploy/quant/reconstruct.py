@@ -9,33 +9,26 @@ FP32 output, QDrop's drop) against the FP32 output of block k, both computed onc
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import time
-import warnings
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from dfq_deploy.allocator import keep_freed_memory
 from dfq_deploy.config import ReconstructionConfig
-from dfq_deploy.errors import BadInputError, first_line
-from dfq_deploy.io.artifacts import atomic_write
+from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.io.interrupts import stage
-from dfq_deploy.io.locks import exclusive_lock
 from dfq_deploy.quant.quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer, float_mode
+from dfq_deploy.quant.reconstruct_checkpoint import ReconstructionCheckpoint
 
 if TYPE_CHECKING:  # quantize() runs reconstruction, so this module must not import it back
     from dfq_deploy.quant.quantize import QuantModel
 
-CHECKPOINT_FILE = "reconstruction.pt"
 EVAL_IMAGES = 64  # images on which each block's output error is reported before and after
 TIMING_ITERATIONS = 10  # iterations timed before a block's iteration count is fitted to its budget
 
@@ -165,10 +158,14 @@ def reconstruct_blocks(
     every block the first finished instead of writing the same file at the same time.
     """
     start_time = time.perf_counter()
+    # Every step frees and reallocates each block's activations. Lite1 W4A8 at 224 px, 37 blocks,
+    # batch 32, 2 threads (AMX Xeon): 17.0 -> 10.8 s per iteration over all blocks, system time
+    # 119 -> 11 s, 74 M -> 1 M minor faults in 10 iterations.
+    keep_freed_memory()
     graph = qmodel.module
     graph.eval()
     blocks = find_blocks(graph)
-    checkpoint = _Checkpoint(config.checkpoint_dir, blocks, calib)
+    checkpoint = ReconstructionCheckpoint(config.checkpoint_dir, [b.name for b in blocks], calib)
     # The stage starts once the checkpoint is ours: a build killed in it leaves that lock behind.
     with checkpoint.locked(), stage("reconstruct"):
         results = _reconstruct_in_order(graph, blocks, calib, checkpoint, config, progress)
@@ -180,7 +177,7 @@ def _reconstruct_in_order(
     graph: fx.GraphModule,
     blocks: list[Block],
     calib: CalibrationSet,
-    checkpoint: _Checkpoint,
+    checkpoint: ReconstructionCheckpoint,
     config: ReconstructionConfig,
     progress: bool,
 ) -> list[BlockResult]:
@@ -195,14 +192,14 @@ def _reconstruct_in_order(
         with float_mode(module):
             y_fp = _run(module, x_fp, config.batch_size)
         if k < done:
-            results.append(dataclasses.replace(checkpoint.results[k], resumed=True))
+            results.append(BlockResult(**checkpoint.results[k], resumed=True))
         else:
             budget = None
             if config.time_budget_s is not None:
                 left = config.time_budget_s - (time.perf_counter() - start_time)
                 budget = max(left, 0.0) / (len(blocks) - k)
             results.append(_reconstruct_block(module, block.name, x_q, x_fp, y_fp, config, budget, generator))
-            checkpoint.save(graph, k + 1, results)
+            checkpoint.save(graph, k + 1, [dataclasses.asdict(r) for r in results])
         bar.set_postfix(block=block.name, err=f"{results[-1].error_after:.3g}")
         x_q = _run(module, x_q, config.batch_size)
         x_fp = y_fp
@@ -341,59 +338,3 @@ def copy_tied_scales(graph: fx.GraphModule) -> None:
             while leader.tied_to is not None:
                 leader = leader.tied_to
             q.copy_range(leader)
-
-
-class _Checkpoint:
-    """The model's state after each finished block, in one file that belongs to one run."""
-
-    def __init__(self, directory: str | None, blocks: list[Block], calib: CalibrationSet):
-        self.path = Path(directory) / CHECKPOINT_FILE if directory else None
-        digest = hashlib.sha256(calib.images.numpy().tobytes()).hexdigest()[:16]
-        self.key = json.dumps({"blocks": [b.name for b in blocks], "calib": digest})
-        self.results: list[BlockResult] = []
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the checkpoint's lock (waiting for another holder; a killed holder's is taken over)."""
-        if self.path is None:
-            yield
-            return
-        lock = self.path.with_name(f".{self.path.name}.lock")
-        with exclusive_lock(lock, what=f"reconstruction checkpoint {self.path}", wait=True):
-            yield
-
-    def load(self, graph: fx.GraphModule) -> int:
-        """Restore a matching checkpoint into ``graph``; returns how many blocks it has finished."""
-        if self.path is None or not self.path.is_file():
-            return 0
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            state["key"], state["model"], state["done"]
-        except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError) as exc:
-            # A checkpoint only saves time: a damaged one is started over, not a reason to stop.
-            warnings.warn(
-                f"reconstruction checkpoint {self.path} is damaged ({first_line(exc)}); "
-                "starting the reconstruction over",
-                stacklevel=2,
-            )
-            return 0
-        if state["key"] != self.key:
-            raise BadInputError(
-                f"the reconstruction checkpoint {self.path} belongs to another model or calibration set",
-                hint="delete it or choose another checkpoint directory",
-            )
-        graph.load_state_dict(state["model"])
-        self.results = [BlockResult(**r) for r in json.loads(state["results"])]
-        return int(state["done"])
-
-    def save(self, graph: fx.GraphModule, done: int, results: list[BlockResult]) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "key": self.key,
-            "done": done,
-            "model": graph.state_dict(),
-            "results": json.dumps([dataclasses.asdict(r) for r in results]),
-        }
-        atomic_write(self.path, lambda f: torch.save(state, f))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import dfq_deploy.synthesis.speed as speed  # the module, not the package (which imports pixels)
+from dfq_deploy.allocator import keep_freed_memory
 from dfq_deploy.synthesis.bn_stats import BNInputCapture
 from dfq_deploy.synthesis.job import Job, MethodResult, ObjectiveFactory
 from dfq_deploy.synthesis.pixel_loop import optimise_pixels, optimise_warmup_then_late, start_batch
@@ -31,7 +32,7 @@ def synthesize_pixels(
     objective's own.
     """
     levers = job.levers
-    kept_freed_memory = levers.keep_freed_memory and job.device.type == "cpu" and speed.keep_freed_memory()
+    kept_freed_memory = levers.keep_freed_memory and job.device.type == "cpu" and keep_freed_memory()
     coarse_steps = levers.coarse_steps(iterations, job.input_shape) if warmup == iterations else 0
     images, all_labels, losses, steps = [], [], [], []
     with BNInputCapture(job.layers) as capture, speed.memory_format(job.model, levers):
