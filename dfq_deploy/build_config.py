@@ -262,9 +262,18 @@ def merge_build_config(
         file_values, typed = file_sections.get(section, {}), typed_sections.get(section, {})
         if file_values or typed:
             merged[section] = merge_config(getattr(base, section), file_values, typed)
+    typed_reconstruct = typed_sections.get("reconstruct", {})
     if "reconstruct" in file_sections:  # the file turns reconstruction on; typed --recon-* flags win
         start = base.reconstruct or ReconstructionConfig()
-        merged["reconstruct"] = merge_config(start, file_sections["reconstruct"], typed_sections.get("reconstruct", {}))
+        merged["reconstruct"] = merge_config(start, file_sections["reconstruct"], typed_reconstruct)
+    elif typed_reconstruct and base.reconstruct is None:
+        # Typed --recon-* flags alone ask for reconstruction too, at the recipe's iterations unless
+        # they name theirs (a recipe that skips it, ``fast``, falls back to the flag's default).
+        recipe = merged.get("budget", base.budget).recipe
+        start = ReconstructionConfig(
+            iterations=RECIPE_RECONSTRUCTION_ITERATIONS[recipe] or ReconstructionConfig.iterations
+        )
+        merged["reconstruct"] = merge_config(start, {}, typed_reconstruct)
     # model: the normalisation, typed flags over the file's ``model:`` section over base's.
     typed_model = typed_sections.get("model", {})
     if "normalize" in typed_model:

@@ -117,7 +117,7 @@ _budget_flags = stacked(
         choices=Recipe,
         default=BudgetOptions.recipe,
         help="Below 8 bits: fast (calibration only), default (block reconstruction, 2,000 iterations per "
-        "block) or best (4,000). --reconstruct/--recon-iterations set it explicitly. No effect at 8 bits.",
+        "block) or best (4,000). --reconstruct or any --recon-* flag sets it explicitly. No effect at 8 bits.",
     ),
 )
 
