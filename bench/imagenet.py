@@ -3,7 +3,7 @@
     python bench/imagenet.py [--models lite1 lite2 resnet18 resnet50 mobilenet_v2]
         [--methods noise zeroq clusterq fdda real] [--num-images 256] [--iterations N] [--batch 32]
         [--eval-images 500] [--threads 2] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
-        [--fold-bn] [--schemes w8a8 w4a8-rec w4a4-rec] [--rec-iterations 500] [--rec-batch 8]
+        [--fold-bn] [--schemes w8a8 w4a8-rec w4a4-rec] [--rec-iterations 500] [--rec-batch 8] [--rec-chain 3]
 
 imagenet-750 (../shared/assets) is split once: every third image (250) is the pool real-image
 calibration draws from, the other 500 are the evaluation set (a labels.csv folder): no image is
@@ -192,7 +192,9 @@ def score_row(row: dict, model, calib, data, scheme_name: str, calibrators: str,
     w_bits, a_bits, reconstruct = SCHEMES[scheme_name]
     recon = None
     if reconstruct:
-        recon = ReconstructionConfig(iterations=args.rec_iterations, batch_size=args.rec_batch, checkpoint_dir=None)
+        recon = ReconstructionConfig(
+            iterations=args.rec_iterations, batch_size=args.rec_batch, chain_layers=args.rec_chain, checkpoint_dir=None
+        )
     start = time.perf_counter()
     qmodel = api.quantize(
         model, calib, scheme=scheme_for(calibrators, w_bits, a_bits), progress=args.progress, reconstruct=recon
@@ -280,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=8,
         help="reconstruction batch (32, the default of build, costs 4.8x per step at 224 px)",
+    )
+    parser.add_argument(
+        "--rec-chain", type=int, default=1, help="layers of a chain without skips learned as one block (3: BRECQ's)"
     )
     parser.add_argument("--progress", action="store_true", help="progress bars for quantization/reconstruction")
     parser.add_argument("--speed-only", action="store_true", help="no accuracy: synthesis rows only")

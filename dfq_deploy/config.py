@@ -329,7 +329,8 @@ class ReconstructionConfig:
     block's output on the calibration set.
 
     ``iterations`` per block, at most; ``time_budget_s`` caps the whole run (shared evenly by the
-    blocks still to do). ``drop_prob`` is QDrop's: the chance that an input element of a block is
+    blocks still to do). ``chain_layers``: layers of a plain chain (no skip) learned as one block,
+    ending after a layer with no activation. ``drop_prob`` is QDrop's: the chance that an input element of a block is
     taken from the FP32 model instead of the quantized one (0 = BRECQ). ``checkpoint_dir`` keeps
     each finished block, so an interrupted run resumes where it stopped.
     """
@@ -345,14 +346,16 @@ class ReconstructionConfig:
     beta_end: float = 2.0
     drop_prob: float = 0.5
     learn_act_scale: bool = True
+    chain_layers: int = 1
     checkpoint_dir: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         coerce_floats(self)
-        if self.iterations < 1 or self.batch_size < 1:
+        if min(self.iterations, self.batch_size, self.chain_layers) < 1:
             raise BadInputError(
-                f"reconstruction needs iterations >= 1 and batch_size >= 1, got {self.iterations} and {self.batch_size}"
+                "reconstruction needs iterations, batch_size and chain_layers >= 1, got "
+                f"{self.iterations}, {self.batch_size} and {self.chain_layers}"
             )
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise BadInputError(f"time_budget_s must be positive, got {self.time_budget_s}")

@@ -86,6 +86,55 @@ def test_a_size_read_on_the_input_does_not_merge_the_body_into_one_block(calib):
         assert torch.equal(graph(x), model(x))
 
 
+class InvertedChain(torch.nn.Module):
+    """Two inverted-residual blocks without a skip (expand, depthwise, linear project), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand1 = torch.nn.Conv2d(3, 16, 1)
+        self.dw1 = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.project1 = torch.nn.Conv2d(16, 8, 1)
+        self.expand2 = torch.nn.Conv2d(8, 16, 1)
+        self.dw2 = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+        self.project2 = torch.nn.Conv2d(16, 8, 1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.project1(torch.nn.functional.relu6(self.dw1(torch.nn.functional.relu6(self.expand1(x)))))
+        x = self.project2(torch.nn.functional.relu6(self.dw2(torch.nn.functional.relu6(self.expand2(x)))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize(
+    ("chain_layers", "names"),
+    [
+        (1, ["expand1", "dw1", "project1", "expand2", "dw2", "project2", "fc"]),
+        (2, ["expand1", "project1", "expand2", "project2", "fc"]),  # the cap, then the linear project
+        (3, ["expand1", "expand2", "fc"]),  # one block per inverted-residual block, as BRECQ's
+        (8, ["expand1", "expand2", "fc"]),  # each block still ends after its linear project
+    ],
+)
+def test_a_plain_chain_joins_into_blocks_that_end_after_a_linear_layer(calib, chain_layers, names):
+    qmodel = quantize(InvertedChain().eval(), calib, scheme=SCHEME, progress=False)
+    assert [b.name for b in find_blocks(qmodel.module, chain_layers=chain_layers)] == names
+
+
+def test_every_layer_of_a_joined_chain_block_learns_its_rounding(calib):
+    torch.manual_seed(0)
+    qmodel = quantize(InvertedChain().eval(), calib, scheme=SCHEME, progress=False)
+    before = _weights(qmodel)
+    report = reconstruct_blocks(qmodel, calib, config=dataclasses.replace(FAST, chain_layers=3), progress=False)
+    assert [b.name for b in report.blocks] == ["expand1", "expand2", "fc"]
+    assert sum(b.error_after for b in report.blocks) < sum(b.error_before for b in report.blocks)
+    learned = {b.name for b in report.blocks if not b.reverted}
+    assert "expand1" in learned, report.blocks
+    members = {"expand1": ("expand1", "dw1", "project1"), "expand2": ("expand2", "dw2", "project2"), "fc": ("fc",)}
+    for block in learned:
+        for name in members[block]:  # one block's loss trains all of its layers
+            weight, _ = before[name]
+            assert not torch.equal(dict(qmodel.module.named_modules())[name].weight, weight), name
+
+
 def test_reconstruction_lowers_the_block_error_and_rounds_within_one_step(model, calib):
     qmodel = quantize(model, calib, scheme=SCHEME, progress=False)
     before = _weights(qmodel)

@@ -67,12 +67,14 @@ class ReconstructionReport:
         return {"seconds": self.seconds, "config": self.config, "blocks": [dataclasses.asdict(b) for b in self.blocks]}
 
 
-def find_blocks(graph: fx.GraphModule) -> list[Block]:
+def find_blocks(graph: fx.GraphModule, *, chain_layers: int = 1) -> list[Block]:
     """Split ``graph`` at single-tensor cuts into blocks that each hold at least one conv/linear.
 
     Nodes after a block's last layer (its activation, output quantizer, pooling) stay in that block,
     so a block learns the step size of the tensor it hands on; nodes before the first layer (the
-    input quantizer) join the first block.
+    input quantizer) join the first block. In a plain chain (consecutive one-layer blocks) up to
+    ``chain_layers`` layers form one block, which also ends after a layer with no activation (the
+    linear bottleneck that ends an inverted-residual block without a skip, as BRECQ's blocks do).
     """
     nodes = [n for n in graph.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
@@ -115,11 +117,59 @@ def find_blocks(graph: fx.GraphModule) -> list[Block]:
         groups.append(pending + segment)
         names.append(name)
         pending = []
+    groups, names = _join_chains(groups, names, chain_layers, modules)
     blocks, start = [], placeholders[0]
     for name, group in zip(names, groups, strict=False):
         blocks.append(Block(name, start, tuple(group)))
         start = group[-1]
     return blocks
+
+
+# Element-wise nonlinearities (aten op or module class, lower case): a layer followed by none of
+# them hands on a linear output, where a chain block ends.
+ACTIVATIONS = frozenset(
+    "relu relu_ relu6 hardtanh hardtanh_ silu silu_ gelu sigmoid hardswish hardswish_ hardsigmoid "
+    "leaky_relu leakyrelu elu tanh mish clamp clamp_min".split()
+)
+
+
+def _has_activation(group: list[fx.Node], modules: dict[str, nn.Module]) -> bool:
+    for n in group:
+        if n.op == "call_module":
+            name = type(modules[n.target]).__name__
+        elif n.op in ("call_function", "call_method"):
+            target = str(n.target)
+            name = target.split(".")[1] if target.startswith("aten.") else getattr(n.target, "__name__", target)
+        else:
+            continue
+        if name.lower() in ACTIVATIONS:
+            return True
+    return False
+
+
+def _join_chains(
+    groups: list[list[fx.Node]], names: list[str], chain_layers: int, modules: dict[str, nn.Module]
+) -> tuple[list[list[fx.Node]], list[str]]:
+    """Consecutive one-layer groups joined, up to ``chain_layers`` layers, ending after a linear one."""
+    layer_types = tuple(QUANT_LAYER_FOR.values())
+
+    def layers(group: list[fx.Node]) -> int:
+        return sum(n.op == "call_module" and isinstance(modules[n.target], layer_types) for n in group)
+
+    joined: list[list[fx.Node]] = []
+    joined_names: list[str] = []
+    open_chain = 0  # layers in the chain block still taking more, 0 when none is
+    for group, name in zip(groups, names, strict=True):
+        if open_chain and layers(group) == 1:
+            joined[-1] = joined[-1] + group
+            open_chain += 1
+        else:
+            joined.append(group)
+            joined_names.append(name)
+            open_chain = 1 if layers(group) == 1 else 0
+        if open_chain >= chain_layers or (open_chain and not _has_activation(group, modules)):
+            open_chain = 0
+    return joined, joined_names
 
 
 def block_module(graph: fx.GraphModule, block: Block) -> fx.GraphModule:
@@ -164,7 +214,7 @@ def reconstruct_blocks(
     keep_freed_memory()
     graph = qmodel.module
     graph.eval()
-    blocks = find_blocks(graph)
+    blocks = find_blocks(graph, chain_layers=config.chain_layers)
     checkpoint = ReconstructionCheckpoint(config.checkpoint_dir, [b.name for b in blocks], calib)
     # The stage starts once the checkpoint is ours: a build killed in it leaves that lock behind.
     with checkpoint.locked(), stage("reconstruct"):
