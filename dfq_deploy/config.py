@@ -60,6 +60,8 @@ class SynthesisConfig:
 
     method: SynthesisMethod = "auto"  # auto_bn_method for models with BatchNorm, prior for those without
     auto_bn_method: BatchNormMethod = "zeroq"  # what auto picks with BatchNorm (build's low-bit recipe: fdda)
+    # Steps auto's BN method runs up to 64x64 px where ``iterations`` is unset (build's low-bit recipe: 150).
+    auto_iterations: int | None = None
     num_images: int | None = None  # None: DEFAULT_NUM_IMAGES, or as many as a --max-drop budget needs (build)
     batch_size: int | None = None  # None: 32, or 16 for inputs above 64x64 px (synthesis.speed)
     iterations: int | None = None
@@ -73,7 +75,7 @@ class SynthesisConfig:
         coerce_floats(self)
         check_choice(self.method, SynthesisMethod, "synthesis method")
         check_choice(self.auto_bn_method, BatchNormMethod, "auto_bn_method")
-        for name in ("num_images", "batch_size"):
+        for name in ("num_images", "batch_size", "auto_iterations"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.iterations is not None and self.iterations < 0:

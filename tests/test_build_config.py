@@ -157,16 +157,21 @@ def test_the_recipe_comes_from_the_flag_or_the_budget_section_and_a_bad_one_is_r
 
 
 @pytest.mark.parametrize(
-    ("bits", "recipe", "with_bn"),
-    [(4, "default", "fdda"), (4, "best", "fdda"), (4, "fast", "zeroq"), (8, "default", "zeroq")],
+    ("bits", "recipe", "with_bn", "steps"),
+    [(4, "default", "fdda", 150), (4, "best", "fdda", 150), (4, "fast", "zeroq", None), (8, "default", "zeroq", None)],
 )
-def test_auto_synthesis_follows_the_low_bit_recipe_per_model_family(bits, recipe, with_bn):
+def test_auto_synthesis_follows_the_low_bit_recipe_per_model_family(bits, recipe, with_bn, steps):
     resolved = apply_recipe(_low_bit(bits, recipe=recipe))
     # 'auto' stays 'auto' until the model is seen: with BatchNorm the recipe's method, without it 'prior'.
     assert resolved.synthesis.method == "auto"
     shape = (3, 32, 32)
-    assert resolve_auto(resolved.synthesis, has_batchnorm=True, input_shape=shape).method == with_bn
+    small = resolve_auto(resolved.synthesis, has_batchnorm=True, input_shape=shape)
+    assert (small.method, small.iterations) == (with_bn, steps), "None: the method's own 500"
     assert resolve_auto(resolved.synthesis, has_batchnorm=False, input_shape=shape).method == "prior"
+    large = resolve_auto(resolved.synthesis, has_batchnorm=True, input_shape=(3, 224, 224))
+    assert (large.method, large.iterations) == (with_bn, None), "224 px keeps the large-input schedule"
+    typed = dataclasses.replace(resolved.synthesis, iterations=40)
+    assert resolve_auto(typed, has_batchnorm=True, input_shape=shape).iterations == 40, "--iterations wins"
 
 
 def test_an_explicit_calibration_source_wins_over_the_low_bit_recipe():

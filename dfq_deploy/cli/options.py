@@ -80,7 +80,12 @@ def _synthesis_flags(fn):
     )(fn)
     fn = click.option("--seed", type=int, default=SynthesisConfig.seed, show_default=True)(fn)
     fn = click.option("--lr", type=float, help="Synthesis learning rate (default: the method's).")(fn)
-    fn = click.option("--iterations", type=int, help="Synthesis iterations per batch (default: the method's).")(fn)
+    fn = click.option(
+        "--iterations",
+        type=int,
+        help="Synthesis iterations per batch (default: the method's; a reconstructing build's auto set: 150 "
+        "up to 64x64 px).",
+    )(fn)
     fn = click.option(
         "--synth-batch-size", type=int, help="Images optimised together (default: 32, or 16 above 64x64 px)."
     )(fn)

@@ -30,7 +30,7 @@ from dfq_deploy.synthesis.model_state import frozen_eval, model_on_device
 from dfq_deploy.synthesis.pixel_loop import plan_batches
 from dfq_deploy.synthesis.sharding import all_reduce_max, all_reduce_mean_scalar, gather_in_order, shard_batches
 from dfq_deploy.synthesis.speed import DEFAULT as DEFAULT_LEVERS
-from dfq_deploy.synthesis.speed import SpeedLevers, default_batch_size
+from dfq_deploy.synthesis.speed import SpeedLevers, default_batch_size, large_input
 
 __all__ = ["synthesize", "synthesize_cached", "bn_mismatch", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -88,7 +88,8 @@ def _objective(method: str) -> ObjectiveFactory:
 
 
 def resolve_auto(config: SynthesisConfig, *, has_batchnorm: bool, input_shape: tuple[int, ...]) -> SynthesisConfig:
-    """``auto``: ``config.auto_bn_method`` where the model has BatchNorm statistics to match, ``prior``
+    """``auto``: ``config.auto_bn_method`` where the model has BatchNorm statistics to match (for
+    ``config.auto_iterations`` steps up to 64x64 px, if set and ``iterations`` is not), ``prior``
     where it has none; no batch size: the default for ``input_shape`` (:func:`~.speed.default_batch_size`);
     no set size: :data:`~dfq_deploy.config.DEFAULT_NUM_IMAGES`."""
     config = sized(config)
@@ -96,7 +97,13 @@ def resolve_auto(config: SynthesisConfig, *, has_batchnorm: bool, input_shape: t
         config = dataclasses.replace(config, batch_size=default_batch_size(input_shape))
     if config.method != "auto":
         return config
-    return dataclasses.replace(config, method=config.auto_bn_method if has_batchnorm else "prior")
+    if not has_batchnorm:
+        return dataclasses.replace(config, method="prior")
+    config = dataclasses.replace(config, method=config.auto_bn_method)
+    if config.auto_iterations is not None and config.iterations is None and not config.generator:
+        if not large_input(input_shape):  # large inputs keep their own schedule (speed.LARGE_INPUT_SCHEDULE)
+            config = dataclasses.replace(config, iterations=config.auto_iterations)
+    return config
 
 
 def sized(config: SynthesisConfig) -> SynthesisConfig:
