@@ -60,8 +60,7 @@ class SynthesisConfig:
 
     method: SynthesisMethod = "auto"  # auto_bn_method for models with BatchNorm, prior for those without
     auto_bn_method: BatchNormMethod = "zeroq"  # what auto picks with BatchNorm (build's low-bit recipe: fdda)
-    # Steps auto's BN method runs up to 64x64 px where ``iterations`` is unset (build's low-bit recipe: 150).
-    auto_iterations: int | None = None
+    auto_iterations: int | None = None  # auto's BN method's steps up to 64x64 px, iterations unset (low-bit: 150)
     num_images: int | None = None  # None: DEFAULT_NUM_IMAGES, or as many as a --max-drop budget needs (build)
     batch_size: int | None = None  # None: 32, or 16 for inputs above 64x64 px (synthesis.speed)
     iterations: int | None = None
@@ -332,9 +331,8 @@ class ReconstructionConfig:
 
     ``iterations`` per block, at most; ``time_budget_s`` caps the whole run (shared evenly by the
     blocks still to do). ``chain_layers``: layers of a plain chain (no skip) learned as one block,
-    ending after a layer with no activation. ``drop_prob`` is QDrop's: the chance that an input element of a block is
-    taken from the FP32 model instead of the quantized one (0 = BRECQ). ``checkpoint_dir`` keeps
-    each finished block, so an interrupted run resumes where it stopped.
+    ending after a layer with no activation. ``drop_prob``: QDrop's chance that a block's input element
+    comes from the FP32 model, not the quantized one (0 = BRECQ). ``checkpoint_dir``: resume from here.
     """
 
     iterations: int = 2000
@@ -354,11 +352,9 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         coerce_floats(self)
-        if min(self.iterations, self.batch_size, self.chain_layers) < 1:
-            raise BadInputError(
-                "reconstruction needs iterations, batch_size and chain_layers >= 1, got "
-                f"{self.iterations}, {self.batch_size} and {self.chain_layers}"
-            )
+        for name in ("iterations", "batch_size", "chain_layers"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"reconstruction's {name} must be at least 1, got {getattr(self, name)}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise BadInputError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if not 0.0 <= self.drop_prob <= 1.0 or not 0.0 <= self.warmup < 1.0:
