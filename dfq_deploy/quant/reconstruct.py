@@ -23,6 +23,7 @@ from dfq_deploy.config import ReconstructionConfig
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.io.interrupts import stage
+from dfq_deploy.quant.placement import ACTIVATIONS
 from dfq_deploy.quant.quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer, float_mode
 from dfq_deploy.quant.reconstruct_checkpoint import ReconstructionCheckpoint
 
@@ -98,10 +99,7 @@ def find_blocks(graph: fx.GraphModule, *, chain_layers: int = 1) -> list[Block]:
     segments = [s for s in segments if s]
 
     def weighted(segment: list[fx.Node]) -> str | None:
-        for n in segment:
-            if n.op == "call_module" and isinstance(modules[n.target], tuple(QUANT_LAYER_FOR.values())):
-                return n.target
-        return None
+        return next((n.target for n in segment if _is_layer(n, modules)), None)
 
     groups: list[list[fx.Node]] = []
     names: list[str] = []
@@ -125,49 +123,50 @@ def find_blocks(graph: fx.GraphModule, *, chain_layers: int = 1) -> list[Block]:
     return blocks
 
 
-# Element-wise nonlinearities (aten op or module class, lower case): a layer followed by none of
-# them hands on a linear output, where a chain block ends.
-ACTIVATIONS = frozenset(
-    "relu relu_ relu6 hardtanh hardtanh_ silu silu_ gelu sigmoid hardswish hardswish_ hardsigmoid "
-    "leaky_relu leakyrelu elu tanh mish clamp clamp_min".split()
-)
+def _is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` runs a quantized conv/linear (what a block must hold at least one of)."""
+    return node.op == "call_module" and isinstance(modules[node.target], tuple(QUANT_LAYER_FOR.values()))
 
 
-def _has_activation(group: list[fx.Node], modules: dict[str, nn.Module]) -> bool:
-    for n in group:
-        if n.op == "call_module":
-            name = type(modules[n.target]).__name__
-        elif n.op in ("call_function", "call_method"):
-            target = str(n.target)
-            name = target.split(".")[1] if target.startswith("aten.") else getattr(n.target, "__name__", target)
-        else:
-            continue
-        if name.lower() in ACTIVATIONS:
-            return True
-    return False
+# Nonlinearities after a layer (captured graphs hold out-of-place ATen ops, models.capture): a layer
+# followed by none of them hands on a linear output, where a chain block ends. The fused activations
+# of quantizer placement and the other element-wise ones.
+_aten = torch.ops.aten
+NONLINEAR = ACTIVATIONS | {
+    _aten.silu.default,
+    _aten.gelu.default,
+    _aten.sigmoid.default,
+    _aten.hardswish.default,
+    _aten.hardsigmoid.default,
+    _aten.leaky_relu.default,
+    _aten.elu.default,
+    _aten.tanh.default,
+    _aten.mish.default,
+    _aten.clamp_min.default,
+}
+
+
+def _has_activation(group: list[fx.Node]) -> bool:
+    return any(n.op == "call_function" and n.target in NONLINEAR for n in group)
 
 
 def _join_chains(
     groups: list[list[fx.Node]], names: list[str], chain_layers: int, modules: dict[str, nn.Module]
 ) -> tuple[list[list[fx.Node]], list[str]]:
     """Consecutive one-layer groups joined, up to ``chain_layers`` layers, ending after a linear one."""
-    layer_types = tuple(QUANT_LAYER_FOR.values())
-
-    def layers(group: list[fx.Node]) -> int:
-        return sum(n.op == "call_module" and isinstance(modules[n.target], layer_types) for n in group)
-
     joined: list[list[fx.Node]] = []
     joined_names: list[str] = []
     open_chain = 0  # layers in the chain block still taking more, 0 when none is
     for group, name in zip(groups, names, strict=True):
-        if open_chain and layers(group) == 1:
+        one_layer = sum(_is_layer(n, modules) for n in group) == 1
+        if open_chain and one_layer:
             joined[-1] = joined[-1] + group
             open_chain += 1
         else:
             joined.append(group)
             joined_names.append(name)
-            open_chain = 1 if layers(group) == 1 else 0
-        if open_chain >= chain_layers or (open_chain and not _has_activation(group, modules)):
+            open_chain = 1 if one_layer else 0
+        if open_chain >= chain_layers or (open_chain and not _has_activation(group)):
             open_chain = 0
     return joined, joined_names
 
