@@ -122,8 +122,10 @@ import resource, sys, torch
 from dfq_deploy import allocator
 if sys.argv[1] == "keep":
     assert allocator.keep_freed_memory()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):  # what a pixel loop does to its activations: allocate, fill, free, every step
+    torch.ones(16 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
     torch.ones(16 << 20)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -138,9 +140,11 @@ def test_keeping_freed_memory_stops_every_step_faulting_its_pages_in_again():
         done = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True)
         return int(done.stdout.split()[-1])
 
-    # 64 MiB per step is 16,384 pages: glibc's default maps and unmaps them every time.
+    # 64 MiB per step is 16,384 pages: glibc's default maps and unmaps them every time. Kept memory is
+    # counted after 20 warm-up steps: until freed blocks coalesce into one that fits the next aligned
+    # request, each lands above the last (4 steps on glibc 2.36 here, 8 on CI's machine).
     plain, kept = faults("plain"), faults("keep")
-    assert plain > 10 * 16_000 and plain > 4 * kept, (plain, kept)
+    assert plain > 10 * 16_000 and kept < 16_000, (plain, kept)
 
 
 def test_the_pixel_loop_reports_whether_it_kept_freed_memory(model):
