@@ -4,6 +4,7 @@
         [--methods noise zeroq clusterq fdda real] [--num-images 256] [--iterations N] [--batch 32]
         [--eval-images 500] [--threads 2] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
         [--fold-bn] [--schemes w8a8 w4a8-rec w4a4-rec] [--rec-iterations 500] [--rec-batch 8] [--rec-chain 3]
+        [--rec-crop 56]
 
 imagenet-750 (../shared/assets) is split once: every third image (250) is the pool real-image
 calibration draws from, the other 500 are the evaluation set (a labels.csv folder): no image is
@@ -193,7 +194,11 @@ def score_row(row: dict, model, calib, data, scheme_name: str, calibrators: str,
     recon = None
     if reconstruct:
         recon = ReconstructionConfig(
-            iterations=args.rec_iterations, batch_size=args.rec_batch, chain_layers=args.rec_chain, checkpoint_dir=None
+            iterations=args.rec_iterations,
+            batch_size=args.rec_batch,
+            chain_layers=args.rec_chain,
+            crop_px=args.rec_crop,
+            checkpoint_dir=None,
         )
     start = time.perf_counter()
     qmodel = api.quantize(
@@ -285,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--rec-chain", type=int, default=1, help="layers of a chain without skips learned as one block (3: BRECQ's)"
+    )
+    parser.add_argument(
+        "--rec-crop",
+        type=int,
+        default=None,
+        help="train each reconstruction step on a random window this many px a side",
     )
     parser.add_argument("--progress", action="store_true", help="progress bars for quantization/reconstruction")
     parser.add_argument("--speed-only", action="store_true", help="no accuracy: synthesis rows only")

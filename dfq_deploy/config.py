@@ -331,7 +331,8 @@ class ReconstructionConfig:
 
     ``iterations`` per block, at most; ``time_budget_s`` caps the whole run (shared evenly by the
     blocks still to do). ``chain_layers``: layers of a plain chain (no skip) learned as one block,
-    ending after a layer with no activation. ``drop_prob``: QDrop's chance that a block's input element
+    ending after a layer with no activation. ``crop_px``: each step trains on one random window of at
+    most this many pixels a side of the block's input (cheaper steps at 224 px). ``drop_prob``: QDrop's chance that a block's input element
     comes from the FP32 model, not the quantized one (0 = BRECQ). ``checkpoint_dir``: resume from here.
     """
 
@@ -347,20 +348,19 @@ class ReconstructionConfig:
     drop_prob: float = 0.5
     learn_act_scale: bool = True
     chain_layers: int = 1
+    crop_px: int | None = None
     checkpoint_dir: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         coerce_floats(self)
-        for name in ("iterations", "batch_size", "chain_layers"):
-            if getattr(self, name) < 1:
+        for name in ("iterations", "batch_size", "chain_layers", "crop_px"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BadInputError(f"reconstruction's {name} must be at least 1, got {getattr(self, name)}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise BadInputError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if not 0.0 <= self.drop_prob <= 1.0 or not 0.0 <= self.warmup < 1.0:
-            raise BadInputError(
-                f"drop_prob must be in [0, 1] and warmup in [0, 1), got {self.drop_prob}, {self.warmup}"
-            )
+            raise BadInputError(f"drop_prob must be in [0, 1], warmup in [0, 1): {self.drop_prob}, {self.warmup}")
 
 
 MixedPrecisionBudget = Literal["size", "latency"]

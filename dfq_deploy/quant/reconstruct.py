@@ -1,10 +1,9 @@
 """Block reconstruction (AdaRound / BRECQ / QDrop): learn weight rounding and activation step sizes
 block by block, so each quantized block reproduces the FP32 block's output on the calibration set.
 
-Blocks are found on the graph, not by module names: a block ends wherever a single tensor is all
-that later nodes need (a residual block ends after its join; a plain chain splits at every layer).
-Blocks are done in order; block k trains on the *quantized* output of blocks 0..k-1 (mixed with the
-FP32 output, QDrop's drop) against the FP32 output of block k, both computed once per block.
+Blocks (:mod:`dfq_deploy.quant.blocks`) are done in order; block k trains on the *quantized* output
+of blocks 0..k-1 (mixed with the FP32 output, QDrop's drop) against the FP32 output of block k, both
+computed once per block.
 """
 
 from __future__ import annotations
@@ -20,11 +19,10 @@ from tqdm.auto import tqdm
 
 from dfq_deploy.allocator import keep_freed_memory
 from dfq_deploy.config import ReconstructionConfig
-from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.io.interrupts import stage
-from dfq_deploy.quant.placement import ACTIVATIONS
-from dfq_deploy.quant.quantizers import QUANT_LAYER_FOR, ActQuantizer, DropMasks, WeightQuantizer, float_mode
+from dfq_deploy.quant.blocks import Block, block_module, find_blocks
+from dfq_deploy.quant.quantizers import ActQuantizer, DropMasks, WeightQuantizer, float_mode
 from dfq_deploy.quant.reconstruct_checkpoint import ReconstructionCheckpoint
 
 if TYPE_CHECKING:  # quantize() runs reconstruction, so this module must not import it back
@@ -32,15 +30,6 @@ if TYPE_CHECKING:  # quantize() runs reconstruction, so this module must not imp
 
 EVAL_IMAGES = 64  # images on which each block's output error is reported before and after
 TIMING_ITERATIONS = 10  # iterations timed before a block's iteration count is fitted to its budget
-
-
-@dataclasses.dataclass(frozen=True)
-class Block:
-    """A run of graph nodes with one tensor in (``input``) and one out (``nodes[-1]``)."""
-
-    name: str
-    input: fx.Node
-    nodes: tuple[fx.Node, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,127 +55,6 @@ class ReconstructionReport:
 
     def as_dict(self) -> dict:
         return {"seconds": self.seconds, "config": self.config, "blocks": [dataclasses.asdict(b) for b in self.blocks]}
-
-
-def find_blocks(graph: fx.GraphModule, *, chain_layers: int = 1) -> list[Block]:
-    """Split ``graph`` at single-tensor cuts into blocks that each hold at least one conv/linear.
-
-    Nodes after a block's last layer (its activation, output quantizer, pooling) stay in that block,
-    so a block learns the step size of the tensor it hands on; nodes before the first layer (the
-    input quantizer) join the first block. In a plain chain (consecutive one-layer blocks) up to
-    ``chain_layers`` layers form one block, which also ends after a layer with no activation (the
-    linear bottleneck that ends an inverted-residual block without a skip, as BRECQ's blocks do).
-    """
-    nodes = [n for n in graph.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
-    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise BadInputError(f"reconstruction needs a model with one input, this one has {len(placeholders)}")
-    modules = dict(graph.named_modules())
-    order = {n: i for i, n in enumerate(nodes)}
-    order[placeholders[0]] = -1
-    last_use = {
-        n: max((order.get(u, len(nodes)) for u in n.users), default=order[n]) for n in [placeholders[0], *nodes]
-    }
-    segments: list[list[fx.Node]] = [[]]
-    live: set[fx.Node] = {placeholders[0]}
-    for i, node in enumerate(nodes):
-        segments[-1].append(node)
-        live = {n for n in live if last_use[n] > i}
-        if last_use[node] > i:
-            live.add(node)
-        if live == {node}:
-            segments.append([])
-    segments = [s for s in segments if s]
-
-    def weighted(segment: list[fx.Node]) -> str | None:
-        return next((n.target for n in segment if _is_layer(n, modules)), None)
-
-    groups: list[list[fx.Node]] = []
-    names: list[str] = []
-    pending: list[fx.Node] = []
-    for segment in segments:
-        name = weighted(segment)
-        if name is None:
-            if groups:
-                groups[-1].extend(segment)
-            else:
-                pending.extend(segment)
-            continue
-        groups.append(pending + segment)
-        names.append(name)
-        pending = []
-    groups, names = _join_chains(groups, names, chain_layers, modules)
-    blocks, start = [], placeholders[0]
-    for name, group in zip(names, groups, strict=False):
-        blocks.append(Block(name, start, tuple(group)))
-        start = group[-1]
-    return blocks
-
-
-def _is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` runs a quantized conv/linear (what a block must hold at least one of)."""
-    return node.op == "call_module" and isinstance(modules[node.target], tuple(QUANT_LAYER_FOR.values()))
-
-
-# Nonlinearities after a layer (captured graphs hold out-of-place ATen ops, models.capture): a layer
-# followed by none of them hands on a linear output, where a chain block ends. The fused activations
-# of quantizer placement and the other element-wise ones.
-_aten = torch.ops.aten
-NONLINEAR = ACTIVATIONS | {
-    _aten.silu.default,
-    _aten.gelu.default,
-    _aten.sigmoid.default,
-    _aten.hardswish.default,
-    _aten.hardsigmoid.default,
-    _aten.leaky_relu.default,
-    _aten.elu.default,
-    _aten.tanh.default,
-    _aten.mish.default,
-    _aten.clamp_min.default,
-}
-
-
-def _has_activation(group: list[fx.Node]) -> bool:
-    return any(n.op == "call_function" and n.target in NONLINEAR for n in group)
-
-
-def _join_chains(
-    groups: list[list[fx.Node]], names: list[str], chain_layers: int, modules: dict[str, nn.Module]
-) -> tuple[list[list[fx.Node]], list[str]]:
-    """Consecutive one-layer groups joined, up to ``chain_layers`` layers, ending after a linear one."""
-    joined: list[list[fx.Node]] = []
-    joined_names: list[str] = []
-    open_chain = 0  # layers in the chain block still taking more, 0 when none is
-    for group, name in zip(groups, names, strict=True):
-        one_layer = sum(_is_layer(n, modules) for n in group) == 1
-        if open_chain and one_layer:
-            joined[-1] = joined[-1] + group
-            open_chain += 1
-        else:
-            joined.append(group)
-            joined_names.append(name)
-            open_chain = 1 if one_layer else 0
-        if open_chain >= chain_layers or (open_chain and not _has_activation(group)):
-            open_chain = 0
-    return joined, joined_names
-
-
-def block_module(graph: fx.GraphModule, block: Block) -> fx.GraphModule:
-    """A GraphModule running just ``block``; it shares (not copies) the model's modules."""
-    sub = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {block.input: sub.placeholder("x")}
-
-    def arg(node: fx.Node) -> fx.Node:
-        if node not in env:
-            if node.op != "get_attr":
-                raise RuntimeError(f"block {block.name} reads {node.name} from outside the block")
-            env[node] = sub.get_attr(node.target)
-        return env[node]
-
-    for node in block.nodes:
-        env[node] = sub.node_copy(node, arg)
-    sub.output(env[block.nodes[-1]])
-    return fx.GraphModule(graph, sub)
 
 
 @torch.no_grad()
@@ -343,12 +211,9 @@ def _optimise(
         if it == TIMING_ITERATIONS and budget_s is not None:
             per_iteration = (time.perf_counter() - start) / TIMING_ITERATIONS
             iterations = max(TIMING_ITERATIONS + 1, min(iterations, int(budget_s / per_iteration)))
-        idx = torch.randint(len(x_q), (min(config.batch_size, len(x_q)),), generator=generator)
-        inputs = x_q[idx]
-        if masks is not None:
-            inputs = torch.where(masks(inputs.shape), x_fp[idx], inputs)
+        inputs, target = _training_batch(module, (x_q, x_fp, y_fp), masks, config, generator)
         out = module(inputs)
-        loss = (out - y_fp[idx]).pow(2).flatten(1).sum(1).mean()
+        loss = (out - target).pow(2).flatten(1).sum(1).mean()
         loss = loss + config.round_weight * _rounding_penalty(weight_layers, it, iterations, config)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -357,6 +222,34 @@ def _optimise(
             opt.step()
         it += 1
     return it
+
+
+def _training_batch(
+    module: fx.GraphModule,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    masks: DropMasks | None,
+    config: ReconstructionConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's block input and FP32 target: random images and, with ``config.crop_px``, one random
+    window of them at most ``crop_px`` on a side, whose target the float block computes on the spot
+    (convolutions are local, so a window teaches the same rounding as the whole image at a fraction of
+    the cost; both paths see the same zero padding at the window's edges)."""
+    x_q, x_fp, y_fp = tensors
+    idx = torch.randint(len(x_q), (min(config.batch_size, len(x_q)),), generator=generator)
+    inputs, fp_inputs = x_q[idx], x_fp[idx]
+    crop = config.crop_px
+    windowed = crop is not None and inputs.dim() == 4 and max(inputs.shape[-2:]) > crop
+    if windowed:
+        top, left = (int(torch.randint(max(n - crop, 0) + 1, (1,), generator=generator)) for n in inputs.shape[-2:])
+        inputs = inputs[..., top : top + crop, left : left + crop]
+        fp_inputs = fp_inputs[..., top : top + crop, left : left + crop]
+    if masks is not None:
+        inputs = torch.where(masks(inputs.shape), fp_inputs, inputs)
+    if not windowed:
+        return inputs, y_fp[idx]
+    with torch.no_grad(), float_mode(module):
+        return inputs, module(fp_inputs)
 
 
 def _rounding_penalty(
