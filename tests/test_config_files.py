@@ -181,13 +181,13 @@ def test_typed_recon_flags_reach_a_low_bit_builds_reconstruction(tiny_state_dict
     monkeypatch.setattr(api, "build", capture)
     common = ["build", tiny_state_dict, "--trust-pickle", "--input-shape", "1x3x16x16", "--bits", "4"]
     assert invoke(*common, "--out", tmp_path / "a").exit_code == 0
-    typed = ["--recon-iterations", "5", "--recon-batch-size", "4"]
+    typed = ["--recon-iterations", "5", "--recon-batch-size", "4", "--recon-crop-px", "8"]
     assert invoke(*common, *typed, "--out", tmp_path / "b").exit_code == 0
     assert invoke(*common[:-2], *typed, "--out", tmp_path / "c").exit_code == 0  # 8 bits: typed flags ask for it
     best = ["--recipe", "best", "--recon-batch-size", "4"]
     assert invoke(*common, *best, "--out", tmp_path / "d").exit_code == 0
     recipe, typed_low_bit, typed_8_bit, best_batch_4 = seen
-    assert (recipe.iterations, recipe.batch_size) == (2000, 32), "the recipe's own reconstruction"
-    assert (typed_low_bit.iterations, typed_low_bit.batch_size) == (5, 4), "typed --recon-* win over the recipe"
+    assert (recipe.iterations, recipe.batch_size, recipe.crop_px) == (2000, 32, None), "the recipe's own"
+    assert (typed_low_bit.iterations, typed_low_bit.batch_size, typed_low_bit.crop_px) == (5, 4, 8), "typed flags win"
     assert (typed_8_bit.iterations, typed_8_bit.batch_size) == (5, 4)
     assert (best_batch_4.iterations, best_batch_4.batch_size) == (4000, 4), "the recipe's iterations, the typed batch"

@@ -32,11 +32,10 @@ from dfq_deploy.cli.options import (
     model_options,
     profile_options,
     quant_options,
-    reconstruct_options,
     synthesis_options,
     typed_model,
-    typed_reconstruct,
 )
+from dfq_deploy.cli.reconstruct_options import reconstruct_options, typed_reconstruct
 from dfq_deploy.cli.remote import device_options
 from dfq_deploy.config import HOLDOUT_FRACTION, MixedPrecisionBudget, MixedPrecisionConfig, ReconstructionConfig, Target
 from dfq_deploy.report.gates import QualityGates

@@ -27,11 +27,10 @@ from dfq_deploy.cli.options import (
     parse_input_shape,
     profile_options,
     quant_options,
-    reconstruct_options,
     synthesis_options,
     typed_model,
-    typed_reconstruct,
 )
+from dfq_deploy.cli.reconstruct_options import reconstruct_options, typed_reconstruct
 from dfq_deploy.cli.remote import device_options, trtexec_export_option
 from dfq_deploy.config import ReconstructionConfig, Target
 from dfq_deploy.errors import BadInputError

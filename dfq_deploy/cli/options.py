@@ -21,7 +21,6 @@ from dfq_deploy.cli.option_groups import (
     option_group,
     stacked,
     typed_flags,
-    typed_params,
 )
 from dfq_deploy.config import (
     DEFAULT_NUM_IMAGES,
@@ -29,7 +28,6 @@ from dfq_deploy.config import (
     PerformanceHint,
     ProfileConfig,
     QuantScheme,
-    ReconstructionConfig,
     SynthesisConfig,
     SynthesisMethod,
     Target,
@@ -142,36 +140,6 @@ def _quant_flags(fn):
         default=QuantScheme.weight_bits,
         show_default=True,
         help="Weight and activation bits (4-bit activations need opset 21 runtimes).",
-    )(fn)
-
-
-def _reconstruct_flags(fn):
-    """Block reconstruction (AdaRound/BRECQ/QDrop) after calibration."""
-    fn = click.option(
-        "--recon-checkpoint",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Keep finished blocks here; an interrupted run resumes from them.",
-    )(fn)
-    fn = click.option("--recon-time-budget", type=float, help="Seconds for the whole reconstruction.")(fn)
-    fn = click.option(
-        "--recon-batch-size",
-        type=int,
-        default=ReconstructionConfig.batch_size,
-        show_default=True,
-        help="Images per step (at 224 px a step of 8 costs a fifth of one of 32).",
-    )(fn)
-    fn = click.option(
-        "--recon-iterations",
-        type=int,
-        default=ReconstructionConfig.iterations,
-        show_default=True,
-        help="Iterations per block.",
-    )(fn)
-    return click.option(
-        "--reconstruct",
-        is_flag=True,
-        help="Learn weight rounding and activation step sizes block by block (use at 4 bit). Any "
-        "--recon-* flag typed turns it on too, at --recipe's iterations unless --recon-iterations is given.",
     )(fn)
 
 
@@ -317,25 +285,6 @@ def _quant(**values: Any) -> dict[str, Any]:
     return typed
 
 
-def _reconstruction(
-    *,
-    reconstruct: bool,
-    recon_iterations: int,
-    recon_batch_size: int,
-    recon_time_budget: float | None,
-    recon_checkpoint: Path | None,
-) -> ReconstructionConfig | None:
-    # Typed --recon-* flags without --reconstruct still reach the config (merge_build_config).
-    if not reconstruct:
-        return None
-    return ReconstructionConfig(
-        iterations=recon_iterations,
-        batch_size=recon_batch_size,
-        time_budget_s=recon_time_budget,
-        checkpoint_dir=str(recon_checkpoint) if recon_checkpoint else None,
-    )
-
-
 def _profile(**values: Any) -> dict[str, Any]:
     typed = typed_flags(values, PROFILE_FLAGS)
     if "batch_sizes" in typed:
@@ -360,23 +309,6 @@ normalize_options = option_group(_normalize_flags, "normalize", _normalize)
 synthesis_options = option_group(_synthesis_flags, "synthesis_flags", _synthesis)
 quant_options = option_group(_quant_flags, "quant_flags", _quant)
 profile_options = option_group(_profile_flags, "profile_flags", _profile)
-# ``reconstruct``: a ReconstructionConfig with --reconstruct, else None.
-reconstruct_options = option_group(_reconstruct_flags, "reconstruct", _reconstruction)
-RECONSTRUCT_FLAGS = {
-    "iterations": "recon_iterations",
-    "batch_size": "recon_batch_size",
-    "time_budget_s": "recon_time_budget",
-    "checkpoint_dir": "recon_checkpoint",
-}
-
-
-def typed_reconstruct() -> dict[str, Any]:
-    """The ``--recon-*`` flags the user typed, by ReconstructionConfig field: they win over a file's
-    ``reconstruct:`` section, their defaults do not."""
-    typed = typed_params(RECONSTRUCT_FLAGS)
-    if typed.get("checkpoint_dir") is not None:
-        typed["checkpoint_dir"] = str(typed["checkpoint_dir"])
-    return typed
 
 
 def config_option(fn: F) -> F:
