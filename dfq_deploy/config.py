@@ -11,7 +11,7 @@ import dataclasses
 import fnmatch
 from typing import Any, Literal
 
-from dfq_deploy.config_checks import check_choice, check_keys, coerce_floats
+from dfq_deploy.config_checks import check_at_least_one, check_choice, check_keys, coerce_floats
 from dfq_deploy.devices import check_torch_device, resolve_auto_device
 from dfq_deploy.errors import BadInputError
 
@@ -74,9 +74,7 @@ class SynthesisConfig:
         coerce_floats(self)
         check_choice(self.method, SynthesisMethod, "synthesis method")
         check_choice(self.auto_bn_method, BatchNormMethod, "auto_bn_method")
-        for name in ("num_images", "batch_size", "auto_iterations"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("num_images", "batch_size", "auto_iterations"))
         if self.iterations is not None and self.iterations < 0:
             raise BadInputError(f"iterations must be >= 0, got {self.iterations}")
         if self.device == "auto":
@@ -314,9 +312,7 @@ class ProfileConfig:
                 f"{self.iterations}, {self.warmup_ms}, {self.duration_s}"
             )
         check_choice(self.performance_hint, PerformanceHint, "performance hint")
-        for name in ("threads", "streams"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("threads", "streams"))
 
     def timing_options(self) -> dict[str, Any]:
         """The options a latency was measured with, as a :class:`LatencyRecord` keeps them."""
@@ -332,8 +328,9 @@ class ReconstructionConfig:
     ``iterations`` per block, at most; ``time_budget_s`` caps the whole run (shared evenly by the
     blocks still to do). ``chain_layers``: layers of a plain chain (no skip) learned as one block,
     ending after a layer with no activation. ``crop_px``: each step trains on one random window of at
-    most this many pixels a side of the block's input (cheaper steps at 224 px). ``drop_prob``: QDrop's chance that a block's input element
-    comes from the FP32 model, not the quantized one (0 = BRECQ). ``checkpoint_dir``: resume from here.
+    most this many pixels a side of the block's input (cheaper steps at 224 px). ``drop_prob``: QDrop's
+    chance that a block's input element comes from the FP32 model, not the quantized one (0 = BRECQ).
+    ``checkpoint_dir``: resume from here.
     """
 
     iterations: int = 2000
@@ -354,9 +351,7 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         coerce_floats(self)
-        for name in ("iterations", "batch_size", "chain_layers", "crop_px"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise BadInputError(f"reconstruction's {name} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("iterations", "batch_size", "chain_layers", "crop_px"), what="reconstruction's ")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise BadInputError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if not 0.0 <= self.drop_prob <= 1.0 or not 0.0 <= self.warmup < 1.0:

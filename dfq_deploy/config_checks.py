@@ -1,4 +1,5 @@
-"""Checks every config dataclass shares: a value among a literal's choices, known keys, float fields."""
+"""Checks every config dataclass shares: a value among a literal's choices, known keys, float fields,
+counts of at least one."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ def check_choice(value: Any, literal: Any, field: str) -> None:
     choices = get_args(literal)
     if value not in choices:
         raise BadInputError(f"{field} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def check_at_least_one(config: Any, names: tuple[str, ...], *, what: str = "") -> None:
+    """Refuse a field of ``config`` among ``names`` that is set (not ``None``) and below 1; ``what``
+    names the config in the message ("reconstruction's")."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise BadInputError(f"{what}{name} must be at least 1, got {value}")
 
 
 def check_keys(values: dict[str, Any], cls: type, *, where: str) -> None:
