@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -93,17 +96,12 @@ SHARDED_RUNS = {"zeroq": {}, "clusterq": {}, "clusterq-generator": {"generator":
 def sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """One rank of the 2-process syntheses in ``SHARDED_RUNS`` (run by torch.multiprocessing.spawn),
     and of a gradient average: the rank's parameter has gradient rank + 1."""
-    from pathlib import Path
-
-    import torch.distributed as dist
-
     from dfq_deploy.config import SynthesisConfig
     from dfq_deploy.synthesis import synthesize
-    from dfq_deploy.synthesis.sharding import average_gradients
+    from dfq_deploy.synthesis.sharding import average_gradients, joined_process_group
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with joined_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world):
         for name, options in SHARDED_RUNS.items():
             config = SynthesisConfig(method=name.split("-")[0], num_images=10, batch_size=4, iterations=6, **options)
             calib = synthesize(tiny_net(), config=config, input_shape=INPUT_SHAPE, progress=False)
@@ -115,5 +113,14 @@ def sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         weight.grad = torch.full((2, 3), rank + 1.0)
         average_gradients([weight])
         torch.save(weight.grad, Path(out_dir) / f"grad-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    # Threads the group left running would abort this process at exit (see joined_process_group).
+    (Path(out_dir) / f"threads-rank{rank}.txt").write_text("\n".join(gloo_threads()))
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's threads that gloo started (pt_gloo_runloop, gloo_tcp_loop)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            names.append((task / "comm").read_text().strip())
+    return sorted(n for n in names if "gloo" in n)

@@ -154,6 +154,8 @@ def test_two_ranks_make_the_requested_count(tmp_path):
         assert torch.equal(ranks[0]["images"], ranks[1]["images"])
     for r in range(2):  # gradients 1 and 2 average to 1.5 on both ranks
         assert torch.equal(torch.load(tmp_path / f"grad-rank{r}.pt", weights_only=True), torch.full((2, 3), 1.5))
+        # destroy_process_group really stopped gloo's threads; left running, one aborts the rank at exit.
+        assert (tmp_path / f"threads-rank{r}.txt").read_text() == ""
     # Batch seeds depend on the global batch index only: zeroq gives the same set as one process.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

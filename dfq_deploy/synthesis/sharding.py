@@ -45,7 +45,26 @@ def torchrun_process_group(device: str = "cpu") -> Iterator[None]:
     if torch.device(device).type == "cuda":
         backend = "cpu:gloo,cuda:nccl"
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    with joined_process_group(backend):
+        yield
+
+
+@contextlib.contextmanager
+def joined_process_group(backend: str, **init_kwargs) -> Iterator[None]:
+    """``dist.init_process_group(backend, **init_kwargs)`` for the duration of the block, then
+    ``destroy_process_group`` with its gloo threads really stopped.
+
+    ``torch.distributed.nn.functional`` binds ``group=group.WORLD`` as a default argument when it is
+    first imported, and torch imports it lazily (the first ``torch.optim`` optimizer pulls in
+    ``torch._dynamo``, which pulls it in). Imported while a group is up, those defaults keep the group
+    alive after ``destroy_process_group``, so its gloo worker threads outlive it and, at interpreter
+    exit, one of them releasing a finished all-reduce's tensors needs the GIL of a finalizing
+    interpreter: ``terminate called without an active exception`` (SIGABRT) in a few percent of runs.
+    Importing it before the group exists binds ``None`` instead.
+    """
+    import torch.distributed.nn  # noqa: F401  (see above: must precede init_process_group)
+
+    dist.init_process_group(backend, **init_kwargs)
     try:
         yield
     finally:
