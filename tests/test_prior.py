@@ -43,9 +43,11 @@ def test_auto_picks_zeroq_with_batchnorm_and_prior_without():
 
 def test_prior_calibrates_the_bn_folded_resnet20_better_than_noise_at_w4a4(assets):
     """The no-BN path on a real model: CIFAR ResNet-20 with its BN folded into the convs (none left),
-    W4A4, scored on the 3,983 JPEG test images. Measured on an AMX Xeon, 3 seeds each: prior 75.32–75.70,
-    noise 74.79–75.02 (real images 75.92–76.25). At W8A8 no source is ahead of another: noise, prior and
-    real images all sit within 0.6 pt of FP32 (81.02), so 4 bit is where the calibration set is measurable."""
+    W4A4, scored on the 3,983 JPEG test images, seeds 0-2. Measured on an AMX Xeon (bf16 synthesis):
+    prior 75.51 on average (75.32–75.70), noise 74.92 (74.79–75.02), real images 76.12; on an AMD EPYC
+    without AMX (float32 synthesis): prior 75.18 (74.49–76.02), noise 74.92. One seed's margin is inside
+    the spread there (seed 2: 74.49 vs 74.79), so the claim tested is the 3-seed average. At W8A8 no source
+    is ahead of another: all sit within 0.6 pt of FP32 (81.02), so 4 bit is where the set is measurable."""
     from dfq_deploy.analysis.evaluate import evaluate_top1, load_eval_set
     from dfq_deploy.config import QuantScheme
     from dfq_deploy.models.capture import capture_graph
@@ -60,13 +62,15 @@ def test_prior_calibrates_the_bn_folded_resnet20_better_than_noise_at_w4a4(asset
     jpeg = load_eval_set(cifar / "test-jpeg-1017-4999.npz", input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD)
     scheme = QuantScheme(weight_bits=4, act_bits=4, calibrator="mse", weight_calibrator="mse")
 
-    def top1(method: str, expected: str) -> float:
-        config = SynthesisConfig(method=method, num_images=64, batch_size=64, seed=0)
+    def top1(method: str, expected: str, seed: int) -> float:
+        config = SynthesisConfig(method=method, num_images=64, batch_size=64, seed=seed)
         calib = synthesize(
             folded, config=config, input_shape=(3, 32, 32), progress=False, normalize=(CIFAR10_MEAN, CIFAR10_STD)
         )
         assert calib.meta["method"] == expected
         return evaluate_top1(quantize(folded, calib, scheme=scheme, progress=False), jpeg)
 
-    noise, prior = top1("noise", "noise"), top1("auto", "prior")  # auto: no BN, so prior
-    assert prior > noise + 0.2, (prior, noise)
+    seeds = range(3)
+    noise = [top1("noise", "noise", seed) for seed in seeds]
+    prior = [top1("auto", "prior", seed) for seed in seeds]  # auto: no BN, so prior
+    assert sum(prior) / 3 > sum(noise) / 3, (prior, noise)
