@@ -4,7 +4,7 @@
         [--methods noise zeroq clusterq fdda real] [--num-images 256] [--iterations N] [--batch 32]
         [--eval-images 500] [--threads 2] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
         [--fold-bn] [--schemes w8a8 w4a8-rec w4a4-rec] [--rec-iterations 500] [--rec-batch 8] [--rec-chain 3]
-        [--rec-crop 14]
+        [--rec-crop 14] [--rec-variants default learn_act_scale=false drop_prob=0]
 
 imagenet-750 (../shared/assets) is split once: every third image (250) is the pool real-image
 calibration draws from, the other 500 are the evaluation set (a labels.csv folder): no image is
@@ -14,7 +14,8 @@ speed levers (``plain``: the float32 loop as it was; ``default``; ``bf16``; ``fp
 without bf16 autocast; ``coarse``), so the same run compares them. ``--fold-bn`` folds every BatchNorm
 into its conv first: a model with no BN left, for the no-BN ``prior`` method (``--methods noise prior
 real``). ``--schemes`` adds 4-bit rows (``w4a8``, ``w4a8-rec``, ``w4a4-rec``: block reconstruction at
-``--rec-iterations`` per block) on the same sets. Every time is printed with the CPU's ISA and the load average: the 2-core machine is shared,
+``--rec-iterations`` per block) on the same sets; ``--rec-variants`` scores each reconstructing scheme
+once per set of ``ReconstructionConfig`` overrides (``name=value,...``) on the same set. Every time is printed with the CPU's ISA and the load average: the 2-core machine is shared,
 so compare rows of one run, not runs.
 """
 
@@ -179,16 +180,53 @@ def run_model(key: str, args, work: Path, calib_pool: Path, eval_dir: Path) -> l
             synth |= {"model": name, "levers": lever_name, "method": method, "fp32": fp32, "top1": None}
             # One synthesized set scored under every calibrator asked for: the set is the costly part.
             for calibrators in args.calibrators if scored else [None]:
-                for scheme_name in args.schemes if scored else ["w8a8"]:
-                    row = dict(synth, calibrators=calibrators, scheme=scheme_name)
+                for scheme_name, variant in scheme_variants(args.schemes if scored else ["w8a8"], args.rec_variants):
+                    label = scheme_name if variant == "default" else f"{scheme_name} {variant}"
+                    row = dict(synth, calibrators=calibrators, scheme=label)
                     if calibrators is not None:
-                        score_row(row, model, calib, data, scheme_name, calibrators, args)
+                        score_row(row, model, calib, data, scheme_name, calibrators, args, variant)
                     rows.append(row)
                     print(f"  {lever_name} {method}: {row}", file=sys.stderr)
     return rows
 
 
-def score_row(row: dict, model, calib, data, scheme_name: str, calibrators: str, args) -> None:
+def scheme_variants(schemes: list[str], variants: list[str]) -> list[tuple[str, str]]:
+    """(scheme, reconstruction variant) pairs: every variant for a reconstructing scheme, else "default"."""
+    return [(s, v) for s in schemes for v in (variants if SCHEMES[s][2] else ["default"])]
+
+
+def reconstruction_overrides(variant: str) -> dict:
+    """``ReconstructionConfig`` fields from ``name=value,...`` (``default``: none); values are parsed
+    as true/false, none, an int or a float, else kept as text."""
+    if variant == "default":
+        return {}
+    names = {f.name for f in dataclasses.fields(ReconstructionConfig)}
+    out: dict = {}
+    for item in variant.split(","):
+        name, _, text = item.partition("=")
+        if name not in names:
+            raise SystemExit(
+                f"--rec-variants: {name!r} is not a ReconstructionConfig field ({', '.join(sorted(names))})"
+            )
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            out[name] = lowered == "true"
+        elif lowered == "none":
+            out[name] = None
+        else:
+            try:
+                out[name] = int(text)
+            except ValueError:
+                try:
+                    out[name] = float(text)
+                except ValueError:
+                    out[name] = text
+    return out
+
+
+def score_row(
+    row: dict, model, calib, data, scheme_name: str, calibrators: str, args, variant: str = "default"
+) -> None:
     """Quantize ``model`` from ``calib`` under ``scheme_name`` (reconstructing if it says so); top-1 into ``row``."""
     w_bits, a_bits, reconstruct = SCHEMES[scheme_name]
     recon = None
@@ -200,6 +238,7 @@ def score_row(row: dict, model, calib, data, scheme_name: str, calibrators: str,
             crop_px=args.rec_crop,
             checkpoint_dir=None,
         )
+        recon = dataclasses.replace(recon, **reconstruction_overrides(variant))
     start = time.perf_counter()
     qmodel = api.quantize(
         model, calib, scheme=scheme_for(calibrators, w_bits, a_bits), progress=args.progress, reconstruct=recon
@@ -296,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="train each reconstruction step on a random window this many px a side",
+    )
+    parser.add_argument(
+        "--rec-variants",
+        nargs="+",
+        default=["default"],
+        help="ReconstructionConfig overrides per row, e.g. default learn_act_scale=false drop_prob=0,weight_lr=3e-3",
     )
     parser.add_argument("--progress", action="store_true", help="progress bars for quantization/reconstruction")
     parser.add_argument("--speed-only", action="store_true", help="no accuracy: synthesis rows only")
