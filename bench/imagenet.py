@@ -22,6 +22,7 @@ so compare rows of one run, not runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -34,6 +35,7 @@ import torch
 from dfq_deploy import api
 from dfq_deploy.analysis.evaluate import evaluate_top1, load_eval_set
 from dfq_deploy.config import ReconstructionConfig, SynthesisConfig, default_scheme
+from dfq_deploy.config_checks import check_keys
 from dfq_deploy.io.labels_csv import read_labels_csv
 from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.normalization import NORMALIZATIONS
@@ -200,28 +202,23 @@ def reconstruction_overrides(variant: str) -> dict:
     as true/false, none, an int or a float, else kept as text."""
     if variant == "default":
         return {}
-    names = {f.name for f in dataclasses.fields(ReconstructionConfig)}
-    out: dict = {}
+    out = {}
     for item in variant.split(","):
         name, _, text = item.partition("=")
-        if name not in names:
-            raise SystemExit(
-                f"--rec-variants: {name!r} is not a ReconstructionConfig field ({', '.join(sorted(names))})"
-            )
-        lowered = text.lower()
-        if lowered in ("true", "false"):
-            out[name] = lowered == "true"
-        elif lowered == "none":
-            out[name] = None
-        else:
-            try:
-                out[name] = int(text)
-            except ValueError:
-                try:
-                    out[name] = float(text)
-                except ValueError:
-                    out[name] = text
+        out[name] = _override_value(text)
+    check_keys(out, ReconstructionConfig, where="--rec-variants")
     return out
+
+
+def _override_value(text: str):
+    """true/false, none, an int or a float from ``text``, else ``text`` itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    for parse in (int, float):
+        with contextlib.suppress(ValueError):
+            return parse(text)
+    return text
 
 
 def score_row(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dfq_deploy.config import ReconstructionConfig
+from dfq_deploy.errors import BadInputError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from imagenet import reconstruction_overrides, scheme_variants  # noqa: E402
@@ -23,7 +24,7 @@ def test_overrides_parse_to_the_config_fields_types():
 
 
 def test_an_unknown_field_is_refused_with_the_known_ones():
-    with pytest.raises(SystemExit, match="'drop' is not a ReconstructionConfig field.*drop_prob"):
+    with pytest.raises(BadInputError, match="unknown key 'drop' in --rec-variants(.|\n)*valid keys:.*drop_prob"):
         reconstruction_overrides("drop=0")
 
 
