@@ -287,7 +287,7 @@ class ProfileConfig:
     engines from a captured CUDA graph (trtexec's ``--useCudaGraph``); ``layer_profile`` adds a
     per-layer time table (TensorRT's IProfiler) on a GPU. ``threads`` is the runtime's intra-op thread
     count (``None``: all cores). OpenVINO also takes ``streams`` (``None``: the hint decides) and ``performance_hint``; with ``THROUGHPUT`` the build
-    and ``profile`` add an async record: batch-1 requests through an AsyncInferQueue.
+    and ``profile`` add an async record: batch-1 requests kept in flight on parallel infer requests.
     """
 
     batch_sizes: tuple[int, ...] = (1, 16)

@@ -143,7 +143,7 @@ def deploy_openvino(
 ) -> tuple[dict[str, Any], list[RuntimeLayer]]:
     """Compile the FP32 and Q/DQ files with OpenVINO (CPU), check the INT8 model and time both.
 
-    With the THROUGHPUT hint each model is also served batch-1 requests through an AsyncInferQueue.
+    With the THROUGHPUT hint each model is also served batch-1 requests kept in flight on parallel infer requests.
     Returns the deployment and the INT8 model's runtime graph (what the precision map reads).
     """
     from dfq_deploy.runtimes.openvino import OpenVINORunner

@@ -150,7 +150,7 @@ def _profile_flags(fn):
         choices=PerformanceHint,
         default=ProfileConfig.performance_hint,
         help="OpenVINO: LATENCY (one stream) or THROUGHPUT (parallel streams; adds batch-1 async "
-        "throughput measured with an AsyncInferQueue).",
+        "throughput measured on parallel infer requests).",
     )(fn)
     fn = click.option("--streams", type=int, help="OpenVINO CPU streams (default: what the hint chooses).")(fn)
     fn = click.option("--threads", type=int, help="Runtime intra-op threads (default: all cores).")(fn)
