@@ -2,7 +2,7 @@
 
     python bench/imagenet.py [--models lite1 lite2 resnet18 resnet50 mobilenet_v2]
         [--methods noise zeroq clusterq fdda real] [--num-images 256] [--iterations N] [--batch 32]
-        [--eval-images 500] [--threads 2] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
+        [--eval-images 500] [--threads 2] [--spectrum auto|white|pink] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
         [--fold-bn] [--schemes w8a8 w4a8-rec w4a4-rec] [--rec-iterations 500] [--rec-batch 8] [--rec-chain 3]
         [--rec-crop 14] [--rec-variants default learn_act_scale=false drop_prob=0]
 
@@ -29,12 +29,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from dfq_deploy import api
 from dfq_deploy.analysis.evaluate import evaluate_top1, load_eval_set
-from dfq_deploy.config import ReconstructionConfig, SynthesisConfig, default_scheme
+from dfq_deploy.config import ReconstructionConfig, SynthesisConfig, SynthesisSpectrum, default_scheme
 from dfq_deploy.config_checks import check_keys
 from dfq_deploy.io.labels_csv import read_labels_csv
 from dfq_deploy.models.capture import capture_graph
@@ -142,6 +143,7 @@ def calibration(model, method: str, args, calib_pool: Path, normalize, levers: S
         iterations=args.iterations,
         calib_images=str(calib_pool) if method == "real" else None,
         device="cpu",
+        spectrum=args.spectrum,
     )
     calib = synthesize(
         model.module, config=config, input_shape=model.input_shape, progress=False, normalize=normalize, levers=levers
@@ -154,6 +156,7 @@ def calibration(model, method: str, args, calib_pool: Path, normalize, levers: S
         "wall_s": meta["wall_time_s"],
         "images_per_s": meta["images_per_second"],
         "mismatch": (meta.get("bn_mismatch") or {}).get("mean"),
+        "spectrum": meta.get("spectrum", "-"),
     }
 
 
@@ -259,6 +262,7 @@ def print_table(rows: list[dict], eval_count: int) -> None:
     header = (
         "model",
         "source",
+        "spectrum",
         "levers",
         "calibrators",
         "scheme",
@@ -283,6 +287,7 @@ def print_table(rows: list[dict], eval_count: int) -> None:
         cells = [
             r["model"],
             r["method"],
+            r.get("spectrum", "-"),
             r["levers"],
             r["calibrators"] or "-",
             r["scheme"],
@@ -309,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default: 32, or 16 above 64x64 px")
     parser.add_argument("--eval-images", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--spectrum",
+        default="auto",
+        choices=get_args(SynthesisSpectrum),
+        help="the noise images start from (auto: pink above 64x64 px)",
+    )
     parser.add_argument("--levers", nargs="+", default=["default"], choices=list(LEVERS))
     parser.add_argument(
         "--calibrators",

@@ -20,6 +20,8 @@ IMAGENET_NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 SynthesisMethod = Literal["noise", "zeroq", "clusterq", "fdda", "prior", "auto", "folder"]
 BatchNormMethod = Literal["zeroq", "clusterq", "fdda"]  # the methods that match BN statistics
+# The spatial spectrum of the noise images start from (synthesis.spectrum); auto: pink above 64x64 px.
+SynthesisSpectrum = Literal["auto", "white", "pink"]
 Target = Literal["onnxruntime", "openvino", "tensorrt", "tensorrt-rtx"]
 CalibratorName = Literal["auto", "max", "percentile", "mse", "entropy"]
 WeightCalibratorName = Literal["auto", "max", "mse"]
@@ -69,11 +71,13 @@ class SynthesisConfig:
     calib_images: str | None = None
     generator: bool = False
     device: str = "auto"
+    spectrum: SynthesisSpectrum = "auto"
 
     def __post_init__(self) -> None:
         coerce_floats(self)
         check_choice(self.method, SynthesisMethod, "synthesis method")
         check_choice(self.auto_bn_method, BatchNormMethod, "auto_bn_method")
+        check_choice(self.spectrum, SynthesisSpectrum, "synthesis spectrum")
         check_at_least_one(self, ("num_images", "batch_size", "auto_iterations"))
         if self.iterations is not None and self.iterations < 0:
             raise BadInputError(f"iterations must be >= 0, got {self.iterations}")

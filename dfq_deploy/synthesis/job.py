@@ -16,6 +16,7 @@ from dfq_deploy.normalization import Normalize, natural_image_prior
 from dfq_deploy.synthesis.bn_stats import BNInputCapture, BNLayer
 from dfq_deploy.synthesis.pixel_loop import Batch, progress_bar
 from dfq_deploy.synthesis.sharding import Shard
+from dfq_deploy.synthesis.spectrum import Spectrum, resolve_spectrum
 from dfq_deploy.synthesis.speed import DEFAULT, PixelSchedule, SpeedLevers, pixel_schedule
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_NORMALIZE
@@ -43,6 +44,11 @@ class Job:
     @property
     def total_images(self) -> int:
         return sum(b.size for b in self.batches)
+
+    @property
+    def spectrum(self) -> Spectrum:
+        """The spectrum noise images start from: the config's, ``auto`` resolved for this input size."""
+        return resolve_spectrum(self.config.spectrum, self.input_shape)
 
     def iterations(self, default: int) -> int:
         return default if self.config.iterations is None else self.config.iterations

@@ -9,7 +9,8 @@ import dfq_deploy.synthesis.speed as speed  # the module, not the package (which
 from dfq_deploy.allocator import keep_freed_memory
 from dfq_deploy.synthesis.bn_stats import BNInputCapture
 from dfq_deploy.synthesis.job import Job, MethodResult, ObjectiveFactory
-from dfq_deploy.synthesis.pixel_loop import optimise_pixels, optimise_warmup_then_late, start_batch
+from dfq_deploy.synthesis.pixel_loop import optimise_pixels, optimise_warmup_then_late
+from dfq_deploy.synthesis.spectrum import Spectrum, start_for
 
 
 def synthesize_pixels(
@@ -20,18 +21,20 @@ def synthesize_pixels(
     warmup: int,
     lr: float,
     late_lr: float,
-    start=start_batch,
+    spectrum: Spectrum | None = None,
 ) -> MethodResult:
-    """Each batch: N(0, 1) images (and uniform labels when the objective has classes), then
+    """Each batch: unit-variance noise images of ``spectrum`` (``None``: the job's, see
+    :mod:`.spectrum`) and uniform labels when the objective has classes, then
     :func:`~dfq_deploy.synthesis.pixel_loop.optimise_warmup_then_late` on the objective, run with
     ``job.levers`` (:mod:`.speed`: a coarse first part for single-phase methods, channels-last, bf16).
 
-    ``start`` makes a batch's (generator, initial images, labels), :func:`start_batch` by default.
     ``warmup == iterations`` is a single phase with ZeroQ's schedule. Meta: ``iterations``, ``lr``,
-    ``steps_taken`` per batch, ``coarse_steps``, ``bf16``, ``channels_last``, ``keep_freed_memory`` and the
+    ``steps_taken`` per batch, ``coarse_steps``, ``spectrum``, ``bf16``, ``channels_last``, ``keep_freed_memory`` and the
     objective's own.
     """
     levers = job.levers
+    spectrum = spectrum or job.spectrum
+    start = start_for(spectrum)
     kept_freed_memory = levers.keep_freed_memory and job.device.type == "cpu" and keep_freed_memory()
     coarse_steps = levers.coarse_steps(iterations, job.input_shape) if warmup == iterations else 0
     images, all_labels, losses, steps = [], [], [], []
@@ -58,7 +61,13 @@ def synthesize_pixels(
                 losses.append(loss)
                 steps.append(taken)
     labels = None if objective.num_classes is None else torch.cat(all_labels).cpu()
-    meta = {"iterations": iterations, "lr": lr, "steps_taken": steps, "coarse_steps": coarse_steps}
+    meta = {
+        "iterations": iterations,
+        "lr": lr,
+        "steps_taken": steps,
+        "coarse_steps": coarse_steps,
+        "spectrum": spectrum,
+    }
     meta |= _lever_meta(job, kept_freed_memory=kept_freed_memory)
     return MethodResult(torch.cat(images), labels, sum(losses) / len(losses), meta | objective.meta())
 

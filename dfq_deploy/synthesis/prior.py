@@ -28,31 +28,15 @@ from torch import nn
 
 from dfq_deploy.synthesis.bn_stats import BNInputCapture, batch_mean_var
 from dfq_deploy.synthesis.job import Job, MethodResult, Objective
-from dfq_deploy.synthesis.pixel_loop import Batch, start_batch
 from dfq_deploy.synthesis.pixels import synthesize_pixels
+from dfq_deploy.synthesis.spectrum import pink_noise
 from dfq_deploy.synthesis.zeroq import input_prior
 
 DEFAULT_ITERATIONS = 200
 DEFAULT_LR = 0.1
 PRIOR_IMAGES = 64
 TV_WEIGHT = 0.05
-# Amplitude falls as 1/f^SPECTRUM_EXPONENT: natural images have ~1 (Field 1987).
-SPECTRUM_EXPONENT = 1.0
 PRIOR_SEED = 0x5EED
-
-
-def pink_noise(n: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """``n`` images of ``shape`` (C, H, W) with a 1/f amplitude spectrum, each channel at mean 0, std 1."""
-    c, h, w = shape
-    white = torch.randn(n, c, h, w, generator=generator)
-    fy = torch.fft.fftfreq(h).reshape(-1, 1)
-    fx = torch.fft.rfftfreq(w).reshape(1, -1)
-    radius = torch.sqrt(fy.square() + fx.square())
-    radius[0, 0] = 1.0 / max(h, w)  # finite DC gain; the mean is removed below anyway
-    spectrum = torch.fft.rfft2(white) / radius.pow(SPECTRUM_EXPONENT)
-    images = torch.fft.irfft2(spectrum, s=(h, w))
-    var, mean = torch.var_mean(images.flatten(2), dim=2, keepdim=True, correction=0)
-    return ((images.flatten(2) - mean) / (var.sqrt() + 1e-8)).reshape(n, c, h, w)
 
 
 class PreActivationCapture:
@@ -152,13 +136,5 @@ def synthesize_prior(job: Job) -> MethodResult:
             warmup=iterations,
             lr=lr,
             late_lr=lr,
-            start=pink_start,
+            spectrum="pink",  # whatever the config asks: the targets are taken on pink noise
         )
-
-
-def pink_start(
-    batch: Batch, *, seed: int, input_shape: tuple[int, ...], device: torch.device, num_classes: int | None = None
-) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
-    """:func:`~dfq_deploy.synthesis.pixel_loop.start_batch` with pink noise as the initial images."""
-    gen, _, labels = start_batch(batch, seed=seed, input_shape=input_shape, device=device, num_classes=num_classes)
-    return gen, pink_noise(batch.size, input_shape, gen).to(device), labels
