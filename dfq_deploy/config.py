@@ -57,7 +57,9 @@ class SynthesisConfig:
     ``iterations``/``lr`` of ``None`` take each method's published default. ``calib_images`` is a
     folder of labelled real images (ImageFolder layout) for ``folder`` and FDDA's hybrid mode.
     ``device`` ``auto`` resolves here to ``cuda`` when torch sees a GPU, else ``cpu``, so the config
-    (and every manifest written from it) names the device that really ran.
+    (and every manifest written from it) names the device that really ran. ``spectrum`` is that of the
+    noise images pixel methods start from and ``noise`` returns (``auto``: pink above 64x64 px, see
+    :mod:`dfq_deploy.synthesis.spectrum`); ``--generator`` draws from its own latent instead.
     """
 
     method: SynthesisMethod = "auto"  # auto_bn_method for models with BatchNorm, prior for those without
