@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "--rec-crop",
         type=int,
         default=None,
-        help="train each reconstruction step on a random window this many px a side",
+        help="train each reconstruction step on a random window this many px a side (0: whole inputs; "
+        "default: build's, 14 at 224 px)",
     )
     parser.add_argument(
         "--rec-variants",

@@ -333,13 +333,13 @@ class ReconstructionConfig:
     ``iterations`` per block, at most; ``time_budget_s`` caps the whole run (shared evenly by the
     blocks still to do). ``chain_layers``: layers of a plain chain (no skip) learned as one block,
     ending after a layer with no activation. ``crop_px``: each step trains on one random window of at
-    most this many pixels a side of the block's input (cheaper steps at 224 px). ``drop_prob``: QDrop's
-    chance that a block's input element comes from the FP32 model, not the quantized one (0 = BRECQ).
-    ``checkpoint_dir``: resume from here.
+    most this many pixels a side of the block's input (0: whole inputs). ``drop_prob``: QDrop's chance
+    that a block's input element comes from the FP32 model, not the quantized one (0 = BRECQ).
+    ``checkpoint_dir``: resume from here. ``None`` batch_size/crop_px: quant.reconstruct.for_input.
     """
 
     iterations: int = 2000
-    batch_size: int = 32
+    batch_size: int | None = None  # None: 32, or 8 above 64x64 px
     time_budget_s: float | None = None
     weight_lr: float = 1e-3
     act_lr: float = 4e-4  # relative change of a step size per Adam step (BRECQ's 4e-5 on a 0.1 step)
@@ -350,15 +350,15 @@ class ReconstructionConfig:
     drop_prob: float = 0.5
     learn_act_scale: bool = True
     chain_layers: int = 1
-    crop_px: int | None = None
+    crop_px: int | None = None  # None: 14 above 64x64 px, whole inputs up to it
     checkpoint_dir: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         coerce_floats(self)
-        check_at_least_one(self, ("iterations", "batch_size", "chain_layers", "crop_px"), what="reconstruction's ")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise BadInputError(f"time_budget_s must be positive, got {self.time_budget_s}")
+        check_at_least_one(self, ("iterations", "batch_size", "chain_layers"), what="reconstruction's ")
+        if (self.time_budget_s is not None and self.time_budget_s <= 0) or (self.crop_px or 0) < 0:
+            raise BadInputError(f"time_budget_s must be > 0 and crop_px >= 0, got {self.time_budget_s}, {self.crop_px}")
         if not 0.0 <= self.drop_prob <= 1.0 or not 0.0 <= self.warmup < 1.0:
             raise BadInputError(f"drop_prob must be in [0, 1], warmup in [0, 1): {self.drop_prob}, {self.warmup}")
 
@@ -379,7 +379,7 @@ class MixedPrecisionConfig:
     budget: float = 1.25
     budget_kind: MixedPrecisionBudget = "size"
     high_bits: int = 8
-    batch_size: int = 32
+    batch_size: int | None = None  # None: 32, or 8 above 64x64 px
     max_images: int = 64
 
     def __post_init__(self) -> None:

@@ -107,6 +107,12 @@ def test_typed_flags_beat_the_file_and_defaults_do_not(tiny_state_dict, tmp_path
     assert typed.exit_code == 0, typed.output
     assert "8-bit weights, 8-bit activations, int8_symmetric" in typed.output
     assert json.loads((tmp_path / "b" / "calibration" / "calibration.json").read_text())["num_images"] == 6
+    # --act-bits sets the activations alone, over the file's and over --bits'.
+    w4a8 = invoke(*common, "--act-bits", "8", "--out", tmp_path / "c")
+    assert w4a8.exit_code == 0, w4a8.output
+    assert "4-bit weights, 8-bit activations, int8_symmetric" in w4a8.output
+    w8a4 = invoke(*common, "--bits", "8", "--act-bits", "4", "--out", tmp_path / "d")
+    assert "8-bit weights, 4-bit activations, int8_symmetric" in w8a4.output, w8a4.output
 
 
 @pytest.mark.parametrize(
@@ -187,7 +193,7 @@ def test_typed_recon_flags_reach_a_low_bit_builds_reconstruction(tiny_state_dict
     best = ["--recipe", "best", "--recon-batch-size", "4"]
     assert invoke(*common, *best, "--out", tmp_path / "d").exit_code == 0
     recipe, typed_low_bit, typed_8_bit, best_batch_4 = seen
-    assert (recipe.iterations, recipe.batch_size, recipe.crop_px) == (2000, 32, None), "the recipe's own"
+    assert (recipe.iterations, recipe.batch_size, recipe.crop_px) == (2000, None, None), "the recipe's; by input size"
     assert (typed_low_bit.iterations, typed_low_bit.batch_size, typed_low_bit.crop_px) == (5, 4, 8), "typed flags win"
     assert (typed_8_bit.iterations, typed_8_bit.batch_size) == (5, 4)
     assert (best_batch_4.iterations, best_batch_4.batch_size) == (4000, 4), "the recipe's iterations, the typed batch"

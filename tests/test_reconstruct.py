@@ -11,11 +11,12 @@ import torch
 from tiny_models import tiny_resnet
 
 from dfq_deploy.config import QuantScheme, ReconstructionConfig
+from dfq_deploy.errors import BadInputError
 from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.quant.blocks import find_blocks
 from dfq_deploy.quant.quantize import quantize
-from dfq_deploy.quant.reconstruct import reconstruct_blocks
+from dfq_deploy.quant.reconstruct import for_input, reconstruct_blocks
 
 SCHEME = QuantScheme(weight_bits=4, act_bits=4, calibrator="mse", weight_calibrator="mse")
 # 400, not 200: at 200 the residual block's error stayed at its start on an AMX CPU (oneDNN's AVX512/AMX
@@ -207,3 +208,22 @@ def test_steps_on_random_windows_learn_a_rounding_that_holds_on_the_whole_image(
     assert residual.error_after < 0.9 * residual.error_before and not residual.reverted, residual  # 0.72 measured
     reconstruct_blocks(whole, calib, config=FAST, progress=False)
     assert not torch.equal(_weights(windowed)["conv2"][0], _weights(whole)["conv2"][0])  # the windows trained it
+
+
+@pytest.mark.parametrize(("side", "batch_size", "crop_px"), [(16, 32, 0), (72, 8, 14)])
+def test_steps_left_open_take_the_input_sizes_batch_and_window(model, side, batch_size, crop_px):
+    """Above 64x64 px a step is 8 images in 14-px windows, up to it 32 whole images; the report (and so
+    the build's manifest) names what ran, and what the user set wins."""
+    calib = CalibrationSet(torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(0)))
+    quick = ReconstructionConfig(iterations=2, drop_prob=0.0)
+    report = reconstruct_blocks(
+        quantize(model, calib, scheme=SCHEME, progress=False), calib, config=quick, progress=False
+    )
+    assert (report.config["batch_size"], report.config["crop_px"]) == (batch_size, crop_px)
+    chosen = for_input(dataclasses.replace(quick, batch_size=4, crop_px=0), (3, side, side))
+    assert (chosen.batch_size, chosen.crop_px) == (4, 0)
+
+
+def test_a_negative_window_is_refused():
+    with pytest.raises(BadInputError, match="crop_px >= 0"):
+        ReconstructionConfig(crop_px=-1)

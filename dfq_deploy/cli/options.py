@@ -142,6 +142,11 @@ def _quant_flags(fn):
         default=QuantScheme.calibrator,
         help="auto: the MSE step-size search for activations; weight scales from the max at 8 bits, MSE below.",
     )(fn)
+    fn = click.option(
+        "--act-bits",
+        type=click.IntRange(2, 8),
+        help="Activation bits when they differ from --bits' (e.g. --bits 4 --act-bits 8: W4A8).",
+    )(fn)
     return click.option(
         "--bits",
         type=click.IntRange(2, 8),
@@ -288,6 +293,8 @@ def _bits_or_same(text: str, flag: str) -> int | None:
 
 def _quant(**values: Any) -> dict[str, Any]:
     typed = typed_flags(values, QUANT_FLAGS)
+    if values.get("act_bits") is not None:  # --act-bits wins over --bits for activations alone
+        typed["act_bits"] = values["act_bits"]
     for key in ("first_last_bits", "residual_bits"):
         if key in typed:
             typed[key] = _bits_or_same(typed[key], "--" + key.replace("_", "-"))

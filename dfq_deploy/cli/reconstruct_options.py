@@ -23,16 +23,15 @@ def _reconstruct_flags(fn):
     fn = click.option("--recon-time-budget", type=float, help="Seconds for the whole reconstruction.")(fn)
     fn = click.option(
         "--recon-crop-px",
-        type=click.IntRange(min=1),
-        help="Train each step on one random window this many pixels a side of a block's input: at 224 px "
-        "14 reconstructed EfficientNet-Lite1 2.5x faster at the same top-1 (README).",
+        type=click.IntRange(min=0),
+        help="Train each step on one random window this many pixels a side of a block's input; 0: whole "
+        "inputs (default: 14 above 64x64 px, where it reconstructed EfficientNet-Lite1 2.5x faster at the "
+        "same top-1, README; whole inputs up to it).",
     )(fn)
     fn = click.option(
         "--recon-batch-size",
-        type=int,
-        default=ReconstructionConfig.batch_size,
-        show_default=True,
-        help="Images per step (at 224 px a step of 8 costs a fifth of one of 32).",
+        type=click.IntRange(min=1),
+        help="Images per step (default: 32, or 8 above 64x64 px, where a step of 8 costs a fifth of one of 32).",
     )(fn)
     fn = click.option(
         "--recon-iterations",
@@ -53,7 +52,7 @@ def _reconstruction(
     *,
     reconstruct: bool,
     recon_iterations: int,
-    recon_batch_size: int,
+    recon_batch_size: int | None,
     recon_crop_px: int | None,
     recon_time_budget: float | None,
     recon_checkpoint: Path | None,

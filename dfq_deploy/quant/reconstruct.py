@@ -24,12 +24,22 @@ from dfq_deploy.io.interrupts import stage
 from dfq_deploy.quant.blocks import Block, block_module, find_blocks
 from dfq_deploy.quant.quantizers import ActQuantizer, DropMasks, WeightQuantizer, float_mode
 from dfq_deploy.quant.reconstruct_checkpoint import ReconstructionCheckpoint
+from dfq_deploy.synthesis.speed import large_input
 
 if TYPE_CHECKING:  # quantize() runs reconstruction, so this module must not import it back
     from dfq_deploy.quant.quantize import QuantModel
 
 EVAL_IMAGES = 64  # images on which each block's output error is reported before and after
 TIMING_ITERATIONS = 10  # iterations timed before a block's iteration count is fitted to its budget
+# What a step trains on when the config leaves it open. Up to 64x64 px (CIFAR): 32 whole images, as
+# measured on the CIFAR ResNets. Above it a step costs many times more: EfficientNet-Lite1 at 224 px,
+# one iteration over its 37 blocks took 10.8 s at batch 32 and 2.26 s at batch 8 (2 threads, AMX
+# Xeon), and 14-px windows then ran 1,000 iterations in 1,010 s instead of 2,564 s at the same top-1
+# from real images (W4A8 76.40 against 76.00 on 500 images; README "ImageNet scale"). Batch 32 there
+# would make --bits 4's 2,000 iterations about six hours on 2 cores; its top-1 at 224 px is unmeasured.
+SMALL_INPUT_BATCH = 32
+LARGE_INPUT_BATCH = 8
+LARGE_INPUT_CROP_PX = 14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +85,7 @@ def reconstruct_blocks(
     every block the first finished instead of writing the same file at the same time.
     """
     start_time = time.perf_counter()
+    config = for_input(config, tuple(calib.images.shape[1:]))
     # Every step frees and reallocates each block's activations. Lite1 W4A8 at 224 px, 37 blocks,
     # batch 32, 2 threads (AMX Xeon): 17.0 -> 10.8 s per iteration over all blocks, system time
     # 119 -> 11 s, 74 M -> 1 M minor faults in 10 iterations.
@@ -88,6 +99,15 @@ def reconstruct_blocks(
         results = _reconstruct_in_order(graph, blocks, calib, checkpoint, config, progress)
     copy_tied_scales(graph)
     return ReconstructionReport(results, time.perf_counter() - start_time, dataclasses.asdict(config))
+
+
+def for_input(config: ReconstructionConfig, input_shape: tuple[int, ...]) -> ReconstructionConfig:
+    """``config`` with a ``None`` batch size and window resolved for images of ``input_shape`` (C, H, W):
+    32 whole images up to 64x64 px, 8 images in 14-px windows above; ``crop_px`` 0 means whole inputs."""
+    large = large_input(input_shape)
+    batch_size = config.batch_size or (LARGE_INPUT_BATCH if large else SMALL_INPUT_BATCH)
+    crop_px = config.crop_px if config.crop_px is not None else (LARGE_INPUT_CROP_PX if large else 0)
+    return dataclasses.replace(config, batch_size=batch_size, crop_px=crop_px)
 
 
 def _reconstruct_in_order(
@@ -238,8 +258,8 @@ def _training_batch(
     x_q, x_fp, y_fp = tensors
     idx = torch.randint(len(x_q), (min(config.batch_size, len(x_q)),), generator=generator)
     inputs, fp_inputs = x_q[idx], x_fp[idx]
-    crop = config.crop_px
-    windowed = crop is not None and inputs.dim() == 4 and max(inputs.shape[-2:]) > crop
+    crop = config.crop_px or 0
+    windowed = crop > 0 and inputs.dim() == 4 and max(inputs.shape[-2:]) > crop
     if windowed:
         top, left = (int(torch.randint(max(n - crop, 0) + 1, (1,), generator=generator)) for n in inputs.shape[-2:])
         inputs = inputs[..., top : top + crop, left : left + crop]
