@@ -379,7 +379,7 @@ class MixedPrecisionConfig:
     budget: float = 1.25
     budget_kind: MixedPrecisionBudget = "size"
     high_bits: int = 8
-    batch_size: int | None = None  # None: 32, or 8 above 64x64 px
+    batch_size: int = 32
     max_images: int = 64
 
     def __post_init__(self) -> None:
