@@ -118,33 +118,56 @@ def test_inputs_above_64_px_take_the_large_input_batch_and_schedule():
 
 
 _CHURN = """
-import resource, sys, torch
+import contextlib, resource, sys, torch
 from dfq_deploy import allocator
-if sys.argv[1] == "keep":
-    assert allocator.keep_freed_memory()
-for _ in range(20):  # what a pixel loop does to its activations: allocate, fill, free, every step
-    torch.ones(16 << 20)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    torch.ones(16 << 20)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+with allocator.freed_memory_kept() if sys.argv[1] == "keep" else contextlib.nullcontext(True) as applied:
+    assert applied
+    for _ in range(20):  # what a pixel loop does to its activations: allocate, fill, free, every step
+        torch.ones(16 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.ones(16 << 20)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+# Many blocks below the mmap threshold, freed together: what glibc keeps on its heaps.
+_KEPT_THEN_RETURNED = """
+import os, torch
+from dfq_deploy import allocator
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+with allocator.freed_memory_kept() as applied:
+    assert applied
+    before = rss_mib()
+    blocks = [torch.ones(4 << 20) for _ in range(64)]  # 64 x 16 MiB = 1 GiB
+    del blocks
+    inside = rss_mib()
+print(before, inside, rss_mib())
 """
 
 
-@pytest.mark.skipif(not allocator.keep_freed_memory(), reason="the C library is not glibc")
-def test_keeping_freed_memory_stops_every_step_faulting_its_pages_in_again():
+def _run_allocator_script(script: str, *args: str) -> list[float]:
     import subprocess
     import sys
 
-    def faults(mode: str) -> int:
-        done = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True)
-        return int(done.stdout.split()[-1])
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
+    return [float(v) for v in done.stdout.split()]
 
+
+@pytest.mark.skipif(allocator._glibc() is None, reason="the C library is not glibc")
+def test_keeping_freed_memory_stops_every_step_faulting_its_pages_in_again():
     # 64 MiB per step is 16,384 pages: glibc's default maps and unmaps them every time. Kept memory is
     # counted after 20 warm-up steps: until freed blocks coalesce into one that fits the next aligned
     # request, each lands above the last (4 steps on glibc 2.36 here, 8 on CI's machine).
-    plain, kept = faults("plain"), faults("keep")
+    (plain,), (kept,) = _run_allocator_script(_CHURN, "plain"), _run_allocator_script(_CHURN, "keep")
     assert plain > 10 * 16_000 and kept < 16_000, (plain, kept)
+
+
+@pytest.mark.skipif(allocator._glibc() is None, reason="the C library is not glibc")
+def test_memory_kept_inside_the_loop_goes_back_to_the_os_after_it():
+    before, inside, after = _run_allocator_script(_KEPT_THEN_RETURNED)
+    # Inside, the freed GiB stays with the process; after, all but a few MiB of it is returned.
+    assert inside - before > 900 and after - before < 100, (before, inside, after)
 
 
 def test_the_pixel_loop_reports_whether_it_kept_freed_memory(model):
@@ -161,5 +184,5 @@ def test_the_pixel_loop_reports_whether_it_kept_freed_memory(model):
         progress=False,
         levers=speed.PLAIN,
     )
-    assert kept.meta["keep_freed_memory"] is allocator.keep_freed_memory()
+    assert kept.meta["keep_freed_memory"] is (allocator._glibc() is not None)
     assert plain.meta["keep_freed_memory"] is False

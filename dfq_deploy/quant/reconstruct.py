@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from dfq_deploy.allocator import keep_freed_memory
+from dfq_deploy.allocator import freed_memory_kept
 from dfq_deploy.config import ReconstructionConfig
 from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.io.interrupts import stage
@@ -89,13 +89,12 @@ def reconstruct_blocks(
     # Every step frees and reallocates each block's activations. Lite1 W4A8 at 224 px, 37 blocks,
     # batch 32, 2 threads (AMX Xeon): 17.0 -> 10.8 s per iteration over all blocks, system time
     # 119 -> 11 s, 74 M -> 1 M minor faults in 10 iterations.
-    keep_freed_memory()
     graph = qmodel.module
     graph.eval()
     blocks = find_blocks(graph, chain_layers=config.chain_layers)
     checkpoint = ReconstructionCheckpoint(config.checkpoint_dir, [b.name for b in blocks], calib)
     # The stage starts once the checkpoint is ours: a build killed in it leaves that lock behind.
-    with checkpoint.locked(), stage("reconstruct"):
+    with checkpoint.locked(), stage("reconstruct"), freed_memory_kept():
         results = _reconstruct_in_order(graph, blocks, calib, checkpoint, config, progress)
     copy_tied_scales(graph)
     return ReconstructionReport(results, time.perf_counter() - start_time, dataclasses.asdict(config))

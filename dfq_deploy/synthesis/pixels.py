@@ -3,10 +3,12 @@ each batch of this rank directly (ZeroQ/Genie style). :mod:`.generator` is the o
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import dfq_deploy.synthesis.speed as speed  # the module, not the package (which imports pixels)
-from dfq_deploy.allocator import keep_freed_memory
+from dfq_deploy.allocator import freed_memory_kept
 from dfq_deploy.synthesis.bn_stats import BNInputCapture
 from dfq_deploy.synthesis.job import Job, MethodResult, ObjectiveFactory
 from dfq_deploy.synthesis.pixel_loop import optimise_pixels, optimise_warmup_then_late
@@ -35,10 +37,14 @@ def synthesize_pixels(
     levers = job.levers
     spectrum = spectrum or job.spectrum
     start = start_for(spectrum)
-    kept_freed_memory = levers.keep_freed_memory and job.device.type == "cpu" and keep_freed_memory()
     coarse_steps = levers.coarse_steps(iterations, job.input_shape) if warmup == iterations else 0
     images, all_labels, losses, steps = [], [], [], []
-    with BNInputCapture(job.layers) as capture, speed.memory_format(job.model, levers):
+    keep = levers.keep_freed_memory and job.device.type == "cpu"
+    with (
+        freed_memory_kept() if keep else contextlib.nullcontext(False) as kept_freed_memory,
+        BNInputCapture(job.layers) as capture,
+        speed.memory_format(job.model, levers),
+    ):
         objective = make_objective(job, capture, warmup)
         with job.bar(iterations) as bar:
             for batch in job.batches:

@@ -9,7 +9,7 @@ statistics at an equal step count (and 2x further on a small 64-px model), so co
 off by default (``coarse_fraction``). Parameters are frozen in every case
 (:func:`~dfq_deploy.synthesis.model_state.frozen_eval`: gradients for the pixels only), and ZeroQ
 stops a batch early once its mismatch is met (``zeroq.STOP_MISMATCH``). Freed memory stays in the
-process for reuse (:func:`dfq_deploy.allocator.keep_freed_memory`), which cut a 224-px loop's system time by two thirds.
+loop for reuse (:func:`dfq_deploy.allocator.freed_memory_kept`), which cut a 224-px loop's system time by two thirds.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class SpeedLevers:
     ``coarse_scale`` of the resolution, then upsampled (bilinear) for the rest at full size;
     ``channels_last`` runs convolutions in NHWC; ``autocast`` bf16 runs the model in bfloat16
     (statistics and loss stay float32), ``auto`` where :func:`bf16_pays` says so;
-    ``keep_freed_memory`` calls :func:`dfq_deploy.allocator.keep_freed_memory` (for the rest of the process) first."""
+    ``keep_freed_memory`` runs the loop inside :func:`dfq_deploy.allocator.freed_memory_kept`."""
 
     coarse_fraction: float = 0.0
     coarse_scale: float = 0.5
