@@ -2,7 +2,7 @@
 
     python bench/imagenet.py [--models lite1 lite2 resnet18 resnet50 mobilenet_v2]
         [--methods noise zeroq clusterq fdda real] [--num-images 256] [--iterations N] [--batch 32]
-        [--eval-images 500] [--threads 2] [--spectrum auto|white|pink] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
+        [--eval-images 500] [--threads 2] [--spectrum auto|white|pink|leaves] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
         [--fold-bn] [--schemes w8a8 w4a8-rec w4a4-rec] [--rec-iterations 500] [--rec-batch 8] [--rec-chain 3]
         [--rec-crop 14] [--rec-variants default learn_act_scale=false drop_prob=0]
 
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "--spectrum",
         default="auto",
         choices=get_args(SynthesisSpectrum),
-        help="the noise images start from (auto: pink above 64x64 px)",
+        help="what synthetic images start from (auto: pink above 64x64 px)",
     )
     parser.add_argument("--levers", nargs="+", default=["default"], choices=list(LEVERS))
     parser.add_argument(

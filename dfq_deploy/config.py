@@ -20,7 +20,7 @@ IMAGENET_NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 SynthesisMethod = Literal["noise", "zeroq", "clusterq", "fdda", "prior", "auto", "folder"]
 BatchNormMethod = Literal["zeroq", "clusterq", "fdda"]  # the methods that match BN statistics
-SynthesisSpectrum = Literal["auto", "white", "pink"]  # of noise starts; auto: pink above 64x64 px
+SynthesisSpectrum = Literal["auto", "white", "pink", "leaves"]  # of starts; auto: pink above 64x64 px
 Target = Literal["onnxruntime", "openvino", "tensorrt", "tensorrt-rtx"]
 CalibratorName = Literal["auto", "max", "percentile", "mse", "entropy"]
 WeightCalibratorName = Literal["auto", "max", "mse"]

@@ -14,7 +14,7 @@ from dfq_deploy.cli.commands import main
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.synthesis import synthesize
-from dfq_deploy.synthesis.spectrum import pink_noise, resolve_spectrum
+from dfq_deploy.synthesis.spectrum import dead_leaves, pink_noise, resolve_spectrum
 
 LARGE = (3, 72, 72)  # just above 64x64 px, where auto turns pink
 
@@ -30,8 +30,7 @@ def _synthesize(method: str, spectrum: str, shape=LARGE):
     return synthesize(tiny_resnet(), config=config, input_shape=shape, progress=False)
 
 
-def test_pink_noise_has_a_falling_spectrum_and_unit_channels():
-    images = pink_noise(16, (3, 32, 32), torch.Generator().manual_seed(0))
+def _assert_unit_channels_and_a_falling_spectrum(images: torch.Tensor) -> None:
     var, mean = torch.var_mean(images.flatten(2), dim=2, correction=0)
     assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-5)
     assert torch.allclose(var, torch.ones_like(var), atol=1e-4)
@@ -39,11 +38,31 @@ def test_pink_noise_has_a_falling_spectrum_and_unit_channels():
     assert power[1, 1] > 10 * power[8, 8]  # 1/f: low frequencies dominate, unlike white noise
 
 
+def test_pink_noise_has_a_falling_spectrum_and_unit_channels():
+    _assert_unit_channels_and_a_falling_spectrum(pink_noise(16, (3, 32, 32), torch.Generator().manual_seed(0)))
+
+
+def test_dead_leaves_are_flat_regions_with_sharp_edges_and_a_falling_spectrum():
+    images = dead_leaves(8, (3, 64, 64), torch.Generator().manual_seed(0))
+    _assert_unit_channels_and_a_falling_spectrum(images)
+    # Inside a leaf neighbours are equal; at its edge they jump: most horizontal differences are
+    # exactly 0 and the rest large (64 px: 64% and a median of 0.98 std), where Gaussian pink noise's are all small and none is 0.
+    steps = (images[..., 1:] - images[..., :-1]).abs()
+    assert (steps == 0).float().mean() > 0.5
+    assert steps[steps > 0].median() > 0.3
+    # The channels move together (grey level plus a little colour), as a photograph's do.
+    channels = torch.corrcoef(images.transpose(0, 1).flatten(1))
+    assert channels[0, 1] > 0.5 and channels[1, 2] > 0.5
+    # Seeded: the same generator state gives the same images.
+    assert torch.equal(images, dead_leaves(8, (3, 64, 64), torch.Generator().manual_seed(0)))
+
+
 def test_auto_is_pink_above_64_px_and_white_up_to_it():
     assert resolve_spectrum("auto", LARGE) == "pink"
     assert resolve_spectrum("auto", (3, 64, 64)) == resolve_spectrum("auto", (3, 32, 32)) == "white"
     assert resolve_spectrum("white", LARGE) == "white" and resolve_spectrum("pink", (3, 32, 32)) == "pink"
     assert resolve_spectrum("pink", (128,)) == "white"  # not an image: no spatial spectrum
+    assert resolve_spectrum("leaves", (3, 32, 32)) == "leaves"
     with pytest.raises(BadInputError, match="spectrum"):
         SynthesisConfig(spectrum="blue")
 

@@ -98,8 +98,9 @@ def _synthesis_flags(fn):
         "--synth-spectrum",
         choices=SynthesisSpectrum,
         default=SynthesisConfig.spectrum,
-        help="Spatial spectrum of the noise images start from: pink (1/f, like photographs) or white "
-        "(i.i.d. pixels); auto: pink above 64x64 px, where it measured far better for 4-bit reconstruction.",
+        help="What synthetic images start from: pink noise (1/f, like photographs), white noise (i.i.d. "
+        "pixels) or leaves (dead leaves: occluding discs, 1/f with edges); auto: pink above 64x64 px, where "
+        "it measured far better for 4-bit reconstruction.",
     )(fn)
     fn = click.option(
         "--generator",

@@ -1,5 +1,7 @@
-"""The spatial spectrum of the images a synthesis method starts from: white (N(0, 1) per pixel) or
-pink (a 1/f amplitude spectrum, as natural images have; Field 1987).
+"""The spatial statistics of the images a synthesis method starts from: white (N(0, 1) per pixel),
+pink (a 1/f amplitude spectrum, as natural images have; Field 1987) or leaves (dead leaves: opaque
+discs of scale-invariant sizes occluding each other, Lee, Mumford & Huang 2001, which have that spectrum
+and also the flat regions and sharp edges of photographs that Gaussian pink noise lacks).
 
 Why it matters, as far as it is understood: block reconstruction learns each layer's 4-bit rounding
 against the correlation of that layer's inputs, and a photograph's neighbouring pixels are strongly
@@ -13,16 +15,25 @@ white starts, which they keep.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import numpy as np
 import torch
 
 from dfq_deploy.synthesis.pixel_loop import Batch, start_batch
 from dfq_deploy.synthesis.speed import large_input
 
-Spectrum = Literal["white", "pink"]
+Spectrum = Literal["white", "pink", "leaves"]
 # Amplitude falls as 1/f^SPECTRUM_EXPONENT: natural images have ~1 (Field 1987).
 SPECTRUM_EXPONENT = 1.0
+# Dead leaves: radii r ~ r^-3 (the scale-invariant law) between these fractions of the image's longer
+# side, enough of them to cover each pixel LEAF_COVERAGE times on average (e^-6: 0.25% background
+# left), each leaf a grey level plus LEAF_CHROMA of per-channel colour (photographs' RGB channels are
+# strongly correlated, white and pink starts' are not correlated at all).
+LEAF_RADII = (0.01, 0.5)
+LEAF_COVERAGE = 6.0
+LEAF_CHROMA = 0.25
 
 
 def resolve_spectrum(requested: str, input_shape: tuple[int, ...]) -> Spectrum:
@@ -32,7 +43,7 @@ def resolve_spectrum(requested: str, input_shape: tuple[int, ...]) -> Spectrum:
         return "white"
     if requested == "auto":
         return "pink" if large_input(input_shape) else "white"
-    return "pink" if requested == "pink" else "white"
+    return requested if requested in ("pink", "leaves") else "white"  # type: ignore[return-value]
 
 
 def pink_noise(n: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -49,9 +60,41 @@ def pink_noise(n: int, shape: tuple[int, ...], generator: torch.Generator) -> to
     return ((images.flatten(2) - mean) / (var.sqrt() + 1e-8)).reshape(n, c, h, w)
 
 
+def dead_leaves(n: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """``n`` dead-leaves images of ``shape`` (C, H, W), each channel at mean 0, std 1: discs painted
+    back to front, later ones on top, sizes and count from :data:`LEAF_RADII` and :data:`LEAF_COVERAGE`."""
+    c, h, w = shape
+    r_min, r_max = (max(1.0, f * max(h, w)) for f in LEAF_RADII)
+    lo, hi = r_min**-2, r_max**-2
+    mean_area = 2 * math.pi * math.log(r_max / r_min) / (lo - hi)  # pi E[r^2] under p(r) ~ r^-3
+    count = int(LEAF_COVERAGE * h * w / mean_area) + 1
+    draws = torch.rand(n, count, 3, generator=generator).double().numpy()
+    grey = torch.rand(n, count, 1, generator=generator)
+    colours = (grey + LEAF_CHROMA * torch.randn(n, count, c, generator=generator)).numpy()
+    backgrounds = torch.rand(n, c, generator=generator).numpy()
+    canvases = np.empty((n, h, w, c), dtype=np.float32)
+    for canvas, u, colour, background in zip(canvases, draws, colours, backgrounds, strict=True):
+        canvas[:] = background
+        radius = (lo - u[:, 0] * (lo - hi)) ** -0.5  # inverse CDF of r^-3 on [r_min, r_max]
+        cy, cx = (u[:, k] * (size + 2 * radius) - radius for k, size in ((1, h), (2, w)))
+        # A Python loop over bounding boxes: most leaves are a few pixels wide (0.05 s per 224-px image).
+        for y, x, r, paint in zip(cy, cx, radius, colour, strict=True):
+            y0, y1, x0, x1 = max(0, int(y - r)), min(h, int(y + r) + 1), max(0, int(x - r)), min(w, int(x + r) + 1)
+            if y0 < y1 and x0 < x1:
+                dy, dx = np.arange(y0, y1)[:, None] - y, np.arange(x0, x1)[None, :] - x
+                canvas[y0:y1, x0:x1][dy * dy + dx * dx < r * r] = paint
+    images = torch.from_numpy(canvases).permute(0, 3, 1, 2).flatten(2)
+    var, mean = torch.var_mean(images, dim=2, keepdim=True, correction=0)
+    return ((images - mean) / (var.sqrt() + 1e-8)).reshape(n, c, h, w)
+
+
 def noise_images(n: int, shape: tuple[int, ...], generator: torch.Generator, spectrum: Spectrum) -> torch.Tensor:
-    """``n`` unit-variance noise images of ``shape`` with ``spectrum`` (white: i.i.d. N(0, 1) pixels)."""
-    return pink_noise(n, shape, generator) if spectrum == "pink" else torch.randn(n, *shape, generator=generator)
+    """``n`` unit-variance start images of ``shape`` with ``spectrum`` (white: i.i.d. N(0, 1) pixels)."""
+    if spectrum == "pink":
+        return pink_noise(n, shape, generator)
+    if spectrum == "leaves":
+        return dead_leaves(n, shape, generator)
+    return torch.randn(n, *shape, generator=generator)
 
 
 def pink_start(
@@ -63,6 +106,14 @@ def pink_start(
     return gen, pink_noise(batch.size, input_shape, gen).to(device), labels
 
 
+def leaves_start(
+    batch: Batch, *, seed: int, input_shape: tuple[int, ...], device: torch.device, num_classes: int | None = None
+) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
+    """:func:`pink_start` with dead-leaves images (:func:`dead_leaves`) instead of pink noise."""
+    gen, _, labels = start_batch(batch, seed=seed, input_shape=input_shape, device=device, num_classes=num_classes)
+    return gen, dead_leaves(batch.size, input_shape, gen).to(device), labels
+
+
 def start_for(spectrum: Spectrum):
-    """The batch start (:func:`start_batch` or :func:`pink_start`) for ``spectrum``."""
-    return pink_start if spectrum == "pink" else start_batch
+    """The batch start (:func:`start_batch`, :func:`pink_start` or :func:`leaves_start`) for ``spectrum``."""
+    return {"pink": pink_start, "leaves": leaves_start}.get(spectrum, start_batch)
