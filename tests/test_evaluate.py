@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dfq_deploy.analysis.evaluate import agreement, evaluate_top1, load_eval_set
+from dfq_deploy.analysis.evaluate import agreement, eval_batch_size, evaluate_top1, load_eval_set, predict
 from dfq_deploy.errors import BadInputError
 from dfq_deploy.runtimes.torch import TorchRunner
 
@@ -77,6 +77,17 @@ def test_agreement_measures_disagreement():
     winners = model(images).argmax(1)
     assert other.top1_agreement == pytest.approx(float((winners == 2).float().mean()))
     assert other.relative_l2 > 0.01
+
+
+def test_batches_shrink_with_the_image_and_do_not_change_the_outputs():
+    assert eval_batch_size((3, 32, 32)) == eval_batch_size((3, 64, 64)) == 256
+    assert eval_batch_size((3, 224, 224)) == 16 and eval_batch_size((3, 4096, 4096)) == 1
+    assert eval_batch_size((1000,)) == 256  # not an image
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    images = torch.randn(40, 3, 256, 256)  # 16 images a batch: 3 batches, the last one short
+    net(images[:2])
+    whole = torch.cat([net.eval()(images[:20]), net(images[20:])]).detach()
+    assert torch.allclose(predict(net, images), whole, atol=1e-5)
 
 
 def test_bad_sets_are_refused(tmp_path):
