@@ -67,14 +67,8 @@ def synthesize_pixels(
                 losses.append(loss)
                 steps.append(taken)
     labels = None if objective.num_classes is None else torch.cat(all_labels).cpu()
-    meta = {
-        "iterations": iterations,
-        "lr": lr,
-        "steps_taken": steps,
-        "coarse_steps": coarse_steps,
-        "spectrum": spectrum,
-    }
-    meta |= _lever_meta(job, kept_freed_memory=kept_freed_memory)
+    meta = {"iterations": iterations, "lr": lr, "steps_taken": steps, "coarse_steps": coarse_steps}
+    meta |= {"spectrum": spectrum} | _lever_meta(job, kept_freed_memory=kept_freed_memory)
     return MethodResult(torch.cat(images), labels, sum(losses) / len(losses), meta | objective.meta())
 
 
