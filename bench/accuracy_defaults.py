@@ -36,6 +36,8 @@ DEFAULT_ROWS = {
     # rows used it too); 500, the methods' own default, is what it ran before.
     "bits4-synth150": ["--bits", "4", "--iterations", "150"],
     "bits4-synth500": ["--bits", "4", "--iterations", "500"],
+    # Unoptimised dead leaves, the default source above 64x64 px, at CIFAR size (auto: fdda from white).
+    "bits4-leaves": ["--bits", "4", "--calib", "noise", "--synth-spectrum", "leaves"],
 }
 EVAL_SETS = {"lossless": "test-lossless-1017.npz", "jpeg": "test-jpeg-1017-4999.npz"}
 Z_TWO_SIDED_95 = 1.96

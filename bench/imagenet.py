@@ -1,7 +1,7 @@
 """ImageNet scale: FP32 and W8A8 top-1 on imagenet-750, per calibration source, and 224-px synthesis speed.
 
     python bench/imagenet.py [--models lite1 lite2 resnet18 resnet50 mobilenet_v2]
-        [--methods noise zeroq clusterq fdda real] [--num-images 256] [--iterations N] [--batch 32]
+        [--methods noise zeroq clusterq fdda real] [--num-images 256] [--iterations N] [--lr X] [--batch 32]
         [--eval-images 500] [--threads 2] [--spectrum auto|white|pink|leaves] [--levers default] [--calibrators percentile:max mse:max] [--speed-only]
         [--fold-bn] [--schemes w8a8 w4a8-rec w4a4-rec] [--rec-iterations 500] [--rec-batch 8] [--rec-chain 3]
         [--rec-crop 14] [--rec-variants default learn_act_scale=false drop_prob=0]
@@ -141,6 +141,7 @@ def calibration(model, method: str, args, calib_pool: Path, normalize, levers: S
         num_images=args.num_images,
         batch_size=args.batch,
         iterations=args.iterations,
+        lr=args.lr,
         calib_images=str(calib_pool) if method == "real" else None,
         device="cpu",
         spectrum=args.spectrum,
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["noise", "zeroq", "clusterq", "fdda", "real"])
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=None, help="default: each method's own")
+    parser.add_argument("--lr", type=float, default=None, help="synthesis learning rate; default: each method's own")
     parser.add_argument("--batch", type=int, default=None, help="default: 32, or 16 above 64x64 px")
     parser.add_argument("--eval-images", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "--spectrum",
         default="auto",
         choices=get_args(SynthesisSpectrum),
-        help="what synthetic images start from (auto: pink above 64x64 px)",
+        help="what synthetic images start from (auto: leaves above 64x64 px)",
     )
     parser.add_argument("--levers", nargs="+", default=["default"], choices=list(LEVERS))
     parser.add_argument(

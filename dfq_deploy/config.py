@@ -20,7 +20,7 @@ IMAGENET_NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 SynthesisMethod = Literal["noise", "zeroq", "clusterq", "fdda", "prior", "auto", "folder"]
 BatchNormMethod = Literal["zeroq", "clusterq", "fdda"]  # the methods that match BN statistics
-SynthesisSpectrum = Literal["auto", "white", "pink", "leaves"]  # of starts; auto: pink above 64x64 px
+SynthesisSpectrum = Literal["auto", "white", "pink", "leaves"]  # of starts; auto: leaves above 64x64 px
 Target = Literal["onnxruntime", "openvino", "tensorrt", "tensorrt-rtx"]
 CalibratorName = Literal["auto", "max", "percentile", "mse", "entropy"]
 WeightCalibratorName = Literal["auto", "max", "mse"]
@@ -57,11 +57,11 @@ class SynthesisConfig:
     folder of labelled real images (ImageFolder layout) for ``folder`` and FDDA's hybrid mode.
     ``device`` ``auto`` resolves here to ``cuda`` when torch sees a GPU, else ``cpu``, so the config
     (and every manifest written from it) names the device that really ran. ``spectrum`` is that of the
-    noise images pixel methods start from and ``noise`` returns (``auto``: pink above 64x64 px, see
+    noise images pixel methods start from and ``noise`` returns (``auto``: leaves above 64x64 px, see
     :mod:`dfq_deploy.synthesis.spectrum`); ``--generator`` draws from its own latent instead.
     """
 
-    method: SynthesisMethod = "auto"  # auto_bn_method for models with BatchNorm, prior for those without
+    method: SynthesisMethod = "auto"  # auto_bn_method with BatchNorm (above 64x64 px: noise), else prior
     auto_bn_method: BatchNormMethod = "zeroq"  # what auto picks with BatchNorm (build's low-bit recipe: fdda)
     auto_iterations: int | None = None  # auto's BN method's steps up to 64x64 px, iterations unset (low-bit: 150)
     num_images: int | None = None  # None: DEFAULT_NUM_IMAGES, or as many as a --max-drop budget needs (build)

@@ -169,6 +169,9 @@ def test_auto_synthesis_follows_the_low_bit_recipe_per_model_family(bits, recipe
     assert (small.method, small.iterations) == (with_bn, steps), "None: the method's own 500"
     assert resolve_auto(resolved.synthesis, has_batchnorm=False, input_shape=shape).method == "prior"
     large = resolve_auto(resolved.synthesis, has_batchnorm=True, input_shape=(3, 224, 224))
+    assert (large.method, large.iterations) == ("noise", None), "224 px: the dead leaves themselves"
+    pink = dataclasses.replace(resolved.synthesis, spectrum="pink")
+    large = resolve_auto(pink, has_batchnorm=True, input_shape=(3, 224, 224))
     assert (large.method, large.iterations) == (with_bn, None), "224 px keeps the large-input schedule"
     typed = dataclasses.replace(resolved.synthesis, iterations=40)
     assert resolve_auto(typed, has_batchnorm=True, input_shape=shape).iterations == 40, "--iterations wins"

@@ -1,5 +1,6 @@
-"""The spectrum synthetic images start from: pink (1/f) noise, ``auto`` resolving by input size, and
-pink starts staying spatially correlated through BN matching at no cost in BN mismatch."""
+"""The spectrum synthetic images start from: pink (1/f) noise and dead leaves, ``auto`` resolving by
+input size (and, above 64x64 px, to the leaves themselves), and pink starts staying spatially
+correlated through BN matching at no cost in BN mismatch."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from tiny_models import tiny_resnet
 from dfq_deploy.cli.commands import main
 from dfq_deploy.config import SynthesisConfig
 from dfq_deploy.errors import BadInputError
-from dfq_deploy.synthesis import synthesize
+from dfq_deploy.synthesis import resolve_auto, synthesize
 from dfq_deploy.synthesis.spectrum import dead_leaves, pink_noise, resolve_spectrum
 
-LARGE = (3, 72, 72)  # just above 64x64 px, where auto turns pink
+LARGE = (3, 72, 72)  # just above 64x64 px, where auto turns to leaves
 
 
 def _neighbour_correlation(images: torch.Tensor) -> float:
@@ -57,8 +58,8 @@ def test_dead_leaves_are_flat_regions_with_sharp_edges_and_a_falling_spectrum():
     assert torch.equal(images, dead_leaves(8, (3, 64, 64), torch.Generator().manual_seed(0)))
 
 
-def test_auto_is_pink_above_64_px_and_white_up_to_it():
-    assert resolve_spectrum("auto", LARGE) == "pink"
+def test_auto_is_leaves_above_64_px_and_white_up_to_it():
+    assert resolve_spectrum("auto", LARGE) == "leaves"
     assert resolve_spectrum("auto", (3, 64, 64)) == resolve_spectrum("auto", (3, 32, 32)) == "white"
     assert resolve_spectrum("white", LARGE) == "white" and resolve_spectrum("pink", (3, 32, 32)) == "pink"
     assert resolve_spectrum("pink", (128,)) == "white"  # not an image: no spatial spectrum
@@ -67,8 +68,23 @@ def test_auto_is_pink_above_64_px_and_white_up_to_it():
         SynthesisConfig(spectrum="blue")
 
 
+def test_auto_above_64_px_is_the_leaves_themselves_unless_another_start_or_a_generator_is_asked_for():
+    def method(**fields):
+        config = SynthesisConfig(**fields)
+        return resolve_auto(config, has_batchnorm=True, input_shape=LARGE).method
+
+    assert method() == method(spectrum="leaves") == "noise"
+    assert method(spectrum="pink") == method(generator=True) == "zeroq"
+    assert method(spectrum="white", auto_bn_method="fdda") == "fdda"
+    assert resolve_auto(SynthesisConfig(), has_batchnorm=True, input_shape=(3, 64, 64)).method == "zeroq"
+    assert resolve_auto(SynthesisConfig(), has_batchnorm=False, input_shape=LARGE).method == "prior"
+    made = _synthesize("auto", "auto")
+    assert made.meta["spectrum"] == "leaves"
+    assert float((made.images[..., 1:] == made.images[..., :-1]).float().mean()) > 0.5  # flat leaves, unoptimised
+
+
 def test_noise_follows_the_spectrum():
-    pink, white = _synthesize("noise", "auto"), _synthesize("noise", "white")
+    pink, white = _synthesize("noise", "pink"), _synthesize("noise", "white")
     assert pink.meta["spectrum"] == "pink" and white.meta["spectrum"] == "white"
     assert _neighbour_correlation(pink.images) > 0.6
     assert abs(_neighbour_correlation(white.images)) < 0.05
@@ -82,7 +98,7 @@ def test_noise_follows_the_spectrum():
 def test_a_pink_start_survives_bn_matching_at_no_cost_in_mismatch(method):
     # Measured here: zeroq ends at neighbour correlation 0.42 from pink against 0.00 from white, BN
     # mismatch 0.0013 against 0.0020; fdda 0.34 against 0.06, mismatch 0.135 against 0.141.
-    pink, white = _synthesize(method, "auto"), _synthesize(method, "white")
+    pink, white = _synthesize(method, "pink"), _synthesize(method, "white")
     assert pink.meta["spectrum"] == "pink" and white.meta["spectrum"] == "white"
     assert _neighbour_correlation(pink.images) > _neighbour_correlation(white.images) + 0.2
     assert pink.meta["bn_mismatch"]["mean"] <= 1.1 * white.meta["bn_mismatch"]["mean"]

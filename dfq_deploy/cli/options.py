@@ -99,8 +99,8 @@ def _synthesis_flags(fn):
         choices=SynthesisSpectrum,
         default=SynthesisConfig.spectrum,
         help="What synthetic images start from: pink noise (1/f, like photographs), white noise (i.i.d. "
-        "pixels) or leaves (dead leaves: occluding discs, 1/f with edges); auto: pink above 64x64 px, where "
-        "it measured far better for 4-bit reconstruction.",
+        "pixels) or leaves (dead leaves: occluding discs, 1/f with edges); auto: leaves above 64x64 px, where "
+        "they measured far better for 4-bit reconstruction, white up to it.",
     )(fn)
     fn = click.option(
         "--generator",
@@ -118,7 +118,8 @@ def _synthesis_flags(fn):
         "method",
         choices=SynthesisMethod,
         default=SynthesisConfig.method,
-        help="Calibration source; auto: zeroq for models with BatchNorm, prior for those without.",
+        help="Calibration source; auto: zeroq for models with BatchNorm (fdda when 4-bit reconstruction "
+        "runs; above 64x64 px dead-leaves noise, which measured best there), prior for those without.",
     )(fn)
 
 

@@ -1,6 +1,7 @@
 """``noise``: Gaussian images in the model's input space, no optimisation: unit variance under ImageNet's
 normalisation, else at the mean/std a natural image has under the model's (:meth:`Job.prior_target`);
-white (i.i.d. pixels) or pink (1/f, the default above 64x64 px: :mod:`.spectrum`).
+white (i.i.d. pixels), pink (1/f) or dead leaves (the default above 64x64 px, where ``auto`` is this
+method: :mod:`.spectrum`).
 
 What users of ModelOpt/onnxruntime get today without data: the baseline every other method must beat.
 """
