@@ -19,7 +19,9 @@ from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.synthesis.job import Normalize
 from dfq_deploy.synthesis.sharding import all_reduce_max, distributed, is_main_rank
 
-CACHE_FORMAT = 2  # bump when what a key means changes (2: entries carry a verified entry.json)
+# Bump when what a key means changes (2: entries carry a verified entry.json; 3: ``auto`` above 64x64
+# px is dead leaves, where a format-2 key with ``auto`` named a set made from pink or white noise).
+CACHE_FORMAT = 3
 
 
 def uses_real_images(config: SynthesisConfig) -> bool:
