@@ -84,3 +84,27 @@ def test_a_gate_the_build_cannot_measure_is_refused_before_any_work(flags, needs
     result = invoke("build", tiny_state_dict, *FAST, *flags, "--out", tmp_path / "o")
     assert result.exit_code == 2, result.output
     assert needs in result.output and not (tmp_path / "o").exists()
+
+
+def test_a_change_to_dfq_deploys_source_makes_a_finished_build_stale(tmp_path, monkeypatch):
+    from dfq_deploy.io import build_key as keys
+
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    tree = tmp_path / "pkg"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "stage.py").write_text("DEFAULT = 'zeroq'\n")
+    (tree / "notes.txt").write_text("not source")
+    before = keys.python_tree_digest({"pkg": tree})
+    (tree / "notes.txt").write_text("still not source")
+    assert keys.python_tree_digest({"pkg": tree}) == before
+    (tree / "sub" / "stage.py").write_text("DEFAULT = 'noise'\n")  # what 'auto' means moved
+    changed = keys.python_tree_digest({"pkg": tree})
+    assert changed != before
+    (tree / "sub" / "stage.py").rename(tree / "stage.py")
+    assert keys.python_tree_digest({"pkg": tree}) not in (before, changed)
+
+    # The same model and config under other source: another key, so the old build is rebuilt.
+    first = keys.build_key(model, config={"method": "auto"})
+    monkeypatch.setattr(keys, "source_digest", lambda: changed)
+    assert keys.build_key(model, config={"method": "auto"}) != first

@@ -1,13 +1,14 @@
 """Builds that skip work already done: one key over every input of a build, and the finished build it names.
 
 The key covers the model file's bytes, every config value (as the manifest records it), the
-contents of the real images the build reads (evaluation set, calibration folder) and the versions
-of the packages that shape the artifacts. A build folder whose manifest carries the same key and
+contents of the real images the build reads (evaluation set, calibration folder), the versions
+of the packages that shape the artifacts and a digest of dfq-deploy's own source. A build folder whose manifest carries the same key and
 says the build finished, with every artifact it lists still there, is up to date.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -16,7 +17,34 @@ from typing import Any
 from dfq_deploy.io.artifacts import package_versions, sha256_file
 from dfq_deploy.io.layout import MANIFEST, REPORT_JSON
 
-BUILD_KEY_FORMAT = 1
+BUILD_KEY_FORMAT = 2
+
+
+@functools.cache
+def source_digest() -> str:
+    """SHA-256 over dfq-deploy's Python source (relative paths and bytes).
+
+    The manifest records config values as given (``auto``), and the package version does not move
+    between commits, so neither notices when a change makes ``auto`` (or any default) mean another
+    recipe: a rerun into the same ``--out`` would then call an old build up to date. Any change to
+    the code that made a build makes it stale instead.
+    """
+    import dfq_deploy
+    import dfq_deploy.converters
+    import dfq_deploy.runtimes
+
+    packages = (dfq_deploy, dfq_deploy.converters, dfq_deploy.runtimes)
+    return python_tree_digest({p.__name__: Path(p.__file__).parent for p in packages})
+
+
+def python_tree_digest(roots: dict[str, Path]) -> str:
+    """SHA-256 over the ``*.py`` files under each root, named by its key and relative path."""
+    digest = hashlib.sha256()
+    for name, root in sorted(roots.items()):
+        for file in sorted(root.rglob("*.py")):
+            digest.update(f"{name}/{file.relative_to(root).as_posix()}\0".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def content_digest(path: str | Path | None) -> str | None:
@@ -52,6 +80,7 @@ def build_key(
         "eval_set_sha256": content_digest(eval_set),
         "calib_images_sha256": content_digest(calib_images),
         "versions": package_versions(),
+        "source_sha256": source_digest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
