@@ -35,7 +35,7 @@ import torch
 
 from dfq_deploy import api
 from dfq_deploy.analysis.evaluate import evaluate_top1, load_eval_set
-from dfq_deploy.config import ReconstructionConfig, SynthesisConfig, SynthesisSpectrum, default_scheme
+from dfq_deploy.config import LayerOverride, ReconstructionConfig, SynthesisConfig, SynthesisSpectrum, default_scheme
 from dfq_deploy.config_checks import check_keys
 from dfq_deploy.io.labels_csv import read_labels_csv
 from dfq_deploy.models.capture import capture_graph
@@ -242,7 +242,11 @@ def score_row(
         recon = dataclasses.replace(recon, **reconstruction_overrides(variant))
     start = time.perf_counter()
     qmodel = api.quantize(
-        model, calib, scheme=scheme_for(calibrators, w_bits, a_bits), progress=args.progress, reconstruct=recon
+        model,
+        calib,
+        scheme=scheme_for(calibrators, w_bits, a_bits, overrides=parse_overrides(args.overrides)),
+        progress=args.progress,
+        reconstruct=recon,
     )
     row["quant_s"] = time.perf_counter() - start
     if qmodel.reconstruction is not None:
@@ -251,12 +255,24 @@ def score_row(
     row["quant_eval_s"] = time.perf_counter() - start
 
 
-def scheme_for(calibrators: str, weight_bits: int = 8, act_bits: int = 8):
+def scheme_for(calibrators: str, weight_bits: int = 8, act_bits: int = 8, overrides: tuple[LayerOverride, ...] = ()):
     """The onnxruntime scheme at these widths with ``ACTIVATIONS:WEIGHTS`` calibrators, e.g. ``mse:max``
-    (no weight calibrator: ``auto``, which is max at 8 bits and the MSE search below)."""
+    (no weight calibrator: ``auto``, which is max at 8 bits and the MSE search below), and these overrides."""
     activations, _, weights = calibrators.partition(":")
     scheme = default_scheme("onnxruntime", calibrator=activations, weight_calibrator=weights or "auto")
-    return dataclasses.replace(scheme, weight_bits=weight_bits, act_bits=act_bits)
+    return dataclasses.replace(scheme, weight_bits=weight_bits, act_bits=act_bits, overrides=overrides)
+
+
+def parse_overrides(items: list[str]) -> tuple[LayerOverride, ...]:
+    """``PATTERN=W/A`` items (``*_depthwise_conv=8/8``) as layer overrides."""
+    out = []
+    for item in items:
+        pattern, _, widths = item.rpartition("=")
+        weight, _, act = widths.partition("/")
+        if not pattern or not weight or not act:
+            raise SystemExit(f"--overrides: expected PATTERN=W/A, got {item!r}")
+        out.append(LayerOverride(pattern, weight_bits=int(weight), act_bits=int(act)))
+    return tuple(out)
 
 
 def print_table(rows: list[dict], eval_count: int) -> None:
@@ -352,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["default"],
         help="ReconstructionConfig overrides per row, e.g. default learn_act_scale=false drop_prob=0,weight_lr=3e-3",
+    )
+    parser.add_argument(
+        "--overrides",
+        nargs="*",
+        default=[],
+        help="per-layer widths PATTERN=W/A on every scheme, e.g. '*_depthwise_conv=8/8' (the module-name glob)",
     )
     parser.add_argument("--progress", action="store_true", help="progress bars for quantization/reconstruction")
     parser.add_argument("--speed-only", action="store_true", help="no accuracy: synthesis rows only")

@@ -29,11 +29,12 @@ from dfq_deploy.synthesis import resolve_auto
 
 # Every setting the file sets, as flags (values off their defaults, so a section that is dropped shows).
 SYNTHESIS = {"method": "zeroq", "num_images": 12, "batch_size": 6, "iterations": 4, "seed": 3}
-QUANT = {"calibrator": "mse", "first_last_bits": None, "residual_bits": None}
+QUANT = {"calibrator": "mse", "first_last_bits": None, "residual_bits": None, "depthwise_weight_bits": None}
 PROFILE = {"batch_sizes": [1, 3], "warmup_ms": 0, "iterations": 1, "duration_s": 0}
 FLAGS = [
     "--calib", "zeroq", "--num-images", "12", "--synth-batch-size", "6", "--iterations", "4", "--seed", "3",
     "--calibrator", "mse", "--first-last-bits", "same", "--residual-bits", "same",
+    "--depthwise-bits", "same",
     "--batch-sizes", "1,3", "--warmup-ms", "0", "--profile-iterations", "1", "--profile-duration", "0",
 ]  # fmt: skip
 COMMON = ["--trust-pickle", "--input-shape", "3x16x16", "--no-cache", "--no-progress"]

@@ -123,20 +123,21 @@ def _synthesis_flags(fn):
     )(fn)
 
 
+# Widths that default to 8 where --bits goes lower ('same': --bits'), by flag and what they cover.
+KEPT_AT_8_FLAGS = (
+    ("--first-last-bits", "Bits for the first conv and last layer, or 'same' to treat them like the rest."),
+    (
+        "--residual-bits",
+        "Bits for tensors only residual adds read (a branch's last conv output), or 'same' for --bits.",
+    ),
+    ("--depthwise-bits", "Weight bits for depthwise convs, never below --bits', or 'same' for --bits."),
+)
+
+
 def _quant_flags(fn):
     """Bit widths and calibrator."""
-    fn = click.option(
-        "--first-last-bits",
-        default="8",
-        show_default=True,
-        help="Bits for the first conv and last layer, or 'same' to treat them like the rest.",
-    )(fn)
-    fn = click.option(
-        "--residual-bits",
-        default="8",
-        show_default=True,
-        help="Bits for tensors only residual adds read (a branch's last conv output), or 'same' for --bits.",
-    )(fn)
+    for flag, help_text in KEPT_AT_8_FLAGS:
+        fn = click.option(flag, default="8", show_default=True, help=help_text)(fn)
     fn = click.option("--percentile", type=float, default=QuantScheme.percentile, show_default=True)(fn)
     fn = choice_option(
         "--calibrator",
@@ -232,6 +233,7 @@ QUANT_FLAGS = {
     "percentile": "percentile",
     "first_last_bits": "first_last_bits",
     "residual_bits": "residual_bits",
+    "depthwise_weight_bits": "depthwise_bits",
 }
 PROFILE_FLAGS = {
     "batch_sizes": "batch_sizes",
@@ -297,9 +299,10 @@ def _quant(**values: Any) -> dict[str, Any]:
     typed = typed_flags(values, QUANT_FLAGS)
     if values.get("act_bits") is not None:  # --act-bits wins over --bits for activations alone
         typed["act_bits"] = values["act_bits"]
-    for key in ("first_last_bits", "residual_bits"):
+    for flag, _ in KEPT_AT_8_FLAGS:
+        key = next(k for k, param in QUANT_FLAGS.items() if param == flag[2:].replace("-", "_"))
         if key in typed:
-            typed[key] = _bits_or_same(typed[key], "--" + key.replace("_", "-"))
+            typed[key] = _bits_or_same(typed[key], flag)
     return typed
 
 

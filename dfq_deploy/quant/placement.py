@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from dfq_deploy.config import MIN_WEIGHT_BLOCK, LayerQuant, QuantScheme
+from dfq_deploy.config import QuantScheme
 from dfq_deploy.errors import BadInputError
+from dfq_deploy.layer_overrides import MIN_WEIGHT_BLOCK, LayerQuant
 from dfq_deploy.models.capture import RESHAPE_FUNCTIONS, is_add
 from dfq_deploy.quant.quantizers import QUANT_LAYER_FOR, ActQuantizer
 
@@ -124,7 +125,8 @@ def _layer_quant(
 ) -> tuple[LayerQuant, str | None]:
     """The scheme's setting for one layer with its weight block fitted to the layer's input size."""
     kind = type(module).__name__
-    quant = scheme.layer_quant(name, kind=kind, is_first=is_first, is_last=is_last)
+    depthwise = is_depthwise(module)
+    quant = scheme.layer_quant(name, kind=kind, is_first=is_first, is_last=is_last, depthwise=depthwise)
     if quant.weight_block_size is None:
         return quant, None
     if not isinstance(module, nn.Linear):
@@ -136,12 +138,17 @@ def _layer_quant(
     block = fit_block_size(largest, module.in_features)
     if block is not None:
         return dataclasses.replace(quant, weight_block_size=block), None
-    quant = scheme.layer_quant(name, kind=kind, is_first=is_first, is_last=is_last, blocked=False)
+    quant = scheme.layer_quant(name, kind=kind, is_first=is_first, is_last=is_last, depthwise=depthwise, blocked=False)
     return quant, (
         f"kept at W{quant.weight_bits}A{quant.act_bits} with per-channel weights: INT4 block quantization "
         f"needs a block of {MIN_WEIGHT_BLOCK}..{largest} inputs (a power of two) dividing its "
         f"{module.in_features} inputs"
     )
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv whose every group reads one input channel (MobileNet's and EfficientNet's 3x3/5x5 ones)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
 
 
 def fit_block_size(largest: int, in_features: int) -> int | None:

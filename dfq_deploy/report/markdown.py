@@ -294,7 +294,9 @@ def _where_precision_goes(report: Report) -> list[str]:
 def _residual_words(scheme: dict) -> str:
     """The residual joins' width where it differs from the activations' (below 8-bit activations)."""
     residual, act_bits = scheme.get("residual_bits"), scheme.get("act_bits") or 8
-    return f", residual-join inputs {residual} bit" if residual and residual > act_bits else ""
+    depthwise, weight_bits = scheme.get("depthwise_weight_bits"), scheme.get("weight_bits") or 8
+    words = f", residual-join inputs {residual} bit" if residual and residual > act_bits else ""
+    return words + (f", depthwise-conv weights {depthwise} bit" if depthwise and depthwise > weight_bits else "")
 
 
 def _quantization(report: Report) -> list[str]:

@@ -125,6 +125,7 @@ def build_params(report: dict[str, Any], key: str | None) -> dict[str, Any]:
         "calibrator": scheme.get("calibrator"),
         "first_last_bits": scheme.get("first_last_bits"),
         "residual_bits": scheme.get("residual_bits"),
+        "depthwise_weight_bits": scheme.get("depthwise_weight_bits"),
         "build_key": key,
         "dfq_deploy": report.get("dfq_deploy"),
     }
