@@ -123,7 +123,10 @@ def test_a_plain_chain_joins_into_blocks_that_end_after_a_linear_layer(calib, ch
 
 def test_every_layer_of_a_joined_chain_block_learns_its_rounding(calib):
     torch.manual_seed(0)
-    qmodel = quantize(InvertedChain().eval(), calib, scheme=SCHEME, progress=False)
+    # Every layer at 4 bits, the depthwise ones too: with their default 8-bit weights expand1's block
+    # starts at a tenth of this error, 400 steps did not lower it, and a block that is not lowered is reverted.
+    scheme = dataclasses.replace(SCHEME, depthwise_weight_bits=None)
+    qmodel = quantize(InvertedChain().eval(), calib, scheme=scheme, progress=False)
     before = _weights(qmodel)
     report = reconstruct_blocks(qmodel, calib, config=dataclasses.replace(FAST, chain_layers=3), progress=False)
     assert [b.name for b in report.blocks] == ["expand1", "expand2", "fc"]
