@@ -123,20 +123,29 @@ def _synthesis_flags(fn):
     )(fn)
 
 
-# Widths that default to 8 where --bits goes lower ('same': --bits'), by flag and what they cover.
+# Widths that default to 8 where --bits goes lower ('same': --bits'): scheme field, flag, what it covers.
 KEPT_AT_8_FLAGS = (
-    ("--first-last-bits", "Bits for the first conv and last layer, or 'same' to treat them like the rest."),
     (
+        "first_last_bits",
+        "--first-last-bits",
+        "Bits for the first conv and last layer, or 'same' to treat them like the rest.",
+    ),
+    (
+        "residual_bits",
         "--residual-bits",
         "Bits for tensors only residual adds read (a branch's last conv output), or 'same' for --bits.",
     ),
-    ("--depthwise-bits", "Weight bits for depthwise convs, never below --bits', or 'same' for --bits."),
+    (
+        "depthwise_weight_bits",
+        "--depthwise-bits",
+        "Weight bits for depthwise convs, never below --bits', or 'same' for --bits.",
+    ),
 )
 
 
 def _quant_flags(fn):
     """Bit widths and calibrator."""
-    for flag, help_text in KEPT_AT_8_FLAGS:
+    for _, flag, help_text in KEPT_AT_8_FLAGS:
         fn = click.option(flag, default="8", show_default=True, help=help_text)(fn)
     fn = click.option("--percentile", type=float, default=QuantScheme.percentile, show_default=True)(fn)
     fn = choice_option(
@@ -299,8 +308,7 @@ def _quant(**values: Any) -> dict[str, Any]:
     typed = typed_flags(values, QUANT_FLAGS)
     if values.get("act_bits") is not None:  # --act-bits wins over --bits for activations alone
         typed["act_bits"] = values["act_bits"]
-    for flag, _ in KEPT_AT_8_FLAGS:
-        key = next(k for k, param in QUANT_FLAGS.items() if param == flag[2:].replace("-", "_"))
+    for key, flag, _ in KEPT_AT_8_FLAGS:
         if key in typed:
             typed[key] = _bits_or_same(typed[key], flag)
     return typed

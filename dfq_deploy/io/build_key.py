@@ -2,8 +2,9 @@
 
 The key covers the model file's bytes, every config value (as the manifest records it), the
 contents of the real images the build reads (evaluation set, calibration folder), the versions
-of the packages that shape the artifacts and a digest of dfq-deploy's own source. A build folder whose manifest carries the same key and
-says the build finished, with every artifact it lists still there, is up to date.
+of the packages that shape the artifacts and a digest of dfq-deploy's own source. A build folder
+whose manifest carries the same key and says the build finished, with every artifact it lists still
+there, is up to date.
 """
 
 from __future__ import annotations

@@ -291,8 +291,9 @@ def _where_precision_goes(report: Report) -> list[str]:
     return lines
 
 
-def _residual_words(scheme: dict) -> str:
-    """The residual joins' width where it differs from the activations' (below 8-bit activations)."""
+def _kept_width_words(scheme: dict) -> str:
+    """The widths kept above the rest below 8 bits: residual joins' inputs above the activations',
+    depthwise convs' weights above the other weights'."""
     residual, act_bits = scheme.get("residual_bits"), scheme.get("act_bits") or 8
     depthwise, weight_bits = scheme.get("depthwise_weight_bits"), scheme.get("weight_bits") or 8
     words = f", residual-join inputs {residual} bit" if residual and residual > act_bits else ""
@@ -309,7 +310,7 @@ def _quantization(report: Report) -> list[str]:
         "",
         f"Weights {scheme.get('weight_bits')}-bit per channel, activations {scheme.get('act_bits')}-bit "
         f"({scheme.get('act_form')}), calibrator {_calibrator_words(scheme)}, first/last layer "
-        f"{scheme.get('first_last_bits') or 'same as the rest'} bit{_residual_words(scheme)}; "
+        f"{scheme.get('first_last_bits') or 'same as the rest'} bit{_kept_width_words(scheme)}; "
         f"{quant.quantized_layers} quantized layers, {quant.float_layers} float.",
         "",
     ]
