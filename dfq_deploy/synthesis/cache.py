@@ -20,8 +20,9 @@ from dfq_deploy.synthesis.job import Normalize
 from dfq_deploy.synthesis.sharding import all_reduce_max, distributed, is_main_rank
 
 # Bump when what a key means changes (2: entries carry a verified entry.json; 3: ``auto`` above 64x64
-# px is dead leaves, where a format-2 key with ``auto`` named a set made from pink or white noise).
-CACHE_FORMAT = 3
+# px is dead leaves, where a format-2 key with ``auto`` named a set made from pink or white noise; 4:
+# methods that optimise a leaves start move leaf colours, where a format-3 set's steps moved pixels).
+CACHE_FORMAT = 4
 
 
 def uses_real_images(config: SynthesisConfig) -> bool:

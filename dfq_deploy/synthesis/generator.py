@@ -143,7 +143,7 @@ def _draw(job: Job, generator: ConditionalGenerator, num_classes: int | None) ->
     """This rank's batches from G (kept in training mode: see :func:`synthesize_with_generator`)."""
     images, all_labels = [], []
     for batch in job.batches:
-        _, z, labels = start_batch(
+        _, z, labels, _ = start_batch(
             batch, seed=job.config.seed, input_shape=(NOISE_DIM,), device=job.device, num_classes=num_classes
         )
         images.append(generator(z, labels))

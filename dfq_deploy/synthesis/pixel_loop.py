@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -42,9 +42,23 @@ def seeded_generator(*entropy: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
+GradientProjection = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Start(NamedTuple):
+    """Where one batch's optimisation starts: the batch's own generator (kept for anything else
+    random in that batch), the initial tensor, the labels (or None) and ``project``, applied to every
+    gradient of the images before Adam sees it (None: the pixels move freely)."""
+
+    generator: torch.Generator
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    project: GradientProjection | None = None
+
+
 def start_batch(
     batch: Batch, *, seed: int, input_shape: tuple[int, ...], device: torch.device, num_classes: int | None = None
-) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
+) -> Start:
     """(generator, N(0, 1) tensor of (batch size, *input_shape), uniform random labels or None).
 
     The tensor is the initial images, or a generator's latent z when ``input_shape`` is (latent size,).
@@ -54,7 +68,7 @@ def start_batch(
     gen = batch.generator(seed)
     labels = None if num_classes is None else torch.randint(num_classes, (batch.size,), generator=gen).to(device)
     images = torch.randn(batch.size, *input_shape, generator=gen).to(device)
-    return gen, images, labels
+    return Start(gen, images, labels)
 
 
 def plan_batches(num_images: int, batch_size: int) -> list[Batch]:
@@ -97,6 +111,7 @@ def optimise_pixels(
     schedule: Schedule = "plateau",
     first_step: int = 0,
     done: Callable[[], bool] | None = None,
+    project: GradientProjection | None = None,
 ) -> tuple[torch.Tensor, float, int]:
     """Minimise ``loss_fn(x, step)`` over the pixels of ``x0`` with Adam; returns (images, last loss).
 
@@ -106,9 +121,12 @@ def optimise_pixels(
     the expected loss instead of jittering around it. The last loss is the final step's (before
     its update), ``nan`` when ``iterations`` is 0. Steps are numbered from ``first_step`` (for a
     second phase with its own optimiser). ``done()``, asked every ``CHECK_EVERY`` steps, ends the
-    run early; the steps taken are returned third.
+    run early; the steps taken are returned third. ``project`` maps each gradient of the pixels to
+    the one Adam steps on (:class:`Start`).
     """
     x = x0.detach().clone().requires_grad_(True)
+    if project is not None:
+        x.register_hook(project)
     optimizer = torch.optim.Adam([x], lr=lr)
     if schedule == "plateau":
         scheduler: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=PLATEAU_PATIENCE, min_lr=MIN_LR)
@@ -141,18 +159,27 @@ def optimise_warmup_then_late(
     late_lr: float,
     bar: tqdm,
     warmup_done: Callable[[], bool] | None = None,
+    project: GradientProjection | None = None,
 ) -> tuple[torch.Tensor, float, int]:
     """Up to ``warmup`` steps with ZeroQ's schedule at ``lr`` (fewer once ``warmup_done()``), then
     ``iterations - warmup`` steps with a fresh Adam at ``late_lr`` decayed to 0 (cosine).
 
     ``loss_fn`` sees the step number, which jumps to ``warmup`` when the late phase starts, and
-    picks its terms by it. Returns (images, last loss, steps taken).
+    picks its terms by it. Both phases step on ``project``'s gradients (:func:`optimise_pixels`).
+    Returns (images, last loss, steps taken).
     """
-    x, loss, taken = optimise_pixels(x0, loss_fn, iterations=warmup, lr=lr, bar=bar, done=warmup_done)
+    x, loss, taken = optimise_pixels(x0, loss_fn, iterations=warmup, lr=lr, bar=bar, done=warmup_done, project=project)
     bar.update(warmup - taken)  # steps skipped by an early end of the warm-up
     if iterations > warmup:
         x, loss, late = optimise_pixels(
-            x, loss_fn, iterations=iterations - warmup, lr=late_lr, bar=bar, schedule="cosine", first_step=warmup
+            x,
+            loss_fn,
+            iterations=iterations - warmup,
+            lr=late_lr,
+            bar=bar,
+            schedule="cosine",
+            first_step=warmup,
+            project=project,
         )
         taken += late
     return x, loss, taken

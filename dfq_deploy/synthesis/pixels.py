@@ -31,8 +31,8 @@ def synthesize_pixels(
     ``job.levers`` (:mod:`.speed`: a coarse first part for single-phase methods, channels-last, bf16).
 
     ``warmup == iterations`` is a single phase with ZeroQ's schedule. Meta: ``iterations``, ``lr``,
-    ``steps_taken`` per batch, ``coarse_steps``, ``spectrum``, ``bf16``, ``channels_last``, ``keep_freed_memory`` and the
-    objective's own.
+    ``steps_taken`` per batch, ``coarse_steps``, ``spectrum``, ``steps_move`` (pixels, or leaf colours from a
+    leaves start), ``bf16``, ``channels_last``, ``keep_freed_memory`` and the objective's own.
     """
     levers = job.levers
     spectrum = spectrum or job.spectrum
@@ -68,7 +68,8 @@ def synthesize_pixels(
                 steps.append(taken)
     labels = None if objective.num_classes is None else torch.cat(all_labels).cpu()
     meta = {"iterations": iterations, "lr": lr, "steps_taken": steps, "coarse_steps": coarse_steps}
-    meta |= {"spectrum": spectrum} | _lever_meta(job, kept_freed_memory=kept_freed_memory)
+    meta |= {"spectrum": spectrum, "steps_move": "leaf colours" if spectrum == "leaves" else "pixels"}
+    meta |= _lever_meta(job, kept_freed_memory=kept_freed_memory)
     return MethodResult(torch.cat(images), labels, sum(losses) / len(losses), meta | objective.meta())
 
 
@@ -83,10 +84,11 @@ def _lever_meta(job: Job, *, kept_freed_memory: bool) -> dict:
 
 
 def _optimise_batch(job: Job, objective, started, bar, *, schedule: tuple[int, int, int], lrs: tuple[float, float]):
-    """One batch from its start (generator, images, labels): the coarse part when there is one, then
-    warm-up and late phase at full size. ``schedule`` is (iterations, warmup, coarse steps), ``lrs``
+    """One batch from its :class:`~dfq_deploy.synthesis.pixel_loop.Start`: the coarse part when there is
+    one (free pixels: the start's projection is for full-size images), then warm-up and late phase at
+    full size. ``schedule`` is (iterations, warmup, coarse steps), ``lrs``
     (lr, late lr). Returns (images, labels, final loss, steps taken)."""
-    gen, x, labels = started
+    gen, x, labels, project = started
     iterations, warmup, coarse_steps = schedule
     lr, late_lr = lrs
     levers = job.levers
@@ -114,5 +116,6 @@ def _optimise_batch(job: Job, objective, started, bar, *, schedule: tuple[int, i
         late_lr=late_lr,
         bar=bar,
         warmup_done=objective.warmup_done,
+        project=project,
     )
     return x.contiguous(), labels, loss, taken + fine_taken
