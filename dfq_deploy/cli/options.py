@@ -99,8 +99,9 @@ def _synthesis_flags(fn):
         choices=SynthesisSpectrum,
         default=SynthesisConfig.spectrum,
         help="What synthetic images start from: pink noise (1/f, like photographs), white noise (i.i.d. "
-        "pixels) or leaves (dead leaves: occluding discs, 1/f with edges); auto: leaves above 64x64 px, where "
-        "they measured far better for 4-bit reconstruction, white up to it.",
+        "pixels) or leaves (dead leaves: occluding discs, 1/f with edges; zeroq/clusterq/fdda steps then move "
+        "whole leaves' colours); auto: leaves above 64x64 px, where they measured far better for 4-bit "
+        "reconstruction, white up to it.",
     )(fn)
     fn = click.option(
         "--generator",
