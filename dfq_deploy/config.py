@@ -301,13 +301,13 @@ class ReconstructionConfig:
     ending after a layer with no activation. ``crop_px``: each step trains on one random window of at
     most this many pixels a side of the block's input (0: whole inputs). ``drop_prob``: QDrop's chance
     that a block's input element comes from the FP32 model, not the quantized one (0 = BRECQ).
-    ``checkpoint_dir``: resume from here. ``None`` batch_size/crop_px: quant.reconstruct.for_input.
+    ``checkpoint_dir``: resume from here. ``None`` batch_size/crop_px/weight_lr: quant.reconstruct.for_input.
     """
 
     iterations: int = 2000
     batch_size: int | None = None  # None: 32, or 8 above 64x64 px
     time_budget_s: float | None = None
-    weight_lr: float = 1e-3
+    weight_lr: float | None = None  # None: 1e-3, or 1e-2 above 64x64 px (Adam's lr on the roundings)
     act_lr: float = 4e-4  # relative change of a step size per Adam step (BRECQ's 4e-5 on a 0.1 step)
     round_weight: float = 0.01
     warmup: float = 0.2

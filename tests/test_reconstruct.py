@@ -16,6 +16,7 @@ from dfq_deploy.io.calibration_set import CalibrationSet
 from dfq_deploy.models.capture import capture_graph
 from dfq_deploy.quant.blocks import find_blocks
 from dfq_deploy.quant.quantize import quantize
+from dfq_deploy.quant.quantizers import WeightQuantizer
 from dfq_deploy.quant.reconstruct import for_input, reconstruct_blocks
 
 SCHEME = QuantScheme(weight_bits=4, act_bits=4, calibrator="mse", weight_calibrator="mse")
@@ -213,20 +214,42 @@ def test_steps_on_random_windows_learn_a_rounding_that_holds_on_the_whole_image(
     assert not torch.equal(_weights(windowed)["conv2"][0], _weights(whole)["conv2"][0])  # the windows trained it
 
 
-@pytest.mark.parametrize(("side", "batch_size", "crop_px"), [(16, 32, 0), (72, 8, 14)])
-def test_steps_left_open_take_the_input_sizes_batch_and_window(model, side, batch_size, crop_px):
-    """Above 64x64 px a step is 8 images in 14-px windows, up to it 32 whole images; the report (and so
-    the build's manifest) names what ran, and what the user set wins."""
+@pytest.mark.parametrize(("side", "batch_size", "crop_px", "weight_lr"), [(16, 32, 0, 1e-3), (72, 8, 14, 1e-2)])
+def test_steps_left_open_take_the_input_sizes_batch_window_and_lr(model, side, batch_size, crop_px, weight_lr):
+    """Above 64x64 px a step is 8 images in 14-px windows at rounding lr 1e-2, up to it 32 whole images
+    at 1e-3; the report (and so the build's manifest) names what ran, and what the user set wins."""
     calib = CalibrationSet(torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(0)))
     quick = ReconstructionConfig(iterations=2, drop_prob=0.0)
     report = reconstruct_blocks(
         quantize(model, calib, scheme=SCHEME, progress=False), calib, config=quick, progress=False
     )
     assert (report.config["batch_size"], report.config["crop_px"]) == (batch_size, crop_px)
-    chosen = for_input(dataclasses.replace(quick, batch_size=4, crop_px=0), (3, side, side))
-    assert (chosen.batch_size, chosen.crop_px) == (4, 0)
+    assert report.config["weight_lr"] == weight_lr
+    chosen = for_input(dataclasses.replace(quick, batch_size=4, crop_px=0, weight_lr=3e-3), (3, side, side))
+    assert (chosen.batch_size, chosen.crop_px, chosen.weight_lr) == (4, 0, 3e-3)
 
 
 def test_a_negative_window_is_refused():
     with pytest.raises(BadInputError, match="crop_px >= 0"):
         ReconstructionConfig(crop_px=-1)
+
+
+# Measured on AVX2 (share of each layer's h(V) between 0.01 and 0.99): 0.006-0.11 at 1e-2, 0.79-0.86 at 1e-3.
+@pytest.mark.parametrize(("weight_lr", "undecided_range"), [(1e-2, (0.0, 0.25)), (1e-3, (0.5, 1.0))])
+def test_the_rounding_lr_decides_whether_roundings_end_decided(model, calib, monkeypatch, weight_lr, undecided_range):
+    """Adam moves a rounding logit by about its lr per step: in 400 steps 1e-2 pushes nearly every h(V)
+    to 0 or 1, where 1e-3 leaves most of them in between (rounded at the end by which side they are on)."""
+    undecided = []
+    bake = WeightQuantizer.bake_rounding
+
+    def recording_bake(self, weight):
+        if self.rounding is not None:
+            h = self.soft_rounding().detach()
+            undecided.append(float(((h > 0.01) & (h < 0.99)).float().mean()))
+        bake(self, weight)
+
+    monkeypatch.setattr(WeightQuantizer, "bake_rounding", recording_bake)
+    qmodel = quantize(model, calib, scheme=SCHEME, progress=False)
+    reconstruct_blocks(qmodel, calib, config=dataclasses.replace(FAST, weight_lr=weight_lr), progress=False)
+    low, high = undecided_range
+    assert len(undecided) == 4 and all(low <= u < high for u in undecided), undecided
