@@ -44,10 +44,10 @@ LARGE_INPUT_CROP_PX = 14
 # points (V = 0) needs |V| ~ 2.4 to be decided (h(V) = 0 or 1): at 1e-3 that is more than 2,000 steps.
 # Above 64x64 px, EfficientNet-Lite1 W4A8 (300 iterations, 64 dead-leaves images) scored 74.80 at 1e-2
 # against 70.60 at 1e-3 (the 1e-2 run summed the loss over channels only, which at 1e-3 gave 70.60 too;
-# real images at 1e-3: 75.00). On ResNet-20 W4A4 (2,000 iterations, FDDA's 256
-# images, that loss) 1e-2 decided every rounding and cut the logits' error from 0.88 to 0.37, but the JPEG test
-# images' drop went from 0.93 to 1.66 pt (lossless: 1.28 to 0.69): the closer fit to 256 synthetic
-# images carried over worse to shifted real ones, so CIFAR-size inputs keep 1e-3.
+# real images at 1e-3: 75.00). On ResNet-20 W4A4 (2,000 iterations, FDDA's 256 images, that loss)
+# 1e-2 decided every rounding and cut the logits' error from 0.88 to 0.37, but the JPEG test images'
+# drop went from 0.93 to 1.66 pt (lossless: 1.28 to 0.69): the closer fit to 256 synthetic images
+# carried over worse to shifted real ones, so CIFAR-size inputs keep 1e-3.
 SMALL_INPUT_WEIGHT_LR = 1e-3
 LARGE_INPUT_WEIGHT_LR = 1e-2
 
@@ -117,7 +117,11 @@ def for_input(config: ReconstructionConfig, input_shape: tuple[int, ...]) -> Rec
     large = large_input(input_shape)
     batch_size = config.batch_size or (LARGE_INPUT_BATCH if large else SMALL_INPUT_BATCH)
     crop_px = config.crop_px if config.crop_px is not None else (LARGE_INPUT_CROP_PX if large else 0)
-    weight_lr = config.weight_lr or (LARGE_INPUT_WEIGHT_LR if large else SMALL_INPUT_WEIGHT_LR)
+    weight_lr = (
+        config.weight_lr
+        if config.weight_lr is not None
+        else (LARGE_INPUT_WEIGHT_LR if large else SMALL_INPUT_WEIGHT_LR)
+    )
     return dataclasses.replace(config, batch_size=batch_size, crop_px=crop_px, weight_lr=weight_lr)
 
 
